@@ -1,0 +1,83 @@
+"""Choosing the next character: per-stream random numbers and vectorised sampling controls.
+
+Each stream owns its random state as two integers, a seed and a counter. The uniform number a stream
+draws at its n-th character is a hash of (seed, n), so it does not depend on which other streams share
+the batch, and a stream's random state can be saved, restored or forked by copying two integers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+MAX_SEED = 2**63 - 1
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser: a bijective 64-bit hash (wrapping uint64 arithmetic)."""
+    z = (z ^ (z >> np.uint64(30))) * _M1
+    z = (z ^ (z >> np.uint64(27))) * _M2
+    return z ^ (z >> np.uint64(31))
+
+
+def uniforms(seeds: np.ndarray, counters: np.ndarray) -> np.ndarray:
+    """One uniform in [0, 1) per stream for its `counter`-th draw. seeds, counters: (B,) -> (B,) float64."""
+    with np.errstate(over="ignore"):
+        key = _mix64(np.asarray(seeds, dtype=np.uint64))
+        z = _mix64(key + (np.asarray(counters, dtype=np.uint64) + np.uint64(1)) * _GOLDEN)
+    return (z >> np.uint64(11)).astype(np.float64) * (1.0 / 2**53)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """One stream's controls. The defaults switch every filter off (plain sampling at temperature 1)."""
+
+    temperature: float = 1.0  # 0 means greedy
+    top_k: int = 0  # 0 means off
+    top_p: float = 1.0  # 1 means off
+    repetition_penalty: float = 1.0  # 1 means off; applied to characters already in the stream's text
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    repetition_penalty: torch.Tensor,
+    seen: torch.Tensor | None,
+    u: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick one character per row, each row with its own controls, without a Python loop over rows.
+
+    logits (B, V) float; temperature, top_p, repetition_penalty (B,) float; top_k (B,) int64;
+    seen (B, V) bool or None: characters already in each stream's text; u (B,) float64 uniforms.
+    Returns (ids (B,) int64, logprobs (B,) float): the log-probability of each chosen character under
+    the model's own distribution, before penalty, temperature and filters.
+    """
+    B, V = logits.shape
+    raw_logprobs = torch.log_softmax(logits, dim=-1)  # (B, V)
+    if seen is not None:
+        pen = repetition_penalty.unsqueeze(1)  # (B, 1)
+        penalised = torch.where(logits > 0, logits / pen, logits * pen)
+        logits = torch.where(seen, penalised, logits)
+    greedy = temperature <= 0  # (B,)
+    scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature).unsqueeze(1)  # (B, V)
+    sorted_logits, order = torch.sort(scaled, dim=-1, descending=True, stable=True)  # (B, V) each
+    ranks = torch.arange(V, device=logits.device).unsqueeze(0)  # (1, V)
+    k = torch.where(top_k > 0, top_k.clamp(max=V), torch.full_like(top_k, V)).unsqueeze(1)  # (B, 1)
+    sorted_logits = sorted_logits.masked_fill(ranks >= k, float("-inf"))
+    probs = torch.softmax(sorted_logits, dim=-1)  # (B, V), descending
+    before = torch.cumsum(probs, dim=-1) - probs  # mass strictly above each rank
+    keep = (before < top_p.unsqueeze(1)) | (ranks == 0)  # nucleus; the top character always stays
+    probs = probs * keep
+    cdf = torch.cumsum(probs.double(), dim=-1)  # (B, V)
+    target = (u.to(cdf.dtype) * cdf[:, -1]).unsqueeze(1)  # (B, 1)
+    pick = torch.searchsorted(cdf, target, right=True).clamp(max=V - 1)  # (B, 1) rank in sorted order
+    pick = torch.where(greedy.unsqueeze(1), torch.zeros_like(pick), pick)
+    ids = order.gather(1, pick).squeeze(1)  # (B,)
+    return ids, raw_logprobs.gather(1, ids.unsqueeze(1)).squeeze(1)

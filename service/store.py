@@ -1,0 +1,264 @@
+"""The model store: versioned models as safetensors weights plus a JSON card, on disk.
+
+Layout: <root>/<name>/<version>/{model.safetensors, card.json, loss.png}. A model is addressed as
+`name` (its newest version), `name@version`, or a path to a model folder. Loading executes nothing
+from the files: weights are safetensors, metadata is JSON, and the card is checked against the
+tensors (names, shapes, dtypes, vocabulary, checksum) before a model is built. Every failure is one
+`ModelLoadError` whose message names what is wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from .model import CharLSTM, CharLSTMConfig
+from .vocab import CharVocab
+
+CARD_FORMAT = "charlstm-model/1"
+WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "card.json"
+PLOT_FILE = "loss.png"
+DEFAULT_STORE = Path(__file__).resolve().parent.parent / "model_store"
+DEFAULT_MODEL = "shakespeare"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_VERSION = re.compile(r"^v(\d{1,9})$")
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+class ModelLoadError(Exception):
+    """The one error a caller of the store sees: the message says what is wrong and where."""
+
+
+@dataclass
+class LoadedModel:
+    model: CharLSTM
+    vocab: CharVocab
+    card: dict
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.card["name"]
+
+    @property
+    def version(self) -> str:
+        return self.card["version"]
+
+
+def store_root(root: str | Path | None = None) -> Path:
+    return Path(root or os.environ.get("CHARLSTM_MODEL_STORE") or DEFAULT_STORE).resolve()
+
+
+def check_name(kind: str, value: str) -> str:
+    """Names and versions are plain tokens, so a request can never address a path outside the store."""
+    pattern = _NAME if kind == "name" else _VERSION
+    if not isinstance(value, str) or not pattern.match(value) or value in (".", ".."):
+        hint = "letters, digits, '.', '_' or '-'" if kind == "name" else "'v' and a number, e.g. v1"
+        raise ModelLoadError(f"invalid model {kind} {value!r}: expected {hint}")
+    return value
+
+
+def list_versions(name: str, root: str | Path | None = None) -> list[str]:
+    folder = store_root(root) / check_name("name", name)
+    if not folder.is_dir():
+        return []
+    versions = [p.name for p in folder.iterdir() if p.is_dir() and _VERSION.match(p.name)]
+    return sorted(versions, key=lambda v: int(v[1:]))
+
+
+def list_models(root: str | Path | None = None) -> list[tuple[str, str, dict | None]]:
+    """Every (name, version, card or None when unreadable) in the store, sorted."""
+    base = store_root(root)
+    out = []
+    if not base.is_dir():
+        return out
+    for folder in sorted(p for p in base.iterdir() if p.is_dir() and _NAME.match(p.name)):
+        for version in list_versions(folder.name, base):
+            try:
+                card = json.loads((folder / version / CARD_FILE).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                card = None
+            out.append((folder.name, version, card))
+    return out
+
+
+def resolve(ref: str, root: str | Path | None = None, allow_paths: bool = True) -> Path:
+    """Turn `name`, `name@version` or (when `allow_paths`) a model folder into the folder of the model.
+
+    References that come from a network request pass `allow_paths=False`: only store names then.
+    """
+    if not isinstance(ref, str) or not ref:
+        raise ModelLoadError("model reference is empty: give a name, name@version or a model folder")
+    if allow_paths and ("/" in ref or os.sep in ref or ref.startswith(".")):
+        folder = Path(ref).expanduser()
+        if not folder.is_dir():
+            raise ModelLoadError(f"model folder {ref!r} does not exist")
+        return folder.resolve()
+    name, _, version = ref.partition("@")
+    check_name("name", name)
+    base = store_root(root)
+    if version:
+        check_name("version", version)
+        folder = base / name / version
+        if not folder.is_dir():
+            known = ", ".join(list_versions(name, base)) or "none"
+            raise ModelLoadError(f"unknown version {version!r} of model {name!r} (versions in store: {known})")
+    else:
+        versions = list_versions(name, base)
+        if not versions:
+            known = ", ".join(sorted({n for n, _, _ in list_models(base)})) or "none"
+            raise ModelLoadError(f"unknown model {name!r} in store {base} (models: {known})")
+        folder = base / name / versions[-1]
+    folder = folder.resolve()
+    if base not in folder.parents:
+        raise ModelLoadError(f"model reference {ref!r} points outside the model store")
+    return folder
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def weights_of(model: CharLSTM) -> dict[str, torch.Tensor]:
+    """The tensors to store: a tied head shares the embedding and is not written twice."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_weights:
+        tensors.pop("head.weight")
+    return tensors
+
+
+def tensor_manifest(tensors: dict[str, torch.Tensor]) -> dict[str, dict]:
+    dtype_names = {v: k for k, v in _DTYPES.items()}
+    return {k: {"shape": list(t.shape), "dtype": dtype_names[t.dtype]} for k, t in sorted(tensors.items())}
+
+
+def load(ref: str, root: str | Path | None = None, allow_paths: bool = True) -> LoadedModel:
+    """Find, validate and build a model for inference (eval mode, CPU)."""
+    folder = resolve(ref, root, allow_paths)
+    card_path, weights_path = folder / CARD_FILE, folder / WEIGHTS_FILE
+    for p in (card_path, weights_path):
+        if not p.is_file():
+            raise ModelLoadError(f"model at {folder} is incomplete: missing {p.name}")
+    try:
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ModelLoadError(f"{card_path} is not valid JSON: {e}") from None
+    if not isinstance(card, dict) or card.get("format") != CARD_FORMAT:
+        raise ModelLoadError(f"{card_path} is not a charlstm model card (expected format {CARD_FORMAT!r})")
+    try:
+        config = CharLSTMConfig.from_dict(card["config"])
+        vocab = CharVocab(card["vocab"])
+        manifest = card["tensors"]
+        expected_sha = card["weights_sha256"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelLoadError(f"{card_path} is malformed: {type(e).__name__}: {e}") from None
+    if len(vocab) != config.vocab_size:
+        raise ModelLoadError(f"{card_path}: vocabulary has {len(vocab)} characters but config.vocab_size is {config.vocab_size}")
+
+    actual_sha = file_sha256(weights_path)
+    if actual_sha != expected_sha:
+        raise ModelLoadError(f"{weights_path} is corrupt or truncated: sha256 {actual_sha[:12]}... does not match the card's {str(expected_sha)[:12]}...")
+    try:
+        with safe_open(str(weights_path), framework="pt") as f:
+            header = {k: {"shape": list(f.get_slice(k).get_shape()), "dtype": f.get_slice(k).get_dtype()} for k in f.keys()}
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ModelLoadError(f"{weights_path} is not a readable safetensors file: {e}") from None
+
+    model = CharLSTM(config)
+    expected = tensor_manifest(weights_of(model))
+    for label, got in (("card", manifest), ("weights file", header)):
+        if got != expected:
+            raise ModelLoadError(f"{label} of {folder} does not match the architecture in the card: {describe_mismatch(expected, got)}")
+    model.load_state_dict(tensors, strict=not config.tie_weights)
+    model.eval()
+    return LoadedModel(model=model, vocab=vocab, card=card, path=folder)
+
+
+def describe_mismatch(expected: dict, got: dict) -> str:
+    missing = sorted(set(expected) - set(got))
+    extra = sorted(set(got) - set(expected))
+    if missing:
+        return f"missing tensors {missing}"
+    if extra:
+        return f"unexpected tensors {extra}"
+    for k in sorted(expected):
+        if expected[k] != got[k]:
+            return f"tensor {k!r} is {got[k]['dtype']}{got[k]['shape']}, expected {expected[k]['dtype']}{expected[k]['shape']}"
+    return "no difference"
+
+
+def save(model: CharLSTM, vocab: CharVocab, card: dict, name: str, root: str | Path | None = None,
+         plot: Path | None = None) -> Path:
+    """Write a new version atomically: build it in a hidden folder, rename it into place, reload, compare."""
+    check_name("name", name)
+    base = store_root(root)
+    parent = base / name
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = parent / f".tmp-{uuid.uuid4().hex}"
+    tmp.mkdir()
+    try:
+        tensors = weights_of(model)
+        save_file(tensors, str(tmp / WEIGHTS_FILE))
+        existing = list_versions(name, base)
+        version = f"v{int(existing[-1][1:]) + 1 if existing else 1}"
+        full_card = {
+            "format": CARD_FORMAT,
+            "name": name,
+            "version": version,
+            **card,
+            "config": model.config.to_dict(),
+            "vocab": vocab.chars,
+            "num_parameters": model.num_parameters(),
+            "tensors": tensor_manifest(tensors),
+            "weights_sha256": file_sha256(tmp / WEIGHTS_FILE),
+        }
+        write_json_atomic(tmp / CARD_FILE, full_card)
+        if plot is not None and plot.is_file():
+            shutil.copyfile(plot, tmp / PLOT_FILE)
+        _fsync_dir(tmp)
+        final = parent / version
+        os.rename(tmp, final)  # fails rather than overwrite if the version appeared meanwhile
+        _fsync_dir(parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    reloaded = load(str(final))
+    for k, t in tensors.items():
+        if not torch.equal(reloaded.model.state_dict()[k], t):
+            raise ModelLoadError(f"{final}: tensor {k!r} differs after reload")
+    return final
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write to a temporary file beside `path`, fsync, then rename over it: readers see old or new, never half."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

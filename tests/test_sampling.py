@@ -1,0 +1,64 @@
+"""Per-stream random numbers and the vectorised sampling controls."""
+
+import numpy as np
+import torch
+
+from service.sampling import sample_next, uniforms
+
+
+def controls(B, temperature=1.0, top_k=0, top_p=1.0, penalty=1.0):
+    return (torch.full((B,), float(temperature)), torch.full((B,), top_k, dtype=torch.long),
+            torch.full((B,), float(top_p)), torch.full((B,), float(penalty)))
+
+
+def test_uniforms_depend_only_on_seed_and_counter():
+    a = uniforms(np.array([5, 6, 5]), np.array([0, 0, 0]))
+    assert a[0] == a[2] and a[0] != a[1]
+    alone = uniforms(np.array([6]), np.array([0]))
+    assert alone[0] == a[1]
+    draws = uniforms(np.full(20000, 123), np.arange(20000))
+    assert draws.min() >= 0.0 and draws.max() < 1.0
+    assert abs(draws.mean() - 0.5) < 0.01 and len(np.unique(draws)) == 20000
+
+
+def test_each_row_samples_as_if_alone():
+    torch.manual_seed(0)
+    logits = torch.randn(16, 30)
+    seeds, counters = np.arange(16) * 7919, np.arange(16)
+    u = torch.from_numpy(uniforms(seeds, counters))
+    batch, lp = sample_next(logits, *controls(16, 0.8, 10, 0.9), None, u)
+    for i in range(16):
+        one, one_lp = sample_next(logits[i : i + 1], *controls(1, 0.8, 10, 0.9), None, u[i : i + 1])
+        assert one.item() == batch[i].item()
+        torch.testing.assert_close(one_lp, lp[i : i + 1])
+
+
+def test_greedy_top_k_one_and_tiny_top_p_pick_the_argmax():
+    torch.manual_seed(1)
+    logits = torch.randn(8, 20)
+    u = torch.rand(8, dtype=torch.float64)
+    best = logits.argmax(-1)
+    assert torch.equal(sample_next(logits, *controls(8, 0.0), None, u)[0], best)
+    assert torch.equal(sample_next(logits, *controls(8, 1.0, top_k=1), None, u)[0], best)
+    assert torch.equal(sample_next(logits, *controls(8, 1.0, top_p=1e-6), None, u)[0], best)
+
+
+def test_filters_never_pick_outside_their_set_and_frequencies_follow_probabilities():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(4000, 1)
+    u = torch.from_numpy(uniforms(np.full(4000, 9), np.arange(4000)))
+    ids, _ = sample_next(logits, *controls(4000), None, u)
+    freq = torch.bincount(ids, minlength=4).double() / 4000
+    torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64), atol=0.03, rtol=0)
+    top2, _ = sample_next(logits, *controls(4000, top_k=2), None, u)
+    assert set(top2.tolist()) == {0, 1}
+    nucleus, _ = sample_next(logits, *controls(4000, top_p=0.75), None, u)  # 0.5 + 0.3 reaches 0.75
+    assert set(nucleus.tolist()) == {0, 1}
+
+
+def test_repetition_penalty_lowers_seen_characters():
+    logits = torch.tensor([[2.0, 1.9, -1.0]])
+    seen = torch.tensor([[True, False, False]])
+    u = torch.tensor([0.5], dtype=torch.float64)
+    ids, lp = sample_next(logits, *controls(1, 0.0, penalty=2.0), seen, u)
+    assert ids.item() == 1
+    torch.testing.assert_close(lp, torch.log_softmax(logits, -1)[:, 1])  # log-prob under the model itself

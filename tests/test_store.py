@@ -1,0 +1,129 @@
+"""The model store: atomic versioned saves, and one clear error for every way a model can be broken."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from service import store
+from service.model import CharLSTM, CharLSTMConfig
+from service.vocab import CharVocab
+
+
+@pytest.fixture
+def model_copy(tiny_model, tmp_path):
+    """A private copy of the trained model's folder that a test may damage."""
+    root = tmp_path / "store"
+    shutil.copytree(tiny_model.path, root / "tiny" / "v1")
+    return root, root / "tiny" / "v1"
+
+
+def test_trained_model_round_trips_with_a_complete_card(tiny_model):
+    card = tiny_model.card
+    for key in ("vocab", "config", "num_parameters", "corpus", "training", "metrics", "created_at", "tensors"):
+        assert key in card
+    assert card["corpus"]["split"]["train_fraction"] == 0.9 and len(card["corpus"]["sha256"]) == 64
+    assert card["training"]["command"] and card["training"]["torch_version"] == torch.__version__
+    assert card["training"]["steps"] == 120 and card["training"]["wall_time_s"] > 0
+    assert card["num_parameters"] == tiny_model.model.num_parameters()
+    assert (tiny_model.path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not tiny_model.model.training
+
+
+def test_save_is_a_new_version_and_reloads_equal(tiny_model, tmp_path):
+    root = tmp_path / "s"
+    first = store.save(tiny_model.model, tiny_model.vocab, {}, "copy", root)
+    second = store.save(tiny_model.model, tiny_model.vocab, {}, "copy", root)
+    assert (first.name, second.name) == ("v1", "v2")
+    assert store.resolve("copy", root) == second and store.resolve("copy@v1", root) == first
+    assert not [p for p in (root / "copy").iterdir() if p.name.startswith(".")]  # no temporary left behind
+    loaded = store.load(str(first))
+    for k, v in tiny_model.model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[k], v)
+
+
+def test_tied_model_is_written_once_and_rebuilt_tied(tmp_path):
+    model = CharLSTM(CharLSTMConfig(vocab_size=3, embed_dim=8, hidden_size=8, tie_weights=True))
+    path = store.save(model, CharVocab("abc"), {}, "tied", tmp_path)
+    card = json.loads((path / "card.json").read_text())
+    assert "head.weight" not in card["tensors"]
+    loaded = store.load("tied", tmp_path).model
+    assert loaded.head.weight is loaded.embed.weight and torch.equal(loaded.head.weight, model.embed.weight)
+
+
+@pytest.mark.parametrize("missing", ["card.json", "model.safetensors"])
+def test_missing_file(model_copy, missing):
+    root, folder = model_copy
+    (folder / missing).unlink()
+    with pytest.raises(store.ModelLoadError, match=f"incomplete: missing {missing}"):
+        store.load("tiny", root)
+
+
+def test_corrupt_weights_fail_the_checksum(model_copy):
+    root, folder = model_copy
+    data = bytearray((folder / "model.safetensors").read_bytes())
+    data[-10] ^= 0xFF
+    (folder / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(store.ModelLoadError, match="corrupt or truncated"):
+        store.load("tiny", root)
+
+
+def test_truncated_weights_fail_even_with_a_matching_checksum(model_copy):
+    root, folder = model_copy
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    card = json.loads((folder / "card.json").read_text())
+    card["weights_sha256"] = store.file_sha256(weights)
+    (folder / "card.json").write_text(json.dumps(card))
+    with pytest.raises(store.ModelLoadError, match="not a readable safetensors file"):
+        store.load("tiny", root)
+
+
+def test_wrong_shapes_named(model_copy):
+    root, folder = model_copy
+    card = json.loads((folder / "card.json").read_text())
+    card["config"]["hidden_size"] = 40
+    card["config"]["embed_dim"] = 40
+    (folder / "card.json").write_text(json.dumps(card))
+    with pytest.raises(store.ModelLoadError, match=r"does not match the architecture.*tensor 'embed.weight'"):
+        store.load("tiny", root)
+
+
+def test_vocabulary_size_mismatch(model_copy):
+    root, folder = model_copy
+    card = json.loads((folder / "card.json").read_text())
+    card["vocab"] = card["vocab"][:-1]
+    (folder / "card.json").write_text(json.dumps(card))
+    with pytest.raises(store.ModelLoadError, match="vocabulary has"):
+        store.load("tiny", root)
+
+
+def test_card_not_json(model_copy):
+    root, folder = model_copy
+    (folder / "card.json").write_text("{not json")
+    with pytest.raises(store.ModelLoadError, match="not valid JSON"):
+        store.load("tiny", root)
+
+
+def test_unknown_version_and_name(model_copy):
+    root, _ = model_copy
+    with pytest.raises(store.ModelLoadError, match=r"unknown version 'v9' of model 'tiny' \(versions in store: v1\)"):
+        store.load("tiny@v9", root)
+    with pytest.raises(store.ModelLoadError, match="unknown model 'nope'"):
+        store.load("nope", root)
+
+
+@pytest.mark.parametrize("ref", ["..", "../tiny", "tiny@..", "tiny@../../etc", "tiny@v1/../../x", "/etc", "ti ny",
+                                 "@v1", "tiny@1", "%2e%2e", "tiny@v1@v1", ".hidden"])
+def test_store_references_cannot_leave_the_store(model_copy, ref):
+    root, _ = model_copy
+    with pytest.raises(store.ModelLoadError, match="invalid model"):
+        store.load(ref, root, allow_paths=False)
+
+
+def test_a_folder_reference_loads_when_paths_are_allowed(model_copy):
+    _, folder = model_copy
+    assert store.load(str(folder)).version == "v1"
+    with pytest.raises(store.ModelLoadError, match="does not exist"):
+        store.load(str(folder / "nope"))
