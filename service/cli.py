@@ -82,6 +82,35 @@ def _cmd_models(args) -> int:
     return 0
 
 
+def _add_serve(sub) -> None:
+    from .settings import Settings
+
+    p = sub.add_parser("serve", help="serve a model over HTTP (settings also come from CHARLSTM_* variables)")
+    for name, field in Settings.model_fields.items():
+        if name == "model_store":
+            continue  # the global --store
+        kind = {int: int, float: float}.get(field.annotation, str)
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
+                       help=f"{field.description or ''} (env CHARLSTM_{name.upper()}, default {field.default})")
+
+
+def _cmd_serve(args) -> int:
+    import uvicorn
+
+    from .server import build_app
+    from .settings import Settings
+
+    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+    if args.store:
+        overrides["model_store"] = args.store
+    settings = Settings(**overrides)
+    store.resolve(settings.model, settings.model_store)  # fail fast, with the store's one clear message
+    config = uvicorn.Config(build_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+                            workers=1, timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5)
+    uvicorn.Server(config).run()
+    return 0
+
+
 def _command_line() -> str:
     return shlex.join(["charlstm", *sys.argv[1:]])
 
@@ -102,18 +131,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--seed", type=int, default=None)
     sub.add_parser("models", help="list the models in the store with their figures")
+    _add_serve(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"train": _cmd_train, "evaluate": _cmd_evaluate, "sample": _cmd_sample, "models": _cmd_models}
+    handlers = {"train": _cmd_train, "evaluate": _cmd_evaluate, "sample": _cmd_sample, "models": _cmd_models,
+                "serve": _cmd_serve}
     try:
         return handlers[args.command](args)
     except store.ModelLoadError as e:
         print(f"charlstm: {e}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, OSError) as e:
         print(f"charlstm: {e}", file=sys.stderr)
         return 2
 

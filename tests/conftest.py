@@ -61,3 +61,24 @@ def trained_store(tmp_path_factory, play_file) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(trained_store) -> store.LoadedModel:
     return store.load("tiny", trained_store)
+
+
+@pytest.fixture(scope="session")
+def server(trained_store):
+    """The service on the tiny model with default limits."""
+    from .server import Server
+
+    srv = Server(trained_store, max_new_tokens=100_000)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def small_server(trained_store):
+    """Two rows, one queue place, three sessions: limits that a test can reach."""
+    from .server import Server
+
+    srv = Server(trained_store, max_batch_size=2, max_queue=1, max_sessions=3, max_new_tokens=1_000_000,
+                 max_body_bytes=4096)
+    yield srv
+    srv.stop()

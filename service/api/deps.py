@@ -1,0 +1,42 @@
+"""Dependencies shared by the routes: the engine, the settings, and checks made before work is queued."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from ..engine.engine import Engine
+from ..settings import Settings
+from ..store import LoadedModel
+from .errors import APIError
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_engine(request: Request) -> Engine:
+    engine = getattr(request.app.state, "engine", None)
+    if engine is None or not engine.snapshot().ready:
+        raise APIError(503, "not_ready", "the model is not loaded or the server is shutting down", None, {"Retry-After": "1"})
+    return engine
+
+
+def get_model(request: Request) -> LoadedModel:
+    return request.app.state.loaded
+
+
+def require_json(request: Request) -> None:
+    """Bodies are JSON: anything else gets 415 rather than a confusing validation error."""
+    if request.headers.get("content-length", "0") == "0" and "transfer-encoding" not in request.headers:
+        return
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "application/json" and not (ctype.startswith("application/") and ctype.endswith("+json")):
+        raise APIError(415, "unsupported_media_type", f"send the body as application/json, not {ctype or 'no content type'}")
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+EngineDep = Annotated[Engine, Depends(get_engine)]
+ModelDep = Annotated[LoadedModel, Depends(get_model)]
+JSONBody = Depends(require_json)

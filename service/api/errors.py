@@ -1,0 +1,88 @@
+"""One error shape for every failure: {"error": {"type", "message", "param"}}."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..engine.types import EngineError
+
+log = logging.getLogger("charlstm.api")
+
+ENGINE_STATUS = {"overloaded": 429, "shutting_down": 503, "session_not_found": 404, "session_busy": 409,
+                 "too_many_sessions": 429}
+HTTP_TYPES = {400: "invalid_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+              409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type", 422: "invalid_field",
+              429: "overloaded", 503: "not_ready"}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, type_: str, message: str, param: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.type, self.message, self.param, self.headers = status, type_, message, param, headers
+
+
+def error_body(type_: str, message: str, param: str | None = None) -> dict:
+    return {"error": {"type": type_, "message": message, "param": param}}
+
+
+def error_response(status: int, type_: str, message: str, param: str | None = None, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(error_body(type_, message, param), status_code=status, headers=headers)
+
+
+def from_engine(exc: EngineError) -> APIError:
+    status = ENGINE_STATUS.get(exc.type, 500)
+    headers = {"Retry-After": "1"} if status in (429, 503) else None
+    return APIError(status, exc.type, str(exc), None, headers)
+
+
+def _validation_message(err: dict) -> tuple[str, str | None]:
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    msg = err.get("msg", "invalid value")
+    ctx = err.get("ctx") or {}
+    if err.get("type") == "extra_forbidden":
+        msg = "unknown field"
+    elif ctx and not any(str(v) in msg for v in ctx.values() if not isinstance(v, Exception)):
+        msg = f"{msg} ({', '.join(f'{k}={v}' for k, v in ctx.items() if not isinstance(v, Exception))})"
+    return (f"{param}: {msg}" if param else msg), param
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError):
+        return error_response(exc.status, exc.type, exc.message, exc.param, exc.headers)
+
+    @app.exception_handler(EngineError)
+    async def _engine_error(_: Request, exc: EngineError):
+        e = from_engine(exc)
+        return error_response(e.status, e.type, e.message, e.param, e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        if first.get("type") == "json_invalid":
+            detail = (first.get("ctx") or {}).get("error", "malformed JSON")
+            return error_response(400, "invalid_json", f"request body is not valid JSON: {detail}")
+        if first.get("type") == "missing" and tuple(first.get("loc", ())) == ("body",):
+            return error_response(400, "invalid_json", "request body is missing: send a JSON object")
+        message, param = _validation_message(first)
+        if len(errors) > 1:
+            message += f" (and {len(errors) - 1} more)"
+        return error_response(422, "invalid_field", message, param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException):
+        type_ = HTTP_TYPES.get(exc.status_code, "http_error")
+        message = exc.detail if isinstance(exc.detail, str) else type_
+        return error_response(exc.status_code, type_, message, None, getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception):
+        log.exception("unhandled error")
+        return error_response(500, "internal_error", "the server hit an unexpected error; it has been logged")

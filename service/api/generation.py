@@ -1,0 +1,112 @@
+"""Turning a validated body into an engine request, and engine events into a response or an SSE stream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from fastapi import Request
+from sse_starlette import EventSourceResponse
+
+from ..engine.engine import Engine
+from ..engine.types import Done, GenerationRequest, Token
+from ..sampling import SamplingParams
+from ..settings import Settings
+from ..store import LoadedModel
+from ..vocab import OutOfVocabularyError
+from .bridge import Channel, wait_for_disconnect
+from .errors import APIError, error_body
+from .schemas import GenerateRequest
+
+
+def encode_prompt(prompt: str, loaded: LoadedModel, settings: Settings, param: str = "prompt") -> list[int]:
+    if len(prompt) > settings.max_prompt_chars:
+        raise APIError(422, "invalid_field", f"{param}: {len(prompt)} characters is more than max_prompt_chars={settings.max_prompt_chars}", param)
+    try:
+        return loaded.vocab.encode(prompt)
+    except OutOfVocabularyError as e:
+        raise APIError(422, "invalid_field", f"{param}: {e}", param) from None
+
+
+def to_engine_request(body: GenerateRequest, loaded: LoadedModel, settings: Settings, session_id: str | None = None) -> GenerationRequest:
+    """Every limit that depends on the settings is checked here, before anything is queued."""
+    max_new = settings.default_max_new_tokens if body.max_new_tokens is None else body.max_new_tokens
+    if max_new > settings.max_new_tokens:
+        raise APIError(422, "invalid_field", f"max_new_tokens: {max_new} is more than the limit {settings.max_new_tokens}", "max_new_tokens")
+    if len(body.stop) > settings.max_stop_strings:
+        raise APIError(422, "invalid_field", f"stop: {len(body.stop)} strings is more than max_stop_strings={settings.max_stop_strings}", "stop")
+    for i, s in enumerate(body.stop):
+        if not s or len(s) > settings.max_stop_chars:
+            raise APIError(422, "invalid_field", f"stop.{i}: stop strings must have 1 to {settings.max_stop_chars} characters", f"stop.{i}")
+    prompt_ids = encode_prompt(body.prompt, loaded, settings)
+    params = SamplingParams(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
+                            repetition_penalty=body.repetition_penalty)
+    return GenerationRequest(prompt_ids=prompt_ids, max_new_tokens=max_new, params=params, seed=body.seed,
+                             stop=tuple(body.stop), logprobs=body.logprobs, session_id=session_id)
+
+
+def response_body(done: Done, model: str) -> dict:
+    body = {"text": done.text, "finish_reason": done.finish_reason,
+            "usage": {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens},
+            "seed": done.seed, "model": model}
+    if done.logprobs is not None:
+        body["logprobs"] = list(done.logprobs)
+    if done.session is not None:
+        body["session"] = done.session
+    return body
+
+
+async def run_to_completion(engine: Engine, start, request: Request) -> Done | None:
+    """Submit via `start(channel)` and wait for Done; if the client leaves first, cancel and return None."""
+    channel = Channel()
+    stream = start(channel)
+    waiter = asyncio.ensure_future(_until_done(channel))
+    gone = asyncio.ensure_future(wait_for_disconnect(request))
+    try:
+        await asyncio.wait({waiter, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not waiter.done():
+            waiter.cancel()
+            engine.cancel(stream)
+    return waiter.result() if waiter.done() and not waiter.cancelled() else None
+
+
+async def _until_done(channel: Channel) -> Done:
+    while True:
+        for event in await channel.drain():
+            if isinstance(event, Done):
+                return event
+
+
+def stream_response(engine: Engine, gen: GenerationRequest, model: str) -> EventSourceResponse:
+    """SSE: `token` events (characters coalesced when the client reads slower than the engine writes),
+    then `done`; an error after the stream began arrives as an `error` event. The stream always ends."""
+    channel = Channel()
+    stream = engine.submit(gen, channel)  # refusals raise here, before any byte is sent
+
+    async def events():
+        finished = False
+        try:
+            while not finished:
+                batch = await channel.drain()
+                tokens = [e for e in batch if isinstance(e, Token)]
+                if tokens:
+                    data = {"index": tokens[0].index, "text": "".join(t.text for t in tokens)}
+                    if gen.logprobs:
+                        data["logprobs"] = [lp for t in tokens for lp in (t.logprobs or ())]
+                    yield {"event": "token", "data": json.dumps(data, ensure_ascii=False)}
+                for event in batch:
+                    if isinstance(event, Done):
+                        finished = True
+                        if event.finish_reason == "error":
+                            yield {"event": "error", "data": json.dumps(error_body("internal_error", "generation failed on the server"))}
+                        body = response_body(event, model)
+                        body.pop("text")
+                        body.pop("logprobs", None)
+                        yield {"event": "done", "data": json.dumps(body, ensure_ascii=False)}
+        finally:
+            if not finished:
+                engine.cancel(stream)  # the client went away: free the row at the next step
+
+    return EventSourceResponse(events(), ping=15, headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})

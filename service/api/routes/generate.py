@@ -1,0 +1,30 @@
+"""POST /generate: one-shot generation, plain or streamed."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from ..deps import EngineDep, JSONBody, ModelDep, SettingsDep
+from ..errors import APIError
+from ..generation import response_body, run_to_completion, stream_response, to_engine_request
+from ..schemas import ErrorResponse, GenerateRequest, GenerateResponse
+
+router = APIRouter(tags=["generation"])
+
+ERRORS = {s: {"model": ErrorResponse} for s in (400, 413, 415, 422, 429, 503)}
+
+
+@router.post("/generate", response_model=GenerateResponse, response_model_exclude_none=True, responses={**ERRORS, 200: {
+    "content": {"text/event-stream": {"schema": {"type": "string", "description": "with stream=true: token events, then done"}}}}},
+    dependencies=[JSONBody])
+async def generate(body: GenerateRequest, request: Request, engine: EngineDep, loaded: ModelDep, settings: SettingsDep):
+    """Continue `prompt`. With `stream: true` the answer is Server-Sent Events: `token` events
+    `{"index", "text"}`, then one `done` with `finish_reason`, `usage` and `seed`."""
+    gen = to_engine_request(body, loaded, settings)
+    model = f"{loaded.name}@{loaded.version}"
+    if body.stream:
+        return stream_response(engine, gen, model)
+    done = await run_to_completion(engine, lambda ch: engine.submit(gen, ch), request)
+    if done is None:
+        raise APIError(499, "client_closed", "the client closed the connection")
+    return response_body(done, model)

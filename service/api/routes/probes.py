@@ -1,0 +1,49 @@
+"""Liveness, readiness and what this server is running."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from ...sampling import MAX_SEED
+from ..errors import error_response
+from ..schemas import ErrorResponse
+
+router = APIRouter(tags=["probes"])
+
+
+@router.get("/health")
+async def health():
+    """200 while the process runs."""
+    return {"status": "ok"}
+
+
+@router.get("/ready", responses={503: {"model": ErrorResponse}})
+async def ready(request: Request):
+    """200 once the model is loaded and the engine is stepping; 503 before that and while shutting down."""
+    engine = getattr(request.app.state, "engine", None)
+    snap = engine.snapshot() if engine is not None else None
+    if snap is None or not snap.ready:
+        reason = "shutting down" if snap is not None and snap.draining else "not ready"
+        return error_response(503, "not_ready", f"the server is {reason}", None, {"Retry-After": "1"})
+    return {"status": "ready", "running": snap.running, "waiting": snap.waiting}
+
+
+@router.get("/info")
+async def info(request: Request):
+    """The model, its vocabulary and figures, and the limits and defaults in force."""
+    state = request.app.state
+    loaded, s = getattr(state, "loaded", None), state.settings
+    out = {"model": None, "limits": {
+        "max_batch_size": s.max_batch_size, "max_queue": s.max_queue, "max_new_tokens": s.max_new_tokens,
+        "max_prompt_chars": s.max_prompt_chars, "max_stop_strings": s.max_stop_strings, "max_stop_chars": s.max_stop_chars,
+        "max_sessions": s.max_sessions, "max_session_ttl_s": s.max_session_ttl_s, "max_body_bytes": s.max_body_bytes,
+        "max_seed": MAX_SEED},
+        "defaults": {"max_new_tokens": s.default_max_new_tokens, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
+                     "repetition_penalty": 1.0, "session_ttl_s": s.session_ttl_s}}
+    if loaded is not None:
+        card = loaded.card
+        out["model"] = {"name": loaded.name, "version": loaded.version, "parameters": card.get("num_parameters"),
+                        "config": card.get("config"), "vocab": loaded.vocab.chars, "vocab_size": len(loaded.vocab),
+                        "metrics": card.get("metrics"), "corpus": card.get("corpus"), "created_at": card.get("created_at"),
+                        "state_floats_per_session": loaded.model.config.state_floats()}
+    return out

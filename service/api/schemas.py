@@ -1,0 +1,74 @@
+"""Request and response bodies. Hard bounds live here (and so in the OpenAPI document); limits that
+depend on the settings are checked in the routes and shown in /info."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..sampling import MAX_SEED
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class GenerateRequest(_Strict):
+    prompt: str = Field("", description="text to continue; may be empty. Every character must be in the model's vocabulary")
+    max_new_tokens: int | None = Field(None, ge=0, le=1_000_000, description="characters to generate (a token is one character); default in /info")
+    temperature: float = Field(1.0, ge=0.0, le=100.0, allow_inf_nan=False, description="0 means greedy")
+    top_k: int = Field(0, ge=0, le=1_000_000, description="keep the k most likely characters; 0 means off")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False, description="nucleus sampling; 1 means off")
+    repetition_penalty: float = Field(1.0, gt=0.0, le=100.0, allow_inf_nan=False,
+                                      description="divides the logits of characters already in the prompt or text; 1 means off")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="same seed, same text; drawn at random when absent")
+    stop: list[str] = Field(default_factory=list, max_length=1024,
+                            description="generation ends at the first of these strings, which is not included in the text")
+    stream: bool = Field(False, description="stream characters as Server-Sent Events")
+    logprobs: bool = Field(False, description="return the natural log-probability of each generated character under the model")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class GenerateResponse(BaseModel):
+    text: str
+    finish_reason: Literal["length", "stop", "cancelled", "shutdown", "error"]
+    usage: Usage
+    seed: int
+    model: str
+    logprobs: list[float] | None = None
+    session: SessionInfo | None = None
+
+
+class SessionCreate(_Strict):
+    prompt: str = Field("", description="text that primes the session's state")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="seed of the session's random generator")
+    ttl_seconds: float | None = Field(None, gt=0, le=10_000_000, allow_inf_nan=False, description="idle time before expiry; default and bound in /info")
+
+
+class SessionInfo(BaseModel):
+    session_id: str
+    position: int = Field(description="characters consumed so far")
+    seed: int
+    created_at: float = Field(description="unix time, seconds")
+    last_used: float = Field(description="unix time, seconds")
+    expires_at: float = Field(description="unix time, seconds")
+    ttl_seconds: float
+    busy: bool
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+    param: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+GenerateResponse.model_rebuild()

@@ -1,0 +1,73 @@
+"""Inference arithmetic for the engine: prompt ingestion and a fused single-character step.
+
+The step is the LSTM recurrence written out with one matrix multiply per layer over the
+concatenated [input, hidden] vector; layer 0's input projection is folded into the embedding, so
+that layer costs a row lookup plus one multiply by the recurrent weights. It computes what
+`nn.LSTM` computes (tested to float tolerance) with fewer, larger kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..model import CharLSTM
+
+# A stream's recurrent state in the engine: (2, L, H) = (h, c) x layers x hidden, or batched (2, L, B, H).
+
+
+class Runner:
+    def __init__(self, model: CharLSTM):
+        model.eval()
+        self.model = model
+        cfg = model.config
+        self.num_layers, self.hidden, self.vocab_size = cfg.num_layers, cfg.hidden_size, cfg.vocab_size
+        lstm = model.lstm
+        with torch.no_grad():
+            w_ih0, w_hh0 = lstm.weight_ih_l0, lstm.weight_hh_l0  # (4H, E), (4H, H)
+            bias0 = lstm.bias_ih_l0 + lstm.bias_hh_l0  # (4H,)
+            self.table0 = (model.embed.weight @ w_ih0.T + bias0).contiguous()  # (V, 4H): embedding folded in
+            self.w_hh0 = w_hh0.T.contiguous()  # (H, 4H)
+            self.w_cat = []  # layers >= 1: (2H, 4H) over [h_below, h_self]
+            self.b_cat = []  # (4H,)
+            for layer in range(1, self.num_layers):
+                w_ih, w_hh = getattr(lstm, f"weight_ih_l{layer}"), getattr(lstm, f"weight_hh_l{layer}")
+                self.w_cat.append(torch.cat([w_ih, w_hh], dim=1).T.contiguous())
+                self.b_cat.append((getattr(lstm, f"bias_ih_l{layer}") + getattr(lstm, f"bias_hh_l{layer}")).contiguous())
+            self.w_head = model.head.weight.T.contiguous()  # (H, V)
+            self.b_head = model.head.bias.detach().clone()  # (V,)
+
+    def zero_state(self, batch: int | None = None) -> torch.Tensor:
+        shape = (2, self.num_layers, self.hidden) if batch is None else (2, self.num_layers, batch, self.hidden)
+        return torch.zeros(shape)
+
+    @torch.inference_mode()
+    def logits(self, state: torch.Tensor) -> torch.Tensor:
+        """Next-character logits from a batched state (2, L, B, H) -> (B, V): the head over the top h."""
+        return torch.addmm(self.b_head, state[0, -1], self.w_head)
+
+    @torch.inference_mode()
+    def prefill(self, ids: list[int], state: torch.Tensor) -> torch.Tensor:
+        """Feed a whole prompt in one LSTM call. ids: T ints; state (2, L, H) -> state (2, L, H)."""
+        x = self.model.embed(torch.tensor(ids, dtype=torch.long).unsqueeze(0))  # (1, T, E)
+        h0, c0 = state[0].unsqueeze(1).contiguous(), state[1].unsqueeze(1).contiguous()  # (L, 1, H)
+        _, (h, c) = self.model.lstm(x, (h0, c0))  # (L, 1, H) each
+        return torch.stack([h[:, 0], c[:, 0]])  # (2, L, H)
+
+    @torch.inference_mode()
+    def step(self, ids: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """Advance every row by one character. ids (B,) int64; state (2, L, B, H) -> new state (2, L, B, H)."""
+        h_all, c_all = state[0], state[1]  # (L, B, H)
+        new_h, new_c = [], []
+        gates = torch.addmm(self.table0[ids], h_all[0], self.w_hh0)  # (B, 4H)
+        below = None
+        for layer in range(self.num_layers):
+            if layer > 0:
+                inp = torch.cat([below, h_all[layer]], dim=1)  # (B, 2H)
+                gates = torch.addmm(self.b_cat[layer - 1], inp, self.w_cat[layer - 1])  # (B, 4H)
+            i, f, g, o = gates.chunk(4, dim=1)  # (B, H) each
+            c = torch.sigmoid(f) * c_all[layer] + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            new_h.append(h)
+            new_c.append(c)
+            below = h
+        return torch.stack([torch.stack(new_h), torch.stack(new_c)])  # (2, L, B, H)

@@ -1,0 +1,126 @@
+"""Prometheus metrics: the only module that talks to prometheus-client.
+
+The engine reports numbers through its observer interface; HTTP requests are counted by an ASGI
+middleware here; gauges read the engine's snapshot at scrape time. Each app gets its own registry.
+"""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import FastAPI, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, disable_created_metrics, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .engine.engine import Engine
+from .store import LoadedModel
+
+LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+FAST = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("charlstm_requests", "HTTP requests by route, method and status", ["route", "method", "status"], registry=r)
+        self.request_duration = Histogram("charlstm_request_duration_seconds", "HTTP request duration, streams until their end",
+                                          ["route"], buckets=LATENCY, registry=r)
+        self.ttft = Histogram("charlstm_time_to_first_token_seconds", "Submission to first generated character", buckets=LATENCY, registry=r)
+        self.itl = Histogram("charlstm_inter_token_latency_seconds", "Time between two characters of one stream", buckets=FAST, registry=r)
+        self.queue_time = Histogram("charlstm_queue_time_seconds", "Submission to admission into the batch", buckets=LATENCY, registry=r)
+        self.prompt_tokens = Counter("charlstm_prompt_tokens", "Prompt characters ingested", registry=r)
+        self.generated_tokens = Counter("charlstm_generated_tokens", "Characters generated", registry=r)
+        self.finished = Counter("charlstm_streams_finished", "Streams ended, by finish reason", ["reason"], registry=r)
+        self.disconnects = Counter("charlstm_client_disconnects", "Streams cancelled because the client went away", registry=r)
+        self.rejected = Counter("charlstm_rejected_requests", "Requests refused before queueing, by reason", ["reason"], registry=r)
+        self.batch_size = Histogram("charlstm_batch_size", "Rows stepped together per engine step", buckets=BATCH, registry=r)
+        self.step_duration = Histogram("charlstm_engine_step_duration_seconds", "One batched engine step", buckets=FAST, registry=r)
+        self.session_removals = Counter("charlstm_session_removals", "Sessions evicted at the cap or expired", ["reason"], registry=r)
+        self.running = Gauge("charlstm_running_streams", "Streams in the batch or ingesting their prompt", registry=r)
+        self.waiting = Gauge("charlstm_waiting_streams", "Streams queued for a row", registry=r)
+        self.sessions = Gauge("charlstm_live_sessions", "Sessions held", registry=r)
+        self.model = Info("charlstm_model", "The model being served", registry=r)
+
+    def attach(self, engine: Engine, loaded: LoadedModel) -> None:
+        engine.add_observer(EngineObserver(self))
+        self.running.set_function(lambda: engine.snapshot().running)
+        self.waiting.set_function(lambda: engine.snapshot().waiting)
+        self.sessions.set_function(lambda: len(engine.sessions))
+        self.model.info({"name": loaded.name, "version": loaded.version, "parameters": str(loaded.model.num_parameters())})
+
+
+class EngineObserver:
+    """Implements the engine's EngineStats with Prometheus instruments."""
+
+    def __init__(self, m: Metrics):
+        self.m = m
+
+    def on_step(self, batch_size: int, seconds: float) -> None:
+        self.m.batch_size.observe(batch_size)
+        self.m.step_duration.observe(seconds)
+
+    def on_queue_time(self, seconds: float) -> None:
+        self.m.queue_time.observe(seconds)
+
+    def on_first_token(self, seconds: float) -> None:
+        self.m.ttft.observe(seconds)
+
+    def on_inter_token(self, gaps: list[float]) -> None:
+        observe = self.m.itl.observe
+        for g in gaps:
+            observe(g)
+
+    def on_finish(self, reason: str, prompt_tokens: int, completion_tokens: int) -> None:
+        self.m.finished.labels(reason).inc()
+        self.m.prompt_tokens.inc(prompt_tokens)
+        self.m.generated_tokens.inc(completion_tokens)
+        if reason == "cancelled":
+            self.m.disconnects.inc()
+
+    def on_rejected(self, reason: str) -> None:
+        self.m.rejected.labels(reason).inc()
+
+    def on_session_removed(self, reason: str) -> None:
+        self.m.session_removals.labels(reason).inc()
+
+
+class RequestMetrics:
+    """Counts every HTTP request by route template, method and status, and times it to its last byte."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics):
+        self.app, self.m = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        status = 500
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            self.m.requests.labels(route, scope["method"], str(status)).inc()
+            self.m.request_duration.labels(route).observe(time.perf_counter() - t0)
+
+
+def instrument(app: FastAPI) -> Metrics:
+    disable_created_metrics()  # the *_created series only add noise to every scrape
+    metrics = Metrics()
+    app.state.metrics = metrics
+    app.state.engine_hooks.append(metrics.attach)
+    app.add_middleware(RequestMetrics, metrics=metrics)
+
+    async def metrics_endpoint(_: Request) -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], tags=["probes"],
+                      summary="Prometheus metrics", response_class=Response)
+    return metrics

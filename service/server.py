@@ -1,0 +1,21 @@
+"""The composition root: the HTTP app with metrics attached. `uvicorn service.server:app` serves it.
+
+Building the app is cheap (no settings read, no model loaded): that happens in the lifespan.
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from .api.app import create_app
+from .metrics import instrument
+from .settings import Settings
+
+
+def build_app(settings: Settings | None = None) -> FastAPI:
+    app = create_app(settings)
+    instrument(app)
+    return app
+
+
+app = build_app()

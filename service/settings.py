@@ -1,0 +1,30 @@
+"""Service settings: environment variables with the prefix CHARLSTM_, or matching `charlstm serve` flags."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CHARLSTM_", extra="ignore")
+
+    model: str = Field("shakespeare", description="name, name@version or a model folder")
+    model_store: str | None = Field(None, description="model store root; default: the repository's model_store/")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    max_batch_size: int = Field(64, ge=1, le=1024, description="streams stepped together")
+    max_queue: int = Field(256, ge=0, le=100_000, description="requests waiting for a row before 429")
+    max_new_tokens: int = Field(4096, ge=1, le=1_000_000, description="upper bound on max_new_tokens")
+    default_max_new_tokens: int = Field(256, ge=1, description="max_new_tokens when a request gives none")
+    max_prompt_chars: int = Field(20_000, ge=1, le=10_000_000)
+    max_stop_strings: int = Field(16, ge=0, le=1024)
+    max_stop_chars: int = Field(64, ge=1, le=4096, description="longest stop string")
+    prefill_chunk: int = Field(512, ge=1, description="prompt characters ingested between two decode steps")
+    session_ttl_s: float = Field(600.0, gt=0, description="idle time after which a session expires")
+    max_session_ttl_s: float = Field(86_400.0, gt=0)
+    max_sessions: int = Field(10_000, ge=1)
+    torch_threads: int = Field(0, ge=0, description="0: torch's default")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="request bodies above this get 413")
+    shutdown_grace_s: float = Field(10.0, ge=0, description="time running streams get to finish on SIGTERM")
+    log_level: str = "info"
