@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 
 import torch
 from fastapi import FastAPI
+from sse_starlette.sse import AppStatus
 
 from .. import __version__, store
 from ..engine.engine import Engine, EngineConfig
@@ -31,6 +32,9 @@ log = logging.getLogger("charlstm.api")
 @asynccontextmanager
 async def lifespan(app: FastAPI):
     settings = app.state.settings = app.state.settings or Settings()
+    # The engine drains streams itself (finish_reason "shutdown" after the grace), so sse-starlette must
+    # not cut them off the moment the server begins to exit.
+    AppStatus.disable_automatic_graceful_drain()
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     loaded = await asyncio.to_thread(store.load, settings.model, settings.model_store)
