@@ -27,4 +27,8 @@ class Settings(BaseSettings):
     torch_threads: int = Field(0, ge=0, description="0: torch's default")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="request bodies above this get 413")
     shutdown_grace_s: float = Field(10.0, ge=0, description="time running streams get to finish on SIGTERM")
+    api_key: str | None = Field(None, description="when set, every route but /health and /ready needs Authorization: Bearer <key>")
+    protect_metrics: bool = Field(False, description="with api_key set, /metrics needs the key too")
+    session_db: str = Field("data/sessions.sqlite3", description="SQLite file the sessions are saved to and restored from; empty: off")
+    snapshot_interval_s: float = Field(5.0, gt=0, description="how often changed sessions are written to session_db")
     log_level: str = "info"

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,8 +28,11 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, OMP_NUM_THREADS="1", CHARLSTM_MODEL_STORE=str(store_root), CHARLSTM_MODEL=model,
                    CHARLSTM_TORCH_THREADS="1", CHARLSTM_LOG_LEVEL="warning")
+        tmp = Path(tempfile.mkdtemp(prefix="charlstm-test-"))
+        settings.setdefault("session_db", tmp / "sessions.sqlite3")
         env.update({f"CHARLSTM_{k.upper()}": str(v) for k, v in settings.items()})
-        self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"charlstm-test-{self.port}.log", "w+")
+        self.settings = settings
+        self.log = open(tmp / "server.log", "w+")
         self.proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(self.port)],
                                      cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         self.wait_ready()

@@ -19,9 +19,11 @@ from sse_starlette.sse import AppStatus
 from .. import __version__, store
 from ..engine.engine import Engine, EngineConfig
 from ..engine.runner import Runner
+from ..engine.session_db import SessionDB
 from ..engine.sessions import InMemorySessionStore, SessionManager
 from ..settings import Settings
 from . import errors
+from .auth import APIKeyAuth
 from .bridge import make_deliver
 from .limits import BodyLimit
 from .routes import generate, probes, sessions
@@ -46,6 +48,12 @@ async def lifespan(app: FastAPI):
                                  prefill_chunk=settings.prefill_chunk),
                     deliver=make_deliver(asyncio.get_running_loop()))
     engine_box.append(engine)
+    session_db = None
+    if settings.session_db:
+        model_key = f"{loaded.name}@{loaded.version}:{loaded.card['weights_sha256'][:16]}"
+        session_db = SessionDB(settings.session_db, model_key)
+        restored = manager.restore(await asyncio.to_thread(session_db.load))
+        log.info("restored %d sessions from %s", restored, settings.session_db)
     for hook in app.state.engine_hooks:
         hook(engine, loaded)
     app.state.loaded = loaded
@@ -53,21 +61,45 @@ async def lifespan(app: FastAPI):
     app.state.engine = engine
     restore_signal = _drain_on_sigterm(engine, settings.shutdown_grace_s)
     sweeper = asyncio.create_task(_sweep_sessions(manager))
+    snapshots = asyncio.create_task(_snapshot_sessions(manager, session_db, settings.snapshot_interval_s)) if session_db else None
     log.info("serving %s@%s (%s parameters)", loaded.name, loaded.version, f"{loaded.model.num_parameters():,}")
     try:
         yield
     finally:
         sweeper.cancel()
+        if snapshots is not None:
+            snapshots.cancel()
         restore_signal()
         engine.begin_shutdown(settings.shutdown_grace_s)
         await asyncio.to_thread(engine.wait_idle, settings.shutdown_grace_s + 5.0)
         engine.stop()
+        if session_db is not None:
+            saved = manager.all_sessions()
+            await asyncio.to_thread(session_db.write, saved, [], True)
+            log.info("saved %d sessions to %s", len(saved), settings.session_db)
 
 
 async def _sweep_sessions(manager: SessionManager, every_s: float = 1.0) -> None:
     while True:
         await asyncio.sleep(every_s)
         await asyncio.to_thread(manager.purge_expired)
+
+
+async def _snapshot_sessions(manager: SessionManager, db: SessionDB, every_s: float) -> None:
+    """Write changed sessions every few seconds, so a crash loses at most that much."""
+    full = False  # after a failed write, the next one rewrites everything
+    while True:
+        await asyncio.sleep(every_s)
+        changed, removed = manager.take_changes()
+        if full:
+            changed, removed = manager.all_sessions(), []
+        if changed or removed or full:
+            try:
+                await asyncio.to_thread(db.write, changed, removed, full)
+                full = False
+            except Exception:
+                log.exception("writing the session snapshot failed; the next snapshot rewrites all sessions")
+                full = True
 
 
 def _drain_on_sigterm(engine: Engine, grace_s: float):
@@ -100,7 +132,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.engine_hooks = []
     errors.install(app)
-    app.add_middleware(BodyLimit, limit=lambda: (app.state.settings or Settings()).max_body_bytes)
+    current = lambda: app.state.settings or Settings()  # noqa: E731 - read when a request comes, not at import
+    app.add_middleware(BodyLimit, limit=lambda: current().max_body_bytes)
+    app.add_middleware(APIKeyAuth, key=lambda: current().api_key, protect_metrics=lambda: current().protect_metrics)
     app.include_router(generate.router)
     app.include_router(sessions.router)
     app.include_router(probes.router)

@@ -13,7 +13,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -81,6 +81,8 @@ class SessionManager:
         self.store, self.max_sessions, self.default_ttl_s = store, max_sessions, default_ttl_s
         self.on_evict, self.clock = on_evict, clock
         self._lock = threading.Lock()
+        self._dirty: set[str] = set()  # changed since the last snapshot
+        self._removed: set[str] = set()  # gone since the last snapshot
 
     def __len__(self) -> int:
         with self._lock:
@@ -93,7 +95,7 @@ class SessionManager:
                 victim = next((s for s in self.store.by_last_use() if not s.busy), None)
                 if victim is None:
                     raise TooManySessions(f"all {self.max_sessions} sessions are in use")
-                self.store.delete(victim.id)
+                self._remove(victim.id)
                 self.on_evict("evicted")
             now = self.clock()
             session = Session(id=secrets.token_urlsafe(24), state=state, seed=seed, counter=0, position=0,
@@ -127,13 +129,14 @@ class SessionManager:
             session.last_used = self.clock()
             if self.store.get(session.id) is session:
                 self.store.put(session)  # refresh its place in the LRU order
+                self._dirty.add(session.id)
 
     def delete(self, session_id: str) -> None:
         with self._lock:
             session = self._live(session_id)
             if session.busy:
                 raise SessionBusy(f"session {session_id} is generating; delete it when the call has finished")
-            self.store.delete(session_id)
+            self._remove(session_id)
 
     def purge_expired(self) -> int:
         with self._lock:
@@ -144,7 +147,7 @@ class SessionManager:
         if session is None:
             raise SessionNotFound(f"session {session_id!r} does not exist, has expired or was evicted")
         if not session.busy and session.expires_at <= self.clock():
-            self.store.delete(session_id)
+            self._remove(session_id)
             self.on_evict("expired")
             raise SessionNotFound(f"session {session_id!r} does not exist, has expired or was evicted")
         return session
@@ -153,7 +156,38 @@ class SessionManager:
         now, gone = self.clock(), 0
         for s in list(self.store.by_last_use()):
             if not s.busy and s.expires_at <= now:
-                self.store.delete(s.id)
+                self._remove(s.id)
                 self.on_evict("expired")
                 gone += 1
         return gone
+
+    def _remove(self, session_id: str) -> None:
+        self.store.delete(session_id)
+        self._dirty.discard(session_id)
+        self._removed.add(session_id)
+
+    # ------------------------------------------------------------------ persistence
+    def take_changes(self) -> tuple[list[Session], list[str]]:
+        """Sessions changed and ids removed since the last call, for a snapshot. Busy sessions are
+        written with their state before the running call (it changes only when the call completes)."""
+        with self._lock:
+            changed = [replace(s, busy=False) for i in self._dirty if (s := self.store.get(i)) is not None]
+            removed = list(self._removed)
+            self._dirty.clear()
+            self._removed.clear()
+            return changed, removed
+
+    def all_sessions(self) -> list[Session]:
+        with self._lock:
+            return [replace(s, busy=False) for s in self.store.by_last_use()]
+
+    def restore(self, sessions: list[Session]) -> int:
+        """Put back saved sessions that have not expired meanwhile; returns how many."""
+        now, count = self.clock(), 0
+        with self._lock:
+            for s in sorted(sessions, key=lambda s: s.last_used):
+                if s.expires_at > now and len(self.store) < self.max_sessions:
+                    s.busy = False
+                    self.store.put(s)
+                    count += 1
+        return count

@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# Smoke test of the image and the compose stack, on loopback only. Run from anywhere; .ci/run calls it.
+# Builds the image, runs it, waits for healthy, checks /ready, /generate (plain and streaming) and
+# /metrics (promtool); then the compose stack: Prometheus sees the target up and can query a charlstm_
+# series. Cleans up on any exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+IMAGE=charlstm:smoke
+PROM_IMAGE=charlstm-prometheus:smoke
+NAME=charlstm-smoke-$$
+PORT=${SMOKE_PORT:-18080}
+COMPOSE=(docker-compose -p charlstm-smoke -f docker/compose.yaml)
+log() { printf '[smoke] %s\n' "$*" >&2; }
+
+need=()
+command -v promtool >/dev/null || need+=(prometheus)
+command -v docker-compose >/dev/null || need+=(docker-compose)
+command -v curl >/dev/null || need+=(curl)
+if ((${#need[@]})); then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+eval "$(../shared/tools/docker-up.sh)"
+
+cleanup() {
+  docker rm -f "$NAME" >/dev/null 2>&1 || true
+  CHARLSTM_IMAGE=$IMAGE PROMETHEUS_IMAGE=$PROM_IMAGE "${COMPOSE[@]}" down -v >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+
+# The CPU torch wheel from this machine's disk when there is one; the PyTorch index otherwise.
+index_arg=()
+if compgen -G "/opt/wheels/torch-2.13.0*.whl" >/dev/null; then
+  cp -u /opt/wheels/torch-2.13.0*.whl .docker-wheels/
+  index_arg=(--build-arg TORCH_INDEX_URL=)
+fi
+
+log "building $IMAGE"
+t0=$(date +%s)
+docker build --network host -q -t "$IMAGE" "${index_arg[@]}" . >/dev/null
+t1=$(date +%s)
+size=$(docker image inspect "$IMAGE" --format '{{.Size}}')
+log "built in $((t1 - t0)) s; image size $((size / 1000000)) MB"
+
+wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
+  local deadline=$(( $(date +%s) + $1 )) what=$2; shift 2
+  until "$@" >/dev/null 2>&1; do
+    if (( $(date +%s) > deadline )); then log "timed out waiting for $what"; return 1; fi
+    sleep 1
+  done
+}
+healthy() { [ "$(docker inspect -f '{{.State.Health.Status}}' "$NAME")" = healthy ]; }
+
+check_text() {  # Shakespeare-like: mostly letters and spaces, and common English words
+  python3 - "$1" <<'PY'
+import json, re, sys
+text = sys.argv[1]
+words = re.findall(r"[A-Za-z']+", text)
+common = {"the", "and", "to", "of", "i", "my", "you", "a", "that", "in", "is", "not", "me", "it", "with", "be", "your", "his", "thou", "what"}
+letters = sum(c.isalpha() or c.isspace() for c in text) / max(1, len(text))
+hits = sum(w.lower() in common for w in words)
+print(f"[smoke] text sample: {text[:120]!r} (letters+spaces {letters:.0%}, common words {hits})", file=sys.stderr)
+sys.exit(0 if len(text) >= 200 and letters > 0.85 and hits >= 5 else 1)
+PY
+}
+
+log "running $IMAGE on 127.0.0.1:$PORT"
+docker run -d --name "$NAME" --network host -e CHARLSTM_HOST=127.0.0.1 -e CHARLSTM_PORT="$PORT" "$IMAGE" >/dev/null
+wait_for 120 "a healthy container" healthy || { docker logs "$NAME" | tail -30; exit 1; }
+[ "$(docker inspect -f '{{.Config.User}}' "$NAME")" = charlstm ] || { log "container does not run as charlstm"; exit 1; }
+curl -fsS "http://127.0.0.1:$PORT/ready" >/dev/null
+plain=$(curl -fsS "http://127.0.0.1:$PORT/generate" -H 'content-type: application/json' \
+  -d '{"prompt": "ROMEO:\n", "max_new_tokens": 300, "temperature": 0.7, "seed": 1}')
+check_text "$(python3 -c 'import json,sys; print(json.load(sys.stdin)["text"])' <<<"$plain")"
+streamed=$(curl -fsSN "http://127.0.0.1:$PORT/generate" -H 'content-type: application/json' \
+  -d '{"prompt": "ROMEO:\n", "max_new_tokens": 300, "temperature": 0.7, "seed": 1, "stream": true}')
+python3 - "$plain" "$streamed" <<'PY'
+import json, sys
+plain, raw = json.loads(sys.argv[1]), sys.argv[2]
+text, event, done = "", None, None
+for line in raw.splitlines():
+    line = line.rstrip("\r")
+    if line.startswith("event:"):
+        event = line.split(":", 1)[1].strip()
+    elif line.startswith("data:"):
+        data = json.loads(line.split(":", 1)[1])
+        if event == "token":
+            text += data["text"]
+        elif event == "done":
+            done = data
+assert done and done["finish_reason"] == "length", done
+assert text == plain["text"], "streamed text differs from the plain response for the same seed"
+print("[smoke] streaming equals the plain response", file=sys.stderr)
+PY
+curl -fsS "http://127.0.0.1:$PORT/metrics" | promtool check metrics
+log "image: ok"
+docker rm -f "$NAME" >/dev/null
+
+log "building $PROM_IMAGE (Prometheus from Debian's package)"
+docker build --network host -q -t "$PROM_IMAGE" -f docker/prometheus.Dockerfile docker >/dev/null
+log "starting the compose stack"
+CHARLSTM_IMAGE=$IMAGE PROMETHEUS_IMAGE=$PROM_IMAGE "${COMPOSE[@]}" up -d --no-build >/dev/null
+wait_for 120 "the service in compose" curl -fsS http://127.0.0.1:8000/ready
+curl -fsS http://127.0.0.1:8000/generate -H 'content-type: application/json' -d '{"max_new_tokens": 20}' >/dev/null
+target_up() { curl -fsS http://127.0.0.1:9090/api/v1/targets | python3 -c '
+import json, sys
+t = json.load(sys.stdin)["data"]["activeTargets"]
+sys.exit(0 if any(x["labels"].get("job") == "charlstm" and x["health"] == "up" for x in t) else 1)'; }
+series_present() { curl -fsS 'http://127.0.0.1:9090/api/v1/query' --data-urlencode 'query=charlstm_requests_total' | python3 -c '
+import json, sys
+r = json.load(sys.stdin)
+sys.exit(0 if r["status"] == "success" and r["data"]["result"] else 1)'; }
+wait_for 90 "Prometheus to see the target up" target_up
+wait_for 60 "a charlstm_ series in Prometheus" series_present
+log "compose: Prometheus scrapes the service; charlstm_requests_total is queryable"
+log "ok: build $((t1 - t0)) s, image $((size / 1000000)) MB"

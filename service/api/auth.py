@@ -1,0 +1,37 @@
+"""Optional API key: `Authorization: Bearer <key>` on every route but the probes (and /metrics unless
+configured). Pure ASGI, so a refused request costs no body parsing."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Callable
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .errors import error_body
+
+OPEN_PATHS = frozenset({"/health", "/ready"})
+
+
+class APIKeyAuth:
+    def __init__(self, app: ASGIApp, key: Callable[[], str | None], protect_metrics: Callable[[], bool]):
+        self.app, self.key, self.protect_metrics = app, key, protect_metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        key = self.key() if scope["type"] == "http" else None
+        path = scope.get("path", "")
+        if not key or path in OPEN_PATHS or (path == "/metrics" and not self.protect_metrics()):
+            return await self.app(scope, receive, send)
+        given = b""
+        for name, value in scope.get("headers", ()):
+            if name == b"authorization":
+                given = value
+        scheme, _, token = given.partition(b" ")
+        if scheme.lower() == b"bearer" and secrets.compare_digest(token.strip(), key.encode()):
+            return await self.app(scope, receive, send)
+        body = json.dumps(error_body("unauthorized", "missing or wrong API key: send Authorization: Bearer <key>")).encode()
+        await send({"type": "http.response.start", "status": 401,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"www-authenticate", b'Bearer realm="charlstm"')]})
+        await send({"type": "http.response.body", "body": body})
