@@ -104,8 +104,8 @@ def _cmd_serve(args) -> int:
     if args.store:
         overrides["model_store"] = args.store
     settings = Settings(**overrides)
-    store.resolve(settings.model, settings.model_store)  # fail fast, with the store's one clear message
-    config = uvicorn.Config(build_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+    loaded = store.load(settings.model, settings.model_store)  # fail fast, with the store's one clear message
+    config = uvicorn.Config(build_app(settings, loaded), host=settings.host, port=settings.port, log_level=settings.log_level,
                             workers=1, timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5)
     uvicorn.Server(config).run()
     return 0

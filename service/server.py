@@ -10,10 +10,11 @@ from fastapi import FastAPI
 from .api.app import create_app
 from .metrics import instrument
 from .settings import Settings
+from .store import LoadedModel
 
 
-def build_app(settings: Settings | None = None) -> FastAPI:
-    app = create_app(settings)
+def build_app(settings: Settings | None = None, loaded: LoadedModel | None = None) -> FastAPI:
+    app = create_app(settings, loaded)
     instrument(app)
     return app
 

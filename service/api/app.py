@@ -22,7 +22,7 @@ from ..engine.runner import Runner
 from ..engine.session_db import SessionDB
 from ..engine.sessions import InMemorySessionStore, SessionManager
 from ..settings import Settings
-from . import errors
+from . import errors, openapi
 from .auth import APIKeyAuth
 from .bridge import make_deliver
 from .limits import BodyLimit
@@ -39,7 +39,8 @@ async def lifespan(app: FastAPI):
     AppStatus.disable_automatic_graceful_drain()
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
-    loaded = await asyncio.to_thread(store.load, settings.model, settings.model_store)
+    loaded = app.state.preloaded or await asyncio.to_thread(store.load, settings.model, settings.model_store)
+    app.state.preloaded = None
     engine_box: list[Engine] = []
     manager = SessionManager(InMemorySessionStore(), settings.max_sessions, settings.session_ttl_s,
                              on_evict=lambda reason: engine_box[0].notify("on_session_removed", reason))
@@ -126,12 +127,15 @@ def _drain_on_sigterm(engine: Engine, grace_s: float):
     return restore
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, loaded: store.LoadedModel | None = None) -> FastAPI:
+    """`loaded`: a model the caller has already loaded (and so validated), else the lifespan loads it."""
     app = FastAPI(title="charlstm", version=__version__, lifespan=lifespan,
                   description="Character-level LSTM text generation with continuous batching, streaming and sessions.")
     app.state.settings = settings
+    app.state.preloaded = loaded
     app.state.engine_hooks = []
     errors.install(app)
+    openapi.install(app)
     current = lambda: app.state.settings or Settings()  # noqa: E731 - read when a request comes, not at import
     app.add_middleware(BodyLimit, limit=lambda: current().max_body_bytes)
     app.add_middleware(APIKeyAuth, key=lambda: current().api_key, protect_metrics=lambda: current().protect_metrics)

@@ -3,27 +3,41 @@ depend on the settings are checked in the routes and shown in /info."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from ..sampling import MAX_SEED
 
 
+def _integral(value):
+    """JSON has one number type: 744.0 is an integer there, so accept it as one (and only it)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def Int(**bounds):  # noqa: N802 - reads as a type in annotations
+    """An integer with bounds; the bounds go inside, so the OpenAPI document shows them as minimum/maximum."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_integral)]
+StopString = Annotated[str, Field(min_length=1)]
+Seed = Int(ge=0, le=MAX_SEED)
+
+
 class _Strict(BaseModel):
+    """Unknown fields and wrong types are errors: "5" is not a number, true is not an integer."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class GenerateRequest(_Strict):
     prompt: str = Field("", description="text to continue; may be empty. Every character must be in the model's vocabulary")
-    max_new_tokens: int | None = Field(None, ge=0, le=1_000_000, description="characters to generate (a token is one character); default in /info")
+    max_new_tokens: Int(ge=0, le=1_000_000) | None = Field(None, description="characters to generate (a token is one character); default in /info")
     temperature: float = Field(1.0, ge=0.0, le=100.0, allow_inf_nan=False, description="0 means greedy")
-    top_k: int = Field(0, ge=0, le=1_000_000, description="keep the k most likely characters; 0 means off")
+    top_k: Int(ge=0, le=1_000_000) = Field(0, description="keep the k most likely characters; 0 means off")
     top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False, description="nucleus sampling; 1 means off")
     repetition_penalty: float = Field(1.0, gt=0.0, le=100.0, allow_inf_nan=False,
                                       description="divides the logits of characters already in the prompt or text; 1 means off")
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="same seed, same text; drawn at random when absent")
-    stop: list[str] = Field(default_factory=list, max_length=1024,
+    seed: Seed | None = Field(None, description="same seed, same text; drawn at random when absent")
+    stop: list[StopString] = Field(default_factory=list, max_length=1024,
                             description="generation ends at the first of these strings, which is not included in the text")
     stream: bool = Field(False, description="stream characters as Server-Sent Events")
     logprobs: bool = Field(False, description="return the natural log-probability of each generated character under the model")
@@ -46,8 +60,8 @@ class GenerateResponse(BaseModel):
 
 class SessionCreate(_Strict):
     prompt: str = Field("", description="text that primes the session's state")
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="seed of the session's random generator")
-    ttl_seconds: float | None = Field(None, gt=0, le=10_000_000, allow_inf_nan=False, description="idle time before expiry; default and bound in /info")
+    seed: Seed | None = Field(None, description="seed of the session's random generator")
+    ttl_seconds: Annotated[float, Field(ge=1, le=10_000_000, allow_inf_nan=False)] | None = Field(None, description="idle time before expiry; default and bound in /info")
 
 
 class SessionInfo(BaseModel):
@@ -72,3 +86,12 @@ class ErrorResponse(BaseModel):
 
 
 GenerateResponse.model_rebuild()
+
+# Server-Sent Events as the OpenAPI document describes them: each event is an object.
+SSE_EVENT = {"type": "object", "required": ["event", "data"],
+             "properties": {"event": {"type": "string", "enum": ["token", "done", "error"]},
+                            "data": {"type": "string", "description": "JSON: token {index, text[, logprobs]}; done {finish_reason, usage, seed, model}; error {error}"},
+                            "id": {"type": "string"}, "retry": {"type": "integer"}}}
+STREAM_RESPONSE = {200: {"description": "JSON, or with stream=true Server-Sent Events",
+                         "content": {"text/event-stream": {"schema": {"type": "array", "items": SSE_EVENT},
+                                                           "itemSchema": SSE_EVENT}}}}

@@ -7,16 +7,15 @@ from fastapi import APIRouter, Request
 from ..deps import EngineDep, JSONBody, ModelDep, SettingsDep
 from ..errors import APIError
 from ..generation import response_body, run_to_completion, stream_response, to_engine_request
-from ..schemas import ErrorResponse, GenerateRequest, GenerateResponse
+from ..schemas import STREAM_RESPONSE, ErrorResponse, GenerateRequest, GenerateResponse
 
 router = APIRouter(tags=["generation"])
 
 ERRORS = {s: {"model": ErrorResponse} for s in (400, 413, 415, 422, 429, 503)}
 
 
-@router.post("/generate", response_model=GenerateResponse, response_model_exclude_none=True, responses={**ERRORS, 200: {
-    "content": {"text/event-stream": {"schema": {"type": "string", "description": "with stream=true: token events, then done"}}}}},
-    dependencies=[JSONBody])
+@router.post("/generate", response_model=GenerateResponse, response_model_exclude_none=True,
+             responses={**ERRORS, **STREAM_RESPONSE}, dependencies=[JSONBody])
 async def generate(body: GenerateRequest, request: Request, engine: EngineDep, loaded: ModelDep, settings: SettingsDep):
     """Continue `prompt`. With `stream: true` the answer is Server-Sent Events: `token` events
     `{"index", "text"}`, then one `done` with `finish_reason`, `usage` and `seed`."""

@@ -8,7 +8,7 @@ from ...engine.types import EngineError
 from ..deps import EngineDep, JSONBody, ModelDep, SettingsDep
 from ..errors import APIError, from_engine
 from ..generation import encode_prompt, response_body, run_to_completion, stream_response, to_engine_request
-from ..schemas import ErrorResponse, GenerateRequest, GenerateResponse, SessionCreate, SessionInfo
+from ..schemas import STREAM_RESPONSE, ErrorResponse, GenerateRequest, GenerateResponse, SessionCreate, SessionInfo
 
 router = APIRouter(prefix="/sessions", tags=["sessions"])
 
@@ -31,7 +31,8 @@ async def create_session(request: Request, engine: EngineDep, loaded: ModelDep, 
     return done.session
 
 
-@router.post("/{session_id}/generate", response_model=GenerateResponse, response_model_exclude_none=True, responses=ERRORS, dependencies=[JSONBody])
+@router.post("/{session_id}/generate", response_model=GenerateResponse, response_model_exclude_none=True,
+             responses={**ERRORS, **STREAM_RESPONSE}, dependencies=[JSONBody])
 async def session_generate(session_id: str, body: GenerateRequest, request: Request, engine: EngineDep,
                            loaded: ModelDep, settings: SettingsDep):
     """Feed `prompt` after the session's state, generate, and keep the advanced state for the next call.

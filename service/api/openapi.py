@@ -1,0 +1,40 @@
+"""The OpenAPI document with the limits in force: bounds that come from the settings and the model's
+vocabulary are written into the schema, so a client (or a fuzzer) sees exactly what is accepted."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+
+def vocabulary_pattern(chars: str) -> str:
+    """An ECMA-262 regex matching strings made only of `chars`."""
+    return "^[" + "".join(c if c.isalnum() else f"\\u{ord(c):04x}" for c in chars) + "]*$"
+
+
+def install(app: FastAPI) -> None:
+    def openapi() -> dict:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        settings, loaded = app.state.settings, getattr(app.state, "loaded", None)
+        if settings is None or loaded is None:
+            return schema  # before start-up: the static bounds only, and not cached
+        comps = schema["components"]["schemas"]
+        pattern = vocabulary_pattern(loaded.vocab.chars)
+        for name in ("GenerateRequest", "SessionCreate"):
+            comps[name]["properties"]["prompt"].update(maxLength=settings.max_prompt_chars, pattern=pattern)
+        gen = comps["GenerateRequest"]["properties"]
+        for branch in gen["max_new_tokens"].get("anyOf", [gen["max_new_tokens"]]):
+            if branch.get("type") == "integer":
+                branch["maximum"] = settings.max_new_tokens
+        gen["stop"]["maxItems"] = settings.max_stop_strings
+        gen["stop"]["items"].update(maxLength=settings.max_stop_chars)
+        ttl = comps["SessionCreate"]["properties"]["ttl_seconds"]
+        for branch in ttl.get("anyOf", [ttl]):
+            if branch.get("type") == "number":
+                branch["maximum"] = settings.max_session_ttl_s
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi
