@@ -51,33 +51,47 @@ def sample_next(
     repetition_penalty: torch.Tensor,
     seen: torch.Tensor | None,
     u: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    want_logprobs: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Pick one character per row, each row with its own controls, without a Python loop over rows.
 
     logits (B, V) float; temperature, top_p, repetition_penalty (B,) float; top_k (B,) int64;
     seen (B, V) bool or None: characters already in each stream's text; u (B,) float64 uniforms.
-    Returns (ids (B,) int64, logprobs (B,) float): the log-probability of each chosen character under
-    the model's own distribution, before penalty, temperature and filters.
+    Returns (ids (B,) int64, logprobs (B,) float or None): the log-probability of each chosen
+    character under the model's own distribution, before penalty, temperature and filters.
+    A row picks the first character whose cumulative probability exceeds its uniform, in descending
+    order of probability when a filter is on and in vocabulary order otherwise.
     """
     B, V = logits.shape
-    raw_logprobs = torch.log_softmax(logits, dim=-1)  # (B, V)
+    raw = logits
     if seen is not None:
         pen = repetition_penalty.unsqueeze(1)  # (B, 1)
-        penalised = torch.where(logits > 0, logits / pen, logits * pen)
-        logits = torch.where(seen, penalised, logits)
+        logits = torch.where(seen, torch.where(logits > 0, logits / pen, logits * pen), logits)
     greedy = temperature <= 0  # (B,)
     scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature).unsqueeze(1)  # (B, V)
-    sorted_logits, order = torch.sort(scaled, dim=-1, descending=True, stable=True)  # (B, V) each
-    ranks = torch.arange(V, device=logits.device).unsqueeze(0)  # (1, V)
-    k = torch.where(top_k > 0, top_k.clamp(max=V), torch.full_like(top_k, V)).unsqueeze(1)  # (B, 1)
-    sorted_logits = sorted_logits.masked_fill(ranks >= k, float("-inf"))
-    probs = torch.softmax(sorted_logits, dim=-1)  # (B, V), descending
-    before = torch.cumsum(probs, dim=-1) - probs  # mass strictly above each rank
-    keep = (before < top_p.unsqueeze(1)) | (ranks == 0)  # nucleus; the top character always stays
-    probs = probs * keep
+    filtered = (top_k > 0) | (top_p < 1.0)  # (B,) rows with a top-k or nucleus filter
+    if bool(filtered.any()):
+        # Filtered rows work in descending order of probability; the others keep vocabulary order, so
+        # a row draws the same character whatever the other rows of the batch ask for.
+        ranks = torch.arange(V, device=logits.device).unsqueeze(0)  # (1, V)
+        order = torch.where(filtered.unsqueeze(1), torch.sort(scaled, dim=-1, descending=True, stable=True).indices,
+                            ranks)  # (B, V)
+        ordered = scaled.gather(1, order)  # (B, V)
+        k = torch.where(top_k > 0, top_k.clamp(max=V), torch.full_like(top_k, V)).unsqueeze(1)  # (B, 1)
+        probs = torch.softmax(ordered.masked_fill(ranks >= k, float("-inf")), dim=-1)  # (B, V)
+        before = torch.cumsum(probs, dim=-1) - probs  # mass strictly above each rank
+        keep = (before < top_p.unsqueeze(1)) | (ranks == 0) | ~filtered.unsqueeze(1)  # the top character stays
+        probs = probs * keep
+    else:
+        order = None
+        probs = torch.softmax(scaled, dim=-1)  # (B, V), vocabulary order
     cdf = torch.cumsum(probs.double(), dim=-1)  # (B, V)
     target = (u.to(cdf.dtype) * cdf[:, -1]).unsqueeze(1)  # (B, 1)
-    pick = torch.searchsorted(cdf, target, right=True).clamp(max=V - 1)  # (B, 1) rank in sorted order
-    pick = torch.where(greedy.unsqueeze(1), torch.zeros_like(pick), pick)
-    ids = order.gather(1, pick).squeeze(1)  # (B,)
-    return ids, raw_logprobs.gather(1, ids.unsqueeze(1)).squeeze(1)
+    pick = torch.searchsorted(cdf, target, right=True).clamp_(max=V - 1).squeeze(1)  # (B,)
+    if order is not None:
+        pick = order.gather(1, pick.unsqueeze(1)).squeeze(1)
+    if bool(greedy.any()):
+        pick = torch.where(greedy, logits.argmax(dim=-1), pick)
+    if not want_logprobs:
+        return pick, None
+    return pick, torch.log_softmax(raw, dim=-1).gather(1, pick.unsqueeze(1)).squeeze(1)

@@ -62,3 +62,16 @@ def test_repetition_penalty_lowers_seen_characters():
     ids, lp = sample_next(logits, *controls(1, 0.0, penalty=2.0), seen, u)
     assert ids.item() == 1
     torch.testing.assert_close(lp, torch.log_softmax(logits, -1)[:, 1])  # log-prob under the model itself
+
+
+def test_a_row_draws_the_same_whatever_the_other_rows_ask_for():
+    torch.manual_seed(2)
+    logits = torch.randn(6, 40)
+    u = torch.from_numpy(uniforms(np.arange(6), np.zeros(6)))
+    plain, _ = sample_next(logits, *controls(6), None, u)
+    mixed = controls(6)
+    mixed[1][3] = 5  # one other row asks for top-k ...
+    mixed[2][4] = 0.5  # ... and another for a nucleus
+    with_filters, _ = sample_next(logits, *mixed, None, u)
+    keep = [0, 1, 2, 5]
+    assert with_filters[keep].tolist() == plain[keep].tolist()

@@ -305,13 +305,16 @@ class Engine:
         rows = self._rows
         logits = self.runner.logits(self._state)  # (B, V)
         u = torch.from_numpy(uniforms(self._seeds, self._counters))  # (B,)
+        want_logprobs = any(s.request.logprobs for s in rows)
         ids, lps = sample_next(logits, self._temperature, self._top_k, self._top_p, self._penalty,
-                               self._seen if self._penalised else None, u)  # (B,), (B,)
+                               self._seen if self._penalised else None, u, want_logprobs)  # (B,), (B,) or None
         self._counters += np.uint64(1)
-        self._seen[torch.arange(len(rows)), ids] = True
+        if self._penalised:  # only rows with a penalty read their mask, and they are all in the batch now
+            self._seen[torch.arange(len(rows)), ids] = True
         self._state = self.runner.step(ids, self._state)  # every row consumes its character
         now = time.perf_counter()
-        ids_list, lps_list = ids.tolist(), lps.tolist()
+        ids_list = ids.tolist()
+        lps_list = lps.tolist() if lps is not None else [0.0] * len(rows)
         gaps = []
         chars = self._chars
         for stream, i, lp in zip(rows, ids_list, lps_list):

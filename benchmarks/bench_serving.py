@@ -1,0 +1,102 @@
+"""Serving throughput and latency against the model's own limit, measured side by side in one run.
+
+    python -m benchmarks.bench_serving [--model shakespeare] [--seconds 15] [--threads 2]
+
+1. Engine efficiency: a bare torch loop (fused step + sampling, no HTTP, no engine) for B streams,
+   against the real service over HTTP with B concurrent streaming clients (load generator in its own process).
+2. Batching pays: 64 clients against 1 client, and against a naive one-request-at-a-time server.
+3. Latency under load at the default max batch and queue: TTFT and inter-token latency p50/p99,
+   and the share of 429s past saturation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from service import store
+from service.engine.runner import Runner
+
+from .common import Proc, charlstm_server, loadgen, table
+
+
+@torch.inference_mode()
+def raw_limit(runner: Runner, batch: int, seconds: float, temperature: float = 1.0) -> float:
+    """Characters per second of the fastest plain loop: fused step, softmax, multinomial. No engine."""
+    state = runner.zero_state(batch)  # (2, L, B, H)
+    ids = torch.zeros(batch, dtype=torch.long)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):  # warm-up
+        state = runner.step(ids, state)
+    steps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(50):
+            logits = runner.logits(state)  # (B, V)
+            ids = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=gen).squeeze(1)  # (B,)
+            state = runner.step(ids, state)
+        steps += 50
+    return batch * steps / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=store.DEFAULT_MODEL)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seconds", type=float, default=15.0, help="measured seconds per load point")
+    ap.add_argument("--batches", default="1,8,32,64,128")
+    ap.add_argument("--latency-clients", default="1,16,64,128")
+    ap.add_argument("--overload-clients", type=int, default=400)
+    ap.add_argument("--skip-naive", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    batches = [int(b) for b in args.batches.split(",")]
+    loaded = store.load(args.model)
+    print(f"model {loaded.name}@{loaded.version}: {loaded.model.num_parameters():,} parameters, "
+          f"{torch.get_num_threads()} threads\n")
+
+    runner = Runner(loaded.model)
+    limit = {b: raw_limit(runner, b, min(args.seconds, 5.0)) for b in batches}
+
+    srv = charlstm_server(args.threads, model=args.model, max_batch_size=max(batches), max_queue=256)
+    try:
+        served = {b: loadgen(srv.url, b, args.seconds) for b in batches}
+    finally:
+        srv.stop()
+    rows = [[b, limit[b], served[b]["chars_per_s"], served[b]["chars_per_s"] / limit[b]] for b in batches]
+    print("1. Engine efficiency (generated characters per second)")
+    print(table(["B", "raw loop", "service over HTTP", "service / raw"], rows))
+
+    print("\n2. Batching pays")
+    one, many = served.get(1), served.get(64)
+    naive = {}
+    if not args.skip_naive:
+        nv = Proc(["-m", "benchmarks.naive_server", "--port", "{port}", "--model", args.model, "--threads", str(args.threads)],
+                  env={"OMP_NUM_THREADS": str(args.threads)})
+        try:
+            naive = {b: loadgen(nv.url, b, args.seconds) for b in (1, 64)}
+        finally:
+            nv.stop()
+    rows = [["service", one["chars_per_s"], many["chars_per_s"], many["chars_per_s"] / one["chars_per_s"]]]
+    if naive:
+        rows.append(["naive (one request at a time)", naive[1]["chars_per_s"], naive[64]["chars_per_s"],
+                     naive[64]["chars_per_s"] / naive[1]["chars_per_s"]])
+    print(table(["server", "1 client", "64 clients", "64 / 1"], rows))
+    if naive:
+        print(f"service / naive at 64 clients: {many['chars_per_s'] / naive[64]['chars_per_s']:.1f}x")
+
+    print("\n3. Latency under load (default max batch 64, queue 256)")
+    srv = charlstm_server(args.threads, model=args.model)
+    try:
+        lat = {c: loadgen(srv.url, c, args.seconds) for c in [int(c) for c in args.latency_clients.split(",")]}
+        over = loadgen(srv.url, args.overload_clients, args.seconds)
+    finally:
+        srv.stop()
+    rows = [[c, r["chars_per_s"], r["ttft_p50"] * 1e3, r["ttft_p99"] * 1e3, r["itl_p50"] * 1e3, r["itl_p99"] * 1e3,
+             f"{r['share_429']:.1%}"] for c, r in [*lat.items(), (args.overload_clients, over)]]
+    print(table(["clients", "chars/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms", "429 share"], rows))
+
+
+if __name__ == "__main__":
+    main()
