@@ -209,6 +209,10 @@ class Engine:
 
     # ------------------------------------------------------------------ the loop
     def _run(self) -> None:
+        with torch.inference_mode():
+            self._loop()
+
+    def _loop(self) -> None:
         while True:
             with self._cv:
                 while not (self._incoming or self._cancelled or self._rows or self._prefilling or self._waiting or self._stop):

@@ -22,7 +22,7 @@ class Runner:
         cfg = model.config
         self.num_layers, self.hidden, self.vocab_size = cfg.num_layers, cfg.hidden_size, cfg.vocab_size
         lstm = model.lstm
-        with torch.no_grad():
+        with torch.inference_mode():
             w_ih0, w_hh0 = lstm.weight_ih_l0, lstm.weight_hh_l0  # (4H, E), (4H, H)
             bias0 = lstm.bias_ih_l0 + lstm.bias_hh_l0  # (4H,)
             self.table0 = (model.embed.weight @ w_ih0.T + bias0).contiguous()  # (V, 4H): embedding folded in
@@ -40,7 +40,6 @@ class Runner:
         shape = (2, self.num_layers, self.hidden) if batch is None else (2, self.num_layers, batch, self.hidden)
         return torch.zeros(shape)
 
-    @torch.inference_mode()
     def logits(self, state: torch.Tensor) -> torch.Tensor:
         """Next-character logits from a batched state (2, L, B, H) -> (B, V): the head over the top h."""
         return torch.addmm(self.b_head, state[0, -1], self.w_head)
@@ -53,9 +52,11 @@ class Runner:
         _, (h, c) = self.model.lstm(x, (h0, c0))  # (L, 1, H) each
         return torch.stack([h[:, 0], c[:, 0]])  # (2, L, H)
 
-    @torch.inference_mode()
     def step(self, ids: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-        """Advance every row by one character. ids (B,) int64; state (2, L, B, H) -> new state (2, L, B, H)."""
+        """Advance every row by one character. ids (B,) int64; state (2, L, B, H) -> new state (2, L, B, H).
+
+        No autograd bookkeeping: the fused weights were built without gradients (and the engine's
+        thread runs under inference mode, which a per-call decorator would re-enter every step)."""
         h_all, c_all = state[0], state[1]  # (L, B, H)
         new_h, new_c = [], []
         gates = torch.addmm(self.table0[ids], h_all[0], self.w_hh0)  # (B, 4H)
