@@ -35,6 +35,8 @@ class Metrics:
         self.disconnects = Counter("charlstm_client_disconnects", "Streams cancelled because the client went away", registry=r)
         self.rejected = Counter("charlstm_rejected_requests", "Requests refused before queueing, by reason", ["reason"], registry=r)
         self.batch_size = Histogram("charlstm_batch_size", "Rows stepped together per engine step", buckets=BATCH, registry=r)
+        self.prefill_duration = Histogram("charlstm_prefill_slice_duration_seconds", "Prompt ingestion between two steps",
+                                          buckets=LATENCY, registry=r)
         self.step_duration = Histogram("charlstm_engine_step_duration_seconds", "One batched engine step", buckets=FAST, registry=r)
         self.session_removals = Counter("charlstm_session_removals", "Sessions evicted at the cap or expired", ["reason"], registry=r)
         self.running = Gauge("charlstm_running_streams", "Streams in the batch or ingesting their prompt", registry=r)
@@ -59,6 +61,9 @@ class EngineObserver:
     def on_step(self, batch_size: int, seconds: float) -> None:
         self.m.batch_size.observe(batch_size)
         self.m.step_duration.observe(seconds)
+
+    def on_prefill(self, chars: int, seconds: float) -> None:
+        self.m.prefill_duration.observe(seconds)
 
     def on_queue_time(self, seconds: float) -> None:
         self.m.queue_time.observe(seconds)

@@ -12,22 +12,22 @@ from ..store import LoadedModel
 from .errors import APIError
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_engine(request: Request) -> Engine:
+async def get_engine(request: Request) -> Engine:
     engine = getattr(request.app.state, "engine", None)
     if engine is None or not engine.snapshot().ready:
         raise APIError(503, "not_ready", "the model is not loaded or the server is shutting down", None, {"Retry-After": "1"})
     return engine
 
 
-def get_model(request: Request) -> LoadedModel:
+async def get_model(request: Request) -> LoadedModel:
     return request.app.state.loaded
 
 
-def require_json(request: Request) -> None:
+async def require_json(request: Request) -> None:
     """Bodies are JSON: anything else gets 415 rather than a confusing validation error."""
     if request.headers.get("content-length", "0") == "0" and "transfer-encoding" not in request.headers:
         return

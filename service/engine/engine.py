@@ -43,6 +43,7 @@ class EngineStats(Protocol):
     """The numbers the engine reports. The metrics module implements this; the engine never sees Prometheus."""
 
     def on_step(self, batch_size: int, seconds: float) -> None: ...
+    def on_prefill(self, chars: int, seconds: float) -> None: ...
     def on_queue_time(self, seconds: float) -> None: ...
     def on_first_token(self, seconds: float) -> None: ...
     def on_inter_token(self, gaps: list[float]) -> None: ...
@@ -259,6 +260,7 @@ class Engine:
     def _prefill_slice(self) -> None:
         """Ingest prompts, at most `prefill_chunk` characters per loop, so running rows keep stepping."""
         budget = self.config.prefill_chunk
+        t0, ingested = time.perf_counter(), 0
         while self._prefilling and budget > 0:
             stream = self._prefilling[0]
             if stream.finished:
@@ -268,6 +270,7 @@ class Engine:
             if n > 0:
                 stream.state = self.runner.prefill(stream.feed[stream.fed : stream.fed + n], stream.state)
                 stream.fed += n
+                ingested += n
                 budget -= max(n, 32)  # a call has a fixed cost too
             if stream.fed == len(stream.feed):
                 self._prefilling.popleft()
@@ -275,6 +278,8 @@ class Engine:
                     self._finish(stream, "length", stream.state)
                 else:
                     self._join(stream)
+        if ingested:
+            self.notify("on_prefill", ingested, time.perf_counter() - t0)
 
     def _reset_batch(self) -> None:
         V = len(self.vocab)
