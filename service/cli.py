@@ -7,7 +7,6 @@ import dataclasses
 import json
 import shlex
 import sys
-from pathlib import Path
 
 from . import store
 

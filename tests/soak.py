@@ -28,6 +28,15 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def refused(r: httpx.Response, tally: Counter) -> bool:
+    """Count the status; True for a 429, which must say when to come back."""
+    tally[f"status_{r.status_code}"] += 1
+    if r.status_code == 429:
+        assert r.headers.get("retry-after"), "429 without Retry-After"
+        return True
+    return False
+
+
 async def worker(url: str, deadline: float, rng: random.Random, tally: Counter, sessions: list[str]) -> None:
     async with httpx.AsyncClient(timeout=60) as http:
         while time.monotonic() < deadline:
@@ -37,9 +46,7 @@ async def worker(url: str, deadline: float, rng: random.Random, tally: Counter, 
             path = "/generate"
             if kind.startswith("session"):
                 r = await http.post(url + "/sessions", json={"prompt": "the "})
-                tally[f"status_{r.status_code}"] += 1
-                if r.status_code == 429:
-                    assert r.headers.get("retry-after"), "429 without Retry-After"
+                if refused(r, tally):
                     continue
                 assert r.status_code == 201, r.text
                 tally["accepted"] += 1
@@ -50,9 +57,7 @@ async def worker(url: str, deadline: float, rng: random.Random, tally: Counter, 
                 body.pop("prompt")
             if kind == "plain" or kind == "session":
                 r = await http.post(url + path, json=body)
-                tally[f"status_{r.status_code}"] += 1
-                if r.status_code == 429:
-                    assert r.headers.get("retry-after"), "429 without Retry-After"
+                if refused(r, tally):
                     continue
                 assert r.status_code == 200, r.text
                 tally["accepted"] += 1
@@ -60,9 +65,7 @@ async def worker(url: str, deadline: float, rng: random.Random, tally: Counter, 
                 continue
             drop_after = rng.randint(1, 8) if kind.endswith("drop") else None
             async with http.stream("POST", url + path, json={**body, "stream": True}) as r:
-                tally[f"status_{r.status_code}"] += 1
-                if r.status_code == 429:
-                    assert r.headers.get("retry-after"), "429 without Retry-After"
+                if refused(r, tally):
                     await r.aread()
                     continue
                 assert r.status_code == 200

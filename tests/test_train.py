@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from service import store
 from service.evaluate import read_chunks, score_chunks, score_text
 from service.generate import generate_text
-from service.train import Trainer, lr_at, run_training
+from service.train import lr_at, run_training
 
 from .conftest import tiny_config
 

@@ -79,6 +79,16 @@ async def _until_done(channel: Channel) -> Done:
                 return event
 
 
+async def respond(engine: Engine, gen: GenerationRequest, stream: bool, model: str, request: Request):
+    """The answer to a generate call: an SSE stream, or the whole text once it is done."""
+    if stream:
+        return stream_response(engine, gen, model)
+    done = await run_to_completion(engine, lambda ch: engine.submit(gen, ch), request)
+    if done is None:
+        raise APIError(499, "client_closed", "the client closed the connection")
+    return response_body(done, model)
+
+
 def stream_response(engine: Engine, gen: GenerationRequest, model: str) -> EventSourceResponse:
     """SSE: `token` events (characters coalesced when the client reads slower than the engine writes),
     then `done`; an error after the stream began arrives as an `error` event. The stream always ends."""

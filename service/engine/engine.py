@@ -142,27 +142,25 @@ class Engine:
 
     def submit(self, request: GenerationRequest, listener: Any) -> _Stream:
         """Queue a request. Raises Overloaded, ShuttingDown, SessionNotFound or SessionBusy at once."""
-        self._check_capacity()
-        session = self.sessions.acquire(request.session_id) if request.session_id else None
+        self._reserve()
         try:
-            return self._enqueue(request, listener, session)
+            session = self.sessions.acquire(request.session_id) if request.session_id else None
         except BaseException:
-            if session is not None:
-                self.sessions.release(session)
+            self._unreserve()
             raise
+        return self._enqueue(request, listener, session)
 
     def create_session(self, prompt_ids: list[int], seed: int | None, ttl_s: float | None, listener: Any) -> _Stream:
         """A new session primed with `prompt_ids`; its Done event carries the session's metadata."""
-        self._check_capacity()
+        self._reserve()
         seed = secrets.randbelow(MAX_SEED) if seed is None else seed
-        session = self.sessions.create(self.runner.zero_state(), seed, ttl_s)
-        request = GenerationRequest(prompt_ids=prompt_ids, max_new_tokens=0, seed=seed, session_id=session.id)
         try:
-            return self._enqueue(request, listener, session)
+            session = self.sessions.create(self.runner.zero_state(), seed, ttl_s)
         except BaseException:
-            self.sessions.release(session)
-            self.sessions.delete(session.id)
+            self._unreserve()
             raise
+        request = GenerationRequest(prompt_ids=prompt_ids, max_new_tokens=0, seed=seed, session_id=session.id)
+        return self._enqueue(request, listener, session)
 
     def cancel(self, stream: _Stream) -> None:
         """The client went away: free the stream's row at the next step."""
@@ -175,13 +173,20 @@ class Engine:
         self.observers.append(observer)
 
     # ------------------------------------------------------------------ admission
-    def _check_capacity(self) -> None:
+    def _reserve(self) -> None:
+        """Take a place in the batch or the queue, or refuse at once."""
         with self._cv:
             if self._draining or self._stop:
                 raise ShuttingDown("the server is shutting down and admits no new work")
             if self._admitted >= self.config.max_batch_size + self.config.max_queue:
                 self.notify("on_rejected", "overloaded")
                 raise Overloaded(f"all {self.config.max_batch_size} rows are busy and {self.config.max_queue} requests are waiting")
+            self._admitted += 1
+
+    def _unreserve(self) -> None:
+        with self._cv:
+            self._admitted -= 1
+            self._cv.notify_all()
 
     def _enqueue(self, request: GenerationRequest, listener: Any, session: Session | None) -> _Stream:
         feed = list(request.prompt_ids)
@@ -197,13 +202,7 @@ class Engine:
             feed = [self._start_id]
         matcher = StopMatcher(request.stop) if request.stop else None
         stream = _Stream(request, listener, seed, counter, session, state, feed, time.perf_counter(), matcher)
-        with self._cv:
-            if self._draining or self._stop:
-                raise ShuttingDown("the server is shutting down and admits no new work")
-            if self._admitted >= self.config.max_batch_size + self.config.max_queue:
-                self.notify("on_rejected", "overloaded")
-                raise Overloaded(f"all {self.config.max_batch_size} rows are busy and {self.config.max_queue} requests are waiting")
-            self._admitted += 1
+        with self._cv:  # the place was reserved: a stream that gets here always runs (or ends at shutdown)
             self._incoming.append(stream)
             self._cv.notify_all()
         return stream

@@ -5,8 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from ..deps import EngineDep, JSONBody, ModelDep, SettingsDep
-from ..errors import APIError
-from ..generation import response_body, run_to_completion, stream_response, to_engine_request
+from ..generation import respond, to_engine_request
 from ..schemas import STREAM_RESPONSE, ErrorResponse, GenerateRequest, GenerateResponse
 
 router = APIRouter(tags=["generation"])
@@ -20,10 +19,4 @@ async def generate(body: GenerateRequest, request: Request, engine: EngineDep, l
     """Continue `prompt`. With `stream: true` the answer is Server-Sent Events: `token` events
     `{"index", "text"}`, then one `done` with `finish_reason`, `usage` and `seed`."""
     gen = to_engine_request(body, loaded, settings)
-    model = f"{loaded.name}@{loaded.version}"
-    if body.stream:
-        return stream_response(engine, gen, model)
-    done = await run_to_completion(engine, lambda ch: engine.submit(gen, ch), request)
-    if done is None:
-        raise APIError(499, "client_closed", "the client closed the connection")
-    return response_body(done, model)
+    return await respond(engine, gen, body.stream, f"{loaded.name}@{loaded.version}", request)

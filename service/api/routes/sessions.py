@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request, Response
 from ...engine.types import EngineError
 from ..deps import EngineDep, JSONBody, ModelDep, SettingsDep
 from ..errors import APIError, from_engine
-from ..generation import encode_prompt, response_body, run_to_completion, stream_response, to_engine_request
+from ..generation import encode_prompt, respond, run_to_completion, to_engine_request
 from ..schemas import STREAM_RESPONSE, ErrorResponse, GenerateRequest, GenerateResponse, SessionCreate, SessionInfo
 
 router = APIRouter(prefix="/sessions", tags=["sessions"])
@@ -38,13 +38,7 @@ async def session_generate(session_id: str, body: GenerateRequest, request: Requ
     """Feed `prompt` after the session's state, generate, and keep the advanced state for the next call.
     A second call while one is running gets 409 `session_busy`."""
     gen = to_engine_request(body, loaded, settings, session_id=session_id)
-    model = f"{loaded.name}@{loaded.version}"
-    if body.stream:
-        return stream_response(engine, gen, model)
-    done = await run_to_completion(engine, lambda ch: engine.submit(gen, ch), request)
-    if done is None:
-        raise APIError(499, "client_closed", "the client closed the connection")
-    return response_body(done, model)
+    return await respond(engine, gen, body.stream, f"{loaded.name}@{loaded.version}", request)
 
 
 @router.get("/{session_id}", response_model=SessionInfo, responses={404: {"model": ErrorResponse}})
