@@ -27,7 +27,6 @@ class BodyLimit:
                 if declared > limit:
                     return await _too_large(send, limit)
         seen = 0
-        started = False
 
         async def limited_receive() -> Message:
             nonlocal seen
@@ -38,17 +37,10 @@ class BodyLimit:
                     raise _TooLarge()
             return message
 
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
         try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _TooLarge:
-            if not started:
-                await _too_large(send, limit)
+            await self.app(scope, limited_receive, send)
+        except _TooLarge:  # raised while the body is read, which is always before a response starts
+            await _too_large(send, limit)
 
 
 class _TooLarge(Exception):
