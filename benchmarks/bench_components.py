@@ -115,9 +115,9 @@ def bench_training(text: Path, threads: int, steps: int) -> None:
             cmd += [flag] if v is True else [flag, str(v)]
         subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=3600)
         run = json.loads((Path(tmp) / "run" / "checkpoint.json").read_text())["run"]
-        # The trainer's own clock covers its steps (data, forward, backward, clip, optimizer) and its
-        # one evaluation; take the steps alone from its history for a like-for-like figure.
-        cli_cps = run["chars_seen"] / run["wall_time_s"]
+        # The trainer's history row times its steps (data, forward, backward, clip, optimizer, progress
+        # bar) up to the evaluation, which is left out for a like-for-like figure.
+        cli_cps = run["history"][-1]["chars_per_s"]
     torch.set_num_threads(threads)
     from service.model import CharLSTMConfig
 

@@ -43,7 +43,8 @@ def raw_limit(runner: Runner, batch: int, seconds: float, temperature: float = 1
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=store.DEFAULT_MODEL)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of the raw loop (the limit)")
+    ap.add_argument("--service-threads", type=int, default=1, help="torch threads of the service (its default)")
     ap.add_argument("--seconds", type=float, default=15.0, help="measured seconds per load point")
     ap.add_argument("--batches", default="1,8,32,64,128")
     ap.add_argument("--latency-clients", default="1,16,64,128")
@@ -53,13 +54,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",")]
     loaded = store.load(args.model)
-    print(f"model {loaded.name}@{loaded.version}: {loaded.model.num_parameters():,} parameters, "
-          f"{torch.get_num_threads()} threads\n")
+    print(f"model {loaded.name}@{loaded.version}: {loaded.model.num_parameters():,} parameters; raw loop "
+          f"{torch.get_num_threads()} threads, service {args.service_threads}, naive {args.threads}\n")
 
     runner = Runner(loaded.model)
     limit = {b: raw_limit(runner, b, min(args.seconds, 5.0)) for b in batches}
 
-    srv = charlstm_server(args.threads, model=args.model, max_batch_size=max(batches), max_queue=256)
+    srv = charlstm_server(args.service_threads, model=args.model, max_batch_size=max(batches), max_queue=256)
     try:
         served = {b: loadgen(srv.url, b, args.seconds) for b in batches}
     finally:
@@ -87,7 +88,7 @@ def main() -> None:
         print(f"service / naive at 64 clients: {many['chars_per_s'] / naive[64]['chars_per_s']:.1f}x")
 
     print("\n3. Latency under load (default max batch 64, queue 256)")
-    srv = charlstm_server(args.threads, model=args.model)
+    srv = charlstm_server(args.service_threads, model=args.model)
     try:
         lat = {c: loadgen(srv.url, c, args.seconds) for c in [int(c) for c in args.latency_clients.split(",")]}
         over = loadgen(srv.url, args.overload_clients, args.seconds)

@@ -21,10 +21,12 @@ class Settings(BaseSettings):
     max_stop_strings: int = Field(16, ge=0, le=1024)
     max_stop_chars: int = Field(64, ge=1, le=4096, description="longest stop string")
     prefill_chunk: int = Field(512, ge=1, description="prompt characters ingested between two decode steps")
+    stream_interval_ms: float = Field(20.0, ge=0, le=1000, description="characters generated within this window go out as one SSE event; 0: one event per step")
     session_ttl_s: float = Field(600.0, gt=0, description="idle time after which a session expires")
     max_session_ttl_s: float = Field(86_400.0, gt=0)
     max_sessions: int = Field(10_000, ge=1)
-    torch_threads: int = Field(0, ge=0, description="0: torch's default")
+    torch_threads: int = Field(1, ge=0, description="torch threads of the engine; 0: torch's default. On two cores one thread serves best: "
+                               "the event loop needs the other core, and a second OpenMP thread slows a non-main thread's small steps")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="request bodies above this get 413")
     shutdown_grace_s: float = Field(10.0, ge=0, description="time running streams get to finish on SIGTERM")
     api_key: str | None = Field(None, description="when set, every route but /health and /ready needs Authorization: Bearer <key>")

@@ -215,6 +215,7 @@ def save(model: CharLSTM, vocab: CharVocab, card: dict, name: str, root: str | P
     try:
         tensors = weights_of(model)
         save_file(tensors, str(tmp / WEIGHTS_FILE))
+        os.chmod(tmp / WEIGHTS_FILE, 0o644)  # a model is read by the serving user, whoever wrote it
         existing = list_versions(name, base)
         version = f"v{int(existing[-1][1:]) + 1 if existing else 1}"
         full_card = {

@@ -82,24 +82,30 @@ async def _until_done(channel: Channel) -> Done:
 async def respond(engine: Engine, gen: GenerationRequest, stream: bool, model: str, request: Request):
     """The answer to a generate call: an SSE stream, or the whole text once it is done."""
     if stream:
-        return stream_response(engine, gen, model)
+        return stream_response(engine, gen, model, request.app.state.settings.stream_interval_ms / 1000)
     done = await run_to_completion(engine, lambda ch: engine.submit(gen, ch), request)
     if done is None:
         raise APIError(499, "client_closed", "the client closed the connection")
     return response_body(done, model)
 
 
-def stream_response(engine: Engine, gen: GenerationRequest, model: str) -> EventSourceResponse:
-    """SSE: `token` events (characters coalesced when the client reads slower than the engine writes),
-    then `done`; an error after the stream began arrives as an `error` event. The stream always ends."""
+def stream_response(engine: Engine, gen: GenerationRequest, model: str, interval_s: float) -> EventSourceResponse:
+    """SSE: `token` events, then `done`; an error after the stream began arrives as an `error` event.
+    The stream always ends. The first characters go out at once; after that, characters generated
+    within `interval_s` share one event, which keeps the cost per character low when many streams run."""
     channel = Channel()
     stream = engine.submit(gen, channel)  # refusals raise here, before any byte is sent
+    loop = asyncio.get_running_loop()
 
     async def events():
-        finished = False
+        finished, next_send = False, 0.0
         try:
             while not finished:
+                wait = next_send - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)  # let characters gather into one event
                 batch = await channel.drain()
+                next_send = loop.time() + interval_s
                 tokens = [e for e in batch if isinstance(e, Token)]
                 if tokens:
                     data = {"index": tokens[0].index, "text": "".join(t.text for t in tokens)}

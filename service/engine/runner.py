@@ -12,6 +12,8 @@ import torch
 
 from ..model import CharLSTM
 
+SHORT_PROMPT = 8  # characters; up to this, stepping beats one nn.LSTM call (measured on 2 x 512)
+
 # A stream's recurrent state in the engine: (2, L, H) = (h, c) x layers x hidden, or batched (2, L, B, H).
 
 
@@ -46,7 +48,13 @@ class Runner:
 
     @torch.inference_mode()
     def prefill(self, ids: list[int], state: torch.Tensor) -> torch.Tensor:
-        """Feed a whole prompt in one LSTM call. ids: T ints; state (2, L, H) -> state (2, L, H)."""
+        """Feed a whole prompt in one LSTM call. ids: T ints; state (2, L, H) -> state (2, L, H).
+        A prompt of a few characters goes through the fused step instead, which costs less per call."""
+        if len(ids) <= SHORT_PROMPT:
+            s = state.unsqueeze(2)  # (2, L, 1, H)
+            for i in ids:
+                s = self.step(torch.tensor([i]), s)
+            return s[:, :, 0]
         x = self.model.embed(torch.tensor(ids, dtype=torch.long).unsqueeze(0))  # (1, T, E)
         h0, c0 = state[0].unsqueeze(1).contiguous(), state[1].unsqueeze(1).contiguous()  # (L, 1, H)
         _, (h, c) = self.model.lstm(x, (h0, c0))  # (L, 1, H) each
