@@ -20,7 +20,7 @@ COPY service/ service/
 RUN /opt/venv/bin/pip install --find-links /wheels -c constraints.txt . \
  && find /opt/venv -name '__pycache__' -prune -exec rm -rf {} + \
  && rm -rf /opt/venv/lib/python3*/site-packages/torch/include /opt/venv/lib/python3*/site-packages/torch/share/cmake \
-          /opt/venv/lib/python3*/site-packages/torch/test /opt/venv/lib/python3*/site-packages/torch/bin
+          /opt/venv/lib/python3*/site-packages/torch/test
 
 FROM ${BASE_IMAGE}
 RUN (getent passwd charlstm >/dev/null || useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin charlstm) \

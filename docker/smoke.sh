@@ -11,7 +11,8 @@ PROM_IMAGE=charlstm-prometheus:smoke
 NAME=charlstm-smoke-$$
 PORT=${SMOKE_PORT:-18080}
 COMPOSE=(docker-compose -p charlstm-smoke -f docker/compose.yaml)
-log() { printf '[smoke] %s\n' "$*" >&2; }
+exec 3>&2  # the log, also from inside checks whose own output is silenced
+log() { printf '[smoke] %s\n' "$*" >&3; }
 
 need=()
 command -v promtool >/dev/null || need+=(prometheus)
@@ -49,7 +50,12 @@ wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
     sleep 1
   done
 }
-healthy() { [ "$(docker inspect -f '{{.State.Health.Status}}' "$NAME")" = healthy ]; }
+healthy() {
+  local state
+  state=$(docker inspect -f '{{.State.Status}} {{.State.Health.Status}}' "$NAME")
+  if [[ $state == exited* ]]; then log "the container exited"; docker logs "$NAME" 2>&1 | tail -20 >&3; exit 1; fi
+  [[ $state == "running healthy" ]]
+}
 
 check_text() {  # Shakespeare-like: mostly letters and spaces, and common English words
   python3 - "$1" <<'PY'
