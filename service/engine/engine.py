@@ -325,7 +325,7 @@ class Engine:
         lps_list = lps.tolist() if lps is not None else [0.0] * len(rows)
         gaps = []
         chars = self._chars
-        for stream, i, lp in zip(rows, ids_list, lps_list):
+        for row, (stream, char_id, lp) in enumerate(zip(rows, ids_list, lps_list)):
             if stream.finished:
                 continue
             if stream.t_last:
@@ -333,16 +333,16 @@ class Engine:
             else:
                 self.notify("on_first_token", now - stream.t_submit)
             stream.t_last = now
-            stream.chars.append(chars[i])
+            stream.chars.append(chars[char_id])
             stream.lps.append(lp)
             stream.counter += 1
-            self._advance(stream)
+            self._advance(stream, row)
         self._steps += 1
         self.notify("on_step", len(rows), now - t0)
         if gaps:
             self.notify("on_inter_token", gaps)
 
-    def _advance(self, stream: _Stream) -> None:
+    def _advance(self, stream: _Stream, row: int) -> None:
         """Release what is safe to show, and end the stream on a stop string or at its length."""
         total = len(stream.chars)
         cut, reason = total, None
@@ -357,17 +357,13 @@ class Engine:
         if cut > stream.released:
             self._emit_token(stream, cut)
         if reason is not None:
-            i = self._row_index(stream)
-            self._finish(stream, reason, self._state[:, :, i].clone(), cut)
+            self._finish(stream, reason, self._state[:, :, row].clone(), cut)
 
     def _emit_token(self, stream: _Stream, upto: int) -> None:
         start = stream.released
         lps = tuple(stream.lps[start:upto]) if stream.request.logprobs else None
         self._outbox.append((stream.listener, [Token(start, "".join(stream.chars[start:upto]), lps)]))
         stream.released = upto
-
-    def _row_index(self, stream: _Stream) -> int:
-        return self._rows.index(stream) if len(self._rows) < 8 else next(i for i, s in enumerate(self._rows) if s is stream)
 
     def _finish(self, stream: _Stream, reason: str, state: torch.Tensor | None = None, cut: int | None = None) -> None:
         if stream.finished:
