@@ -18,6 +18,8 @@ def _integral(value):
 def Int(**bounds):  # noqa: N802 - reads as a type in annotations
     """An integer with bounds; the bounds go inside, so the OpenAPI document shows them as minimum/maximum."""
     return Annotated[int, Field(**bounds), BeforeValidator(_integral)]
+
+
 StopString = Annotated[str, Field(min_length=1)]
 Seed = Int(ge=0, le=MAX_SEED)
 
