@@ -26,16 +26,11 @@ from service import store
 from service.engine.runner import Runner
 from service.model import CharLSTM, cross_entropy
 
+from tests.server import rss_mb
+
 from .common import ROOT, charlstm_server, table
 
 SHARED_CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def bench_sessions(model: str, count: int, threads: int) -> None:

@@ -64,6 +64,10 @@ class Server:
                 return float(line.rsplit(" ", 1)[1])
         return 0.0
 
+    def rss_mb(self) -> float:
+        """Resident memory of the server process."""
+        return rss_mb(self.proc.pid)
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
@@ -74,6 +78,13 @@ class Server:
                 self.proc.wait()
         self.log.close()
         return self.proc.returncode
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def wait_until(predicate, timeout: float = 20.0, what: str = "condition"):

@@ -21,13 +21,6 @@ import httpx
 from .server import Server, wait_until
 
 
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def refused(r: httpx.Response, tally: Counter) -> bool:
     """Count the status; True for a 429, which must say when to come back."""
     tally[f"status_{r.status_code}"] += 1
@@ -84,10 +77,6 @@ async def worker(url: str, deadline: float, rng: random.Random, tally: Counter, 
                     tally["disconnected"] += 1  # leaving the block closes the connection mid-stream
 
 
-def metric(srv: Server, name: str, labels: str = "") -> float:
-    return srv.metric(name, labels)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=60.0)
@@ -104,7 +93,7 @@ def main() -> int:
     try:
         warm = httpx.post(srv.url + "/generate", json={"max_new_tokens": 50}, timeout=60)
         assert warm.status_code == 200
-        rss_before = rss_mb(srv.proc.pid)
+        rss_before = srv.rss_mb()
         clients = 2 * (args.max_batch_size + args.max_queue)
         rng = random.Random(args.seed)
         tally: Counter = Counter()
@@ -119,7 +108,7 @@ def main() -> int:
         asyncio.run(drive())
         elapsed = time.monotonic() - t0
 
-        wait_until(lambda: metric(srv, "charlstm_running_streams") == 0 and metric(srv, "charlstm_waiting_streams") == 0,
+        wait_until(lambda: srv.metric("charlstm_running_streams") == 0 and srv.metric("charlstm_waiting_streams") == 0,
                    30, "running and waiting streams to drain")
         if httpx.get(srv.url + "/ready").status_code != 200:
             failures.append("not ready after the soak")
@@ -128,11 +117,11 @@ def main() -> int:
             failures.append(f"{len(busy)} sessions still locked")
         for sid in sessions:
             httpx.delete(f"{srv.url}/sessions/{sid}")
-        finished = sum(metric(srv, "charlstm_streams_finished_total", f'reason="{r}"')
+        finished = sum(srv.metric("charlstm_streams_finished_total", f'reason="{r}"')
                        for r in ("length", "stop", "cancelled", "shutdown", "error"))
-        cancelled = metric(srv, "charlstm_streams_finished_total", 'reason="cancelled"')
-        rejected = metric(srv, "charlstm_rejected_requests_total", 'reason="overloaded"')
-        errors = metric(srv, "charlstm_streams_finished_total", 'reason="error"')
+        cancelled = srv.metric("charlstm_streams_finished_total", 'reason="cancelled"')
+        rejected = srv.metric("charlstm_rejected_requests_total", 'reason="overloaded"')
+        errors = srv.metric("charlstm_streams_finished_total", 'reason="error"')
         server_5xx = sum(v for k, v in tally.items() if k.startswith("status_5"))
         # the warm-up request is one more finished stream than the clients saw
         if finished != tally["accepted"] + 1:
@@ -145,7 +134,7 @@ def main() -> int:
             failures.append(f"{errors:.0f} engine errors, {server_5xx} 5xx responses")
         if tally["status_429"] == 0:
             failures.append("no 429 at twice the capacity: the soak did not saturate the server")
-        rss_after = rss_mb(srv.proc.pid)
+        rss_after = srv.rss_mb()
         if rss_after > rss_before + max(64.0, 0.25 * rss_before):
             failures.append(f"resident memory grew from {rss_before:.0f} MB to {rss_after:.0f} MB")
         requests = sum(v for k, v in tally.items() if k.startswith("status_"))

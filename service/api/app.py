@@ -41,14 +41,12 @@ async def lifespan(app: FastAPI):
         torch.set_num_threads(settings.torch_threads)
     loaded = app.state.preloaded or await asyncio.to_thread(store.load, settings.model, settings.model_store)
     app.state.preloaded = None
-    engine_box: list[Engine] = []
     manager = SessionManager(InMemorySessionStore(), settings.max_sessions, settings.session_ttl_s,
-                             on_evict=lambda reason: engine_box[0].notify("on_session_removed", reason))
+                             on_evict=lambda reason: engine.notify("on_session_removed", reason))  # bound below
     engine = Engine(Runner(loaded.model), loaded.vocab, manager,
                     EngineConfig(max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
                                  prefill_chunk=settings.prefill_chunk),
                     deliver=make_deliver(asyncio.get_running_loop()))
-    engine_box.append(engine)
     session_db = None
     if settings.session_db:
         model_key = f"{loaded.name}@{loaded.version}:{loaded.card['weights_sha256'][:16]}"

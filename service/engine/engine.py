@@ -370,7 +370,7 @@ class Engine:
             return
         stream.finished = True
         cut = len(stream.chars) if cut is None else cut
-        if reason in ("shutdown", "cancelled", "error") and cut > stream.released and reason != "cancelled":
+        if reason in ("shutdown", "error") and cut > stream.released:  # held-back characters were no stop string
             self._emit_token(stream, cut)
         session_meta = None
         if stream.session is not None:
