@@ -27,6 +27,8 @@ class Settings(BaseSettings):
     max_sessions: int = Field(10_000, ge=1)
     torch_threads: int = Field(1, ge=0, description="torch threads of the engine; 0: torch's default. On two cores one thread serves best: "
                                "the event loop needs the other core, and a second OpenMP thread slows a non-main thread's small steps")
+    step_workers: int = Field(2, ge=1, le=64, description="threads that step shares of a large batch at once (at least 16 rows each); "
+                              "1: the engine thread steps every row")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="request bodies above this get 413")
     shutdown_grace_s: float = Field(10.0, ge=0, description="time running streams get to finish on SIGTERM")
     api_key: str | None = Field(None, description="when set, every route but /health and /ready needs Authorization: Bearer <key>")

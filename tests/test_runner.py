@@ -62,3 +62,22 @@ def test_prefill_in_one_call_equals_stepping():
     # two slices with the state carried equal one call
     half = runner.prefill(prompt[20:], runner.prefill(prompt[:20], start))
     torch.testing.assert_close(half, one_call, rtol=1e-5, atol=1e-5)
+
+
+@torch.inference_mode()
+def test_a_batch_split_over_worker_threads_steps_each_row_as_one_thread_does():
+    """Shares of 16+ rows go to pool threads; the rows come back in order with the same numbers."""
+    torch.manual_seed(2)
+    model = CharLSTM(CharLSTMConfig(vocab_size=11, embed_dim=16, hidden_size=32, num_layers=2)).eval()
+    alone, split = Runner(model), Runner(model, workers=3)
+    try:
+        B = 53  # three uneven shares: 17, 18, 18 rows
+        state = torch.randn(2, 2, B, 32) * 0.5
+        ids = torch.randint(0, 11, (B,))
+        expected = alone.step(ids, state)
+        torch.testing.assert_close(split.step(ids, state), expected, rtol=1e-6, atol=1e-6)
+        in_background = split.start_step(ids, state)  # every share on the pool; the caller is free
+        torch.testing.assert_close(in_background(), expected, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(split.step(ids[:20], state[:, :, :20]), expected[:, :, :20], rtol=1e-6, atol=1e-6)
+    finally:
+        split.close()

@@ -43,7 +43,7 @@ async def lifespan(app: FastAPI):
     app.state.preloaded = None
     manager = SessionManager(InMemorySessionStore(), settings.max_sessions, settings.session_ttl_s,
                              on_evict=lambda reason: engine.notify("on_session_removed", reason))  # bound below
-    engine = Engine(Runner(loaded.model), loaded.vocab, manager,
+    engine = Engine(Runner(loaded.model, settings.step_workers), loaded.vocab, manager,
                     EngineConfig(max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
                                  prefill_chunk=settings.prefill_chunk),
                     deliver=make_deliver(asyncio.get_running_loop()))

@@ -116,6 +116,7 @@ class Engine:
             self._cv.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        self.runner.close()
 
     def begin_shutdown(self, grace_s: float) -> None:
         """Admit nothing new; running streams finish, or end with finish_reason 'shutdown' after the grace."""
@@ -319,11 +320,11 @@ class Engine:
         self._counters += np.uint64(1)
         if self._penalised:  # only rows with a penalty read their mask, and they are all in the batch now
             self._seen[torch.arange(len(rows)), ids] = True
-        self._state = self.runner.step(ids, self._state)  # every row consumes its character
+        new_state = self.runner.start_step(ids, self._state)  # every row consumes its character, while ...
         now = time.perf_counter()
         ids_list = ids.tolist()
         lps_list = lps.tolist() if lps is not None else [0.0] * len(rows)
-        gaps = []
+        gaps, ending = [], []
         chars = self._chars
         for row, (stream, char_id, lp) in enumerate(zip(rows, ids_list, lps_list)):
             if stream.finished:
@@ -336,14 +337,19 @@ class Engine:
             stream.chars.append(chars[char_id])
             stream.lps.append(lp)
             stream.counter += 1
-            self._advance(stream, row)
+            end = self._advance(stream)  # ... the rows' text is updated here
+            if end is not None:
+                ending.append((stream, row, *end))
+        self._state = new_state()
+        for stream, row, reason, cut in ending:
+            self._finish(stream, reason, self._state[:, :, row].clone(), cut)
         self._steps += 1
         self.notify("on_step", len(rows), now - t0)
         if gaps:
             self.notify("on_inter_token", gaps)
 
-    def _advance(self, stream: _Stream, row: int) -> None:
-        """Release what is safe to show, and end the stream on a stop string or at its length."""
+    def _advance(self, stream: _Stream) -> tuple[str, int] | None:
+        """Release what is safe to show; on a stop string or at its length, say why and where the text ends."""
         total = len(stream.chars)
         cut, reason = total, None
         if stream.matcher is not None:
@@ -356,8 +362,7 @@ class Engine:
             cut, reason = total, "length"
         if cut > stream.released:
             self._emit_token(stream, cut)
-        if reason is not None:
-            self._finish(stream, reason, self._state[:, :, row].clone(), cut)
+        return None if reason is None else (reason, cut)
 
     def _emit_token(self, stream: _Stream, upto: int) -> None:
         start = stream.released

@@ -8,17 +8,28 @@ that layer costs a row lookup plus one multiply by the recurrent weights. It com
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 
 from ..model import CharLSTM
 
 SHORT_PROMPT = 8  # characters; up to this, stepping beats one nn.LSTM call (measured on 2 x 512)
+MIN_ROWS_PER_WORKER = 16  # below this, a share of the batch costs more per row than it saves (measured on 2 x 512)
 
 # A stream's recurrent state in the engine: (2, L, H) = (h, c) x layers x hidden, or batched (2, L, B, H).
 
 
 class Runner:
-    def __init__(self, model: CharLSTM):
+    """The fused step, optionally split by rows over `workers` threads.
+
+    LSTM rows are independent within a step, so a large batch can be cut into contiguous shares that
+    threads step at the same time, with one join per step. On two cores this beats two OpenMP threads
+    inside each kernel, which meet at a barrier after every operation (about 30 per step) and stall
+    whenever the event loop takes one of the cores (see benchmarks/README.md)."""
+
+    def __init__(self, model: CharLSTM, workers: int = 1):
         model.eval()
         self.model = model
         cfg = model.config
@@ -37,6 +48,12 @@ class Runner:
                 self.b_cat.append((getattr(lstm, f"bias_ih_l{layer}") + getattr(lstm, f"bias_hh_l{layer}")).contiguous())
             self.w_head = model.head.weight.T.contiguous()  # (H, V)
             self.b_head = model.head.bias.detach().clone()  # (V,)
+        self.workers = max(1, workers)
+        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="charlstm-step") if self.workers > 1 else None
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
 
     def zero_state(self, batch: int | None = None) -> torch.Tensor:
         shape = (2, self.num_layers, self.hidden) if batch is None else (2, self.num_layers, batch, self.hidden)
@@ -65,6 +82,30 @@ class Runner:
 
         No autograd bookkeeping: the fused weights were built without gradients (and the engine's
         thread runs under inference mode, which a per-call decorator would re-enter every step)."""
+        return self.start_step(ids, state, background=False)()
+
+    def start_step(self, ids: torch.Tensor, state: torch.Tensor, background: bool = True) -> Callable[[], torch.Tensor]:
+        """Begin a step; returns a function that waits for the new state (2, L, B, H).
+
+        With `background`, every share of a large batch goes to the pool and the caller is free until it
+        asks for the result (the engine updates each row's text meanwhile); without, the calling thread
+        steps the first share itself. A batch too small to split is stepped at once either way."""
+        shares = min(self.workers, ids.shape[0] // MIN_ROWS_PER_WORKER)
+        if shares <= 1:
+            new_state = self._step_rows(ids, state)
+            return lambda: new_state
+        bounds = [ids.shape[0] * k // shares for k in range(shares + 1)]
+        parts = list(zip(bounds[:-1], bounds[1:]))
+        here = [] if background else [parts.pop(0)]
+        futures = [self._pool.submit(self._step_share, ids[a:b], state[:, :, a:b]) for a, b in parts]
+        done_here = [self._step_rows(ids[a:b], state[:, :, a:b]) for a, b in here]
+        return lambda: torch.cat([*done_here, *(f.result() for f in futures)], dim=2)  # rows back in order
+
+    def _step_share(self, ids: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():  # thread-local: a pool thread enters it for itself
+            return self._step_rows(ids, state)
+
+    def _step_rows(self, ids: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         h_all, c_all = state[0], state[1]  # (L, B, H)
         new_h, new_c = [], []
         gates = torch.addmm(self.table0[ids], h_all[0], self.w_hh0)  # (B, 4H)
