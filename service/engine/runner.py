@@ -35,17 +35,21 @@ class Runner:
         cfg = model.config
         self.num_layers, self.hidden, self.vocab_size = cfg.num_layers, cfg.hidden_size, cfg.vocab_size
         lstm = model.lstm
+        H = self.hidden
+        # Gate columns go from nn.LSTM's [i, f, g, o] to [i, f, o, g]: one sigmoid covers the first 3H, one tanh the last H.
+        order = torch.cat([torch.arange(0, 2 * H), torch.arange(3 * H, 4 * H), torch.arange(2 * H, 3 * H)])  # (4H,)
         with torch.inference_mode():
-            w_ih0, w_hh0 = lstm.weight_ih_l0, lstm.weight_hh_l0  # (4H, E), (4H, H)
-            bias0 = lstm.bias_ih_l0 + lstm.bias_hh_l0  # (4H,)
+            w_ih0, w_hh0 = lstm.weight_ih_l0[order], lstm.weight_hh_l0[order]  # (4H, E), (4H, H)
+            bias0 = (lstm.bias_ih_l0 + lstm.bias_hh_l0)[order]  # (4H,)
             self.table0 = (model.embed.weight @ w_ih0.T + bias0).contiguous()  # (V, 4H): embedding folded in
             self.w_hh0 = w_hh0.T.contiguous()  # (H, 4H)
             self.w_cat = []  # layers >= 1: (2H, 4H) over [h_below, h_self]
             self.b_cat = []  # (4H,)
             for layer in range(1, self.num_layers):
                 w_ih, w_hh = getattr(lstm, f"weight_ih_l{layer}"), getattr(lstm, f"weight_hh_l{layer}")
-                self.w_cat.append(torch.cat([w_ih, w_hh], dim=1).T.contiguous())
-                self.b_cat.append((getattr(lstm, f"bias_ih_l{layer}") + getattr(lstm, f"bias_hh_l{layer}")).contiguous())
+                self.w_cat.append(torch.cat([w_ih, w_hh], dim=1)[order].T.contiguous())
+                bias = getattr(lstm, f"bias_ih_l{layer}") + getattr(lstm, f"bias_hh_l{layer}")
+                self.b_cat.append(bias[order].contiguous())
             self.w_head = model.head.weight.T.contiguous()  # (H, V)
             self.b_head = model.head.bias.detach().clone()  # (V,)
         self.workers = max(1, workers)
@@ -106,18 +110,20 @@ class Runner:
             return self._step_rows(ids, state)
 
     def _step_rows(self, ids: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """Seven kernels per layer, written straight into the new state: every call costs Python and a
+        GIL hand-off, which at small batches is most of the step and at large ones slows the other shares."""
+        H = self.hidden
         h_all, c_all = state[0], state[1]  # (L, B, H)
-        new_h, new_c = [], []
-        gates = torch.addmm(self.table0[ids], h_all[0], self.w_hh0)  # (B, 4H)
-        below = None
+        out = state.new_empty(state.shape)  # (2, L, B, H), contiguous
         for layer in range(self.num_layers):
-            if layer > 0:
-                inp = torch.cat([below, h_all[layer]], dim=1)  # (B, 2H)
+            if layer == 0:
+                gates = torch.addmm(self.table0.index_select(0, ids), h_all[0], self.w_hh0)  # (B, 4H)
+            else:
+                inp = torch.cat([out[0, layer - 1], h_all[layer]], dim=1)  # (B, 2H): [h_below, h_self]
                 gates = torch.addmm(self.b_cat[layer - 1], inp, self.w_cat[layer - 1])  # (B, 4H)
-            i, f, g, o = gates.chunk(4, dim=1)  # (B, H) each
-            c = torch.sigmoid(f) * c_all[layer] + torch.sigmoid(i) * torch.tanh(g)
-            h = torch.sigmoid(o) * torch.tanh(c)
-            new_h.append(h)
-            new_c.append(c)
-            below = h
-        return torch.stack([torch.stack(new_h), torch.stack(new_c)])  # (2, L, B, H)
+            ifo = torch.sigmoid(gates[:, : 3 * H])  # (B, 3H): input, forget, output gates
+            g = torch.tanh(gates[:, 3 * H :])  # (B, H)
+            c = torch.mul(ifo[:, H : 2 * H], c_all[layer], out=out[1, layer])  # f * c_prev
+            c.addcmul_(ifo[:, :H], g)  # + i * g
+            torch.mul(ifo[:, 2 * H :], torch.tanh(c), out=out[0, layer])  # h = o * tanh(c)
+        return out
