@@ -25,8 +25,8 @@ class Settings(BaseSettings):
     session_ttl_s: float = Field(600.0, gt=0, description="idle time after which a session expires")
     max_session_ttl_s: float = Field(86_400.0, gt=0)
     max_sessions: int = Field(10_000, ge=1)
-    torch_threads: int = Field(1, ge=0, description="torch threads of the engine; 0: torch's default. On two cores one thread serves best: "
-                               "the event loop needs the other core, and a second OpenMP thread slows a non-main thread's small steps")
+    torch_threads: int = Field(1, ge=0, description="OpenMP threads inside each torch kernel; 0: torch's default. One serves best on two "
+                               "cores: the step workers already use both, and OpenMP threads meet at a barrier after every kernel")
     step_workers: int = Field(2, ge=1, le=64, description="threads that step shares of a large batch at once (at least 16 rows each); "
                               "1: the engine thread steps every row")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="request bodies above this get 413")
