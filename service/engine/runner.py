@@ -26,8 +26,8 @@ class Runner:
 
     LSTM rows are independent within a step, so a large batch can be cut into contiguous shares that
     threads step at the same time, with one join per step. On two cores this beats two OpenMP threads
-    inside each kernel, which meet at a barrier after every operation (about 30 per step) and stall
-    whenever the event loop takes one of the cores (see benchmarks/README.md)."""
+    inside each kernel, which meet at a barrier after every kernel (17 per step for two layers) and
+    stall whenever the event loop takes one of the cores (see benchmarks/README.md)."""
 
     def __init__(self, model: CharLSTM, workers: int = 1):
         model.eval()
