@@ -112,7 +112,7 @@ class Runner:
             return self._step_rows(ids, state)
 
     def _step_rows(self, ids: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-        """Seven kernels per layer, written straight into the new state: every call costs Python and a
+        """Seven kernels per layer after its input (gather or cat), written straight into the new state: every call costs Python and a
         GIL hand-off, which at small batches is most of the step and at large ones slows the other shares."""
         H = self.hidden
         h_all, c_all = state[0], state[1]  # (L, B, H)
