@@ -58,6 +58,24 @@ class CharVocab:
         except KeyError:
             raise OutOfVocabularyError(self.unknown_chars(text)) from None
 
+    def encode_with_policy(self, text: str, unknown: str = "error", replacement: str | None = None) -> tuple[list[int], int]:
+        """Encode under a policy for characters outside the vocabulary: "error" raises
+        OutOfVocabularyError, "skip" drops them, "replace" puts `replacement` (itself in the vocabulary)
+        in their place. Returns (ids, how many characters were skipped or replaced)."""
+        if unknown == "error":
+            return self.encode(text), 0
+        index = self._index
+        if unknown == "replace":
+            if replacement is None or len(replacement) != 1 or replacement not in index:
+                raise ValueError(f"replacement must be one character of the vocabulary, got {replacement!r}")
+            fill = index[replacement]
+            ids = [index.get(c, fill) for c in text]
+            return ids, sum(1 for c in text if c not in index)
+        if unknown == "skip":
+            ids = [index[c] for c in text if c in index]
+            return ids, len(text) - len(ids)
+        raise ValueError(f"unknown-character policy must be error, skip or replace, got {unknown!r}")
+
     def decode(self, ids) -> str:
         chars = self.chars
         return "".join(chars[i] for i in ids)
