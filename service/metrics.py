@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, disable_created_metrics, Coll
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .engine.engine import Engine
+from .engine.sessions import SessionStore
 from .store import LoadedModel
 
 LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -44,11 +45,11 @@ class Metrics:
         self.sessions = Gauge("charlstm_live_sessions", "Sessions held", registry=r)
         self.model = Info("charlstm_model", "The model being served", registry=r)
 
-    def attach(self, engine: Engine, loaded: LoadedModel) -> None:
+    def attach(self, engine: Engine, loaded: LoadedModel, session_store: SessionStore) -> None:
         engine.add_observer(EngineObserver(self))
         self.running.set_function(lambda: engine.snapshot().running)
         self.waiting.set_function(lambda: engine.snapshot().waiting)
-        self.sessions.set_function(lambda: len(engine.sessions))
+        self.sessions.set_function(session_store.count)
         self.model.info({"name": loaded.name, "version": loaded.version, "parameters": str(loaded.model.num_parameters())})
 
 

@@ -13,8 +13,8 @@ from .settings import Settings
 from .store import LoadedModel
 
 
-def build_app(settings: Settings | None = None, loaded: LoadedModel | None = None) -> FastAPI:
-    app = create_app(settings, loaded)
+def build_app(settings: Settings | None = None, loaded: LoadedModel | None = None, session_store_factory=None) -> FastAPI:
+    app = create_app(settings, loaded, session_store_factory)
     instrument(app)
     return app
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -36,3 +36,15 @@ class Settings(BaseSettings):
     session_db: str = Field("data/sessions.sqlite3", description="SQLite file the sessions are saved to and restored from; empty: off")
     snapshot_interval_s: float = Field(5.0, gt=0, description="how often changed sessions are written to session_db")
     log_level: str = "info"
+    session_lease_s: float = Field(30.0, gt=0, le=3600, description="a call's hold on its session; renewed while the call runs, "
+                                   "so it only matters when the holder dies (then the session is free again after this)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Settings":
+        """Settings that contradict each other fail at start, with one message naming both."""
+        pairs = [("default_max_new_tokens", "max_new_tokens"), ("session_ttl_s", "max_session_ttl_s")]
+        for low, high in pairs:
+            if getattr(self, low) > getattr(self, high):
+                raise ValueError(f"{low}={getattr(self, low):g} is more than {high}={getattr(self, high):g}: "
+                                 f"lower {low} (CHARLSTM_{low.upper()}) or raise {high} (CHARLSTM_{high.upper()})")
+        return self

@@ -6,7 +6,6 @@ import threading
 
 from service.engine.engine import Engine, EngineConfig
 from service.engine.runner import Runner
-from service.engine.sessions import InMemorySessionStore, SessionManager
 from service.engine.types import Done, GenerationRequest, Token
 
 
@@ -38,7 +37,7 @@ def run_engine(tiny_model, config, requests):
             finished.set()
 
     recorder = Recorder()
-    engine = Engine(Runner(tiny_model.model), tiny_model.vocab, SessionManager(InMemorySessionStore(), 10, 60), config, deliver)
+    engine = Engine(Runner(tiny_model.model), tiny_model.vocab, config, deliver)
     engine.add_observer(recorder)
     for i, req in enumerate(requests):
         engine.submit(req, i)  # all queued before the loop starts: the first step admits them together

@@ -19,8 +19,10 @@ from sse_starlette.sse import AppStatus
 from .. import __version__, store
 from ..engine.engine import Engine, EngineConfig
 from ..engine.runner import Runner
-from ..engine.session_db import SessionDB
-from ..engine.sessions import InMemorySessionStore, SessionManager
+from ..engine.memory_store import MemorySessionStore
+from ..engine.session_calls import SessionCalls
+from ..engine.session_db import SessionDB, SessionDBError
+from ..engine.sessions import SessionStore
 from ..settings import Settings
 from . import errors, openapi
 from .auth import APIKeyAuth
@@ -41,27 +43,40 @@ async def lifespan(app: FastAPI):
         torch.set_num_threads(settings.torch_threads)
     loaded = app.state.preloaded or await asyncio.to_thread(store.load, settings.model, settings.model_store)
     app.state.preloaded = None
-    manager = SessionManager(InMemorySessionStore(), settings.max_sessions, settings.session_ttl_s,
-                             on_evict=lambda reason: engine.notify("on_session_removed", reason))  # bound below
-    engine = Engine(Runner(loaded.model, settings.step_workers), loaded.vocab, manager,
+    model_name, fingerprint = f"{loaded.name}@{loaded.version}", loaded.card["weights_sha256"]
+    engine = Engine(Runner(loaded.model, settings.step_workers), loaded.vocab,
                     EngineConfig(max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
                                  prefill_chunk=settings.prefill_chunk),
                     deliver=make_deliver(asyncio.get_running_loop()))
-    session_db = None
-    if settings.session_db:
-        model_key = f"{loaded.name}@{loaded.version}:{loaded.card['weights_sha256'][:16]}"
-        session_db = SessionDB(settings.session_db, model_key)
-        restored = manager.restore(await asyncio.to_thread(session_db.load))
-        log.info("restored %d sessions from %s", restored, settings.session_db)
+    session_store = (app.state.session_store_factory or MemorySessionStore)(
+        settings.max_sessions, on_removed=lambda reason: engine.notify("on_session_removed", reason))
+    session_db, restored = None, 0
+    if settings.session_db and isinstance(session_store, MemorySessionStore):
+        session_db = SessionDB(settings.session_db, model_name, fingerprint)
+        try:
+            session_db.open()
+            restored = session_store.restore(await asyncio.to_thread(session_db.load))
+        except SessionDBError as e:
+            session_db.close()
+            log.error("%s", e)
+            raise
+    app.state.sessions = SessionCalls(session_store, fingerprint, settings.session_lease_s, settings.session_ttl_s,
+                                      notify=engine.notify)
+    app.state.session_store = session_store
     for hook in app.state.engine_hooks:
-        hook(engine, loaded)
+        hook(engine, loaded, session_store)
     app.state.loaded = loaded
     engine.start()
     app.state.engine = engine
     restore_signal = _drain_on_sigterm(engine, settings.shutdown_grace_s)
-    sweeper = asyncio.create_task(_sweep_sessions(manager))
-    snapshots = asyncio.create_task(_snapshot_sessions(manager, session_db, settings.snapshot_interval_s)) if session_db else None
-    log.info("serving %s@%s (%s parameters)", loaded.name, loaded.version, f"{loaded.model.num_parameters():,}")
+    sweeper = asyncio.create_task(_sweep_sessions(session_store))
+    snapshots = asyncio.create_task(_snapshot_sessions(session_store, session_db, settings.snapshot_interval_s)) if session_db else None
+    log.info("serving %s (weights %s, %s parameters) on %s, %d torch threads, %d step workers; max batch %d, queue %d, "
+             "max new tokens %d, max prompt %d chars; sessions: %s store%s, %d restored, at most %d; listening on %s:%d",
+             model_name, fingerprint[:12], f"{loaded.model.num_parameters():,}", "cpu", torch.get_num_threads(),
+             settings.step_workers, settings.max_batch_size, settings.max_queue, settings.max_new_tokens,
+             settings.max_prompt_chars, session_store.kind, f" saved to {settings.session_db}" if session_db else "",
+             restored, settings.max_sessions, settings.host, settings.port)
     try:
         yield
     finally:
@@ -71,31 +86,37 @@ async def lifespan(app: FastAPI):
         restore_signal()
         engine.begin_shutdown(settings.shutdown_grace_s)
         await asyncio.to_thread(engine.wait_idle, settings.shutdown_grace_s + 5.0)
-        engine.stop()
+        await asyncio.to_thread(engine.stop)
         if session_db is not None:
-            saved = manager.all_sessions()
+            saved = session_store.all_records()
             await asyncio.to_thread(session_db.write, saved, [], True)
+            session_db.close()
             log.info("saved %d sessions to %s", len(saved), settings.session_db)
+        session_store.close()
 
 
-async def _sweep_sessions(manager: SessionManager, every_s: float = 1.0) -> None:
+async def _sweep_sessions(session_store: SessionStore, every_s: float = 1.0) -> None:
     while True:
         await asyncio.sleep(every_s)
-        await asyncio.to_thread(manager.purge_expired)
+        try:
+            await asyncio.to_thread(session_store.purge_expired)
+        except Exception:
+            log.exception("purging expired sessions failed")
 
 
-async def _snapshot_sessions(manager: SessionManager, db: SessionDB, every_s: float) -> None:
+async def _snapshot_sessions(session_store: MemorySessionStore, db: SessionDB, every_s: float) -> None:
     """Write changed sessions every few seconds, so a crash loses at most that much."""
     full = False  # after a failed write, the next one rewrites everything
     while True:
         await asyncio.sleep(every_s)
-        changed, removed = manager.take_changes()
+        changed, removed = session_store.take_changes()
         if full:
-            changed, removed = manager.all_sessions(), []
+            changed, removed = session_store.all_records(), []
         if changed or removed or full:
             try:
                 await asyncio.to_thread(db.write, changed, removed, full)
                 full = False
+                session_store.snapshot_done()
             except Exception:
                 log.exception("writing the session snapshot failed; the next snapshot rewrites all sessions")
                 full = True
@@ -125,12 +146,16 @@ def _drain_on_sigterm(engine: Engine, grace_s: float):
     return restore
 
 
-def create_app(settings: Settings | None = None, loaded: store.LoadedModel | None = None) -> FastAPI:
-    """`loaded`: a model the caller has already loaded (and so validated), else the lifespan loads it."""
+def create_app(settings: Settings | None = None, loaded: store.LoadedModel | None = None,
+               session_store_factory=None) -> FastAPI:
+    """`loaded`: a model the caller has already loaded (and so validated), else the lifespan loads it.
+    `session_store_factory(max_sessions, on_removed=...)`: the session store (default: in memory, with
+    SQLite snapshots when `session_db` is set)."""
     app = FastAPI(title="charlstm", version=__version__, lifespan=lifespan,
                   description="Character-level LSTM text generation with continuous batching, streaming and sessions.")
     app.state.settings = settings
     app.state.preloaded = loaded
+    app.state.session_store_factory = session_store_factory
     app.state.engine_hooks = []
     errors.install(app)
     openapi.install(app)

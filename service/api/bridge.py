@@ -3,21 +3,49 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import replace
 from typing import Any
 
 from starlette.requests import Request
 
+from ..engine.types import Done, EngineError
+
+log = logging.getLogger("charlstm.api")
+
+_finishing: set[asyncio.Task] = set()  # keeps finishing tasks alive after their handler has gone
+
 
 class Channel:
-    """One request's inbox on the event loop; the engine pushes, the handler drains."""
+    """One request's inbox on the event loop; the engine pushes, the handler drains.
 
-    def __init__(self) -> None:
+    `on_done` post-processes the stream's Done before the handler sees it (a session call commits
+    there). It runs as a task of its own, so it completes even when the client has gone away."""
+
+    def __init__(self, on_done: Callable[[Done], Awaitable[Done]] | None = None) -> None:
         self._events: list = []
         self._wakeup = asyncio.Event()
+        self._on_done = on_done
 
     def push(self, events: list) -> None:
-        self._events.extend(events)
+        if self._on_done is not None and events and isinstance(events[-1], Done):
+            self._events.extend(events[:-1])
+            task = asyncio.get_running_loop().create_task(self._finish(events[-1]))
+            _finishing.add(task)
+            task.add_done_callback(_finishing.discard)
+        else:
+            self._events.extend(events)
+        self._wakeup.set()
+
+    async def _finish(self, done: Done) -> None:
+        try:
+            done = await self._on_done(done)
+        except Exception as e:
+            if not isinstance(e, EngineError):
+                log.exception("finishing a stream failed")
+            done = replace(done, finish_reason="error", state=None, error=f"{getattr(e, 'type', 'internal_error')}: {e}")
+        self._events.append(done)
         self._wakeup.set()
 
     async def drain(self) -> list:
@@ -33,7 +61,10 @@ def make_deliver(loop: asyncio.AbstractEventLoop):
 
     def dispatch(batch: Iterable[tuple[Any, list]]) -> None:
         for channel, events in batch:
-            channel.push(events)
+            try:
+                channel.push(events)
+            except Exception:  # one broken listener must not cost the others their events
+                log.exception("pushing events to a request failed")
 
     def deliver(batch: list[tuple[Any, list]]) -> None:
         if not loop.is_closed():

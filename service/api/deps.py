@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from ..engine.engine import Engine
+from ..engine.session_calls import SessionCalls
 from ..settings import Settings
 from ..store import LoadedModel
 from .errors import APIError
@@ -18,9 +19,20 @@ async def get_settings(request: Request) -> Settings:
 
 async def get_engine(request: Request) -> Engine:
     engine = getattr(request.app.state, "engine", None)
-    if engine is None or not engine.snapshot().ready:
+    snap = engine.snapshot() if engine is not None else None
+    if snap is not None and snap.failed:
+        raise APIError(503, "engine_error", "the engine stopped after an internal error; the server must be restarted",
+                       None, {"Retry-After": "5"})
+    if snap is None or not snap.ready:
         raise APIError(503, "not_ready", "the model is not loaded or the server is shutting down", None, {"Retry-After": "1"})
     return engine
+
+
+async def get_sessions(request: Request) -> SessionCalls:
+    sessions = getattr(request.app.state, "sessions", None)
+    if sessions is None:
+        raise APIError(503, "not_ready", "the server is starting", None, {"Retry-After": "1"})
+    return sessions
 
 
 async def get_model(request: Request) -> LoadedModel:
@@ -39,4 +51,5 @@ async def require_json(request: Request) -> None:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
 ModelDep = Annotated[LoadedModel, Depends(get_model)]
+SessionsDep = Annotated[SessionCalls, Depends(get_sessions)]
 JSONBody = Depends(require_json)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 
 from fastapi import Request
 from sse_starlette import EventSourceResponse
 
-from ..engine.engine import Engine
+from ..engine.engine import Engine, Stream
 from ..engine.types import Done, GenerationRequest, Token
 from ..sampling import SamplingParams
 from ..settings import Settings
@@ -19,33 +20,44 @@ from .errors import APIError, error_body
 from .schemas import GenerateRequest
 
 
-def encode_prompt(prompt: str, loaded: LoadedModel, settings: Settings, param: str = "prompt") -> list[int]:
+def encode_prompt(prompt: str, loaded: LoadedModel, settings: Settings, param: str = "prompt",
+                  unknown: str = "error", replacement: str | None = None) -> tuple[list[int], int]:
+    """The prompt's ids and how many characters the unknown-character policy skipped or replaced."""
     if len(prompt) > settings.max_prompt_chars:
         raise APIError(422, "invalid_field", f"{param}: {len(prompt)} characters is more than max_prompt_chars={settings.max_prompt_chars}", param)
+    if replacement is not None and replacement not in loaded.vocab:
+        raise APIError(422, "invalid_field", f"replacement: must be one character of the model's vocabulary, not {replacement!r}",
+                       "replacement")
     try:
-        return loaded.vocab.encode(prompt)
+        return loaded.vocab.encode_with_policy(prompt, unknown, replacement)
     except OutOfVocabularyError as e:
-        raise APIError(422, "invalid_field", f"{param}: {e}", param) from None
+        raise APIError(422, "invalid_field", f"{param}: {e} (or send unknown_chars: skip or replace)", param) from None
 
 
-def to_engine_request(body: GenerateRequest, loaded: LoadedModel, settings: Settings, session_id: str | None = None) -> GenerationRequest:
-    """Every limit that depends on the settings is checked here, before anything is queued."""
+def to_engine_request(body: GenerateRequest, loaded: LoadedModel, settings: Settings) -> tuple[GenerationRequest, int]:
+    """Every limit that depends on the settings is checked here, before anything is queued.
+    Returns the request and how many prompt characters the unknown-character policy changed."""
     max_new = settings.default_max_new_tokens if body.max_new_tokens is None else body.max_new_tokens
     if max_new > settings.max_new_tokens:
         raise APIError(422, "invalid_field", f"max_new_tokens: {max_new} is more than the limit {settings.max_new_tokens}", "max_new_tokens")
-    if len(body.stop) > settings.max_stop_strings:
-        raise APIError(422, "invalid_field", f"stop: {len(body.stop)} strings is more than max_stop_strings={settings.max_stop_strings}", "stop")
-    for i, s in enumerate(body.stop):
+    stops = body.stop
+    if len(stops) > settings.max_stop_strings:
+        raise APIError(422, "invalid_field", f"stop: {len(stops)} strings is more than max_stop_strings={settings.max_stop_strings}", "stop")
+    for i, s in enumerate(stops):
         if not s or len(s) > settings.max_stop_chars:
             raise APIError(422, "invalid_field", f"stop.{i}: stop strings must have 1 to {settings.max_stop_chars} characters", f"stop.{i}")
-    prompt_ids = encode_prompt(body.prompt, loaded, settings)
+        unknown = loaded.vocab.unknown_chars(s)
+        if unknown:
+            shown = ", ".join(repr(c) for c in unknown)
+            raise APIError(422, "invalid_field", f"stop.{i}: {s!r} can never match: {shown} is not in the model's vocabulary", f"stop.{i}")
+    prompt_ids, changed = encode_prompt(body.prompt, loaded, settings, unknown=body.unknown_chars, replacement=body.replacement)
     params = SamplingParams(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
                             repetition_penalty=body.repetition_penalty)
     return GenerationRequest(prompt_ids=prompt_ids, max_new_tokens=max_new, params=params, seed=body.seed,
-                             stop=tuple(body.stop), logprobs=body.logprobs, session_id=session_id)
+                             stop=tuple(stops), logprobs=body.logprobs), changed
 
 
-def response_body(done: Done, model: str) -> dict:
+def response_body(done: Done, model: str, unknown_chars: dict | None = None) -> dict:
     body = {"text": done.text, "finish_reason": done.finish_reason,
             "usage": {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens},
             "seed": done.seed, "model": model}
@@ -53,12 +65,25 @@ def response_body(done: Done, model: str) -> dict:
         body["logprobs"] = list(done.logprobs)
     if done.session is not None:
         body["session"] = done.session
+    if unknown_chars is not None:
+        body["unknown_chars"] = unknown_chars
     return body
 
 
-async def run_to_completion(engine: Engine, start, request: Request) -> Done | None:
+def failed(done: Done) -> APIError:
+    """A plain request whose stream ended in an internal fault: 503 in the error shape, never 200."""
+    if done.error and done.error.startswith("session_store_unavailable"):
+        return APIError(503, "session_store_unavailable", done.error.split(": ", 1)[-1], None, {"Retry-After": "1"})
+    return APIError(503, "engine_error", done.error or "generation failed on the server", None, {"Retry-After": "1"})
+
+
+Start = Callable[[Channel], Stream]
+
+
+async def run_to_completion(engine: Engine, start: Start, request: Request,
+                            on_done: Callable[[Done], Awaitable[Done]] | None = None) -> Done | None:
     """Submit via `start(channel)` and wait for Done; if the client leaves first, cancel and return None."""
-    channel = Channel()
+    channel = Channel(on_done)
     stream = start(channel)
     waiter = asyncio.ensure_future(_until_done(channel))
     gone = asyncio.ensure_future(wait_for_disconnect(request))
@@ -79,21 +104,27 @@ async def _until_done(channel: Channel) -> Done:
                 return event
 
 
-async def respond(engine: Engine, gen: GenerationRequest, stream: bool, model: str, request: Request):
-    """The answer to a generate call: an SSE stream, or the whole text once it is done."""
+async def respond(engine: Engine, gen: GenerationRequest, stream: bool, model: str, request: Request,
+                  on_done: Callable[[Done], Awaitable[Done]] | None = None, unknown_chars: dict | None = None):
+    """The answer to a generate call: an SSE stream, or the whole text once it is done.
+    `on_done` finishes the call (a session commits) before the client hears of the end."""
     if stream:
-        return stream_response(engine, gen, model, request.app.state.settings.stream_interval_ms / 1000)
-    done = await run_to_completion(engine, lambda ch: engine.submit(gen, ch), request)
+        return stream_response(engine, gen, model, request.app.state.settings.stream_interval_ms / 1000, on_done, unknown_chars)
+    done = await run_to_completion(engine, lambda ch: engine.submit(gen, ch), request, on_done)
     if done is None:
         raise APIError(499, "client_closed", "the client closed the connection")
-    return response_body(done, model)
+    if done.finish_reason == "error":
+        raise failed(done)
+    return response_body(done, model, unknown_chars)
 
 
-def stream_response(engine: Engine, gen: GenerationRequest, model: str, interval_s: float) -> EventSourceResponse:
-    """SSE: `token` events, then `done`; an error after the stream began arrives as an `error` event.
-    The stream always ends. The first characters go out at once; after that, characters generated
-    within `interval_s` share one event, which keeps the cost per character low when many streams run."""
-    channel = Channel()
+def stream_response(engine: Engine, gen: GenerationRequest, model: str, interval_s: float,
+                    on_done: Callable[[Done], Awaitable[Done]] | None = None, unknown_chars: dict | None = None) -> EventSourceResponse:
+    """SSE: `token` events, then `done`; an error after the stream began arrives as an `error` event
+    before `done`. The stream always ends. The first characters go out at once; after that, characters
+    generated within `interval_s` share one event, which keeps the cost per character low when many
+    streams run."""
+    channel = Channel(on_done)
     stream = engine.submit(gen, channel)  # refusals raise here, before any byte is sent
     loop = asyncio.get_running_loop()
 
@@ -116,8 +147,9 @@ def stream_response(engine: Engine, gen: GenerationRequest, model: str, interval
                     if isinstance(event, Done):
                         finished = True
                         if event.finish_reason == "error":
-                            yield {"event": "error", "data": json.dumps(error_body("internal_error", "generation failed on the server"))}
-                        body = response_body(event, model)
+                            err = failed(event)
+                            yield {"event": "error", "data": json.dumps(error_body(err.type, err.message))}
+                        body = response_body(event, model, unknown_chars)
                         body.pop("text")
                         body.pop("logprobs", None)
                         yield {"event": "done", "data": json.dumps(body, ensure_ascii=False)}

@@ -24,12 +24,18 @@ def install(app: FastAPI) -> None:
         pattern = vocabulary_pattern(loaded.vocab.chars)
         for name in ("GenerateRequest", "SessionCreate"):
             comps[name]["properties"]["prompt"].update(maxLength=settings.max_prompt_chars, pattern=pattern)
+            comps[name]["properties"]["replacement"].update(pattern=pattern.replace("]*$", "]$"))
         gen = comps["GenerateRequest"]["properties"]
         for branch in gen["max_new_tokens"].get("anyOf", [gen["max_new_tokens"]]):
             if branch.get("type") == "integer":
                 branch["maximum"] = settings.max_new_tokens
-        gen["stop"]["maxItems"] = settings.max_stop_strings
-        gen["stop"]["items"].update(maxLength=settings.max_stop_chars)
+        vocab_stop = {"maxLength": settings.max_stop_chars, "pattern": pattern.replace("]*$", "]+$")}
+        for branch in gen["stop"].get("anyOf", [gen["stop"]]):
+            if branch.get("type") == "array":
+                branch["maxItems"] = settings.max_stop_strings
+                branch["items"].update(vocab_stop)
+            elif branch.get("type") == "string":
+                branch.update(vocab_stop)
         ttl = comps["SessionCreate"]["properties"]["ttl_seconds"]
         for branch in ttl.get("anyOf", [ttl]):
             if branch.get("type") == "number":

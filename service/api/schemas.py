@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
 from ..sampling import MAX_SEED
 
@@ -22,6 +22,12 @@ def Int(**bounds):  # noqa: N802 - reads as a type in annotations
 
 StopString = Annotated[str, Field(min_length=1)]
 Seed = Int(ge=0, le=MAX_SEED)
+UnknownChars = Literal["error", "skip", "replace"]
+# OpenAI's clients send a stop as one string or a list of strings: both are accepted, as a list.
+StopList = Annotated[list[StopString], BeforeValidator(lambda v: [v] if isinstance(v, str) else v),
+                     WithJsonSchema({"anyOf": [{"type": "string", "minLength": 1},
+                                               {"type": "array", "items": {"type": "string", "minLength": 1}}]})]
+TTL = Annotated[float, Field(ge=1, allow_inf_nan=False)]  # the upper bound is the setting in force (in /info and the OpenAPI document)
 
 
 class _Strict(BaseModel):
@@ -39,10 +45,13 @@ class GenerateRequest(_Strict):
     repetition_penalty: float = Field(1.0, gt=0.0, le=100.0, allow_inf_nan=False,
                                       description="divides the logits of characters already in the prompt or text; 1 means off")
     seed: Seed | None = Field(None, description="same seed, same text; drawn at random when absent")
-    stop: list[StopString] = Field(default_factory=list, max_length=1024,
-                            description="generation ends at the first of these strings, which is not included in the text")
+    stop: StopList = Field(default_factory=list,
+                            description="a string or a list: generation ends at the first of these strings, which is not included in the text")
     stream: bool = Field(False, description="stream characters as Server-Sent Events")
     logprobs: bool = Field(False, description="return the natural log-probability of each generated character under the model")
+    unknown_chars: UnknownChars = Field("error", description="prompt characters outside the vocabulary: error (422), skip them, "
+                                        "or replace them with `replacement`")
+    replacement: str = Field(" ", min_length=1, max_length=1, description="with unknown_chars=replace: a character of the vocabulary")
 
 
 class Usage(BaseModel):
@@ -50,20 +59,28 @@ class Usage(BaseModel):
     completion_tokens: int
 
 
+class UnknownCharsReport(BaseModel):
+    policy: UnknownChars
+    count: int = Field(description="prompt characters skipped or replaced")
+
+
 class GenerateResponse(BaseModel):
     text: str
     finish_reason: Literal["length", "stop", "cancelled", "shutdown", "error"]
     usage: Usage
-    seed: int
+    seed: int = Field(description="the seed in force (a session's, unless the request re-seeded it)")
     model: str
     logprobs: list[float] | None = None
     session: SessionInfo | None = None
+    unknown_chars: UnknownCharsReport | None = None
 
 
 class SessionCreate(_Strict):
-    prompt: str = Field("", description="text that primes the session's state")
+    prompt: str = Field("", description="text that primes the session's state; empty: the start character")
     seed: Seed | None = Field(None, description="seed of the session's random generator")
-    ttl_seconds: Annotated[float, Field(ge=1, le=10_000_000, allow_inf_nan=False)] | None = Field(None, description="idle time before expiry; default and bound in /info")
+    ttl_seconds: TTL | None = Field(None, description="idle time before expiry; default and bound in /info")
+    unknown_chars: UnknownChars = Field("error", description="as for /generate")
+    replacement: str = Field(" ", min_length=1, max_length=1, description="as for /generate")
 
 
 class SessionInfo(BaseModel):

@@ -1,10 +1,13 @@
 """The engine loop: continuous batching of every running stream, one character per step.
 
-One thread owns the model and all batch state. Callers `submit` requests and `cancel` them from any
-thread; the loop admits waiting streams between steps, ingests prompts in bounded slices, steps all
-running rows together with the fused LSTM step, samples each row with its own controls and random
-stream, and hands the resulting events to `deliver` once per step. Batch state lives here, outside
-the model: streams join (concatenate) and leave (index) between steps.
+One thread owns the model and the `Batch`. Callers `submit` requests and `cancel` them from any
+thread; the loop admits waiting streams between steps, ingests prompts in slices cut at fixed offsets
+of each prompt, steps all running rows together with the fused LSTM step, samples each row with its
+own controls and random stream, and hands the resulting events to `deliver` once per step.
+
+The engine knows nothing of sessions, stores or HTTP: a request brings the state it starts from and
+a completed stream hands back the state it ended in. Every stream that was accepted gets exactly one
+`Done`, whatever fails on the way, and gives its place back when it does.
 """
 
 from __future__ import annotations
@@ -23,10 +26,10 @@ import torch
 
 from ..sampling import MAX_SEED, sample_next, uniforms
 from ..vocab import CharVocab
+from .batch import Batch
 from .runner import Runner
-from .sessions import Session, SessionManager
 from .stops import StopMatcher
-from .types import Done, GenerationRequest, Overloaded, ShuttingDown, Token
+from .types import Done, EngineUnavailable, GenerationRequest, Overloaded, ShuttingDown, Token
 
 log = logging.getLogger("charlstm.engine")
 
@@ -35,7 +38,7 @@ log = logging.getLogger("charlstm.engine")
 class EngineConfig:
     max_batch_size: int = 64  # rows stepped together
     max_queue: int = 256  # streams waiting for a row; beyond this, submissions are refused
-    prefill_chunk: int = 512  # prompt characters ingested between two decode steps
+    prefill_chunk: int = 512  # a prompt is ingested in slices cut at multiples of this, from its own start
     start_char: str = "\n"  # fed when a fresh stream has no prompt, so the first character has context
 
 
@@ -49,58 +52,61 @@ class EngineStats(Protocol):
     def on_inter_token(self, gaps: list[float]) -> None: ...
     def on_finish(self, reason: str, prompt_tokens: int, completion_tokens: int) -> None: ...
     def on_rejected(self, reason: str) -> None: ...
+    # reported by the session layer through the same observers (Engine.notify)
+    def on_session_created(self) -> None: ...
     def on_session_removed(self, reason: str) -> None: ...
 
 
 @dataclass(frozen=True)
 class EngineSnapshot:
-    running: int
-    waiting: int
-    sessions: int
+    running: int  # in the batch or ingesting a prompt
+    waiting: int  # accepted, waiting for a row
     steps: int
     ready: bool
     draining: bool
+    failed: bool  # the engine thread died of an internal error: every request gets 503 until a restart
 
 
-class _Stream:
-    """One request in flight: its controls, its random stream, its text so far, its listener."""
+class Stream:
+    """One request in flight: its random stream, its text so far, its listener."""
 
-    def __init__(self, request: GenerationRequest, listener: Any, seed: int, counter: int, session: Session | None,
-                 state: torch.Tensor, feed: list[int], now: float, matcher: StopMatcher | None):
-        self.request, self.listener, self.seed, self.counter, self.session = request, listener, seed, counter, session
-        self.state = state  # (2, L, H) while the prompt is ingested
+    def __init__(self, request: GenerationRequest, listener: Any, seed: int, feed: list[int], now: float,
+                 state: torch.Tensor):
+        self.request, self.listener, self.seed = request, listener, seed
+        self.state: torch.Tensor | None = state  # (2, L, H) while the prompt is ingested; then the batch holds it
         self.feed, self.fed = feed, 0  # characters to ingest before generating, and how many are done
-        self.matcher = matcher
+        self.matcher = StopMatcher(request.stop) if request.stop else None
         self.chars: list[str] = []
         self.lps: list[float] = []
-        self.released = 0
+        self.released = 0  # characters already sent to the listener
         self.t_submit, self.t_last = now, 0.0
-        self.cancelled = False
         self.finished = False
 
 
 class Engine:
-    def __init__(self, runner: Runner, vocab: CharVocab, sessions: SessionManager, config: EngineConfig = EngineConfig(),
+    def __init__(self, runner: Runner, vocab: CharVocab, config: EngineConfig = EngineConfig(),
                  deliver: Callable[[list[tuple[Any, list]]], None] | None = None):
-        self.runner, self.vocab, self.sessions, self.config = runner, vocab, sessions, config
+        self.runner, self.vocab, self.config = runner, vocab, config
         self.deliver = deliver or _deliver_directly
         self.observers: list[EngineStats] = []
         self._cv = threading.Condition()
-        self._incoming: deque[_Stream] = deque()
-        self._cancelled: list[_Stream] = []
-        self._admitted = 0  # submitted and not yet finished: the capacity the queue bound applies to
-        self._running = 0
+        # shared with callers, under _cv
+        self._incoming: deque[Stream] = deque()
+        self._cancelled: list[Stream] = []
+        self._admitted = 0  # accepted and not yet finished: the capacity the queue bound applies to
+        self._counts = (0, 0)  # (running, waiting) as of the end of the last loop
         self._draining = False
         self._deadline = float("inf")
         self._stop = False
+        self._dead = False
         self._thread: threading.Thread | None = None
         self._steps = 0
-        # loop-owned state
-        self._waiting: deque[_Stream] = deque()
-        self._prefilling: deque[_Stream] = deque()
-        self._rows: list[_Stream] = []
+        # owned by the loop thread
+        self._waiting: deque[Stream] = deque()
+        self._prefilling: deque[Stream] = deque()
+        self._joining: list[Batch] = []
+        self._batch = self._empty_batch()
         self._outbox: list[tuple[Any, list]] = []
-        self._reset_batch()
         start = config.start_char if config.start_char in vocab else vocab.chars[0]
         self._start_id = vocab.encode(start)[0]
         self._chars = vocab.chars
@@ -111,6 +117,7 @@ class Engine:
         self._thread.start()
 
     def stop(self) -> None:
+        """End the loop (streams still in flight end with "shutdown") and join it. Blocks: call it off the event loop."""
         with self._cv:
             self._stop = True
             self._cv.notify_all()
@@ -137,34 +144,36 @@ class Engine:
 
     def snapshot(self) -> EngineSnapshot:
         with self._cv:
-            alive = self._thread is not None and self._thread.is_alive() and not self._stop
-            return EngineSnapshot(running=self._running, waiting=self._admitted - self._running, sessions=len(self.sessions),
-                                  steps=self._steps, ready=alive and not self._draining, draining=self._draining)
+            alive = self._thread is not None and self._thread.is_alive() and not self._stop and not self._dead
+            running, waiting = self._counts
+            return EngineSnapshot(running=running, waiting=waiting + len(self._incoming), steps=self._steps,
+                                  ready=alive and not self._draining, draining=self._draining, failed=self._dead)
 
-    def submit(self, request: GenerationRequest, listener: Any) -> _Stream:
-        """Queue a request. Raises Overloaded, ShuttingDown, SessionNotFound or SessionBusy at once."""
-        self._reserve()
-        try:
-            session = self.sessions.acquire(request.session_id) if request.session_id else None
-        except BaseException:
-            self._unreserve()
-            raise
-        return self._enqueue(request, listener, session)
+    def submit(self, request: GenerationRequest, listener: Any) -> Stream:
+        """Queue a request; its events go to `listener`. Raises Overloaded, ShuttingDown or EngineUnavailable at once."""
+        seed = secrets.randbelow(MAX_SEED) if request.seed is None else request.seed
+        feed = list(request.prompt_ids)
+        if request.fresh and not feed:
+            feed = [self._start_id]
+        state = self.runner.zero_state() if request.state is None else request.state
+        with self._cv:
+            if self._dead:
+                self.notify("on_rejected", "engine_error")
+                raise EngineUnavailable("the engine has stopped after an internal error; the server must be restarted")
+            if self._draining or self._stop:
+                self.notify("on_rejected", "shutting_down")
+                raise ShuttingDown("the server is shutting down and admits no new work")
+            if self._admitted >= self.config.max_batch_size + self.config.max_queue:
+                self.notify("on_rejected", "overloaded")
+                raise Overloaded(f"all {self.config.max_batch_size} rows are busy and {self.config.max_queue} requests are waiting")
+            self._admitted += 1
+            stream = Stream(request, listener, seed, feed, time.perf_counter(), state)
+            self._incoming.append(stream)
+            self._cv.notify_all()
+        return stream
 
-    def create_session(self, prompt_ids: list[int], seed: int | None, ttl_s: float | None, listener: Any) -> _Stream:
-        """A new session primed with `prompt_ids`; its Done event carries the session's metadata."""
-        self._reserve()
-        seed = secrets.randbelow(MAX_SEED) if seed is None else seed
-        try:
-            session = self.sessions.create(self.runner.zero_state(), seed, ttl_s)
-        except BaseException:
-            self._unreserve()
-            raise
-        request = GenerationRequest(prompt_ids=prompt_ids, max_new_tokens=0, seed=seed, session_id=session.id)
-        return self._enqueue(request, listener, session)
-
-    def cancel(self, stream: _Stream) -> None:
-        """The client went away: free the stream's row at the next step."""
+    def cancel(self, stream: Stream) -> None:
+        """The client went away: the stream leaves the queue or the batch within one loop."""
         with self._cv:
             if not stream.finished:
                 self._cancelled.append(stream)
@@ -173,154 +182,113 @@ class Engine:
     def add_observer(self, observer: EngineStats) -> None:
         self.observers.append(observer)
 
-    # ------------------------------------------------------------------ admission
-    def _reserve(self) -> None:
-        """Take a place in the batch or the queue, or refuse at once."""
-        with self._cv:
-            if self._draining or self._stop:
-                raise ShuttingDown("the server is shutting down and admits no new work")
-            if self._admitted >= self.config.max_batch_size + self.config.max_queue:
-                self.notify("on_rejected", "overloaded")
-                raise Overloaded(f"all {self.config.max_batch_size} rows are busy and {self.config.max_queue} requests are waiting")
-            self._admitted += 1
-
-    def _unreserve(self) -> None:
-        with self._cv:
-            self._admitted -= 1
-            self._cv.notify_all()
-
-    def _enqueue(self, request: GenerationRequest, listener: Any, session: Session | None) -> _Stream:
-        feed = list(request.prompt_ids)
-        if session is not None:
-            state, counter = session.state, session.counter
-            seed = session.seed if request.seed is None else request.seed
-            counter = counter if request.seed is None else 0
-            fresh = session.position == 0
-        else:
-            state, counter, fresh = self.runner.zero_state(), 0, True
-            seed = secrets.randbelow(MAX_SEED) if request.seed is None else request.seed
-        if fresh and not feed:
-            feed = [self._start_id]
-        matcher = StopMatcher(request.stop) if request.stop else None
-        stream = _Stream(request, listener, seed, counter, session, state, feed, time.perf_counter(), matcher)
-        with self._cv:  # the place was reserved: a stream that gets here always runs (or ends at shutdown)
-            self._incoming.append(stream)
-            self._cv.notify_all()
-        return stream
+    def notify(self, method: str, *args) -> None:
+        """Report a number to every observer; an observer that fails is logged, never fatal."""
+        for obs in self.observers:
+            try:
+                getattr(obs, method)(*args)
+            except Exception:
+                log.exception("engine observer %s failed", method)
 
     # ------------------------------------------------------------------ the loop
     def _run(self) -> None:
-        with torch.inference_mode():
-            self._loop()
+        try:
+            with torch.inference_mode():
+                self._loop()
+        except BaseException:
+            log.critical("the engine thread failed; every request now gets 503", exc_info=True)
+            with self._cv:
+                self._dead = True
+                self._cv.notify_all()
+        finally:
+            self._end_everything("error" if self._dead else "shutdown")
 
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not (self._incoming or self._cancelled or self._rows or self._prefilling or self._waiting or self._stop):
+                while not (self._incoming or self._cancelled or len(self._batch) or self._prefilling or self._waiting or self._stop):
                     self._cv.wait()
                 if self._stop:
-                    break
+                    return
                 self._waiting.extend(self._incoming)
                 self._incoming.clear()
                 cancelled, self._cancelled = self._cancelled, []
                 past_deadline = self._draining and time.monotonic() >= self._deadline
             try:
-                for stream in cancelled:
-                    self._finish(stream, "cancelled")
+                self._leave(cancelled, "cancelled")
                 if past_deadline:
-                    for stream in [*self._rows, *self._prefilling, *self._waiting]:
-                        self._finish(stream, "shutdown")
+                    self._leave([*self._batch.rows, *self._prefilling, *self._waiting], "shutdown")
                 self._admit()
-                self._prefill_slice()
-                if self._rows:
+                self._prefill_slices()
+                if len(self._batch):
                     self._decode_step()
                 self._drop_finished()
-            except Exception:  # a bug must not take the server down: fail the streams in flight, keep serving
-                log.exception("engine step failed; ending the streams in flight")
-                for stream in [*self._rows, *self._prefilling]:
-                    self._finish(stream, "error")
-                self._rows, self._prefilling = [], deque()
-                self._reset_batch()
+            except Exception as e:  # a fault must not take the server down: end the streams it touched, keep serving
+                log.exception("engine step failed; ending the streams in the batch")
+                self._fail_in_flight(e)
+            self._publish_counts()
             self._flush()
-        for stream in [*self._rows, *self._prefilling, *self._waiting, *self._incoming]:
-            self._finish(stream, "shutdown")
-        self._flush()
+
+    def _leave(self, streams: list[Stream], reason: str) -> None:
+        """End streams wherever they are; the queues forget them now, the batch at the end of this loop."""
+        if not streams:
+            return
+        for stream in streams:
+            self._finish(stream, reason)
+        self._waiting = deque(s for s in self._waiting if not s.finished)
+        self._prefilling = deque(s for s in self._prefilling if not s.finished)
+        self._drop_finished()
 
     def _admit(self) -> None:
         now = time.perf_counter()
-        while self._waiting and len(self._rows) + len(self._prefilling) < self.config.max_batch_size:
+        while self._waiting and len(self._batch) + len(self._prefilling) < self.config.max_batch_size:
             stream = self._waiting.popleft()
-            if stream.finished:
-                continue
             self._prefilling.append(stream)
             self.notify("on_queue_time", now - stream.t_submit)
-        with self._cv:
-            self._running = len(self._rows) + len(self._prefilling)
 
-    def _prefill_slice(self) -> None:
-        """Ingest prompts, at most `prefill_chunk` characters per loop, so running rows keep stepping."""
-        budget = self.config.prefill_chunk
+    def _prefill_slices(self) -> None:
+        """Ingest prompt slices until about `prefill_chunk` characters are done, so running rows keep stepping.
+
+        A slice always ends at a multiple of `prefill_chunk` from its stream's own start (or at the
+        prompt's end), so how a prompt is cut, and which kernel each slice takes, never depends on
+        what else is in flight: the same request gives the same state alone or under load."""
+        chunk, budget = self.config.prefill_chunk, self.config.prefill_chunk
         t0, ingested = time.perf_counter(), 0
         while self._prefilling and budget > 0:
             stream = self._prefilling[0]
-            if stream.finished:
-                self._prefilling.popleft()
-                continue
-            n = min(budget, len(stream.feed) - stream.fed)
-            if n > 0:
-                stream.state = self.runner.prefill(stream.feed[stream.fed : stream.fed + n], stream.state)
-                stream.fed += n
-                ingested += n
-                budget -= max(n, 32)  # a call has a fixed cost too
+            end = min((stream.fed // chunk + 1) * chunk, len(stream.feed))
+            if end > stream.fed:
+                cost = max(end - stream.fed, 32)  # a call has a fixed cost too
+                if ingested and cost > budget:
+                    break  # the slice waits for the next loop: where it is cut does not change
+                stream.state = self.runner.prefill(stream.feed[stream.fed : end], stream.state)
+                ingested += end - stream.fed
+                budget -= cost
+                stream.fed = end
             if stream.fed == len(stream.feed):
                 self._prefilling.popleft()
                 if stream.request.max_new_tokens == 0:
                     self._finish(stream, "length", stream.state)
                 else:
-                    self._join(stream)
+                    vocab_size = len(self._chars)
+                    self._joining.append(Batch.single(stream, stream.state, stream.seed, stream.request.counter, vocab_size))
+                    stream.state = None
+        if self._joining:
+            self._batch = Batch.concatenate([self._batch, *self._joining])
+            self._joining = []
         if ingested:
             self.notify("on_prefill", ingested, time.perf_counter() - t0)
 
-    def _reset_batch(self) -> None:
-        V = len(self.vocab)
-        self._state = self.runner.zero_state(0)  # (2, L, B, H)
-        self._temperature = torch.zeros(0)
-        self._top_k = torch.zeros(0, dtype=torch.long)
-        self._top_p = torch.zeros(0)
-        self._penalty = torch.zeros(0)
-        self._seen = torch.zeros(0, V, dtype=torch.bool)  # (B, V)
-        self._seeds = np.zeros(0, dtype=np.uint64)
-        self._counters = np.zeros(0, dtype=np.uint64)
-        self._penalised = 0
-
-    def _join(self, stream: _Stream) -> None:
-        p = stream.request.params
-        seen = torch.zeros(1, len(self.vocab), dtype=torch.bool)
-        seen[0, stream.request.prompt_ids] = True
-        self._state = torch.cat([self._state, stream.state.unsqueeze(2)], dim=2)
-        self._temperature = torch.cat([self._temperature, torch.tensor([p.temperature])])
-        self._top_k = torch.cat([self._top_k, torch.tensor([p.top_k])])
-        self._top_p = torch.cat([self._top_p, torch.tensor([p.top_p])])
-        self._penalty = torch.cat([self._penalty, torch.tensor([p.repetition_penalty])])
-        self._seen = torch.cat([self._seen, seen])
-        self._seeds = np.append(self._seeds, np.uint64(stream.seed))
-        self._counters = np.append(self._counters, np.uint64(stream.counter))
-        self._penalised += p.repetition_penalty != 1.0
-        stream.state = None
-        self._rows.append(stream)
-
     def _decode_step(self) -> None:
         t0 = time.perf_counter()
-        rows = self._rows
-        logits = self.runner.logits(self._state)  # (B, V)
-        u = torch.from_numpy(uniforms(self._seeds, self._counters))  # (B,)
-        want_logprobs = any(s.request.logprobs for s in rows)
-        ids, lps = sample_next(logits, self._temperature, self._top_k, self._top_p, self._penalty,
-                               self._seen if self._penalised else None, u, want_logprobs)  # (B,), (B,) or None
-        self._counters += np.uint64(1)
-        if self._penalised:  # only rows with a penalty read their mask, and they are all in the batch now
-            self._seen[torch.arange(len(rows)), ids] = True
-        new_state = self.runner.start_step(ids, self._state)  # every row consumes its character, while ...
+        batch = self._batch
+        rows = batch.rows
+        logits = self.runner.logits(batch.state)  # (B, V)
+        u = torch.from_numpy(uniforms(batch.seeds, batch.counters))  # (B,)
+        ids, lps = sample_next(logits, **batch.controls, seen=batch.seen if batch.penalised else None, u=u,
+                               want_logprobs=batch.wants_logprobs)  # (B,), (B,) or None
+        batch.record(ids)
+        new_state = self.runner.start_step(ids, batch.state)  # every row consumes its character, while ...
         now = time.perf_counter()
         ids_list = ids.tolist()
         lps_list = lps.tolist() if lps is not None else [0.0] * len(rows)
@@ -336,19 +304,18 @@ class Engine:
             stream.t_last = now
             stream.chars.append(chars[char_id])
             stream.lps.append(lp)
-            stream.counter += 1
             end = self._advance(stream)  # ... the rows' text is updated here
             if end is not None:
                 ending.append((stream, row, *end))
-        self._state = new_state()
+        batch.state = new_state()
         for stream, row, reason, cut in ending:
-            self._finish(stream, reason, self._state[:, :, row].clone(), cut)
+            self._finish(stream, reason, batch.state[:, :, row].clone(), cut)
         self._steps += 1
         self.notify("on_step", len(rows), now - t0)
         if gaps:
             self.notify("on_inter_token", gaps)
 
-    def _advance(self, stream: _Stream) -> tuple[str, int] | None:
+    def _advance(self, stream: Stream) -> tuple[str, int] | None:
         """Release what is safe to show; on a stop string or at its length, say why and where the text ends."""
         total = len(stream.chars)
         cut, reason = total, None
@@ -364,67 +331,89 @@ class Engine:
             self._emit_token(stream, cut)
         return None if reason is None else (reason, cut)
 
-    def _emit_token(self, stream: _Stream, upto: int) -> None:
+    def _emit_token(self, stream: Stream, upto: int) -> None:
         start = stream.released
         lps = tuple(stream.lps[start:upto]) if stream.request.logprobs else None
         self._outbox.append((stream.listener, [Token(start, "".join(stream.chars[start:upto]), lps)]))
         stream.released = upto
 
-    def _finish(self, stream: _Stream, reason: str, state: torch.Tensor | None = None, cut: int | None = None) -> None:
+    def _finish(self, stream: Stream, reason: str, state: torch.Tensor | None = None, cut: int | None = None,
+                error: str | None = None) -> None:
+        """The one way a stream ends: exactly one Done, and its place given back, whatever fails here."""
         if stream.finished:
             return
         stream.finished = True
+        try:
+            done = self._done(stream, reason, state, cut, error)
+        except Exception as e:  # building the answer failed: the client still gets an end
+            log.exception("finishing a stream failed")
+            done = Done(text="", finish_reason="error", prompt_tokens=0, completion_tokens=0, seed=stream.seed,
+                        error=f"finishing the stream failed: {type(e).__name__}")
+        finally:
+            with self._cv:
+                self._admitted -= 1
+                self._cv.notify_all()
+        self._outbox.append((stream.listener, [done]))
+        self.notify("on_finish", done.finish_reason, done.prompt_tokens, done.completion_tokens)
+
+    def _done(self, stream: Stream, reason: str, state: torch.Tensor | None, cut: int | None, error: str | None) -> Done:
+        request = stream.request
         cut = len(stream.chars) if cut is None else cut
         if reason in ("shutdown", "error") and cut > stream.released:  # held-back characters were no stop string
             self._emit_token(stream, cut)
-        session_meta = None
-        if stream.session is not None:
-            complete = reason in ("length", "stop") and state is not None
-            consumed = len(stream.feed) + len(stream.chars)
-            self.sessions.release(stream.session, state if complete else None, stream.counter if complete else None,
-                                  consumed if complete else 0, stream.seed if complete else None)
-            session_meta = stream.session.metadata()
-        lps = tuple(stream.lps[:cut]) if stream.request.logprobs else None
-        done = Done(text="".join(stream.chars[:cut]), finish_reason=reason, prompt_tokens=len(stream.request.prompt_ids),
-                    completion_tokens=len(stream.chars), seed=stream.seed, logprobs=lps, session=session_meta)
-        self._outbox.append((stream.listener, [done]))
-        self.notify("on_finish", reason, len(stream.request.prompt_ids), len(stream.chars))
-        with self._cv:
-            self._admitted -= 1
-            self._cv.notify_all()
+        completed = reason in ("length", "stop") and state is not None
+        return Done(text="".join(stream.chars[:cut]), finish_reason=reason, prompt_tokens=stream.fed,
+                    completion_tokens=len(stream.chars), seed=stream.seed, counter=request.counter + len(stream.chars),
+                    logprobs=tuple(stream.lps[:cut]) if request.logprobs else None,
+                    state=state if completed and request.return_state else None, error=error)
 
     def _drop_finished(self) -> None:
         """Streams leave the batch between steps: keep the rows still running."""
-        if not any(s.finished for s in self._rows):
-            return
-        keep = [i for i, s in enumerate(self._rows) if not s.finished]
-        self._penalised -= sum(1 for s in self._rows if s.finished and s.request.params.repetition_penalty != 1.0)
-        self._rows = [self._rows[i] for i in keep]
-        idx = torch.tensor(keep, dtype=torch.long)
-        self._state = self._state.index_select(2, idx)
-        self._temperature, self._top_k = self._temperature[idx], self._top_k[idx]
-        self._top_p, self._penalty, self._seen = self._top_p[idx], self._penalty[idx], self._seen[idx]
-        self._seeds, self._counters = self._seeds[keep], self._counters[keep]
-        if len(self._prefilling) and self._prefilling[0].finished:
-            self._prefilling = deque(s for s in self._prefilling if not s.finished)
+        rows = self._batch.rows
+        if any(s.finished for s in rows):
+            self._batch = self._batch.filter([i for i, s in enumerate(rows) if not s.finished])
+
+    def _fail_in_flight(self, exc: Exception) -> None:
+        """After a fault in a step: end every stream the step could have touched, start from an empty batch."""
+        message = f"generation failed on the server: {type(exc).__name__}"
+        for stream in [*self._batch.rows, *self._prefilling, *(r for b in self._joining for r in b.rows)]:
+            self._finish(stream, "error", error=message)
+        self._batch, self._prefilling, self._joining = self._empty_batch(), deque(), []
+
+    def _end_everything(self, reason: str) -> None:
+        """The loop is over: every stream still known gets its end."""
         with self._cv:
-            self._running = len(self._rows) + len(self._prefilling)
+            self._waiting.extend(self._incoming)
+            self._incoming.clear()
+        for stream in [*self._batch.rows, *self._prefilling, *(r for b in self._joining for r in b.rows), *self._waiting]:
+            try:
+                self._finish(stream, reason, error="the engine stopped" if reason == "error" else None)
+            except Exception:
+                log.exception("ending a stream failed")
+        self._batch, self._prefilling, self._joining, self._waiting = self._empty_batch(), deque(), [], deque()
+        self._publish_counts()
+        self._flush()
+
+    def _publish_counts(self) -> None:
+        with self._cv:
+            self._counts = (len(self._batch) + len(self._prefilling), len(self._waiting))
 
     def _flush(self) -> None:
-        if self._outbox:
-            out, self._outbox = self._outbox, []
-            try:
-                self.deliver(out)
-            except Exception:
-                log.exception("delivering engine events failed")
+        if not self._outbox:
+            return
+        out, self._outbox = self._outbox, []
+        try:
+            self.deliver(out)
+        except Exception:  # deliver each listener's events on its own, so one bad listener costs only itself
+            log.exception("delivering engine events failed; retrying listener by listener")
+            for item in out:
+                try:
+                    self.deliver([item])
+                except Exception:
+                    log.exception("delivering events to one listener failed")
 
-    def notify(self, method: str, *args) -> None:
-        """Report a number to every observer (also used by the session manager for evictions)."""
-        for obs in self.observers:
-            try:
-                getattr(obs, method)(*args)
-            except Exception:
-                log.exception("engine observer %s failed", method)
+    def _empty_batch(self) -> Batch:
+        return Batch.empty(self.runner.num_layers, self.runner.hidden, len(self.vocab))
 
 
 def _deliver_directly(batch: Iterable[tuple[Any, list]]) -> None:

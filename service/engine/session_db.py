@@ -1,13 +1,18 @@
 """Sessions on disk: an SQLite file written on graceful shutdown and periodically, read back at start.
 
-A session is a fixed-size record (state floats, seed, counter, position, times), so the whole store
-is small and each snapshot is one SQLite transaction: a crash leaves the previous snapshot intact.
-A file that cannot be read is renamed aside (`*.corrupt-<time>`) and reported, never fatal.
+A session is a fixed-size record (state floats, seed, counter, position, version, times), so each
+snapshot is one SQLite transaction: a crash leaves the previous snapshot intact, and the very first
+snapshot is built under a temporary name and renamed into place, so the file never exists without
+its tables. One live server owns a file (an exclusive lock held for the process's life), and a file
+belongs to one model: another server, or a server of other weights, is refused at start with a
+message that says what to do. A file that cannot be read is renamed aside and reported, never fatal.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -17,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .sessions import Session
+from .sessions import SessionRecord
 
 log = logging.getLogger("charlstm.sessions")
 
@@ -32,10 +37,16 @@ CREATE TABLE IF NOT EXISTS sessions (
     position INTEGER NOT NULL,
     ttl_s REAL NOT NULL,
     created_at REAL NOT NULL,
-    last_used REAL NOT NULL
+    last_used REAL NOT NULL,
+    version INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+COLUMNS = "id, state, layers, hidden, seed, counter, position, ttl_s, created_at, last_used, version"
+
+
+class SessionDBError(Exception):
+    """The file cannot be used by this server (held by another one, or written for another model)."""
 
 
 def state_to_bytes(state: torch.Tensor) -> bytes:
@@ -50,37 +61,61 @@ def state_from_bytes(blob: bytes, layers: int, hidden: int) -> torch.Tensor:
 
 
 class SessionDB:
-    def __init__(self, path: str | Path, model_key: str):
-        """`model_key` names the model the states belong to; states of another model are not restored."""
-        self.path, self.model_key = Path(path), model_key
+    def __init__(self, path: str | Path, model: str, fingerprint: str):
+        """`model` (name@version) and `fingerprint` (the weights' sha256) name the model the states belong to."""
+        self.path, self.model, self.fingerprint = Path(path), model, fingerprint
+        self._lock_fd: int | None = None
+
+    def open(self) -> None:
+        """Take the file for this process, or refuse: another live server writes it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock_path = Path(f"{self.path}.lock")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise SessionDBError(f"session database {self.path} is in use by another running server ({holder}); "
+                                 "give each server its own file with CHARLSTM_SESSION_DB (or --session-db), "
+                                 "or share sessions between servers with a shared session store") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor drops the lock
+            self._lock_fd = None
 
     @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, timeout=10, isolation_level=None)
+    def _connect(self, path: Path | None = None) -> Iterator[sqlite3.Connection]:
+        conn = sqlite3.connect(path or self.path, timeout=10, isolation_level=None)
         try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
-            conn.executescript(SCHEMA)
             yield conn
         finally:
             conn.close()
 
-    def load(self) -> list[Session]:
-        """Every saved session of this model; a damaged file is moved aside and nothing is restored."""
+    def load(self) -> list[SessionRecord]:
+        """Every saved session. Raises SessionDBError for a file of another model; a damaged file is
+        moved aside and nothing is restored."""
         if not self.path.exists():
             return []
         try:
             with self._connect() as conn:
                 if conn.execute("PRAGMA quick_check").fetchone()[0] != "ok":
                     raise sqlite3.DatabaseError("integrity check failed")
-                row = conn.execute("SELECT value FROM meta WHERE key = 'model'").fetchone()
-                if row is not None and row[0] != self.model_key:
-                    log.warning("session store %s holds sessions of %s, not %s: not restored", self.path, row[0], self.model_key)
-                    return []
-                rows = conn.execute("SELECT id, state, layers, hidden, seed, counter, position, ttl_s, created_at, last_used FROM sessions").fetchall()
-            return [Session(id=r[0], state=state_from_bytes(r[1], r[2], r[3]), seed=int(r[4]), counter=r[5], position=r[6],
-                            ttl_s=r[7], created_at=r[8], last_used=r[9]) for r in rows]
+                conn.executescript(SCHEMA)
+                self._check_model(dict(conn.execute("SELECT key, value FROM meta").fetchall()))
+                cols = {r[1] for r in conn.execute("PRAGMA table_info(sessions)")}
+                if "version" not in cols:  # a file from before versions: every session starts at version 0
+                    conn.execute("ALTER TABLE sessions ADD COLUMN version INTEGER NOT NULL DEFAULT 0")
+                rows = conn.execute(f"SELECT {COLUMNS} FROM sessions").fetchall()
+            return [SessionRecord(id=r[0], state=state_from_bytes(r[1], r[2], r[3]), seed=int(r[4]), counter=r[5],
+                                  position=r[6], ttl_s=r[7], created_at=r[8], last_used=r[9], version=r[10],
+                                  model=self.fingerprint) for r in rows]
         except (sqlite3.DatabaseError, ValueError) as e:
             aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
             log.error("session store %s is unreadable (%s); moved it to %s and starting with no sessions", self.path, e, aside)
@@ -90,19 +125,45 @@ class SessionDB:
                     p.rename(Path(str(aside) + suffix))
             return []
 
-    def write(self, changed: list[Session], removed: list[str], replace_all: bool = False) -> None:
+    def _check_model(self, meta: dict[str, str]) -> None:
+        saved_sha = meta.get("weights_sha256")
+        if saved_sha is None and ":" in meta.get("model", ""):  # the older layout: name@version:sha16
+            saved_sha = meta["model"].rsplit(":", 1)[1]
+        if saved_sha is not None and not self.fingerprint.startswith(saved_sha):
+            saved = meta.get("model", "?").split(":")[0]
+            raise SessionDBError(f"session database {self.path} holds sessions of model {saved} (weights {saved_sha[:12]}), "
+                                 f"but this server runs {self.model} (weights {self.fingerprint[:12]}): their states do not "
+                                 "fit this model. Point CHARLSTM_SESSION_DB at another file, or move this one away")
+
+    def write(self, changed: list[SessionRecord], removed: list[str], replace_all: bool = False) -> None:
         """Apply changes in one transaction: readers and crashes see the old snapshot or the new one."""
         rows = [(s.id, state_to_bytes(s.state), s.state.shape[1], s.state.shape[2], str(s.seed), s.counter, s.position,
-                 s.ttl_s, s.created_at, s.last_used) for s in changed]
+                 s.ttl_s, s.created_at, s.last_used, s.version) for s in changed]
+        if not self.path.exists():  # the first snapshot: build it aside, so the file appears complete
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            tmp.unlink(missing_ok=True)
+            with self._connect(tmp) as conn:
+                self._apply(conn, rows, [], False)
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            os.replace(tmp, self.path)
+            for suffix in ("-wal", "-shm"):
+                Path(str(tmp) + suffix).unlink(missing_ok=True)
+            return
         with self._connect() as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                if replace_all:
-                    conn.execute("DELETE FROM sessions")
-                conn.executemany("DELETE FROM sessions WHERE id = ?", [(i,) for i in removed])
-                conn.executemany("INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
-                conn.execute("INSERT OR REPLACE INTO meta VALUES ('model', ?)", (self.model_key,))
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+            self._apply(conn, rows, removed, replace_all)
+
+    def _apply(self, conn: sqlite3.Connection, rows: list[tuple], removed: list[str], replace_all: bool) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        try:  # the schema statement by statement, inside the transaction (executescript would commit first)
+            for statement in filter(str.strip, SCHEMA.split(";")):
+                conn.execute(statement)
+            if replace_all:
+                conn.execute("DELETE FROM sessions")
+            conn.executemany("DELETE FROM sessions WHERE id = ?", [(i,) for i in removed])
+            conn.executemany(f"INSERT OR REPLACE INTO sessions ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                             [("model", self.model), ("weights_sha256", self.fingerprint)])
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise

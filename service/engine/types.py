@@ -1,8 +1,15 @@
-"""What goes into the engine and what comes out of it. Plain data; validated before it gets here."""
+"""What goes into the engine and what comes out of it. Plain data; validated before it gets here.
+
+The engine knows nothing of sessions or HTTP: a request carries the state to start from and the
+position in its random stream, and a completed stream hands back the state it ended in. Whoever
+holds a session (see `sessions.py`) turns that into a committed session.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+import torch
 
 from ..sampling import SamplingParams
 
@@ -12,10 +19,17 @@ class GenerationRequest:
     prompt_ids: list[int]
     max_new_tokens: int
     params: SamplingParams = field(default_factory=SamplingParams)
-    seed: int | None = None  # None: a fresh random seed (or, in a session, the session's generator)
+    seed: int | None = None  # None: a fresh random seed
+    counter: int = 0  # draws already made from this seed's random stream (a session continues its own)
+    state: torch.Tensor | None = None  # (2, L, H) to continue from; None: the zero state of a new stream
     stop: tuple[str, ...] = ()
     logprobs: bool = False
-    session_id: str | None = None
+    return_state: bool = False  # hand the final state back in Done (a session call keeps it)
+
+    @property
+    def fresh(self) -> bool:
+        """A stream with no history: an empty prompt then feeds the start character."""
+        return self.state is None
 
 
 @dataclass(frozen=True)
@@ -28,16 +42,24 @@ class Token:
 @dataclass(frozen=True)
 class Done:
     text: str
-    finish_reason: str  # length | stop | cancelled | shutdown
-    prompt_tokens: int
+    finish_reason: str  # length | stop | cancelled | shutdown | error
+    prompt_tokens: int  # characters fed, the start character of an empty fresh prompt included
     completion_tokens: int
     seed: int
+    counter: int = 0  # the random stream's position after the last draw
     logprobs: tuple[float, ...] | None = None
-    session: dict | None = None  # the session's metadata after the call
+    state: torch.Tensor | None = field(default=None, repr=False)  # (2, L, H), only for a completed return_state stream
+    session: dict | None = None  # filled in by the session layer: the session's metadata after the call
+    error: str | None = None  # what went wrong, for finish_reason "error"
+
+    @property
+    def completed(self) -> bool:
+        """The stream ran to its own end (length or a stop string), so its state is a valid continuation."""
+        return self.finish_reason in ("length", "stop")
 
 
 class EngineError(Exception):
-    """Base of the engine's refusals; each carries a stable type the HTTP layer maps to a status."""
+    """Base of the refusals; each carries a stable type the HTTP layer maps to a status."""
 
     type = "engine_error"
 
@@ -50,6 +72,12 @@ class ShuttingDown(EngineError):
     type = "shutting_down"
 
 
+class EngineUnavailable(EngineError):
+    """The engine thread has died: nothing can be served until the process restarts."""
+
+    type = "engine_error"
+
+
 class SessionNotFound(EngineError):
     type = "session_not_found"
 
@@ -60,3 +88,15 @@ class SessionBusy(EngineError):
 
 class TooManySessions(EngineError):
     type = "too_many_sessions"
+
+
+class LeaseLost(EngineError):
+    """A commit by someone who no longer holds the session's lease (it expired, or another took it)."""
+
+    type = "session_busy"
+
+
+class SessionStoreUnavailable(EngineError):
+    """The session store cannot be reached (for example Redis is down)."""
+
+    type = "session_store_unavailable"

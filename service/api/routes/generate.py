@@ -18,5 +18,6 @@ ERRORS = {s: {"model": ErrorResponse} for s in (400, 413, 415, 422, 429, 503)}
 async def generate(body: GenerateRequest, request: Request, engine: EngineDep, loaded: ModelDep, settings: SettingsDep):
     """Continue `prompt`. With `stream: true` the answer is Server-Sent Events: `token` events
     `{"index", "text"}`, then one `done` with `finish_reason`, `usage` and `seed`."""
-    gen = to_engine_request(body, loaded, settings)
-    return await respond(engine, gen, body.stream, f"{loaded.name}@{loaded.version}", request)
+    gen, changed = to_engine_request(body, loaded, settings)
+    report = {"policy": body.unknown_chars, "count": changed} if body.unknown_chars != "error" else None
+    return await respond(engine, gen, body.stream, f"{loaded.name}@{loaded.version}", request, unknown_chars=report)

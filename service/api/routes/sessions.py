@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from fastapi import APIRouter, Request, Response
 
-from ...engine.types import EngineError
-from ..deps import EngineDep, JSONBody, ModelDep, SettingsDep
-from ..errors import APIError, from_engine
-from ..generation import encode_prompt, respond, run_to_completion, to_engine_request
+from ...engine.types import GenerationRequest
+from ..deps import EngineDep, JSONBody, ModelDep, SessionsDep, SettingsDep
+from ..errors import APIError
+from ..generation import encode_prompt, failed, respond, run_to_completion, to_engine_request
 from ..schemas import STREAM_RESPONSE, ErrorResponse, GenerateRequest, GenerateResponse, SessionCreate, SessionInfo
 
 router = APIRouter(prefix="/sessions", tags=["sessions"])
@@ -15,44 +17,56 @@ router = APIRouter(prefix="/sessions", tags=["sessions"])
 ERRORS = {s: {"model": ErrorResponse} for s in (400, 404, 409, 413, 415, 422, 429, 503)}
 
 
+def check_ttl(ttl_seconds: float | None, settings) -> None:
+    if ttl_seconds is not None and ttl_seconds > settings.max_session_ttl_s:
+        raise APIError(422, "invalid_field", f"ttl_seconds: must be at most max_session_ttl_s={settings.max_session_ttl_s:g}",
+                       "ttl_seconds")
+
+
 @router.post("", status_code=201, response_model=SessionInfo, responses=ERRORS, dependencies=[JSONBody])
-async def create_session(request: Request, engine: EngineDep, loaded: ModelDep, settings: SettingsDep,
-                         body: SessionCreate | None = None):
-    """Create a session; `prompt` primes its state and `seed` its random generator."""
+async def create_session(request: Request, engine: EngineDep, sessions: SessionsDep, loaded: ModelDep,
+                         settings: SettingsDep, body: SessionCreate | None = None):
+    """Create a session; `prompt` primes its state (an empty prompt feeds the start character, so a
+    new session is at position 1) and `seed` its random generator."""
     body = body or SessionCreate()
-    if body.ttl_seconds is not None and body.ttl_seconds > settings.max_session_ttl_s:
-        raise APIError(422, "invalid_field", f"ttl_seconds: at most {settings.max_session_ttl_s}", "ttl_seconds")
-    prompt_ids = encode_prompt(body.prompt, loaded, settings)
-    done = await run_to_completion(engine, lambda ch: engine.create_session(prompt_ids, body.seed, body.ttl_seconds, ch), request)
-    if done is None or done.session is None:
+    check_ttl(body.ttl_seconds, settings)
+    prompt_ids, _ = encode_prompt(body.prompt, loaded, settings, unknown=body.unknown_chars, replacement=body.replacement)
+    priming = GenerationRequest(prompt_ids=prompt_ids, max_new_tokens=0, seed=body.seed, return_state=True)
+    done = await run_to_completion(engine, lambda ch: engine.submit(priming, ch), request)
+    if done is None:
         raise APIError(499, "client_closed", "the client closed the connection")
-    if done.finish_reason != "length":
+    if done.finish_reason == "error":
+        raise failed(done)
+    if not done.completed:
         raise APIError(503, "not_ready", "the session could not be primed: the server is shutting down", None, {"Retry-After": "1"})
-    return done.session
+    return await sessions.create(done, body.ttl_seconds)
 
 
 @router.post("/{session_id}/generate", response_model=GenerateResponse, response_model_exclude_none=True,
              responses={**ERRORS, **STREAM_RESPONSE}, dependencies=[JSONBody])
 async def session_generate(session_id: str, body: GenerateRequest, request: Request, engine: EngineDep,
-                           loaded: ModelDep, settings: SettingsDep):
+                           sessions: SessionsDep, loaded: ModelDep, settings: SettingsDep):
     """Feed `prompt` after the session's state, generate, and keep the advanced state for the next call.
-    A second call while one is running gets 409 `session_busy`."""
-    gen = to_engine_request(body, loaded, settings, session_id=session_id)
-    return await respond(engine, gen, body.stream, f"{loaded.name}@{loaded.version}", request)
-
-
-@router.get("/{session_id}", response_model=SessionInfo, responses={404: {"model": ErrorResponse}})
-async def get_session(session_id: str, engine: EngineDep):
+    A second call while one is running gets 409 `session_busy`. A `seed` re-seeds the session: its
+    random stream restarts there, and the response's `seed` is the one in force."""
+    gen, changed = to_engine_request(body, loaded, settings)
+    call, gen = await sessions.begin(session_id, gen)
+    report = {"policy": body.unknown_chars, "count": changed} if body.unknown_chars != "error" else None
     try:
-        return engine.sessions.get(session_id).metadata()
-    except EngineError as e:
-        raise from_engine(e) from None
+        return await respond(engine, gen, body.stream, f"{loaded.name}@{loaded.version}", request, call.finish, report)
+    except BaseException:
+        with contextlib.suppress(Exception):  # never submitted, or refused: the lease goes back at once (a no-op after a commit)
+            await call.abandon()
+        raise
 
 
-@router.delete("/{session_id}", status_code=204, responses={404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}})
-async def delete_session(session_id: str, engine: EngineDep):
-    try:
-        engine.sessions.delete(session_id)
-    except EngineError as e:
-        raise from_engine(e) from None
+@router.get("/{session_id}", response_model=SessionInfo, responses={404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
+async def get_session(session_id: str, sessions: SessionsDep):
+    return await sessions.metadata(session_id)
+
+
+@router.delete("/{session_id}", status_code=204, responses={404: {"model": ErrorResponse}, 409: {"model": ErrorResponse},
+                                                              503: {"model": ErrorResponse}})
+async def delete_session(session_id: str, sessions: SessionsDep):
+    await sessions.delete(session_id)
     return Response(status_code=204)

@@ -1,0 +1,87 @@
+"""The running batch: every per-row tensor the step and the sampler read, in one object.
+
+Rows are streams. A `Batch` holds their recurrent state, their sampling controls, their penalty
+masks and their random streams, all in row order, and changes shape only through `filter` (rows
+leave) and `concatenate` (rows join), in the manner of text-generation-inference's batches. A
+per-row sampling control is a field of `SamplingParams`: the batch builds a tensor for each field,
+so adding a control never touches this module. The model and the runner know nothing of rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..sampling import SamplingParams
+
+# One tensor per field of SamplingParams, typed by the field's default: (B,) int64 or float32.
+CONTROL_DTYPES = {f.name: (torch.long if isinstance(f.default, int) and not isinstance(f.default, bool) else torch.float32)
+                  for f in fields(SamplingParams)}
+
+
+@dataclass
+class Batch:
+    rows: list[Any]  # the streams, in row order; each has `.request` (a GenerationRequest)
+    state: torch.Tensor  # (2, L, B, H)
+    controls: dict[str, torch.Tensor]  # name -> (B,), one per SamplingParams field
+    seen: torch.Tensor  # (B, V) bool: characters already in each row's prompt or text (repetition penalty)
+    seeds: np.ndarray  # (B,) uint64
+    counters: np.ndarray  # (B,) uint64: draws made so far from each row's random stream
+
+    @classmethod
+    def empty(cls, num_layers: int, hidden: int, vocab_size: int) -> Batch:
+        return cls(rows=[], state=torch.zeros(2, num_layers, 0, hidden),
+                   controls={k: torch.zeros(0, dtype=d) for k, d in CONTROL_DTYPES.items()},
+                   seen=torch.zeros(0, vocab_size, dtype=torch.bool),
+                   seeds=np.zeros(0, dtype=np.uint64), counters=np.zeros(0, dtype=np.uint64))
+
+    @classmethod
+    def single(cls, row: Any, state: torch.Tensor, seed: int, counter: int, vocab_size: int) -> Batch:
+        """One row. state (2, L, H): the row's state after its prompt."""
+        params = row.request.params
+        seen = torch.zeros(1, vocab_size, dtype=torch.bool)  # (1, V)
+        seen[0, row.request.prompt_ids] = True
+        return cls(rows=[row], state=state.unsqueeze(2),
+                   controls={k: torch.tensor([getattr(params, k)], dtype=d) for k, d in CONTROL_DTYPES.items()},
+                   seen=seen, seeds=np.array([seed], dtype=np.uint64), counters=np.array([counter], dtype=np.uint64))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def filter(self, keep: list[int]) -> Batch:
+        """The batch of the rows at `keep` (in that order)."""
+        if len(keep) == len(self.rows):
+            return self
+        idx = torch.tensor(keep, dtype=torch.long)
+        return Batch(rows=[self.rows[i] for i in keep], state=self.state.index_select(2, idx),
+                     controls={k: t[idx] for k, t in self.controls.items()}, seen=self.seen[idx],
+                     seeds=self.seeds[keep], counters=self.counters[keep])
+
+    @classmethod
+    def concatenate(cls, batches: list[Batch]) -> Batch:
+        """Rows of every batch, in order. One copy of each tensor, however many batches join."""
+        batches = [b for b in batches if len(b)] or batches[:1]
+        if len(batches) == 1:
+            return batches[0]
+        return cls(rows=[r for b in batches for r in b.rows], state=torch.cat([b.state for b in batches], dim=2),
+                   controls={k: torch.cat([b.controls[k] for b in batches]) for k in batches[0].controls},
+                   seen=torch.cat([b.seen for b in batches]), seeds=np.concatenate([b.seeds for b in batches]),
+                   counters=np.concatenate([b.counters for b in batches]))
+
+    @property
+    def penalised(self) -> bool:
+        """Some row has a repetition penalty: only then does the sampler read `seen`."""
+        return bool((self.controls["repetition_penalty"] != 1.0).any())
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return any(r.request.logprobs for r in self.rows)
+
+    def record(self, ids: torch.Tensor) -> None:
+        """Every row drew once and took character ids (B,)."""
+        self.counters += np.uint64(1)
+        if self.penalised:
+            self.seen[torch.arange(len(self.rows)), ids] = True

@@ -1,0 +1,111 @@
+"""Generation calls on sessions: lease a copy, run the engine from it, commit what it returns.
+
+This is where sessions meet the engine, on the asyncio side. Store calls run in worker threads,
+never on the engine thread (a store may block on a network) and never on the event loop. A lease is
+renewed while its call runs, so a long generation keeps its session; a call that did not complete
+(cancelled, shut down, failed) releases the lease and leaves the session as it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+from .sessions import Lease, SessionRecord, SessionStore, new_session_id
+from .types import Done, EngineError, GenerationRequest, LeaseLost, SessionStoreUnavailable
+
+log = logging.getLogger("charlstm.sessions")
+
+StoreObserver = Callable[[str, float, bool], None]  # (operation, seconds, failed)
+
+
+class SessionCalls:
+    def __init__(self, store: SessionStore, fingerprint: str, lease_s: float, default_ttl_s: float,
+                 notify: Callable[..., None] | None = None, observe: StoreObserver | None = None):
+        """`notify(name, *args)` reports session events to the engine's observers (Engine.notify);
+        `observe(operation, seconds, failed)` times every store call."""
+        self.store, self.fingerprint, self.lease_s, self.default_ttl_s = store, fingerprint, lease_s, default_ttl_s
+        self.notify = notify or (lambda name, *args: None)
+        self.observe = observe or (lambda op, seconds, failed: None)
+
+    async def run(self, op: str, fn, *args):
+        """One store operation in a worker thread, timed; a failure of the store itself becomes
+        SessionStoreUnavailable (the session errors, NotFound, Busy and the like pass through)."""
+        t0, failed = time.perf_counter(), False
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except EngineError:
+            raise
+        except Exception as e:
+            failed = True
+            log.warning("session store %s failed: %s: %s", op, type(e).__name__, e)
+            raise SessionStoreUnavailable(f"the session store is unavailable ({type(e).__name__}); retry shortly") from e
+        finally:
+            self.observe(op, time.perf_counter() - t0, failed)
+
+    async def metadata(self, session_id: str) -> dict:
+        record = await self.run("get", self.store.get, session_id)
+        return record.metadata(busy=await self.run("is_leased", self.store.is_leased, session_id))
+
+    async def delete(self, session_id: str) -> None:
+        await self.run("delete", self.store.delete, session_id)
+
+    async def create(self, primed: Done, ttl_s: float | None) -> dict:
+        """A new session from a completed priming stream (its Done carries the state)."""
+        now = time.time()
+        record = SessionRecord(id=new_session_id(), state=primed.state, seed=primed.seed, counter=primed.counter,
+                               position=primed.prompt_tokens + primed.completion_tokens, model=self.fingerprint,
+                               ttl_s=float(ttl_s or self.default_ttl_s), created_at=now, last_used=now)
+        created = await self.run("create", self.store.create, record)
+        self.notify("on_session_created")
+        return created.metadata()
+
+    async def begin(self, session_id: str, request: GenerationRequest) -> tuple[SessionCall, GenerationRequest]:
+        """Lease the session and turn `request` into one that continues it. A seed in the request
+        re-seeds the session (its random stream restarts at that seed)."""
+        lease = await self.run("lease", self.store.lease, session_id, self.lease_s)
+        record = lease.record
+        seed, counter = (record.seed, record.counter) if request.seed is None else (request.seed, 0)
+        request = replace(request, state=record.state, seed=seed, counter=counter, return_state=True)
+        return SessionCall(self, lease), request
+
+
+class SessionCall:
+    """One leased call. `finish` is given the stream's Done, whatever happened to the client."""
+
+    def __init__(self, calls: SessionCalls, lease: Lease):
+        self.calls, self.lease = calls, lease
+        self._renewer = asyncio.create_task(self._keep_lease())
+
+    async def _keep_lease(self) -> None:
+        while True:
+            await asyncio.sleep(self.calls.lease_s / 3)
+            try:
+                self.lease = await self.calls.run("renew", self.calls.store.renew, self.lease, self.calls.lease_s)
+            except LeaseLost:
+                log.warning("lost the lease on session %s while a call ran", self.lease.session_id)
+                return
+            except EngineError:
+                continue  # the store is away for now; the lease may still outlive the outage
+
+    async def finish(self, done: Done) -> Done:
+        """Commit a completed call; release the lease of any other."""
+        self._renewer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._renewer
+        store = self.calls.store
+        if done.completed and done.state is not None:
+            record = self.lease.record.advanced(done.state, done.seed, done.counter, done.prompt_tokens + done.completion_tokens)
+            committed = await self.calls.run("commit", store.commit, self.lease, record)
+            return replace(done, state=None, session=committed.metadata())
+        await self.abandon()
+        return replace(done, state=None, session=self.lease.record.metadata())
+
+    async def abandon(self) -> None:
+        """The call never ran or did not complete: the session stays as it was."""
+        self._renewer.cancel()
+        await self.calls.run("release", self.calls.store.release, self.lease)
