@@ -38,6 +38,8 @@ class Settings(BaseSettings):
     log_level: str = "info"
     session_lease_s: float = Field(30.0, gt=0, le=3600, description="a call's hold on its session; renewed while the call runs, "
                                    "so it only matters when the holder dies (then the session is free again after this)")
+    session_key: str | None = Field(None, description="key that signs exported sessions (HMAC-SHA256); replicas that share "
+                                    "sessions set the same one. Unset: a random key kept in <session_db>.key")
 
     @model_validator(mode="after")
     def _consistent(self) -> "Settings":

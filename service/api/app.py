@@ -20,6 +20,7 @@ from .. import __version__, store
 from ..engine.engine import Engine, EngineConfig
 from ..engine.runner import Runner
 from ..engine.memory_store import MemorySessionStore
+from ..engine import session_blob
 from ..engine.session_calls import SessionCalls
 from ..engine.session_db import SessionDB, SessionDBError
 from ..engine.sessions import SessionStore
@@ -60,6 +61,7 @@ async def lifespan(app: FastAPI):
             session_db.close()
             log.error("%s", e)
             raise
+    app.state.session_key, key_source = session_blob.load_or_create_key(settings.session_key, settings.session_db or None)
     app.state.sessions = SessionCalls(session_store, fingerprint, settings.session_lease_s, settings.session_ttl_s,
                                       notify=engine.notify)
     app.state.session_store = session_store
@@ -72,11 +74,11 @@ async def lifespan(app: FastAPI):
     sweeper = asyncio.create_task(_sweep_sessions(session_store))
     snapshots = asyncio.create_task(_snapshot_sessions(session_store, session_db, settings.snapshot_interval_s)) if session_db else None
     log.info("serving %s (weights %s, %s parameters) on %s, %d torch threads, %d step workers; max batch %d, queue %d, "
-             "max new tokens %d, max prompt %d chars; sessions: %s store%s, %d restored, at most %d; listening on %s:%d",
+             "max new tokens %d, max prompt %d chars; sessions: %s store%s, %d restored, at most %d, signed with %s; listening on %s:%d",
              model_name, fingerprint[:12], f"{loaded.model.num_parameters():,}", "cpu", torch.get_num_threads(),
              settings.step_workers, settings.max_batch_size, settings.max_queue, settings.max_new_tokens,
              settings.max_prompt_chars, session_store.kind, f" saved to {settings.session_db}" if session_db else "",
-             restored, settings.max_sessions, settings.host, settings.port)
+             restored, settings.max_sessions, key_source, settings.host, settings.port)
     try:
         yield
     finally:

@@ -1,0 +1,206 @@
+"""The contract every session store passes. A store's test module subclasses `StoreContract` and
+provides a `make_store(max_sessions)` fixture returning a fresh, empty store; TTLs and leases are
+real time here (short ones), since a shared store expires keys by its own clock."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import replace
+
+import pytest
+import torch
+
+from service.engine.sessions import SessionRecord, new_session_id
+from service.engine.types import LeaseLost, SessionBusy, SessionNotFound, TooManySessions
+
+from .server import wait_until
+
+FINGERPRINT = "ab" * 32
+
+
+def record(ttl_s: float = 600.0, seed: int = 1, **fields) -> SessionRecord:
+    now = time.time()
+    values = dict(id=new_session_id(), state=torch.randn(2, 2, 8), seed=seed, counter=0, position=1, model=FINGERPRINT,
+                  ttl_s=ttl_s, created_at=now, last_used=now)
+    values.update(fields)
+    return SessionRecord(**values)
+
+
+class StoreContract:
+    """Subclass with a `make_store` fixture: `make_store(max_sessions=10) -> SessionStore`."""
+
+    def test_create_then_get_returns_an_equal_copy(self, make_store):
+        store = make_store()
+        r = record(seed=42, counter=3, position=17)
+        store.create(r)
+        got = store.get(r.id)
+        assert torch.equal(got.state, r.state) and (got.seed, got.counter, got.position) == (42, 3, 17)
+        assert got.model == FINGERPRINT and got.ttl_s == r.ttl_s
+        got.state.zero_()  # a copy: changing it changes nothing stored
+        assert torch.equal(store.get(r.id).state, r.state)
+        assert store.count() == 1 and not store.is_leased(r.id)
+
+    def test_unknown_sessions_are_not_found(self, make_store):
+        store = make_store()
+        for op in (store.get, store.is_leased, store.delete, lambda sid: store.lease(sid, 5)):
+            with pytest.raises(SessionNotFound):
+                op("no-such-session")
+
+    def test_a_lease_is_exclusive_and_a_commit_advances_the_version(self, make_store):
+        store = make_store()
+        r = record()
+        store.create(r)
+        lease = store.lease(r.id, 30)
+        assert store.is_leased(r.id) and torch.equal(lease.record.state, r.state)
+        with pytest.raises(SessionBusy):
+            store.lease(r.id, 30)
+        with pytest.raises(SessionBusy):
+            store.delete(r.id)
+        new_state = torch.randn(2, 2, 8)
+        committed = store.commit(lease, lease.record.advanced(new_state, seed=9, counter=5, consumed=10))
+        assert committed.version == lease.record.version + 1 and committed.position == r.position + 10
+        got = store.get(r.id)
+        assert torch.equal(got.state, new_state) and (got.seed, got.counter, got.version) == (9, 5, committed.version)
+        assert not store.is_leased(r.id)
+        with pytest.raises(LeaseLost):  # a lease commits once
+            store.commit(lease, lease.record)
+
+    def test_a_released_lease_leaves_the_state_and_frees_the_session(self, make_store):
+        store = make_store()
+        r = record()
+        store.create(r)
+        lease = store.lease(r.id, 30)
+        store.release(lease)
+        assert not store.is_leased(r.id) and torch.equal(store.get(r.id).state, r.state)
+        assert store.get(r.id).version == r.version
+        store.release(lease)  # releasing twice is harmless
+        again = store.lease(r.id, 30)
+        store.commit(again, again.record)
+
+    def test_an_expired_lease_frees_the_session_and_cannot_commit(self, make_store):
+        store = make_store()
+        r = record()
+        store.create(r)
+        dead = store.lease(r.id, 0.2)  # a holder that died
+        wait_until(lambda: not store.is_leased(r.id), timeout=10, what="the lease to expire")
+        with pytest.raises(LeaseLost):
+            store.commit(dead, dead.record.advanced(torch.zeros(2, 2, 8), 1, 1, 1))
+        with pytest.raises(LeaseLost):
+            store.renew(dead, 30)
+        live = store.lease(r.id, 30)
+        store.commit(live, live.record.advanced(torch.ones(2, 2, 8), 1, 1, 1))
+        with pytest.raises(LeaseLost):  # the dead holder comes back: still refused, the newer commit stands
+            store.commit(dead, dead.record)
+        assert torch.equal(store.get(r.id).state, torch.ones(2, 2, 8))
+
+    def test_renewal_keeps_a_lease_alive(self, make_store):
+        store = make_store()
+        r = record()
+        store.create(r)
+        lease = store.lease(r.id, 0.5)
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:  # renewing well within the lease, for three lease lengths
+            lease = store.renew(lease, 0.5)
+            assert store.is_leased(r.id)
+            time.sleep(0.1)  # the renewal interval under test, not a wait for another thread
+        store.commit(lease, lease.record)
+
+    def test_only_one_of_many_concurrent_leases_wins(self, make_store):
+        store = make_store()
+        r = record()
+        store.create(r)
+        wins, busy, barrier = [], [], threading.Barrier(8)
+
+        def take():
+            barrier.wait()
+            try:
+                wins.append(store.lease(r.id, 30))
+            except SessionBusy:
+                busy.append(1)
+
+        threads = [threading.Thread(target=take) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(wins) == 1 and len(busy) == 7
+
+    def test_delete_removes_and_reports(self, make_store):
+        removed = []
+        store = make_store(on_removed=removed.append)
+        r = record()
+        store.create(r)
+        store.delete(r.id)
+        with pytest.raises(SessionNotFound):
+            store.get(r.id)
+        assert store.count() == 0 and removed == ["deleted"]
+
+    def test_idle_sessions_expire_after_their_ttl(self, make_store):
+        store = make_store()
+        short, long = record(ttl_s=0.3), record(ttl_s=600)
+        store.create(short)
+        store.create(long)
+
+        def gone():
+            store.purge_expired()
+            try:
+                store.get(short.id)
+                return False
+            except SessionNotFound:
+                return True
+
+        wait_until(gone, timeout=10, what="the short session to expire")
+        assert store.get(long.id) and store.count() == 1
+
+    def test_a_use_postpones_expiry(self, make_store):
+        store = make_store()
+        r = record(ttl_s=1.0)
+        store.create(r)
+        end = time.monotonic() + 2.0
+        while time.monotonic() < end:  # used every 0.2 s for twice its TTL: it never expires
+            lease = store.lease(r.id, 30)
+            store.commit(lease, lease.record)
+            time.sleep(0.2)
+        assert store.get(r.id).version >= 5
+
+    def test_the_cap_evicts_the_least_recently_used_idle_session(self, make_store):
+        removed = []
+        store = make_store(max_sessions=3, on_removed=removed.append)
+        a, b, c = record(), record(), record()
+        for r in (a, b, c):
+            store.create(r)
+            time.sleep(0.01)  # distinct last-use times, for stores that order by time
+        lease = store.lease(a.id, 30)  # a is the oldest but busy: b is evicted instead
+        store.commit(lease, lease.record)  # ... and now a is the most recent
+        time.sleep(0.01)
+        d = record()
+        store.create(d)
+        assert removed == ["evicted"] and store.count() == 3
+        with pytest.raises(SessionNotFound):
+            store.get(b.id)
+        for r in (a, c, d):
+            assert store.get(r.id)
+
+    def test_the_cap_never_evicts_a_leased_session(self, make_store):
+        store = make_store(max_sessions=2)
+        a, b = record(), record()
+        store.create(a)
+        store.create(b)
+        la, lb = store.lease(a.id, 30), store.lease(b.id, 30)
+        with pytest.raises(TooManySessions):
+            store.create(record())
+        store.release(la)
+        store.create(record())
+        with pytest.raises(SessionNotFound):
+            store.get(a.id)
+        store.commit(lb, lb.record)
+
+    def test_a_leased_session_reads_as_last_committed(self, make_store):
+        store = make_store()
+        r = record()
+        store.create(r)
+        lease = store.lease(r.id, 30)
+        assert torch.equal(store.get(r.id).state, r.state)  # a consistent snapshot while a call runs
+        store.commit(lease, replace(lease.record, state=torch.full((2, 2, 8), 3.0)))
+        assert torch.equal(store.get(r.id).state, torch.full((2, 2, 8), 3.0))
