@@ -8,6 +8,9 @@ import signal
 import sqlite3
 
 import httpx
+import pytest
+
+from service.engine.session_db import SessionDB
 
 from .server import Server, wait_until
 
@@ -78,15 +81,14 @@ def test_a_crash_keeps_the_last_snapshot(trained_store, tmp_path):
     try:
         sid = create(first.url, prompt="FOOL:", seed=2)
         session_text(first.url, sid, max_new_tokens=20)
+        done = httpx.get(first.url + "/ready").json()["session_store"]["snapshots"]
 
-        def snapshotted():
-            if not db.exists():
-                return False
-            with sqlite3.connect(db) as conn:
-                row = conn.execute("SELECT position FROM sessions WHERE id = ?", (sid,)).fetchone()
-            return row is not None and row[0] == 5 + 20
+        def snapshotted():  # the server reports a snapshot completed after the call, then the file holds it
+            return httpx.get(first.url + "/ready").json()["session_store"]["snapshots"] > done
 
-        wait_until(snapshotted, what="a snapshot holding the session")
+        wait_until(snapshotted, what="a snapshot completed after the session call")
+        with sqlite3.connect(db) as conn:
+            assert conn.execute("SELECT position FROM sessions WHERE id = ?", (sid,)).fetchone() == (5 + 20,)
     finally:
         first.stop(signal.SIGKILL)
     second = Server(trained_store, session_db=db)
@@ -95,6 +97,29 @@ def test_a_crash_keeps_the_last_snapshot(trained_store, tmp_path):
         assert session_text(second.url, sid, max_new_tokens=5)
     finally:
         second.stop()
+
+
+def test_two_servers_never_share_a_session_database(trained_store, tmp_path):
+    db = tmp_path / "sessions.sqlite3"
+    first = Server(trained_store, session_db=db)
+    try:
+        with pytest.raises(RuntimeError, match="in use by another running server"):
+            Server(trained_store, session_db=db)
+        sid = create(first.url, prompt="KING:", seed=4)
+    finally:
+        first.stop()
+    second = Server(trained_store, session_db=db)  # the first is gone: its file and its sessions are free
+    try:
+        assert httpx.get(f"{second.url}/sessions/{sid}").status_code == 200
+    finally:
+        second.stop()
+
+
+def test_a_session_database_of_another_model_is_refused(trained_store, tmp_path):
+    db = tmp_path / "sessions.sqlite3"
+    SessionDB(db, "other@v3", "ef" * 32).write([], [])
+    with pytest.raises(RuntimeError, match="holds sessions of model other@v3.*tiny@v1"):
+        Server(trained_store, session_db=db)
 
 
 def test_a_corrupt_session_store_is_set_aside(trained_store, tmp_path):

@@ -114,14 +114,14 @@ async def _snapshot_sessions(session_store: MemorySessionStore, db: SessionDB, e
         changed, removed = session_store.take_changes()
         if full:
             changed, removed = session_store.all_records(), []
-        if changed or removed or full:
-            try:
+        try:
+            if changed or removed or full:
                 await asyncio.to_thread(db.write, changed, removed, full)
                 full = False
-                session_store.snapshot_done()
-            except Exception:
-                log.exception("writing the session snapshot failed; the next snapshot rewrites all sessions")
-                full = True
+            session_store.snapshot_done()  # the file now holds every commit made before this snapshot began
+        except Exception:
+            log.exception("writing the session snapshot failed; the next snapshot rewrites all sessions")
+            full = True
 
 
 def _drain_on_sigterm(engine: Engine, grace_s: float):

@@ -33,6 +33,9 @@ from .types import Done, EngineUnavailable, GenerationRequest, Overloaded, Shutt
 
 log = logging.getLogger("charlstm.engine")
 
+MAX_DELIVERY_ATTEMPTS = 100  # loops a listener's events are retried before it is given up
+RETRY_DELIVERY_S = 0.01  # an idle loop's wait before retrying undelivered events
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -107,6 +110,7 @@ class Engine:
         self._joining: list[Batch] = []
         self._batch = self._empty_batch()
         self._outbox: list[tuple[Any, list]] = []
+        self._undelivered: list[tuple[Any, list, int]] = []  # (listener, events, attempts) that failed to go out
         start = config.start_char if config.start_char in vocab else vocab.chars[0]
         self._start_id = vocab.encode(start)[0]
         self._chars = vocab.chars
@@ -207,7 +211,8 @@ class Engine:
         while True:
             with self._cv:
                 while not (self._incoming or self._cancelled or len(self._batch) or self._prefilling or self._waiting or self._stop):
-                    self._cv.wait()
+                    if not self._cv.wait(RETRY_DELIVERY_S if self._undelivered else None):
+                        break  # events wait for another try
                 if self._stop:
                     return
                 self._waiting.extend(self._incoming)
@@ -399,18 +404,29 @@ class Engine:
             self._counts = (len(self._batch) + len(self._prefilling), len(self._waiting))
 
     def _flush(self) -> None:
-        if not self._outbox:
+        """Hand this loop's events over. If that fails, each listener's events are retried on their own,
+        in order, and those that still fail wait for the next loop: a transient fault delays events, it
+        never loses an end. A listener that keeps failing is given up after MAX_DELIVERY_ATTEMPTS loops."""
+        out = self._undelivered + [(listener, events, 0) for listener, events in self._outbox]
+        self._outbox, self._undelivered = [], []
+        if not out:
             return
-        out, self._outbox = self._outbox, []
         try:
-            self.deliver(out)
-        except Exception:  # deliver each listener's events on its own, so one bad listener costs only itself
+            self.deliver([(listener, events) for listener, events, _ in out])
+            return
+        except Exception:
             log.exception("delivering engine events failed; retrying listener by listener")
-            for item in out:
+        blocked: set[int] = set()  # listeners with an earlier event still undelivered: keep their order
+        for listener, events, attempts in out:
+            if id(listener) not in blocked:
                 try:
-                    self.deliver([item])
+                    self.deliver([(listener, events)])
+                    continue
                 except Exception:
                     log.exception("delivering events to one listener failed")
+            blocked.add(id(listener))
+            if attempts + 1 < MAX_DELIVERY_ATTEMPTS:
+                self._undelivered.append((listener, events, attempts + 1))
 
     def _empty_batch(self) -> Batch:
         return Batch.empty(self.runner.num_layers, self.runner.hidden, len(self.vocab))

@@ -100,7 +100,12 @@ class SessionCall:
         store = self.calls.store
         if done.completed and done.state is not None:
             record = self.lease.record.advanced(done.state, done.seed, done.counter, done.prompt_tokens + done.completion_tokens)
-            committed = await self.calls.run("commit", store.commit, self.lease, record)
+            try:
+                committed = await self.calls.run("commit", store.commit, self.lease, record)
+            except SessionStoreUnavailable:
+                with contextlib.suppress(EngineError):  # give the session back if the store still answers that much
+                    await self.calls.run("release", store.release, self.lease)
+                raise
             return replace(done, state=None, session=committed.metadata())
         await self.abandon()
         return replace(done, state=None, session=self.lease.record.metadata())

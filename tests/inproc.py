@@ -1,0 +1,44 @@
+"""A real uvicorn server on a loopback port, in a thread of the test process, so a test can reach into
+the engine (inject a fault, read its counters) while clients talk to it over real HTTP."""
+
+from __future__ import annotations
+
+import threading
+
+import uvicorn
+
+from service.server import build_app
+from service.settings import Settings
+from service.store import LoadedModel
+
+from .server import free_port, wait_until
+
+
+class InProcessServer:
+    def __init__(self, loaded: LoadedModel, hooks=(), session_store_factory=None, **settings):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        settings.setdefault("session_db", "")
+        self.settings = Settings(host="127.0.0.1", port=self.port, torch_threads=1, **settings)
+        self.app = build_app(self.settings, loaded, session_store_factory)
+        self.app.state.engine_hooks.extend(hooks)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        wait_until(lambda: self.server.started or not self.thread.is_alive(), timeout=60, what="the server to start")
+        if not self.server.started:
+            raise RuntimeError("the in-process server did not start")
+
+    @property
+    def engine(self):
+        return self.app.state.engine
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=60)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
