@@ -101,3 +101,14 @@ def test_ttl_has_one_upper_bound_the_one_in_force(server):
     assert r.status_code == 422 and f"{bound:g}" in r.json()["error"]["message"]
     r = httpx.post(server.url + "/sessions", json={"ttl_seconds": 10**9})
     assert r.status_code == 422 and f"{bound:g}" in r.json()["error"]["message"]
+
+
+def test_start_up_log_names_the_model_and_the_sessions_restored(trained_store, tiny_model, tmp_path):
+    srv = Server(trained_store, log_level="info", session_db=tmp_path / "s.sqlite3")
+    try:
+        log = srv.output()
+    finally:
+        srv.stop()
+    line = next(x for x in log.splitlines() if "serving tiny@v1" in x)
+    assert tiny_model.card["weights_sha256"][:12] in line and "0 restored" in line and "memory store" in line
+    assert f"127.0.0.1:{srv.port}" in line and "max batch 64" in line

@@ -37,6 +37,7 @@ log = logging.getLogger("charlstm.api")
 @asynccontextmanager
 async def lifespan(app: FastAPI):
     settings = app.state.settings = app.state.settings or Settings()
+    _configure_logging(settings.log_level)
     # The engine drains streams itself (finish_reason "shutdown" after the grace), so sse-starlette must
     # not cut them off the moment the server begins to exit.
     AppStatus.disable_automatic_graceful_drain()
@@ -95,6 +96,17 @@ async def lifespan(app: FastAPI):
             session_db.close()
             log.info("saved %d sessions to %s", len(saved), settings.session_db)
         session_store.close()
+
+
+def _configure_logging(level: str) -> None:
+    """The service's own loggers print at the configured level beside uvicorn's (which configures only its own)."""
+    logger = logging.getLogger("charlstm")
+    logger.setLevel(level.upper())
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
 
 
 async def _sweep_sessions(session_store: SessionStore, every_s: float = 1.0) -> None:
