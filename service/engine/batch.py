@@ -9,7 +9,7 @@ so adding a control never touches this module. The model and the runner know not
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -30,6 +30,13 @@ class Batch:
     seen: torch.Tensor  # (B, V) bool: characters already in each row's prompt or text (repetition penalty)
     seeds: np.ndarray  # (B,) uint64
     counters: np.ndarray  # (B,) uint64: draws made so far from each row's random stream
+    penalised: bool = field(init=False)  # some row has a repetition penalty: only then does the sampler read `seen`
+    wants_logprobs: bool = field(init=False)  # some row asked for log-probabilities
+
+    def __post_init__(self) -> None:
+        # Derived once per shape change (rows join or leave), not once per step.
+        self.penalised = bool((self.controls["repetition_penalty"] != 1.0).any())
+        self.wants_logprobs = any(r.request.logprobs for r in self.rows)
 
     @classmethod
     def empty(cls, num_layers: int, hidden: int, vocab_size: int) -> Batch:
@@ -70,15 +77,6 @@ class Batch:
                    controls={k: torch.cat([b.controls[k] for b in batches]) for k in batches[0].controls},
                    seen=torch.cat([b.seen for b in batches]), seeds=np.concatenate([b.seeds for b in batches]),
                    counters=np.concatenate([b.counters for b in batches]))
-
-    @property
-    def penalised(self) -> bool:
-        """Some row has a repetition penalty: only then does the sampler read `seen`."""
-        return bool((self.controls["repetition_penalty"] != 1.0).any())
-
-    @property
-    def wants_logprobs(self) -> bool:
-        return any(r.request.logprobs for r in self.rows)
 
     def record(self, ids: torch.Tensor) -> None:
         """Every row drew once and took character ids (B,)."""

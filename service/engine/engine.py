@@ -407,15 +407,20 @@ class Engine:
         """Hand this loop's events over. If that fails, each listener's events are retried on their own,
         in order, and those that still fail wait for the next loop: a transient fault delays events, it
         never loses an end. A listener that keeps failing is given up after MAX_DELIVERY_ATTEMPTS loops."""
-        out = self._undelivered + [(listener, events, 0) for listener, events in self._outbox]
-        self._outbox, self._undelivered = [], []
-        if not out:
-            return
-        try:
-            self.deliver([(listener, events) for listener, events, _ in out])
-            return
-        except Exception:
-            log.exception("delivering engine events failed; retrying listener by listener")
+        if not self._undelivered:  # the usual case: hand the outbox over as it is
+            if not self._outbox:
+                return
+            outbox, self._outbox = self._outbox, []
+            try:
+                self.deliver(outbox)
+                return
+            except Exception:
+                log.exception("delivering engine events failed; retrying listener by listener")
+            out = [(listener, events, 0) for listener, events in outbox]
+        else:
+            out = self._undelivered + [(listener, events, 0) for listener, events in self._outbox]
+            self._outbox = []
+        self._undelivered = []
         blocked: set[int] = set()  # listeners with an earlier event still undelivered: keep their order
         for listener, events, attempts in out:
             if id(listener) not in blocked:
