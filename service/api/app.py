@@ -22,7 +22,7 @@ from ..engine.runner import Runner
 from ..engine.session_db import SessionDB
 from ..engine.sessions import InMemorySessionStore, SessionManager
 from ..settings import Settings
-from . import errors, openapi
+from . import docs, errors, openapi
 from .auth import APIKeyAuth
 from .bridge import make_deliver
 from .limits import BodyLimit
@@ -127,7 +127,7 @@ def _drain_on_sigterm(engine: Engine, grace_s: float):
 
 def create_app(settings: Settings | None = None, loaded: store.LoadedModel | None = None) -> FastAPI:
     """`loaded`: a model the caller has already loaded (and so validated), else the lifespan loads it."""
-    app = FastAPI(title="charlstm", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="charlstm", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Character-level LSTM text generation with continuous batching, streaming and sessions.")
     app.state.settings = settings
     app.state.preloaded = loaded
@@ -140,4 +140,6 @@ def create_app(settings: Settings | None = None, loaded: store.LoadedModel | Non
     app.include_router(generate.router)
     app.include_router(sessions.router)
     app.include_router(probes.router)
+    app.include_router(docs.router)  # /docs and /redoc with assets served from the package, not a CDN
+    app.mount(docs.ASSETS_URL, docs.assets(), name="docs-assets")
     return app
