@@ -36,3 +36,5 @@ class Settings(BaseSettings):
     session_db: str = Field("data/sessions.sqlite3", description="SQLite file the sessions are saved to and restored from; empty: off")
     snapshot_interval_s: float = Field(5.0, gt=0, description="how often changed sessions are written to session_db")
     log_level: str = "info"
+    drain_delay_s: float = Field(5.0, ge=0, description="on SIGTERM, keep accepting connections this long with /ready 503 and new work "
+                                 "refused, so load balancers stop sending before the port closes; 0: close at once")

@@ -58,7 +58,7 @@ async def lifespan(app: FastAPI):
     app.state.loaded = loaded
     engine.start()
     app.state.engine = engine
-    restore_signal = _drain_on_sigterm(engine, settings.shutdown_grace_s)
+    restore_signal = _drain_on_sigterm(engine, settings.drain_delay_s + settings.shutdown_grace_s)
     sweeper = asyncio.create_task(_sweep_sessions(manager))
     snapshots = asyncio.create_task(_snapshot_sessions(manager, session_db, settings.snapshot_interval_s)) if session_db else None
     log.info("serving %s@%s (%s parameters)", loaded.name, loaded.version, f"{loaded.model.num_parameters():,}")
@@ -102,8 +102,9 @@ async def _snapshot_sessions(manager: SessionManager, db: SessionDB, every_s: fl
 
 
 def _drain_on_sigterm(engine: Engine, grace_s: float):
-    """On SIGTERM/SIGINT: readiness turns 503 and running streams get `grace_s` to finish, then the
-    server's own handler runs (it stops accepting and waits for open responses)."""
+    """On SIGTERM/SIGINT: readiness turns 503, new work is refused, and running streams get `grace_s` to finish
+    (the drain delay plus the shutdown grace: `charlstm serve` keeps listening for drain_delay_s, then closes
+    the port and waits for open responses); then the server's own handler runs."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
