@@ -114,7 +114,8 @@ def _cmd_serve(args) -> int:
         """Keeps listening for drain_delay_s after the first SIGTERM/SIGINT, so a load balancer or a Kubernetes
         probe sees /ready 503 (the app's signal hook has begun the engine drain: new work is refused, running
         streams go on) before the port closes; then uvicorn's own shutdown runs. A second signal ends the
-        delay at once. A drained SIGTERM is a clean stop: the process exits 0 instead of re-raising it."""
+        delay at once. A drained stop is a clean stop: the process exits 0 instead of re-raising the signal
+        (which would end it by SIGTERM, or with a KeyboardInterrupt traceback after Ctrl-C)."""
 
         loop: asyncio.AbstractEventLoop | None = None
         draining = False
@@ -139,7 +140,7 @@ def _cmd_serve(args) -> int:
 
         def _exit(self, sig, frame) -> None:
             super().handle_exit(sig, frame)
-            if sig == signal.SIGTERM and sig in self._captured_signals:
+            if sig in (signal.SIGTERM, signal.SIGINT) and sig in self._captured_signals:
                 self._captured_signals.remove(sig)  # uvicorn would raise it again once shut down
 
     config = uvicorn.Config(build_app(settings, loaded), host=settings.host, port=settings.port, log_level=settings.log_level,
