@@ -127,14 +127,16 @@ def _cmd_serve(args) -> int:
         def handle_exit(self, sig, frame) -> None:
             if settings.drain_delay_s > 0 and not self.draining and not self.should_exit and self.loop is not None:
                 self.draining = True
-                log.info("draining: /ready answers 503 for %.1f s, then the port closes", settings.drain_delay_s)
+
+                def delay() -> None:  # on the loop, so the wait blocks nothing
+                    log.info("draining: /ready answers 503 for %.1f s, then the port closes", settings.drain_delay_s)
+                    self.loop.call_later(settings.drain_delay_s, close)
 
                 def close() -> None:
                     if not self.should_exit:  # a second signal may have closed it already
                         self._exit(sig, frame)
 
-                # a signal handler must not touch the loop directly: call_soon_threadsafe wakes it safely
-                self.loop.call_soon_threadsafe(self.loop.call_later, settings.drain_delay_s, close)
+                self.loop.call_soon_threadsafe(delay)  # from a signal handler, only this wakes the loop safely
                 return
             self._exit(sig, frame)
 
