@@ -3,6 +3,10 @@
 # Builds the image, runs it, waits for healthy, checks /ready, /generate (plain and streaming) and
 # /metrics (promtool); then the compose stack: Prometheus sees the target up and can query a charlstm_
 # series. Cleans up on any exit.
+#
+# Needs a running Docker engine (docker info must work), docker compose (v2 plugin or v1 docker-compose),
+# curl, python3 and promtool (Debian's prometheus package). Only in CI (CI=true), where no engine runs,
+# does it start one with the build machines' helper ../shared/tools/docker-up.sh, which a clone lacks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -10,18 +14,35 @@ IMAGE=charlstm:smoke
 PROM_IMAGE=charlstm-prometheus:smoke
 NAME=charlstm-smoke-$$
 PORT=${SMOKE_PORT:-18080}
-COMPOSE=(docker-compose -p charlstm-smoke -f docker/compose.yaml)
+CI_DOCKER_UP=../shared/tools/docker-up.sh
 exec 3>&2  # the log, also from inside checks whose own output is silenced
 log() { printf '[smoke] %s\n' "$*" >&3; }
+fail() { log "$*"; exit 1; }
+in_ci() { [[ ${CI:-} == true ]]; }
 
 need=()
 command -v promtool >/dev/null || need+=(prometheus)
-command -v docker-compose >/dev/null || need+=(docker-compose)
 command -v curl >/dev/null || need+=(curl)
+command -v docker >/dev/null || need+=(docker.io)
+if ! docker compose version >/dev/null 2>&1; then command -v docker-compose >/dev/null || need+=(docker-compose); fi
 if ((${#need[@]})); then
+  in_ci || fail "missing: ${need[*]} (Debian/Ubuntu packages; e.g. sudo apt-get install ${need[*]})"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
-eval "$(../shared/tools/docker-up.sh)"
+
+if ! docker info >/dev/null 2>&1; then
+  if in_ci && [[ -x $CI_DOCKER_UP ]]; then
+    log "no Docker engine is running; CI=true: starting one with $CI_DOCKER_UP"
+    eval "$("$CI_DOCKER_UP")"
+  else
+    fail "no running Docker engine: 'docker info' fails. Start Docker (e.g. 'sudo systemctl start docker', or Docker Desktop), check that your user may use it, then run docker/smoke.sh again"
+  fi
+fi
+if docker compose version >/dev/null 2>&1; then
+  COMPOSE=(docker compose -p charlstm-smoke -f docker/compose.yaml)
+else
+  COMPOSE=(docker-compose -p charlstm-smoke -f docker/compose.yaml)
+fi
 
 cleanup() {
   docker rm -f "$NAME" >/dev/null 2>&1 || true
@@ -29,10 +50,11 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# The CPU torch wheel from this machine's disk when there is one; the PyTorch index otherwise.
+# The CPU torch wheel from this machine's disk when there is one (the build machines keep it in
+# /opt/wheels); the PyTorch index otherwise.
 index_arg=()
 if compgen -G "/opt/wheels/torch-2.13.0*.whl" >/dev/null; then
-  cp -u /opt/wheels/torch-2.13.0*.whl .docker-wheels/
+  mkdir -p .docker-wheels && cp -u /opt/wheels/torch-2.13.0*.whl .docker-wheels/
   index_arg=(--build-arg TORCH_INDEX_URL=)
 fi
 

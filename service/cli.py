@@ -94,6 +94,10 @@ def _add_serve(sub) -> None:
 
 
 def _cmd_serve(args) -> int:
+    import asyncio
+    import logging
+    import signal
+
     import uvicorn
 
     from .server import build_app
@@ -104,9 +108,46 @@ def _cmd_serve(args) -> int:
         overrides["model_store"] = args.store
     settings = Settings(**overrides)
     loaded = store.load(settings.model, settings.model_store)  # fail fast, with the store's one clear message
+    log = logging.getLogger("uvicorn.error")
+
+    class DrainingServer(uvicorn.Server):
+        """Keeps listening for drain_delay_s after the first SIGTERM/SIGINT, so a load balancer or a Kubernetes
+        probe sees /ready 503 (the app's signal hook has begun the engine drain: new work is refused, running
+        streams go on) before the port closes; then uvicorn's own shutdown runs. A second signal ends the
+        delay at once. A drained stop is a clean stop: the process exits 0 instead of re-raising the signal
+        (which would end it by SIGTERM, or with a KeyboardInterrupt traceback after Ctrl-C)."""
+
+        loop: asyncio.AbstractEventLoop | None = None
+        draining = False
+
+        async def serve(self, sockets=None) -> None:
+            self.loop = asyncio.get_running_loop()
+            await super().serve(sockets)
+
+        def handle_exit(self, sig, frame) -> None:
+            if settings.drain_delay_s > 0 and not self.draining and not self.should_exit and self.loop is not None:
+                self.draining = True
+
+                def delay() -> None:  # on the loop, so the wait blocks nothing
+                    log.info("draining: /ready answers 503 for %.1f s, then the port closes", settings.drain_delay_s)
+                    self.loop.call_later(settings.drain_delay_s, close)
+
+                def close() -> None:
+                    if not self.should_exit:  # a second signal may have closed it already
+                        self._exit(sig, frame)
+
+                self.loop.call_soon_threadsafe(delay)  # from a signal handler, only this wakes the loop safely
+                return
+            self._exit(sig, frame)
+
+        def _exit(self, sig, frame) -> None:
+            super().handle_exit(sig, frame)
+            if sig in (signal.SIGTERM, signal.SIGINT) and sig in self._captured_signals:
+                self._captured_signals.remove(sig)  # uvicorn would raise it again once shut down
+
     config = uvicorn.Config(build_app(settings, loaded), host=settings.host, port=settings.port, log_level=settings.log_level,
                             workers=1, timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5)
-    uvicorn.Server(config).run()
+    DrainingServer(config).run()
     return 0
 
 

@@ -1,29 +1,45 @@
 """Prometheus metrics: the only module that talks to prometheus-client.
 
 The engine reports numbers through its observer interface; HTTP requests are counted by an ASGI
-middleware here; gauges read the engine's snapshot at scrape time. Each app gets its own registry.
+middleware here; gauges read the engine's snapshot at scrape time. Each app gets its own registry, with
+the process_* and python_* series an operator's dashboards expect beside the charlstm_* ones.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
+import torch
 from fastapi import FastAPI, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, disable_created_metrics, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, GCCollector, Histogram, Info, PlatformCollector,
+                               ProcessCollector, disable_created_metrics, generate_latest)
+from starlette.routing import BaseRoute, Match, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from . import __version__
 from .engine.engine import Engine
 from .engine.sessions import SessionStore
+from .settings import Settings
 from .store import LoadedModel
 
 LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 FAST = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
+# Every label value a labelled counter can take, each exported at 0 from the start so rate() works from the
+# first scrape (a series that appears only at its first event hides that event from rate()).
+FINISH_REASONS = ("length", "stop", "cancelled", "shutdown", "error")
+REJECTION_REASONS = ("overloaded", "shutting_down", "session_busy", "too_many_sessions", "engine_error")
+SESSION_REMOVAL_REASONS = ("expired", "evicted", "deleted")
+
 
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes, open fds, ...
+        PlatformCollector(registry=r)  # python_info
+        GCCollector(registry=r)  # python_gc_*
         self.requests = Counter("charlstm_requests", "HTTP requests by route, method and status", ["route", "method", "status"], registry=r)
         self.request_duration = Histogram("charlstm_request_duration_seconds", "HTTP request duration, streams until their end",
                                           ["route"], buckets=LATENCY, registry=r)
@@ -39,18 +55,36 @@ class Metrics:
         self.prefill_duration = Histogram("charlstm_prefill_slice_duration_seconds", "Prompt ingestion between two steps",
                                           buckets=LATENCY, registry=r)
         self.step_duration = Histogram("charlstm_engine_step_duration_seconds", "One batched engine step", buckets=FAST, registry=r)
-        self.session_removals = Counter("charlstm_session_removals", "Sessions evicted at the cap or expired", ["reason"], registry=r)
+        self.session_removals = Counter("charlstm_session_removals", "Sessions removed: expired, evicted at the cap, or deleted",
+                                        ["reason"], registry=r)
+        self.sessions_created = Counter("charlstm_sessions_created", "Sessions created", registry=r)
         self.running = Gauge("charlstm_running_streams", "Streams in the batch or ingesting their prompt", registry=r)
         self.waiting = Gauge("charlstm_waiting_streams", "Streams queued for a row", registry=r)
         self.sessions = Gauge("charlstm_live_sessions", "Sessions held", registry=r)
         self.model = Info("charlstm_model", "The model being served", registry=r)
+        self.build = Info("charlstm_build", "The service version, the model and its weights, and the torch it runs on", registry=r)
+        # capacity: with the gauges above, saturation is a ratio on a dashboard (running / max_batch_size, ...)
+        self.max_batch_size = Gauge("charlstm_max_batch_size", "Streams stepped together at most (max_batch_size)", registry=r)
+        self.max_queue = Gauge("charlstm_max_queue", "Requests waiting for a row at most before 429 (max_queue)", registry=r)
+        self.max_sessions = Gauge("charlstm_max_sessions", "Sessions held at most (max_sessions)", registry=r)
+        for reason in FINISH_REASONS:
+            self.finished.labels(reason)
+        for reason in REJECTION_REASONS:
+            self.rejected.labels(reason)
+        for reason in SESSION_REMOVAL_REASONS:
+            self.session_removals.labels(reason)
 
-    def attach(self, engine: Engine, loaded: LoadedModel, session_store: SessionStore) -> None:
+    def attach(self, engine: Engine, loaded: LoadedModel, session_store: SessionStore, settings: Settings) -> None:
         engine.add_observer(EngineObserver(self))
         self.running.set_function(lambda: engine.snapshot().running)
         self.waiting.set_function(lambda: engine.snapshot().waiting)
         self.sessions.set_function(session_store.count)
         self.model.info({"name": loaded.name, "version": loaded.version, "parameters": str(loaded.model.num_parameters())})
+        self.build.info({"version": __version__, "model": f"{loaded.name}@{loaded.version}",
+                         "weights_sha256": loaded.card.get("weights_sha256", "")[:16], "torch": torch.__version__})
+        self.max_batch_size.set(settings.max_batch_size)
+        self.max_queue.set(settings.max_queue)
+        self.max_sessions.set(settings.max_sessions)
 
 
 class EngineObserver:
@@ -87,6 +121,9 @@ class EngineObserver:
     def on_rejected(self, reason: str) -> None:
         self.m.rejected.labels(reason).inc()
 
+    def on_session_created(self) -> None:
+        self.m.sessions_created.inc()
+
     def on_session_removed(self, reason: str) -> None:
         self.m.session_removals.labels(reason).inc()
 
@@ -94,14 +131,15 @@ class EngineObserver:
 class RequestMetrics:
     """Counts every HTTP request by route template, method and status, and times it to its last byte."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics):
-        self.app, self.m = app, metrics
+    def __init__(self, app: ASGIApp, metrics: Metrics, routes: Callable[[], list[BaseRoute]]):
+        self.app, self.m, self.routes = app, metrics, routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         t0 = time.perf_counter()
         status = 500
+        unrouted = dict(scope)  # routing rewrites the scope (a mount moves root_path): match against the original
 
         async def tracking_send(message: Message) -> None:
             nonlocal status
@@ -112,17 +150,44 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, tracking_send)
         finally:
-            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            route = getattr(scope.get("route"), "path", None) or route_template(self.routes(), unrouted)
             self.m.requests.labels(route, scope["method"], str(status)).inc()
             self.m.request_duration.labels(route).observe(time.perf_counter() - t0)
+
+
+def route_template(routes: list[BaseRoute], scope: Scope) -> str:
+    """The path template of the route a request is for, found by matching the app's routes.
+
+    FastAPI puts the route into the scope only for its own API routes; plain Starlette routes (/openapi.json),
+    mounts (the docs assets) and replies sent before routing (413 from the body limit) need this.
+    A route that matches the path but not the method (405) counts under that route too.
+    """
+    partial = None
+    for route in routes:
+        match, _ = route.matches(scope)
+        if match == Match.NONE:
+            continue
+        template = _template(route, scope)
+        if match == Match.FULL:
+            return template
+        partial = partial or template
+    return partial or "unmatched"
+
+
+def _template(route: BaseRoute, scope: Scope) -> str:
+    included = getattr(route, "original_router", None)  # FastAPI keeps an included router whole, as one route
+    if included is not None:
+        return route_template(included.routes, scope)
+    path = getattr(route, "path", None) or "unmatched"
+    return path + "/{path}" if isinstance(route, Mount) else path
 
 
 def instrument(app: FastAPI) -> Metrics:
     disable_created_metrics()  # the *_created series only add noise to every scrape
     metrics = Metrics()
     app.state.metrics = metrics
-    app.state.engine_hooks.append(metrics.attach)
-    app.add_middleware(RequestMetrics, metrics=metrics)
+    app.state.engine_hooks.append(lambda engine, loaded, session_store: metrics.attach(engine, loaded, session_store, app.state.settings))
+    app.add_middleware(RequestMetrics, metrics=metrics, routes=lambda: app.router.routes)
 
     async def metrics_endpoint(_: Request) -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -50,3 +50,5 @@ class Settings(BaseSettings):
                 raise ValueError(f"{low}={getattr(self, low):g} is more than {high}={getattr(self, high):g}: "
                                  f"lower {low} (CHARLSTM_{low.upper()}) or raise {high} (CHARLSTM_{high.upper()})")
         return self
+    drain_delay_s: float = Field(5.0, ge=0, description="on SIGTERM, keep accepting connections this long with /ready 503 and new work "
+                                 "refused, so load balancers stop sending before the port closes; 0: close at once")

@@ -30,6 +30,7 @@ class Server:
                    CHARLSTM_TORCH_THREADS="1", CHARLSTM_LOG_LEVEL="warning")
         tmp = Path(tempfile.mkdtemp(prefix="charlstm-test-"))
         settings.setdefault("session_db", tmp / "sessions.sqlite3")
+        settings.setdefault("drain_delay_s", 0)  # stopping a test server need not wait; test_lifecycle tests the delay
         env.update({f"CHARLSTM_{k.upper()}": str(v) for k, v in settings.items()})
         self.settings = settings
         self.log = open(tmp / "server.log", "w+")

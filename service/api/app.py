@@ -25,7 +25,7 @@ from ..engine.session_calls import SessionCalls
 from ..engine.session_db import SessionDB, SessionDBError
 from ..engine.sessions import SessionStore
 from ..settings import Settings
-from . import errors, openapi
+from . import docs, errors, openapi
 from .auth import APIKeyAuth
 from .bridge import make_deliver
 from .limits import BodyLimit
@@ -71,14 +71,14 @@ async def lifespan(app: FastAPI):
     app.state.loaded = loaded
     engine.start()
     app.state.engine = engine
-    restore_signal = _drain_on_sigterm(engine, settings.shutdown_grace_s)
+    restore_signal = _drain_on_sigterm(engine, settings.drain_delay_s + settings.shutdown_grace_s)
     sweeper = asyncio.create_task(_sweep_sessions(session_store))
     snapshots = asyncio.create_task(_snapshot_sessions(session_store, session_db, settings.snapshot_interval_s)) if session_db else None
     log.info("serving %s (weights %s, %s parameters) on %s, %d torch threads, %d step workers; max batch %d, queue %d, "
-             "max new tokens %d, max prompt %d chars; sessions: %s store%s, %d restored, at most %d, signed with %s; listening on %s:%d",
+             "max new tokens %d, max prompt %d chars, drain %gs + grace %gs; sessions: %s store%s, %d restored, at most %d, signed with %s; listening on %s:%d",
              model_name, fingerprint[:12], f"{loaded.model.num_parameters():,}", "cpu", torch.get_num_threads(),
              settings.step_workers, settings.max_batch_size, settings.max_queue, settings.max_new_tokens,
-             settings.max_prompt_chars, session_store.kind, f" saved to {settings.session_db}" if session_db else "",
+             settings.max_prompt_chars, settings.drain_delay_s, settings.shutdown_grace_s, session_store.kind, f" saved to {settings.session_db}" if session_db else "",
              restored, settings.max_sessions, key_source, settings.host, settings.port)
     try:
         yield
@@ -137,8 +137,9 @@ async def _snapshot_sessions(session_store: MemorySessionStore, db: SessionDB, e
 
 
 def _drain_on_sigterm(engine: Engine, grace_s: float):
-    """On SIGTERM/SIGINT: readiness turns 503 and running streams get `grace_s` to finish, then the
-    server's own handler runs (it stops accepting and waits for open responses)."""
+    """On SIGTERM/SIGINT: readiness turns 503, new work is refused, and running streams get `grace_s` to finish
+    (the drain delay plus the shutdown grace: `charlstm serve` keeps listening for drain_delay_s, then closes
+    the port and waits for open responses); then the server's own handler runs."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -165,7 +166,7 @@ def create_app(settings: Settings | None = None, loaded: store.LoadedModel | Non
     """`loaded`: a model the caller has already loaded (and so validated), else the lifespan loads it.
     `session_store_factory(max_sessions, on_removed=...)`: the session store (default: in memory, with
     SQLite snapshots when `session_db` is set)."""
-    app = FastAPI(title="charlstm", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="charlstm", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Character-level LSTM text generation with continuous batching, streaming and sessions.")
     app.state.settings = settings
     app.state.preloaded = loaded
@@ -179,4 +180,6 @@ def create_app(settings: Settings | None = None, loaded: store.LoadedModel | Non
     app.include_router(generate.router)
     app.include_router(sessions.router)
     app.include_router(probes.router)
+    app.include_router(docs.router)  # /docs and /redoc with assets served from the package, not a CDN
+    app.mount(docs.ASSETS_URL, docs.assets(), name="docs-assets")
     return app

@@ -26,20 +26,34 @@ class BodyLimit:
                     return await _reject(send, 400, "invalid_request", "Content-Length is not a number")
                 if declared > limit:
                     return await _too_large(send, limit)
-        seen = 0
+        seen, exceeded, replied = 0, False, False
 
         async def limited_receive() -> Message:
-            nonlocal seen
+            nonlocal seen, exceeded
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
+                    exceeded = True
                     raise _TooLarge()
             return message
 
+        async def guarded_send(message: Message) -> None:
+            # FastAPI turns any error while it reads the body into its own 400 ("There was an error
+            # parsing the body"): once the limit is passed, whatever the app answers becomes the 413.
+            nonlocal replied
+            if not exceeded:
+                await send(message)
+            elif message["type"] == "http.response.start" and not replied:
+                replied = True
+                await _too_large(send, limit)
+
         try:
-            await self.app(scope, limited_receive, send)
-        except _TooLarge:  # raised while the body is read, which is always before a response starts
+            await self.app(scope, limited_receive, guarded_send)
+        except Exception:  # _TooLarge itself, or what the app made of it
+            if not exceeded:
+                raise
+        if exceeded and not replied:  # the body is read before any response starts, so none has gone out
             await _too_large(send, limit)
 
 

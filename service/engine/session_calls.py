@@ -38,7 +38,9 @@ class SessionCalls:
         t0, failed = time.perf_counter(), False
         try:
             return await asyncio.to_thread(fn, *args)
-        except EngineError:
+        except EngineError as e:
+            if e.type in ("session_busy", "too_many_sessions"):
+                self.notify("on_rejected", e.type)
             raise
         except Exception as e:
             failed = True
