@@ -128,4 +128,4 @@ def test_make_serve_stops_cleanly_on_sigterm(trained_store, tmp_path):
             make.wait()
     log.seek(0)
     output = log.read()
-    assert "Terminated" not in output and "***" not in output, output
+    assert "Terminated" not in output and "make: ***" not in output, output
