@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -36,3 +38,7 @@ class Settings(BaseSettings):
     session_db: str = Field("data/sessions.sqlite3", description="SQLite file the sessions are saved to and restored from; empty: off")
     snapshot_interval_s: float = Field(5.0, gt=0, description="how often changed sessions are written to session_db")
     log_level: str = "info"
+    quantize: Literal["none", "int8"] = Field("none", description="int8: the decode step's weight matrices in int8 with a scale per "
+                                              "output channel (CPU); prompt ingestion stays fp32")
+    device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="where the engine steps: cuda needs a GPU and a CUDA build of "
+                                                   "torch; auto: cuda when one is available, else cpu")

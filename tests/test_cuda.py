@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from service.engine.cuda_step import CudaStep, device_uniforms, sample_rows
+from service.engine.cuda_step import CudaStep, device_uniforms, resolve_device, sample_rows
 from service.engine.runner import Runner
 from service.sampling import MAX_SEED, SamplingParams, sample_next, uniforms
 
@@ -143,6 +143,16 @@ def test_a_full_batch_is_refused_and_padding_stays_neutral(tiny_model):
     assert float(device_step.batch.state[:, :, 1:].abs().sum()) == 0.0
     assert device_step.batch.counters.tolist() == [1, 0, 0, 0]
     assert device_step.step().shape == (1,)
+
+
+def test_the_device_setting_resolves_or_says_why_not():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            resolve_device("cuda")
+    with pytest.raises(ValueError, match="one of cpu, cuda, auto"):
+        resolve_device("tpu")
 
 
 # ---------------------------------------------------------------------------------------------- CUDA only

@@ -31,6 +31,17 @@ from .runner import FusedWeights
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
+def resolve_device(name: str) -> torch.device:
+    """The `device` setting as a torch device: "cpu", "cuda" (refused without a GPU) or "auto"."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device cuda: no CUDA GPU is available to torch {torch.__version__}; use --device cpu or auto")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"device must be one of cpu, cuda, auto, got {name!r}")
+    return torch.device(name)
+
+
 def _int64(u: int) -> int:
     """An unsigned 64-bit constant as the int64 with the same bits."""
     return u - (1 << 64) if u >= 1 << 63 else u
