@@ -101,8 +101,9 @@ def test_int8_batched_rows_equal_single_rows_on_the_bundled_model(bundled):
             batch = runner.step(ids, state)
             for i in (0, 19, 20, 39):
                 one = runner.step(ids[i : i + 1], state[:, :, i : i + 1])
-                assert torch.equal(one[:, :, 0], batch[:, :, i])
-                assert torch.equal(runner.logits(one)[0], runner.logits(batch)[i])
+                assert torch.equal(one[:, :, 0], batch[:, :, i])  # int8 matmuls: bit for bit
+                # the head stays fp32, whose gemm may round a row differently at another batch size
+                torch.testing.assert_close(runner.logits(one)[0], runner.logits(batch)[i], rtol=1e-6, atol=1e-6)
     finally:
         runner.close()
 
