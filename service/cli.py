@@ -44,7 +44,13 @@ def _cmd_evaluate(args) -> int:
     from .evaluate import read_chunks, score_chunks
 
     loaded = store.load(args.model, args.store)
-    score = score_chunks(loaded.model, loaded.vocab, read_chunks(args.text))
+    if args.quantize:  # through the engine's fused step with those weights
+        from .engine.quant_eval import score_chunks_stepped
+        from .engine.runner import Runner
+
+        score = score_chunks_stepped(Runner(loaded.model, quantize=args.quantize), loaded.vocab, read_chunks(args.text))
+    else:
+        score = score_chunks(loaded.model, loaded.vocab, read_chunks(args.text))
     if args.json:
         print(json.dumps(score.to_dict()))
     else:
@@ -164,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=store.DEFAULT_MODEL, help="name, name@version or a model folder")
     p.add_argument("--text", required=True)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--quantize", choices=["none", "int8"], default=None,
+                   help="score through the engine's fused step with these weights (default: the model's nn.LSTM)")
     p = sub.add_parser("sample", help="generate text to stdout")
     p.add_argument("--model", default=store.DEFAULT_MODEL)
     p.add_argument("--prompt", default="")

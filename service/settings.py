@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -40,6 +42,10 @@ class Settings(BaseSettings):
                                    "so it only matters when the holder dies (then the session is free again after this)")
     session_key: str | None = Field(None, description="key that signs exported sessions (HMAC-SHA256); replicas that share "
                                     "sessions set the same one. Unset: a random key kept in <session_db>.key")
+    drain_delay_s: float = Field(5.0, ge=0, description="on SIGTERM, keep accepting connections this long with /ready 503 and new work "
+                                 "refused, so load balancers stop sending before the port closes; 0: close at once")
+    quantize: Literal["none", "int8"] = Field("none", description="int8: the decode step's weight matrices in int8 with a scale per "
+                                              "output channel (CPU); prompt ingestion stays fp32")
 
     @model_validator(mode="after")
     def _consistent(self) -> "Settings":
@@ -50,5 +56,3 @@ class Settings(BaseSettings):
                 raise ValueError(f"{low}={getattr(self, low):g} is more than {high}={getattr(self, high):g}: "
                                  f"lower {low} (CHARLSTM_{low.upper()}) or raise {high} (CHARLSTM_{high.upper()})")
         return self
-    drain_delay_s: float = Field(5.0, ge=0, description="on SIGTERM, keep accepting connections this long with /ready 503 and new work "
-                                 "refused, so load balancers stop sending before the port closes; 0: close at once")

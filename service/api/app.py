@@ -46,7 +46,7 @@ async def lifespan(app: FastAPI):
     loaded = app.state.preloaded or await asyncio.to_thread(store.load, settings.model, settings.model_store)
     app.state.preloaded = None
     model_name, fingerprint = f"{loaded.name}@{loaded.version}", loaded.card["weights_sha256"]
-    engine = Engine(Runner(loaded.model, settings.step_workers), loaded.vocab,
+    engine = Engine(Runner(loaded.model, settings.step_workers, quantize=settings.quantize), loaded.vocab,
                     EngineConfig(max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
                                  prefill_chunk=settings.prefill_chunk),
                     deliver=make_deliver(asyncio.get_running_loop()))
@@ -74,9 +74,9 @@ async def lifespan(app: FastAPI):
     restore_signal = _drain_on_sigterm(engine, settings.drain_delay_s + settings.shutdown_grace_s)
     sweeper = asyncio.create_task(_sweep_sessions(session_store))
     snapshots = asyncio.create_task(_snapshot_sessions(session_store, session_db, settings.snapshot_interval_s)) if session_db else None
-    log.info("serving %s (weights %s, %s parameters) on %s, %d torch threads, %d step workers; max batch %d, queue %d, "
+    log.info("serving %s (weights %s, %s parameters, %s step weights) on %s, %d torch threads, %d step workers; max batch %d, queue %d, "
              "max new tokens %d, max prompt %d chars, drain %gs + grace %gs; sessions: %s store%s, %d restored, at most %d, signed with %s; listening on %s:%d",
-             model_name, fingerprint[:12], f"{loaded.model.num_parameters():,}", "cpu", torch.get_num_threads(),
+             model_name, fingerprint[:12], f"{loaded.model.num_parameters():,}", settings.quantize, "cpu", torch.get_num_threads(),
              settings.step_workers, settings.max_batch_size, settings.max_queue, settings.max_new_tokens,
              settings.max_prompt_chars, settings.drain_delay_s, settings.shutdown_grace_s, session_store.kind, f" saved to {settings.session_db}" if session_db else "",
              restored, settings.max_sessions, key_source, settings.host, settings.port)

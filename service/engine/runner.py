@@ -10,15 +10,57 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 
 from ..model import CharLSTM
+from .quant import Int8Linear
 
 SHORT_PROMPT = 8  # characters; up to this, stepping beats one nn.LSTM call (measured on 2 x 512)
 MIN_ROWS_PER_WORKER = 16  # below this, a share of the batch costs more per row than it saves (measured on 2 x 512)
 
+QUANTIZE_MODES = ("none", "int8")
+
 # A stream's recurrent state in the engine: (2, L, H) = (h, c) x layers x hidden, or batched (2, L, B, H).
+
+
+@dataclass(frozen=True)
+class FusedWeights:
+    """The fused step's fp32 weights, gate columns in [i, f, o, g] order; what every step implementation
+    (this runner, int8, service/engine/cuda_step.py) computes from."""
+
+    table0: torch.Tensor  # (V, 4H): embedding @ w_ih0 + both layer-0 biases
+    w_hh0: torch.Tensor  # (H, 4H)
+    w_cat: list[torch.Tensor]  # layers >= 1: (2H, 4H) over [h_below, h_self]
+    b_cat: list[torch.Tensor]  # (4H,)
+    w_head: torch.Tensor  # (H, V)
+    b_head: torch.Tensor  # (V,)
+
+    @classmethod
+    @torch.inference_mode()
+    def from_model(cls, model: CharLSTM) -> "FusedWeights":
+        lstm, H = model.lstm, model.config.hidden_size
+        # Gate columns go from nn.LSTM's [i, f, g, o] to [i, f, o, g]: one sigmoid covers the first 3H, one tanh the last H.
+        order = torch.cat([torch.arange(0, 2 * H), torch.arange(3 * H, 4 * H), torch.arange(2 * H, 3 * H)])  # (4H,)
+        w_ih0, w_hh0 = lstm.weight_ih_l0[order], lstm.weight_hh_l0[order]  # (4H, E), (4H, H)
+        bias0 = (lstm.bias_ih_l0 + lstm.bias_hh_l0)[order]  # (4H,)
+        w_cat, b_cat = [], []
+        for layer in range(1, model.config.num_layers):
+            w_ih, w_hh = getattr(lstm, f"weight_ih_l{layer}"), getattr(lstm, f"weight_hh_l{layer}")
+            w_cat.append(torch.cat([w_ih, w_hh], dim=1)[order].T.contiguous())
+            bias = getattr(lstm, f"bias_ih_l{layer}") + getattr(lstm, f"bias_hh_l{layer}")
+            b_cat.append(bias[order].contiguous())
+        return cls(table0=(model.embed.weight @ w_ih0.T + bias0).contiguous(), w_hh0=w_hh0.T.contiguous(),
+                   w_cat=w_cat, b_cat=b_cat, w_head=model.head.weight.T.contiguous(), b_head=model.head.bias.detach().clone())
+
+
+@dataclass(frozen=True)
+class _Int8Step:
+    """The step's large matrices in int8 (service/engine/quant.py); the gather table and the head stay fp32."""
+
+    hh0: Int8Linear  # h0 -> (B, 4H), no bias: the table row carries it
+    cat: list[Int8Linear]  # layers >= 1: [h_below, h_self] -> (B, 4H) + bias
 
 
 class Runner:
@@ -29,29 +71,25 @@ class Runner:
     inside each kernel, which meet at a barrier after every kernel (17 per step for two layers) and
     stall whenever the event loop takes one of the cores (see benchmarks/README.md)."""
 
-    def __init__(self, model: CharLSTM, workers: int = 1):
+    def __init__(self, model: CharLSTM, workers: int = 1, quantize: str = "none"):
+        """quantize: "none" (fp32) or "int8": the step's recurrent and upper-layer matrices in int8
+        (service/engine/quant.py). The embedding-folded table stays fp32 (a lookup), the head too (65
+        columns: the int8 kernel's fixed cost there exceeds fp32's whole multiply, measured at B = 1 and
+        64), and so does `prefill` (nn.LSTM in fp32 ingests faster than the int8 step; benchmarks/README.md)."""
+        if quantize not in QUANTIZE_MODES:
+            raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, got {quantize!r}")
         model.eval()
         self.model = model
         cfg = model.config
         self.num_layers, self.hidden, self.vocab_size = cfg.num_layers, cfg.hidden_size, cfg.vocab_size
-        lstm = model.lstm
-        H = self.hidden
-        # Gate columns go from nn.LSTM's [i, f, g, o] to [i, f, o, g]: one sigmoid covers the first 3H, one tanh the last H.
-        order = torch.cat([torch.arange(0, 2 * H), torch.arange(3 * H, 4 * H), torch.arange(2 * H, 3 * H)])  # (4H,)
-        with torch.inference_mode():
-            w_ih0, w_hh0 = lstm.weight_ih_l0[order], lstm.weight_hh_l0[order]  # (4H, E), (4H, H)
-            bias0 = (lstm.bias_ih_l0 + lstm.bias_hh_l0)[order]  # (4H,)
-            self.table0 = (model.embed.weight @ w_ih0.T + bias0).contiguous()  # (V, 4H): embedding folded in
-            self.w_hh0 = w_hh0.T.contiguous()  # (H, 4H)
-            self.w_cat = []  # layers >= 1: (2H, 4H) over [h_below, h_self]
-            self.b_cat = []  # (4H,)
-            for layer in range(1, self.num_layers):
-                w_ih, w_hh = getattr(lstm, f"weight_ih_l{layer}"), getattr(lstm, f"weight_hh_l{layer}")
-                self.w_cat.append(torch.cat([w_ih, w_hh], dim=1)[order].T.contiguous())
-                bias = getattr(lstm, f"bias_ih_l{layer}") + getattr(lstm, f"bias_hh_l{layer}")
-                self.b_cat.append(bias[order].contiguous())
-            self.w_head = model.head.weight.T.contiguous()  # (H, V)
-            self.b_head = model.head.bias.detach().clone()  # (V,)
+        self.quantize = quantize
+        self.weights = FusedWeights.from_model(model)
+        w = self.weights
+        self.table0, self.w_hh0, self.w_cat, self.b_cat, self.w_head, self.b_head = (
+            w.table0, w.w_hh0, w.w_cat, w.b_cat, w.w_head, w.b_head)
+        self._int8 = None
+        if quantize == "int8":
+            self._int8 = _Int8Step(hh0=Int8Linear(w.w_hh0), cat=[Int8Linear(wc, bc) for wc, bc in zip(w.w_cat, w.b_cat)])
         self.workers = max(1, workers)
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="charlstm-step") if self.workers > 1 else None
 
@@ -118,7 +156,12 @@ class Runner:
         h_all, c_all = state[0], state[1]  # (L, B, H)
         out = state.new_empty(state.shape)  # (2, L, B, H), contiguous
         for layer in range(self.num_layers):
-            if layer == 0:
+            if self._int8 is not None:  # int8 weights, fp32 gates
+                if layer == 0:
+                    gates = self._int8.hh0(h_all[0]).add_(self.table0.index_select(0, ids))  # (B, 4H)
+                else:
+                    gates = self._int8.cat[layer - 1](out[0, layer - 1], h_all[layer])  # (B, 4H) over [h_below, h_self]
+            elif layer == 0:
                 gates = torch.addmm(self.table0.index_select(0, ids), h_all[0], self.w_hh0)  # (B, 4H)
             else:
                 inp = torch.cat([out[0, layer - 1], h_all[layer]], dim=1)  # (B, 2H): [h_below, h_self]

@@ -1,0 +1,162 @@
+"""int8 weights against fp32 on the CPU, side by side in one run (issue 18, part 1).
+
+    python -m benchmarks.bench_int8 [--model shakespeare] [--seconds 5] [--repeats 2] [--only raw,prefill,service,quality]
+
+1. Raw loop: the fused step + softmax + multinomial (benchmarks.bench_serving.raw_limit), fp32 against
+   int8, at B = 1, 8, 64, 128, interleaved (each B: fp32 then int8, every round), in the service's own
+   configuration: 1 torch thread per kernel and 2 step workers (row shares of 16+ rows).
+2. Prompt ingestion, 10,000 characters: fp32 `nn.LSTM` in the engine's 512-character slices against
+   the int8 fused step character by character (prefill stays fp32 unless int8 is faster).
+3. The service over HTTP, `CHARLSTM_QUANTIZE=none` against `int8`, at 1 and 64 clients, interleaved.
+   Needs a service that reports `quantize` in /info (the setting wired into the runner); skipped otherwise.
+4. Quality (minutes): bits per char through the runner's step (service/engine/quant_eval.py), fp32
+   against int8, on the validation split (last 10% of tinyshakespeare.txt) and on macbeth.txt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+from service import store
+from service.corpus import Corpus
+from service.engine.quant_eval import score_chunks_stepped
+from service.engine.runner import Runner
+
+from .bench_serving import raw_limit
+from .common import ROOT, charlstm_server, loadgen, table
+
+DATA = ROOT.parent / "shared" / "data"
+MODES = ("none", "int8")
+
+
+def bench_raw(loaded, batches: list[int], seconds: float, repeats: int, workers: int) -> None:
+    torch.set_num_threads(1)  # the service's default: row-split pool threads, one OpenMP thread each
+    runners = {m: Runner(loaded.model, workers=workers, quantize=m) for m in MODES}
+    got = {(m, b): [] for m in MODES for b in batches}
+    try:
+        for _ in range(repeats):
+            for b in batches:
+                for m in MODES:
+                    got[m, b].append(raw_limit(runners[m], b, seconds))
+    finally:
+        for r in runners.values():
+            r.close()
+    med = {k: statistics.median(v) for k, v in got.items()}
+    print(f"1. Raw loop, fused step + sampling (chars/s; median of {repeats} interleaved round(s); 1 torch thread, "
+          f"{workers} step workers)")
+    print(table(["B", "fp32", "int8", "int8 / fp32"], [[b, med["none", b], med["int8", b], med["int8", b] / med["none", b]]
+                                                        for b in batches]))
+    for b in batches:
+        print(f"   B = {b}: fp32 rounds {', '.join(f'{x:,.0f}' for x in got['none', b])}; "
+              f"int8 rounds {', '.join(f'{x:,.0f}' for x in got['int8', b])}")
+
+
+@torch.inference_mode()
+def bench_prefill(loaded, chars: int = 10_000) -> None:
+    torch.set_num_threads(1)
+    text = (DATA / "tinyshakespeare.txt").read_text()[:chars]
+    ids = loaded.vocab.encode(text)
+    runners = {m: Runner(loaded.model, quantize=m) for m in MODES}
+    zero = runners["none"].zero_state()
+
+    def slices(r: Runner) -> float:
+        t0, state = time.perf_counter(), zero
+        for i in range(0, len(ids), 512):
+            state = r.prefill(ids[i : i + 512], state)
+        return time.perf_counter() - t0
+
+    def stepped(r: Runner) -> float:
+        t0, s = time.perf_counter(), zero.unsqueeze(2)
+        for i in ids:
+            s = r.step(torch.tensor([i]), s)
+        return time.perf_counter() - t0
+
+    rows = [["fp32 nn.LSTM, 512-char slices (prefill)", len(ids) / min(slices(runners["none"]) for _ in range(3))],
+            ["fp32 fused step, char by char", len(ids) / stepped(runners["none"])],
+            ["int8 fused step, char by char", len(ids) / stepped(runners["int8"])]]
+    print(f"2. Prompt ingestion ({len(ids):,} characters, 1 thread)")
+    print(table(["method", "chars/s"], rows))
+
+
+def _reported_quantize(info: dict) -> str | None:
+    """The `quantize` value anywhere in /info, or None where the service does not report one."""
+    for key, value in info.items():
+        if key == "quantize":
+            return value
+        if isinstance(value, dict) and (found := _reported_quantize(value)) is not None:
+            return found
+    return None
+
+
+def bench_service(model: str, clients: list[int], seconds: float, repeats: int) -> None:
+    servers = {m: charlstm_server(1, model=model, quantize=m, max_batch_size=max(clients)) for m in MODES}
+    try:
+        for m, srv in servers.items():
+            reported = _reported_quantize(httpx.get(srv.url + "/info").json())
+            if reported != m:
+                print(f"3. Service over HTTP: skipped, the server started with CHARLSTM_QUANTIZE={m} reports "
+                      f"quantize={reported!r} in /info (the setting is not wired into the runner yet)")
+                return
+        got = {(m, c): [] for m in MODES for c in clients}
+        for _ in range(repeats):
+            for c in clients:
+                for m in MODES:  # the idle server waits on a condition meanwhile
+                    got[m, c].append(loadgen(servers[m].url, c, seconds)["chars_per_s"])
+    finally:
+        for srv in servers.values():
+            srv.stop()
+    med = {k: statistics.median(v) for k, v in got.items()}
+    print(f"3. Service over HTTP (chars/s; median of {repeats} interleaved round(s), {seconds:g} s each)")
+    print(table(["clients", "fp32", "int8", "int8 / fp32"], [[c, med["none", c], med["int8", c], med["int8", c] / med["none", c]]
+                                                              for c in clients]))
+
+
+def bench_quality(loaded) -> None:
+    torch.set_num_threads(1)
+    texts = {"validation split": Corpus.read(DATA / "tinyshakespeare.txt").split()[1],
+             "macbeth.txt": (DATA / "macbeth.txt").read_text(encoding="utf-8")}
+    rows = []
+    for name, text in texts.items():
+        scores = {m: score_chunks_stepped(Runner(loaded.model, quantize=m), loaded.vocab, [text]) for m in MODES}
+        fp32, int8 = scores["none"], scores["int8"]
+        rows.append([name, f"{fp32.chars:,}", f"{fp32.bits_per_char:.4f}", f"{int8.bits_per_char:.4f}",
+                     f"{int8.bits_per_char - fp32.bits_per_char:+.4f}"])
+    print("4. Quality (bits per char through the runner's step, state carried from a zero state)")
+    print(table(["text", "chars scored", "fp32", "int8", "int8 - fp32"], rows))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=store.DEFAULT_MODEL)
+    ap.add_argument("--seconds", type=float, default=5.0, help="seconds per raw point; the service gets 2x")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--batches", default="1,8,64,128")
+    ap.add_argument("--clients", default="1,64")
+    ap.add_argument("--workers", type=int, default=2, help="step workers of the raw loop (the service's default)")
+    ap.add_argument("--only", default="raw,prefill,service,quality")
+    args = ap.parse_args()
+    parts = set(args.only.split(","))
+    loaded = store.load(args.model)
+    print(f"model {loaded.name}@{loaded.version}: {loaded.model.num_parameters():,} parameters; "
+          f"torch {torch.__version__}, quantized engine {torch.backends.quantized.engine}\n")
+    if "raw" in parts:
+        bench_raw(loaded, [int(b) for b in args.batches.split(",")], args.seconds, args.repeats, args.workers)
+        print()
+    if "prefill" in parts:
+        bench_prefill(loaded)
+        print()
+    if "service" in parts:
+        bench_service(args.model, [int(c) for c in args.clients.split(",")], 2 * args.seconds, args.repeats)
+        print()
+    if "quality" in parts:
+        bench_quality(loaded)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Int8 weights for the fused step: the one module that touches torch's quantized kernels.
+
+torch marks its quantized tensors and `torch.ao.quantization` deprecated; everything that uses them
+sits here, behind `Int8Linear`, so a replacement kernel is a change to this file alone
+(tests/test_quant.py pins the behaviour: logits close to fp32, rows independent of their batch).
+
+The kernel is fbgemm's dynamic quantized linear (`quantized::linear_dynamic` on weights packed by
+`quantized::linear_prepack`): weights in int8 with one scale per output channel, activations quantized
+to uint8 on the fly, int32 accumulation, fp32 out. Measured on 1024 x 2048 against fp32 `addmm`, it is
+the fastest int8 matmul torch offers on a CPU at batch 1 to 128 (`torch._int_mm` needs 17+ rows and
+was slower below 128; see benchmarks/README.md).
+
+Row independence, the crux: the kernel chooses ONE activation scale for the whole (B, K) input from
+its minimum and maximum, so a row's result would depend on the other rows of its batch, and seeded
+generation would change with the batch's composition. Every input of the fused step is an LSTM output,
+h = o * tanh(c), bounded by 1 in absolute value; two constant columns, +1 and -1 (with zero weights),
+appended to every row pin the input's range to exactly [-1, 1] whatever the batch holds. Every row is
+then quantized with the same fixed scale, the integer products are exact, and each output element is
+computed from its own row alone: a row's logits are bit-identical alone or in any batch.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+PIN = (1.0, -1.0)  # the constant columns: the activation range of every call is [-1, 1]
+REDUCE_RANGE = True  # 7-bit activations: no int16 saturation in AVX2's u8 x s8 pair sums (AMD EPYC, no VNNI)
+
+
+def quantize_columns(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with one scale per output column. weight (K, N) fp32 -> (int8 (K, N), scales (N,) fp32)."""
+    scales = (weight.abs().amax(dim=0) / 127.0).clamp_(min=1e-12)  # (N,)
+    q = torch.round(weight / scales).clamp_(-127, 127).to(torch.int8)  # (K, N)
+    return q, scales
+
+
+class Int8Linear:
+    """`cat(parts) @ W + bias` with W in int8 (a scale per output column), for inputs bounded by 1.
+
+    weight (K, N) fp32, as the fused step stores it (input rows, output columns); bias (N,) or None.
+    Call it with the pieces of the input row, e.g. `lin(h_below, h_self)`: they are concatenated with
+    the two pin columns in one copy. Every input value must lie in [-1, 1] (LSTM outputs do)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        K, N = weight.shape
+        self.in_features, self.out_features = K, N
+        q, scales = quantize_columns(weight.detach().float())
+        self.dequantized = (q.float() * scales).contiguous()  # (K, N): what the kernel multiplies by, for tests
+        padded = torch.cat([q.T, torch.zeros(N, len(PIN), dtype=torch.int8)], dim=1)  # (N, K + 2): pins weigh 0
+        with warnings.catch_warnings():  # the deprecation notice of quantized tensors: this module is the fence
+            warnings.simplefilter("ignore", UserWarning)
+            qweight = torch._make_per_channel_quantized_tensor(padded, scales.double(), torch.zeros(N, dtype=torch.long), 0)
+            b = None if bias is None else bias.detach().float().contiguous()
+            self._packed = torch.ops.quantized.linear_prepack(qweight, b)
+        self._pin = torch.tensor([PIN])  # (1, 2)
+
+    def __call__(self, *parts: torch.Tensor) -> torch.Tensor:
+        """parts: (B, k_i) with sum k_i = K -> (B, N) fp32."""
+        B = parts[0].shape[0]
+        x = torch.cat([*parts, self._pin.expand(B, len(PIN))], dim=1)  # (B, K + 2), range exactly [-1, 1]
+        return torch.ops.quantized.linear_dynamic(x, self._packed, REDUCE_RANGE)  # (B, N)
