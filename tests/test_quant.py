@@ -21,7 +21,6 @@ from service.engine.engine import Engine, EngineConfig
 from service.engine.quant import Int8Linear
 from service.engine.quant_eval import score_chunks_stepped
 from service.engine.runner import Runner
-from service.engine.sessions import InMemorySessionStore, SessionManager
 from service.engine.types import Done, GenerationRequest
 from service.evaluate import score_chunks
 from service.sampling import SamplingParams
@@ -121,7 +120,7 @@ def generate(loaded, requests: list[GenerationRequest], quantize: str, workers: 
         if len(done) == len(requests):
             finished.set()
 
-    engine = Engine(Runner(loaded.model, workers, quantize=quantize), loaded.vocab, SessionManager(InMemorySessionStore(), 10, 60),
+    engine = Engine(Runner(loaded.model, workers, quantize=quantize), loaded.vocab,
                     EngineConfig(max_batch_size=64), deliver)
     for i, request in enumerate(requests):
         engine.submit(request, i)
@@ -165,3 +164,28 @@ def test_stepped_score_names_unknown_characters_at_their_place_in_the_text(tiny_
 def test_unknown_quantize_mode_is_refused(tiny_model):
     with pytest.raises(ValueError, match="quantize must be one of none, int8"):
         Runner(tiny_model.model, quantize="int4")
+
+
+def test_the_service_serves_int8_and_a_seed_gives_the_same_text_alone_or_in_a_crowd(trained_store):
+    import asyncio
+
+    import httpx
+
+    from .server import Server
+
+    srv = Server(trained_store, quantize="int8")
+    try:
+        assert httpx.get(srv.url + "/info").json()["engine"]["quantize"] == "int8"
+        body = {"prompt": "KING:\n", "max_new_tokens": 80, "seed": 31}
+        alone = httpx.post(srv.url + "/generate", json=body, timeout=60).json()["text"]
+
+        async def crowd():
+            async with httpx.AsyncClient(timeout=60) as client:
+                return await asyncio.gather(client.post(srv.url + "/generate", json=body),
+                                            *(client.post(srv.url + "/generate", json=dict(body, seed=i)) for i in range(20)))
+
+        responses = asyncio.run(crowd())
+        assert all(r.status_code == 200 for r in responses) and responses[0].json()["text"] == alone
+        assert len({r.json()["text"] for r in responses}) > 15
+    finally:
+        srv.stop()
