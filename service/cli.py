@@ -181,7 +181,7 @@ def _cmd_models(args) -> int:
         print(f"{mark} {name + '@' + version:<28} {card.get('num_parameters', 0):>10,} "
               f"{m.get('val_nats_per_char', float('nan')):>9.4f} {m.get('val_bits_per_char', float('nan')):>8.4f} "
               f"{m.get('test_bits_per_char', float('nan')):>8.4f} {t.get('steps', 0):>7}  {card.get('created_at', '')}")
-    print(f"* the store's default ({store.default_model(args.store)})")
+    print(f"(* marks the store's default: {store.default_model(args.store)})")
     return 0
 
 

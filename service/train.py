@@ -136,7 +136,10 @@ def model_name_for(cfg: TrainConfig) -> str:
         store.check_name("name", derived)
     except store.ModelLoadError:
         raise ValueError(f"no --name given and the run folder's name {derived!r} is not a valid model name: pass --name") from None
-    if store.list_versions(derived, cfg.store) or derived == store.default_model(cfg.store).partition("@")[0]:
+    if derived == store.default_model(cfg.store).partition("@")[0]:
+        raise ValueError(f"no --name given, and the run folder's name {derived!r} is the store's default model: "
+                         f"pass --name {derived} to add a version to it, or choose another --out")
+    if store.list_versions(derived, cfg.store):
         raise ValueError(f"no --name given, and the run folder's name {derived!r} is already a model in the store: "
                          f"pass --name {derived} to add a version to it, or choose another --out")
     return derived
