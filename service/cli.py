@@ -1,4 +1,9 @@
-"""The `charlstm` command: train, evaluate, sample, models, serve."""
+"""The `charlstm` command: train, evaluate, sample, models, serve.
+
+Only the chosen sub-command's arguments are built, so `train`, `evaluate`, `sample` and `models` run
+where only the training dependencies are installed: nothing here imports the serving stack (pydantic,
+FastAPI, uvicorn) unless the command is `serve`.
+"""
 
 from __future__ import annotations
 
@@ -10,22 +15,52 @@ import sys
 
 from . import store
 
+UNKNOWN_POLICIES = ("error", "skip", "replace")
 
-def _add_train(sub) -> None:
+
+def _add_store(p: argparse.ArgumentParser, top: bool = False) -> None:
+    """--store before or after the sub-command; the sub-command's copy leaves the global one alone when absent."""
+    p.add_argument("--store", default=None if top else argparse.SUPPRESS,
+                   help="model store root (default: $CHARLSTM_MODEL_STORE or ./model_store)")
+
+
+def _add_unknown_chars(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--unknown-chars", choices=UNKNOWN_POLICIES, default="error",
+                   help="characters outside the model's vocabulary: refuse the text (default), skip them, or replace them")
+    p.add_argument("--replacement", default=None, help="with --unknown-chars replace: the character put in their place")
+
+
+def _report_unknown(args, count: int) -> None:
+    if args.unknown_chars != "error":
+        done = "skipped" if args.unknown_chars == "skip" else f"replaced by {args.replacement!r}"
+        print(f"charlstm: {count:,} character(s) outside the vocabulary {done}", file=sys.stderr, flush=True)
+
+
+def _check_replacement(args) -> None:
+    if args.unknown_chars == "replace" and (args.replacement is None or len(args.replacement) != 1):
+        raise ValueError(f"--unknown-chars replace needs --replacement, one character; got {args.replacement!r}")
+
+
+# ---------------------------------------------------------------------------- train
+def _add_train(p: argparse.ArgumentParser) -> None:
     from .train import TrainConfig
 
-    p = sub.add_parser("train", help="train a model on a UTF-8 text file and save it into the model store")
-    p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out exactly where it stopped")
-    defaults = TrainConfig(text="")
+    p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out exactly where it stopped "
+                                                         "(or export a finished run whose export failed)")
+    p.add_argument("--finish", action="store_true", help="with --resume: end the run at its current step and "
+                                                         "export its best checkpoint")
     for f in dataclasses.fields(TrainConfig):
-        if f.name == "store":  # the global --store names the store for every command
+        if f.name == "store":  # --store is shared by every command
             continue
         flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
+        default = f.default
         if f.type in ("bool", bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
         elif f.name == "text":
             p.add_argument(flag, required=True, help="training text (UTF-8), e.g. tinyshakespeare.txt")
+        elif f.name == "name":
+            p.add_argument(flag, default=None, help="model name in the store (default: the --out folder's name, "
+                                                    "which must not be a model already in the store)")
         else:
             kind = {"int": int, "float": float}.get(str(f.type), str)
             p.add_argument(flag, type=kind, default=default, help=f"default: {default}")
@@ -36,21 +71,41 @@ def _cmd_train(args) -> int:
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "store"}
     values["store"] = args.store
-    run_training(TrainConfig(**values), resume=args.resume, command=_command_line())
+    if args.finish and not args.resume:
+        raise ValueError("--finish ends a stopped run: use it with --resume")
+    run_training(TrainConfig(**values), resume=args.resume, command=_command_line(), finish_now=args.finish)
     return 0
+
+
+# ---------------------------------------------------------------------------- evaluate
+def _add_evaluate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="name, name@version or a model folder (default: the store's default)")
+    p.add_argument("--text", required=True)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (it is off anyway when stderr is not a terminal)")
+    p.add_argument("--quantize", choices=["none", "int8"], default=None,
+                   help="score through the engine's fused step with these weights (default: the model's nn.LSTM)")
+    _add_unknown_chars(p)
 
 
 def _cmd_evaluate(args) -> int:
     from .evaluate import read_chunks, score_chunks
 
-    loaded = store.load(args.model, args.store)
+    _check_replacement(args)
+    loaded = store.load(args.model or store.default_model(args.store), args.store)
+    chunks = read_chunks(args.text, size=1 << 13)
+    if not args.quiet and sys.stderr.isatty():
+        chunks = _with_progress(args.text, chunks)
     if args.quantize:  # through the engine's fused step with those weights
         from .engine.quant_eval import score_chunks_stepped
         from .engine.runner import Runner
 
-        score = score_chunks_stepped(Runner(loaded.model, quantize=args.quantize), loaded.vocab, read_chunks(args.text))
+        if args.unknown_chars != "error":
+            raise ValueError("--quantize scores text as it is: leave --unknown-chars at error")
+        score = score_chunks_stepped(Runner(loaded.model, quantize=args.quantize), loaded.vocab, chunks)
     else:
-        score = score_chunks(loaded.model, loaded.vocab, read_chunks(args.text))
+        score = score_chunks(loaded.model, loaded.vocab, chunks, unknown=args.unknown_chars, replacement=args.replacement)
+    _report_unknown(args, score.unknown_chars)
     if args.json:
         print(json.dumps(score.to_dict()))
     else:
@@ -59,38 +114,91 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def _with_progress(path: str, chunks):
+    """Count the characters first (cheap next to the model), then tick a bar as each chunk is scored."""
+    from tqdm import tqdm
+
+    from .evaluate import read_chunks
+
+    total = sum(len(c) for c in read_chunks(path, size=1 << 20))
+    with tqdm(total=total, unit="char", unit_scale=True, dynamic_ncols=True, file=sys.stderr, desc="evaluate") as bar:
+        for chunk in chunks:
+            yield chunk
+            bar.update(len(chunk))  # the chunk has been scored when the next one is asked for
+
+
+# ---------------------------------------------------------------------------- sample
+def _add_sample(p: argparse.ArgumentParser) -> None:
+    from .sampling import SamplingParams
+
+    d = SamplingParams()  # the server's defaults: one set, in one place
+    p.add_argument("--model", default=None, help="name, name@version or a model folder (default: the store's default)")
+    p.add_argument("--prompt", default="", help="text that primes the state (empty: the server's start character)")
+    p.add_argument("--length", type=int, default=500, help="characters to generate")
+    p.add_argument("--temperature", type=float, default=d.temperature, help=f"0 = greedy (default {d.temperature})")
+    p.add_argument("--top-k", type=int, default=d.top_k, help=f"0 = off (default {d.top_k})")
+    p.add_argument("--top-p", type=float, default=d.top_p, help=f"1 = off (default {d.top_p})")
+    p.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty, help=f"1 = off (default {d.repetition_penalty})")
+    p.add_argument("--stop", action="append", default=[], help="end at this string (not printed); repeatable")
+    p.add_argument("--seed", type=int, default=None)
+    _add_unknown_chars(p)
+
+
 def _cmd_sample(args) -> int:
     from .generate import generate_text
+    from .sampling import MAX_SEED
 
-    loaded = store.load(args.model, args.store)
-    for piece in generate_text(loaded.model, loaded.vocab, args.prompt, args.length,
-                               temperature=args.temperature, seed=args.seed):
+    _check_replacement(args)
+    if args.length < 0:
+        raise ValueError(f"--length must be at least 0, got {args.length}")
+    if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1 or args.repetition_penalty <= 0:
+        raise ValueError("need --temperature >= 0, --top-k >= 0, 0 < --top-p <= 1 and --repetition-penalty > 0")
+    if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
+        raise ValueError(f"--seed must be in [0, {MAX_SEED}], got {args.seed}")
+    loaded = store.load(args.model or store.default_model(args.store), args.store)
+    ids, unknown = loaded.vocab.encode_with_policy(args.prompt, args.unknown_chars, args.replacement)
+    _report_unknown(args, unknown)
+    for piece in generate_text(loaded.model, loaded.vocab, loaded.vocab.decode(ids), args.length,
+                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                               repetition_penalty=args.repetition_penalty, stop=tuple(args.stop), seed=args.seed):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
     return 0
 
 
+# ---------------------------------------------------------------------------- models
+def _add_models(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set-default", metavar="NAME[@VERSION]", default=None,
+                   help="make this model the store's default (what a bare --model and the service use)")
+
+
 def _cmd_models(args) -> int:
+    if args.set_default:
+        store.set_default(args.set_default, args.store)
+        print(f"default model of {store.store_root(args.store)}: {args.set_default}")
     rows = store.list_models(args.store)
     if not rows:
         print(f"no models in {store.store_root(args.store)}")
         return 0
-    print(f"{'model':<28} {'params':>10} {'val nats':>9} {'val bpc':>8} {'steps':>7}  created")
+    print(f"  {'model':<28} {'params':>10} {'val nats':>9} {'val bpc':>8} {'test bpc':>8} {'steps':>7}  created")
     for name, version, card in rows:
+        mark = "*" if store.is_default(name, version, args.store) else " "
         if card is None:
-            print(f"{name + '@' + version:<28} (unreadable card)")
+            print(f"{mark} {name + '@' + version:<28} (unreadable card)")
             continue
         m, t = card.get("metrics", {}), card.get("training", {})
-        print(f"{name + '@' + version:<28} {card.get('num_parameters', 0):>10,} {m.get('val_nats_per_char', float('nan')):>9.4f} "
-              f"{m.get('val_bits_per_char', float('nan')):>8.4f} {t.get('steps', 0):>7}  {card.get('created_at', '')}")
+        print(f"{mark} {name + '@' + version:<28} {card.get('num_parameters', 0):>10,} "
+              f"{m.get('val_nats_per_char', float('nan')):>9.4f} {m.get('val_bits_per_char', float('nan')):>8.4f} "
+              f"{m.get('test_bits_per_char', float('nan')):>8.4f} {t.get('steps', 0):>7}  {card.get('created_at', '')}")
+    print(f"(* marks the store's default: {store.default_model(args.store)})")
     return 0
 
 
-def _add_serve(sub) -> None:
+# ---------------------------------------------------------------------------- serve
+def _add_serve(p: argparse.ArgumentParser) -> None:
     from .settings import Settings
 
-    p = sub.add_parser("serve", help="serve a model over HTTP (settings also come from CHARLSTM_* variables)")
     for name, field in Settings.model_fields.items():
         if name == "model_store":
             continue  # the global --store
@@ -161,34 +269,49 @@ def _command_line() -> str:
     return shlex.join(["charlstm", *sys.argv[1:]])
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="charlstm", description=__doc__)
-    parser.add_argument("--store", default=None, help="model store root (default: $CHARLSTM_MODEL_STORE or ./model_store)")
+# name -> (help, adds the arguments, runs it)
+COMMANDS = {
+    "train": ("train a model on a UTF-8 text file and save it into the model store", _add_train, _cmd_train),
+    "evaluate": ("cross-entropy of a text file under a model, in nats and bits per char", _add_evaluate, _cmd_evaluate),
+    "sample": ("generate text to stdout", _add_sample, _cmd_sample),
+    "models": ("list the models in the store with their figures; set the default", _add_models, _cmd_models),
+    "serve": ("serve a model over HTTP (settings also come from CHARLSTM_* variables)", _add_serve, _cmd_serve),
+}
+
+
+def _chosen_command(argv: list[str]) -> str | None:
+    """The sub-command named in argv: the first word that is not the global --store or its value."""
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--store":
+            skip = True
+        elif not arg.startswith("-"):
+            return arg if arg in COMMANDS else None
+    return None
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser for `argv`: every sub-command is listed, only the chosen one gets its arguments built."""
+    argv = sys.argv[1:] if argv is None else argv
+    chosen = _chosen_command(argv)
+    parser = argparse.ArgumentParser(prog="charlstm", description=__doc__.split("\n")[0])
+    _add_store(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_train(sub)
-    p = sub.add_parser("evaluate", help="cross-entropy of a text file under a model, in nats and bits per char")
-    p.add_argument("--model", default=store.DEFAULT_MODEL, help="name, name@version or a model folder")
-    p.add_argument("--text", required=True)
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--quantize", choices=["none", "int8"], default=None,
-                   help="score through the engine's fused step with these weights (default: the model's nn.LSTM)")
-    p = sub.add_parser("sample", help="generate text to stdout")
-    p.add_argument("--model", default=store.DEFAULT_MODEL)
-    p.add_argument("--prompt", default="")
-    p.add_argument("--length", type=int, default=500)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--seed", type=int, default=None)
-    sub.add_parser("models", help="list the models in the store with their figures")
-    _add_serve(sub)
+    for name, (help_text, add_arguments, _) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        _add_store(p)
+        if name == chosen:
+            add_arguments(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    handlers = {"train": _cmd_train, "evaluate": _cmd_evaluate, "sample": _cmd_sample, "models": _cmd_models,
-                "serve": _cmd_serve}
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     try:
-        return handlers[args.command](args)
+        return COMMANDS[args.command][2](args)
     except store.ModelLoadError as e:
         print(f"charlstm: {e}", file=sys.stderr)
         return 2

@@ -19,6 +19,7 @@ LN2 = math.log(2.0)
 class Score:
     nats_total: float
     chars: int  # characters predicted: every character after the first
+    unknown_chars: int = 0  # characters outside the vocabulary that were skipped or replaced
 
     @property
     def nats_per_char(self) -> float:
@@ -29,7 +30,8 @@ class Score:
         return self.nats_per_char / LN2
 
     def to_dict(self) -> dict:
-        return {"nats_per_char": self.nats_per_char, "bits_per_char": self.bits_per_char, "chars": self.chars}
+        return {"nats_per_char": self.nats_per_char, "bits_per_char": self.bits_per_char, "chars": self.chars,
+                "unknown_chars": self.unknown_chars}
 
 
 def read_chunks(path: str | Path, size: int = 1 << 16) -> Iterator[str]:
@@ -40,20 +42,26 @@ def read_chunks(path: str | Path, size: int = 1 << 16) -> Iterator[str]:
 
 
 @torch.no_grad()
-def score_chunks(model: CharLSTM, vocab: CharVocab, chunks: Iterable[str], window: int = 2048) -> Score:
-    """Sum of -log p(char | all previous chars) over the stream, the first character excepted."""
+def score_chunks(model: CharLSTM, vocab: CharVocab, chunks: Iterable[str], window: int = 2048,
+                 unknown: str = "error", replacement: str | None = None) -> Score:
+    """Sum of -log p(char | all previous chars) over the stream, the first character excepted.
+
+    Characters outside the vocabulary follow `unknown` (CharVocab.encode_with_policy): "error" raises
+    with their positions in the whole stream, "skip" drops them, "replace" scores `replacement` instead.
+    """
     model.eval()
     device = next(model.parameters()).device
     state: State | None = None
     prev: int | None = None  # last character of the previous window: the input for the next target
-    total, count, offset = 0.0, 0, 0
+    total, count, offset, handled = 0.0, 0, 0, 0
     for chunk in chunks:
         try:
-            ids = vocab.encode(chunk)
+            ids, n_unknown = vocab.encode_with_policy(chunk, unknown, replacement)
         except OutOfVocabularyError as e:
             shifted = {c: [p + offset for p in ps] for c, ps in e.unknown.items()}
             raise OutOfVocabularyError(shifted) from None
         offset += len(chunk)
+        handled += n_unknown
         for start in range(0, len(ids), window):
             piece = ids[start : start + window]
             seq = ([prev] if prev is not None else []) + piece
@@ -65,7 +73,7 @@ def score_chunks(model: CharLSTM, vocab: CharVocab, chunks: Iterable[str], windo
             nll = torch.nn.functional.cross_entropy(logits[0], t[0, 1:], reduction="sum")
             total += float(nll)
             count += t.size(1) - 1
-    return Score(nats_total=total, chars=count)
+    return Score(nats_total=total, chars=count, unknown_chars=handled)
 
 
 def score_text(model: CharLSTM, vocab: CharVocab, text: str, window: int = 2048) -> Score:
@@ -79,6 +87,9 @@ def score_parallel(model: CharLSTM, ids: torch.Tensor, streams: int = 16, window
     A quick estimate for periodic validation during training (each segment starts from a zero state);
     the figure a model card reports comes from `score_chunks`, one pass over the whole text.
     """
+    if ids.numel() < 2:
+        raise ValueError(f"cannot score {ids.numel()} character(s): at least 2 are needed")
+    streams = min(streams, ids.numel() - 1)  # a short text gets fewer streams, never zero-length ones
     was_training = model.training
     model.eval()
     n = (ids.numel() - 1) // streams

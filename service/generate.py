@@ -1,7 +1,9 @@
 """Single-stream generation for the command line, like char-rnn's sample.lua.
 
 The sampler holds the state and passes it in; the prompt primes that same state in one call.
-It draws its random numbers exactly as the serving engine does, so a seed means the same text here.
+It draws its random numbers, applies its controls and starts an empty prompt exactly as the serving
+engine does (the start character "\n", the counter from 0, penalties over the prompt and the text),
+so a seed means the same text here and from the server.
 """
 
 from __future__ import annotations
@@ -13,22 +15,57 @@ import numpy as np
 import torch
 
 from .model import CharLSTM
-from .sampling import MAX_SEED, sample_next, uniforms
+from .sampling import MAX_SEED, SamplingParams, sample_next, uniforms
 from .vocab import CharVocab
+
+START_CHAR = "\n"  # what the server feeds a fresh stream without a prompt
+
+_DEFAULTS = SamplingParams()
+
+
+def start_id(vocab: CharVocab) -> int:
+    """The id fed when there is no prompt: the start character's, or 0 when the vocabulary lacks it."""
+    return vocab.encode(START_CHAR)[0] if START_CHAR in vocab else 0
 
 
 @torch.no_grad()
-def generate_text(model: CharLSTM, vocab: CharVocab, prompt: str, length: int, temperature: float = 1.0,
-                  top_k: int = 0, top_p: float = 1.0, seed: int | None = None) -> Iterator[str]:
+def generate_text(model: CharLSTM, vocab: CharVocab, prompt: str, length: int,
+                  temperature: float = _DEFAULTS.temperature, top_k: int = _DEFAULTS.top_k,
+                  top_p: float = _DEFAULTS.top_p, repetition_penalty: float = _DEFAULTS.repetition_penalty,
+                  stop: tuple[str, ...] = (), seed: int | None = None) -> Iterator[str]:
+    """Up to `length` characters after `prompt`; ends early at the first stop string, which is not yielded."""
     model.eval()
     seed = secrets.randbelow(MAX_SEED) if seed is None else seed
-    ids = vocab.encode(prompt) if prompt else [0]  # no prompt: start from the first vocabulary character
-    logits, state = model(torch.tensor([ids]), None)  # (1, T, V)
+    prompt_ids = vocab.encode(prompt)
+    logits, state = model(torch.tensor([prompt_ids or [start_id(vocab)]]), None)  # (1, T, V)
     last = logits[:, -1]  # (1, V)
-    controls = (torch.tensor([temperature]), torch.tensor([top_k]), torch.tensor([top_p]), torch.tensor([1.0]))
+    controls = (torch.tensor([temperature]), torch.tensor([top_k]), torch.tensor([top_p]),
+                torch.tensor([repetition_penalty]))
+    seen = None
+    if repetition_penalty != 1.0:
+        seen = torch.zeros(1, len(vocab), dtype=torch.bool)  # (1, V)
+        seen[0, prompt_ids] = True
+    stops = tuple(s for s in stop if s)
+    longest = max((len(s) for s in stops), default=0)
+    text, released = "", 0  # generated so far; how much of it has been yielded
     for n in range(length):
         u = torch.from_numpy(uniforms(np.array([seed]), np.array([n])))
-        nxt, _ = sample_next(last, *controls, None, u)  # (1,)
-        yield vocab.decode(nxt.tolist())
+        nxt, _ = sample_next(last, *controls, seen, u, want_logprobs=False)  # (1,)
+        if seen is not None:
+            seen[0, nxt] = True
+        text += vocab.decode(nxt.tolist())
+        ended = next((s for s in stops if text.endswith(s)), None)
+        if ended is not None:
+            if len(text) - len(ended) > released:
+                yield text[released : len(text) - len(ended)]
+            return
+        # hold back a tail that could still grow into a stop string
+        held = next((k for k in range(min(longest - 1, len(text)), 0, -1)
+                     if any(s.startswith(text[-k:]) for s in stops)), 0)
+        if len(text) - held > released:
+            yield text[released : len(text) - held]
+            released = len(text) - held
         logits, state = model(nxt.view(1, 1), state)
         last = logits[:, -1]
+    if released < len(text):
+        yield text[released:]

@@ -21,15 +21,19 @@ class CharLSTMConfig:
     embed_dim: int = 512  # width of the character embedding; must equal hidden_size when tying
     hidden_size: int = 512  # width of each LSTM layer's state
     num_layers: int = 2  # stacked LSTM layers
-    dropout: float = 0.2  # dropout between LSTM layers and on the top layer's output (training only)
-    embed_dropout: float = 0.0  # dropout on the embedded characters (training only)
+    dropout: float = 0.2  # per-step dropout between LSTM layers and on the top layer's output (training only)
+    embed_dropout: float = 0.0  # per-step dropout on the embedded characters (training only)
     tie_weights: bool = False  # share the embedding matrix with the output head
+    # Variational dropout (Gal & Ghahramani): one mask per sequence and layer, shared over time, on the
+    # embedding output, between layers and on the top layer's output (training only). Adds to the above.
+    variational_dropout: float = 0.0
+    weight_drop: float = 0.0  # DropConnect on each layer's recurrent matrix weight_hh_l{k}, new mask per batch (AWD-LSTM)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "embed_dim", "hidden_size", "num_layers"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("dropout", "embed_dropout"):
+        for name in ("dropout", "embed_dropout", "variational_dropout", "weight_drop"):
             if not 0.0 <= float(getattr(self, name)) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.tie_weights and self.embed_dim != self.hidden_size:
@@ -51,8 +55,20 @@ class CharLSTMConfig:
         return self.num_layers * 2 * self.hidden_size
 
 
+def variational_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """A dropout mask for x (B, T, D) drawn once per sequence and shared by all T steps: (B, 1, D), scaled by 1/(1-p)."""
+    keep = 1.0 - p
+    return x.new_empty(x.size(0), 1, x.size(2)).bernoulli_(keep).div_(keep)  # (B, 1, D)
+
+
 class CharLSTM(nn.Module):
-    """embedding -> stacked LSTM (dropout between layers) -> linear head over the vocabulary."""
+    """embedding -> stacked LSTM (dropout between layers) -> linear head over the vocabulary.
+
+    In evaluation, and in training without variational dropout or weight drop, the whole stack is one
+    `nn.LSTM` call. With either regulariser on, training runs the same fused kernel layer by layer, so a
+    mask can sit between layers and a dropped copy of weight_hh can stand in for the stored one; the
+    stored parameters and the evaluation path are the same either way.
+    """
 
     def __init__(self, config: CharLSTMConfig):
         super().__init__()
@@ -94,9 +110,38 @@ class CharLSTM(nn.Module):
     def forward(self, ids: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         """ids (B, T) int64 -> logits (B, T, V) and the state after the last character."""
         x = self.embed_drop(self.embed(ids))  # (B, T, E)
-        y, state = self.lstm(x, state)  # y: (B, T, H); h, c: (L, B, H)
+        cfg = self.config
+        if self.training and (cfg.variational_dropout > 0 or cfg.weight_drop > 0):
+            y, state = self._regularised_lstm(x, state)
+        else:
+            y, state = self.lstm(x, state)  # y: (B, T, H); h, c: (L, B, H)
         logits = self.head(self.out_drop(y))  # (B, T, V)
         return logits, state
+
+    def _regularised_lstm(self, x: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
+        """Training path with variational dropout and/or weight drop: one fused single-layer LSTM call per layer."""
+        cfg, lstm = self.config, self.lstm
+        if state is None:
+            state = self.initial_state(x.size(0), x.device, x.dtype)
+        h0, c0 = state  # (L, B, H) each
+        hs, cs = [], []
+        for layer in range(cfg.num_layers):
+            if layer > 0 and cfg.dropout > 0:
+                x = F.dropout(x, cfg.dropout, training=True)  # what nn.LSTM's inter-layer dropout does
+            if cfg.variational_dropout > 0:
+                x = x * variational_mask(x, cfg.variational_dropout)  # (B, T, D), same mask at every step
+            w_hh = getattr(lstm, f"weight_hh_l{layer}")  # (4H, H)
+            if cfg.weight_drop > 0:
+                w_hh = F.dropout(w_hh, cfg.weight_drop, training=True)  # DropConnect: a new mask each call
+            weights = [getattr(lstm, f"weight_ih_l{layer}"), w_hh, getattr(lstm, f"bias_ih_l{layer}"),
+                       getattr(lstm, f"bias_hh_l{layer}")]
+            x, h, c = torch._VF.lstm(x, (h0[layer : layer + 1], c0[layer : layer + 1]), weights, True, 1, 0.0,
+                                     True, False, True)  # x: (B, T, H); h, c: (1, B, H)
+            hs.append(h)
+            cs.append(c)
+        if cfg.variational_dropout > 0:
+            x = x * variational_mask(x, cfg.variational_dropout)  # (B, T, H) before the head
+        return x, (torch.cat(hs), torch.cat(cs))
 
     def num_parameters(self) -> int:
         """Distinct parameters (a tied matrix counts once)."""

@@ -1,7 +1,8 @@
 """The model store: versioned models as safetensors weights plus a JSON card, on disk.
 
-Layout: <root>/<name>/<version>/{model.safetensors, card.json, loss.png}. A model is addressed as
-`name` (its newest version), `name@version`, or a path to a model folder. Loading executes nothing
+Layout: <root>/<name>/<version>/{model.safetensors, card.json, loss.png}, and <root>/default.json naming
+the store's default model. A model is addressed as `name` (its newest version), `name@version`, or a
+path to a model folder. Loading executes nothing
 from the files: weights are safetensors, metadata is JSON, and the card is checked against the
 tensors (names, shapes, dtypes, vocabulary, checksum) before a model is built. Every failure is one
 `ModelLoadError` whose message names what is wrong.
@@ -30,7 +31,8 @@ WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "card.json"
 PLOT_FILE = "loss.png"
 DEFAULT_STORE = Path(__file__).resolve().parent.parent / "model_store"
-DEFAULT_MODEL = "shakespeare"
+DEFAULT_MODEL = "shakespeare"  # the default when the store records none
+DEFAULT_FILE = "default.json"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _VERSION = re.compile(r"^v(\d{1,9})$")
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
@@ -124,6 +126,50 @@ def resolve(ref: str, root: str | Path | None = None, allow_paths: bool = True) 
     if base not in folder.parents:
         raise ModelLoadError(f"model reference {ref!r} points outside the model store")
     return folder
+
+
+def default_model(root: str | Path | None = None) -> str:
+    """The store's default model reference (`name` or `name@version`): what `default.json` records,
+    or DEFAULT_MODEL when it records nothing. Changed only by `set_default`."""
+    path = store_root(root) / DEFAULT_FILE
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return DEFAULT_MODEL
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ModelLoadError(f"{path} is not valid JSON: {e}") from None
+    ref = record.get("model") if isinstance(record, dict) else None
+    if not isinstance(ref, str):
+        raise ModelLoadError(f"{path} does not name a model: expected {{\"model\": \"name@version\"}}")
+    name, _, version = ref.partition("@")
+    check_name("name", name)
+    if version:
+        check_name("version", version)
+    return ref
+
+
+def set_default(ref: str, root: str | Path | None = None) -> str:
+    """Record `ref` (a model in this store, `name` or `name@version`) as the store's default, atomically."""
+    folder = resolve(ref, root, allow_paths=False)  # exists, and names no path
+    if not (folder / CARD_FILE).is_file():
+        raise ModelLoadError(f"model at {folder} is incomplete: missing {CARD_FILE}")
+    write_json_atomic(store_root(root) / DEFAULT_FILE, {"model": ref})
+    return ref
+
+
+def is_default(name: str, version: str, root: str | Path | None = None) -> bool:
+    """Whether name@version is what the store's default reference resolves to."""
+    try:
+        return resolve(default_model(root), root, allow_paths=False) == (store_root(root) / name / version).resolve()
+    except ModelLoadError:
+        return False
+
+
+def attach_plot(folder: Path, plot: Path) -> None:
+    """Add the loss plot to a saved model's folder (optional: the card and weights do not depend on it)."""
+    tmp = folder / f".{PLOT_FILE}.{uuid.uuid4().hex}.tmp"
+    shutil.copyfile(plot, tmp)
+    os.replace(tmp, folder / PLOT_FILE)
 
 
 def file_sha256(path: Path) -> str:

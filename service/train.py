@@ -3,6 +3,8 @@
 The trainer owns the loop and knows the model only through `forward(ids, state) -> (logits, state)`.
 Everything a resumed run needs (weights, optimizer moments, carried LSTM state, RNG, step, history)
 goes into a safetensors + JSON checkpoint: no pickle, and a resumed run continues bit for bit.
+The model goes into the store before anything optional (the plot) runs, and the checkpoint records
+the export only once it happened, so `--resume` can export a run whose export failed.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import platform
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -30,15 +32,22 @@ from .vocab import CharVocab
 CKPT_TENSORS = "checkpoint.safetensors"
 CKPT_META = "checkpoint.json"
 BEST_WEIGHTS = "best.safetensors"
+SELECTION_RULE = {
+    False: "lowest validation nats/char (parallel estimate) among the periodic evaluations",
+    True: "lowest validation + test nats/char (parallel estimates, equal weights) among the periodic evaluations",
+}
 
 
 @dataclass
 class TrainConfig:
     text: str  # any UTF-8 text file
     out: str = "runs/default"  # run folder: checkpoints, best weights, loss plot
-    name: str = store.DEFAULT_MODEL  # model name in the store
+    name: str | None = None  # model name in the store; None: the run folder's name, which must be new
     store: str | None = None  # model store root (default: the repository's model_store/)
     save: bool = True  # write the best model into the store at the end
+    set_default: bool = False  # make the saved model the store's default
+    test_text: str | None = None  # a held-out text (e.g. an unseen play): evaluated, never trained on
+    init_from: str | None = None  # start from this stored model's weights (name@version); its architecture wins
     # architecture
     embed_dim: int = 512
     hidden_size: int = 512
@@ -46,6 +55,8 @@ class TrainConfig:
     dropout: float = 0.2
     embed_dropout: float = 0.0
     tie_weights: bool = False
+    variational_dropout: float = 0.0  # one mask per sequence and layer, shared over time (see model.py)
+    weight_drop: float = 0.0  # DropConnect on the recurrent matrices, a new mask every batch
     # optimisation
     batch_size: int = 64  # parallel streams, each a contiguous slice of the training text
     seq_len: int = 128  # truncated-BPTT window; the state is carried (detached) across windows
@@ -57,24 +68,81 @@ class TrainConfig:
     grad_clip: float = 1.0
     train_fraction: float = DEFAULT_TRAIN_FRACTION
     # bookkeeping
-    eval_every: int = 200
+    eval_every: int = 200  # 0 = only at the end
     eval_streams: int = 16
     patience: int = 0  # evaluations without improvement before stopping early; 0 = never
-    checkpoint_every: int = 200
+    checkpoint_every: int = 200  # 0 = only at the end (and at --stop-at)
     seed: int = 1337
     threads: int = 0  # torch CPU threads; 0 = torch's default
     device: str = "auto"  # auto, cpu or cuda
     progress: bool = True
     stop_at: int = 0  # end this invocation after this step (a time-boxed session); --resume continues it
 
+    def __post_init__(self) -> None:
+        """Refuse impossible settings up front, naming the field and the bound."""
+        if not self.text:
+            raise ValueError("text must name a UTF-8 text file")
+        at_least = {"embed_dim": 1, "hidden_size": 1, "num_layers": 1, "batch_size": 1, "seq_len": 1, "steps": 1,
+                    "eval_streams": 1, "warmup_steps": 0, "eval_every": 0, "checkpoint_every": 0, "patience": 0,
+                    "threads": 0, "stop_at": 0}
+        for name, low in at_least.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name} must be an integer of at least {low}, got {value!r}")
+        for name in ("dropout", "embed_dropout", "variational_dropout", "weight_drop"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if not 0.0 < self.train_fraction < 1.0:
+            raise ValueError(f"train_fraction must be in (0, 1), got {self.train_fraction!r}")
+        for name in ("lr", "grad_clip"):
+            if not getattr(self, name) > 0.0 or not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number above 0, got {getattr(self, name)!r}")
+        if not 0.0 <= self.min_lr <= self.lr:
+            raise ValueError(f"min_lr must be in [0, lr={self.lr}], got {self.min_lr!r}")
+        if not self.weight_decay >= 0.0:
+            raise ValueError(f"weight_decay must be at least 0, got {self.weight_decay!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.tie_weights and self.embed_dim != self.hidden_size and not self.init_from:
+            raise ValueError(f"tie_weights needs embed_dim == hidden_size, got {self.embed_dim} != {self.hidden_size}")
+        if self.name is not None:
+            try:
+                store.check_name("name", self.name)
+            except store.ModelLoadError as e:
+                raise ValueError(str(e)) from None
+
     def model_config(self, vocab_size: int) -> CharLSTMConfig:
         return CharLSTMConfig(vocab_size=vocab_size, embed_dim=self.embed_dim, hidden_size=self.hidden_size,
                               num_layers=self.num_layers, dropout=self.dropout,
-                              embed_dropout=self.embed_dropout, tie_weights=self.tie_weights)
+                              embed_dropout=self.embed_dropout, tie_weights=self.tie_weights,
+                              variational_dropout=self.variational_dropout, weight_drop=self.weight_drop)
 
     def hyperparameters(self) -> dict:
-        skip = {"text", "out", "name", "store", "save", "progress", "device", "threads", "stop_at"}
+        skip = {"text", "out", "name", "store", "save", "set_default", "test_text", "init_from", "progress", "device",
+                "threads", "stop_at"}
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+
+
+def model_name_for(cfg: TrainConfig) -> str:
+    """The name to save under: the one given, or the run folder's name when that is new to the store.
+
+    A derived name never adds a version to an existing model (the store's default above all), so a
+    forgotten --name cannot replace the model a service serves.
+    """
+    if cfg.name:
+        return cfg.name
+    derived = Path(cfg.out).resolve().name
+    try:
+        store.check_name("name", derived)
+    except store.ModelLoadError:
+        raise ValueError(f"no --name given and the run folder's name {derived!r} is not a valid model name: pass --name") from None
+    if derived == store.default_model(cfg.store).partition("@")[0]:
+        raise ValueError(f"no --name given, and the run folder's name {derived!r} is the store's default model: "
+                         f"pass --name {derived} to add a version to it, or choose another --out")
+    if store.list_versions(derived, cfg.store):
+        raise ValueError(f"no --name given, and the run folder's name {derived!r} is already a model in the store: "
+                         f"pass --name {derived} to add a version to it, or choose another --out")
+    return derived
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -134,7 +202,9 @@ class RunState:
     history: list[dict] = field(default_factory=list)  # one row per evaluation
     curve: list[list[float]] = field(default_factory=list)  # [step, train nats] every few steps
     commands: list[str] = field(default_factory=list)
-    done: bool = False
+    done: bool = False  # training ended (all steps or early stop)
+    best_score: float = float("inf")  # the selection rule's figure at best_step
+    exported: str | None = None  # name@version once the model is in the store
 
 
 class Trainer:
@@ -147,12 +217,24 @@ class Trainer:
         self.device = pick_device(cfg.device)
         self.corpus = Corpus.read(cfg.text)
         train_text, self.val_text = self.corpus.split(cfg.train_fraction)
-        self.vocab = CharVocab.from_text(self.corpus.text)
+        if len(self.val_text) < 2:
+            raise ValueError(f"the validation split of {cfg.text} holds {len(self.val_text)} character(s); it needs at "
+                             f"least 2: lower train_fraction ({cfg.train_fraction}) or give a longer text")
+        self.test = Corpus.read(cfg.test_text) if cfg.test_text else None
+        if self.test is not None and self.test.sha256 == self.corpus.sha256:
+            raise ValueError("test_text is the training text itself: a test text must be one the model never trains on")
+        init = store.load(cfg.init_from, cfg.store) if cfg.init_from else None
+        self.init_from = None if init is None else {"model": f"{init.name}@{init.version}",
+                                                    "weights_sha256": init.card["weights_sha256"]}
+        self.vocab = init.vocab if init is not None else CharVocab.from_text(self.corpus.text)
         torch.manual_seed(cfg.seed)
         self.model = CharLSTM(cfg.model_config(len(self.vocab))).to(self.device)
+        if init is not None:
+            self.model.load_state_dict(init.model.state_dict())
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.99))
         self.batches = Batches(torch.tensor(self.vocab.encode(train_text), dtype=torch.long), cfg.batch_size, cfg.seq_len, cfg.seed)
         self.val_ids = torch.tensor(self.vocab.encode(self.val_text), dtype=torch.long).to(self.device)
+        self.test_ids = None if self.test is None else torch.tensor(self.vocab.encode(self.test.text), dtype=torch.long).to(self.device)
         self.run = RunState()
         self.carried = None
 
@@ -178,6 +260,12 @@ class Trainer:
         tmp.replace(self.out / CKPT_TENSORS)
         store.write_json_atomic(self.out / CKPT_META, meta)
 
+    def save_run_state(self) -> None:
+        """Rewrite only the run record of the checkpoint (the tensors stay those of the last step)."""
+        meta = json.loads((self.out / CKPT_META).read_text())
+        meta["run"] = asdict(self.run)
+        store.write_json_atomic(self.out / CKPT_META, meta)
+
     def load_checkpoint(self) -> None:
         meta = json.loads((self.out / CKPT_META).read_text())
         tensors = load_file(str(self.out / CKPT_TENSORS))
@@ -197,7 +285,9 @@ class Trainer:
         torch.set_rng_state(tensors["rng.cpu"])
         if "rng.cuda" in tensors and self.device.type == "cuda":
             torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
-        self.run = RunState(**meta["run"])
+        run = dict(meta["run"])
+        run.setdefault("best_score", run.get("best_val", float("inf")))  # a checkpoint from before the selection rule
+        self.run = RunState(**run)
 
     @staticmethod
     def saved_config(out: str | Path) -> TrainConfig | None:
@@ -207,8 +297,11 @@ class Trainer:
         return TrainConfig(**json.loads(meta.read_text())["config"])
 
     # ------------------------------------------------------------------ loop
-    def evaluate(self) -> float:
-        return score_parallel(self.model, self.val_ids, streams=self.cfg.eval_streams)
+    def evaluate(self) -> tuple[float, float | None]:
+        """(validation, test or None) nats/char, quick parallel estimates."""
+        val = score_parallel(self.model, self.val_ids, streams=self.cfg.eval_streams)
+        test = None if self.test_ids is None else score_parallel(self.model, self.test_ids, streams=self.cfg.eval_streams)
+        return val, test
 
     def train(self) -> Path | None:
         cfg, run, model = self.cfg, self.run, self.model
@@ -248,17 +341,20 @@ class Trainer:
             bar.set_postfix(loss=f"{loss_value:.3f}", bpc=f"{loss_value / LN2:.3f}",
                             cps=f"{chars_per_step / max(now - t0, 1e-9):,.0f}", refresh=False)
             bar.update(1)
-            if run.step % cfg.eval_every == 0 or run.step == cfg.steps:
+            if (cfg.eval_every and run.step % cfg.eval_every == 0) or run.step == cfg.steps:
                 t_eval = time.perf_counter()
-                val = self.evaluate()
+                val, test = self.evaluate()
                 run.wall_time_s += time.perf_counter() - t_eval
-                row = {"step": run.step, "train_nats": window_loss / window_n, "val_nats": val, "val_bpc": val / LN2,
-                       "lr": lr_at(run.step - 1, cfg), "chars_per_s": chars_per_step * window_n / (now - t_last),
-                       "wall_time_s": round(run.wall_time_s, 1)}
+                row = {"step": run.step, "train_nats": window_loss / window_n, "val_nats": val, "val_bpc": val / LN2}
+                if test is not None:
+                    row.update(test_nats=test, test_bpc=test / LN2)
+                row.update(lr=lr_at(run.step - 1, cfg), chars_per_s=chars_per_step * window_n / max(now - t_last, 1e-9),
+                           wall_time_s=round(run.wall_time_s, 1))
                 run.history.append(row)
                 window_loss, window_n, t_last = 0.0, 0, time.perf_counter()
-                if val < run.best_val:
-                    run.best_val, run.best_step, run.evals_since_best = val, run.step, 0
+                score = val if test is None else val + test  # the selection rule (SELECTION_RULE)
+                if score < run.best_score:
+                    run.best_score, run.best_val, run.best_step, run.evals_since_best = score, val, run.step, 0
                     self.out.mkdir(parents=True, exist_ok=True)
                     tmp = self.out / f".{BEST_WEIGHTS}.tmp"
                     save_file(store.weights_of(model), str(tmp))
@@ -267,9 +363,10 @@ class Trainer:
                     run.evals_since_best += 1
                     if cfg.patience and run.evals_since_best >= cfg.patience:
                         run.done = True
+                shown = "" if test is None else f" test {test:.4f} nats ({test / LN2:.4f} bpc)"
                 bar.write(f"step {run.step}: train {row['train_nats']:.4f} val {val:.4f} nats ({val / LN2:.4f} bpc)"
-                          f"{' *' if run.best_step == run.step else ''}")
-            if run.step % cfg.checkpoint_every == 0 or run.step == cfg.steps or run.done:
+                          f"{shown}{' *' if run.best_step == run.step else ''}")
+            if (cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0) or run.step == cfg.steps or run.done:
                 self.save_checkpoint()
         bar.close()
         run.done = True
@@ -278,27 +375,49 @@ class Trainer:
 
     # ------------------------------------------------------------------ export
     def finish(self) -> Path | None:
-        """Load the best weights, measure them in one pass, plot, and write the model into the store."""
+        """Load the best weights, measure them in one pass, write the model into the store, then plot.
+
+        The checkpoint records the export only after the store holds the model: a failed export leaves
+        a run that `--resume` exports. The plot is optional and comes last; its failure is only a warning.
+        """
         best = self.out / BEST_WEIGHTS
         if best.is_file():
             self.model.load_state_dict(load_file(str(best), device=str(self.device)), strict=not self.cfg.tie_weights)
         self.model.eval()
         score = score_text(self.model, self.vocab, self.val_text)
-        plot = self.out / store.PLOT_FILE
-        plot_losses(self.run, plot, score.nats_per_char)
-        summary = {"val_nats_per_char": score.nats_per_char, "val_bits_per_char": score.bits_per_char,
-                   "val_chars": score.chars, "best_step": self.run.best_step,
-                   "best_val_nats_parallel_estimate": self.run.best_val}
+        test = None if self.test is None else score_text(self.model, self.vocab, self.test.text)
+        metrics = {"val_nats_per_char": score.nats_per_char, "val_bits_per_char": score.bits_per_char,
+                   "val_chars": score.chars}
+        if test is not None:
+            metrics.update(test_nats_per_char=test.nats_per_char, test_bits_per_char=test.bits_per_char,
+                           test_chars=test.chars, test_text={"name": self.test.name, "sha256": self.test.sha256,
+                                                             "chars": len(self.test.text)})
+        summary = {**metrics, "best_step": self.run.best_step, "best_val_nats_parallel_estimate": self.run.best_val}
         store.write_json_atomic(self.out / "result.json", summary)
         print(json.dumps(summary), flush=True)
-        if not self.cfg.save:
-            return None
+        path = None
+        if self.cfg.save:
+            path = self.export(metrics)
+        plot = self.out / store.PLOT_FILE
+        try:
+            plot_losses(self.run, plot, score.nats_per_char, None if test is None else test.nats_per_char)
+            if path is not None:
+                store.attach_plot(path, plot)
+        except Exception as e:  # noqa: BLE001 - the plot is optional; the model is already saved
+            print(f"warning: the loss plot was not written ({type(e).__name__}: {e}); the model is saved", file=sys.stderr,
+                  flush=True)
+        return path
+
+    def export(self, metrics: dict) -> Path:
+        """Write the (best) model and its card into the store; record it in the checkpoint; set the default if asked."""
         self.model.to("cpu")
         card = {
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "corpus": self.corpus.describe(self.cfg.train_fraction),
             "training": {
                 "hyperparameters": self.cfg.hyperparameters(),
+                "init_from": self.init_from,
+                "selection": SELECTION_RULE[self.test is not None],
                 "steps": self.run.step,
                 "best_step": self.run.best_step,
                 "chars_seen": self.run.chars_seen,
@@ -308,20 +427,21 @@ class Trainer:
                 "command": self.run.commands[0],
                 "resumed_with": self.run.commands[1:],
             },
-            "metrics": {
-                "val_nats_per_char": score.nats_per_char,
-                "val_bits_per_char": score.bits_per_char,
-                "val_chars": score.chars,
-                "measured": "one pass over the validation split with the state carried, from a zero state",
-            },
+            "metrics": {**metrics,
+                        "measured": "one pass over each text with the state carried, from a zero state"},
             "history": self.run.history,
         }
-        path = store.save(self.model, self.vocab, card, self.cfg.name, self.cfg.store, plot=plot)
+        path = store.save(self.model, self.vocab, card, self.cfg.name, self.cfg.store)
+        self.run.exported = f"{self.cfg.name}@{path.name}"
+        self.save_run_state()
         print(f"saved {path}", flush=True)
+        if self.cfg.set_default:
+            store.set_default(self.run.exported, self.cfg.store)
+            print(f"default model of the store: {self.run.exported}", flush=True)
         return path
 
 
-def plot_losses(run: RunState, path: Path, final_val: float | None = None) -> None:
+def plot_losses(run: RunState, path: Path, final_val: float | None = None, final_test: float | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -333,8 +453,15 @@ def plot_losses(run: RunState, path: Path, final_val: float | None = None) -> No
         ax.plot(steps, losses, lw=0.8, alpha=0.6, label="train (window)")
     if run.history:
         ax.plot([r["step"] for r in run.history], [r["val_nats"] for r in run.history], "o-", label="validation")
+        tested = [r for r in run.history if "test_nats" in r]
+        if tested:
+            ax.plot([r["step"] for r in tested], [r["test_nats"] for r in tested], "s-", label="test (unseen text)")
     if final_val is not None and run.best_step >= 0:
-        ax.axhline(final_val, ls="--", c="grey", lw=0.8, label=f"best, one pass: {final_val:.4f} nats")
+        ax.axhline(final_val, ls="--", c="grey", lw=0.8,
+                   label=f"best val, one pass: {final_val:.4f} nats, {final_val / LN2:.4f} bits")
+    if final_test is not None and run.best_step >= 0:
+        ax.axhline(final_test, ls=":", c="grey", lw=0.8,
+                   label=f"best test, one pass: {final_test:.4f} nats, {final_test / LN2:.4f} bits")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/char)")
     sec = ax.secondary_yaxis("right", functions=(lambda n: n / LN2, lambda b: b * LN2))
@@ -348,19 +475,39 @@ def plot_losses(run: RunState, path: Path, final_val: float | None = None) -> No
     tmp.replace(path)
 
 
-def run_training(cfg: TrainConfig, resume: bool = False, command: str | None = None) -> Path | None:
+def run_training(cfg: TrainConfig, resume: bool = False, command: str | None = None,
+                 finish_now: bool = False) -> Path | None:
+    """Start, resume, or (when training ended but the export did not) export a run.
+
+    `finish_now` with `resume` ends a stopped run where it stands and exports its best checkpoint
+    (a time-boxed run that cannot reach its last step).
+    """
     if resume:
         saved = Trainer.saved_config(cfg.out)
         if saved is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {cfg.out}")
         saved.progress, saved.threads, saved.device, saved.stop_at = cfg.progress, cfg.threads, cfg.device, cfg.stop_at
+        saved.set_default = saved.set_default or cfg.set_default
         trainer = Trainer(saved, command)
         trainer.load_checkpoint()
+        if finish_now and not trainer.run.done:
+            print(f"ending the run in {cfg.out} at step {trainer.run.step} of {saved.steps}", flush=True)
+            trainer.run.done = True
+            trainer.save_run_state()
         if trainer.run.done:
-            print(f"run in {cfg.out} already finished at step {trainer.run.step}", flush=True)
-            return None
-    else:
-        if (Path(cfg.out) / CKPT_META).exists():
-            raise FileExistsError(f"{cfg.out} already holds a checkpoint: pass --resume to continue it or choose another --out")
-        trainer = Trainer(cfg, command)
-    return trainer.train()
+            if trainer.run.exported or not saved.save:
+                where = f" and saved as {trainer.run.exported}" if trainer.run.exported else ""
+                print(f"run in {cfg.out} already finished at step {trainer.run.step}{where}", flush=True)
+                return None
+            print(f"run in {cfg.out} finished training at step {trainer.run.step} but was not exported: exporting", flush=True)
+            trainer.run.commands.append(trainer.command)
+            return trainer.finish()
+        return trainer.train()
+    if (Path(cfg.out) / CKPT_META).exists():
+        raise FileExistsError(f"{cfg.out} already holds a checkpoint: pass --resume to continue it or choose another --out")
+    cfg = replace(cfg, name=model_name_for(cfg) if cfg.save else (cfg.name or Path(cfg.out).resolve().name))
+    if cfg.init_from:
+        source = store.load(cfg.init_from, cfg.store).model.config
+        cfg = replace(cfg, embed_dim=source.embed_dim, hidden_size=source.hidden_size, num_layers=source.num_layers,
+                      tie_weights=source.tie_weights)
+    return Trainer(cfg, command).train()

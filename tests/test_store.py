@@ -127,3 +127,35 @@ def test_a_folder_reference_loads_when_paths_are_allowed(model_copy):
     assert store.load(str(folder)).version == "v1"
     with pytest.raises(store.ModelLoadError, match="does not exist"):
         store.load(str(folder / "nope"))
+
+
+def test_the_default_model_is_recorded_in_the_store(model_copy, tiny_model):
+    root, _ = model_copy
+    assert store.default_model(root) == store.DEFAULT_MODEL == "shakespeare"  # no record yet
+    assert not store.is_default("tiny", "v1", root)
+    store.save(tiny_model.model, tiny_model.vocab, {}, "tiny", root)  # tiny@v2
+    assert store.set_default("tiny@v1", root) == "tiny@v1"
+    assert store.default_model(root) == "tiny@v1"
+    assert store.is_default("tiny", "v1", root) and not store.is_default("tiny", "v2", root)
+    assert store.load(store.default_model(root), root).version == "v1"
+    store.set_default("tiny", root)  # a bare name: its newest version
+    assert store.is_default("tiny", "v2", root) and not store.is_default("tiny", "v1", root)
+    assert [p.name for p in root.iterdir() if p.is_file()] == ["default.json"]  # written atomically, no temporaries
+
+
+@pytest.mark.parametrize("ref, message", [("nope", "unknown model 'nope'"), ("tiny@v4", "unknown version 'v4'"),
+                                          ("../tiny", "invalid model name"), ("/etc", "invalid model name")])
+def test_the_default_must_be_a_model_in_the_store(model_copy, ref, message):
+    root, _ = model_copy
+    with pytest.raises(store.ModelLoadError, match=message):
+        store.set_default(ref, root)
+    assert not (root / "default.json").exists()
+
+
+@pytest.mark.parametrize("content, message", [("{oops", "not valid JSON"), ('{"model": 3}', "does not name a model"),
+                                              ('{"model": "../x"}', "invalid model name")])
+def test_a_broken_default_record_is_one_clear_error(model_copy, content, message):
+    root, _ = model_copy
+    (root / "default.json").write_text(content)
+    with pytest.raises(store.ModelLoadError, match=message):
+        store.default_model(root)

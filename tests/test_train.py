@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 from service import store
 from service.evaluate import read_chunks, score_chunks, score_text
 from service.generate import generate_text
-from service.train import lr_at, run_training
+from service.train import SELECTION_RULE, TrainConfig, lr_at, run_training
 
-from .conftest import tiny_config
+from .conftest import make_play, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -113,7 +113,7 @@ def test_cli_evaluate_sample_and_models(trained_store, tiny_model, play_file, tm
     first = cli("sample", "--model", "tiny", "--prompt", "ROMEO:", "--length", "60", "--seed", "11", store_root=trained_store)
     again = cli("sample", "--model", "tiny", "--prompt", "ROMEO:", "--length", "60", "--seed", "11", store_root=trained_store)
     assert first.returncode == 0 and first.stdout == again.stdout and len(first.stdout) == 61
-    expected_text = "".join(generate_text(tiny_model.model, tiny_model.vocab, "ROMEO:", 60, temperature=0.8, seed=11))
+    expected_text = "".join(generate_text(tiny_model.model, tiny_model.vocab, "ROMEO:", 60, seed=11))  # server defaults
     assert first.stdout == expected_text + "\n"
 
     listing = cli("models", store_root=trained_store)
@@ -137,3 +137,148 @@ def test_cli_trains_a_model(play_file, tmp_path):
     card = store.load("cli", tmp_path / "store").card
     assert card["training"]["command"].startswith("charlstm --store") and "--tie-weights" in card["training"]["command"]
     assert card["config"]["tie_weights"] is True and card["training"]["steps"] == 20
+
+
+@pytest.fixture(scope="module")
+def unseen_play(tmp_path_factory):
+    """A held-out text: another play of the same kind, never trained on."""
+    path = tmp_path_factory.mktemp("unseen") / "unseen.txt"
+    path.write_text(make_play(3_000, seed=99), encoding="utf-8")
+    return path
+
+
+def test_resume_is_exact_with_variational_dropout_and_weight_drop(play_file, unseen_play, tmp_path):
+    regs = dict(steps=40, eval_every=10, checkpoint_every=10, variational_dropout=0.3, weight_drop=0.3,
+                test_text=str(unseen_play))
+    run_training(tiny_config(play_file, tmp_path / "whole", tmp_path / "s1", **regs))
+    cut = tiny_config(play_file, tmp_path / "cut", tmp_path / "s2", stop_at=15, **regs)
+    assert run_training(cut) is None
+    cut.stop_at = 0
+    run_training(cut, resume=True)
+    a = load_file(str(tmp_path / "whole" / "checkpoint.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "checkpoint.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    card = store.load("tiny", tmp_path / "s2").card
+    assert card["config"]["variational_dropout"] == 0.3 and card["config"]["weight_drop"] == 0.3
+    hp = card["training"]["hyperparameters"]
+    assert hp["variational_dropout"] == 0.3 and hp["weight_drop"] == 0.3
+    # the unseen text: at every evaluation, in the card in nats and bits, and in the selection rule
+    history = card["history"]
+    assert [r["step"] for r in history] == [10, 20, 30, 40] and all("test_nats" in r and "test_bpc" in r for r in history)
+    m = card["metrics"]
+    assert m["test_bits_per_char"] == pytest.approx(m["test_nats_per_char"] / math.log(2))
+    assert m["test_chars"] == len(unseen_play.read_text()) - 1 and m["test_text"]["name"] == "unseen.txt"
+    assert card["training"]["selection"] == SELECTION_RULE[True]
+    best = min(history, key=lambda r: r["val_nats"] + r["test_nats"])
+    assert card["training"]["best_step"] == best["step"]
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("steps", 0, "steps must be an integer of at least 1, got 0"),
+    ("batch_size", -1, "batch_size must be an integer of at least 1"),
+    ("eval_every", -5, "eval_every must be an integer of at least 0"),
+    ("eval_streams", 0, "eval_streams must be an integer of at least 1"),
+    ("checkpoint_every", -1, "checkpoint_every must be an integer of at least 0"),
+    ("dropout", 1.0, r"dropout must be in \[0, 1\), got 1.0"),
+    ("weight_drop", 1.5, r"weight_drop must be in \[0, 1\)"),
+    ("variational_dropout", -0.1, r"variational_dropout must be in \[0, 1\)"),
+    ("lr", 0.0, "lr must be a finite number above 0"),
+    ("min_lr", 1.0, r"min_lr must be in \[0, lr=0.01\]"),
+    ("train_fraction", 1.0, r"train_fraction must be in \(0, 1\)"),
+    ("grad_clip", float("nan"), "grad_clip must be a finite number above 0"),
+    ("device", "tpu", "device must be auto, cpu, cuda or cuda:N"),
+    ("name", "../escape", "invalid model name"),
+])
+def test_config_names_the_field_and_the_bound(play_file, tmp_path, field, value, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(play_file, tmp_path / "r", tmp_path / "s", **{field: value})
+
+
+def test_zero_intervals_and_a_validation_text_shorter_than_the_streams(tmp_path):
+    text = tmp_path / "short-val.txt"
+    body = make_play(8_000, seed=3)
+    text.write_text(body)
+    fraction = (len(body) - 5) / len(body) + 1e-9  # 5 validation characters for 16 evaluation streams
+    cfg = tiny_config(text, tmp_path / "r", tmp_path / "s", steps=12, eval_every=0, checkpoint_every=0,
+                      eval_streams=16, train_fraction=fraction)
+    path = run_training(cfg)
+    card = store.load(str(path)).card
+    assert card["corpus"]["split"]["val_chars"] == 5 and card["metrics"]["val_chars"] == 4
+    assert [r["step"] for r in card["history"]] == [12]  # evaluated only at the end
+    run = json.loads((tmp_path / "r" / "checkpoint.json").read_text())["run"]
+    assert run["done"] and run["step"] == 12 and run["exported"] == "tiny@v1"
+    with pytest.raises(ValueError, match="validation split .* holds 1 character"):
+        run_training(tiny_config(text, tmp_path / "r2", tmp_path / "s", train_fraction=(len(body) - 1) / len(body) + 1e-9))
+
+
+def test_a_failing_plot_never_costs_the_model(play_file, tmp_path, monkeypatch, capsys):
+    import service.train as train_module
+
+    def broken_plot(*args, **kwargs):
+        raise ImportError("No module named 'matplotlib'")
+
+    monkeypatch.setattr(train_module, "plot_losses", broken_plot)
+    path = run_training(tiny_config(play_file, tmp_path / "r", tmp_path / "s", steps=10, eval_every=5))
+    assert path is not None and store.load("tiny", tmp_path / "s").version == "v1"
+    assert not (path / "loss.png").exists()
+    assert "the loss plot was not written (ImportError" in capsys.readouterr().err
+
+
+def test_a_failed_export_is_exported_by_resume(play_file, tmp_path, monkeypatch, capsys):
+    import service.train as train_module
+
+    real_save = store.save
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(train_module.store, "save", full_disk)
+    cfg = tiny_config(play_file, tmp_path / "r", tmp_path / "s", steps=10, eval_every=5)
+    with pytest.raises(OSError, match="No space left"):
+        run_training(cfg)
+    run = json.loads((tmp_path / "r" / "checkpoint.json").read_text())["run"]
+    assert run["done"] and run["exported"] is None  # trained, but not "done" with the export
+    assert store.list_versions("tiny", tmp_path / "s") == []
+    monkeypatch.setattr(train_module.store, "save", real_save)
+    path = run_training(cfg, resume=True)
+    assert path is not None and path.name == "v1" and (path / "loss.png").is_file()
+    card = store.load("tiny", tmp_path / "s").card
+    assert card["training"]["steps"] == 10 and len(card["training"]["resumed_with"]) == 1
+    assert run_training(cfg, resume=True) is None
+    assert "already finished at step 10 and saved as tiny@v1" in capsys.readouterr().out
+    assert store.list_versions("tiny", tmp_path / "s") == ["v1"]
+
+
+def test_a_stopped_run_can_be_finished_early(play_file, tmp_path):
+    cfg = tiny_config(play_file, tmp_path / "r", tmp_path / "s", steps=60, eval_every=10, stop_at=25)
+    assert run_training(cfg) is None
+    path = run_training(cfg, resume=True, finish_now=True)
+    card = store.load(str(path)).card
+    assert card["training"]["steps"] == 25 and card["training"]["best_step"] in (10, 20)
+    assert card["training"]["hyperparameters"]["steps"] == 60  # the plan, beside what was done
+
+
+def test_init_from_starts_from_a_stored_model(tiny_model, play_file, tmp_path):
+    cfg = tiny_config(play_file, tmp_path / "r", tmp_path / "s", init_from=str(tiny_model.path), steps=2, lr=1e-9,
+                      min_lr=0.0, warmup_steps=0, eval_every=1, hidden_size=64, embed_dim=64, dropout=0.0)
+    path = run_training(cfg)
+    loaded = store.load(str(path))
+    assert loaded.card["training"]["init_from"] == {"model": "tiny@v1", "weights_sha256": tiny_model.card["weights_sha256"]}
+    assert loaded.model.config.hidden_size == tiny_model.model.config.hidden_size == 32  # the source's architecture
+    for k, v in tiny_model.model.state_dict().items():
+        torch.testing.assert_close(loaded.model.state_dict()[k], v, rtol=0, atol=1e-6)
+    assert loaded.card["history"][0]["val_nats"] == pytest.approx(tiny_model.card["history"][-1]["val_nats"], rel=0.05)
+
+
+def test_the_name_is_given_or_derived_from_a_new_run_folder(play_file, tmp_path):
+    cfg = TrainConfig(text=str(play_file), out=str(tmp_path / "my-run"), store=str(tmp_path / "s"), embed_dim=8,
+                      hidden_size=8, batch_size=4, seq_len=16, steps=4, eval_every=2, progress=False)
+    assert run_training(cfg).parent.name == "my-run"
+    again = TrainConfig(**{**cfg.__dict__, "out": str(tmp_path / "elsewhere" / "my-run")})
+    with pytest.raises(ValueError, match="already a model in the store: pass --name my-run"):
+        run_training(again)
+    trap = TrainConfig(**{**cfg.__dict__, "out": str(tmp_path / store.DEFAULT_MODEL)})
+    with pytest.raises(ValueError, match="is the store's default model"):
+        run_training(trap)
