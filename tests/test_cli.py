@@ -149,11 +149,11 @@ def test_sample_draws_what_the_server_draws(server, trained_store):
     stop = full[60:63]
     cut = full[: full.index(stop)]
     served = httpx.post(server.url + "/generate", json={"prompt": "", "max_new_tokens": 150, "seed": 8,
-                                                        "repetition_penalty": 1.2, "stop": [stop, "never-there"]},
+                                                        "repetition_penalty": 1.2, "stop": [stop, "never there"]},
                         timeout=30).json()
     assert served["text"] == cut and served["finish_reason"] == "stop"
     out = run("sample", "--store", str(trained_store), "--model", "tiny", "--length", "150", "--seed", "8",
-              "--repetition-penalty", "1.2", "--stop", stop, "--stop", "never-there")
+              "--repetition-penalty", "1.2", "--stop", stop, "--stop", "never there")
     assert out.returncode == 0 and out.stdout == cut + "\n", out.stderr
 
 
