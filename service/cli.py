@@ -8,7 +8,7 @@ import json
 import shlex
 import sys
 
-from . import store
+from . import session_file, store
 
 
 def _add_train(sub) -> None:
@@ -55,6 +55,10 @@ def _cmd_evaluate(args) -> int:
 
 def _cmd_sample(args) -> int:
     from .generate import generate_text
+    from .session_file import sample_session, wants_session
+
+    if wants_session(args):
+        return sample_session(args)
 
     loaded = store.load(args.model, args.store)
     for piece in generate_text(loaded.model, loaded.vocab, args.prompt, args.length,
@@ -129,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--length", type=int, default=500)
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--seed", type=int, default=None)
+    session_file.add_arguments(p)
     sub.add_parser("models", help="list the models in the store with their figures")
     _add_serve(sub)
     return parser
