@@ -51,6 +51,7 @@ class ModelMismatch(EngineError, ValueError):
     """The blob is intact but belongs to other weights."""
 
     type = "model_mismatch"
+    param = "data"
 
 
 def blob_bytes(layers: int, hidden: int) -> int:
