@@ -224,6 +224,11 @@ def test_the_openapi_document_bounds_data_to_this_models_blob(keyed, tiny_model)
     n = session_blob.text_chars(cfg.num_layers, cfg.hidden_size)
     assert data["minLength"] == data["maxLength"] == n
     assert {"/sessions/import", "/sessions/{session_id}/export", "/sessions/{session_id}/fork"} <= set(doc["paths"])
+    assert set(doc["paths"]["/sessions/import"]) == {"post"}
+    # and a method it lacks names only what that path serves, though /sessions/{session_id} matches it too
+    r = httpx.put(keyed.url + "/sessions/import")
+    assert_error(r, 405)
+    assert r.headers["allow"] == "POST"
 
 
 def test_blob_sizes_follow_the_state_shape():

@@ -56,9 +56,14 @@ def _validation_message(err: dict) -> tuple[str, str | None]:
 
 def _allowed_methods(app: FastAPI, request: Request) -> list[str]:
     """Every method some route serves at this path (one path can be split over several routes),
-    found by asking the router itself."""
+    found by asking the router itself. A path the OpenAPI document lists as it is (/sessions/import)
+    has the methods listed there, though a templated route (/sessions/{session_id}) matches it too."""
+    methods = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+    literal = app.openapi().get("paths", {}).get(request.url.path)
+    if literal:
+        return [m for m in methods if m.lower() in literal]
     allowed = []
-    for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"):
+    for method in methods:
         scope = {**request.scope, "method": method}
         if any(route.matches(scope)[0] == Match.FULL for route in app.router.routes):
             allowed.append(method)

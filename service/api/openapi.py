@@ -25,7 +25,10 @@ def install(app: FastAPI) -> None:
         comps = schema["components"]["schemas"]
         pattern = vocabulary_pattern(loaded.vocab.chars)
         for name in ("GenerateRequest", "SessionCreate"):
-            comps[name]["properties"]["prompt"].update(maxLength=settings.max_prompt_chars, pattern=pattern)
+            comps[name]["properties"]["prompt"].update(maxLength=settings.max_prompt_chars)
+            # Only under unknown_chars "error" (the default) must every character be in the vocabulary.
+            comps[name].update({"if": {"properties": {"unknown_chars": {"const": "error"}}},
+                                "then": {"properties": {"prompt": {"pattern": pattern}}}})
             comps[name]["properties"]["replacement"].update(pattern=pattern.replace("]*$", "]$"))
         gen = comps["GenerateRequest"]["properties"]
         for branch in gen["max_new_tokens"].get("anyOf", [gen["max_new_tokens"]]):
