@@ -15,7 +15,9 @@ import argparse
 import asyncio
 import base64
 import json
+import os
 import time
+from pathlib import Path
 
 import aiohttp
 import numpy as np
@@ -32,17 +34,25 @@ async def timed(http: aiohttp.ClientSession, method: str, url: str, want: int, *
     return time.perf_counter() - t0, body
 
 
-async def rounds(http, calls, n_rounds: int) -> tuple[list[float], list[dict]]:
-    """`calls`: one coroutine factory per concurrent client; every round runs them all at once."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used: what a call costs the server, whatever else runs."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def rounds(http, calls, n_rounds: int, pid: int) -> tuple[list[float], list[dict], float]:
+    """`calls`: one coroutine factory per concurrent client; every round runs them all at once.
+    Returns each call's latency, the last round's bodies and the server's CPU seconds per call."""
     seconds, bodies = [], []
+    cpu0 = cpu_seconds(pid)
     for _ in range(n_rounds):
         results = await asyncio.gather(*(call() for call in calls))
         seconds += [s for s, _ in results]
         bodies = [b for _, b in results]
-    return seconds, bodies
+    return seconds, bodies, (cpu_seconds(pid) - cpu0) / len(seconds)
 
 
-async def run(url: str, concurrency: int, n_rounds: int) -> None:
+async def run(url: str, pid: int, concurrency: int, n_rounds: int) -> None:
     limits = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=limits) as http:
         info = await (await http.get(url + "/info")).json()
@@ -66,15 +76,19 @@ async def run(url: str, concurrency: int, n_rounds: int) -> None:
         def fork(sid):
             return lambda: timed(http, "POST", f"{url}/sessions/{sid}/fork", 201, json={})
 
-        figures = {}
-        figures["GET /sessions/{id} (baseline)"], _ = await rounds(http, [get(s) for s in sids], n_rounds)
-        figures["GET /sessions/{id}/export"], blobs = await rounds(http, [export(s) for s in sids], n_rounds)
-        figures["POST /sessions/import"], _ = await rounds(http, [import_(b) for b in blobs], n_rounds)
-        figures["POST /sessions/{id}/fork"], _ = await rounds(http, [fork(s) for s in sids], n_rounds)
+        figures, cpu = {}, {}
+        name = "GET /sessions/{id} (baseline)"
+        figures[name], _, cpu[name] = await rounds(http, [get(s) for s in sids], n_rounds, pid)
+        name = "GET /sessions/{id}/export"
+        figures[name], blobs, cpu[name] = await rounds(http, [export(s) for s in sids], n_rounds, pid)
+        name = "POST /sessions/import"
+        figures[name], _, cpu[name] = await rounds(http, [import_(b) for b in blobs], n_rounds, pid)
+        name = "POST /sessions/{id}/fork"
+        figures[name], _, cpu[name] = await rounds(http, [fork(s) for s in sids], n_rounds, pid)
         one = {}
         for name, calls in (("GET /sessions/{id} (baseline)", [get(sids[0])]), ("GET /sessions/{id}/export", [export(sids[0])]),
                             ("POST /sessions/import", [import_(blobs[0])]), ("POST /sessions/{id}/fork", [fork(sids[0])])):
-            one[name], _ = await rounds(http, calls, n_rounds * 4)
+            one[name], _, _ = await rounds(http, calls, n_rounds * 4, pid)
 
     data = blobs[0]["data"]
     raw = base64.urlsafe_b64decode(data + "=" * (-len(data) % 4))
@@ -88,9 +102,10 @@ async def run(url: str, concurrency: int, n_rounds: int) -> None:
     for name, secs in figures.items():
         ms = np.array(secs) * 1e3
         rows.append([name, len(ms), float(np.percentile(ms, 50)), float(np.percentile(ms, 90)), float(np.percentile(ms, 99)),
-                     float(np.median(one[name]) * 1e3), float(np.median(secs) / base)])
-    print(f"\n{concurrency} concurrent calls a round, {n_rounds} rounds (latency in ms; 'alone': one call at a time)")
-    print(table(["call", "calls", "p50", "p90", "p99", "alone p50", "p50 / baseline p50"], rows))
+                     float(np.median(one[name]) * 1e3), float(np.median(secs) / base), cpu[name] * 1e3])
+    print(f"\n{concurrency} concurrent calls a round, {n_rounds} rounds (latency in ms; 'alone': one call at a time; "
+          f"server CPU: user + system time of the server process per call under concurrency)")
+    print(table(["call", "calls", "p50", "p90", "p99", "alone p50", "p50 / baseline p50", "server CPU ms/call"], rows))
 
 
 def main() -> None:
@@ -101,7 +116,7 @@ def main() -> None:
     args = p.parse_args()
     server = charlstm_server(1, model=args.model, max_sessions=100_000)
     try:
-        asyncio.run(run(server.url, args.concurrency, args.rounds))
+        asyncio.run(run(server.url, server.proc.pid, args.concurrency, args.rounds))
     finally:
         server.stop()
 
