@@ -142,9 +142,16 @@ def _add_sample(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="end at this string (not printed); repeatable")
     p.add_argument("--seed", type=int, default=None)
     _add_unknown_chars(p)
+    from . import session_file
+
+    session_file.add_arguments(p)  # --session-in / --session-out: continue an exported session offline
 
 
 def _cmd_sample(args) -> int:
+    from . import session_file
+
+    if session_file.wants_session(args):
+        return session_file.sample_session(args)
     from .generate import generate_text
     from .sampling import MAX_SEED
 

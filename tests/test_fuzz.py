@@ -31,7 +31,8 @@ def server_errors(srv) -> float:
 
 def test_schemathesis_finds_nothing(fuzz_server, capsys):
     cli = Path(sys.executable).parent / "schemathesis"
-    out = subprocess.run([str(cli), "run", fuzz_server.url + "/openapi.json", "--checks", "all", "--max-examples", "50",
+    config = Path(__file__).with_name("schemathesis.toml")
+    out = subprocess.run([str(cli), "--config-file", str(config), "run", fuzz_server.url + "/openapi.json", "--checks", "all", "--max-examples", "50",
                           "--request-timeout", "30", "--seed", "1", "--no-color"],
                          capture_output=True, text=True, timeout=900)
     summary = out.stdout[-3000:]

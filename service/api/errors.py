@@ -15,7 +15,8 @@ from ..engine.types import EngineError
 log = logging.getLogger("charlstm.api")
 
 ENGINE_STATUS = {"overloaded": 429, "shutting_down": 503, "session_not_found": 404, "session_busy": 409,
-                 "too_many_sessions": 429, "engine_error": 503, "session_store_unavailable": 503}
+                 "too_many_sessions": 429, "engine_error": 503, "session_store_unavailable": 503,
+                 "invalid_session_blob": 422, "model_mismatch": 409}
 HTTP_TYPES = {400: "invalid_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
               409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type", 422: "invalid_field",
               429: "overloaded", 503: "not_ready"}
@@ -38,7 +39,7 @@ def error_response(status: int, type_: str, message: str, param: str | None = No
 def from_engine(exc: EngineError) -> APIError:
     status = ENGINE_STATUS.get(exc.type, 500)
     headers = {"Retry-After": "1"} if status in (429, 503) else None
-    return APIError(status, exc.type, str(exc), None, headers)
+    return APIError(status, exc.type, str(exc), getattr(exc, "param", None), headers)
 
 
 def _validation_message(err: dict) -> tuple[str, str | None]:
@@ -55,9 +56,14 @@ def _validation_message(err: dict) -> tuple[str, str | None]:
 
 def _allowed_methods(app: FastAPI, request: Request) -> list[str]:
     """Every method some route serves at this path (one path can be split over several routes),
-    found by asking the router itself."""
+    found by asking the router itself. A path the OpenAPI document lists as it is (/sessions/import)
+    has the methods listed there, though a templated route (/sessions/{session_id}) matches it too."""
+    methods = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+    literal = app.openapi().get("paths", {}).get(request.url.path)
+    if literal:
+        return [m for m in methods if m.lower() in literal]
     allowed = []
-    for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"):
+    for method in methods:
         scope = {**request.scope, "method": method}
         if any(route.matches(scope)[0] == Match.FULL for route in app.router.routes):
             allowed.append(method)

@@ -6,6 +6,8 @@ from __future__ import annotations
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from ..engine.session_blob import text_chars
+
 
 def vocabulary_pattern(chars: str) -> str:
     """An ECMA-262 regex matching strings made only of `chars`."""
@@ -23,7 +25,10 @@ def install(app: FastAPI) -> None:
         comps = schema["components"]["schemas"]
         pattern = vocabulary_pattern(loaded.vocab.chars)
         for name in ("GenerateRequest", "SessionCreate"):
-            comps[name]["properties"]["prompt"].update(maxLength=settings.max_prompt_chars, pattern=pattern)
+            comps[name]["properties"]["prompt"].update(maxLength=settings.max_prompt_chars)
+            # Only under unknown_chars "error" (the default) must every character be in the vocabulary.
+            comps[name].update({"if": {"properties": {"unknown_chars": {"const": "error"}}},
+                                "then": {"properties": {"prompt": {"pattern": pattern}}}})
             comps[name]["properties"]["replacement"].update(pattern=pattern.replace("]*$", "]$"))
         gen = comps["GenerateRequest"]["properties"]
         for branch in gen["max_new_tokens"].get("anyOf", [gen["max_new_tokens"]]):
@@ -36,10 +41,16 @@ def install(app: FastAPI) -> None:
                 branch["items"].update(vocab_stop)
             elif branch.get("type") == "string":
                 branch.update(vocab_stop)
-        ttl = comps["SessionCreate"]["properties"]["ttl_seconds"]
-        for branch in ttl.get("anyOf", [ttl]):
-            if branch.get("type") == "number":
-                branch["maximum"] = settings.max_session_ttl_s
+        for name in ("SessionCreate", "SessionImport", "SessionFork"):
+            ttl = comps[name]["properties"]["ttl_seconds"]
+            for branch in ttl.get("anyOf", [ttl]):
+                if branch.get("type") == "number":
+                    branch["maximum"] = settings.max_session_ttl_s
+        # An export of this model is exactly this long; what else the blob must be (signed with this
+        # server's key, of these weights) no schema can say.
+        cfg = loaded.model.config
+        blob_chars = text_chars(cfg.num_layers, cfg.hidden_size)
+        comps["SessionImport"]["properties"]["data"].update(minLength=blob_chars, maxLength=blob_chars, pattern="^[A-Za-z0-9_-]*$")
         app.openapi_schema = schema
         return schema
 

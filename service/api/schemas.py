@@ -83,6 +83,34 @@ class SessionCreate(_Strict):
     replacement: str = Field(" ", min_length=1, max_length=1, description="as for /generate")
 
 
+SESSION_FORMAT = "charlstm-session/1"
+MAX_SESSION_DATA_CHARS = 1 << 22  # a hard bound on what is read; the OpenAPI document gives the serving model's exact length
+
+
+class SessionExport(BaseModel):
+    """A session as a value a client can hold: `data` is the signed binary blob, base64url."""
+
+    format: Literal["charlstm-session/1"] = Field(SESSION_FORMAT, description="the blob format and its version")
+    model: str = Field(description="name@version of the model that exported it (the blob binds the weights' sha256)")
+    position: int = Field(description="characters consumed so far")
+    data: str = Field(description="base64url (no padding): state, seed, counter, position, weights fingerprint, "
+                      "creation time and an HMAC-SHA256 tag")
+
+
+class SessionImport(_Strict):
+    """An exported session (only `data` is needed; the other fields of an export are accepted as they are)."""
+
+    data: str = Field(min_length=1, max_length=MAX_SESSION_DATA_CHARS, description="the `data` of an export, unchanged")
+    format: Literal["charlstm-session/1"] | None = Field(None, description="when given, the export's format")
+    model: str | None = Field(None, max_length=256, description="when given, ignored: the blob names its weights itself")
+    position: Int(ge=0, le=2**53 - 1) | None = Field(None, description="when given, must equal the blob's position")
+    ttl_seconds: TTL | None = Field(None, description="idle time before expiry; default and bound in /info")
+
+
+class SessionFork(_Strict):
+    ttl_seconds: TTL | None = Field(None, description="idle time before expiry; default: the forked session's")
+
+
 class SessionInfo(BaseModel):
     session_id: str
     position: int = Field(description="characters consumed so far")

@@ -18,6 +18,7 @@ import binascii
 import hashlib
 import hmac
 import os
+import re
 import secrets
 import struct
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from .types import EngineError
 
 FORMAT = "charlstm-session/1"
 MAGIC = b"CLS1"
@@ -34,12 +37,31 @@ TAG_BYTES = 32
 MAX_STATE_FLOATS = 1 << 22  # 16 MiB of state: far above any model this serves, a bound on what is parsed
 
 
-class InvalidSessionBlob(ValueError):
+class InvalidSessionBlob(EngineError, ValueError):
     """The blob is malformed, truncated, altered, signed with another key or holds impossible values."""
 
+    type = "invalid_session_blob"
 
-class ModelMismatch(ValueError):
+    def __init__(self, message: str, param: str = "data"):
+        super().__init__(message)
+        self.param = param  # the request field at fault
+
+
+class ModelMismatch(EngineError, ValueError):
     """The blob is intact but belongs to other weights."""
+
+    type = "model_mismatch"
+    param = "data"
+
+
+def blob_bytes(layers: int, hidden: int) -> int:
+    """The exact size of a blob for a model with this state shape."""
+    return _HEADER.size + 4 * 2 * layers * hidden + TAG_BYTES
+
+
+def text_chars(layers: int, hidden: int) -> int:
+    """The exact length of `to_text` of such a blob (base64url, no padding)."""
+    return -(-4 * blob_bytes(layers, hidden) // 3)
 
 
 @dataclass(frozen=True)
@@ -64,9 +86,9 @@ def encode(value: SessionValue, key: bytes) -> bytes:
 
 
 def decode(blob: bytes, key: bytes, fingerprint: str | None = None, layers: int | None = None,
-           hidden: int | None = None, verify: bool = True) -> SessionValue:
-    """Check and read a blob. `fingerprint`, `layers`, `hidden`: what the serving model expects.
-    Raises InvalidSessionBlob, or ModelMismatch for an intact blob of other weights."""
+           hidden: int | None = None, verify: bool = True, model: str = "this model") -> SessionValue:
+    """Check and read a blob. `fingerprint`, `layers`, `hidden`: what the serving model expects; `model`
+    names it in a mismatch. Raises InvalidSessionBlob, or ModelMismatch for an intact blob of other weights."""
     if len(blob) < _HEADER.size + TAG_BYTES:
         raise InvalidSessionBlob(f"the blob is truncated: {len(blob)} bytes is shorter than any session")
     body, tag = blob[:-TAG_BYTES], blob[-TAG_BYTES:]
@@ -79,7 +101,8 @@ def decode(blob: bytes, key: bytes, fingerprint: str | None = None, layers: int 
     if floats == 0 or floats > MAX_STATE_FLOATS or len(body) != _HEADER.size + 4 * floats:
         raise InvalidSessionBlob(f"the blob's state does not have the size its header gives ({n_layers} layers x {n_hidden})")
     if fingerprint is not None and sha.hex() != fingerprint:
-        raise ModelMismatch(f"the session belongs to a model with weights {sha.hex()[:12]}, not {fingerprint[:12]}")
+        raise ModelMismatch(f"the session belongs to a model with weights {sha.hex()[:12]}, not to {model} "
+                            f"(weights {fingerprint[:12]}): import it where that model is served")
     if (layers is not None and n_layers != layers) or (hidden is not None and n_hidden != hidden):
         raise InvalidSessionBlob(f"the blob's state is {n_layers} x {n_hidden}, the model's {layers} x {hidden}")
     state = np.frombuffer(body, dtype="<f4", offset=_HEADER.size).astype(np.float32).reshape(2, n_layers, n_hidden)
@@ -93,7 +116,13 @@ def to_text(blob: bytes) -> str:
     return base64.urlsafe_b64encode(blob).decode("ascii").rstrip("=")
 
 
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]*={0,2}")
+
+
 def from_text(text: str) -> bytes:
+    if not _BASE64URL.fullmatch(text):
+        raise InvalidSessionBlob("data is not base64url: use only A-Z, a-z, 0-9, - and _")
+    text = text.rstrip("=")
     try:
         return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     except (binascii.Error, ValueError) as e:

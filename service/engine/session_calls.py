@@ -15,8 +15,10 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
+from . import session_blob
+from .session_blob import InvalidSessionBlob, SessionValue
 from .sessions import Lease, SessionRecord, SessionStore, new_session_id
-from .types import Done, EngineError, GenerationRequest, LeaseLost, SessionStoreUnavailable
+from .types import Done, EngineError, GenerationRequest, LeaseLost, SessionBusy, SessionStoreUnavailable
 
 log = logging.getLogger("charlstm.sessions")
 
@@ -62,6 +64,45 @@ class SessionCalls:
         record = SessionRecord(id=new_session_id(), state=primed.state, seed=primed.seed, counter=primed.counter,
                                position=primed.prompt_tokens + primed.completion_tokens, model=self.fingerprint,
                                ttl_s=float(ttl_s or self.default_ttl_s), created_at=now, last_used=now)
+        created = await self.run("create", self.store.create, record)
+        self.notify("on_session_created")
+        return created.metadata()
+
+    # ------------------------------------------------------------------ portable sessions
+    async def export(self, session_id: str, key: bytes) -> tuple[SessionRecord, bytes]:
+        """The committed record and its signed blob. A call running on the session is not in it:
+        the store only ever hands out committed versions, so the snapshot is never half-written."""
+        record = await self.run("get", self.store.get, session_id)
+        value = SessionValue(state=record.state, seed=record.seed, counter=record.counter, position=record.position,
+                             created_at=time.time(), fingerprint=record.model)
+        return record, session_blob.encode(value, key)
+
+    async def import_blob(self, text: str, key: bytes, *, model: str, layers: int, hidden: int,
+                          ttl_s: float | None, position: int | None = None) -> dict:
+        """A new session (a new id: ids never come from a blob) holding what an export carried.
+        `model` names the serving model in a mismatch; `position`, when the client sent one, must agree
+        with the blob's (the signed value is the truth, so a changed copy beside it is refused)."""
+        expected = session_blob.text_chars(layers, hidden)
+        if len(text.rstrip("=")) != expected:  # checked before any decoding, so a huge string costs nothing
+            raise InvalidSessionBlob(f"data is {len(text)} characters; a session of {model} is {expected}")
+        value = session_blob.decode(session_blob.from_text(text), key, fingerprint=self.fingerprint, layers=layers,
+                                    hidden=hidden, model=model)
+        if position is not None and position != value.position:
+            raise InvalidSessionBlob(f"position {position} does not match the blob's position {value.position}", "position")
+        return await self._create_copy(value.state, value.seed, value.counter, value.position, ttl_s or self.default_ttl_s)
+
+    async def fork(self, session_id: str, ttl_s: float | None) -> dict:
+        """A new session with the same state, seed, counter and position as `session_id` (and its TTL
+        unless `ttl_s` is given). A session with a call running is refused: its state is about to move."""
+        if await self.run("is_leased", self.store.is_leased, session_id):
+            raise SessionBusy(f"session {session_id} has a call running; fork it before or after the call")
+        record = await self.run("get", self.store.get, session_id)
+        return await self._create_copy(record.state, record.seed, record.counter, record.position, ttl_s or record.ttl_s)
+
+    async def _create_copy(self, state, seed: int, counter: int, position: int, ttl_s: float) -> dict:
+        now = time.time()
+        record = SessionRecord(id=new_session_id(), state=state, seed=seed, counter=counter, position=position,
+                               model=self.fingerprint, ttl_s=float(ttl_s), created_at=now, last_used=now)
         created = await self.run("create", self.store.create, record)
         self.notify("on_session_created")
         return created.metadata()

@@ -6,11 +6,13 @@ import contextlib
 
 from fastapi import APIRouter, Request, Response
 
+from ...engine import session_blob
 from ...engine.types import GenerationRequest
 from ..deps import EngineDep, JSONBody, ModelDep, SessionsDep, SettingsDep
 from ..errors import APIError
 from ..generation import encode_prompt, failed, respond, run_to_completion, to_engine_request
-from ..schemas import STREAM_RESPONSE, ErrorResponse, GenerateRequest, GenerateResponse, SessionCreate, SessionInfo
+from ..schemas import (SESSION_FORMAT, STREAM_RESPONSE, ErrorResponse, GenerateRequest, GenerateResponse, SessionCreate,
+                       SessionExport, SessionFork, SessionImport, SessionInfo)
 
 router = APIRouter(prefix="/sessions", tags=["sessions"])
 
@@ -40,6 +42,37 @@ async def create_session(request: Request, engine: EngineDep, sessions: Sessions
     if not done.completed:
         raise APIError(503, "not_ready", "the session could not be primed: the server is shutting down", None, {"Retry-After": "1"})
     return await sessions.create(done, body.ttl_seconds)
+
+
+@router.post("/import", status_code=201, response_model=SessionInfo, responses=ERRORS, dependencies=[JSONBody])
+async def import_session(body: SessionImport, request: Request, sessions: SessionsDep, loaded: ModelDep, settings: SettingsDep):
+    """A new session from an export (`data` at least): it continues exactly where the exported one
+    stood. The id is new. 422 `invalid_session_blob` for a blob that was changed, cut, signed with
+    another key or holds impossible values; 409 `model_mismatch` for a session of other weights."""
+    check_ttl(body.ttl_seconds, settings)
+    cfg = loaded.model.config
+    return await sessions.import_blob(body.data, request.app.state.session_key, model=f"{loaded.name}@{loaded.version}",
+                                      layers=cfg.num_layers, hidden=cfg.hidden_size, ttl_s=body.ttl_seconds,
+                                      position=body.position)
+
+
+@router.get("/{session_id}/export", response_model=SessionExport, responses={s: {"model": ErrorResponse} for s in (404, 503)})
+async def export_session(session_id: str, request: Request, sessions: SessionsDep, loaded: ModelDep):
+    """The session as a signed value to keep, move to another server with the same weights and key, or
+    continue offline (`charlstm sample --session-in`). A call running on the session is not in it."""
+    record, blob = await sessions.export(session_id, request.app.state.session_key)
+    return SessionExport(format=SESSION_FORMAT, model=f"{loaded.name}@{loaded.version}", position=record.position,
+                         data=session_blob.to_text(blob))
+
+
+@router.post("/{session_id}/fork", status_code=201, response_model=SessionInfo, responses=ERRORS, dependencies=[JSONBody])
+async def fork_session(session_id: str, sessions: SessionsDep, settings: SettingsDep, body: SessionFork | None = None):
+    """A new session with the same state, seed, counter and position: the two continue identically
+    until their calls differ. Forking before a call is how a client rewinds. 409 `session_busy` while
+    a call runs on the session."""
+    body = body or SessionFork()
+    check_ttl(body.ttl_seconds, settings)
+    return await sessions.fork(session_id, body.ttl_seconds)
 
 
 @router.post("/{session_id}/generate", response_model=GenerateResponse, response_model_exclude_none=True,

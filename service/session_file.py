@@ -1,0 +1,153 @@
+"""Portable sessions on the command line: continue an exported session offline, write it back.
+
+`charlstm sample --session-in FILE` reads the JSON that `GET /sessions/{id}/export` returns, checks
+and decodes its blob with the server's key, and generates from that state through the serving
+engine itself, so the text is the server's to the character: the prompt is fed after the state,
+then draws continue the session's random stream at its counter (a --seed re-seeds it, as a seed in
+a session call does). `--session-out FILE` writes the advanced session as an export again, which
+`POST /sessions/import` takes back. Without --session-in, --session-out starts a new session from
+--prompt, as `POST /sessions` would.
+
+The key is the server's: --session-key, else CHARLSTM_SESSION_KEY, else the key file the server
+keeps beside its session database (--session-key-file, default `<CHARLSTM_SESSION_DB>.key`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from . import store
+from .engine import session_blob
+from .engine.engine import Engine
+from .engine.runner import Runner
+from .engine.session_blob import InvalidSessionBlob, SessionValue
+from .engine.types import Done, GenerationRequest, Token
+from .sampling import SamplingParams
+
+DEFAULT_SESSION_DB = "data/sessions.sqlite3"  # the server's default `session_db` (service/settings.py)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--session-in", metavar="FILE", default=None,
+                   help="continue the session exported in FILE (the JSON of GET /sessions/{id}/export)")
+    p.add_argument("--session-out", metavar="FILE", default=None,
+                   help="write the continued session to FILE as an export that POST /sessions/import takes")
+    p.add_argument("--session-key", default=None,
+                   help="the server's session key (default: $CHARLSTM_SESSION_KEY, else the key file)")
+    p.add_argument("--session-key-file", metavar="FILE", default=None,
+                   help="file holding the server's key (default: <$CHARLSTM_SESSION_DB or data/sessions.sqlite3>.key)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="read --session-in without checking its integrity tag (the values are still checked)")
+
+
+def wants_session(args) -> bool:
+    return bool(args.session_in or args.session_out)
+
+
+def read_key(args) -> bytes | None:
+    """The key in force for this command, or None when none is given and no key file exists."""
+    configured = args.session_key or os.environ.get("CHARLSTM_SESSION_KEY")
+    if configured:
+        return configured.encode("utf-8")
+    path = Path(args.session_key_file or f"{os.environ.get('CHARLSTM_SESSION_DB') or DEFAULT_SESSION_DB}.key")
+    if not path.exists():
+        if args.session_key_file:
+            raise OSError(f"the key file {path} does not exist")
+        return None
+    key = path.read_text(encoding="utf-8").strip()
+    if len(key) < 32:
+        raise ValueError(f"the key file {path} is damaged: it holds no key")
+    return key.encode("utf-8")
+
+
+def read_export(path: str) -> dict:
+    try:
+        export = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise InvalidSessionBlob(f"{path} is not JSON: {e}") from None
+    if not isinstance(export, dict) or not isinstance(export.get("data"), str):
+        raise InvalidSessionBlob(f"{path} is not an exported session: it has no \"data\"")
+    if export.get("format", session_blob.FORMAT) != session_blob.FORMAT:
+        raise InvalidSessionBlob(f"{path} is in format {export.get('format')!r}; this version reads {session_blob.FORMAT}")
+    return export
+
+
+def write_export(path: str, model: str, value: SessionValue, key: bytes) -> None:
+    export = {"format": session_blob.FORMAT, "model": model, "position": value.position,
+              "data": session_blob.to_text(session_blob.encode(value, key))}
+    Path(path).write_text(json.dumps(export, indent=2) + "\n", encoding="utf-8")
+
+
+def generate(engine: Engine, request: GenerationRequest) -> Iterator[Token | Done]:
+    """One request through a running engine: its tokens as they come, then its Done."""
+    events: queue.SimpleQueue = queue.SimpleQueue()
+    engine.submit(request, lambda batch: [events.put(e) for e in batch])
+    while True:
+        event = events.get()
+        yield event
+        if isinstance(event, Done):
+            return
+
+
+def sampling_params(args) -> SamplingParams:
+    """The controls the command line gives; any it lacks stay at the server's defaults."""
+    d = SamplingParams()
+    return SamplingParams(**{name: getattr(args, name, getattr(d, name)) for name in
+                             ("temperature", "top_k", "top_p", "repetition_penalty")})
+
+
+def sample_session(args) -> int:
+    """`charlstm sample` with --session-in and/or --session-out."""
+    key = read_key(args)
+    if args.session_out and key is None:
+        raise ValueError("--session-out signs the session with the server's key: give --session-key, "
+                         "CHARLSTM_SESSION_KEY or --session-key-file")
+    if args.session_in and key is None and not args.no_verify:
+        raise ValueError("--session-in is checked with the server's key: give --session-key, CHARLSTM_SESSION_KEY "
+                         "or --session-key-file, or --no-verify")
+    if args.length < 0:
+        raise ValueError(f"--length must be at least 0, got {args.length}")
+    export = read_export(args.session_in) if args.session_in else None
+    loaded = store.load(args.model or (export or {}).get("model") or store.default_model(args.store), args.store)
+    model_name, cfg, fingerprint = f"{loaded.name}@{loaded.version}", loaded.model.config, loaded.card["weights_sha256"]
+    prompt_ids, _ = loaded.vocab.encode_with_policy(args.prompt, getattr(args, "unknown_chars", "error"),
+                                                    getattr(args, "replacement", None))
+    if export is None:  # a new session, primed by the prompt as POST /sessions primes it
+        seed, counter, state, position = args.seed, 0, None, 0
+    else:
+        value = session_blob.decode(session_blob.from_text(export["data"]), key or b"", fingerprint=fingerprint,
+                                    layers=cfg.num_layers, hidden=cfg.hidden_size, verify=not args.no_verify,
+                                    model=model_name)
+        # a seed re-seeds the session, as a seed in a session call does
+        seed, counter = (value.seed, value.counter) if args.seed is None else (args.seed, 0)
+        state, position = value.state, value.position
+    request = GenerationRequest(prompt_ids=prompt_ids, max_new_tokens=args.length, params=sampling_params(args),
+                                seed=seed, counter=counter, state=state, stop=tuple(getattr(args, "stop", None) or ()),
+                                return_state=True)
+    engine = Engine(Runner(loaded.model), loaded.vocab)
+    engine.start()
+    try:
+        for event in generate(engine, request):
+            if isinstance(event, Token):
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+            else:
+                done = event
+    finally:
+        engine.stop()
+    sys.stdout.write("\n")
+    if not done.completed:
+        raise ValueError(f"generation did not complete ({done.finish_reason}): {done.error or 'no session written'}")
+    if args.session_out:
+        advanced = SessionValue(state=done.state, seed=done.seed, counter=done.counter,
+                                position=position + done.prompt_tokens + done.completion_tokens,
+                                created_at=time.time(), fingerprint=fingerprint)
+        write_export(args.session_out, model_name, advanced, key)
+    return 0
