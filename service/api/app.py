@@ -26,7 +26,7 @@ from . import errors, openapi
 from .auth import APIKeyAuth
 from .bridge import make_deliver
 from .limits import BodyLimit
-from .routes import generate, probes, sessions
+from .routes import generate, playground, probes, sessions
 
 log = logging.getLogger("charlstm.api")
 
@@ -140,4 +140,5 @@ def create_app(settings: Settings | None = None, loaded: store.LoadedModel | Non
     app.include_router(generate.router)
     app.include_router(sessions.router)
     app.include_router(probes.router)
+    app.include_router(playground.router)
     return app
