@@ -166,7 +166,7 @@ class Pane {
 
   setPosition(position) {
     this.position = position;
-    const where = this.sessionId === null ? "" : ` · session ${this.sessionId.slice(0, 8)}…`
+    const where = this.sessionId === null ? "" : ` ${this.sessionId.slice(0, 8)}…`
       + (position === null ? "" : ` · position ${position.toLocaleString("en")}`);
     this.el.querySelector(".pane-title").textContent = this.name + where;
   }
@@ -228,8 +228,9 @@ class Pane {
   showRate(chars, started, first, now) {
     const parts = [`${chars.toLocaleString("en")} chars`];
     if (first !== null) {
-      const seconds = (now - first) / 1000;
-      if (chars > 1 && seconds > 0) parts.push(`${Math.round((chars - 1) / seconds).toLocaleString("en")} chars/s`);
+      // Over the whole call, as the reader sees it: events coalesce, so a rate between two of them misleads.
+      const seconds = Math.max(now - started, 1) / 1000;
+      parts.push(`${Math.round(chars / seconds).toLocaleString("en")} chars/s`);
       parts.push(`first after ${Math.round(first - started)} ms`);
     }
     this.el.querySelector(".rate").textContent = parts.join(" · ");
