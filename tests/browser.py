@@ -99,4 +99,4 @@ class Playground:
     def foreign_requests(self) -> list[str]:
         """Requests to anywhere but the page's own server (none allowed; data: URLs are not requests)."""
         own = urlsplit(self.url).netloc
-        return [u for u in self.requests if not u.startswith("data:") and urlsplit(u).netloc != own]
+        return [u for u in self.requests if not u.startswith("data:") and urlsplit(u.removeprefix("blob:")).netloc != own]

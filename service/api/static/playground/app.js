@@ -263,16 +263,22 @@ function sessionPane(title, session) {
 }
 
 async function closePane(pane) {
-  if (pane.controller) pane.controller.abort();
+  const wasRunning = pane.controller !== null;
+  if (wasRunning) pane.controller.abort();
   pane.el.remove();
   if (pane === onlyPane) onlyPane = null;
   if (pane === activePane) activate(null);
-  if (pane.sessionId !== null) {
+  if (pane.sessionId === null) return;
+  // A session whose call was just aborted stays busy until the server's next step: ask a few times.
+  for (let attempt = 0; ; attempt++) {
     try {
       await api("DELETE", `sessions/${encodeURIComponent(pane.sessionId)}`);
+      return;
     } catch (error) {
-      if (!(error instanceof APIError && error.status === 404)) throw error;
+      if (error instanceof APIError && error.status === 404) return;
+      if (!(error instanceof APIError && error.status === 409 && wasRunning && attempt < 10)) throw error;
     }
+    await new Promise((resolve) => setTimeout(resolve, 100));
   }
 }
 
