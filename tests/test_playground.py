@@ -162,6 +162,21 @@ def test_stop_in_a_session_leaves_session_and_page_as_they_were(playground, serv
     httpx.delete(f"{server.url}/sessions/{session_id}", timeout=5.0)
 
 
+def test_closing_a_running_session_pane_stops_it_and_deletes_the_session(playground, server):
+    pg = playground.open()
+    pg.session_mode()
+    pg.fill(prompt="KING:\n", seed=4, max_chars=100_000)
+    pg.generate()
+    pg.page.wait_for_function("() => document.querySelector('#panes .generated')?.textContent.length > 20")
+    session_id = pg.pane(0).get_attribute("data-session-id")
+    pg.pane(0).locator(".close").click()
+    assert pg.pane_count() == 0
+    wait_until(lambda: httpx.get(f"{server.url}/sessions/{session_id}", timeout=5.0).status_code == 404,
+               what="the page to delete the session once its call has ended")
+    assert server.metric("charlstm_running_streams") == 0
+    assert pg.status() == ""  # no error: the page waited for the server to free the session
+
+
 # ---------------------------------------------------------------- API key and small screens
 
 
