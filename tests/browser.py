@@ -78,15 +78,23 @@ class Playground:
 
     # ------------------------------------------------------------ output
 
+    def wait_for(self, predicate: str, arg=None) -> None:
+        """Wait until the JavaScript `predicate(arg)` holds. If the page shows an error meanwhile, fail at
+        once with the page's own message rather than after the timeout."""
+        self.page.wait_for_function(
+            f"(arg) => document.getElementById('status').classList.contains('error') || ({predicate})(arg)", arg=arg)
+        if self.page.locator("#status.error").count():
+            raise AssertionError(f"the page shows an error: {self.status()}")
+
     def wait_calls(self, index: int, calls: int) -> str:
         """Wait until pane `index` shows `calls` finished calls; return its finish reason."""
-        self.page.wait_for_function(
+        self.wait_for(
             """([i, n]) => {
                  const pane = document.querySelectorAll('#panes .pane')[i];
                  return pane && !pane.classList.contains('busy')
                    && pane.querySelectorAll('.generated').length === n
                    && pane.querySelector('.finish').textContent !== '';
-               }""", arg=[index, calls])
+               }""", [index, calls])
         return self.pane(index).locator(".finish").inner_text()
 
     def generated(self, index: int) -> list[str]:

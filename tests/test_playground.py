@@ -47,6 +47,10 @@ def test_page_and_assets_come_from_the_package_with_a_strict_policy(server):
     assert missing.status_code == 404 and set(missing.json()["error"]) == {"type", "message", "param"}
     other = httpx.get(server.url + "/playground/index.html.bak", timeout=5.0)
     assert other.status_code == 404 and other.json()["error"]["type"] == "not_found"
+    sneaky = httpx.get(server.url + "/playground/%2e%2e%2fapp.py", timeout=5.0)
+    assert sneaky.status_code == 404 and sneaky.json()["error"]["type"] == "not_found"
+    post = httpx.post(server.url + "/", json={}, timeout=5.0)
+    assert post.status_code == 405 and "GET" in post.headers["allow"] and set(post.json()["error"]) == {"type", "message", "param"}
     assert "/" not in httpx.get(server.url + "/openapi.json", timeout=5.0).json()["paths"]
 
 

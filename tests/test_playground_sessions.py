@@ -47,7 +47,7 @@ def test_fork_branches_into_two_panes_that_continue_identically_then_apart(playg
     start_session(pg, "KING:\n", seed=11)
     parent = pg.pane(0).get_attribute("data-session-id")
     pg.pane(0).locator(".fork").click()
-    pg.page.wait_for_function("() => document.querySelectorAll('#panes .pane').length === 2")
+    pg.wait_for("() => document.querySelectorAll('#panes .pane').length === 2")
     child = pg.pane(1).get_attribute("data-session-id")
     assert child and child != parent
     assert "Fork" in pg.pane(1).locator(".pane-title").inner_text()
@@ -89,6 +89,7 @@ def test_export_then_import_continues_like_the_uninterrupted_session(playground,
     original = pg.pane(0).get_attribute("data-session-id")
     with pg.page.expect_download() as download:
         pg.pane(0).locator(".export").click()
+        pg.wait_for("() => document.getElementById('status').textContent.startsWith('Exported')")
     saved = tmp_path / download.value.suggested_filename
     download.value.save_as(saved)
     blob = json.loads(saved.read_text())
@@ -98,10 +99,10 @@ def test_export_then_import_continues_like_the_uninterrupted_session(playground,
 
     # Close the pane (the page deletes its session), then load the file back.
     pg.pane(0).locator(".close").click()
-    pg.page.wait_for_function("() => document.querySelectorAll('#panes .pane').length === 0")
+    pg.wait_for("() => document.querySelectorAll('#panes .pane').length === 0")
     assert httpx.get(f"{server.url}/sessions/{original}", timeout=5.0).status_code == 404
     pg.page.set_input_files("#import-file", str(saved))
-    pg.page.wait_for_function("() => document.querySelectorAll('#panes .pane.session').length === 1")
+    pg.wait_for("() => document.querySelectorAll('#panes .pane.session').length === 1")
     imported = pg.pane(0).get_attribute("data-session-id")
     assert imported and imported != original
     assert "Imported" in pg.pane(0).locator(".pane-title").inner_text()
@@ -126,5 +127,6 @@ def test_importing_a_file_that_is_not_a_session_says_so(playground, server, tmp_
     tampered = tmp_path / "tampered.json"
     tampered.write_text(json.dumps({"format": "charlstm-session/1", "model": "tiny@v1", "position": 1, "data": "AAAA"}))
     pg.page.set_input_files("#import-file", str(tampered))
-    pg.page.wait_for_function("() => document.getElementById('status').textContent.startsWith('422 invalid_session_blob')")
+    pg.page.wait_for_function("() => /^\\d{3} /.test(document.getElementById('status').textContent)")  # the server's answer
+    assert pg.status().startswith("422 invalid_session_blob"), pg.status()
     assert pg.pane_count() == 0

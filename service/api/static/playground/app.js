@@ -154,6 +154,7 @@ class Pane {
     const on = (cls, handler) => this.el.querySelector(cls).addEventListener("click", (e) => {
       e.stopPropagation();
       activate(this);
+      showStatus("");
       run(handler);
     });
     on(".continue", () => continueSession(this));
