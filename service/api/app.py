@@ -29,7 +29,7 @@ from . import docs, errors, openapi
 from .auth import APIKeyAuth
 from .bridge import make_deliver
 from .limits import BodyLimit
-from .routes import generate, probes, sessions
+from .routes import generate, playground, probes, sessions
 
 log = logging.getLogger("charlstm.api")
 
@@ -182,4 +182,5 @@ def create_app(settings: Settings | None = None, loaded: store.LoadedModel | Non
     app.include_router(probes.router)
     app.include_router(docs.router)  # /docs and /redoc with assets served from the package, not a CDN
     app.mount(docs.ASSETS_URL, docs.assets(), name="docs-assets")
+    app.include_router(playground.router)  # the page at /
     return app

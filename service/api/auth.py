@@ -1,5 +1,5 @@
-"""Optional API key: `Authorization: Bearer <key>` on every route but the probes (and /metrics unless
-configured). Pure ASGI, so a refused request costs no body parsing."""
+"""Optional API key: `Authorization: Bearer <key>` on every route but the probes and the playground's
+static files (and /metrics unless configured). Pure ASGI, so a refused request costs no body parsing."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .errors import error_body
 
-OPEN_PATHS = frozenset({"/health", "/ready"})
+# The probes, and the playground page with its assets (the page asks for the key and sends it itself).
+OPEN_PATHS = frozenset({"/health", "/ready", "/", "/playground/app.js", "/playground/style.css"})
 
 
 class APIKeyAuth:
