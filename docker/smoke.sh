@@ -141,4 +141,9 @@ sys.exit(0 if r["status"] == "success" and r["data"]["result"] else 1)'; }
 wait_for 90 "Prometheus to see the target up" target_up
 wait_for 60 "a charlstm_ series in Prometheus" series_present
 log "compose: Prometheus scrapes the service; charlstm_requests_total is queryable"
+sid=$(curl -fsS http://127.0.0.1:8000/sessions -H 'content-type: application/json' -d '{"prompt": "KING:"}' | python3 -c 'import json, sys; print(json.load(sys.stdin)["session_id"])')
+curl -fsS "http://127.0.0.1:8000/sessions/$sid/generate" -H 'content-type: application/json' -d '{"max_new_tokens": 20, "stream": true}' >/dev/null
+curl -fsS -X DELETE "http://127.0.0.1:8000/sessions/$sid" >/dev/null
+python3 docker/check_dashboard.py http://127.0.0.1:9090 --wait 90
+log "compose: every dashboard panel's query parses and returns a series"
 log "ok: build $((t1 - t0)) s, image $((size / 1000000)) MB"
