@@ -29,7 +29,7 @@ from . import errors, openapi
 from .auth import APIKeyAuth
 from .bridge import make_deliver
 from .limits import BodyLimit
-from .routes import generate, probes, sessions
+from .routes import generate, probes, score, sessions, v1
 
 log = logging.getLogger("charlstm.api")
 
@@ -167,4 +167,6 @@ def create_app(settings: Settings | None = None, loaded: store.LoadedModel | Non
     app.include_router(generate.router)
     app.include_router(sessions.router)
     app.include_router(probes.router)
+    app.include_router(score.router)
+    app.include_router(v1.router)
     return app
