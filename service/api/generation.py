@@ -21,7 +21,8 @@ from .schemas import GenerateRequest
 
 
 def encode_prompt(prompt: str, loaded: LoadedModel, settings: Settings, param: str = "prompt",
-                  unknown: str = "error", replacement: str | None = None) -> tuple[list[int], int]:
+                  unknown: str = "error", replacement: str | None = None,
+                  hint: str = " (or send unknown_chars: skip or replace)") -> tuple[list[int], int]:
     """The prompt's ids and how many characters the unknown-character policy skipped or replaced."""
     if len(prompt) > settings.max_prompt_chars:
         raise APIError(422, "invalid_field", f"{param}: {len(prompt)} characters is more than max_prompt_chars={settings.max_prompt_chars}", param)
@@ -31,7 +32,7 @@ def encode_prompt(prompt: str, loaded: LoadedModel, settings: Settings, param: s
     try:
         return loaded.vocab.encode_with_policy(prompt, unknown, replacement)
     except OutOfVocabularyError as e:
-        raise APIError(422, "invalid_field", f"{param}: {e} (or send unknown_chars: skip or replace)", param) from None
+        raise APIError(422, "invalid_field", f"{param}: {e}{hint}", param) from None
 
 
 def check_max_new_tokens(max_new: int, settings: Settings, param: str = "max_new_tokens") -> None:

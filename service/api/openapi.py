@@ -6,6 +6,8 @@ from __future__ import annotations
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from .openai.serving import OpenAIServingModels, choice_bounds
+
 
 def vocabulary_pattern(chars: str) -> str:
     """An ECMA-262 regex matching strings made only of `chars`."""
@@ -36,6 +38,8 @@ def install(app: FastAPI) -> None:
                 branch["items"].update(vocab_stop)
             elif branch.get("type") == "string":
                 branch.update(vocab_stop)
+        comps["ScoreRequest"]["properties"]["text"].update(maxLength=settings.max_score_chars, pattern=pattern)
+        _openai_bounds(comps["CompletionRequest"]["properties"], settings, loaded, pattern, vocab_stop)
         ttl = comps["SessionCreate"]["properties"]["ttl_seconds"]
         for branch in ttl.get("anyOf", [ttl]):
             if branch.get("type") == "number":
@@ -44,3 +48,28 @@ def install(app: FastAPI) -> None:
         return schema
 
     app.openapi = openapi
+
+
+def _branches(prop: dict, type_: str) -> list[dict]:
+    return [b for b in prop.get("anyOf", [prop]) if b.get("type") == type_]
+
+
+def _openai_bounds(props: dict, settings, loaded, pattern: str, vocab_stop: dict) -> None:
+    """/v1/completions: the served model's names, and the limits in force on prompts, choices and stops."""
+    models = OpenAIServingModels(loaded)
+    props["model"]["enum"] = [models.id, loaded.name]
+    most_n, most_prompts = choice_bounds(settings)
+    for branch in _branches(props["prompt"], "string"):
+        branch.update(maxLength=settings.max_prompt_chars, pattern=pattern)
+    for branch in _branches(props["prompt"], "array"):
+        branch["maxItems"] = most_prompts
+        branch["items"].update(maxLength=settings.max_prompt_chars, pattern=pattern)
+    for branch in _branches(props["n"], "integer"):
+        branch["maximum"] = most_n
+    for branch in _branches(props["max_tokens"], "integer"):
+        branch["maximum"] = settings.max_new_tokens
+    for branch in _branches(props["stop"], "string"):
+        branch.update(vocab_stop)
+    for branch in _branches(props["stop"], "array"):
+        branch["maxItems"] = min(branch.get("maxItems", settings.max_stop_strings), settings.max_stop_strings)
+        branch["items"].update(vocab_stop)

@@ -32,6 +32,13 @@ from . import protocol
 from .protocol import CompletionRequest
 
 
+def choice_bounds(settings: Settings) -> tuple[int, int]:
+    """The most choices per prompt, and the most prompts: together never more streams than the engine
+    admits at once, so a request that fits the OpenAPI document is never refused for its size."""
+    most_n = min(128, settings.max_batch_size)
+    return most_n, max(1, (settings.max_batch_size + settings.max_queue) // most_n)
+
+
 class OpenAIServingModels:
     """The one model this server runs, under the names a client may use for it."""
 
@@ -73,14 +80,12 @@ class OpenAIServingCompletion:
         """One engine request per choice, choices ordered prompt by prompt; every check that can fail
         happens here, before anything is queued."""
         prompts, n = body.prompts, body.n or 1
-        if body.stream_options is not None and not body.stream:
-            raise APIError(400, "invalid_field", "stream_options: only allowed with stream: true", "stream_options")
-        if len(prompts) * n > self.settings.max_batch_size:
-            raise APIError(422, "invalid_field", f"n: {len(prompts)} prompts x n={n} choices is more than "
-                           f"max_batch_size={self.settings.max_batch_size} streams", "n")
-        if body.session_id is not None and (len(prompts) > 1 or n > 1):
-            raise APIError(400, "invalid_field", "session_id: a session continues one stream: send one prompt and n = 1",
-                           "session_id")
+        most_n, most_prompts = choice_bounds(self.settings)
+        if n > most_n:
+            raise APIError(422, "invalid_field", f"n: {n} is more than {most_n} (max_batch_size)", "n")
+        if len(prompts) > most_prompts:
+            raise APIError(422, "invalid_field", f"prompt: {len(prompts)} prompts is more than {most_prompts}: "
+                           f"(max_batch_size + max_queue) // {most_n} keeps every choice within the engine's queue", "prompt")
         max_tokens = 16 if body.max_tokens is None else body.max_tokens
         check_max_new_tokens(max_tokens, self.settings, "max_tokens")
         check_stops(body.stop, self.loaded, self.settings)
@@ -92,7 +97,7 @@ class OpenAIServingCompletion:
         choices = []
         for p, prompt in enumerate(prompts):
             param = "prompt" if isinstance(body.prompt, str) else f"prompt.{p}"
-            ids, _ = encode_prompt(prompt, self.loaded, self.settings, param=param)
+            ids, _ = encode_prompt(prompt, self.loaded, self.settings, param=param, hint="")
             for j in range(n):
                 seed = None if body.seed is None else (body.seed + j) % (MAX_SEED + 1)
                 request = GenerationRequest(
@@ -110,6 +115,9 @@ class OpenAIServingCompletion:
             call, continued = await self.sessions.begin(body.session_id, choices[0].request)
             choices[0].request = continued
         try:
+            if call is not None and len(choices) > 1:
+                raise APIError(400, "invalid_field", "session_id: a session continues one stream: send one prompt and n = 1",
+                               "session_id")
             self._submit(choices, call.finish if call else None)
         except BaseException:
             if call is not None:

@@ -19,7 +19,7 @@ router = APIRouter(tags=["scoring"])
 ERRORS = {s: {"model": ErrorResponse} for s in (400, 404, 413, 415, 422, 429, 503)}
 
 
-@router.post("/score", response_model=ScoreResponse, response_model_exclude_none=True, responses=ERRORS,
+@router.post("/score", response_model=ScoreResponse, response_model_exclude_unset=True, responses=ERRORS,
              dependencies=[JSONBody])
 async def score(body: ScoreRequest, request: Request, engine: EngineDep, sessions: SessionsDep, loaded: ModelDep,
                 settings: SettingsDep):
@@ -49,5 +49,7 @@ async def score(body: ScoreRequest, request: Request, engine: EngineDep, session
         lps = list(done.prompt.logprobs[skip:])
         tops = [dict(alts) for alts in done.prompt.top_logprobs[skip:]] if k else []
     nats = -math.fsum(lps) / len(lps) if lps else None
-    return {"chars": len(lps), "nats_per_char": nats, "bits_per_char": None if nats is None else nats / LN2,
-            "logprobs": lps, "top_logprobs": tops if body.top_logprobs is not None else None}
+    out = {"chars": len(lps), "nats_per_char": nats, "bits_per_char": None if nats is None else nats / LN2, "logprobs": lps}
+    if body.top_logprobs is not None:
+        out["top_logprobs"] = tops
+    return out
