@@ -172,8 +172,9 @@ def test_session_id_continues_a_native_session(server):
     assert after["position"] == session["position"] + 16
     with pytest.raises(openai.NotFoundError):
         api.completions.create(model=MODEL, prompt="K", extra_body={"session_id": "no-such-session"})
-    with pytest.raises(openai.BadRequestError):
+    with pytest.raises(openai.ConflictError) as e:  # one state cannot take several continuations
         api.completions.create(model=MODEL, prompt="K", n=2, extra_body={"session_id": session["session_id"]})
+    assert e.value.code == "session_single_stream"
     assert httpx.get(f"{server.url}/sessions/{session['session_id']}").json()["busy"] is False
 
 
