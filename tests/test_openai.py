@@ -172,9 +172,9 @@ def test_session_id_continues_a_native_session(server):
     assert after["position"] == session["position"] + 16
     with pytest.raises(openai.NotFoundError):
         api.completions.create(model=MODEL, prompt="K", extra_body={"session_id": "no-such-session"})
-    with pytest.raises(openai.ConflictError) as e:  # one state cannot take several continuations
+    with pytest.raises(openai.BadRequestError) as e:  # one state cannot take several continuations
         api.completions.create(model=MODEL, prompt="K", n=2, extra_body={"session_id": session["session_id"]})
-    assert e.value.code == "session_single_stream"
+    assert e.value.param == "session_id"
     assert httpx.get(f"{server.url}/sessions/{session['session_id']}").json()["busy"] is False
 
 
@@ -285,3 +285,25 @@ def test_score_refusals(server):
     assert httpx.post(server.url + "/score", json={"text": "KING", "extra": 1}).status_code == 422
     empty = httpx.post(server.url + "/score", json={"text": "K"}).json()
     assert empty == {"chars": 0, "nats_per_char": None, "bits_per_char": None, "logprobs": []}
+
+
+HOSTILE_V1 = [
+    b'{"model": "tiny", "prompt": "KING"',  # truncated
+    b"\xff\xfe\x00garbage",  # not UTF-8
+    b'{"model": "tiny", "prompt": "KING", "temperature": NaN}',
+    b'{"model": "tiny", "prompt": "KING", "max_tokens": 1e400}',
+    b'{"model": "tiny", "prompt": [1, 2, 3]}',  # token ids: not taken
+    b'{"model": "tiny", "prompt": []}',
+    b'{"model": "tiny", "prompt": "KING", "n": 0}',
+    b'{"model": "tiny", "prompt": "KING", "stop": ["a", "b", "c", "d", "e"]}',
+    b'{"model": "tiny", "prompt": "KING", "stream_options": {"include_usage": true, "extra": 1}}',
+    b'{"model": "tiny"}',
+    b"null",
+    b"[]",
+]
+
+
+@pytest.mark.parametrize("body", HOSTILE_V1, ids=range(len(HOSTILE_V1)))
+def test_hostile_bodies_on_v1_get_400_in_openai_shape(server, body):
+    r = httpx.post(server.url + "/v1/completions", content=body, headers={"content-type": "application/json"})
+    assert_openai_error(r, 400)

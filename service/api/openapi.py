@@ -25,8 +25,11 @@ def install(app: FastAPI) -> None:
         comps = schema["components"]["schemas"]
         pattern = vocabulary_pattern(loaded.vocab.chars)
         for name in ("GenerateRequest", "SessionCreate"):
-            comps[name]["properties"]["prompt"].update(maxLength=settings.max_prompt_chars, pattern=pattern)
+            comps[name]["properties"]["prompt"].update(maxLength=settings.max_prompt_chars)
             comps[name]["properties"]["replacement"].update(pattern=pattern.replace("]*$", "]$"))
+            # Characters outside the vocabulary are an error only under the default policy; skip and replace take any.
+            comps[name]["if"] = {"required": ["unknown_chars"], "properties": {"unknown_chars": {"enum": ["skip", "replace"]}}}
+            comps[name]["else"] = {"properties": {"prompt": {"pattern": pattern}}}
         gen = comps["GenerateRequest"]["properties"]
         for branch in gen["max_new_tokens"].get("anyOf", [gen["max_new_tokens"]]):
             if branch.get("type") == "integer":
@@ -39,7 +42,7 @@ def install(app: FastAPI) -> None:
             elif branch.get("type") == "string":
                 branch.update(vocab_stop)
         comps["ScoreRequest"]["properties"]["text"].update(maxLength=settings.max_score_chars, pattern=pattern)
-        _openai_bounds(comps["CompletionRequest"]["properties"], settings, loaded, pattern, vocab_stop)
+        _openai_bounds(comps["CompletionRequest"], settings, loaded, pattern, vocab_stop)
         ttl = comps["SessionCreate"]["properties"]["ttl_seconds"]
         for branch in ttl.get("anyOf", [ttl]):
             if branch.get("type") == "number":
@@ -54,8 +57,9 @@ def _branches(prop: dict, type_: str) -> list[dict]:
     return [b for b in prop.get("anyOf", [prop]) if b.get("type") == type_]
 
 
-def _openai_bounds(props: dict, settings, loaded, pattern: str, vocab_stop: dict) -> None:
+def _openai_bounds(schema: dict, settings, loaded, pattern: str, vocab_stop: dict) -> None:
     """/v1/completions: the served model's names, and the limits in force on prompts, choices and stops."""
+    props = schema["properties"]
     models = OpenAIServingModels(loaded)
     props["model"]["enum"] = [models.id, loaded.name]
     most_n, most_prompts = choice_bounds(settings)
@@ -66,6 +70,10 @@ def _openai_bounds(props: dict, settings, loaded, pattern: str, vocab_stop: dict
         branch["items"].update(maxLength=settings.max_prompt_chars, pattern=pattern)
     for branch in _branches(props["n"], "integer"):
         branch["maximum"] = most_n
+    # A session is one stream: with session_id, one prompt and one choice.
+    schema["if"] = {"required": ["session_id"], "properties": {"session_id": {"type": "string"}}}
+    schema["then"] = {"properties": {"n": {"anyOf": [{"type": "integer", "maximum": 1}, {"type": "null"}]},
+                                     "prompt": {"anyOf": [{"type": "string"}, {"type": "array", "maxItems": 1}]}}}
     for branch in _branches(props["max_tokens"], "integer"):
         branch["maximum"] = settings.max_new_tokens
     for branch in _branches(props["stop"], "string"):

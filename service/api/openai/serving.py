@@ -115,9 +115,9 @@ class OpenAIServingCompletion:
             call, continued = await self.sessions.begin(body.session_id, choices[0].request)
             choices[0].request = continued
         try:
-            if call is not None and len(choices) > 1:  # 409: the session is one stream, so it cannot take several continuations
-                raise APIError(409, "session_single_stream", "session_id: a session continues one stream: send one prompt "
-                               "and n = 1", "session_id")
+            if call is not None and len(choices) > 1:
+                raise APIError(400, "invalid_field", "session_id: a session continues one stream: send one prompt and n = 1",
+                               "session_id")
             self._submit(choices, call.finish if call else None)
         except BaseException:
             if call is not None:
