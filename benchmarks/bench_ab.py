@@ -1,10 +1,12 @@
 """/generate throughput of two builds side by side: this tree against another checkout of the project.
 
-    python -m benchmarks.bench_ab --baseline /path/to/other/checkout [--clients 64] [--seconds 15] [--rounds 3]
+    python -m benchmarks.bench_ab --baseline /path/to/other/checkout [--clients 64] [--seconds 15] [--rounds 3] [--engine]
 
 Both servers start at once and stay up; the load generator (its own process) drives them in
 alternate rounds, A B A B ..., so a drift in the machine's speed (a shared host) falls on both sides.
-Each figure is the median of its rounds. Written to show that a feature nobody asks for costs nothing
+Each figure is the median of its rounds. With --engine, the same comparison without HTTP: each round
+runs `clients` streams of 256 characters through a bare Engine in a fresh process of each build
+(less noise on a busy host, and only the engine's own cost). Written to show that a feature nobody asks for costs nothing
 (top-k log-probabilities and OpenAI's penalties), but it compares any two builds.
 """
 
@@ -59,6 +61,43 @@ class Build:
             self.proc.kill()
 
 
+# Run in each build's own tree: `clients` streams of 256 characters through the engine, characters per second.
+ENGINE_ROUND = """
+import sys, threading, time, torch
+from service import store
+from service.engine.engine import Engine, EngineConfig
+from service.engine.runner import Runner
+from service.engine.types import Done, GenerationRequest
+torch.set_num_threads(1)
+clients, model = int(sys.argv[1]), sys.argv[2]
+loaded = store.load(model)
+left, done = [clients], threading.Event()
+def deliver(batch):
+    for _, events in batch:
+        if any(isinstance(e, Done) for e in events):
+            left[0] -= 1
+    if left[0] == 0:
+        done.set()
+engine = Engine(Runner(loaded.model, 2), loaded.vocab, EngineConfig(max_batch_size=clients), deliver)
+for i in range(clients):
+    engine.submit(GenerationRequest(prompt_ids=loaded.vocab.encode("ROMEO:"), max_new_tokens=256, seed=i), i)
+t0 = time.perf_counter()
+engine.start()
+assert done.wait(600)
+print(clients * 256 / (time.perf_counter() - t0))
+engine.stop()
+"""
+
+
+def engine_round(root: Path, clients: int, model: str) -> float:
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1", CHARLSTM_MODEL_STORE=str(ROOT / "model_store"))
+    out = subprocess.run([sys.executable, "-c", ENGINE_ROUND, str(clients), model], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=900)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-2000:])
+    return float(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--baseline", required=True, help="another checkout of the project (for example `git archive` of main)")
@@ -67,7 +106,16 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=15.0)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch threads of each server (the service's default)")
+    ap.add_argument("--engine", action="store_true", help="measure the bare engine in each build, without HTTP")
     args = ap.parse_args()
+    if args.engine:
+        roots = {"baseline": Path(args.baseline).resolve(), "this tree": ROOT}
+        figures = {name: [] for name in roots}
+        for r in range(args.rounds):
+            for name in list(roots) if r % 2 == 0 else list(roots)[::-1]:
+                figures[name].append(engine_round(roots[name], args.clients, args.model))
+        report(f"bare engine, {args.clients} streams of 256 characters, {args.rounds} rounds alternated", figures)
+        return
     builds = [Build("baseline", Path(args.baseline).resolve(), args.model, args.threads),
               Build("this tree", ROOT, args.model, args.threads)]
     figures = {b.name: [] for b in builds}
@@ -80,12 +128,14 @@ def main() -> None:
     finally:
         for b in builds:
             b.stop()
-    base, ours = (statistics.median(figures[b.name]) for b in builds)
-    print(f"/generate, {args.clients} streaming clients, {args.seconds:g} s a round, {args.rounds} rounds alternated; "
-          f"median characters per second")
+    report(f"/generate, {args.clients} streaming clients, {args.seconds:g} s a round, {args.rounds} rounds alternated", figures)
+
+
+def report(what: str, figures: dict[str, list[float]]) -> None:
+    print(f"{what}; median characters per second")
     print(table(["build", "chars/s (median)", "rounds"],
-                [[b.name, statistics.median(figures[b.name]), ", ".join(f"{x:,.0f}" for x in figures[b.name])] for b in builds]))
-    print(f"this tree / baseline: {ours / base:.3f}")
+                [[name, statistics.median(xs), ", ".join(f"{x:,.0f}" for x in xs)] for name, xs in figures.items()]))
+    print(f"this tree / baseline: {statistics.median(figures['this tree']) / statistics.median(figures['baseline']):.3f}")
 
 
 if __name__ == "__main__":
