@@ -1,49 +1,141 @@
-"""Before and after: the service from another checkout against this one, over HTTP, side by side.
+"""/generate throughput of two builds side by side: this tree against another checkout of the project.
 
-    git worktree add /tmp/before <commit>
-    python -m benchmarks.bench_ab --before /tmp/before [--clients 1,64] [--seconds 10] [--repeats 3]
+    python -m benchmarks.bench_ab --baseline /path/to/other/checkout [--clients 64] [--seconds 15] [--rounds 3] [--engine]
 
-Both servers run at once (each idle while the other is measured) on the bundled model with the same
-settings; the load points alternate before, after, before, after... so a drift in the machine's speed
-falls on both sides. Each figure is the median of its rounds (generated characters per second).
+Both servers start at once and stay up; the load generator (its own process) drives them in
+alternate rounds, A B A B ..., so a drift in the machine's speed (a shared host) falls on both sides.
+Each figure is the median of its rounds. With --engine, the same comparison without HTTP: each round
+runs `clients` streams of 256 characters through a bare Engine in a fresh process of each build
+(less noise on a busy host, and only the engine's own cost). Written to show that a feature nobody asks for costs nothing
+(top-k log-probabilities and OpenAI's penalties), but it compares any two builds.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
-from .common import ROOT, charlstm_server, loadgen, table
+import httpx
+
+from .common import ROOT, loadgen, table
+from tests.server import free_port
+
+
+class Build:
+    """`charlstm serve` run from a checkout's own sources (its `service` package shadows the installed one)."""
+
+    def __init__(self, name: str, root: Path, model: str, threads: int):
+        self.name, self.port = name, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.NamedTemporaryFile("w+", prefix=f"charlstm-ab-{name}-", suffix=".log", delete=False)
+        env = dict(os.environ, CHARLSTM_MODEL=model, CHARLSTM_MODEL_STORE=str(ROOT / "model_store"), CHARLSTM_SESSION_DB="",
+                   CHARLSTM_TORCH_THREADS=str(threads), OMP_NUM_THREADS=str(threads), CHARLSTM_LOG_LEVEL="warning",
+                   PYTHONPATH=str(root))
+        self.proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(self.port)], cwd=root,
+                                     env=env, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited: {Path(self.log.name).read_text()[-2000:]}")
+            try:
+                if httpx.get(self.url + "/ready", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)  # polling a probe with a deadline
+        raise RuntimeError(f"{self.name} did not become ready")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+# Run in each build's own tree: `clients` streams of 256 characters through the engine, characters per second.
+ENGINE_ROUND = """
+import sys, threading, time, torch
+from service import store
+from service.engine.engine import Engine, EngineConfig
+from service.engine.runner import Runner
+from service.engine.types import Done, GenerationRequest
+torch.set_num_threads(1)
+clients, model = int(sys.argv[1]), sys.argv[2]
+loaded = store.load(model)
+left, done = [clients], threading.Event()
+def deliver(batch):
+    for _, events in batch:
+        if any(isinstance(e, Done) for e in events):
+            left[0] -= 1
+    if left[0] == 0:
+        done.set()
+engine = Engine(Runner(loaded.model, 2), loaded.vocab, EngineConfig(max_batch_size=clients), deliver)
+for i in range(clients):
+    engine.submit(GenerationRequest(prompt_ids=loaded.vocab.encode("ROMEO:"), max_new_tokens=256, seed=i), i)
+t0 = time.perf_counter()
+engine.start()
+assert done.wait(600)
+print(clients * 256 / (time.perf_counter() - t0))
+engine.stop()
+"""
+
+
+def engine_round(root: Path, clients: int, model: str) -> float:
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1", CHARLSTM_MODEL_STORE=str(ROOT / "model_store"))
+    out = subprocess.run([sys.executable, "-c", ENGINE_ROUND, str(clients), model], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=900)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-2000:])
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--before", type=Path, required=True, help="a checkout of the code to compare against")
-    ap.add_argument("--clients", default="1,64")
-    ap.add_argument("--seconds", type=float, default=10.0)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--max-batch-size", type=int, default=64)
-    ap.add_argument("--model", default="shakespeare@v1", help="the same model on both sides")
+    ap.add_argument("--baseline", required=True, help="another checkout of the project (for example `git archive` of main)")
+    ap.add_argument("--model", default="shakespeare")
+    ap.add_argument("--clients", type=int, default=64)
+    ap.add_argument("--seconds", type=float, default=15.0)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of each server (the service's default)")
+    ap.add_argument("--engine", action="store_true", help="measure the bare engine in each build, without HTTP")
     args = ap.parse_args()
-    clients = [int(c) for c in args.clients.split(",")]
-    sources = {"before": args.before.resolve(), "after": ROOT}
-    servers = {k: charlstm_server(1, source=src, model=args.model, max_batch_size=args.max_batch_size) for k, src in sources.items()}
-    figures = {k: {c: [] for c in clients} for k in servers}
+    if args.engine:
+        roots = {"baseline": Path(args.baseline).resolve(), "this tree": ROOT}
+        figures = {name: [] for name in roots}
+        for r in range(args.rounds):
+            for name in list(roots) if r % 2 == 0 else list(roots)[::-1]:
+                figures[name].append(engine_round(roots[name], args.clients, args.model))
+        report(f"bare engine, {args.clients} streams of 256 characters, {args.rounds} rounds alternated", figures)
+        return
+    builds = [Build("baseline", Path(args.baseline).resolve(), args.model, args.threads),
+              Build("this tree", ROOT, args.model, args.threads)]
+    figures = {b.name: [] for b in builds}
     try:
-        for r in range(args.repeats):
-            for c in clients:
-                for k in (("before", "after") if r % 2 == 0 else ("after", "before")):
-                    figures[k][c].append(loadgen(servers[k].url, c, args.seconds)["chars_per_s"])
+        for b in builds:
+            b.wait_ready()
+        for r in range(args.rounds):
+            for b in builds if r % 2 == 0 else builds[::-1]:
+                figures[b.name].append(loadgen(b.url, args.clients, args.seconds)["chars_per_s"])
     finally:
-        for srv in servers.values():
-            srv.stop()
-    rows = []
-    for c in clients:
-        before, after = statistics.median(figures["before"][c]), statistics.median(figures["after"][c])
-        rows.append([c, before, after, after / before])
-    print(f"before: {sources['before']}\nafter:  {sources['after']}\n{args.repeats} rounds of {args.seconds:g} s, medians\n")
-    print(table(["clients", "before chars/s", "after chars/s", "after / before"], rows))
+        for b in builds:
+            b.stop()
+    report(f"/generate, {args.clients} streaming clients, {args.seconds:g} s a round, {args.rounds} rounds alternated", figures)
+
+
+def report(what: str, figures: dict[str, list[float]]) -> None:
+    print(f"{what}; median characters per second")
+    print(table(["build", "chars/s (median)", "rounds"],
+                [[name, statistics.median(xs), ", ".join(f"{x:,.0f}" for x in xs)] for name, xs in figures.items()]))
+    print(f"this tree / baseline: {statistics.median(figures['this tree']) / statistics.median(figures['baseline']):.3f}")
 
 
 if __name__ == "__main__":

@@ -20,14 +20,13 @@ ROOT = Path(__file__).resolve().parent.parent
 class Proc:
     """A server subprocess; ready when `probe` answers 200."""
 
-    def __init__(self, args: list[str], env: dict | None = None, probe: str = "/ready", timeout: float = 120,
-                 cwd: Path = ROOT):
+    def __init__(self, args: list[str], env: dict | None = None, probe: str = "/ready", timeout: float = 120):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile("w+", prefix="charlstm-bench-", suffix=".log", delete=False)
         full_env = dict(os.environ, **(env or {}))
         self.proc = subprocess.Popen([sys.executable, *[a.replace("{port}", str(self.port)) for a in args]],
-                                     cwd=cwd, env=full_env, stdout=self.log, stderr=subprocess.STDOUT)
+                                     cwd=ROOT, env=full_env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -48,12 +47,11 @@ class Proc:
             self.proc.kill()
 
 
-def charlstm_server(threads: int, source: Path = ROOT, **settings) -> Proc:
-    """The service from the checkout at `source` (another checkout's code, for a before/after run)."""
+def charlstm_server(threads: int, **settings) -> Proc:
     env = {f"CHARLSTM_{k.upper()}": str(v) for k, v in settings.items()}
     env.update(CHARLSTM_TORCH_THREADS=str(threads), CHARLSTM_LOG_LEVEL="warning", CHARLSTM_SESSION_DB="",
-               OMP_NUM_THREADS=str(threads), PYTHONPATH=str(source), CHARLSTM_MODEL_STORE=str(ROOT / "model_store"))
-    return Proc(["-m", "service.cli", "serve", "--port", "{port}"], env, cwd=source)
+               OMP_NUM_THREADS=str(threads))
+    return Proc(["-m", "service.cli", "serve", "--port", "{port}"], env)
 
 
 def loadgen(url: str, clients: int, seconds: float, max_new_tokens: int = 256, warmup: float = 2.0) -> dict:

@@ -40,7 +40,10 @@ class SamplingParams:
     temperature: float = 1.0  # 0 means greedy
     top_k: int = 0  # 0 means off
     top_p: float = 1.0  # 1 means off
-    repetition_penalty: float = 1.0  # 1 means off; applied to characters already in the stream's text
+    repetition_penalty: float = 1.0  # 1 means off; applied to characters already in the stream's prompt or text
+    presence_penalty: float = 0.0  # 0 means off; subtracted from the logit of every character generated so far
+    frequency_penalty: float = 0.0  # 0 means off; subtracted once per time a character was generated so far
+    top_logprobs: int = 0  # how many most likely alternatives to report at each position (0..5); never changes the draw
 
 
 def sample_next(
@@ -52,11 +55,19 @@ def sample_next(
     seen: torch.Tensor | None,
     u: torch.Tensor,
     want_logprobs: bool = True,
+    *,
+    presence_penalty: torch.Tensor | None = None,
+    frequency_penalty: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
+    top_logprobs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Pick one character per row, each row with its own controls, without a Python loop over rows.
 
     logits (B, V) float; temperature, top_p, repetition_penalty (B,) float; top_k (B,) int64;
-    seen (B, V) bool or None: characters already in each stream's text; u (B,) float64 uniforms.
+    seen (B, V) bool or None: characters already in each stream's prompt or text; u (B,) float64 uniforms.
+    presence_penalty, frequency_penalty (B,) float with counts (B, V): how often each row generated
+    each character (OpenAI's penalties; None when no row asks, and a row with 0 keeps its logits
+    bit for bit). top_logprobs is a reporting control (see `top_alternatives`): the draw ignores it.
     Returns (ids (B,) int64, logprobs (B,) float or None): the log-probability of each chosen
     character under the model's own distribution, before penalty, temperature and filters.
     A row picks the first character whose cumulative probability exceeds its uniform, in descending
@@ -67,6 +78,9 @@ def sample_next(
     if seen is not None:
         pen = repetition_penalty.unsqueeze(1)  # (B, 1)
         logits = torch.where(seen, torch.where(logits > 0, logits / pen, logits * pen), logits)
+    if counts is not None:
+        c = counts.to(logits.dtype)  # (B, V)
+        logits = logits - frequency_penalty.unsqueeze(1) * c - presence_penalty.unsqueeze(1) * (c > 0).to(logits.dtype)
     greedy = temperature <= 0  # (B,)
     scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature).unsqueeze(1)  # (B, V)
     filtered = (top_k > 0) | (top_p < 1.0)  # (B,) rows with a top-k or nucleus filter
@@ -95,3 +109,11 @@ def sample_next(
     if not want_logprobs:
         return pick, None
     return pick, torch.log_softmax(raw, dim=-1).gather(1, pick.unsqueeze(1)).squeeze(1)
+
+
+def top_alternatives(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k most likely characters of each row and their log-probabilities under the model's own
+    distribution (as the sampled character's figure), most likely first.
+    logits (B, V) -> ids (B, k) int64, logprobs (B, k) float."""
+    lps, ids = torch.log_softmax(logits, dim=-1).topk(min(k, logits.shape[1]), dim=-1)  # (B, k) each, descending
+    return ids, lps

@@ -20,6 +20,7 @@ class Settings(BaseSettings):
     max_new_tokens: int = Field(4096, ge=1, le=1_000_000, description="upper bound on max_new_tokens")
     default_max_new_tokens: int = Field(256, ge=1, description="max_new_tokens when a request gives none")
     max_prompt_chars: int = Field(20_000, ge=1, le=10_000_000)
+    max_score_chars: int = Field(100_000, ge=1, le=10_000_000, description="longest text POST /score takes")
     max_stop_strings: int = Field(16, ge=0, le=1024)
     max_stop_chars: int = Field(64, ge=1, le=4096, description="longest stop string")
     prefill_chunk: int = Field(512, ge=1, description="prompt characters ingested between two decode steps")

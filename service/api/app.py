@@ -29,7 +29,7 @@ from . import docs, errors, openapi
 from .auth import APIKeyAuth
 from .bridge import make_deliver
 from .limits import BodyLimit
-from .routes import generate, playground, probes, sessions
+from .routes import generate, playground, probes, score, sessions, v1
 
 log = logging.getLogger("charlstm.api")
 
@@ -180,6 +180,8 @@ def create_app(settings: Settings | None = None, loaded: store.LoadedModel | Non
     app.include_router(generate.router)
     app.include_router(sessions.router)
     app.include_router(probes.router)
+    app.include_router(score.router)
+    app.include_router(v1.router)
     app.include_router(docs.router)  # /docs and /redoc with assets served from the package, not a CDN
     app.mount(docs.ASSETS_URL, docs.assets(), name="docs-assets")
     app.include_router(playground.router)  # the page at /

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .errors import error_body
+from .errors import error_content
 
 # The probes, and the playground page with its assets (the page asks for the key and sends it itself).
 OPEN_PATHS = frozenset({"/health", "/ready", "/", "/playground/app.js", "/playground/style.css"})
@@ -31,7 +31,7 @@ class APIKeyAuth:
         scheme, _, token = given.partition(b" ")
         if scheme.lower() == b"bearer" and secrets.compare_digest(token.strip(), key.encode()):
             return await self.app(scope, receive, send)
-        body = json.dumps(error_body("unauthorized", "missing or wrong API key: send Authorization: Bearer <key>")).encode()
+        body = json.dumps(error_content(path, 401, "unauthorized", "missing or wrong API key: send Authorization: Bearer <key>")).encode()
         await send({"type": "http.response.start", "status": 401,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"www-authenticate", b'Bearer realm="charlstm"')]})

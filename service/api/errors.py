@@ -1,4 +1,6 @@
-"""One error shape for every failure: {"error": {"type", "message", "param"}}."""
+"""One error shape for every failure: {"error": {"type", "message", "param"}}; on the OpenAI routes
+(/v1) OpenAI's own, {"error": {"message", "type", "param", "code"}}, so its clients raise their typed
+exceptions. `error_content` picks the shape by path, for the handlers here and the ASGI middleware."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from ..engine.types import EngineError
+from .openai import protocol as openai_protocol
 
 log = logging.getLogger("charlstm.api")
 
@@ -32,8 +35,16 @@ def error_body(type_: str, message: str, param: str | None = None) -> dict:
     return {"error": {"type": type_, "message": message, "param": param}}
 
 
-def error_response(status: int, type_: str, message: str, param: str | None = None, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse(error_body(type_, message, param), status_code=status, headers=headers)
+def error_content(path: str, status: int, type_: str, message: str, param: str | None = None) -> dict:
+    """The error body for a request to `path`: OpenAI's shape on /v1 (the native type becomes its `code`)."""
+    if openai_protocol.is_v1(path):
+        return openai_protocol.error_body(status, type_, message, param)
+    return error_body(type_, message, param)
+
+
+def error_response(status: int, type_: str, message: str, param: str | None = None, headers: dict | None = None,
+                   path: str = "") -> JSONResponse:
+    return JSONResponse(error_content(path, status, type_, message, param), status_code=status, headers=headers)
 
 
 def from_engine(exc: EngineError) -> APIError:
@@ -72,26 +83,30 @@ def _allowed_methods(app: FastAPI, request: Request) -> list[str]:
 
 def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError):
-        return error_response(exc.status, exc.type, exc.message, exc.param, exc.headers)
+    async def _api_error(request: Request, exc: APIError):
+        return error_response(exc.status, exc.type, exc.message, exc.param, exc.headers, request.url.path)
 
     @app.exception_handler(EngineError)
-    async def _engine_error(_: Request, exc: EngineError):
+    async def _engine_error(request: Request, exc: EngineError):
         e = from_engine(exc)
-        return error_response(e.status, e.type, e.message, e.param, e.headers)
+        return error_response(e.status, e.type, e.message, e.param, e.headers, request.url.path)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError):
+    async def _validation(request: Request, exc: RequestValidationError):
+        path = request.url.path
         errors = exc.errors()
         first = errors[0] if errors else {}
         if first.get("type") == "json_invalid":
             detail = (first.get("ctx") or {}).get("error", "malformed JSON")
-            return error_response(400, "invalid_json", f"request body is not valid JSON: {detail}")
+            return error_response(400, "invalid_json", f"request body is not valid JSON: {detail}", path=path)
         if first.get("type") == "missing" and tuple(first.get("loc", ())) == ("body",):
-            return error_response(400, "invalid_json", "request body is missing: send a JSON object")
+            return error_response(400, "invalid_json", "request body is missing: send a JSON object", path=path)
         message, param = _validation_message(first)
         if len(errors) > 1:
             message += f" (and {len(errors) - 1} more)"
+        if openai_protocol.is_v1(path):  # OpenAI answers every malformed request with 400
+            code = "unknown_field" if first.get("type") == "extra_forbidden" else "invalid_field"
+            return error_response(400, code, message, param, path=path)
         return error_response(422, "invalid_field", message, param)
 
     @app.exception_handler(StarletteHTTPException)
@@ -103,9 +118,10 @@ def install(app: FastAPI) -> None:
             allowed = _allowed_methods(app, request)
             headers["Allow"] = ", ".join(allowed)
             message = f"{request.method} is not allowed here; use {' or '.join(allowed)}"
-        return error_response(exc.status_code, type_, message, None, headers or None)
+        return error_response(exc.status_code, type_, message, None, headers or None, request.url.path)
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception):
+    async def _unexpected(request: Request, exc: Exception):
         log.exception("unhandled error")
-        return error_response(500, "internal_error", "the server hit an unexpected error; it has been logged")
+        return error_response(500, "internal_error", "the server hit an unexpected error; it has been logged",
+                              path=request.url.path)

@@ -21,7 +21,8 @@ from .schemas import GenerateRequest
 
 
 def encode_prompt(prompt: str, loaded: LoadedModel, settings: Settings, param: str = "prompt",
-                  unknown: str = "error", replacement: str | None = None) -> tuple[list[int], int]:
+                  unknown: str = "error", replacement: str | None = None,
+                  hint: str = " (or send unknown_chars: skip or replace)") -> tuple[list[int], int]:
     """The prompt's ids and how many characters the unknown-character policy skipped or replaced."""
     if len(prompt) > settings.max_prompt_chars:
         raise APIError(422, "invalid_field", f"{param}: {len(prompt)} characters is more than max_prompt_chars={settings.max_prompt_chars}", param)
@@ -31,16 +32,16 @@ def encode_prompt(prompt: str, loaded: LoadedModel, settings: Settings, param: s
     try:
         return loaded.vocab.encode_with_policy(prompt, unknown, replacement)
     except OutOfVocabularyError as e:
-        raise APIError(422, "invalid_field", f"{param}: {e} (or send unknown_chars: skip or replace)", param) from None
+        raise APIError(422, "invalid_field", f"{param}: {e}{hint}", param) from None
 
 
-def to_engine_request(body: GenerateRequest, loaded: LoadedModel, settings: Settings) -> tuple[GenerationRequest, int]:
-    """Every limit that depends on the settings is checked here, before anything is queued.
-    Returns the request and how many prompt characters the unknown-character policy changed."""
-    max_new = settings.default_max_new_tokens if body.max_new_tokens is None else body.max_new_tokens
+def check_max_new_tokens(max_new: int, settings: Settings, param: str = "max_new_tokens") -> None:
     if max_new > settings.max_new_tokens:
-        raise APIError(422, "invalid_field", f"max_new_tokens: {max_new} is more than the limit {settings.max_new_tokens}", "max_new_tokens")
-    stops = body.stop
+        raise APIError(422, "invalid_field", f"{param}: {max_new} is more than the limit {settings.max_new_tokens}", param)
+
+
+def check_stops(stops: list[str], loaded: LoadedModel, settings: Settings) -> None:
+    """Stop strings within the settings' bounds, each one able to match."""
     if len(stops) > settings.max_stop_strings:
         raise APIError(422, "invalid_field", f"stop: {len(stops)} strings is more than max_stop_strings={settings.max_stop_strings}", "stop")
     for i, s in enumerate(stops):
@@ -50,6 +51,15 @@ def to_engine_request(body: GenerateRequest, loaded: LoadedModel, settings: Sett
         if unknown:
             shown = ", ".join(repr(c) for c in unknown)
             raise APIError(422, "invalid_field", f"stop.{i}: {s!r} can never match: {shown} is not in the model's vocabulary", f"stop.{i}")
+
+
+def to_engine_request(body: GenerateRequest, loaded: LoadedModel, settings: Settings) -> tuple[GenerationRequest, int]:
+    """Every limit that depends on the settings is checked here, before anything is queued.
+    Returns the request and how many prompt characters the unknown-character policy changed."""
+    max_new = settings.default_max_new_tokens if body.max_new_tokens is None else body.max_new_tokens
+    check_max_new_tokens(max_new, settings)
+    stops = body.stop
+    check_stops(stops, loaded, settings)
     prompt_ids, changed = encode_prompt(body.prompt, loaded, settings, unknown=body.unknown_chars, replacement=body.replacement)
     params = SamplingParams(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
                             repetition_penalty=body.repetition_penalty)

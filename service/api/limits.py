@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import error_body
+from .errors import error_content
 
 
 class BodyLimit:
@@ -17,15 +17,15 @@ class BodyLimit:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit = self.limit()
+        limit, path = self.limit(), scope.get("path", "")
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
                 try:
                     declared = int(value)
                 except ValueError:
-                    return await _reject(send, 400, "invalid_request", "Content-Length is not a number")
+                    return await _reject(send, path, 400, "invalid_request", "Content-Length is not a number")
                 if declared > limit:
-                    return await _too_large(send, limit)
+                    return await _too_large(send, path, limit)
         seen, exceeded, replied = 0, False, False
 
         async def limited_receive() -> Message:
@@ -46,7 +46,7 @@ class BodyLimit:
                 await send(message)
             elif message["type"] == "http.response.start" and not replied:
                 replied = True
-                await _too_large(send, limit)
+                await _too_large(send, path, limit)
 
         try:
             await self.app(scope, limited_receive, guarded_send)
@@ -54,19 +54,19 @@ class BodyLimit:
             if not exceeded:
                 raise
         if exceeded and not replied:  # the body is read before any response starts, so none has gone out
-            await _too_large(send, limit)
+            await _too_large(send, path, limit)
 
 
 class _TooLarge(Exception):
     pass
 
 
-async def _too_large(send: Send, limit: int) -> None:
-    await _reject(send, 413, "payload_too_large", f"request body is larger than {limit} bytes")
+async def _too_large(send: Send, path: str, limit: int) -> None:
+    await _reject(send, path, 413, "payload_too_large", f"request body is larger than {limit} bytes")
 
 
-async def _reject(send: Send, status: int, type_: str, message: str) -> None:
-    body = json.dumps(error_body(type_, message)).encode()
+async def _reject(send: Send, path: str, status: int, type_: str, message: str) -> None:
+    body = json.dumps(error_content(path, status, type_, message)).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close")]})

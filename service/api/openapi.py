@@ -7,6 +7,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from ..engine.session_blob import text_chars
+from .openai.serving import OpenAIServingModels, choice_bounds
 
 
 def vocabulary_pattern(chars: str) -> str:
@@ -26,10 +27,10 @@ def install(app: FastAPI) -> None:
         pattern = vocabulary_pattern(loaded.vocab.chars)
         for name in ("GenerateRequest", "SessionCreate"):
             comps[name]["properties"]["prompt"].update(maxLength=settings.max_prompt_chars)
-            # Only under unknown_chars "error" (the default) must every character be in the vocabulary.
-            comps[name].update({"if": {"properties": {"unknown_chars": {"const": "error"}}},
-                                "then": {"properties": {"prompt": {"pattern": pattern}}}})
             comps[name]["properties"]["replacement"].update(pattern=pattern.replace("]*$", "]$"))
+            # Characters outside the vocabulary are an error only under the default policy; skip and replace take any.
+            comps[name]["if"] = {"required": ["unknown_chars"], "properties": {"unknown_chars": {"enum": ["skip", "replace"]}}}
+            comps[name]["else"] = {"properties": {"prompt": {"pattern": pattern}}}
         gen = comps["GenerateRequest"]["properties"]
         for branch in gen["max_new_tokens"].get("anyOf", [gen["max_new_tokens"]]):
             if branch.get("type") == "integer":
@@ -51,7 +52,39 @@ def install(app: FastAPI) -> None:
         cfg = loaded.model.config
         blob_chars = text_chars(cfg.num_layers, cfg.hidden_size)
         comps["SessionImport"]["properties"]["data"].update(minLength=blob_chars, maxLength=blob_chars, pattern="^[A-Za-z0-9_-]*$")
+        comps["ScoreRequest"]["properties"]["text"].update(maxLength=settings.max_score_chars, pattern=pattern)
+        _openai_bounds(comps["CompletionRequest"], settings, loaded, pattern, vocab_stop)
         app.openapi_schema = schema
         return schema
 
     app.openapi = openapi
+
+
+def _branches(prop: dict, type_: str) -> list[dict]:
+    return [b for b in prop.get("anyOf", [prop]) if b.get("type") == type_]
+
+
+def _openai_bounds(schema: dict, settings, loaded, pattern: str, vocab_stop: dict) -> None:
+    """/v1/completions: the served model's names, and the limits in force on prompts, choices and stops."""
+    props = schema["properties"]
+    models = OpenAIServingModels(loaded)
+    props["model"]["enum"] = [models.id, loaded.name]
+    most_n, most_prompts = choice_bounds(settings)
+    for branch in _branches(props["prompt"], "string"):
+        branch.update(maxLength=settings.max_prompt_chars, pattern=pattern)
+    for branch in _branches(props["prompt"], "array"):
+        branch["maxItems"] = most_prompts
+        branch["items"].update(maxLength=settings.max_prompt_chars, pattern=pattern)
+    for branch in _branches(props["n"], "integer"):
+        branch["maximum"] = most_n
+    # A session is one stream: with session_id, one prompt and one choice.
+    schema["if"] = {"required": ["session_id"], "properties": {"session_id": {"type": "string"}}}
+    schema["then"] = {"properties": {"n": {"anyOf": [{"type": "integer", "maximum": 1}, {"type": "null"}]},
+                                     "prompt": {"anyOf": [{"type": "string"}, {"type": "array", "maxItems": 1}]}}}
+    for branch in _branches(props["max_tokens"], "integer"):
+        branch["maximum"] = settings.max_new_tokens
+    for branch in _branches(props["stop"], "string"):
+        branch.update(vocab_stop)
+    for branch in _branches(props["stop"], "array"):
+        branch["maxItems"] = min(branch.get("maxItems", settings.max_stop_strings), settings.max_stop_strings)
+        branch["items"].update(vocab_stop)

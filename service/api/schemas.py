@@ -122,6 +122,23 @@ class SessionInfo(BaseModel):
     busy: bool
 
 
+class ScoreRequest(_Strict):
+    text: str = Field(description="the text to score; every character must be in the model's vocabulary; bound in /info")
+    session_id: str | None = Field(None, min_length=1, max_length=256,
+                                   description="score after this session's state (then the first character counts too); "
+                                               "the session does not advance")
+    top_logprobs: Int(ge=0, le=5) | None = Field(None, description="also return this many most likely characters at each position")
+
+
+class ScoreResponse(BaseModel):
+    chars: int = Field(description="characters scored: every one after the first, or all of them after a session")
+    nats_per_char: float | None = Field(description="mean negative log-probability; null when nothing was scored")
+    bits_per_char: float | None
+    logprobs: list[float] = Field(description="natural log-probability of each scored character")
+    top_logprobs: list[dict[str, float]] | None = Field(None, description="the most likely characters at each scored "
+                                                        "position, most likely first")
+
+
 class ErrorDetail(BaseModel):
     type: str
     message: str

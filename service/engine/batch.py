@@ -1,7 +1,7 @@
 """The running batch: every per-row tensor the step and the sampler read, in one object.
 
 Rows are streams. A `Batch` holds their recurrent state, their sampling controls, their penalty
-masks and their random streams, all in row order, and changes shape only through `filter` (rows
+masks and counts and their random streams, all in row order, and changes shape only through `filter` (rows
 leave) and `concatenate` (rows join), in the manner of text-generation-inference's batches. A
 per-row sampling control is a field of `SamplingParams`: the batch builds a tensor for each field,
 so adding a control never touches this module. The model and the runner know nothing of rows.
@@ -9,7 +9,8 @@ so adding a control never touches this module. The model and the runner know not
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -28,21 +29,15 @@ class Batch:
     state: torch.Tensor  # (2, L, B, H)
     controls: dict[str, torch.Tensor]  # name -> (B,), one per SamplingParams field
     seen: torch.Tensor  # (B, V) bool: characters already in each row's prompt or text (repetition penalty)
+    counts: torch.Tensor  # (B, V) int32: times each row generated each character (presence and frequency penalties)
     seeds: np.ndarray  # (B,) uint64
     counters: np.ndarray  # (B,) uint64: draws made so far from each row's random stream
-    penalised: bool = field(init=False)  # some row has a repetition penalty: only then does the sampler read `seen`
-    wants_logprobs: bool = field(init=False)  # some row asked for log-probabilities
-
-    def __post_init__(self) -> None:
-        # Derived once per shape change (rows join or leave), not once per step.
-        self.penalised = bool((self.controls["repetition_penalty"] != 1.0).any())
-        self.wants_logprobs = any(r.request.logprobs for r in self.rows)
 
     @classmethod
     def empty(cls, num_layers: int, hidden: int, vocab_size: int) -> Batch:
         return cls(rows=[], state=torch.zeros(2, num_layers, 0, hidden),
                    controls={k: torch.zeros(0, dtype=d) for k, d in CONTROL_DTYPES.items()},
-                   seen=torch.zeros(0, vocab_size, dtype=torch.bool),
+                   seen=torch.zeros(0, vocab_size, dtype=torch.bool), counts=torch.zeros(0, vocab_size, dtype=torch.int32),
                    seeds=np.zeros(0, dtype=np.uint64), counters=np.zeros(0, dtype=np.uint64))
 
     @classmethod
@@ -53,7 +48,7 @@ class Batch:
         seen[0, row.request.prompt_ids] = True
         return cls(rows=[row], state=state.unsqueeze(2),
                    controls={k: torch.tensor([getattr(params, k)], dtype=d) for k, d in CONTROL_DTYPES.items()},
-                   seen=seen, seeds=np.array([seed], dtype=np.uint64), counters=np.array([counter], dtype=np.uint64))
+                   seen=seen, counts=torch.zeros(1, vocab_size, dtype=torch.int32), seeds=np.array([seed], dtype=np.uint64), counters=np.array([counter], dtype=np.uint64))
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -64,7 +59,7 @@ class Batch:
             return self
         idx = torch.tensor(keep, dtype=torch.long)
         return Batch(rows=[self.rows[i] for i in keep], state=self.state.index_select(2, idx),
-                     controls={k: t[idx] for k, t in self.controls.items()}, seen=self.seen[idx],
+                     controls={k: t[idx] for k, t in self.controls.items()}, seen=self.seen[idx], counts=self.counts[idx],
                      seeds=self.seeds[keep], counters=self.counters[keep])
 
     @classmethod
@@ -75,11 +70,36 @@ class Batch:
             return batches[0]
         return cls(rows=[r for b in batches for r in b.rows], state=torch.cat([b.state for b in batches], dim=2),
                    controls={k: torch.cat([b.controls[k] for b in batches]) for k in batches[0].controls},
-                   seen=torch.cat([b.seen for b in batches]), seeds=np.concatenate([b.seeds for b in batches]),
+                   seen=torch.cat([b.seen for b in batches]), counts=torch.cat([b.counts for b in batches]), seeds=np.concatenate([b.seeds for b in batches]),
                    counters=np.concatenate([b.counters for b in batches]))
+
+    # A batch's rows and controls never change (filter and concatenate make a new batch), so what the
+    # step asks of them is worked out once per batch, not once per step.
+    @cached_property
+    def penalised(self) -> bool:
+        """Some row has a repetition penalty: only then does the sampler read `seen`."""
+        return bool((self.controls["repetition_penalty"] != 1.0).any())
+
+    @cached_property
+    def counted(self) -> bool:
+        """Some row has a presence or frequency penalty: only then does the sampler read `counts`."""
+        return bool(((self.controls["presence_penalty"] != 0.0) | (self.controls["frequency_penalty"] != 0.0)).any())
+
+    @cached_property
+    def wants_logprobs(self) -> bool:
+        return any(r.request.logprobs for r in self.rows)
+
+    @cached_property
+    def top_logprobs(self) -> int:
+        """The most alternatives any row asks for at each position (0: nobody asks)."""
+        return int(self.controls["top_logprobs"].max()) if len(self.rows) else 0
 
     def record(self, ids: torch.Tensor) -> None:
         """Every row drew once and took character ids (B,)."""
         self.counters += np.uint64(1)
-        if self.penalised:
-            self.seen[torch.arange(len(self.rows)), ids] = True
+        if self.penalised or self.counted:
+            rows = torch.arange(len(self.rows))
+            if self.penalised:
+                self.seen[rows, ids] = True
+            if self.counted:
+                self.counts[rows, ids] += 1

@@ -24,12 +24,12 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from ..sampling import MAX_SEED, sample_next, uniforms
+from ..sampling import MAX_SEED, sample_next, top_alternatives, uniforms
 from ..vocab import CharVocab
 from .batch import Batch
 from .runner import Runner
 from .stops import StopMatcher
-from .types import Done, EngineUnavailable, GenerationRequest, Overloaded, ShuttingDown, Token
+from .types import Alternatives, Done, EngineUnavailable, GenerationRequest, Overloaded, PromptScored, ShuttingDown, Token
 
 log = logging.getLogger("charlstm.engine")
 
@@ -81,6 +81,10 @@ class Stream:
         self.matcher = StopMatcher(request.stop) if request.stop else None
         self.chars: list[str] = []
         self.lps: list[float] = []
+        self.tops: list[Alternatives] = []  # alternatives at each generated character, when asked for
+        self.prompt_lps: list[float | None] = []  # the prompt's log-probabilities, when asked for
+        self.prompt_tops: list[Alternatives | None] = []
+        self.prompt_scored: PromptScored | None = None
         self.released = 0  # characters already sent to the listener
         self.t_submit, self.t_last = now, 0.0
         self.finished = False
@@ -266,12 +270,21 @@ class Engine:
                 cost = max(end - stream.fed, 32)  # a call has a fixed cost too
                 if ingested and cost > budget:
                     break  # the slice waits for the next loop: where it is cut does not change
-                stream.state = self.runner.prefill(stream.feed[stream.fed : end], stream.state)
+                if stream.request.prompt_logprobs is not None and stream.request.prompt_ids:
+                    before = stream.state
+                    stream.state, outputs = self.runner.prefill(stream.feed[stream.fed : end], before, outputs=True)
+                    self._score_slice(stream, end, before, outputs)
+                else:
+                    stream.state = self.runner.prefill(stream.feed[stream.fed : end], stream.state)
                 ingested += end - stream.fed
                 budget -= cost
                 stream.fed = end
             if stream.fed == len(stream.feed):
                 self._prefilling.popleft()
+                if stream.request.prompt_logprobs is not None:
+                    tops = tuple(stream.prompt_tops) if stream.request.prompt_logprobs else None
+                    stream.prompt_scored = PromptScored(tuple(stream.prompt_lps), tops)
+                    self._outbox.append((stream.listener, [stream.prompt_scored]))
                 if stream.request.max_new_tokens == 0:
                     self._finish(stream, "length", stream.state)
                 else:
@@ -284,6 +297,29 @@ class Engine:
         if ingested:
             self.notify("on_prefill", ingested, time.perf_counter() - t0)
 
+    def _score_slice(self, stream: Stream, end: int, before: torch.Tensor, outputs: torch.Tensor) -> None:
+        """Log-probabilities of the slice's characters, each under the output that preceded it: the
+        top h of the state before the slice, then the slice's own outputs. outputs (T, H)."""
+        ids = torch.tensor(stream.feed[stream.fed : end], dtype=torch.long)  # (T,)
+        T, H = outputs.shape
+        preceding = torch.cat([before[0, -1:], outputs[:-1]])  # (T, H)
+        logits = self.runner.logits(preceding.view(1, 1, T, H))  # (T, V): the head over each h, read as a batch of T rows
+        lps = torch.log_softmax(logits, dim=-1).gather(1, ids.unsqueeze(1)).squeeze(1).tolist()  # (T,)
+        k = stream.request.prompt_logprobs
+        tops = None
+        if k:
+            top_ids, top_lps = top_alternatives(logits, k)  # (T, k) each
+            chars = self._chars
+            tops = [tuple((chars[i], lp) for i, lp in zip(row_ids, row_lps))
+                    for row_ids, row_lps in zip(top_ids.tolist(), top_lps.tolist())]
+        if stream.fed == 0 and stream.request.fresh:  # the first character of a new stream has no context
+            lps[0] = None
+            if tops is not None:
+                tops[0] = None
+        stream.prompt_lps.extend(lps)
+        if tops is not None:
+            stream.prompt_tops.extend(tops)
+
     def _decode_step(self) -> None:
         t0 = time.perf_counter()
         batch = self._batch
@@ -291,7 +327,11 @@ class Engine:
         logits = self.runner.logits(batch.state)  # (B, V)
         u = torch.from_numpy(uniforms(batch.seeds, batch.counters))  # (B,)
         ids, lps = sample_next(logits, **batch.controls, seen=batch.seen if batch.penalised else None, u=u,
-                               want_logprobs=batch.wants_logprobs)  # (B,), (B,) or None
+                               want_logprobs=batch.wants_logprobs,
+                               counts=batch.counts if batch.counted else None)  # (B,), (B,) or None
+        top_k = batch.top_logprobs
+        if top_k:  # someone asked for alternatives: (B, k) ids and log-probabilities
+            top_ids, top_lps = (t.tolist() for t in top_alternatives(logits, top_k))
         batch.record(ids)
         new_state = self.runner.start_step(ids, batch.state)  # every row consumes its character, while ...
         now = time.perf_counter()
@@ -309,6 +349,8 @@ class Engine:
             stream.t_last = now
             stream.chars.append(chars[char_id])
             stream.lps.append(lp)
+            if top_k and (k := stream.request.params.top_logprobs):
+                stream.tops.append(tuple((chars[i], v) for i, v in zip(top_ids[row][:k], top_lps[row][:k])))
             end = self._advance(stream)  # ... the rows' text is updated here
             if end is not None:
                 ending.append((stream, row, *end))
@@ -339,7 +381,8 @@ class Engine:
     def _emit_token(self, stream: Stream, upto: int) -> None:
         start = stream.released
         lps = tuple(stream.lps[start:upto]) if stream.request.logprobs else None
-        self._outbox.append((stream.listener, [Token(start, "".join(stream.chars[start:upto]), lps)]))
+        tops = tuple(stream.tops[start:upto]) if stream.request.params.top_logprobs else None
+        self._outbox.append((stream.listener, [Token(start, "".join(stream.chars[start:upto]), lps, tops)]))
         stream.released = upto
 
     def _finish(self, stream: Stream, reason: str, state: torch.Tensor | None = None, cut: int | None = None,
@@ -370,6 +413,8 @@ class Engine:
         return Done(text="".join(stream.chars[:cut]), finish_reason=reason, prompt_tokens=stream.fed,
                     completion_tokens=len(stream.chars), seed=stream.seed, counter=request.counter + len(stream.chars),
                     logprobs=tuple(stream.lps[:cut]) if request.logprobs else None,
+                    top_logprobs=tuple(stream.tops[:cut]) if request.params.top_logprobs else None,
+                    prompt=stream.prompt_scored,
                     state=state if completed and request.return_state else None, error=error)
 
     def _drop_finished(self) -> None:

@@ -106,20 +106,29 @@ class Runner:
         return torch.addmm(self.b_head, state[0, -1], self.w_head)
 
     @torch.inference_mode()
-    def prefill(self, ids: list[int], state: torch.Tensor) -> torch.Tensor:
+    def prefill(self, ids: list[int], state: torch.Tensor, outputs: bool = False):
         """Feed a whole prompt in one LSTM call. ids: T ints; state (2, L, H) -> state (2, L, H).
-        A prompt of a few characters goes through the fused step instead, which costs less per call."""
+        A prompt of a few characters goes through the fused step instead, which costs less per call.
+        With `outputs`, returns (state, y): y (T, H) is the top layer's output after each character,
+        what the head turns into the prediction of the next one (prompt log-probabilities)."""
         if len(ids) <= SHORT_PROMPT:
             s = state.unsqueeze(2)  # (2, L, 1, H)
+            tops = []
             for i in ids:
                 s = self.step(torch.tensor([i]), s)
+                if outputs:
+                    tops.append(s[0, -1])  # (1, H)
             # A copy made after the step's temporaries are freed fills their gap in the heap; sessions keep
             # these states for long, and the copy packs them tighter (14.9 against 17.0 KB a session, measured).
-            return s[:, :, 0].clone()
+            final = s[:, :, 0].clone()
+            if not outputs:
+                return final
+            return final, torch.cat(tops) if tops else state.new_zeros(0, self.hidden)  # (T, H)
         x = self.model.embed(torch.tensor(ids, dtype=torch.long).unsqueeze(0))  # (1, T, E)
         h0, c0 = state[0].unsqueeze(1).contiguous(), state[1].unsqueeze(1).contiguous()  # (L, 1, H)
-        _, (h, c) = self.model.lstm(x, (h0, c0))  # (L, 1, H) each
-        return torch.stack([h[:, 0], c[:, 0]])  # (2, L, H)
+        y, (h, c) = self.model.lstm(x, (h0, c0))  # y (1, T, H); h, c (L, 1, H) each
+        final = torch.stack([h[:, 0], c[:, 0]])  # (2, L, H)
+        return (final, y[0]) if outputs else final
 
     def step(self, ids: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         """Advance every row by one character. ids (B,) int64; state (2, L, B, H) -> new state (2, L, B, H).

@@ -23,8 +23,9 @@ class GenerationRequest:
     counter: int = 0  # draws already made from this seed's random stream (a session continues its own)
     state: torch.Tensor | None = None  # (2, L, H) to continue from; None: the zero state of a new stream
     stop: tuple[str, ...] = ()
-    logprobs: bool = False
+    logprobs: bool = False  # the sampled characters' log-probabilities (params.top_logprobs adds alternatives)
     return_state: bool = False  # hand the final state back in Done (a session call keeps it)
+    prompt_logprobs: int | None = None  # None: off; k: each prompt character's log-probability and k alternatives
 
     @property
     def fresh(self) -> bool:
@@ -32,11 +33,26 @@ class GenerationRequest:
         return self.state is None
 
 
+# The most likely characters at one position with their log-probabilities, most likely first.
+Alternatives = tuple[tuple[str, float], ...]
+
+
 @dataclass(frozen=True)
 class Token:
     index: int  # position of the first character in the generated text
     text: str
     logprobs: tuple[float, ...] | None = None
+    top_logprobs: tuple[Alternatives, ...] | None = None  # one per character, when params.top_logprobs > 0
+
+
+@dataclass(frozen=True)
+class PromptScored:
+    """The prompt's log-probabilities, sent once its last slice is ingested (before any Token), for a
+    request with `prompt_logprobs`. Position i is log p(prompt[i] | everything before it); the first
+    position of a fresh stream has no context and is None."""
+
+    logprobs: tuple[float | None, ...]
+    top_logprobs: tuple[Alternatives | None, ...] | None = None  # when prompt_logprobs > 0
 
 
 @dataclass(frozen=True)
@@ -48,6 +64,8 @@ class Done:
     seed: int
     counter: int = 0  # the random stream's position after the last draw
     logprobs: tuple[float, ...] | None = None
+    top_logprobs: tuple[Alternatives, ...] | None = None
+    prompt: PromptScored | None = None  # for a request with prompt_logprobs
     state: torch.Tensor | None = field(default=None, repr=False)  # (2, L, H), only for a completed return_state stream
     session: dict | None = None  # filled in by the session layer: the session's metadata after the call
     error: str | None = None  # what went wrong, for finish_reason "error"

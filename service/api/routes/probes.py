@@ -48,7 +48,7 @@ async def info(request: Request):
     loaded, s = getattr(state, "loaded", None), state.settings
     out = {"model": None, "limits": {
         "max_batch_size": s.max_batch_size, "max_queue": s.max_queue, "max_new_tokens": s.max_new_tokens,
-        "max_prompt_chars": s.max_prompt_chars, "max_stop_strings": s.max_stop_strings, "max_stop_chars": s.max_stop_chars,
+        "max_prompt_chars": s.max_prompt_chars, "max_score_chars": s.max_score_chars, "max_stop_strings": s.max_stop_strings, "max_stop_chars": s.max_stop_chars,
         "max_sessions": s.max_sessions, "max_session_ttl_s": s.max_session_ttl_s, "max_body_bytes": s.max_body_bytes,
         "max_seed": MAX_SEED},
         "engine": {"quantize": s.quantize, "device": "cpu", "max_batch_size": s.max_batch_size, "step_workers": s.step_workers,

@@ -1,0 +1,149 @@
+"""OpenAI's Completions wire format as pydantic models, apart from the engine's request type.
+
+Field names, defaults and bounds follow OpenAI's API reference; where it is silent, vLLM's OpenAI
+server. One token is one character. Unknown fields are refused (400), so a client never believes an
+option it sent took effect when this server does not know it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+
+from ...sampling import MAX_SEED
+from ..schemas import Int
+
+V1_PREFIX = "/v1"
+MAX_TOP_LOGPROBS = 5  # OpenAI's own bound on `logprobs`
+MAX_STOP = 4  # OpenAI's bound on stop sequences
+
+
+def is_v1(path: str) -> bool:
+    return path == V1_PREFIX or path.startswith(V1_PREFIX + "/")
+
+
+# ---------------------------------------------------------------- errors
+# OpenAI's `type` for each status; the native error type goes into `code`, the finer reason.
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "invalid_request_error", 405: "invalid_request_error", 409: "invalid_request_error",
+               413: "invalid_request_error", 415: "invalid_request_error", 422: "invalid_request_error",
+               429: "rate_limit_error"}
+
+
+def error_body(status: int, code: str, message: str, param: str | None = None) -> dict:
+    """{"error": {"message", "type", "param", "code"}}: what the `openai` client turns into its typed exceptions."""
+    type_ = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str = Field(description="invalid_request_error, authentication_error, rate_limit_error or server_error")
+    param: str | None
+    code: str | None = Field(description="this server's finer reason: unknown_field, model_not_found, session_busy, ...")
+
+
+class OpenAIErrorResponse(BaseModel):
+    error: OpenAIErrorDetail
+
+
+# ---------------------------------------------------------------- requests
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+StopString = Annotated[str, Field(min_length=1)]
+StopList = Annotated[list[StopString], Field(max_length=MAX_STOP),
+                     BeforeValidator(lambda v: [] if v is None else [v] if isinstance(v, str) else v),
+                     WithJsonSchema({"anyOf": [{"type": "string", "minLength": 1},
+                                               {"type": "array", "items": {"type": "string", "minLength": 1},
+                                                "maxItems": MAX_STOP},
+                                               {"type": "null"}]})]
+PromptList = Annotated[list[str], Field(min_length=1, max_length=1024)]
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = Field(False, description="send a last chunk with `usage` and no choices before [DONE]")
+
+
+class CompletionRequest(_Strict):
+    model: str = Field(description="`name@version` from /v1/models, or the bare name")
+    prompt: str | PromptList = Field(description="a string, or a list of strings: one set of `n` choices per prompt")
+    max_tokens: Int(ge=0, le=1_000_000) | None = Field(16, description="characters to generate; 0 with `echo` scores the prompt")
+    temperature: float | None = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False, description="0 means greedy")
+    top_p: float | None = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    n: Int(ge=1, le=128) | None = Field(1, description="choices per prompt")
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    logprobs: Int(ge=0, le=MAX_TOP_LOGPROBS) | None = Field(
+        None, description="the sampled character's log-probability plus this many most likely alternatives at each position")
+    echo: bool | None = Field(False, description="return the prompt before the completion (with its log-probabilities "
+                              "when `logprobs` is set; the first is null)")
+    stop: StopList = Field(default_factory=list, description="up to 4 strings; generation ends before the first one")
+    seed: Int(ge=0, le=MAX_SEED) | None = Field(None, description="same seed, same text (as /generate); choice i of a "
+                                                "prompt uses seed + i")
+    presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    user: str | None = Field(None, description="accepted and ignored")
+    # extensions, as vLLM takes them through the body (the `openai` client's extra_body)
+    top_k: Int(ge=-1, le=1_000_000) | None = Field(None, description="extension: keep the k most likely characters; 0 or -1 means off")
+    repetition_penalty: float | None = Field(None, gt=0.0, le=100.0, allow_inf_nan=False,
+                                             description="extension: divides the logits of characters already in the prompt or text")
+    session_id: str | None = Field(None, min_length=1, max_length=256,
+                                   description="extension: continue a native session (one prompt, n = 1); the session advances")
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else self.prompt
+
+
+# ---------------------------------------------------------------- responses
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: Literal["length", "stop"] | None
+
+
+class CompletionUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: CompletionUsage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "charlstm"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# Server-Sent Events as the OpenAPI document describes them: `data:` lines holding a chunk, then [DONE].
+STREAM_EVENT = {"type": "object", "required": ["data"],
+                "properties": {"data": {"type": "string", "description": "JSON: a CompletionResponse-shaped chunk "
+                                        "(or {error}); the last event is the literal [DONE]"}}}
+STREAM_RESPONSE = {200: {"description": "JSON, or with stream=true Server-Sent Events",
+                         "content": {"text/event-stream": {"schema": {"type": "array", "items": STREAM_EVENT},
+                                                           "itemSchema": STREAM_EVENT}}}}

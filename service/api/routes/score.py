@@ -1,0 +1,55 @@
+"""POST /score: the log-probability of every character of a text, through the batched engine."""
+
+from __future__ import annotations
+
+import math
+
+from fastapi import APIRouter, Request
+
+from ...engine.types import GenerationRequest
+from ...evaluate import LN2
+from ...vocab import OutOfVocabularyError
+from ..deps import EngineDep, JSONBody, ModelDep, SessionsDep, SettingsDep
+from ..errors import APIError
+from ..generation import failed, run_to_completion
+from ..schemas import ErrorResponse, ScoreRequest, ScoreResponse
+
+router = APIRouter(tags=["scoring"])
+
+ERRORS = {s: {"model": ErrorResponse} for s in (400, 404, 413, 415, 422, 429, 503)}
+
+
+@router.post("/score", response_model=ScoreResponse, response_model_exclude_unset=True, responses=ERRORS,
+             dependencies=[JSONBody])
+async def score(body: ScoreRequest, request: Request, engine: EngineDep, sessions: SessionsDep, loaded: ModelDep,
+                settings: SettingsDep):
+    """log p(character | everything before it) for every character of `text` after the first, the
+    figure `charlstm evaluate` reports. After a session's state every character counts, and the session
+    is not advanced. The text shares the engine with running streams in bounded slices like any prompt."""
+    if len(body.text) > settings.max_score_chars:
+        raise APIError(422, "invalid_field", f"text: {len(body.text)} characters is more than max_score_chars={settings.max_score_chars}",
+                       "text")
+    try:
+        ids = loaded.vocab.encode(body.text)
+    except OutOfVocabularyError as e:
+        raise APIError(422, "invalid_field", f"text: {e}", "text") from None
+    state = None
+    if body.session_id is not None:
+        state = (await sessions.run("get", sessions.store.get, body.session_id)).state  # a copy: the session stays where it was
+    k = body.top_logprobs or 0
+    lps, tops = [], []
+    if ids:
+        gen = GenerationRequest(prompt_ids=ids, max_new_tokens=0, state=state, prompt_logprobs=k)
+        done = await run_to_completion(engine, lambda ch: engine.submit(gen, ch), request)
+        if done is None:
+            raise APIError(499, "client_closed", "the client closed the connection")
+        if not done.completed or done.prompt is None:
+            raise failed(done)
+        skip = 0 if state is not None else 1  # a new stream's first character has no context
+        lps = list(done.prompt.logprobs[skip:])
+        tops = [dict(alts) for alts in done.prompt.top_logprobs[skip:]] if k else []
+    nats = -math.fsum(lps) / len(lps) if lps else None
+    out = {"chars": len(lps), "nats_per_char": nats, "bits_per_char": None if nats is None else nats / LN2, "logprobs": lps}
+    if body.top_logprobs is not None:
+        out["top_logprobs"] = tops
+    return out

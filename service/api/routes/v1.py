@@ -1,0 +1,28 @@
+"""The OpenAI-compatible routes: GET /v1/models and POST /v1/completions (see service/api/openai/)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from ..deps import EngineDep, JSONBody, ModelDep, SessionsDep, SettingsDep
+from ..openai.protocol import STREAM_RESPONSE, V1_PREFIX, CompletionRequest, CompletionResponse, ModelList, OpenAIErrorResponse
+from ..openai.serving import OpenAIServingCompletion, OpenAIServingModels
+
+router = APIRouter(prefix=V1_PREFIX, tags=["openai"])
+
+ERRORS = {s: {"model": OpenAIErrorResponse} for s in (400, 401, 404, 409, 413, 415, 422, 429, 503)}
+
+
+@router.get("/models", response_model=ModelList, responses={401: {"model": OpenAIErrorResponse}})
+async def list_models(loaded: ModelDep):
+    """The model this server runs; its bare name is accepted as `model` too."""
+    return OpenAIServingModels(loaded).list()
+
+
+@router.post("/completions", response_model=CompletionResponse, responses={**ERRORS, **STREAM_RESPONSE},
+             dependencies=[JSONBody])
+async def create_completion(body: CompletionRequest, request: Request, engine: EngineDep, sessions: SessionsDep,
+                            loaded: ModelDep, settings: SettingsDep):
+    """OpenAI's legacy Completions API, one token per character. With `stream: true`: `data:` chunks,
+    then `data: [DONE]`. Extensions through the body: `top_k`, `repetition_penalty`, `session_id`."""
+    return await OpenAIServingCompletion(engine, sessions, loaded, settings).create(body, request)
