@@ -44,12 +44,16 @@ class Metrics:
         self.waiting = Gauge("charlstm_waiting_streams", "Streams queued for a row", registry=r)
         self.sessions = Gauge("charlstm_live_sessions", "Sessions held", registry=r)
         self.model = Info("charlstm_model", "The model being served", registry=r)
+        self.store_seconds = Histogram("charlstm_session_store_seconds", "One session store call, by operation",
+                                       ["operation"], buckets=FAST, registry=r)
+        self.store_failures = Counter("charlstm_session_store_failures", "Session store calls that failed (store unreachable "
+                                      "or broken), by operation", ["operation"], registry=r)
 
     def attach(self, engine: Engine, loaded: LoadedModel, session_store: SessionStore) -> None:
         engine.add_observer(EngineObserver(self))
         self.running.set_function(lambda: engine.snapshot().running)
         self.waiting.set_function(lambda: engine.snapshot().waiting)
-        self.sessions.set_function(session_store.count)
+        self.sessions.set_function(session_store.known_count)
         self.model.info({"name": loaded.name, "version": loaded.version, "parameters": str(loaded.model.num_parameters())})
 
 
@@ -89,6 +93,11 @@ class EngineObserver:
 
     def on_session_removed(self, reason: str) -> None:
         self.m.session_removals.labels(reason).inc()
+
+    def on_session_store_call(self, operation: str, seconds: float, failed: bool) -> None:
+        self.m.store_seconds.labels(operation).observe(seconds)
+        if failed:
+            self.m.store_failures.labels(operation).inc()
 
 
 class RequestMetrics:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -40,6 +40,15 @@ class Settings(BaseSettings):
                                    "so it only matters when the holder dies (then the session is free again after this)")
     session_key: str | None = Field(None, description="key that signs exported sessions (HMAC-SHA256); replicas that share "
                                     "sessions set the same one. Unset: a random key kept in <session_db>.key")
+    session_store: str = Field("memory", description="where sessions live: 'memory' (this process, saved to session_db) or "
+                               "redis://host:port/db, shared by every replica pointed at it (they need the same model and session_key)")
+
+    @field_validator("session_store")
+    @classmethod
+    def _known_store(cls, value: str) -> str:
+        if value != "memory" and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"session_store must be 'memory' or a Redis URL (redis://host:port/db), not {value!r}")
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> "Settings":
