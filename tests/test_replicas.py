@@ -26,7 +26,11 @@ def redis_server():
 @pytest.fixture(scope="module")
 def replicas(trained_store, redis_server):
     a = Server(trained_store, session_store=redis_server.url, session_key=KEY)
-    b = Server(trained_store, session_store=redis_server.url, session_key=KEY)
+    try:
+        b = Server(trained_store, session_store=redis_server.url, session_key=KEY)
+    except BaseException:
+        a.stop()
+        raise
     yield a, b
     a.stop()
     b.stop()
