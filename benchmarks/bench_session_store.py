@@ -8,6 +8,7 @@
    time of each store operation from /metrics.
 8. Memory: Redis's used_memory (INFO memory) before and after N sessions of the model's state size,
    written through the store itself.
+9. The store alone: lease and commit latency in one thread, no server, memory against Redis.
 """
 
 from __future__ import annotations
@@ -114,6 +115,38 @@ def bench_memory(model: str, redis_url: str, count: int) -> None:
     client.close()
 
 
+def bench_ops(model: str, redis_url: str, cycles: int) -> None:
+    """One thread, no server: the store's own cost of one session call (lease, then commit)."""
+    from service.engine.memory_store import MemorySessionStore
+
+    loaded = store.load(model)
+    cfg, fingerprint = loaded.model.config, loaded.card["weights_sha256"]
+    redis = __import__("redis").Redis.from_url(redis_url)
+    redis.flushdb()
+    redis.close()
+    stores = {"memory": MemorySessionStore(10),
+              "redis": RedisSessionStore(redis_url, 10, key=b"bench-session-key-0123456789abcdef", fingerprint=fingerprint)}
+    rows = []
+    for kind, s in stores.items():
+        now = time.time()
+        record = s.create(SessionRecord(id=new_session_id(), state=torch.randn(2, cfg.num_layers, cfg.hidden_size), seed=1,
+                                        counter=0, position=1, model=fingerprint, ttl_s=600.0, created_at=now, last_used=now))
+        lease_t, commit_t = [], []
+        for _ in range(cycles):
+            t0 = time.perf_counter()
+            lease = s.lease(record.id, 30)
+            t1 = time.perf_counter()
+            s.commit(lease, lease.record.advanced(lease.record.state, 1, lease.record.counter + 1, 1))
+            t2 = time.perf_counter()
+            lease_t.append(t1 - t0)
+            commit_t.append(t2 - t1)
+        q = lambda xs, p: statistics.quantiles(xs, n=100)[p - 1] * 1e3  # noqa: E731
+        rows.append([kind, q(lease_t, 50), q(lease_t, 99), q(commit_t, 50), q(commit_t, 99)])
+        s.close()
+    print(f"\n9. The store alone, one thread, {cycles:,} lease + commit cycles on one {cfg.num_layers} x {cfg.hidden_size} session\n")
+    print(table(["store", "lease p50 ms", "lease p99 ms", "commit p50 ms", "commit p99 ms"], rows))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="shakespeare")
@@ -122,14 +155,21 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--sessions", type=int, default=10_000)
+    ap.add_argument("--cycles", type=int, default=2_000)
+    ap.add_argument("--parts", default="7,8,9", help="which of the sections to run")
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
     torch.set_num_threads(1)
     server = RedisServer()
     try:
         print(f"redis-server {subprocess.run([server.binary, '--version'], capture_output=True, text=True).stdout.split()[2]} "
               f"on {server.url}, no persistence")
-        bench_latency(args.model, server.url, args.clients, args.seconds, args.repeats, args.max_new_tokens)
-        bench_memory(args.model, server.url, args.sessions)
+        if "7" in parts:
+            bench_latency(args.model, server.url, args.clients, args.seconds, args.repeats, args.max_new_tokens)
+        if "8" in parts:
+            bench_memory(args.model, server.url, args.sessions)
+        if "9" in parts:
+            bench_ops(args.model, server.url, args.cycles)
     finally:
         server.close()
 
