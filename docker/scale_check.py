@@ -6,6 +6,8 @@
    every call ends (done, an error status or a broken stream, never a hang), only calls in flight on
    the killed replica fail, and every session holds exactly its successful calls: replaying them on
    a surviving replica gives the same text.
+3. The bounded soak's mix (tests/soak.py) runs through nginx on the two surviving replicas: the books
+   balance, summed over them.
 
 Loopback only. Exits non-zero on a failed check.
 """
@@ -143,6 +145,68 @@ def check_kill(nginx: str, replicas: list[str], clients: int, seconds: float, ki
         f"{len(failed)} calls in flight on the killed replica ended with {sorted({f[2] for f in failed})}")
 
 
+def metric(replica: str, name: str, labels: str = "") -> float:
+    key = f"{name}{{{labels}}}" if labels else name
+    for line in httpx.get(replica + "/metrics", timeout=10).text.splitlines():
+        if line.startswith(key + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def books(replicas: list[str]) -> dict[str, float]:
+    """The counters the soak balances, summed over the replicas."""
+    reasons = ("length", "stop", "cancelled", "shutdown", "error")
+    return {
+        "finished": sum(metric(r, "charlstm_streams_finished_total", f'reason="{x}"') for r in replicas for x in reasons),
+        "cancelled": sum(metric(r, "charlstm_streams_finished_total", 'reason="cancelled"') for r in replicas),
+        "errors": sum(metric(r, "charlstm_streams_finished_total", 'reason="error"') for r in replicas),
+        "rejected": sum(metric(r, "charlstm_rejected_requests_total", 'reason="overloaded"') for r in replicas),
+    }
+
+
+def check_soak(nginx: str, survivors: list[str], clients: int, seconds: float) -> None:
+    """The bounded soak's mix (tests/soak.py: plain, streaming, sessions, clients that drop mid-stream)
+    through nginx on the surviving replicas: the books balance, summed over them."""
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent))
+    from tests.soak import worker
+
+    from collections import Counter
+
+    def drained() -> bool:
+        return all(metric(r, "charlstm_running_streams") == 0 and metric(r, "charlstm_waiting_streams") == 0 for r in survivors)
+
+    deadline = time.monotonic() + 30
+    while not drained():
+        assert time.monotonic() < deadline, "replicas did not drain before the soak"
+        time.sleep(0.2)
+    before = books(survivors)
+    tally: Counter = Counter()
+    sessions: list[str] = []
+    rng = random.Random(0)
+    stop_at = time.monotonic() + seconds
+
+    async def drive():
+        await asyncio.gather(*(worker(nginx, stop_at, random.Random(rng.random()), tally, sessions) for _ in range(clients)))
+
+    asyncio.run(drive())
+    deadline = time.monotonic() + 30
+    while not drained():
+        assert time.monotonic() < deadline, "replicas did not drain after the soak"
+        time.sleep(0.2)
+    delta = {k: v - before[k] for k, v in books(survivors).items()}
+    busy = [sid for sid in sessions if httpx.get(f"{nginx}/sessions/{sid}", timeout=10).json().get("busy")]
+    fivexx = sum(v for k, v in tally.items() if k.startswith("status_5"))
+    log(f"soak through nginx on {len(survivors)} replicas, {seconds:g} s, {clients} clients: accepted {tally['accepted']}, "
+        f"completed {tally['completed']}, dropped {tally['disconnected']}, 429s {tally['status_429']}; replicas finished "
+        f"{delta['finished']:.0f} streams, cancelled {delta['cancelled']:.0f}, rejected {delta['rejected']:.0f}")
+    assert delta["finished"] == tally["accepted"], "streams finished on the replicas differ from those the clients had accepted"
+    assert delta["cancelled"] <= tally["disconnected"], "more streams cancelled than clients dropped"
+    assert delta["rejected"] == tally["status_429"], "429s seen differ from rejections counted"
+    assert delta["errors"] == 0 and fivexx == 0, f"{delta['errors']:.0f} engine errors, {fivexx} 5xx"
+    assert not busy, f"{len(busy)} sessions still leased"
+    log("the books balance")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--nginx", required=True)
@@ -152,12 +216,16 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=12)
     ap.add_argument("--seconds", type=float, default=25.0)
     ap.add_argument("--kill-after", type=float, default=8.0)
+    ap.add_argument("--soak-seconds", type=float, default=30.0, help="then the soak's mix on the two survivors; 0: skip")
+    ap.add_argument("--soak-clients", type=int, default=32)
     args = ap.parse_args()
     for url in [args.nginx, *args.replica]:
         if urlparse(url).hostname not in ("127.0.0.1", "localhost"):
             raise SystemExit("loopback only")
     check_continuity(args.nginx, args.replica, args.calls)
     check_kill(args.nginx, args.replica, args.clients, args.seconds, args.kill_after, args.kill)
+    if args.soak_seconds:
+        check_soak(args.nginx, args.replica[:-1], args.soak_clients, args.soak_seconds)
     return 0
 
 
