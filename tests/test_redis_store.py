@@ -3,6 +3,8 @@ portable blob format, and refuses a replica of other weights or another session 
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
 
@@ -91,12 +93,16 @@ def test_a_replica_with_another_session_key_is_refused(make_store):
         make_store(key=b"x" * 32).claim()
 
 
-def test_an_unreachable_redis_fails_fast_and_defers_the_marker_check(redis_server):
+def test_an_unreachable_redis_fails_fast_and_defers_the_marker_check():
+    from service.engine.session_calls import SessionCalls
+
     from .server import free_port
 
     store = RedisSessionStore(f"redis://127.0.0.1:{free_port()}/0", 10, key=KEY, fingerprint=FINGERPRINT, timeout_s=0.5)
     assert store.claim() is False  # the replica starts for plain generation
-    with pytest.raises(Exception) as failed:
-        store.get("anything")
-    assert not isinstance(failed.value, SessionStoreUnavailable)  # a store failure, which SessionCalls maps to 503
+    observed = []
+    calls = SessionCalls(store, FINGERPRINT, lease_s=5, default_ttl_s=60, observe=lambda *a: observed.append(a))
+    with pytest.raises(SessionStoreUnavailable, match="unavailable"):
+        asyncio.run(calls.run("get", store.get, "anything"))
+    assert [(op, failed) for op, _, failed in observed] == [("get", True)]
     store.close()

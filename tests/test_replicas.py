@@ -144,6 +144,22 @@ def test_redis_away_session_routes_503_generate_200_and_back_by_itself(replicas,
     assert httpx.get(f"{a.url}/sessions/{sid}").json()["position"] == 6 + 20
 
 
+def test_a_replica_started_while_redis_is_away_serves_and_takes_sessions_once_it_is_back(trained_store):
+    away = RedisServer()
+    away.stop()
+    srv = Server(trained_store, session_store=away.url, session_key=KEY)
+    try:
+        assert httpx.get(f"{srv.url}/ready").json()["session_store"]["available"] is False
+        assert httpx.post(f"{srv.url}/generate", json={"max_new_tokens": 5}).status_code == 200
+        assert_error(httpx.post(f"{srv.url}/sessions", json={}, timeout=30), 503, "session_store_unavailable")
+        away.start()
+        wait_until(lambda: httpx.post(f"{srv.url}/sessions", json={}, timeout=30).status_code == 201, what="sessions once Redis is up")
+        assert away.client().hget("charlstm:marker", "model") == b"tiny@v1"  # the deferred check claimed the store
+    finally:
+        srv.stop()
+        away.close()
+
+
 def test_a_replica_with_another_session_key_refuses_to_start(trained_store, redis_server, replicas):
     with pytest.raises(RuntimeError, match="same CHARLSTM_SESSION_KEY"):
         Server(trained_store, session_store=redis_server.url, session_key="not-the-key-the-others-use-0123456789")
