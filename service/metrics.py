@@ -73,12 +73,16 @@ class Metrics:
             self.rejected.labels(reason)
         for reason in SESSION_REMOVAL_REASONS:
             self.session_removals.labels(reason)
+        self.store_seconds = Histogram("charlstm_session_store_seconds", "One session store call, by operation",
+                                       ["operation"], buckets=FAST, registry=r)
+        self.store_failures = Counter("charlstm_session_store_failures", "Session store calls that failed (store unreachable "
+                                      "or broken), by operation", ["operation"], registry=r)
 
     def attach(self, engine: Engine, loaded: LoadedModel, session_store: SessionStore, settings: Settings) -> None:
         engine.add_observer(EngineObserver(self))
         self.running.set_function(lambda: engine.snapshot().running)
         self.waiting.set_function(lambda: engine.snapshot().waiting)
-        self.sessions.set_function(session_store.count)
+        self.sessions.set_function(session_store.known_count)
         self.model.info({"name": loaded.name, "version": loaded.version, "parameters": str(loaded.model.num_parameters())})
         self.build.info({"version": __version__, "model": f"{loaded.name}@{loaded.version}",
                          "weights_sha256": loaded.card.get("weights_sha256", "")[:16], "torch": torch.__version__})
@@ -126,6 +130,11 @@ class EngineObserver:
 
     def on_session_removed(self, reason: str) -> None:
         self.m.session_removals.labels(reason).inc()
+
+    def on_session_store_call(self, operation: str, seconds: float, failed: bool) -> None:
+        self.m.store_seconds.labels(operation).observe(seconds)
+        if failed:
+            self.m.store_failures.labels(operation).inc()
 
 
 class RequestMetrics:

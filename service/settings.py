@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -47,6 +47,15 @@ class Settings(BaseSettings):
                                  "refused, so load balancers stop sending before the port closes; 0: close at once")
     quantize: Literal["none", "int8"] = Field("none", description="int8: the decode step's weight matrices in int8 with a scale per "
                                               "output channel (CPU); prompt ingestion stays fp32")
+    session_store: str = Field("memory", description="where sessions live: 'memory' (this process, saved to session_db) or "
+                               "redis://host:port/db, shared by every replica pointed at it (they need the same model and session_key)")
+
+    @field_validator("session_store")
+    @classmethod
+    def _known_store(cls, value: str) -> str:
+        if value != "memory" and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"session_store must be 'memory' or a Redis URL (redis://host:port/db), not {value!r}")
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> "Settings":

@@ -20,6 +20,7 @@ from .. import __version__, store
 from ..engine.engine import Engine, EngineConfig
 from ..engine.runner import Runner
 from ..engine.memory_store import MemorySessionStore
+from ..engine.redis_store import RedisSessionStore, StoreMismatch, redacted
 from ..engine import session_blob
 from ..engine.session_calls import SessionCalls
 from ..engine.session_db import SessionDB, SessionDBError
@@ -50,8 +51,16 @@ async def lifespan(app: FastAPI):
                     EngineConfig(max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
                                  prefill_chunk=settings.prefill_chunk),
                     deliver=make_deliver(asyncio.get_running_loop()))
-    session_store = (app.state.session_store_factory or MemorySessionStore)(
-        settings.max_sessions, on_removed=lambda reason: engine.notify("on_session_removed", reason))
+    app.state.session_key, key_source = session_blob.load_or_create_key(settings.session_key, settings.session_db or None)
+    factory = app.state.session_store_factory or _store_factory(settings, app.state.session_key, fingerprint, model_name)
+    session_store = factory(settings.max_sessions, on_removed=lambda reason: engine.notify("on_session_removed", reason))
+    if isinstance(session_store, RedisSessionStore):
+        try:
+            await asyncio.to_thread(session_store.claim)
+        except StoreMismatch as e:
+            session_store.close()
+            log.error("%s", e)
+            raise
     session_db, restored = None, 0
     if settings.session_db and isinstance(session_store, MemorySessionStore):
         session_db = SessionDB(settings.session_db, model_name, fingerprint)
@@ -62,9 +71,9 @@ async def lifespan(app: FastAPI):
             session_db.close()
             log.error("%s", e)
             raise
-    app.state.session_key, key_source = session_blob.load_or_create_key(settings.session_key, settings.session_db or None)
     app.state.sessions = SessionCalls(session_store, fingerprint, settings.session_lease_s, settings.session_ttl_s,
-                                      notify=engine.notify)
+                                      notify=engine.notify,
+                                      observe=lambda op, seconds, failed: engine.notify("on_session_store_call", op, seconds, failed))
     app.state.session_store = session_store
     for hook in app.state.engine_hooks:
         hook(engine, loaded, session_store)
@@ -78,7 +87,8 @@ async def lifespan(app: FastAPI):
              "max new tokens %d, max prompt %d chars, drain %gs + grace %gs; sessions: %s store%s, %d restored, at most %d, signed with %s; listening on %s:%d",
              model_name, fingerprint[:12], f"{loaded.model.num_parameters():,}", settings.quantize, "cpu", torch.get_num_threads(),
              settings.step_workers, settings.max_batch_size, settings.max_queue, settings.max_new_tokens,
-             settings.max_prompt_chars, settings.drain_delay_s, settings.shutdown_grace_s, session_store.kind, f" saved to {settings.session_db}" if session_db else "",
+             settings.max_prompt_chars, settings.drain_delay_s, settings.shutdown_grace_s, session_store.kind,
+             f" saved to {settings.session_db}" if session_db else f" at {redacted(settings.session_store)}" if settings.session_store != "memory" else "",
              restored, settings.max_sessions, key_source, settings.host, settings.port)
     try:
         yield
@@ -109,13 +119,29 @@ def _configure_logging(level: str) -> None:
         logger.propagate = False
 
 
+def _store_factory(settings: Settings, key: bytes, fingerprint: str, model_name: str):
+    """The store `session_store` names: in this process, or Redis shared by every replica."""
+    if settings.session_store == "memory":
+        return MemorySessionStore
+    return lambda max_sessions, on_removed: RedisSessionStore(settings.session_store, max_sessions, on_removed, key=key,
+                                                              fingerprint=fingerprint, model_name=model_name)
+
+
 async def _sweep_sessions(session_store: SessionStore, every_s: float = 1.0) -> None:
+    """Purge expired sessions every second; a store that is away is logged once per outage."""
+    failing = False
     while True:
         await asyncio.sleep(every_s)
         try:
             await asyncio.to_thread(session_store.purge_expired)
-        except Exception:
-            log.exception("purging expired sessions failed")
+            if failing:
+                log.warning("the session store is back")
+            failing = False
+        except Exception as e:
+            if not failing:
+                log.warning("purging expired sessions failed (%s: %s); session routes answer 503 until the store is back",
+                            type(e).__name__, e)
+            failing = True
 
 
 async def _snapshot_sessions(session_store: MemorySessionStore, db: SessionDB, every_s: float) -> None:
