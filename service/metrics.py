@@ -32,6 +32,7 @@ BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 FINISH_REASONS = ("length", "stop", "cancelled", "shutdown", "error")
 REJECTION_REASONS = ("overloaded", "shutting_down", "session_busy", "too_many_sessions", "engine_error")
 SESSION_REMOVAL_REASONS = ("expired", "evicted", "deleted")
+SESSION_STORE_OPERATIONS = ("create", "get", "is_leased", "lease", "renew", "commit", "release", "delete")
 
 
 class Metrics:
@@ -77,6 +78,9 @@ class Metrics:
                                        ["operation"], buckets=FAST, registry=r)
         self.store_failures = Counter("charlstm_session_store_failures", "Session store calls that failed (store unreachable "
                                       "or broken), by operation", ["operation"], registry=r)
+        for operation in SESSION_STORE_OPERATIONS:
+            self.store_seconds.labels(operation)
+            self.store_failures.labels(operation)
 
     def attach(self, engine: Engine, loaded: LoadedModel, session_store: SessionStore, settings: Settings) -> None:
         engine.add_observer(EngineObserver(self))
