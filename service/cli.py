@@ -228,7 +228,7 @@ def _cmd_serve(args) -> int:
     if args.store:
         overrides["model_store"] = args.store
     settings = Settings(**overrides)
-    loaded = store.load(settings.model, settings.model_store)  # fail fast, with the store's one clear message
+    loaded = store.load(settings.model or store.default_model(settings.model_store), settings.model_store)  # fail fast, with the store's one clear message
     log = logging.getLogger("uvicorn.error")
 
     class DrainingServer(uvicorn.Server):

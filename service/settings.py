@@ -11,7 +11,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CHARLSTM_", extra="ignore")
 
-    model: str = Field("shakespeare", description="name, name@version or a model folder")
+    model: str = Field("", description="name, name@version or a model folder; empty: the store's default model "
+                                     "(charlstm models --set-default), shakespeare when none is set")
     model_store: str | None = Field(None, description="model store root; default: the repository's model_store/")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)

@@ -112,3 +112,17 @@ def test_start_up_log_names_the_model_and_the_sessions_restored(trained_store, t
     line = next(x for x in log.splitlines() if "serving tiny@v1" in x)
     assert tiny_model.card["weights_sha256"][:12] in line and "0 restored" in line and "memory store" in line
     assert f"127.0.0.1:{srv.port}" in line and "max batch 64" in line
+
+
+def test_the_service_serves_the_store_default_when_no_model_is_named(trained_store):
+    from service import store
+
+    store.set_default("tiny@v1", trained_store)
+    try:
+        srv = Server(trained_store, model="")
+        try:
+            assert httpx.get(srv.url + "/info").json()["model"]["name"] == "tiny"
+        finally:
+            srv.stop()
+    finally:
+        (trained_store / store.DEFAULT_FILE).unlink()

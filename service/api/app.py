@@ -44,7 +44,8 @@ async def lifespan(app: FastAPI):
     AppStatus.disable_automatic_graceful_drain()
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
-    loaded = app.state.preloaded or await asyncio.to_thread(store.load, settings.model, settings.model_store)
+    loaded = app.state.preloaded or await asyncio.to_thread(
+        store.load, settings.model or store.default_model(settings.model_store), settings.model_store)
     app.state.preloaded = None
     model_name, fingerprint = f"{loaded.name}@{loaded.version}", loaded.card["weights_sha256"]
     engine = Engine(Runner(loaded.model, settings.step_workers, quantize=settings.quantize), loaded.vocab,
