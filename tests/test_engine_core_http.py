@@ -126,3 +126,13 @@ def test_the_service_serves_the_store_default_when_no_model_is_named(trained_sto
             srv.stop()
     finally:
         (trained_store / store.DEFAULT_FILE).unlink()
+
+
+def test_score_takes_the_unknown_character_policy(server, tiny_model):
+    clean = httpx.post(server.url + "/score", json={"text": "KING :\nthe night"}).json()
+    r = httpx.post(server.url + "/score", json={"text": "KING 9:\nthe night"})
+    assert r.status_code == 422 and "'9'" in r.json()["error"]["message"]
+    skipped = httpx.post(server.url + "/score", json={"text": "KING 9:\nthe night", "unknown_chars": "skip"}).json()
+    assert skipped["logprobs"] == clean["logprobs"] and skipped["unknown_chars"] == {"policy": "skip", "count": 1}
+    replaced = httpx.post(server.url + "/score", json={"text": "KING9:\nthe night", "unknown_chars": "replace"}).json()
+    assert replaced["logprobs"] == clean["logprobs"] and replaced["unknown_chars"] == {"policy": "replace", "count": 1}

@@ -22,10 +22,12 @@ from .schemas import GenerateRequest
 
 def encode_prompt(prompt: str, loaded: LoadedModel, settings: Settings, param: str = "prompt",
                   unknown: str = "error", replacement: str | None = None,
-                  hint: str = " (or send unknown_chars: skip or replace)") -> tuple[list[int], int]:
-    """The prompt's ids and how many characters the unknown-character policy skipped or replaced."""
-    if len(prompt) > settings.max_prompt_chars:
-        raise APIError(422, "invalid_field", f"{param}: {len(prompt)} characters is more than max_prompt_chars={settings.max_prompt_chars}", param)
+                  hint: str = " (or send unknown_chars: skip or replace)", bound: str = "max_prompt_chars") -> tuple[list[int], int]:
+    """The prompt's ids and how many characters the unknown-character policy skipped or replaced.
+    `bound`: the setting that limits the length."""
+    limit = getattr(settings, bound)
+    if len(prompt) > limit:
+        raise APIError(422, "invalid_field", f"{param}: {len(prompt)} characters is more than {bound}={limit}", param)
     if replacement is not None and replacement not in loaded.vocab:
         raise APIError(422, "invalid_field", f"replacement: must be one character of the model's vocabulary, not {replacement!r}",
                        "replacement")

@@ -52,7 +52,11 @@ def install(app: FastAPI) -> None:
         cfg = loaded.model.config
         blob_chars = text_chars(cfg.num_layers, cfg.hidden_size)
         comps["SessionImport"]["properties"]["data"].update(minLength=blob_chars, maxLength=blob_chars, pattern="^[A-Za-z0-9_-]*$")
-        comps["ScoreRequest"]["properties"]["text"].update(maxLength=settings.max_score_chars, pattern=pattern)
+        score = comps["ScoreRequest"]
+        score["properties"]["text"].update(maxLength=settings.max_score_chars)
+        score["properties"]["replacement"].update(pattern=pattern.replace("]*$", "]$"))
+        score["if"] = {"required": ["unknown_chars"], "properties": {"unknown_chars": {"enum": ["skip", "replace"]}}}
+        score["else"] = {"properties": {"text": {"pattern": pattern}}}
         _openai_bounds(comps["CompletionRequest"], settings, loaded, pattern, vocab_stop)
         app.openapi_schema = schema
         return schema

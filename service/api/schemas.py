@@ -128,6 +128,9 @@ class ScoreRequest(_Strict):
                                    description="score after this session's state (then the first character counts too); "
                                                "the session does not advance")
     top_logprobs: Int(ge=0, le=5) | None = Field(None, description="also return this many most likely characters at each position")
+    unknown_chars: UnknownChars = Field("error", description="characters outside the vocabulary: error (422), skip them, "
+                                        "or replace them with `replacement`")
+    replacement: str = Field(" ", min_length=1, max_length=1, description="with unknown_chars=replace: a character of the vocabulary")
 
 
 class ScoreResponse(BaseModel):
@@ -137,6 +140,7 @@ class ScoreResponse(BaseModel):
     logprobs: list[float] = Field(description="natural log-probability of each scored character")
     top_logprobs: list[dict[str, float]] | None = Field(None, description="the most likely characters at each scored "
                                                         "position, most likely first")
+    unknown_chars: UnknownCharsReport | None = Field(None, description="with unknown_chars skip or replace: how many were")
 
 
 class ErrorDetail(BaseModel):

@@ -8,10 +8,9 @@ from fastapi import APIRouter, Request
 
 from ...engine.types import GenerationRequest
 from ...evaluate import LN2
-from ...vocab import OutOfVocabularyError
 from ..deps import EngineDep, JSONBody, ModelDep, SessionsDep, SettingsDep
 from ..errors import APIError
-from ..generation import failed, run_to_completion
+from ..generation import encode_prompt, failed, run_to_completion
 from ..schemas import ErrorResponse, ScoreRequest, ScoreResponse
 
 router = APIRouter(tags=["scoring"])
@@ -26,13 +25,7 @@ async def score(body: ScoreRequest, request: Request, engine: EngineDep, session
     """log p(character | everything before it) for every character of `text` after the first, the
     figure `charlstm evaluate` reports. After a session's state every character counts, and the session
     is not advanced. The text shares the engine with running streams in bounded slices like any prompt."""
-    if len(body.text) > settings.max_score_chars:
-        raise APIError(422, "invalid_field", f"text: {len(body.text)} characters is more than max_score_chars={settings.max_score_chars}",
-                       "text")
-    try:
-        ids = loaded.vocab.encode(body.text)
-    except OutOfVocabularyError as e:
-        raise APIError(422, "invalid_field", f"text: {e}", "text") from None
+    ids, changed = encode_prompt(body.text, loaded, settings, "text", body.unknown_chars, body.replacement, bound="max_score_chars")
     state = None
     if body.session_id is not None:
         state = (await sessions.run("get", sessions.store.get, body.session_id)).state  # a copy: the session stays where it was
@@ -52,4 +45,6 @@ async def score(body: ScoreRequest, request: Request, engine: EngineDep, session
     out = {"chars": len(lps), "nats_per_char": nats, "bits_per_char": None if nats is None else nats / LN2, "logprobs": lps}
     if body.top_logprobs is not None:
         out["top_logprobs"] = tops
+    if body.unknown_chars != "error":
+        out["unknown_chars"] = {"policy": body.unknown_chars, "count": changed}
     return out
