@@ -55,8 +55,6 @@ def install(app: FastAPI) -> None:
         score = comps["ScoreRequest"]
         score["properties"]["text"].update(maxLength=settings.max_score_chars)
         score["properties"]["replacement"].update(pattern=pattern.replace("]*$", "]$"))
-        score["if"] = {"required": ["unknown_chars"], "properties": {"unknown_chars": {"enum": ["skip", "replace"]}}}
-        score["else"] = {"properties": {"text": {"pattern": pattern}}}
         _openai_bounds(comps["CompletionRequest"], settings, loaded, pattern, vocab_stop)
         app.openapi_schema = schema
         return schema
