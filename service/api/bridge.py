@@ -6,7 +6,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 from starlette.requests import Request
 
@@ -14,6 +14,7 @@ from ..engine.types import Done, EngineError
 
 log = logging.getLogger("charlstm.api")
 
+T = TypeVar("T")
 _finishing: set[asyncio.Task] = set()  # keeps finishing tasks alive after their handler has gone
 
 
@@ -71,6 +72,23 @@ def make_deliver(loop: asyncio.AbstractEventLoop):
             loop.call_soon_threadsafe(dispatch, batch)
 
     return deliver
+
+
+async def until_client_leaves(request: Request, work: Awaitable[T], on_leave: Callable[[], None]) -> tuple[bool, T | None]:
+    """Wait for `work` unless the client goes away first: then cancel it and call `on_leave` (which frees
+    what the request holds in the engine). Returns (finished, result); an error of `work` propagates."""
+    waiter = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(wait_for_disconnect(request))
+    try:
+        await asyncio.wait({waiter, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not waiter.done():
+            waiter.cancel()
+            on_leave()
+    if waiter.done() and not waiter.cancelled():
+        return True, waiter.result()
+    return False, None
 
 
 async def wait_for_disconnect(request: Request) -> None:

@@ -15,7 +15,7 @@ from ..sampling import SamplingParams
 from ..settings import Settings
 from ..store import LoadedModel
 from ..vocab import OutOfVocabularyError
-from .bridge import Channel, wait_for_disconnect
+from .bridge import Channel, until_client_leaves
 from .errors import APIError, error_body
 from .schemas import GenerateRequest
 
@@ -97,16 +97,8 @@ async def run_to_completion(engine: Engine, start: Start, request: Request,
     """Submit via `start(channel)` and wait for Done; if the client leaves first, cancel and return None."""
     channel = Channel(on_done)
     stream = start(channel)
-    waiter = asyncio.ensure_future(_until_done(channel))
-    gone = asyncio.ensure_future(wait_for_disconnect(request))
-    try:
-        await asyncio.wait({waiter, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not waiter.done():
-            waiter.cancel()
-            engine.cancel(stream)
-    return waiter.result() if waiter.done() and not waiter.cancelled() else None
+    _, done = await until_client_leaves(request, _until_done(channel), lambda: engine.cancel(stream))
+    return done
 
 
 async def _until_done(channel: Channel) -> Done:

@@ -25,7 +25,7 @@ from ...engine.types import Alternatives, Done, GenerationRequest, PromptScored,
 from ...sampling import MAX_SEED, SamplingParams
 from ...settings import Settings
 from ...store import LoadedModel
-from ..bridge import Channel, wait_for_disconnect
+from ..bridge import Channel, until_client_leaves
 from ..errors import APIError
 from ..generation import check_max_new_tokens, check_stops, encode_prompt, failed
 from . import protocol
@@ -159,18 +159,9 @@ class OpenAIServingCompletion:
                             if isinstance(event, Done):
                                 choice.done = event
 
-        waiter = asyncio.ensure_future(collect())
-        gone = asyncio.ensure_future(wait_for_disconnect(request))
-        try:
-            await asyncio.wait({waiter, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
-            if not waiter.done():
-                waiter.cancel()
-                self._cancel(choices)
-        if waiter.cancelled() or not all(c.done for c in choices):
+        finished, _ = await until_client_leaves(request, collect(), lambda: self._cancel(choices))
+        if not finished or not all(c.done for c in choices):
             raise APIError(499, "client_closed", "the client closed the connection")
-        waiter.result()
 
     async def _stream(self, completion: _Completion, choices: list[_Choice]) -> AsyncIterator[dict]:
         """`data:` chunks as characters come; characters generated within one interval share a chunk.
