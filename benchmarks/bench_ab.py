@@ -17,48 +17,17 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-import httpx
-
-from .common import ROOT, loadgen, table
-from tests.server import free_port
+from .common import ROOT, Proc, loadgen, table
 
 
-class Build:
+def build(root: Path, model: str, threads: int) -> Proc:
     """`charlstm serve` run from a checkout's own sources (its `service` package shadows the installed one)."""
-
-    def __init__(self, name: str, root: Path, model: str, threads: int):
-        self.name, self.port = name, free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.NamedTemporaryFile("w+", prefix=f"charlstm-ab-{name}-", suffix=".log", delete=False)
-        env = dict(os.environ, CHARLSTM_MODEL=model, CHARLSTM_MODEL_STORE=str(ROOT / "model_store"), CHARLSTM_SESSION_DB="",
-                   CHARLSTM_TORCH_THREADS=str(threads), OMP_NUM_THREADS=str(threads), CHARLSTM_LOG_LEVEL="warning",
-                   PYTHONPATH=str(root))
-        self.proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(self.port)], cwd=root,
-                                     env=env, stdout=self.log, stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited: {Path(self.log.name).read_text()[-2000:]}")
-            try:
-                if httpx.get(self.url + "/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)  # polling a probe with a deadline
-        raise RuntimeError(f"{self.name} did not become ready")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+    env = dict(CHARLSTM_MODEL=model, CHARLSTM_MODEL_STORE=str(ROOT / "model_store"), CHARLSTM_SESSION_DB="",
+               CHARLSTM_TORCH_THREADS=str(threads), OMP_NUM_THREADS=str(threads), CHARLSTM_LOG_LEVEL="warning",
+               PYTHONPATH=str(root))
+    return Proc(["-m", "service.cli", "serve", "--port", "{port}"], env, cwd=root)
 
 
 # Run in each build's own tree: `clients` streams of 256 characters through the engine, characters per second.
@@ -116,18 +85,18 @@ def main() -> None:
                 figures[name].append(engine_round(roots[name], args.clients, args.model))
         report(f"bare engine, {args.clients} streams of 256 characters, {args.rounds} rounds alternated", figures)
         return
-    builds = [Build("baseline", Path(args.baseline).resolve(), args.model, args.threads),
-              Build("this tree", ROOT, args.model, args.threads)]
-    figures = {b.name: [] for b in builds}
+    roots = {"baseline": Path(args.baseline).resolve(), "this tree": ROOT}
+    builds: dict[str, Proc] = {}
+    figures = {name: [] for name in roots}
     try:
-        for b in builds:
-            b.wait_ready()
+        for name, root in roots.items():
+            builds[name] = build(root, args.model, args.threads)  # returns once its /ready answers
         for r in range(args.rounds):
-            for b in builds if r % 2 == 0 else builds[::-1]:
-                figures[b.name].append(loadgen(b.url, args.clients, args.seconds)["chars_per_s"])
+            for name in list(builds) if r % 2 == 0 else list(builds)[::-1]:
+                figures[name].append(loadgen(builds[name].url, args.clients, args.seconds)["chars_per_s"])
     finally:
-        for b in builds:
-            b.stop()
+        for proc in builds.values():
+            proc.stop()
     report(f"/generate, {args.clients} streaming clients, {args.seconds:g} s a round, {args.rounds} rounds alternated", figures)
 
 

@@ -20,13 +20,14 @@ ROOT = Path(__file__).resolve().parent.parent
 class Proc:
     """A server subprocess; ready when `probe` answers 200."""
 
-    def __init__(self, args: list[str], env: dict | None = None, probe: str = "/ready", timeout: float = 120):
+    def __init__(self, args: list[str], env: dict | None = None, probe: str = "/ready", timeout: float = 120,
+                 cwd: Path = ROOT):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile("w+", prefix="charlstm-bench-", suffix=".log", delete=False)
         full_env = dict(os.environ, **(env or {}))
         self.proc = subprocess.Popen([sys.executable, *[a.replace("{port}", str(self.port)) for a in args]],
-                                     cwd=ROOT, env=full_env, stdout=self.log, stderr=subprocess.STDOUT)
+                                     cwd=cwd, env=full_env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

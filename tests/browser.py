@@ -108,3 +108,12 @@ class Playground:
         """Requests to anywhere but the page's own server (none allowed; data: URLs are not requests)."""
         own = urlsplit(self.url).netloc
         return [u for u in self.requests if not u.startswith("data:") and urlsplit(u.removeprefix("blob:")).netloc != own]
+
+
+@pytest.fixture
+def playground(browser, server):  # noqa: F811 - `browser` above; `server` from conftest
+    """The page on the shared test server; any JavaScript error it raised fails the test."""
+    pg = Playground(browser, server.url)
+    yield pg
+    assert pg.errors == [], f"the page raised: {pg.errors}"
+    pg.close()

@@ -7,20 +7,11 @@ from __future__ import annotations
 import re
 
 import httpx
-import pytest
 
-from .browser import Playground, browser  # noqa: F401 - `browser` is a fixture
+from .browser import Playground, browser, playground  # noqa: F401 - `browser` and `playground` are fixtures
 from .server import Server, wait_until
 
 SAMPLING = {"temperature": 0.9, "top_k": 20, "top_p": 0.95, "repetition_penalty": 1.1}
-
-
-@pytest.fixture
-def playground(browser, server):  # noqa: F811 - the fixture above
-    pg = Playground(browser, server.url)
-    yield pg
-    assert pg.errors == [], f"the page raised: {pg.errors}"
-    pg.close()
 
 
 def api_text(url: str, headers: dict | None = None, **body) -> dict:

@@ -10,17 +10,9 @@ import json
 import httpx
 import pytest
 
-from .browser import Playground, browser  # noqa: F401 - `browser` is a fixture
+from .browser import Playground, browser, playground  # noqa: F401 - `browser` and `playground` are fixtures
 
 SAMPLING = {"temperature": 1.0, "max_new_tokens": 90}
-
-
-@pytest.fixture
-def playground(browser, server):  # noqa: F811 - the fixture above
-    pg = Playground(browser, server.url)
-    yield pg
-    assert pg.errors == [], f"the page raised: {pg.errors}"
-    pg.close()
 
 
 def api_session(url: str, seed: int, prompts: list[str]) -> tuple[str, list[str]]:
