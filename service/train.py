@@ -3,6 +3,9 @@
 The trainer owns the loop and knows the model only through `forward(ids, state) -> (logits, state)`.
 Everything a resumed run needs (weights, optimizer moments, carried LSTM state, RNG, step, history)
 goes into a safetensors + JSON checkpoint: no pickle, and a resumed run continues bit for bit.
+With `ema_decay` on, an exponential moving average of the weights (Polyak averaging, as in AWD-LSTM's
+averaged SGD) is kept beside the raw ones: evaluations, the kept best weights and the export use it,
+while training steps on from the raw weights; the checkpoint holds both.
 The model goes into the store before anything optional (the plot) runs, and the checkpoint records
 the export only once it happened, so `--resume` can export a run whose export failed.
 """
@@ -15,6 +18,7 @@ import platform
 import shlex
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,6 +40,14 @@ SELECTION_RULE = {
     False: "lowest validation nats/char (parallel estimate) among the periodic evaluations",
     True: "lowest validation + test nats/char (parallel estimates, equal weights) among the periodic evaluations",
 }
+
+
+def selection_rule(tested: bool, ema_decay: float) -> str:
+    """The rule the card states: SELECTION_RULE, saying when the averaged weights are what is evaluated."""
+    rule = SELECTION_RULE[tested]
+    if ema_decay > 0:
+        rule += f", each evaluating the averaged weights (exponential moving average, decay {ema_decay})"
+    return rule
 
 
 @dataclass
@@ -66,6 +78,7 @@ class TrainConfig:
     warmup_steps: int = 100
     weight_decay: float = 0.1
     grad_clip: float = 1.0
+    ema_decay: float = 0.0  # weight averaging (EMA of the parameters); 0 = off. Averaged weights evaluated, selected and exported
     train_fraction: float = DEFAULT_TRAIN_FRACTION
     # bookkeeping
     eval_every: int = 200  # 0 = only at the end
@@ -92,6 +105,8 @@ class TrainConfig:
         for name in ("dropout", "embed_dropout", "variational_dropout", "weight_drop"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if not 0.0 <= self.ema_decay < 1.0:  # also refuses NaN
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
         if not 0.0 < self.train_fraction < 1.0:
             raise ValueError(f"train_fraction must be in (0, 1), got {self.train_fraction!r}")
         for name in ("lr", "grad_clip"):
@@ -237,6 +252,38 @@ class Trainer:
         self.test_ids = None if self.test is None else torch.tensor(self.vocab.encode(self.test.text), dtype=torch.long).to(self.device)
         self.run = RunState()
         self.carried = None
+        # the averaged weights: one tensor per parameter (a tied matrix once), on the training device
+        self.params = list(self.model.parameters())
+        self.ema = [p.detach().clone() for p in self.params] if cfg.ema_decay > 0 else None
+
+    # ------------------------------------------------------------------ weight averaging
+    @torch.no_grad()
+    def update_average(self, step: int) -> None:
+        """Fold the weights after optimizer step `step` (0-based) into the average.
+
+        The decay ramps up from 0.1 so that the random initial weights wash out early.
+        """
+        if self.ema is None:
+            return
+        decay = min(self.cfg.ema_decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(self.ema, [p.detach() for p in self.params], 1.0 - decay)
+
+    @contextmanager
+    def averaged_weights(self):
+        """Within: the model holds the averaged weights (when averaging is on); after: the raw ones again."""
+        if self.ema is None:
+            yield
+            return
+        with torch.no_grad():
+            raw = [p.detach().clone() for p in self.params]
+            for p, a in zip(self.params, self.ema):
+                p.copy_(a)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, r in zip(self.params, raw):
+                    p.copy_(r)
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> None:
@@ -248,6 +295,9 @@ class Trainer:
         for idx, st in opt["state"].items():
             for key, val in st.items():
                 tensors[f"optim.{idx}.{key}"] = val.detach().cpu().contiguous().reshape(val.shape)
+        if self.ema is not None:
+            for i, a in enumerate(self.ema):
+                tensors[f"ema.{i}"] = a.detach().cpu().contiguous()
         if self.carried is not None:
             tensors["carried.h"], tensors["carried.c"] = (s.detach().cpu().contiguous() for s in self.carried)
         tensors["rng.cpu"] = torch.get_rng_state()
@@ -280,6 +330,12 @@ class Trainer:
         for g in groups:
             g["betas"] = tuple(g["betas"])
         self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+        if self.ema is not None:
+            missing = [i for i in range(len(self.ema)) if f"ema.{i}" not in tensors]
+            if missing:
+                raise ValueError(f"{self.out / CKPT_TENSORS} holds no averaged weights (ema.{missing[0]}) "
+                                 f"although ema_decay is {self.cfg.ema_decay}")
+            self.ema = [tensors[f"ema.{i}"].to(self.device) for i in range(len(self.ema))]
         if "carried.h" in tensors:
             self.carried = (tensors["carried.h"].to(self.device), tensors["carried.c"].to(self.device))
         torch.set_rng_state(tensors["rng.cpu"])
@@ -298,9 +354,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def evaluate(self) -> tuple[float, float | None]:
-        """(validation, test or None) nats/char, quick parallel estimates."""
-        val = score_parallel(self.model, self.val_ids, streams=self.cfg.eval_streams)
-        test = None if self.test_ids is None else score_parallel(self.model, self.test_ids, streams=self.cfg.eval_streams)
+        """(validation, test or None) nats/char, quick parallel estimates (of the averaged weights when on)."""
+        with self.averaged_weights():
+            val = score_parallel(self.model, self.val_ids, streams=self.cfg.eval_streams)
+            test = None if self.test_ids is None else score_parallel(self.model, self.test_ids, streams=self.cfg.eval_streams)
         return val, test
 
     def train(self) -> Path | None:
@@ -330,6 +387,7 @@ class Trainer:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             self.optimizer.step()
+            self.update_average(run.step)
             loss_value = float(loss.detach())
             run.step += 1
             run.chars_seen += chars_per_step
@@ -357,7 +415,8 @@ class Trainer:
                     run.best_score, run.best_val, run.best_step, run.evals_since_best = score, val, run.step, 0
                     self.out.mkdir(parents=True, exist_ok=True)
                     tmp = self.out / f".{BEST_WEIGHTS}.tmp"
-                    save_file(store.weights_of(model), str(tmp))
+                    with self.averaged_weights():  # the weights just evaluated (weights_of may alias them on CPU)
+                        save_file(store.weights_of(model), str(tmp))
                     tmp.replace(self.out / BEST_WEIGHTS)
                 else:
                     run.evals_since_best += 1
@@ -383,6 +442,10 @@ class Trainer:
         best = self.out / BEST_WEIGHTS
         if best.is_file():
             self.model.load_state_dict(load_file(str(best), device=str(self.device)), strict=not self.cfg.tie_weights)
+        elif self.ema is not None:  # ended before any evaluation: export the averaged weights all the same
+            with torch.no_grad():
+                for p, a in zip(self.params, self.ema):
+                    p.copy_(a)
         self.model.eval()
         score = score_text(self.model, self.vocab, self.val_text)
         test = None if self.test is None else score_text(self.model, self.vocab, self.test.text)
@@ -417,7 +480,7 @@ class Trainer:
             "training": {
                 "hyperparameters": self.cfg.hyperparameters(),
                 "init_from": self.init_from,
-                "selection": SELECTION_RULE[self.test is not None],
+                "selection": selection_rule(self.test is not None, self.cfg.ema_decay),
                 "steps": self.run.step,
                 "best_step": self.run.best_step,
                 "chars_seen": self.run.chars_seen,

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from service import store
 from service.evaluate import read_chunks, score_chunks, score_text
 from service.generate import generate_text
-from service.train import SELECTION_RULE, TrainConfig, lr_at, run_training
+from service.train import BEST_WEIGHTS, SELECTION_RULE, Trainer, TrainConfig, lr_at, run_training, selection_rule
 
 from .conftest import make_play, tiny_config
 
@@ -132,9 +132,10 @@ def test_cli_fails_with_one_clear_message(trained_store, tmp_path):
 def test_cli_trains_a_model(play_file, tmp_path):
     out = cli("train", "--text", str(play_file), "--out", str(tmp_path / "run"), "--name", "cli", "--hidden-size", "16",
               "--embed-dim", "16", "--steps", "20", "--batch-size", "4", "--seq-len", "16", "--eval-every", "10",
-              "--no-progress", "--tie-weights", store_root=tmp_path / "store")
+              "--no-progress", "--tie-weights", "--ema-decay", "0.9", store_root=tmp_path / "store")
     assert out.returncode == 0, out.stderr
     card = store.load("cli", tmp_path / "store").card
+    assert card["training"]["hyperparameters"]["ema_decay"] == 0.9
     assert card["training"]["command"].startswith("charlstm --store") and "--tie-weights" in card["training"]["command"]
     assert card["config"]["tie_weights"] is True and card["training"]["steps"] == 20
 
@@ -175,6 +176,81 @@ def test_resume_is_exact_with_variational_dropout_and_weight_drop(play_file, uns
     assert card["training"]["best_step"] == best["step"]
 
 
+def test_resume_is_exact_with_weight_averaging(play_file, unseen_play, tmp_path):
+    regs = dict(steps=40, eval_every=10, checkpoint_every=10, ema_decay=0.95, weight_drop=0.3, test_text=str(unseen_play))
+    run_training(tiny_config(play_file, tmp_path / "whole", tmp_path / "s1", **regs))
+    cut = tiny_config(play_file, tmp_path / "cut", tmp_path / "s2", stop_at=15, **regs)
+    assert run_training(cut) is None
+    cut.stop_at = 0
+    run_training(cut, resume=True)
+    a = load_file(str(tmp_path / "whole" / "checkpoint.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "checkpoint.safetensors"))
+    assert a.keys() == b.keys() and "ema.0" in a  # the averaged weights travel in the checkpoint
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ha = json.loads((tmp_path / "whole" / "checkpoint.json").read_text())["run"]["history"]
+    hb = json.loads((tmp_path / "cut" / "checkpoint.json").read_text())["run"]["history"]
+    assert [(r["val_nats"], r["test_nats"]) for r in ha] == [(r["val_nats"], r["test_nats"]) for r in hb]
+    best_a = load_file(str(tmp_path / "whole" / "best.safetensors"))
+    best_b = load_file(str(tmp_path / "cut" / "best.safetensors"))
+    assert best_a.keys() == best_b.keys() and all(torch.equal(best_a[k], best_b[k]) for k in best_a)
+    card = store.load("tiny", tmp_path / "s2").card
+    assert card["training"]["hyperparameters"]["ema_decay"] == 0.95
+    selection = card["training"]["selection"]
+    assert selection == selection_rule(True, 0.95) and selection.startswith(SELECTION_RULE[True])
+    assert "averaged weights" in selection and "averaged" not in selection_rule(True, 0.0)
+
+
+def test_weight_averaging_evaluates_selects_and_exports_the_averaged_weights(play_file, tmp_path):
+    common = dict(steps=12, eval_every=6, checkpoint_every=0)
+    run_training(tiny_config(play_file, tmp_path / "raw", tmp_path / "s1", **common))
+    path = run_training(tiny_config(play_file, tmp_path / "avg", tmp_path / "s2", ema_decay=0.9, **common))
+    raw = load_file(str(tmp_path / "raw" / "checkpoint.safetensors"))
+    avg = load_file(str(tmp_path / "avg" / "checkpoint.safetensors"))
+    assert not any(k.startswith("ema.") for k in raw)
+    # training steps on from the raw weights: evaluating the average (mid-run too) leaves them untouched
+    for k in raw:
+        if k.startswith("model."):
+            assert torch.equal(raw[k], avg[k]), k
+    # ... but every evaluation measured the averaged model, not the raw one
+    raw_history = json.loads((tmp_path / "raw" / "checkpoint.json").read_text())["run"]["history"]
+    loaded = store.load(str(path))
+    history = loaded.card["history"]
+    assert [r["step"] for r in history] == [r["step"] for r in raw_history] == [6, 12]
+    assert all(r["val_nats"] != q["val_nats"] for r, q in zip(history, raw_history))
+    # the kept and exported weights are the averaged ones (the last evaluation is the best here)
+    assert loaded.card["training"]["best_step"] == 12
+    best = load_file(str(tmp_path / "avg" / BEST_WEIGHTS))
+    names = [n for n, _ in loaded.model.named_parameters()]
+    assert len(names) == sum(k.startswith("ema.") for k in avg)
+    for i, n in enumerate(names):
+        assert torch.equal(best[n], avg[f"ema.{i}"]), n
+        assert not torch.equal(best[n], avg[f"model.{n}"]), n
+        assert torch.equal(loaded.model.state_dict()[n], best[n]), n
+
+
+def test_weight_averaging_ramps_its_decay_up(play_file, tmp_path):
+    """After step t the average moves toward the weights by 1 - min(ema_decay, (1 + t) / (10 + t)); tied once."""
+    cfg = tiny_config(play_file, tmp_path / "r", tmp_path / "s", steps=2, eval_every=0, checkpoint_every=0,
+                      ema_decay=0.9, tie_weights=True, save=False, stop_at=1)
+    fresh = Trainer(cfg)
+    names = [n for n, _ in fresh.model.named_parameters()]
+    init = [p.detach().clone() for p in fresh.model.parameters()]
+    assert "head.weight" not in names
+    assert run_training(cfg) is None
+    one = load_file(str(tmp_path / "r" / "checkpoint.safetensors"))
+    cfg.stop_at = 0
+    run_training(cfg, resume=True)
+    two = load_file(str(tmp_path / "r" / "checkpoint.safetensors"))
+    assert sorted(k for k in two if k.startswith("ema.")) == sorted(f"ema.{i}" for i in range(len(names)))
+    for i, n in enumerate(names):
+        step0 = torch.lerp(init[i], one[f"model.{n}"], 1 - 1 / 10)  # min(0.9, 1/10): the start washes out
+        torch.testing.assert_close(one[f"ema.{i}"], step0)
+        step1 = torch.lerp(step0, two[f"model.{n}"], 1 - 2 / 11)
+        torch.testing.assert_close(two[f"ema.{i}"], step1)
+        assert not torch.equal(two[f"ema.{i}"], two[f"model.{n}"]), n
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("steps", 0, "steps must be an integer of at least 1, got 0"),
     ("batch_size", -1, "batch_size must be an integer of at least 1"),
@@ -184,6 +260,8 @@ def test_resume_is_exact_with_variational_dropout_and_weight_drop(play_file, uns
     ("dropout", 1.0, r"dropout must be in \[0, 1\), got 1.0"),
     ("weight_drop", 1.5, r"weight_drop must be in \[0, 1\)"),
     ("variational_dropout", -0.1, r"variational_dropout must be in \[0, 1\)"),
+    ("ema_decay", 1.0, r"ema_decay must be in \[0, 1\), got 1.0"),
+    ("ema_decay", -0.5, r"ema_decay must be in \[0, 1\), got -0.5"),
     ("lr", 0.0, "lr must be a finite number above 0"),
     ("min_lr", 1.0, r"min_lr must be in \[0, lr=0.01\]"),
     ("train_fraction", 1.0, r"train_fraction must be in \(0, 1\)"),
