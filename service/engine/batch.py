@@ -86,10 +86,9 @@ class Batch:
         return bool(((self.controls["presence_penalty"] != 0.0) | (self.controls["frequency_penalty"] != 0.0)).any())
 
     @cached_property
-    def exact_stops(self) -> bool:
-        """Some row must end exactly at a stop string with its state (a session call with stop strings):
-        a device then steps one character at a time, never past that row's end."""
-        return any(r.request.stop and r.request.return_state for r in self.rows)
+    def filtered(self) -> bool:
+        """Some row has a top-k or nucleus filter."""
+        return bool(((self.controls["top_k"] > 0) | (self.controls["top_p"] < 1.0)).any())
 
     @cached_property
     def wants_logprobs(self) -> bool:

@@ -10,10 +10,10 @@ a completed stream hands back the state it ended in. Every stream that was accep
 `Done`, whatever fails on the way, and gives its place back when it does.
 
 With a `device_step` (service/engine/cuda_step.py, a GPU) the rows' states, controls and sampling live
-on the device, and a loop runs up to `device_step.max_steps` steps there before the host looks at the
-ids: rows are still admitted, cancelled and finished between loops, so each of those waits at most
-one loop. A loop takes one step only when a row must end exactly at a stop string with its state (a
-session call with stop strings); any other row that stops early inside a loop simply ignores the rest.
+on the device, and a loop runs `device_step.max_steps` steps there before the host looks at the ids:
+rows are admitted, cancelled and finished between loops, so each of those waits at most one loop. A
+row that ends inside a loop (its length, a stop string) ignores the steps it took beyond its end and
+hands back the state after its last character, which the device keeps for every step of the loop.
 """
 
 from __future__ import annotations
@@ -311,7 +311,7 @@ class Engine:
                 for stream in (r for b in self._joining for r in b.rows):
                     request = stream.request
                     self.device_step.batch.append(stream.state, request.params, stream.seed, request.counter,
-                                                  request.prompt_ids, remaining=request.max_new_tokens)
+                                                  request.prompt_ids)
             for stream in (r for b in self._joining for r in b.rows):
                 stream.state = None
             self._batch = Batch.concatenate([self._batch, *self._joining])
@@ -393,14 +393,14 @@ class Engine:
         batch, device = self._batch, self.device_step
         rows = batch.rows
         most = max(s.request.max_new_tokens - len(s.chars) for s in rows)
-        k = device.max_steps if most * 2 >= device.max_steps and not batch.exact_stops else 1
-        ids = device.decode(k).T.tolist()  # n rows of k ids: the loop's one copy to the host ...
+        k = device.max_steps if most * 2 >= device.max_steps else 1  # one step at a time when most rows end sooner
+        full = batch.filtered or batch.penalised or batch.counted  # else the lean sampler
+        ids = device.decode(k, full).T.tolist()  # n rows of k ids: the loop's one copy to the host ...
         n = len(rows)
         lps = device.batch.hist_lps[:k, :n].T.tolist() if batch.wants_logprobs else None  # ... unless figures are asked for
         top_k = batch.top_logprobs
         if top_k:
-            top_ids = device.batch.hist_top_ids[:k, :n, :top_k].transpose(0, 1).tolist()  # (n, k, top_k)
-            top_lps = device.batch.hist_top_lps[:k, :n, :top_k].transpose(0, 1).tolist()
+            top_ids, top_lps = (t.transpose(0, 1).tolist() for t in device.alternatives(k, n, top_k))  # (n, k, top_k) each
         now = time.perf_counter()
         gaps, ending = [], []
         chars = self._chars
@@ -414,6 +414,7 @@ class Engine:
                 self.notify("on_first_token", now - stream.t_submit)
             stream.t_last = now
             got = ids[row][:take]
+            before = len(stream.chars)
             tops = None
             if top_k and (want := stream.request.params.top_logprobs):
                 tops = [tuple((chars[i], v) for i, v in zip(top_ids[row][j][:want], top_lps[row][j][:want])) for j in range(take)]
@@ -439,9 +440,9 @@ class Engine:
                 elif end[1] > stream.released:
                     self._emit_token(stream, end[1])
             if end is not None:
-                ending.append((stream, row, *end))
-        for stream, row, reason, cut in ending:
-            state = device.batch.row_state(row) if stream.request.return_state else None
+                ending.append((stream, row, *end, len(stream.chars) - before))
+        for stream, row, reason, cut, taken in ending:
+            state = device.batch.row_state(row, after=taken) if stream.request.return_state else None
             self._finish(stream, reason, state, cut)
         self._steps += k
         self.notify("on_step", n, (now - t0) / k)
