@@ -1,81 +1,197 @@
-"""The device step on a GPU: CUDA graph replay against eager launches, side by side in one run (issue 18, part 2).
+"""The CUDA path (issue 18, part 2): the bare device loop, the engine, and the service over HTTP, side by side in one run.
 
-    python -m benchmarks.bench_cuda [--model shakespeare] [--batches 1,64,256,1024] [--seconds 3] [--repeats 2]
+    python -m benchmarks.bench_cuda [--model shakespeare] [--batches 1,64,256,1024] [--steps 16] [--seconds 2]
+                                    [--repeats 2] [--http-clients 256] [--http-seconds 8] [--no-http]
 
-A bare loop over `CudaStep.step()` (service/engine/cuda_step.py): head, per-row sampling at temperature
-0.8 with each row's own counter-based random numbers, the fused LSTM step, and the one device-to-host
-copy of the sampled ids a step. Graphs: replayed at the batch's bucket. Eager: the same kernels
-launched one by one from Python, unpadded. For each B, eager then graphs, every round; medians.
-Without a GPU it says so and exits (status 2).
+1. Bare device loop (no engine): `CudaStep` (service/engine/cuda_step.py) at temperature 0.8: the step,
+   per-row sampling with each row's counter-based random numbers and the ids' copy to the host, three
+   ways: eager launches one step at a time, one CUDA graph a step, and one graph of --steps steps a look.
+2. The engine (no HTTP): B streams of `--chars` characters each through `Engine` in device mode,
+   admission, prompt ingestion and every stream's text and end included; against the bare loop's best.
+3. Over HTTP: `charlstm serve --device cuda` with --http-clients clients sending plain /generate
+   requests back to back (load generators in several processes, loopback only), and the same with
+   SSE streams.
+Without a GPU it says so and exits (status 2); `--device cpu` runs the same code eagerly on the CPU, a
+smoke test of the benchmark itself whose figures say nothing of a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
 import sys
+import threading
 import time
 
 import torch
 
 from service import store
 from service.engine.cuda_step import CudaStep
+from service.engine.engine import Engine, EngineConfig
 from service.engine.runner import Runner
+from service.engine.types import Done, GenerationRequest
 from service.sampling import SamplingParams
 
-from .common import table
+from .common import ROOT, charlstm_server, table
 
 
 @torch.inference_mode()
-def loop(step: CudaStep, rows: int, seconds: float, state: torch.Tensor) -> float:
-    """Characters per second of `rows` streams stepping back to back for about `seconds`."""
+def bare_loop(step: CudaStep, rows: int, k: int, seconds: float, state: torch.Tensor) -> float:
+    """Characters per second of `rows` streams stepping back to back for about `seconds`, k steps a look."""
     step.batch.filter([])
     for i in range(rows):
         step.batch.append(state, SamplingParams(temperature=0.8), 1 + i, 0, [])
-    for _ in range(10):  # warm-up
-        step.step()
-    torch.cuda.synchronize()
-    steps, t0 = 0, time.perf_counter()
+    for _ in range(5):  # warm-up
+        step.decode(k, full=False)
+    if step.device.type == "cuda":
+        torch.cuda.synchronize()
+    looks, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        for _ in range(50):
-            step.step()  # ends in the ids' copy to the host, so every step is complete when it returns
-        steps += 50
-    return rows * steps / (time.perf_counter() - t0)
+        for _ in range(max(1, 50 // k)):
+            step.decode(k, full=False)  # ends in the ids' copy to the host, so every step is complete when it returns
+        looks += max(1, 50 // k)
+    return rows * k * looks / (time.perf_counter() - t0)
+
+
+def engine_run(runner: Runner, vocab, device_step: CudaStep, streams: int, chars: int) -> float:
+    """Characters per second of `streams` requests of `chars` characters each through a device-mode engine."""
+    done, finished = [], threading.Event()
+
+    def deliver(batch):
+        for _, events in batch:
+            done.extend(e for e in events if isinstance(e, Done))
+        if len(done) == streams:
+            finished.set()
+
+    engine = Engine(runner, vocab, EngineConfig(max_batch_size=streams, max_queue=streams), deliver, device_step=device_step)
+    engine.start()
+    try:
+        t0 = time.perf_counter()
+        for i in range(streams):
+            engine.submit(GenerationRequest(prompt_ids=vocab.encode("\n"), max_new_tokens=chars, seed=i,
+                                            params=SamplingParams(temperature=0.8), stream_tokens=False), i)
+        assert finished.wait(600), "the engine did not finish"
+        seconds = time.perf_counter() - t0
+    finally:
+        engine.stop()
+    assert all(d.finish_reason == "length" and d.completion_tokens == chars for d in done)
+    return streams * chars / seconds
+
+
+def http_load(url: str, clients: int, seconds: float, plain: bool, chars: int, processes: int) -> dict:
+    """Sum the figures of `processes` load generators, each driving clients / processes clients at once."""
+    per = [clients // processes + (1 if i < clients % processes else 0) for i in range(processes)]
+    cmd = lambda n, first: [sys.executable, "-m", "benchmarks.loadgen", "--url", url, "--clients", str(n),  # noqa: E731
+                            "--seconds", str(seconds), "--warmup", "3", "--max-new-tokens", str(chars),
+                            "--temperature", "0.8", "--first-seed", str(first), *(["--plain"] if plain else [])]
+    procs, first = [], 0
+    for n in per:
+        procs.append(subprocess.Popen(cmd(n, first), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      env=dict(os.environ, OMP_NUM_THREADS="1")))
+        first += n
+    outs = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=seconds + 600)
+        if p.returncode != 0:
+            raise RuntimeError(stderr[-2000:])
+        outs.append(json.loads(stdout.strip().splitlines()[-1]))
+    statuses: dict[str, int] = {}
+    for o in outs:
+        for k, v in o["status"].items():
+            statuses[k] = statuses.get(k, 0) + v
+    key = "latency_p50" if plain else "itl_p50"
+    return {"chars_per_s": sum(o["chars_per_s"] for o in outs), "statuses": statuses,
+            key: statistics.median(o[key] for o in outs)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=store.DEFAULT_MODEL)
     ap.add_argument("--batches", default="1,64,256,1024")
-    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--steps", type=int, default=16, help="steps a look (the serve setting decode_steps)")
+    ap.add_argument("--seconds", type=float, default=2.0)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--engine-streams", default="1,64,256")
+    ap.add_argument("--chars", type=int, default=2000, help="characters a request generates (engine and HTTP)")
+    ap.add_argument("--http-clients", type=int, default=256)
+    ap.add_argument("--http-seconds", type=float, default=8.0)
+    ap.add_argument("--http-processes", type=int, default=4)
+    ap.add_argument("--no-http", action="store_true")
+    ap.add_argument("--modes", default="eager,graph a step,graph of k steps", help="bare-loop columns to measure")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     args = ap.parse_args()
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         print("bench_cuda: no CUDA GPU here (torch.cuda.is_available() is False; this torch is "
               f"{torch.__version__}). Run it on a machine with a GPU and a CUDA build of torch.", file=sys.stderr)
         sys.exit(2)
     batches = [int(b) for b in args.batches.split(",")]
     loaded = store.load(args.model)
-    runner = Runner(loaded.model)
+    runner = Runner(loaded.model, device=args.device)
     capacity = max(batches)
     t0 = time.perf_counter()
-    graphs = CudaStep(runner.weights, device="cuda", capacity=capacity)
+    graphs = CudaStep(runner.weights, device=args.device, capacity=capacity, max_steps=args.steps)
     capture_s = time.perf_counter() - t0
-    eager = CudaStep(runner.weights, device="cuda", capacity=capacity, graphs=False)
+    eager = CudaStep(runner.weights, device=args.device, capacity=capacity, graphs=False)
     with torch.inference_mode():
         state = runner.prefill(loaded.vocab.encode("KING:\n"), runner.zero_state())
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; model {loaded.name}@{loaded.version}; "
-          f"{len(graphs.buckets)} graphs captured in {capture_s:.1f} s (buckets {graphs.buckets})\n")
-    got = {(m, b): [] for m in ("eager", "graphs") for b in batches}
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU (a smoke run: eager, no graphs)"
+    print(f"{name}, torch {torch.__version__}; model {loaded.name}@{loaded.version}; "
+          f"{len(graphs._graphs)} graphs captured in {capture_s:.1f} s (buckets {graphs.buckets}, 1 and {args.steps} steps, "
+          f"lean and full sampler)\n", flush=True)
+
+    modes = {"eager": (eager, 1), "graph a step": (graphs, 1), f"graph of {args.steps} steps": (graphs, args.steps)}
+    wanted = [m.replace("k steps", f"{args.steps} steps") for m in args.modes.split(",")]
+    modes = {m: v for m, v in modes.items() if m in wanted}
+    got = {(m, b): [] for m in modes for b in batches}
     for _ in range(args.repeats):
         for b in batches:
-            got["eager", b].append(loop(eager, b, args.seconds, state))
-            got["graphs", b].append(loop(graphs, b, args.seconds, state))
-    med = {k: statistics.median(v) for k, v in got.items()}
-    print(f"Bare device loop, step + sampling + ids to host (chars/s; median of {args.repeats} round(s))")
-    print(table(["B", "eager", "CUDA graphs", "graphs / eager", "us per step (graphs)"],
-                [[b, med["eager", b], med["graphs", b], med["graphs", b] / med["eager", b], b / med["graphs", b] * 1e6]
-                 for b in batches]))
+            for m, (s, k) in modes.items():
+                got[m, b].append(bare_loop(s, b, k, args.seconds, state))
+    bare = {k: statistics.median(v) for k, v in got.items()}
+    best = lambda b: max(bare[m, b] for m in modes)  # noqa: E731
+    print(f"1. Bare device loop, step + sampling (T = 0.8) + ids to host (chars/s; median of {args.repeats} rounds)")
+    base = "eager" if "eager" in modes else next(iter(modes))
+    print(table(["B", *modes, f"best / {base}", "us per step (best)"],
+                [[b, *(bare[m, b] for m in modes), best(b) / bare[base, b], b / best(b) * 1e6] for b in batches]), flush=True)
+    del graphs, eager
+    torch.cuda.empty_cache()
+
+    streams = [int(b) for b in args.engine_streams.split(",")]
+    rows = []
+    for b in streams:
+        device_step = CudaStep(runner.weights, device=runner.device, capacity=b, max_steps=args.steps)
+        runs = [engine_run(runner, loaded.vocab, device_step, b, args.chars) for _ in range(args.repeats)]
+        del device_step
+        figure = statistics.median(runs)
+        rows.append([b, figure, bare.get((f"graph of {args.steps} steps", b), float("nan")),
+                     figure / bare[f"graph of {args.steps} steps", b] if (f"graph of {args.steps} steps", b) in bare else float("nan")])
+    print(f"\n2. The engine, no HTTP: B requests of {args.chars} characters at once, {args.steps} steps a look "
+          f"(chars/s from the first submit to the last Done; median of {args.repeats})")
+    print(table(["B", "engine", f"bare graph of {args.steps} steps", "engine / bare"], rows), flush=True)
+
+    if args.no_http:
+        return
+    del runner
+    torch.cuda.empty_cache()
+    server = charlstm_server(1, model=args.model, device=args.device, max_batch_size=max(args.http_clients, 1),
+                             max_queue=args.http_clients, decode_steps=args.steps, max_new_tokens=max(args.chars, 4096))
+    try:
+        rows = []
+        for plain, clients in ((True, 1), (True, args.http_clients), (False, args.http_clients)):
+            out = http_load(server.url, clients, args.http_seconds, plain, args.chars, min(args.http_processes, clients))
+            rows.append(["plain" if plain else "SSE", clients, out["chars_per_s"],
+                         out.get("latency_p50", out.get("itl_p50")), json.dumps(out["statuses"])])
+    finally:
+        server.stop()
+    print(f"\n3. Over HTTP: charlstm serve --device {args.device} --decode-steps {args.steps}, clients sending {args.chars}-character "
+          f"requests back to back for {args.http_seconds:g} s after 3 s of warm-up ({args.http_processes} load-generator processes)")
+    print(table(["mode", "clients", "chars/s", "p50 (plain: request s; SSE: inter-char s)", "statuses"], rows))
+    bare_256 = bare.get((f"graph of {args.steps} steps", args.http_clients))
+    if bare_256:
+        print(f"HTTP plain at {args.http_clients} clients / bare loop at B = {args.http_clients}: {rows[1][2] / bare_256:.2f}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@
 Each client sends streaming /generate requests back to back until the time is up (a request under way
 then finishes). Prints one JSON object: generated characters per second over the measured window,
 time to first token and inter-token latency percentiles, statuses. Loopback targets only.
+With --plain the requests are not streamed: each answer's characters count as spread evenly over its
+request's time, and request latency percentiles replace the token ones.
 """
 
 from __future__ import annotations
@@ -45,6 +47,20 @@ async def client(http: aiohttp.ClientSession, url: str, body: dict, stop_at: flo
                     out["chars"].append((now, n))
 
 
+async def plain_client(http: aiohttp.ClientSession, url: str, body: dict, stop_at: float, out: dict) -> None:
+    while time.perf_counter() < stop_at:
+        t0 = time.perf_counter()
+        async with http.post(url + "/generate", json=body) as r:
+            out["status"][r.status] = out["status"].get(r.status, 0) + 1
+            answer = await r.json(content_type=None)
+        if r.status != 200:
+            await asyncio.sleep(min(float(r.headers.get("retry-after", "0.05")), 0.05))
+            continue
+        t1 = time.perf_counter()
+        out["latency"].append(t1 - t0)
+        out["spans"].append((t0, t1, len(answer["text"])))
+
+
 def pct(values, q):
     return float(np.percentile(values, q)) if values else float("nan")
 
@@ -57,12 +73,15 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=2.0, help="seconds excluded from the throughput window")
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--plain", action="store_true", help="whole answers instead of SSE streams")
+    ap.add_argument("--first-seed", type=int, default=0, help="client i sends seed first_seed + i (several processes: distinct seeds)")
     args = ap.parse_args()
     host = urlparse(args.url).hostname
     if host not in ("127.0.0.1", "localhost", "::1"):
         raise SystemExit("loadgen sends traffic to loopback addresses only")
-    body = {"prompt": "\n", "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "stream": True}
-    out = {"status": {}, "ttft": [], "itl": [], "chars": []}
+    body = {"prompt": "\n", "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "stream": not args.plain}
+    out = {"status": {}, "ttft": [], "itl": [], "chars": [], "latency": [], "spans": []}
+    one = plain_client if args.plain else client
     start = time.perf_counter()
     stop_at = start + args.warmup + args.seconds
 
@@ -71,16 +90,19 @@ def main() -> None:
         # more of the two cores to the server than a pure-Python client would.
         limits = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=limits, timeout=aiohttp.ClientTimeout(total=600)) as http:
-            await asyncio.gather(*(client(http, args.url, {**body, "seed": i}, stop_at, out) for i in range(args.clients)))
+            await asyncio.gather(*(one(http, args.url, {**body, "seed": args.first_seed + i}, stop_at, out)
+                                   for i in range(args.clients)))
 
     asyncio.run(run())
     lo, hi = start + args.warmup, stop_at
     window = sum(n for t, n in out["chars"] if lo <= t <= hi)
+    window += sum(n * max(0.0, min(t1, hi) - max(t0, lo)) / (t1 - t0) for t0, t1, n in out["spans"] if t1 > t0)
     total = sum(v for v in out["status"].values())
     print(json.dumps({
         "clients": args.clients, "chars_per_s": window / (hi - lo),
         "ttft_p50": pct(out["ttft"], 50), "ttft_p99": pct(out["ttft"], 99),
         "itl_p50": pct(out["itl"], 50), "itl_p99": pct(out["itl"], 99),
+        "latency_p50": pct(out["latency"], 50), "latency_p99": pct(out["latency"], 99),
         "requests": total, "status": {str(k): v for k, v in out["status"].items()},
         "share_429": out["status"].get(429, 0) / total if total else 0.0,
     }))

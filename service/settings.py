@@ -48,6 +48,11 @@ class Settings(BaseSettings):
                                  "refused, so load balancers stop sending before the port closes; 0: close at once")
     quantize: Literal["none", "int8"] = Field("none", description="int8: the decode step's weight matrices in int8 with a scale per "
                                               "output channel (CPU); prompt ingestion stays fp32")
+    device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="where the model runs: cpu; cuda (a GPU holds the weights, "
+                                                   "every row's state and the sampling, and replays each step as a CUDA graph); "
+                                                   "auto: cuda when torch sees a GPU, else cpu")
+    decode_steps: int = Field(16, ge=1, le=256, description="on a GPU: steps the device runs between two looks from the host, "
+                              "which collects their characters in one copy; rows join, leave and end between looks")
     session_store: str = Field("memory", description="where sessions live: 'memory' (this process, saved to session_db) or "
                                "redis://host:port/db, shared by every replica pointed at it (they need the same model and session_key)")
 
@@ -66,4 +71,7 @@ class Settings(BaseSettings):
             if getattr(self, low) > getattr(self, high):
                 raise ValueError(f"{low}={getattr(self, low):g} is more than {high}={getattr(self, high):g}: "
                                  f"lower {low} (CHARLSTM_{low.upper()}) or raise {high} (CHARLSTM_{high.upper()})")
+        if self.quantize != "none" and self.device == "cuda":
+            raise ValueError(f"quantize={self.quantize} is a CPU kernel and device=cuda runs on a GPU: "
+                             "set CHARLSTM_QUANTIZE=none or CHARLSTM_DEVICE=cpu")
         return self

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from service.engine.cuda_step import CudaStep, device_uniforms, resolve_device, sample_rows
+from service.engine.cuda_step import CudaStep, device_uniforms, resolve_device, sample_plain, sample_rows, stream_key, uniforms_from_keys
 from service.engine.runner import Runner
 from service.sampling import MAX_SEED, SamplingParams, sample_next, uniforms
 
@@ -57,6 +57,29 @@ def test_sample_rows_picks_what_sample_next_picks(params):
     got_ids, got_lps = sample_rows(logits, *controls, seen if penalised else torch.zeros(B, V, dtype=torch.bool), u)
     assert torch.equal(got_ids, ids)
     assert torch.equal(got_lps, lps)
+
+
+def test_the_lean_sampler_picks_what_sample_next_picks_for_rows_without_filters_or_penalties():
+    torch.manual_seed(4)
+    temps = [1.0, 0.0, 0.8, 1.3, 0.0, 0.5] * 3
+    B, V = len(temps), 40
+    logits = torch.randn(B, V) * 3
+    u = torch.from_numpy(uniforms(np.arange(B, dtype=np.uint64) * 7, np.arange(B, dtype=np.uint64)))
+    temperature = torch.tensor(temps)
+    ids, lps = sample_next(logits, temperature, torch.zeros(B, dtype=torch.long), torch.ones(B), torch.ones(B), None, u)
+    greedy = temperature <= 0
+    got_ids, got_lps = sample_plain(logits, torch.where(greedy, torch.ones_like(temperature), temperature), greedy, u)
+    assert torch.equal(got_ids, ids) and torch.equal(got_lps, lps)
+
+
+def test_keys_hashed_once_give_the_same_draws_for_several_steps_at_once():
+    seeds, counters = random_streams(1000, seed=2)
+    keys = torch.tensor([stream_key(int(s)) for s in seeds])
+    draws = torch.from_numpy(counters).unsqueeze(0) + torch.arange(3).unsqueeze(1)  # (3, N)
+    got = uniforms_from_keys(keys.unsqueeze(0), draws)  # (3, N)
+    for j in range(3):
+        expected = uniforms(seeds.astype(np.uint64), (counters + j).astype(np.uint64))
+        assert np.array_equal(got[j].numpy().view(np.uint64), expected.view(np.uint64))
 
 
 class Reference:
@@ -183,3 +206,64 @@ def test_cuda_graph_replay_picks_what_eager_cuda_picks_alone_or_batched(tiny_mod
             batched, reference, single = graphs.step(), eager.step(), alone.step()
             assert torch.equal(batched, reference)
             assert single.tolist() == [batched[9].item()]
+
+
+@needs_cuda
+@pytest.mark.parametrize("full", [False, True], ids=["lean", "full"])
+def test_cuda_multi_step_graphs_pick_what_single_steps_pick_and_keep_every_state(tiny_model, full):
+    """decode(8) replayed as one graph against eight eager single steps, alone and batched; ring slot j
+    holds the state after the j-th character."""
+    runner = Runner(tiny_model.model)
+    multi = CudaStep(runner.weights, device="cuda", capacity=64, max_steps=8)
+    single = CudaStep(runner.weights, device="cuda", capacity=64, graphs=False, pad=True)
+    alone = CudaStep(runner.weights, device="cuda", capacity=64, max_steps=8)
+    params = mixed_controls(29) if full else [SamplingParams(temperature=t) for t in (0.0, 0.7, 1.0, 1.2)] * 7
+    ids = tiny_model.vocab.encode("KING:\n")
+    with torch.inference_mode():
+        state = runner.prefill(ids, runner.zero_state())
+        for i, p in enumerate(params):
+            for s in (multi, single):
+                s.batch.append(state, p, 700 + i, 0, ids)
+        alone.batch.append(state, params[5], 705, 0, ids)
+        for _ in range(6):
+            got = multi.decode(8, full)  # (8, n)
+            lone = alone.decode(8, full)
+            states = []
+            for j in range(8):
+                assert torch.equal(single.step(full), got[j])
+                states.append(single.batch.state[:, :, 5].clone())
+            assert lone[:, 0].tolist() == got[:, 5].tolist()
+            for j in (1, 4, 8):
+                torch.testing.assert_close(multi.batch.row_state(5, after=j).cuda(), states[j - 1], rtol=0, atol=0)
+
+
+@needs_cuda
+def test_cuda_engine_gives_a_seed_the_same_text_alone_or_among_others(tiny_model):
+    """Through the engine with graphs: one seeded request alone, then among 40 others of every kind."""
+    from service.engine.engine import Engine, EngineConfig
+    from service.engine.types import Done, GenerationRequest
+
+    vocab = tiny_model.vocab
+
+    def run(requests):
+        runner = Runner(tiny_model.model, device="cuda")
+        engine = Engine(runner, vocab, EngineConfig(max_batch_size=64), lambda batch: [out[i].extend(evs) for i, evs in batch],
+                        device_step=CudaStep(runner.weights, device="cuda", capacity=64, max_steps=16))
+        out = {i: [] for i in range(len(requests))}
+        for i, r in enumerate(requests):
+            engine.submit(r, i)
+        engine.start()
+        try:
+            assert engine.wait_idle(120)
+        finally:
+            engine.stop()
+        return [next(e for e in out[i] if isinstance(e, Done)) for i in range(len(requests))]
+
+    target = GenerationRequest(prompt_ids=vocab.encode("KING:\n"), max_new_tokens=300, seed=42,
+                               params=SamplingParams(temperature=0.8), return_state=True)
+    others = [GenerationRequest(prompt_ids=vocab.encode("QUEEN:\n" * (i % 3 + 1)), max_new_tokens=50 + 7 * i, seed=i,
+                                params=mixed_controls(40)[i], stop=("lord",) if i % 4 == 0 else ()) for i in range(40)]
+    alone = run([target])[0]
+    crowd = run([*others[:20], target, *others[20:]])[20]
+    assert (crowd.text, crowd.counter) == (alone.text, alone.counter) and len(alone.text) == 300
+    torch.testing.assert_close(crowd.state, alone.state)

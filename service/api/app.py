@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from sse_starlette.sse import AppStatus
 
 from .. import __version__, store
+from ..engine.cuda_step import CudaStep, resolve_device
 from ..engine.engine import Engine, EngineConfig
 from ..engine.runner import Runner
 from ..engine.memory_store import MemorySessionStore
@@ -48,10 +49,12 @@ async def lifespan(app: FastAPI):
         store.load, settings.model or store.default_model(settings.model_store), settings.model_store)
     app.state.preloaded = None
     model_name, fingerprint = f"{loaded.name}@{loaded.version}", loaded.card["weights_sha256"]
-    engine = Engine(Runner(loaded.model, settings.step_workers, quantize=settings.quantize), loaded.vocab,
+    runner, device_step, device_name = await asyncio.to_thread(_build_step, loaded, settings)
+    engine = Engine(runner, loaded.vocab,
                     EngineConfig(max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
                                  prefill_chunk=settings.prefill_chunk),
-                    deliver=make_deliver(asyncio.get_running_loop()))
+                    deliver=make_deliver(asyncio.get_running_loop()), device_step=device_step)
+    app.state.device = device_name
     app.state.session_key, key_source = session_blob.load_or_create_key(settings.session_key, settings.session_db or None)
     factory = app.state.session_store_factory or _store_factory(settings, app.state.session_key, fingerprint, model_name)
     session_store = factory(settings.max_sessions, on_removed=lambda reason: engine.notify("on_session_removed", reason))
@@ -86,7 +89,7 @@ async def lifespan(app: FastAPI):
     snapshots = asyncio.create_task(_snapshot_sessions(session_store, session_db, settings.snapshot_interval_s)) if session_db else None
     log.info("serving %s (weights %s, %s parameters, %s step weights) on %s, %d torch threads, %d step workers; max batch %d, queue %d, "
              "max new tokens %d, max prompt %d chars, drain %gs + grace %gs; sessions: %s store%s, %d restored, at most %d, signed with %s; listening on %s:%d",
-             model_name, fingerprint[:12], f"{loaded.model.num_parameters():,}", settings.quantize, "cpu", torch.get_num_threads(),
+             model_name, fingerprint[:12], f"{loaded.model.num_parameters():,}", settings.quantize, device_name, torch.get_num_threads(),
              settings.step_workers, settings.max_batch_size, settings.max_queue, settings.max_new_tokens,
              settings.max_prompt_chars, settings.drain_delay_s, settings.shutdown_grace_s, session_store.kind,
              f" saved to {settings.session_db}" if session_db else f" at {redacted(settings.session_store)}" if settings.session_store != "memory" else "",
@@ -118,6 +121,20 @@ def _configure_logging(level: str) -> None:
         handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
         logger.addHandler(handler)
         logger.propagate = False
+
+
+def _build_step(loaded: store.LoadedModel, settings: Settings) -> tuple[Runner, CudaStep | None, str]:
+    """The runner (prompt ingestion, and on the CPU the step itself) and, on a GPU, the device step with
+    its graphs captured. Returns them and the device's name for the log and /info."""
+    device = resolve_device(settings.device)
+    if device.type == "cpu":
+        return Runner(loaded.model, settings.step_workers, quantize=settings.quantize), None, "cpu"
+    if settings.quantize != "none":
+        raise ValueError(f"quantize={settings.quantize} is a CPU kernel and device={settings.device} resolved to {device}: "
+                         "set CHARLSTM_QUANTIZE=none or CHARLSTM_DEVICE=cpu")
+    runner = Runner(loaded.model, device=device)
+    step = CudaStep(runner.weights, device=device, capacity=settings.max_batch_size, max_steps=settings.decode_steps)
+    return runner, step, f"{device} ({torch.cuda.get_device_name(step.device)}, CUDA graphs, {settings.decode_steps} steps a look)"
 
 
 def _store_factory(settings: Settings, key: bytes, fingerprint: str, model_name: str):

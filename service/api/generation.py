@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import Awaitable, Callable
 
@@ -114,7 +115,8 @@ async def respond(engine: Engine, gen: GenerationRequest, stream: bool, model: s
     `on_done` finishes the call (a session commits) before the client hears of the end."""
     if stream:
         return stream_response(engine, gen, model, request.app.state.settings.stream_interval_ms / 1000, on_done, unknown_chars)
-    done = await run_to_completion(engine, lambda ch: engine.submit(gen, ch), request, on_done)
+    plain = dataclasses.replace(gen, stream_tokens=False)  # only its Done is needed
+    done = await run_to_completion(engine, lambda ch: engine.submit(plain, ch), request, on_done)
     if done is None:
         raise APIError(499, "client_closed", "the client closed the connection")
     if done.finish_reason == "error":

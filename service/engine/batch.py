@@ -86,6 +86,11 @@ class Batch:
         return bool(((self.controls["presence_penalty"] != 0.0) | (self.controls["frequency_penalty"] != 0.0)).any())
 
     @cached_property
+    def filtered(self) -> bool:
+        """Some row has a top-k or nucleus filter."""
+        return bool(((self.controls["top_k"] > 0) | (self.controls["top_p"] < 1.0)).any())
+
+    @cached_property
     def wants_logprobs(self) -> bool:
         return any(r.request.logprobs for r in self.rows)
 

@@ -3,32 +3,44 @@
 On a GPU a step of this model is a few dozen tiny kernels, and launching them from Python costs far
 more than running them. So the whole step — head, sampling with every stream's own controls and random
 numbers, the LSTM recurrence — is captured once per batch-size bucket as a CUDA graph and replayed;
-a batch is padded up to its bucket (padding rows hold a zero state and neutral controls). Per step the
-host sees one device-to-host copy: the sampled ids.
+a batch is padded up to its bucket (padding rows hold a zero state and neutral controls).
 
-Graphs replay on fixed addresses, so the batch lives in buffers of a fixed capacity owned here
-(`DeviceBatch`): streams join with `append` and leave with `filter`, between steps, as in TGI's `Batch`.
+Between two looks from the host the device runs k steps (`decode(k)`, the idea of vLLM's multi-step
+scheduling): the ids of all k steps come back in one copy, so the host's per-row work is paid once
+per k characters. The state lives in a ring of k + 1 slots: step j reads slot j and writes slot j + 1,
+so the state of a row after each of the k characters is still there when the host looks, and a row
+that ended inside the k steps (its length, a stop string) hands back exactly the state after its last
+character; the steps it took beyond its end are ignored. Graphs replay on fixed addresses, so the
+batch lives in buffers of a fixed capacity owned here (`DeviceBatch`): streams join with `append` and
+leave with `filter`, between looks, as in TGI's `Batch`.
+
+Two variants of the step are captured: a lean one (temperature and greedy only) and a full one
+(top-k, top-p, repetition, presence and frequency penalties); a batch takes the full one only while
+some row asks for one of those. Both pick the same character for a row whose controls are off.
 
 The same code runs eagerly on any device (graph capture only on CUDA), and on the CPU it picks exactly
-the ids that `Runner` + `sampling.sample_next` pick for the same seeds (tests/test_cuda.py): the random
-numbers are `sampling.uniforms` computed on the device in int64 arithmetic, bit for bit, and the
-sampler is `sample_next` without its host-side branches (every filter runs on every row, a no-op where
-the row's control is off).
+the ids that `Runner` + `sampling.sample_next` pick for the same seeds (tests/test_cuda.py,
+tests/test_device_engine.py): the random numbers are `sampling.uniforms` computed on the device in
+int64 arithmetic, bit for bit, and the sampler is `sample_next` without its host-side branches.
 
-    step = CudaStep(runner.weights, device="cuda", capacity=256)
+    step = CudaStep(runner.weights, device="cuda", capacity=256, max_steps=16)
     row = step.batch.append(state, params, seed, counter, seen_ids)   # (2, L, H) from prefill
-    ids = step.step()          # (n,) int64 on the host: one character per live row; states advanced
+    ids = step.decode(16)      # (16, n) int64 on the host: 16 characters per live row
+    state = step.batch.row_state(row, after=5)   # (2, L, H) on the host, after the row's 5th character
     step.batch.filter(keep)    # rows that go on, in their new order
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..sampling import SamplingParams
+from ..sampling import _mix64 as _host_mix64
 from .runner import FusedWeights
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+MAX_TOP = 5  # the most alternatives a row may ask for at each position (SamplingParams.top_logprobs)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -66,22 +78,50 @@ def _mix64(z: torch.Tensor) -> torch.Tensor:
 
 def device_uniforms(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
     """`sampling.uniforms` on the tensors' device. seeds, counters: (B,) int64 -> (B,) float64, same bits."""
-    key = _mix64(seeds)
-    z = _mix64(key + (counters + 1) * _GOLDEN)
+    return uniforms_from_keys(_mix64(seeds), counters)
+
+
+def uniforms_from_keys(keys: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """The same, from each stream's key (its seed hashed once): keys and counters broadcast, e.g. (1, B)
+    keys with (k, B) counters give the next k draws of every row at once."""
+    z = _mix64(keys + (counters + 1) * _GOLDEN)
     return _shr(z, 11).to(torch.float64) * (1.0 / 2**53)
 
 
+def stream_key(seed: int) -> int:
+    """A stream's key, hashed on the host once when it joins (int64 with the uint64's bits)."""
+    return _int64(int(_host_mix64(np.array([seed], dtype=np.uint64))[0]))
+
+
+def sample_plain(logits: torch.Tensor, scale: torch.Tensor, greedy: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sample_rows` for a batch where no row has a filter or a penalty: temperature and greedy only.
+    logits (B, V); scale (B,) the temperature (1 for greedy rows); greedy (B,) bool; u (B,) float64.
+    Picks what `sampling.sample_next` picks for such rows, in fewer kernels (no sort)."""
+    V = logits.shape[1]
+    probs = torch.softmax(logits / scale.unsqueeze(1), dim=-1)  # (B, V), vocabulary order
+    cdf = torch.cumsum(probs.double(), dim=-1)  # (B, V)
+    target = (u * cdf[:, -1]).unsqueeze(1)  # (B, 1)
+    pick = torch.searchsorted(cdf, target, right=True).clamp_(max=V - 1).squeeze(1)  # (B,)
+    pick = torch.where(greedy, logits.argmax(dim=-1), pick)  # (B,)
+    return pick, torch.log_softmax(logits, dim=-1).gather(1, pick.unsqueeze(1)).squeeze(1)
+
+
 def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                repetition_penalty: torch.Tensor, seen: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                repetition_penalty: torch.Tensor, seen: torch.Tensor, u: torch.Tensor,
+                presence_penalty: torch.Tensor | None = None, frequency_penalty: torch.Tensor | None = None,
+                counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`sampling.sample_next` with no host synchronisation, so a CUDA graph can hold it.
 
-    Same arguments (seen (B, V) bool is required; all False where no row is penalised) and the same
-    picks: every row goes through the penalty, the sort and both filters, which leave a row whose
-    controls are off exactly as it was. Returns (ids (B,) int64, logprobs (B,) under the raw logits)."""
+    Same arguments (seen (B, V) bool is required; all False where no row is penalised; counts (B, V)
+    float with both penalties, or none of the three) and the same picks: every row goes through the
+    penalties, the sort and both filters, which leave a row whose controls are off exactly as it was.
+    Returns (ids (B,) int64, logprobs (B,) under the raw logits)."""
     B, V = logits.shape
     raw = logits
     pen = repetition_penalty.unsqueeze(1)  # (B, 1)
     logits = torch.where(seen, torch.where(logits > 0, logits / pen, logits * pen), logits)  # (B, V)
+    if counts is not None:  # x - 0 * c - 0 * [c > 0] is x bit for bit, so rows without these penalties keep their logits
+        logits = logits - frequency_penalty.unsqueeze(1) * counts - presence_penalty.unsqueeze(1) * (counts > 0).to(logits.dtype)
     greedy = temperature <= 0  # (B,)
     scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature).unsqueeze(1)  # (B, V)
     filtered = ((top_k > 0) | (top_p < 1.0)).unsqueeze(1)  # (B, 1)
@@ -102,21 +142,32 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Te
 class DeviceBatch:
     """Every stream's state and controls on the device, rows [0, size) live, in fixed-capacity buffers.
 
-    Padding rows hold a zero state and neutral controls, so a step over a whole bucket is harmless."""
+    `state` is slot 0 of the ring, the state between looks. Padding rows hold a zero state and neutral
+    controls. `hist_*` hold the last `decode(k)`'s k steps: ids, their log-probabilities, the logits."""
 
     @torch.inference_mode()
-    def __init__(self, num_layers: int, hidden: int, vocab_size: int, capacity: int, device: torch.device):
+    def __init__(self, num_layers: int, hidden: int, vocab_size: int, capacity: int, device: torch.device,
+                 max_steps: int = 1):
         self.capacity, self.device, self.size = capacity, device, 0
-        self.state = torch.zeros(2, num_layers, capacity, hidden, device=device)  # (2, L, C, H)
+        self.ring = torch.zeros(max_steps + 1, 2, num_layers, capacity, hidden, device=device)  # (K+1, 2, L, C, H)
+        self.state = self.ring[0]  # (2, L, C, H)
         self.temperature = torch.ones(capacity, device=device)  # (C,)
+        self.scale = torch.ones(capacity, device=device)  # (C,) the temperature, 1 for greedy rows
+        self.greedy = torch.zeros(capacity, dtype=torch.bool, device=device)  # (C,)
         self.top_k = torch.zeros(capacity, dtype=torch.long, device=device)
         self.top_p = torch.ones(capacity, device=device)
         self.penalty = torch.ones(capacity, device=device)
+        self.presence = torch.zeros(capacity, device=device)  # (C,) OpenAI's presence penalty
+        self.frequency = torch.zeros(capacity, device=device)  # (C,) and frequency penalty
         self.seen = torch.zeros(capacity, vocab_size, dtype=torch.bool, device=device)  # (C, V)
+        self.counts = torch.zeros(capacity, vocab_size, device=device)  # (C, V) times each row generated each character
         self.seeds = torch.zeros(capacity, dtype=torch.long, device=device)
+        self.keys = torch.zeros(capacity, dtype=torch.long, device=device)  # (C,) each seed hashed once
         self.counters = torch.zeros(capacity, dtype=torch.long, device=device)  # draws made so far
-        self.ids = torch.zeros(capacity, dtype=torch.long, device=device)  # the last step's picks
-        self.logprobs = torch.zeros(capacity, device=device)  # and their log-probabilities
+        self.hist_ids = torch.zeros(max_steps, capacity, dtype=torch.long, device=device)  # (K, C) picks of each step
+        self.hist_lps = torch.zeros(max_steps, capacity, device=device)  # (K, C) their log-probabilities
+        self.hist_logits = torch.zeros(max_steps, capacity, vocab_size, device=device)  # (K, C, V), for alternatives
+        self.ids, self.logprobs = self.hist_ids[0], self.hist_lps[0]  # a single step's picks
 
     @torch.inference_mode()
     def append(self, state: torch.Tensor, params: SamplingParams, seed: int, counter: int, seen_ids: list[int]) -> int:
@@ -126,10 +177,14 @@ class DeviceBatch:
             raise RuntimeError(f"the batch is full ({self.capacity} rows)")
         r = self.size
         self.state[:, :, r] = state.to(self.device)
-        self.temperature[r], self.top_k[r], self.top_p[r] = params.temperature, params.top_k, params.top_p
-        self.penalty[r], self.seeds[r], self.counters[r] = params.repetition_penalty, seed, counter
+        greedy = params.temperature <= 0
+        self.temperature[r], self.scale[r], self.greedy[r] = params.temperature, 1.0 if greedy else params.temperature, greedy
+        self.top_k[r], self.top_p[r], self.penalty[r] = params.top_k, params.top_p, params.repetition_penalty
+        self.presence[r], self.frequency[r] = params.presence_penalty, params.frequency_penalty
+        self.seeds[r], self.keys[r], self.counters[r] = seed, stream_key(seed), counter
         self.seen[r] = False
         self.seen[r, torch.tensor(seen_ids, dtype=torch.long, device=self.device)] = True
+        self.counts[r] = 0
         self.size += 1
         return r
 
@@ -138,39 +193,47 @@ class DeviceBatch:
         """Keep these rows, in this order, as rows 0..len(keep)-1; the rest become padding."""
         n, old = len(keep), self.size
         idx = torch.tensor(keep, dtype=torch.long, device=self.device)
-        for buf in (self.temperature, self.top_k, self.top_p, self.penalty, self.seeds, self.counters, self.ids, self.logprobs):
+        for buf in (self.temperature, self.scale, self.greedy, self.top_k, self.top_p, self.penalty, self.presence,
+                    self.frequency, self.seeds, self.keys, self.counters, self.ids, self.logprobs):
             buf[:n] = buf[idx]
         self.seen[:n] = self.seen[idx]
+        self.counts[:n] = self.counts[idx]
         self.state[:, :, :n] = self.state[:, :, idx]
         self._neutral(n, max(n, old))
         self.size = n
 
     @torch.inference_mode()
-    def row_state(self, row: int) -> torch.Tensor:
-        """A copy of one row's state on the host (2, L, H), e.g. for its session when the call completes."""
-        return self.state[:, :, row].to("cpu", copy=True)
+    def row_state(self, row: int, after: int | None = None) -> torch.Tensor:
+        """A copy of one row's state on the host (2, L, H), e.g. for its session when the call completes:
+        now, or after its `after`-th character of the last decode (1..k)."""
+        return self.ring[after or 0, :, :, row].to("cpu", copy=True)
 
     def row_counter(self, row: int) -> int:
         return int(self.counters[row])
 
     def _neutral(self, start: int, end: int) -> None:
         self.state[:, :, start:end] = 0
-        self.temperature[start:end], self.top_k[start:end], self.top_p[start:end] = 1.0, 0, 1.0
-        self.penalty[start:end], self.seeds[start:end], self.counters[start:end] = 1.0, 0, 0
+        self.temperature[start:end], self.scale[start:end], self.greedy[start:end] = 1.0, 1.0, False
+        self.top_k[start:end], self.top_p[start:end], self.penalty[start:end] = 0, 1.0, 1.0
+        self.presence[start:end], self.frequency[start:end] = 0.0, 0.0
+        self.seeds[start:end], self.keys[start:end], self.counters[start:end] = 0, 0, 0
         self.seen[start:end] = False
+        self.counts[start:end] = 0
 
 
 class CudaStep:
-    """One step of every live row: logits, sampling, the LSTM recurrence; graphs on CUDA, eager elsewhere.
+    """Steps of every live row: logits, sampling, the LSTM recurrence; graphs on CUDA, eager elsewhere.
 
     weights: `Runner(...).weights` (fp32; moved to `device`). capacity: the most rows at once.
+    max_steps: the most steps one `decode` runs (graphs are captured for 1 and for max_steps).
     buckets: batch sizes a graph is captured for (capacity is always one); a batch runs in the smallest
     bucket that holds it. graphs: capture and replay (default: on CUDA only). pad: run padded to the
     bucket (default: when graphs are on; on the CPU, padding only tests the graph path's shapes)."""
 
     @torch.inference_mode()
     def __init__(self, weights: FusedWeights, device: str | torch.device = "cuda", capacity: int = 256,
-                 buckets: tuple[int, ...] = DEFAULT_BUCKETS, graphs: bool | None = None, pad: bool | None = None):
+                 buckets: tuple[int, ...] = DEFAULT_BUCKETS, graphs: bool | None = None, pad: bool | None = None,
+                 max_steps: int = 1):
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -180,10 +243,14 @@ class CudaStep:
         self.w_cat, self.b_cat = [move(w) for w in weights.w_cat], [move(b) for b in weights.b_cat]
         self.num_layers, self.hidden = 1 + len(self.w_cat), self.w_hh0.shape[0]
         self.buckets = sorted({b for b in buckets if b < capacity} | {capacity})
-        self.batch = DeviceBatch(self.num_layers, self.hidden, self.table0.shape[0], capacity, self.device)
+        if max_steps < 1:
+            raise ValueError(f"max_steps must be at least 1, got {max_steps}")
+        self.max_steps = max_steps
+        self.step_counts = sorted({1, max_steps})  # the k a graph is captured for
+        self.batch = DeviceBatch(self.num_layers, self.hidden, self.table0.shape[0], capacity, self.device, max_steps)
         self.graphs = self.device.type == "cuda" if graphs is None else graphs
         self.pad = self.graphs if pad is None else pad
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._graphs: dict[tuple[int, int, bool], torch.cuda.CUDAGraph] = {}
         if self.graphs:
             self._capture_all()
 
@@ -192,57 +259,90 @@ class CudaStep:
         return next(b for b in self.buckets if b >= rows)
 
     @torch.inference_mode()
-    def step(self) -> torch.Tensor:
-        """Sample one character for every live row from its state, then advance the row by it.
-        Returns the ids (size,) int64 on the host: the step's one device-to-host copy. Counters and
-        penalty masks advance on the device; `batch.logprobs[:size]` holds the picks' log-probabilities."""
+    def step(self, full: bool = True) -> torch.Tensor:
+        """One step: the ids (size,) int64 on the host; `batch.logprobs[:size]` their log-probabilities."""
+        return self.decode(1, full)[0]
+
+    @torch.inference_mode()
+    def decode(self, k: int, full: bool = True) -> torch.Tensor:
+        """Run k steps (1 or max_steps): each live row samples a character from its state, then advances
+        by it. Returns the ids (k, size) int64 on the host, the call's one device-to-host copy.
+        full: the sampler with filters and penalties; False (lean) only when no live row has one.
+        Counters, penalty masks and counts advance on the device; `batch.hist_lps` holds the picks'
+        log-probabilities, `batch.hist_logits` the logits they were drawn from, ring slot j + 1 the
+        state after step j."""
         n = self.batch.size
+        if k not in self.step_counts:
+            raise ValueError(f"decode runs {' or '.join(map(str, self.step_counts))} steps, not {k}")
         if n == 0:
-            return torch.zeros(0, dtype=torch.long)
+            return torch.zeros(k, 0, dtype=torch.long)
         rows = self.bucket(n) if self.pad else n
         if self.graphs:
-            self._graphs[rows].replay()
+            self._graphs[rows, k, full].replay()
         else:
-            self._step_rows(rows)
-        return self.batch.ids[:n].to("cpu", copy=True)
+            self._steps(rows, k, full)
+        return self.batch.hist_ids[:k, :n].to("cpu", copy=True)
 
-    def _step_rows(self, rows: int) -> None:
-        """The step over batch rows [0, rows), in place. Kernels only: no host synchronisation."""
+    @torch.inference_mode()
+    def alternatives(self, k: int, n: int, top: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The `top` most likely characters at each of the last decode's k steps for rows [0, n) and their
+        log-probabilities under the model's own distribution, on the host: (k, n, top) each."""
+        lps, ids = torch.log_softmax(self.batch.hist_logits[:k, :n], dim=-1).topk(top, dim=-1)  # (k, n, top)
+        return ids.cpu(), lps.cpu()
+
+    def _steps(self, rows: int, k: int, full: bool) -> None:
+        """k steps over batch rows [0, rows), reading ring slot 0 and leaving the result there too."""
+        bt = self.batch
+        draws = bt.counters[:rows].unsqueeze(0) + torch.arange(k, device=self.device).unsqueeze(1)  # (k, R)
+        u = uniforms_from_keys(bt.keys[:rows].unsqueeze(0), draws)  # (k, R) float64: every draw of the look at once
+        for j in range(k):
+            self._step_rows(rows, j, u[j], full)
+        bt.counters[:rows] += k
+        bt.ring[0, :, :, :rows].copy_(bt.ring[k, :, :, :rows])
+
+    def _step_rows(self, rows: int, j: int, u: torch.Tensor, full: bool) -> None:
+        """Step j: read ring slot j, write slot j + 1. Kernels only: no host synchronisation."""
         bt, H = self.batch, self.hidden
-        state = bt.state[:, :, :rows]  # (2, L, R, H), a view of the fixed buffer
+        state, out = bt.ring[j, :, :, :rows], bt.ring[j + 1, :, :, :rows]  # (2, L, R, H) each
         logits = torch.addmm(self.b_head, state[0, -1], self.w_head)  # (R, V)
-        u = device_uniforms(bt.seeds[:rows], bt.counters[:rows])  # (R,) float64
-        ids, lps = sample_rows(logits, bt.temperature[:rows], bt.top_k[:rows], bt.top_p[:rows], bt.penalty[:rows],
-                               bt.seen[:rows], u)  # (R,), (R,)
-        bt.ids[:rows].copy_(ids)
-        bt.logprobs[:rows].copy_(lps)
-        bt.counters[:rows] += 1
-        bt.seen[:rows].scatter_(1, ids.unsqueeze(1), True)
-        for layer in range(self.num_layers):  # in place: layer l reads its own old h before writing it
+        bt.hist_logits[j, :rows].copy_(logits)
+        if full:
+            ids, lps = sample_rows(logits, bt.temperature[:rows], bt.top_k[:rows], bt.top_p[:rows], bt.penalty[:rows],
+                                   bt.seen[:rows], u, bt.presence[:rows], bt.frequency[:rows], bt.counts[:rows])  # (R,), (R,)
+            bt.seen[:rows].scatter_(1, ids.unsqueeze(1), True)
+            bt.counts[:rows].scatter_add_(1, ids.unsqueeze(1), torch.ones_like(ids, dtype=bt.counts.dtype).unsqueeze(1))
+        else:  # no row has a filter or a penalty, so none reads its mask or counts either
+            ids, lps = sample_plain(logits, bt.scale[:rows], bt.greedy[:rows], u)
+        bt.hist_ids[j, :rows].copy_(ids)
+        bt.hist_lps[j, :rows].copy_(lps)
+        for layer in range(self.num_layers):
             if layer == 0:
                 gates = torch.addmm(self.table0.index_select(0, ids), state[0, 0], self.w_hh0)  # (R, 4H)
             else:
-                inp = torch.cat([state[0, layer - 1], state[0, layer]], dim=1)  # (R, 2H): [new h_below, old h_self]
+                inp = torch.cat([out[0, layer - 1], state[0, layer]], dim=1)  # (R, 2H): [new h_below, old h_self]
                 gates = torch.addmm(self.b_cat[layer - 1], inp, self.w_cat[layer - 1])  # (R, 4H)
             ifo = torch.sigmoid(gates[:, : 3 * H])  # (R, 3H): input, forget, output gates
             g = torch.tanh(gates[:, 3 * H :])  # (R, H)
-            c = state[1, layer].mul_(ifo[:, H : 2 * H]).addcmul_(ifo[:, :H], g)  # f * c_prev + i * g
-            torch.mul(ifo[:, 2 * H :], torch.tanh(c), out=state[0, layer])  # h = o * tanh(c)
+            c = torch.mul(ifo[:, H : 2 * H], state[1, layer], out=out[1, layer]).addcmul_(ifo[:, :H], g)  # f * c_prev + i * g
+            torch.mul(ifo[:, 2 * H :], torch.tanh(c), out=out[0, layer])  # h = o * tanh(c)
 
     def _capture_all(self) -> None:
-        """One graph per bucket, captured while the batch is empty (warm-up steps only touch padding)."""
+        """One graph per bucket, step count and sampler, captured while the batch is empty (warm-up steps only touch padding)."""
         pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for rows in self.buckets:
-                for _ in range(2):  # warm-up: lazy initialisation and workspace allocation happen outside capture
-                    self._step_rows(rows)
+                for full in (False, True):
+                    for _ in range(2):  # warm-up: lazy initialisation and workspace allocation happen outside capture
+                        self._steps(rows, 1, full)
         torch.cuda.current_stream(self.device).wait_stream(side)
-        for rows in reversed(self.buckets):  # the largest first: smaller graphs reuse its pool memory
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self._step_rows(rows)
-            self._graphs[rows] = graph
+        for k in reversed(self.step_counts):
+            for full in (True, False):
+                for rows in reversed(self.buckets):  # the largest first: smaller graphs reuse its pool memory
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool):
+                        self._steps(rows, k, full)
+                    self._graphs[rows, k, full] = graph
         torch.cuda.synchronize(self.device)
         self.batch._neutral(0, self.batch.capacity)

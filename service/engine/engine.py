@@ -8,6 +8,12 @@ own controls and random stream, and hands the resulting events to `deliver` once
 The engine knows nothing of sessions, stores or HTTP: a request brings the state it starts from and
 a completed stream hands back the state it ended in. Every stream that was accepted gets exactly one
 `Done`, whatever fails on the way, and gives its place back when it does.
+
+With a `device_step` (service/engine/cuda_step.py, a GPU) the rows' states, controls and sampling live
+on the device, and a loop runs `device_step.max_steps` steps there before the host looks at the ids:
+rows are admitted, cancelled and finished between loops, so each of those waits at most one loop. A
+row that ends inside a loop (its length, a stop string) ignores the steps it took beyond its end and
+hands back the state after its last character, which the device keeps for every step of the loop.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import torch
 from ..sampling import MAX_SEED, sample_next, top_alternatives, uniforms
 from ..vocab import CharVocab
 from .batch import Batch
+from .cuda_step import CudaStep
 from .runner import Runner
 from .stops import StopMatcher
 from .types import Alternatives, Done, EngineUnavailable, GenerationRequest, Overloaded, PromptScored, ShuttingDown, Token
@@ -93,8 +100,15 @@ class Stream:
 
 class Engine:
     def __init__(self, runner: Runner, vocab: CharVocab, config: EngineConfig = EngineConfig(),
-                 deliver: Callable[[list[tuple[Any, list]]], None] | None = None):
+                 deliver: Callable[[list[tuple[Any, list]]], None] | None = None, device_step: CudaStep | None = None):
+        """device_step: step the batch there (its capacity bounds max_batch_size) instead of with `runner`,
+        which then only ingests prompts (on the same device)."""
+        if device_step is not None and device_step.batch.capacity < config.max_batch_size:
+            raise ValueError(f"the device step holds {device_step.batch.capacity} rows, fewer than max_batch_size={config.max_batch_size}")
         self.runner, self.vocab, self.config = runner, vocab, config
+        self.device_step = device_step
+        # in device mode the host Batch keeps rows and controls only; the state lives in device_step.batch
+        self._no_state = torch.zeros(2, runner.num_layers, 0)
         self.deliver = deliver or _deliver_directly
         self.observers: list[EngineStats] = []
         self._cv = threading.Condition()
@@ -287,12 +301,19 @@ class Engine:
                     stream.prompt_scored = PromptScored(tuple(stream.prompt_lps), tops)
                     self._outbox.append((stream.listener, [stream.prompt_scored]))
                 if stream.request.max_new_tokens == 0:
-                    self._finish(stream, "length", stream.state)
+                    self._finish(stream, "length", stream.state.cpu())
                 else:
                     vocab_size = len(self._chars)
-                    self._joining.append(Batch.single(stream, stream.state, stream.seed, stream.request.counter, vocab_size))
-                    stream.state = None
+                    state = stream.state if self.device_step is None else self._no_state
+                    self._joining.append(Batch.single(stream, state, stream.seed, stream.request.counter, vocab_size))
         if self._joining:
+            if self.device_step is not None:  # rows join the device batch in the host batch's order
+                for stream in (r for b in self._joining for r in b.rows):
+                    request = stream.request
+                    self.device_step.batch.append(stream.state, request.params, stream.seed, request.counter,
+                                                  request.prompt_ids)
+            for stream in (r for b in self._joining for r in b.rows):
+                stream.state = None
             self._batch = Batch.concatenate([self._batch, *self._joining])
             self._joining = []
         if ingested:
@@ -301,7 +322,7 @@ class Engine:
     def _score_slice(self, stream: Stream, end: int, before: torch.Tensor, outputs: torch.Tensor) -> None:
         """Log-probabilities of the slice's characters, each under the output that preceded it: the
         top h of the state before the slice, then the slice's own outputs. outputs (T, H)."""
-        ids = torch.tensor(stream.feed[stream.fed : end], dtype=torch.long)  # (T,)
+        ids = torch.tensor(stream.feed[stream.fed : end], dtype=torch.long, device=outputs.device)  # (T,)
         T, H = outputs.shape
         preceding = torch.cat([before[0, -1:], outputs[:-1]])  # (T, H)
         logits = self.runner.logits(preceding.view(1, 1, T, H))  # (T, V): the head over each h, read as a batch of T rows
@@ -322,6 +343,9 @@ class Engine:
             stream.prompt_tops.extend(tops)
 
     def _decode_step(self) -> None:
+        if self.device_step is not None:
+            self._decode_on_device()
+            return
         t0 = time.perf_counter()
         batch = self._batch
         rows = batch.rows
@@ -363,7 +387,69 @@ class Engine:
         if gaps:
             self.notify("on_inter_token", gaps)
 
-    def _advance(self, stream: Stream) -> tuple[str, int] | None:
+    def _decode_on_device(self) -> None:
+        """Up to max_steps steps on the device, then every row's new characters at once."""
+        t0 = time.perf_counter()
+        batch, device = self._batch, self.device_step
+        rows = batch.rows
+        most = max(s.request.max_new_tokens - len(s.chars) for s in rows)
+        k = device.max_steps if most * 2 >= device.max_steps else 1  # one step at a time when most rows end sooner
+        full = batch.filtered or batch.penalised or batch.counted  # else the lean sampler
+        ids = device.decode(k, full).T.tolist()  # n rows of k ids: the loop's one copy to the host ...
+        n = len(rows)
+        lps = device.batch.hist_lps[:k, :n].T.tolist() if batch.wants_logprobs else None  # ... unless figures are asked for
+        top_k = batch.top_logprobs
+        if top_k:
+            top_ids, top_lps = (t.transpose(0, 1).tolist() for t in device.alternatives(k, n, top_k))  # (n, k, top_k) each
+        now = time.perf_counter()
+        gaps, ending = [], []
+        chars = self._chars
+        for row, stream in enumerate(rows):
+            if stream.finished:
+                continue
+            take = min(k, stream.request.max_new_tokens - len(stream.chars))
+            if stream.t_last:
+                gaps.append((now - stream.t_last) / take)  # characters of one loop arrive together: their mean gap
+            else:
+                self.notify("on_first_token", now - stream.t_submit)
+            stream.t_last = now
+            got = ids[row][:take]
+            before = len(stream.chars)
+            tops = None
+            if top_k and (want := stream.request.params.top_logprobs):
+                tops = [tuple((chars[i], v) for i, v in zip(top_ids[row][j][:want], top_lps[row][j][:want])) for j in range(take)]
+            if stream.matcher is None:  # only the length can end it: everything at once
+                stream.chars.extend(map(chars.__getitem__, got))
+                if lps is not None:
+                    stream.lps.extend(lps[row][:take])
+                if tops is not None:
+                    stream.tops.extend(tops)
+                end = self._advance(stream)
+            else:  # a stop string may end it at any of these characters
+                end = None
+                for j, char_id in enumerate(got):
+                    stream.chars.append(chars[char_id])
+                    stream.lps.append(lps[row][j] if lps is not None else 0.0)
+                    if tops is not None:
+                        stream.tops.append(tops[j])
+                    end = self._advance(stream, emit=False)
+                    if end is not None:
+                        break
+                if end is None:
+                    self._advance(stream)  # releases what can no longer grow into a stop string
+                elif end[1] > stream.released:
+                    self._emit_token(stream, end[1])
+            if end is not None:
+                ending.append((stream, row, *end, len(stream.chars) - before))
+        for stream, row, reason, cut, taken in ending:
+            state = device.batch.row_state(row, after=taken) if stream.request.return_state else None
+            self._finish(stream, reason, state, cut)
+        self._steps += k
+        self.notify("on_step", n, (now - t0) / k)
+        if gaps:
+            self.notify("on_inter_token", gaps)
+
+    def _advance(self, stream: Stream, emit: bool = True) -> tuple[str, int] | None:
         """Release what is safe to show; on a stop string or at its length, say why and where the text ends."""
         total = len(stream.chars)
         cut, reason = total, None
@@ -375,11 +461,14 @@ class Engine:
                 cut = total - held
         if reason is None and total >= stream.request.max_new_tokens:
             cut, reason = total, "length"
-        if cut > stream.released:
+        if emit and cut > stream.released:
             self._emit_token(stream, cut)
         return None if reason is None else (reason, cut)
 
     def _emit_token(self, stream: Stream, upto: int) -> None:
+        if not stream.request.stream_tokens:  # a plain request waits for its Done alone
+            stream.released = upto
+            return
         start = stream.released
         lps = tuple(stream.lps[start:upto]) if stream.request.logprobs else None
         tops = tuple(stream.tops[start:upto]) if stream.request.params.top_logprobs else None
@@ -422,7 +511,10 @@ class Engine:
         """Streams leave the batch between steps: keep the rows still running."""
         rows = self._batch.rows
         if any(s.finished for s in rows):
-            self._batch = self._batch.filter([i for i, s in enumerate(rows) if not s.finished])
+            keep = [i for i, s in enumerate(rows) if not s.finished]
+            self._batch = self._batch.filter(keep)
+            if self.device_step is not None:
+                self.device_step.batch.filter(keep)
 
     def _fail_in_flight(self, exc: Exception) -> None:
         """After a fault in a step: end every stream the step could have touched, start from an empty batch."""
@@ -430,6 +522,15 @@ class Engine:
         for stream in [*self._batch.rows, *self._prefilling, *(r for b in self._joining for r in b.rows)]:
             self._finish(stream, "error", error=message)
         self._batch, self._prefilling, self._joining = self._empty_batch(), deque(), []
+        self._empty_device_batch()
+
+    def _empty_device_batch(self) -> None:
+        if self.device_step is not None:
+            try:
+                self.device_step.batch.filter([])
+            except Exception:  # the device itself may be what failed; the next join overwrites its rows anyway
+                log.exception("emptying the device batch failed")
+                self.device_step.batch.size = 0
 
     def _end_everything(self, reason: str) -> None:
         """The loop is over: every stream still known gets its end."""
@@ -442,6 +543,7 @@ class Engine:
             except Exception:
                 log.exception("ending a stream failed")
         self._batch, self._prefilling, self._joining, self._waiting = self._empty_batch(), deque(), [], deque()
+        self._empty_device_batch()
         self._publish_counts()
         self._flush()
 

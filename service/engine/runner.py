@@ -8,6 +8,7 @@ that layer costs a row lookup plus one multiply by the recurrent weights. It com
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -71,14 +72,21 @@ class Runner:
     inside each kernel, which meet at a barrier after every kernel (17 per step for two layers) and
     stall whenever the event loop takes one of the cores (see benchmarks/README.md)."""
 
-    def __init__(self, model: CharLSTM, workers: int = 1, quantize: str = "none"):
+    def __init__(self, model: CharLSTM, workers: int = 1, quantize: str = "none", device: str | torch.device = "cpu"):
         """quantize: "none" (fp32) or "int8": the step's recurrent and upper-layer matrices in int8
         (service/engine/quant.py). The embedding-folded table stays fp32 (a lookup), the head too (65
         columns: the int8 kernel's fixed cost there exceeds fp32's whole multiply, measured at B = 1 and
-        64), and so does `prefill` (nn.LSTM in fp32 ingests faster than the int8 step; benchmarks/README.md)."""
+        64), and so does `prefill` (nn.LSTM in fp32 ingests faster than the int8 step; benchmarks/README.md).
+        device: where the weights and every state this runner makes live; a model on another device is
+        copied there (the caller's model stays where it is). int8 is a CPU kernel."""
         if quantize not in QUANTIZE_MODES:
             raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, got {quantize!r}")
+        self.device = torch.device(device)
+        if quantize != "none" and self.device.type != "cpu":
+            raise ValueError(f"quantize {quantize} runs on the CPU only, not on {self.device.type}")
         model.eval()
+        if next(model.parameters()).device != self.device:
+            model = copy.deepcopy(model).to(self.device)
         self.model = model
         cfg = model.config
         self.num_layers, self.hidden, self.vocab_size = cfg.num_layers, cfg.hidden_size, cfg.vocab_size
@@ -99,7 +107,7 @@ class Runner:
 
     def zero_state(self, batch: int | None = None) -> torch.Tensor:
         shape = (2, self.num_layers, self.hidden) if batch is None else (2, self.num_layers, batch, self.hidden)
-        return torch.zeros(shape)
+        return torch.zeros(shape, device=self.device)
 
     def logits(self, state: torch.Tensor) -> torch.Tensor:
         """Next-character logits from a batched state (2, L, B, H) -> (B, V): the head over the top h."""
@@ -110,12 +118,14 @@ class Runner:
         """Feed a whole prompt in one LSTM call. ids: T ints; state (2, L, H) -> state (2, L, H).
         A prompt of a few characters goes through the fused step instead, which costs less per call.
         With `outputs`, returns (state, y): y (T, H) is the top layer's output after each character,
-        what the head turns into the prediction of the next one (prompt log-probabilities)."""
+        what the head turns into the prediction of the next one (prompt log-probabilities).
+        A state from elsewhere (a session on the host) moves to this runner's device first."""
+        state = state.to(self.device)
         if len(ids) <= SHORT_PROMPT:
             s = state.unsqueeze(2)  # (2, L, 1, H)
             tops = []
             for i in ids:
-                s = self.step(torch.tensor([i]), s)
+                s = self.step(torch.tensor([i], device=self.device), s)
                 if outputs:
                     tops.append(s[0, -1])  # (1, H)
             # A copy made after the step's temporaries are freed fills their gap in the heap; sessions keep
@@ -124,7 +134,7 @@ class Runner:
             if not outputs:
                 return final
             return final, torch.cat(tops) if tops else state.new_zeros(0, self.hidden)  # (T, H)
-        x = self.model.embed(torch.tensor(ids, dtype=torch.long).unsqueeze(0))  # (1, T, E)
+        x = self.model.embed(torch.tensor(ids, dtype=torch.long, device=self.device).unsqueeze(0))  # (1, T, E)
         h0, c0 = state[0].unsqueeze(1).contiguous(), state[1].unsqueeze(1).contiguous()  # (L, 1, H)
         y, (h, c) = self.model.lstm(x, (h0, c0))  # y (1, T, H); h, c (L, 1, H) each
         final = torch.stack([h[:, 0], c[:, 0]])  # (2, L, H)

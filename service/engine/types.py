@@ -26,6 +26,7 @@ class GenerationRequest:
     logprobs: bool = False  # the sampled characters' log-probabilities (params.top_logprobs adds alternatives)
     return_state: bool = False  # hand the final state back in Done (a session call keeps it)
     prompt_logprobs: int | None = None  # None: off; k: each prompt character's log-probability and k alternatives
+    stream_tokens: bool = True  # Token events as characters are made; False: only the Done (a plain, non-streamed call)
 
     @property
     def fresh(self) -> bool:

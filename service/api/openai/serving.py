@@ -103,7 +103,8 @@ class OpenAIServingCompletion:
                 request = GenerationRequest(
                     prompt_ids=ids, max_new_tokens=max_tokens, params=params, seed=seed, stop=tuple(body.stop),
                     logprobs=body.logprobs is not None,
-                    prompt_logprobs=body.logprobs if body.echo and body.logprobs is not None else None)
+                    prompt_logprobs=body.logprobs if body.echo and body.logprobs is not None else None,
+                    stream_tokens=bool(body.stream))  # a plain answer needs only each choice's Done
                 choices.append(_Choice(len(choices), prompt, j == 0, request))
         return choices
 

@@ -1,0 +1,168 @@
+"""The engine in device mode (service/engine/cuda_step.py behind Engine), run eagerly on the CPU.
+
+The device path is what `--device cuda` serves with; here it runs on the CPU (no graphs, padded to its
+buckets), where its picks are exactly the host path's picks, so the two engines must agree on every
+stream: text, end, random-stream position, log-probabilities, alternatives and the final state,
+whether a loop runs one step or several. On a GPU, tests/test_cuda.py runs the same comparison there.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from service.engine.cuda_step import CudaStep
+from service.engine.engine import Engine, EngineConfig
+from service.engine.runner import Runner
+from service.engine.types import Done, GenerationRequest, Token
+from service.sampling import SamplingParams
+
+
+class StepLog:
+    """Counts the engine's loops that stepped (on_step) and the characters they made."""
+
+    def __init__(self):
+        self.loops = 0
+
+    def on_step(self, batch_size, seconds):
+        self.loops += 1
+
+    def __getattr__(self, name):  # every other observer call is ignored
+        return lambda *args: None
+
+
+def run(tiny_model, requests, device_steps: int | None, config=EngineConfig(max_batch_size=16), cancel_after=None):
+    """Every request through a real engine; device_steps None: the host path. Returns (events, loops, engine)."""
+    events = {i: [] for i in range(len(requests))}
+    finished = threading.Event()
+    streams = {}
+
+    def deliver(batch):
+        for i, evs in batch:
+            events[i].extend(evs)
+            if cancel_after is not None and i == cancel_after and any(isinstance(e, Token) for e in evs):
+                engine.cancel(streams[i])
+        if all(any(isinstance(e, Done) for e in evs) for evs in events.values()):
+            finished.set()
+
+    runner = Runner(tiny_model.model)
+    device = None
+    if device_steps is not None:
+        device = CudaStep(runner.weights, device="cpu", capacity=config.max_batch_size, buckets=(1, 4, 8),
+                          pad=True, max_steps=device_steps)
+    engine = Engine(runner, tiny_model.vocab, config, deliver, device_step=device)
+    log = StepLog()
+    engine.add_observer(log)
+    for i, req in enumerate(requests):
+        streams[i] = engine.submit(req, i)
+    engine.start()
+    try:
+        assert finished.wait(120)
+    finally:
+        engine.stop()
+    return events, log.loops, engine
+
+
+def done_of(evs) -> Done:
+    return next(e for e in evs if isinstance(e, Done))
+
+
+def mixed_requests(tiny_model) -> list[GenerationRequest]:
+    vocab, runner = tiny_model.vocab, Runner(tiny_model.model)
+    carried = runner.prefill(vocab.encode("KING:\nthou art my lord.\n"), runner.zero_state())
+    P = SamplingParams
+    specs = [
+        ("KING:\n", 60, P(temperature=0.8), {}),
+        ("QUEEN:\nthou", 45, P(temperature=0.9, top_k=5), {"stop": ("lord", "e ")}),
+        ("", 33, P(top_p=0.9, repetition_penalty=1.3), {"logprobs": True}),
+        ("FOOL: my lord", 50, P(temperature=0.7, presence_penalty=0.8, frequency_penalty=0.3, top_logprobs=3),
+         {"logprobs": True}),
+        ("ROMEO:\n", 40, P(temperature=0.0), {"return_state": True}),
+        ("JULIET:\n", 70, P(temperature=1.1, top_k=10, top_p=0.8), {"stop": ("o",), "return_state": True}),
+        ("GHOST:\n", 0, P(), {"return_state": True}),
+        ("KING:\n", 1, P(temperature=0.8), {"return_state": True}),
+        ("and ", 55, P(temperature=0.8), {"state": carried, "return_state": True}),
+        ("QUEEN:\n", 25, P(temperature=0.6), {"stream_tokens": False, "logprobs": True}),
+    ]
+    return [GenerationRequest(prompt_ids=vocab.encode(prompt), max_new_tokens=n, params=params, seed=100 + i, **extra)
+            for i, (prompt, n, params, extra) in enumerate(specs)]
+
+
+@pytest.mark.parametrize("device_steps", [1, 8])
+def test_device_mode_makes_what_the_host_path_makes(tiny_model, device_steps):
+    requests = mixed_requests(tiny_model)
+    host, _, _ = run(tiny_model, requests, None)
+    device, _, engine = run(tiny_model, requests, device_steps)
+    assert engine.device_step.batch.size == 0  # every row gave its place back
+    for i, request in enumerate(requests):
+        want, got = done_of(host[i]), done_of(device[i])
+        assert (got.text, got.finish_reason, got.completion_tokens, got.counter) == \
+               (want.text, want.finish_reason, want.completion_tokens, want.counter), f"request {i}"
+        if want.logprobs is not None:
+            torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(want.logprobs), rtol=1e-5, atol=1e-5)
+        if want.top_logprobs is not None:
+            assert [[c for c, _ in alt] for alt in got.top_logprobs] == [[c for c, _ in alt] for alt in want.top_logprobs]
+        assert (got.state is None) == (want.state is None), f"request {i}"
+        if want.state is not None:
+            assert got.state.device.type == "cpu"
+            torch.testing.assert_close(got.state, want.state, rtol=1e-5, atol=1e-5)
+        tokens = [e for e in device[i] if isinstance(e, Token)]
+        if request.stream_tokens:
+            assert "".join(t.text for t in tokens) == got.text
+        else:
+            assert tokens == []
+    assert [done_of(host[i]).finish_reason for i in (1, 5)] == ["stop", "stop"]  # both stop strings were met
+
+
+def test_a_loop_runs_several_device_steps_and_a_session_still_stops_exactly(tiny_model):
+    """Eight characters a loop, and a session call that meets its stop string inside a loop hands back
+    the state after its last character, as the host path (one step a loop) does."""
+    vocab = tiny_model.vocab
+    requests = [GenerationRequest(prompt_ids=vocab.encode("KING:\n"), max_new_tokens=64, seed=i) for i in range(3)]
+    requests += [GenerationRequest(prompt_ids=vocab.encode("KING:\n"), max_new_tokens=64, seed=s, stop=(" ",),
+                                   return_state=True) for s in range(10, 16)]
+    host, _, _ = run(tiny_model, requests, None)
+    device, loops, _ = run(tiny_model, requests, 8)
+    assert loops <= 64 // 8 + 1
+    stopped = [i for i in range(3, len(requests)) if done_of(host[i]).finish_reason == "stop"]
+    assert any(done_of(host[i]).completion_tokens % 8 for i in stopped)  # some stopped inside a loop
+    for i in range(len(requests)):
+        want, got = done_of(host[i]), done_of(device[i])
+        assert (got.text, got.finish_reason, got.completion_tokens) == (want.text, want.finish_reason, want.completion_tokens)
+        if want.state is not None:
+            torch.testing.assert_close(got.state, want.state, rtol=1e-5, atol=1e-5)
+
+
+def test_a_cancelled_device_row_leaves_and_the_others_go_on(tiny_model):
+    vocab = tiny_model.vocab
+    requests = [GenerationRequest(prompt_ids=vocab.encode("KING:\n"), max_new_tokens=200, seed=i) for i in range(3)]
+    host, _, _ = run(tiny_model, requests, None)
+    events, _, engine = run(tiny_model, requests, 4, cancel_after=1)
+    assert done_of(events[1]).finish_reason == "cancelled" and done_of(events[1]).completion_tokens < 200
+    for i in (0, 2):
+        assert done_of(events[i]).text == done_of(host[i]).text
+    assert engine.device_step.batch.size == 0
+
+
+def _serve(trained_store, **env):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    base = {"CHARLSTM_MODEL_STORE": str(trained_store), "CHARLSTM_MODEL": "tiny", "CHARLSTM_SESSION_DB": ""}
+    return subprocess.run([sys.executable, "-m", "service.cli", "serve", "--port", "0"], cwd=Path(__file__).parent.parent,
+                          env={**os.environ, **base, **env}, capture_output=True, text=True, timeout=60)
+
+
+def test_int8_on_a_gpu_is_refused_with_one_message_naming_both(trained_store):
+    out = _serve(trained_store, CHARLSTM_QUANTIZE="int8", CHARLSTM_DEVICE="cuda")
+    assert out.returncode != 0 and "quantize=int8" in out.stderr and "device=cuda" in out.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_device_cuda_without_a_gpu_stops_the_start_and_says_why(trained_store):
+    out = _serve(trained_store, CHARLSTM_DEVICE="cuda")
+    assert out.returncode != 0 and "no CUDA GPU" in out.stderr and "--device cpu or auto" in out.stderr
