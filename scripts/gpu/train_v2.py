@@ -33,6 +33,13 @@ CANDIDATES = {
           "--lr", "3e-3", "--weight-decay", "0.1"],
     "c": ["--dropout", "0.1", "--embed-dropout", "0.1", "--variational-dropout", "0.4", "--weight-drop", "0.5",
           "--lr", "3e-3", "--weight-decay", "0.2"],
+    # second session: a's recipe with weight averaging, and a more strongly regularised one with it
+    "d": ["--dropout", "0", "--embed-dropout", "0.1", "--variational-dropout", "0.4", "--weight-drop", "0.3",
+          "--lr", "3e-3", "--weight-decay", "0.1", "--ema-decay", "0.999"],
+    "e": ["--dropout", "0", "--embed-dropout", "0.1", "--variational-dropout", "0.5", "--weight-drop", "0.5",
+          "--lr", "3e-3", "--weight-decay", "0.1", "--ema-decay", "0.999"],
+    "f": ["--dropout", "0", "--embed-dropout", "0.1", "--variational-dropout", "0.45", "--weight-drop", "0.4",
+          "--lr", "3e-3", "--weight-decay", "0.1", "--ema-decay", "0.999"],
 }
 PROBE_STEPS = 30
 
@@ -67,24 +74,29 @@ def main() -> None:
     ap.add_argument("--store", required=True, help="the store holding the models so far (copied per run)")
     ap.add_argument("--work", required=True)
     ap.add_argument("--budget-s", type=float, default=280.0)
+    ap.add_argument("--candidates", default="", help="comma-separated recipes to train side by side (default: a, or a,b,c when that is cheap)")
     ap.add_argument("--extra", default="", help="more train flags, after the recipe's (a CPU smoke run: smaller sizes, --device cpu)")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     (work / "probe-store").mkdir(exist_ok=True)
 
-    alone = probe(args, ["a"], work)["a"]
-    side_by_side = probe(args, list(CANDIDATES), work)
-    slowest = min(side_by_side.values())
-    keys = list(CANDIDATES) if slowest >= 0.6 * alone else ["a"]
-    rate = {k: (side_by_side[k] if len(keys) > 1 else alone) for k in keys}
+    if args.candidates:  # these, side by side, whatever it costs each
+        keys = args.candidates.split(",")
+        alone, side_by_side = None, probe(args, keys, work)
+    else:
+        first = ["a", "b", "c"]
+        alone = probe(args, first[:1], work)[first[0]]
+        side_by_side = probe(args, first, work)
+        keys = first if min(side_by_side.values()) >= 0.6 * alone else first[:1]
+    rate = {k: (side_by_side[k] if len(keys) > 1 or alone is None else alone) for k in keys}
     print(json.dumps({"probe_steps_per_s_alone": alone, "probe_steps_per_s_side_by_side": side_by_side,
                       "candidates": keys}), flush=True)
 
     procs = {}
     t0 = time.monotonic()
     for k in keys:
-        steps = int(rate[k] * args.budget_s * 0.85)  # leaves room for the periodic evaluations and the export
+        steps = int(rate[k] * args.budget_s * 0.95)  # the probe's rate includes warm-up: real runs go faster
         store = work / f"store-{k}"
         shutil.rmtree(store, ignore_errors=True)
         shutil.copytree(args.store, store)
@@ -96,7 +108,7 @@ def main() -> None:
     results = {}
     for k, (p, out, store) in procs.items():
         try:
-            p.wait(timeout=max(1.0, args.budget_s + 45 - (time.monotonic() - t0)))
+            p.wait(timeout=max(1.0, args.budget_s + 30 - (time.monotonic() - t0)))
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
