@@ -85,6 +85,9 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar (it is off anyway when stderr is not a terminal)")
     p.add_argument("--quantize", choices=["none", "int8"], default=None,
                    help="score through the engine's fused step with these weights (default: the model's nn.LSTM)")
+    p.add_argument("--split", choices=["all", "train", "validation"], default="all",
+                   help="score only this part of --text, cut as training cut it (the model card's train_fraction): "
+                        "validation is the text a model trained on --text never saw")
     _add_unknown_chars(p)
 
 
@@ -93,9 +96,12 @@ def _cmd_evaluate(args) -> int:
 
     _check_replacement(args)
     loaded = store.load(args.model or store.default_model(args.store), args.store)
-    chunks = read_chunks(args.text, size=1 << 13)
-    if not args.quiet and sys.stderr.isatty():
-        chunks = _with_progress(args.text, chunks)
+    if args.split == "all":
+        chunks = read_chunks(args.text, size=1 << 13)
+        if not args.quiet and sys.stderr.isatty():
+            chunks = _with_progress(args.text, chunks)
+    else:
+        chunks = _split_chunks(args.text, args.split, loaded.card)
     if args.quantize:  # through the engine's fused step with those weights
         from .engine.quant_eval import score_chunks_stepped
         from .engine.runner import Runner
@@ -109,9 +115,20 @@ def _cmd_evaluate(args) -> int:
     if args.json:
         print(json.dumps(score.to_dict()))
     else:
-        print(f"{loaded.name}@{loaded.version} on {args.text}: {score.nats_per_char:.4f} nats/char, "
+        where = args.text if args.split == "all" else f"{args.text} ({args.split} split)"
+        print(f"{loaded.name}@{loaded.version} on {where}: {score.nats_per_char:.4f} nats/char, "
               f"{score.bits_per_char:.4f} bits/char over {score.chars:,} characters")
     return 0
+
+
+def _split_chunks(path: str, split: str, card: dict) -> list[str]:
+    """The training or validation part of a text, cut where `charlstm train` cut it for this model."""
+    from .corpus import DEFAULT_TRAIN_FRACTION, Corpus
+
+    fraction = card.get("corpus", {}).get("split", {}).get("train_fraction", DEFAULT_TRAIN_FRACTION)
+    train, validation = Corpus.read(path).split(fraction)
+    text = train if split == "train" else validation
+    return [text[i : i + (1 << 13)] for i in range(0, len(text), 1 << 13)]
 
 
 def _with_progress(path: str, chunks):

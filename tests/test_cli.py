@@ -228,3 +228,19 @@ def test_evaluate_progress_bar_on_a_terminal(trained_store, tmp_path, play_file)
     assert proc.returncode == 0 and "char/s" in bar and "3.00k/3.00k" in bar, bar
     proc, bar = under_pty("--quiet")
     assert proc.returncode == 0 and bar == ""
+
+
+def test_evaluate_scores_the_validation_split_as_training_cut_it(trained_store, tiny_model, tmp_path, play_file):
+    fraction = tiny_model.card["corpus"]["split"]["train_fraction"]
+    text = play_file.read_text()
+    cut = int(len(text) * fraction)
+    part = tmp_path / "validation.txt"
+    part.write_text(text[cut:])
+    split = run("evaluate", "--store", str(trained_store), "--model", "tiny", "--text", str(play_file), "--split",
+                "validation", "--json")
+    whole_file = run("evaluate", "--store", str(trained_store), "--model", "tiny", "--text", str(part), "--json")
+    assert split.returncode == 0 and whole_file.returncode == 0, split.stderr + whole_file.stderr
+    assert json.loads(split.stdout) == json.loads(whole_file.stdout)
+    assert json.loads(split.stdout)["chars"] == len(text) - cut - 1
+    shown = run("evaluate", "--store", str(trained_store), "--model", "tiny", "--text", str(play_file), "--split", "train")
+    assert shown.returncode == 0 and "(train split)" in shown.stdout
