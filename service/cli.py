@@ -121,6 +121,11 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def _figure(metrics: dict, key: str, width: int) -> str:
+    """A card's figure to four places, or a dash where the card has none (a model trained without a test text)."""
+    return f"{metrics[key]:>{width}.4f}" if key in metrics else f"{'-':>{width}}"
+
+
 def _split_chunks(path: str, split: str, card: dict) -> list[str]:
     """The training or validation part of a text, cut where `charlstm train` cut it for this model."""
     from .corpus import DEFAULT_TRAIN_FRACTION, Corpus
@@ -213,8 +218,8 @@ def _cmd_models(args) -> int:
             continue
         m, t = card.get("metrics", {}), card.get("training", {})
         print(f"{mark} {name + '@' + version:<28} {card.get('num_parameters', 0):>10,} "
-              f"{m.get('val_nats_per_char', float('nan')):>9.4f} {m.get('val_bits_per_char', float('nan')):>8.4f} "
-              f"{m.get('test_bits_per_char', float('nan')):>8.4f} {t.get('steps', 0):>7}  {card.get('created_at', '')}")
+              f"{_figure(m, 'val_nats_per_char', 9)} {_figure(m, 'val_bits_per_char', 8)} "
+              f"{_figure(m, 'test_bits_per_char', 8)} {t.get('steps', 0):>7}  {card.get('created_at', '')}")
     print(f"(* marks the store's default: {store.default_model(args.store)})")
     return 0
 

@@ -485,7 +485,7 @@ class Trainer:
                 "best_step": self.run.best_step,
                 "chars_seen": self.run.chars_seen,
                 "wall_time_s": round(self.run.wall_time_s, 1),
-                "device": self.device.type if self.device.type != "cpu" else f"cpu ({torch.get_num_threads()} threads, {platform.machine()})",
+                "device": describe_device(self.device),
                 "torch_version": torch.__version__,
                 "command": self.run.commands[0],
                 "resumed_with": self.run.commands[1:],
@@ -536,6 +536,13 @@ def plot_losses(run: RunState, path: Path, final_val: float | None = None, final
     fig.savefig(tmp)
     plt.close(fig)
     tmp.replace(path)
+
+
+def describe_device(device: torch.device) -> str:
+    """What the card says the run trained on: the GPU's name, or the CPU's threads and architecture."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)}, torch {torch.__version__})"
+    return f"{device.type} ({torch.get_num_threads()} threads, {platform.machine()})"
 
 
 def run_training(cfg: TrainConfig, resume: bool = False, command: str | None = None,
