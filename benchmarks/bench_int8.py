@@ -7,7 +7,8 @@
    configuration: 1 torch thread per kernel and 2 step workers (row shares of 16+ rows).
 2. Prompt ingestion, 10,000 characters: fp32 `nn.LSTM` in the engine's 512-character slices against
    the int8 fused step character by character (prefill stays fp32 unless int8 is faster).
-3. The service over HTTP, `CHARLSTM_QUANTIZE=none` against `int8`, at 1 and 64 clients, interleaved.
+3. The service over HTTP, `CHARLSTM_QUANTIZE=none` against `int8`, at 1 and 64 clients, interleaved;
+   with --decode-steps 1,8 also each at several steps a look (`CHARLSTM_DECODE_STEPS`).
    Needs a service that reports `quantize` in /info (the setting wired into the runner); skipped otherwise.
 4. Quality (minutes): bits per char through the runner's step (service/engine/quant_eval.py), fp32
    against int8, on the validation split (last 10% of tinyshakespeare.txt) and on macbeth.txt.
@@ -94,27 +95,37 @@ def _reported_quantize(info: dict) -> str | None:
     return None
 
 
-def bench_service(model: str, clients: list[int], seconds: float, repeats: int) -> None:
-    servers = {m: charlstm_server(1, model=model, quantize=m, max_batch_size=max(clients)) for m in MODES}
+def bench_service(model: str, clients: list[int], seconds: float, repeats: int, steps: list[int]) -> None:
+    """Every (quantize, decode_steps) server up at once; the load generator visits them in turn each round."""
+    configs = [(m, k) for k in steps for m in MODES]
+    servers = {(m, k): charlstm_server(1, model=model, quantize=m, max_batch_size=max(clients), decode_steps=k)
+               for m, k in configs}
     try:
-        for m, srv in servers.items():
+        for (m, k), srv in servers.items():
             reported = _reported_quantize(httpx.get(srv.url + "/info").json())
             if reported != m:
                 print(f"3. Service over HTTP: skipped, the server started with CHARLSTM_QUANTIZE={m} reports "
                       f"quantize={reported!r} in /info (the setting is not wired into the runner yet)")
                 return
-        got = {(m, c): [] for m in MODES for c in clients}
+        got = {(cfg, c): [] for cfg in configs for c in clients}
         for _ in range(repeats):
             for c in clients:
-                for m in MODES:  # the idle server waits on a condition meanwhile
-                    got[m, c].append(loadgen(servers[m].url, c, seconds)["chars_per_s"])
+                for cfg in configs:  # the idle servers wait on a condition meanwhile
+                    got[cfg, c].append(loadgen(servers[cfg].url, c, seconds)["chars_per_s"])
     finally:
         for srv in servers.values():
             srv.stop()
     med = {k: statistics.median(v) for k, v in got.items()}
-    print(f"3. Service over HTTP (chars/s; median of {repeats} interleaved round(s), {seconds:g} s each)")
-    print(table(["clients", "fp32", "int8", "int8 / fp32"], [[c, med["none", c], med["int8", c], med["int8", c] / med["none", c]]
-                                                              for c in clients]))
+    base = ("none", steps[0])
+    name = lambda m, k: f"{'fp32' if m == 'none' else m}, {k} step{'s' if k > 1 else ''} a look"  # noqa: E731
+    print(f"3. Service over HTTP, SSE streams (chars/s; median of {repeats} interleaved round(s), {seconds:g} s each; "
+          f"ratios against {name(*base)})")
+    print(table(["clients", *(name(*cfg) for cfg in configs), *(f"{name(*cfg)} / base" for cfg in configs[1:])],
+                [[c, *(med[cfg, c] for cfg in configs), *(med[cfg, c] / med[base, c] for cfg in configs[1:])]
+                 for c in clients]))
+    for k in steps:
+        print(f"int8 / fp32 at {k} step(s) a look: " + ", ".join(
+            f"{c} client(s) {med[('int8', k), c] / med[('none', k), c]:.2f}" for c in clients))
 
 
 def bench_quality(loaded) -> None:
@@ -140,6 +151,7 @@ def main() -> None:
     ap.add_argument("--clients", default="1,64")
     ap.add_argument("--workers", type=int, default=2, help="step workers of the raw loop (the service's default)")
     ap.add_argument("--only", default="raw,prefill,service,quality")
+    ap.add_argument("--decode-steps", default="1", help="service: steps a look to compare, e.g. 1,8 (the first is the base)")
     args = ap.parse_args()
     parts = set(args.only.split(","))
     loaded = store.load(args.model)
@@ -152,7 +164,8 @@ def main() -> None:
         bench_prefill(loaded)
         print()
     if "service" in parts:
-        bench_service(args.model, [int(c) for c in args.clients.split(",")], 2 * args.seconds, args.repeats)
+        bench_service(args.model, [int(c) for c in args.clients.split(",")], 2 * args.seconds, args.repeats,
+                      [int(k) for k in args.decode_steps.split(",")])
         print()
     if "quality" in parts:
         bench_quality(loaded)

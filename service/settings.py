@@ -51,8 +51,9 @@ class Settings(BaseSettings):
     device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="where the model runs: cpu; cuda (a GPU holds the weights, "
                                                    "every row's state and the sampling, and replays each step as a CUDA graph); "
                                                    "auto: cuda when torch sees a GPU, else cpu")
-    decode_steps: int = Field(16, ge=1, le=256, description="on a GPU: steps the device runs between two looks from the host, "
-                              "which collects their characters in one copy; rows join, leave and end between looks")
+    decode_steps: int | None = Field(None, ge=1, le=256, description="steps a look: the batch takes this many steps before the "
+                                     "host updates the rows' text, once for all of them (a GPU returns their characters in "
+                                     "one copy); rows join, leave and end between looks. Unset: 16 on a GPU, 1 on the CPU")
     session_store: str = Field("memory", description="where sessions live: 'memory' (this process, saved to session_db) or "
                                "redis://host:port/db, shared by every replica pointed at it (they need the same model and session_key)")
 

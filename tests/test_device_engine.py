@@ -116,6 +116,23 @@ def test_device_mode_makes_what_the_host_path_makes(tiny_model, device_steps):
     assert [done_of(host[i]).finish_reason for i in (1, 5)] == ["stop", "stop"]  # both stop strings were met
 
 
+def test_several_host_steps_a_look_make_what_one_step_a_look_makes(tiny_model):
+    """The CPU path with decode_steps 8: same texts, ends, figures and session states, in fewer looks."""
+    requests = mixed_requests(tiny_model)
+    one, one_loops, _ = run(tiny_model, requests, None)
+    eight, eight_loops, _ = run(tiny_model, requests, None, config=EngineConfig(max_batch_size=16, decode_steps=8))
+    assert eight_loops * 3 < one_loops
+    for i in range(len(requests)):
+        want, got = done_of(one[i]), done_of(eight[i])
+        assert (got.text, got.finish_reason, got.completion_tokens, got.counter) == \
+               (want.text, want.finish_reason, want.completion_tokens, want.counter), f"request {i}"
+        assert got.logprobs == want.logprobs and got.top_logprobs == want.top_logprobs
+        if want.state is not None:
+            assert torch.equal(got.state, want.state)
+        if requests[i].stream_tokens:
+            assert "".join(t.text for t in eight[i] if isinstance(t, Token)) == got.text
+
+
 def test_a_loop_runs_several_device_steps_and_a_session_still_stops_exactly(tiny_model):
     """Eight characters a loop, and a session call that meets its stop string inside a loop hands back
     the state after its last character, as the host path (one step a loop) does."""
@@ -166,3 +183,30 @@ def test_int8_on_a_gpu_is_refused_with_one_message_naming_both(trained_store):
 def test_device_cuda_without_a_gpu_stops_the_start_and_says_why(trained_store):
     out = _serve(trained_store, CHARLSTM_DEVICE="cuda")
     assert out.returncode != 0 and "no CUDA GPU" in out.stderr and "--device cpu or auto" in out.stderr
+
+
+def test_a_server_with_several_steps_a_look_serves_the_same_text_and_sessions(trained_store, server):
+    """Over HTTP: decode_steps 6 against the default, same seeds, plain and streamed, and a session call."""
+    import httpx
+
+    from .server import Server
+
+    looks = Server(trained_store, decode_steps=6, session_db="")
+    try:
+        looks.wait_ready()
+        info = httpx.get(looks.url + "/info").json()["engine"]
+        assert info["decode_steps"] == 6 and info["device"] == "cpu"
+        for body in ({"prompt": "KING:\n", "max_new_tokens": 50, "seed": 3, "temperature": 0.8},
+                     {"prompt": "QUEEN:\n", "max_new_tokens": 40, "seed": 4, "stop": ["e "], "top_k": 5}):
+            want = httpx.post(server.url + "/generate", json=body).json()
+            got = httpx.post(looks.url + "/generate", json=body).json()
+            assert (got["text"], got["finish_reason"]) == (want["text"], want["finish_reason"])
+        texts = []
+        for srv in (server, looks):
+            sid = httpx.post(srv.url + "/sessions", json={"prompt": "ROMEO:\n", "seed": 9}).json()["session_id"]
+            first = httpx.post(srv.url + f"/sessions/{sid}/generate", json={"max_new_tokens": 13, "stop": [" "]}).json()
+            second = httpx.post(srv.url + f"/sessions/{sid}/generate", json={"max_new_tokens": 20}).json()
+            texts.append((first["text"], second["text"]))
+        assert texts[0] == texts[1]
+    finally:
+        looks.stop()

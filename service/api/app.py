@@ -52,9 +52,10 @@ async def lifespan(app: FastAPI):
     runner, device_step, device_name = await asyncio.to_thread(_build_step, loaded, settings)
     engine = Engine(runner, loaded.vocab,
                     EngineConfig(max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
-                                 prefill_chunk=settings.prefill_chunk),
+                                 prefill_chunk=settings.prefill_chunk, decode_steps=decode_steps(settings, "cpu")),
                     deliver=make_deliver(asyncio.get_running_loop()), device_step=device_step)
     app.state.device = device_name
+    app.state.decode_steps = device_step.max_steps if device_step is not None else engine.config.decode_steps
     app.state.session_key, key_source = session_blob.load_or_create_key(settings.session_key, settings.session_db or None)
     factory = app.state.session_store_factory or _store_factory(settings, app.state.session_key, fingerprint, model_name)
     session_store = factory(settings.max_sessions, on_removed=lambda reason: engine.notify("on_session_removed", reason))
@@ -133,8 +134,17 @@ def _build_step(loaded: store.LoadedModel, settings: Settings) -> tuple[Runner, 
         raise ValueError(f"quantize={settings.quantize} is a CPU kernel and device={settings.device} resolved to {device}: "
                          "set CHARLSTM_QUANTIZE=none or CHARLSTM_DEVICE=cpu")
     runner = Runner(loaded.model, device=device)
-    step = CudaStep(runner.weights, device=device, capacity=settings.max_batch_size, max_steps=settings.decode_steps)
-    return runner, step, f"{device} ({torch.cuda.get_device_name(step.device)}, CUDA graphs, {settings.decode_steps} steps a look)"
+    steps = decode_steps(settings, device.type)
+    step = CudaStep(runner.weights, device=device, capacity=settings.max_batch_size, max_steps=steps)
+    return runner, step, f"{device} ({torch.cuda.get_device_name(step.device)}, CUDA graphs, {steps} steps a look)"
+
+
+DEFAULT_DECODE_STEPS = {"cpu": 1, "cuda": 16}
+
+
+def decode_steps(settings: Settings, device: str) -> int:
+    """The setting, or the default for the device: a GPU pays a copy and a sync per look, the CPU does not."""
+    return settings.decode_steps or DEFAULT_DECODE_STEPS[device]
 
 
 def _store_factory(settings: Settings, key: bytes, fingerprint: str, model_name: str):

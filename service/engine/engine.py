@@ -50,6 +50,7 @@ class EngineConfig:
     max_queue: int = 256  # streams waiting for a row; beyond this, submissions are refused
     prefill_chunk: int = 512  # a prompt is ingested in slices cut at multiples of this, from its own start
     start_char: str = "\n"  # fed when a fresh stream has no prompt, so the first character has context
+    decode_steps: int = 1  # steps a look on the CPU: the rows' text is updated once per look (a device step has its own)
 
 
 class EngineStats(Protocol):
@@ -76,6 +77,18 @@ class EngineSnapshot:
     ready: bool
     draining: bool
     failed: bool  # the engine thread died of an internal error: every request gets 503 until a restart
+
+
+@dataclass
+class _Look:
+    """What one look produced, row by row: ids[row] (k ids), lps[row] (k floats) when someone asked,
+    tops = (ids, logprobs), each [row][step][alternative], when someone asked for alternatives."""
+
+    ids: list[list[int]]
+    lps: list[list[float]] | None
+    tops: tuple[list, list] | None
+    state: Callable[[int, int], torch.Tensor]  # (row, characters taken) -> that row's state (2, L, H) on the host
+    settle: Callable[[], None] | None = None  # finish the look's work begun in the background
 
 
 class Stream:
@@ -343,64 +356,66 @@ class Engine:
             stream.prompt_tops.extend(tops)
 
     def _decode_step(self) -> None:
-        if self.device_step is not None:
-            self._decode_on_device()
-            return
+        """One look: k steps of every row (on the device, or here), then each row's new characters at once.
+
+        k is the configured steps a look, or 1 when most rows end sooner. A row that ends inside a look
+        (its length, a stop string) ignores the steps it took beyond its end; its state after its last
+        character is kept for it (a session continues exactly)."""
         t0 = time.perf_counter()
         batch = self._batch
-        rows = batch.rows
-        logits = self.runner.logits(batch.state)  # (B, V)
-        u = torch.from_numpy(uniforms(batch.seeds, batch.counters))  # (B,)
-        ids, lps = sample_next(logits, **batch.controls, seen=batch.seen if batch.penalised else None, u=u,
-                               want_logprobs=batch.wants_logprobs,
-                               counts=batch.counts if batch.counted else None)  # (B,), (B,) or None
-        top_k = batch.top_logprobs
-        if top_k:  # someone asked for alternatives: (B, k) ids and log-probabilities
-            top_ids, top_lps = (t.tolist() for t in top_alternatives(logits, top_k))
-        batch.record(ids)
-        new_state = self.runner.start_step(ids, batch.state)  # every row consumes its character, while ...
-        now = time.perf_counter()
-        ids_list = ids.tolist()
-        lps_list = lps.tolist() if lps is not None else [0.0] * len(rows)
-        gaps, ending = [], []
-        chars = self._chars
-        for row, (stream, char_id, lp) in enumerate(zip(rows, ids_list, lps_list)):
-            if stream.finished:
-                continue
-            if stream.t_last:
-                gaps.append(now - stream.t_last)
-            else:
-                self.notify("on_first_token", now - stream.t_submit)
-            stream.t_last = now
-            stream.chars.append(chars[char_id])
-            stream.lps.append(lp)
-            if top_k and (k := stream.request.params.top_logprobs):
-                stream.tops.append(tuple((chars[i], v) for i, v in zip(top_ids[row][:k], top_lps[row][:k])))
-            end = self._advance(stream)  # ... the rows' text is updated here
-            if end is not None:
-                ending.append((stream, row, *end))
-        batch.state = new_state()
-        for stream, row, reason, cut in ending:
-            self._finish(stream, reason, batch.state[:, :, row].clone(), cut)
-        self._steps += 1
-        self.notify("on_step", len(rows), now - t0)
-        if gaps:
-            self.notify("on_inter_token", gaps)
+        steps = self.device_step.max_steps if self.device_step is not None else self.config.decode_steps
+        most = max(s.request.max_new_tokens - len(s.chars) for s in batch.rows)
+        k = steps if most * 2 >= steps else 1
+        look = self._device_look(batch, k) if self.device_step is not None else self._host_look(batch, k)
+        self._take_look(batch.rows, k, look, t0)
 
-    def _decode_on_device(self) -> None:
-        """Up to max_steps steps on the device, then every row's new characters at once."""
-        t0 = time.perf_counter()
-        batch, device = self._batch, self.device_step
-        rows = batch.rows
-        most = max(s.request.max_new_tokens - len(s.chars) for s in rows)
-        k = device.max_steps if most * 2 >= device.max_steps else 1  # one step at a time when most rows end sooner
-        full = batch.filtered or batch.penalised or batch.counted  # else the lean sampler
-        ids = device.decode(k, full).T.tolist()  # n rows of k ids: the loop's one copy to the host ...
-        n = len(rows)
-        lps = device.batch.hist_lps[:k, :n].T.tolist() if batch.wants_logprobs else None  # ... unless figures are asked for
+    def _host_look(self, batch: Batch, k: int) -> _Look:
+        """k steps with the runner: sample every row, record, step. The last step runs in the background
+        (the step workers) while the rows' text is updated; `settle` waits for it."""
+        ids_steps, lps_steps, tops_steps, states = [], [], [], []
         top_k = batch.top_logprobs
-        if top_k:
-            top_ids, top_lps = (t.transpose(0, 1).tolist() for t in device.alternatives(k, n, top_k))  # (n, k, top_k) each
+        state = batch.state
+        for j in range(k):
+            logits = self.runner.logits(state)  # (B, V)
+            u = torch.from_numpy(uniforms(batch.seeds, batch.counters))  # (B,)
+            ids, lps = sample_next(logits, **batch.controls, seen=batch.seen if batch.penalised else None, u=u,
+                                   want_logprobs=batch.wants_logprobs,
+                                   counts=batch.counts if batch.counted else None)  # (B,), (B,) or None
+            if top_k:  # someone asked for alternatives: (B, k) ids and log-probabilities
+                tops_steps.append(top_alternatives(logits, top_k))
+            batch.record(ids)
+            ids_steps.append(ids)
+            if lps is not None:
+                lps_steps.append(lps)
+            if j < k - 1:
+                state = self.runner.step(ids, state)  # (2, L, B, H)
+                states.append(state)
+        new_state = self.runner.start_step(ids, state)  # every row consumes its last character, while ...
+
+        def settle() -> None:  # ... the rows' text is updated
+            batch.state = new_state()
+            states.append(batch.state)
+
+        tops = None
+        if top_k:  # (n, k, top_k) each
+            tops = tuple(torch.stack(t, dim=1).tolist() for t in zip(*tops_steps))
+        return _Look(ids=torch.stack(ids_steps, dim=1).tolist(),  # n rows of k ids
+                     lps=torch.stack(lps_steps, dim=1).tolist() if lps_steps else None, tops=tops,
+                     state=lambda row, taken: states[taken - 1][:, :, row].clone(), settle=settle)
+
+    def _device_look(self, batch: Batch, k: int) -> _Look:
+        """k steps on the device: the ids come back in one copy, figures only when someone asks for them."""
+        device, n = self.device_step, len(batch)
+        full = batch.filtered or batch.penalised or batch.counted  # else the lean sampler
+        ids = device.decode(k, full).T.tolist()  # n rows of k ids
+        lps = device.batch.hist_lps[:k, :n].T.tolist() if batch.wants_logprobs else None
+        tops = None
+        if batch.top_logprobs:  # (n, k, top_k) each
+            tops = tuple(t.transpose(0, 1).tolist() for t in device.alternatives(k, n, batch.top_logprobs))
+        return _Look(ids=ids, lps=lps, tops=tops, state=lambda row, taken: device.batch.row_state(row, after=taken))
+
+    def _take_look(self, rows: list[Stream], k: int, look: _Look, t0: float) -> None:
+        """Each row's characters of the look: its text, figures, stop strings and end."""
         now = time.perf_counter()
         gaps, ending = [], []
         chars = self._chars
@@ -409,19 +424,21 @@ class Engine:
                 continue
             take = min(k, stream.request.max_new_tokens - len(stream.chars))
             if stream.t_last:
-                gaps.append((now - stream.t_last) / take)  # characters of one loop arrive together: their mean gap
+                gaps.append((now - stream.t_last) / take)  # characters of one look arrive together: their mean gap
             else:
                 self.notify("on_first_token", now - stream.t_submit)
             stream.t_last = now
-            got = ids[row][:take]
-            before = len(stream.chars)
+            got = look.ids[row][:take]
+            lps = look.lps[row] if look.lps is not None else None
             tops = None
-            if top_k and (want := stream.request.params.top_logprobs):
-                tops = [tuple((chars[i], v) for i, v in zip(top_ids[row][j][:want], top_lps[row][j][:want])) for j in range(take)]
+            if look.tops is not None and (want := stream.request.params.top_logprobs):
+                top_ids, top_lps = look.tops[0][row], look.tops[1][row]
+                tops = [tuple((chars[i], v) for i, v in zip(top_ids[j][:want], top_lps[j][:want])) for j in range(take)]
+            before = len(stream.chars)
             if stream.matcher is None:  # only the length can end it: everything at once
                 stream.chars.extend(map(chars.__getitem__, got))
                 if lps is not None:
-                    stream.lps.extend(lps[row][:take])
+                    stream.lps.extend(lps[:take])
                 if tops is not None:
                     stream.tops.extend(tops)
                 end = self._advance(stream)
@@ -429,7 +446,8 @@ class Engine:
                 end = None
                 for j, char_id in enumerate(got):
                     stream.chars.append(chars[char_id])
-                    stream.lps.append(lps[row][j] if lps is not None else 0.0)
+                    if lps is not None:
+                        stream.lps.append(lps[j])
                     if tops is not None:
                         stream.tops.append(tops[j])
                     end = self._advance(stream, emit=False)
@@ -441,11 +459,13 @@ class Engine:
                     self._emit_token(stream, end[1])
             if end is not None:
                 ending.append((stream, row, *end, len(stream.chars) - before))
+        if look.settle is not None:
+            look.settle()
         for stream, row, reason, cut, taken in ending:
-            state = device.batch.row_state(row, after=taken) if stream.request.return_state else None
+            state = look.state(row, taken) if stream.request.return_state else None
             self._finish(stream, reason, state, cut)
         self._steps += k
-        self.notify("on_step", n, (now - t0) / k)
+        self.notify("on_step", len(rows), (now - t0) / k)
         if gaps:
             self.notify("on_inter_token", gaps)
 
