@@ -67,7 +67,7 @@ def engine_run(runner: Runner, vocab, device_step: CudaStep, streams: int, chars
         if len(done) == streams:
             finished.set()
 
-    engine = Engine(runner, vocab, EngineConfig(max_batch_size=streams, max_queue=streams), deliver, device_step=device_step)
+    engine = Engine(runner, vocab, EngineConfig(max_batch_size=streams, max_queue=streams, decode_steps=device_step.max_steps), deliver, device_step=device_step)
     engine.start()
     try:
         t0 = time.perf_counter()
@@ -105,7 +105,7 @@ def engine_steady(runner: Runner, vocab, device_step: CudaStep, streams: int, ch
                     if not stop.is_set():
                         submit()
 
-    engine = Engine(runner, vocab, EngineConfig(max_batch_size=streams, max_queue=streams), deliver, device_step=device_step)
+    engine = Engine(runner, vocab, EngineConfig(max_batch_size=streams, max_queue=streams, decode_steps=device_step.max_steps), deliver, device_step=device_step)
     engine.start()
     try:
         for _ in range(streams):

@@ -127,11 +127,16 @@ def _figure(metrics: dict, key: str, width: int) -> str:
 
 
 def _split_chunks(path: str, split: str, card: dict) -> list[str]:
-    """The training or validation part of a text, cut where `charlstm train` cut it for this model."""
-    from .corpus import DEFAULT_TRAIN_FRACTION, Corpus
+    """The training or validation part of a text, cut where `charlstm train` cut it for this model:
+    only the model's own training text (its checksum in the card) has such a part."""
+    from .corpus import Corpus
 
-    fraction = card.get("corpus", {}).get("split", {}).get("train_fraction", DEFAULT_TRAIN_FRACTION)
-    train, validation = Corpus.read(path).split(fraction)
+    corpus, trained_on = Corpus.read(path), card.get("corpus", {})
+    if "split" not in trained_on or trained_on.get("sha256") != corpus.sha256:
+        raise ValueError(f"--split {split}: {path} is not the text this model was trained on "
+                         f"({trained_on.get('name', 'unknown')}, sha256 {str(trained_on.get('sha256', '?'))[:12]}...): "
+                         "give that text, or leave --split out to score the whole file")
+    train, validation = corpus.split(trained_on["split"]["train_fraction"])
     text = train if split == "train" else validation
     return [text[i : i + (1 << 13)] for i in range(0, len(text), 1 << 13)]
 

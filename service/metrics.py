@@ -101,9 +101,10 @@ class EngineObserver:
     def __init__(self, m: Metrics):
         self.m = m
 
-    def on_step(self, batch_size: int, seconds: float) -> None:
-        self.m.batch_size.observe(batch_size)
-        self.m.step_duration.observe(seconds)
+    def on_step(self, batch_size: int, seconds: float, steps: int = 1) -> None:
+        for _ in range(steps):  # a look of k steps counts as k steps of its mean duration
+            self.m.batch_size.observe(batch_size)
+            self.m.step_duration.observe(seconds / steps)
 
     def on_prefill(self, chars: int, seconds: float) -> None:
         self.m.prefill_duration.observe(seconds)

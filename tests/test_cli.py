@@ -244,3 +244,5 @@ def test_evaluate_scores_the_validation_split_as_training_cut_it(trained_store, 
     assert json.loads(split.stdout)["chars"] == len(text) - cut - 1
     shown = run("evaluate", "--store", str(trained_store), "--model", "tiny", "--text", str(play_file), "--split", "train")
     assert shown.returncode == 0 and "(train split)" in shown.stdout
+    other = run("evaluate", "--store", str(trained_store), "--model", "tiny", "--text", str(part), "--split", "validation")
+    assert other.returncode == 2 and "is not the text this model was trained on" in other.stderr

@@ -246,18 +246,19 @@ def test_cuda_engine_gives_a_seed_the_same_text_alone_or_among_others(tiny_model
     vocab = tiny_model.vocab
 
     def run(requests):
-        runner = Runner(tiny_model.model, device="cuda")
-        engine = Engine(runner, vocab, EngineConfig(max_batch_size=64), lambda batch: [out[i].extend(evs) for i, evs in batch],
+        from .test_device_engine import Inbox
+
+        runner, inbox = Runner(tiny_model.model, device="cuda"), Inbox()
+        engine = Engine(runner, vocab, EngineConfig(max_batch_size=64, decode_steps=16), inbox.deliver,
                         device_step=CudaStep(runner.weights, device="cuda", capacity=64, max_steps=16))
-        out = {i: [] for i in range(len(requests))}
         for i, r in enumerate(requests):
             engine.submit(r, i)
         engine.start()
         try:
-            assert engine.wait_idle(120)
+            assert inbox.wait_done(*range(len(requests)), timeout=120)
         finally:
             engine.stop()
-        return [next(e for e in out[i] if isinstance(e, Done)) for i in range(len(requests))]
+        return [next(e for e in inbox.events[i] if isinstance(e, Done)) for i in range(len(requests))]
 
     target = GenerationRequest(prompt_ids=vocab.encode("KING:\n"), max_new_tokens=300, seed=42,
                                params=SamplingParams(temperature=0.8), return_state=True)
@@ -267,3 +268,34 @@ def test_cuda_engine_gives_a_seed_the_same_text_alone_or_among_others(tiny_model
     crowd = run([*others[:20], target, *others[20:]])[20]
     assert (crowd.text, crowd.counter) == (alone.text, alone.counter) and len(alone.text) == 300
     torch.testing.assert_close(crowd.state, alone.state)
+
+
+@needs_cuda
+def test_cuda_engine_scores_a_prompt_that_continues_a_state_from_the_host(tiny_model):
+    """A session's state comes from the host; scoring its next text beside a running stream works on the GPU."""
+    from service.engine.engine import Engine, EngineConfig
+    from service.engine.types import Done, GenerationRequest
+
+    from .test_device_engine import Inbox
+
+    vocab, host = tiny_model.vocab, Runner(tiny_model.model)
+    state = host.prefill(vocab.encode("KING:\nthou art"), host.zero_state())  # (2, L, H) on the CPU
+    tail = vocab.encode(" my lord, and the night is fair.\n")
+    runner, inbox = Runner(tiny_model.model, device="cuda"), Inbox()
+    engine = Engine(runner, vocab, EngineConfig(max_batch_size=8, decode_steps=4), inbox.deliver,
+                    device_step=CudaStep(runner.weights, device="cuda", capacity=8, max_steps=4))
+    engine.submit(GenerationRequest(prompt_ids=vocab.encode("QUEEN:\n"), max_new_tokens=60, seed=1), "running")
+    engine.submit(GenerationRequest(prompt_ids=tail, max_new_tokens=0, state=state, prompt_logprobs=2,
+                                    return_state=True), "scored")
+    engine.start()
+    try:
+        assert inbox.wait_done("running", "scored", timeout=120)
+    finally:
+        engine.stop()
+    running, scored = (next(e for e in inbox.events[k] if isinstance(e, Done)) for k in ("running", "scored"))
+    assert running.finish_reason == "length" and scored.finish_reason == "length"
+    on_cpu = host.prefill(tail, state, outputs=True)[1]  # (T, H)
+    preceding = torch.cat([state[0, -1:], on_cpu[:-1]])
+    want = torch.log_softmax(host.logits(preceding.view(1, 1, len(tail), -1)), -1).gather(1, torch.tensor(tail).unsqueeze(1))
+    torch.testing.assert_close(torch.tensor(scored.prompt.logprobs), want.squeeze(1), rtol=1e-3, atol=1e-3)
+    assert scored.state.device.type == "cpu"

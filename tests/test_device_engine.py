@@ -8,6 +8,7 @@ whether a loop runs one step or several. On a GPU, tests/test_cuda.py runs the s
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import pytest
@@ -26,7 +27,7 @@ class StepLog:
     def __init__(self):
         self.loops = 0
 
-    def on_step(self, batch_size, seconds):
+    def on_step(self, batch_size, seconds, steps=1):
         self.loops += 1
 
     def __getattr__(self, name):  # every other observer call is ignored
@@ -52,6 +53,7 @@ def run(tiny_model, requests, device_steps: int | None, config=EngineConfig(max_
     if device_steps is not None:
         device = CudaStep(runner.weights, device="cpu", capacity=config.max_batch_size, buckets=(1, 4, 8),
                           pad=True, max_steps=device_steps)
+        config = dataclasses.replace(config, decode_steps=device_steps)
     engine = Engine(runner, tiny_model.vocab, config, deliver, device_step=device)
     log = StepLog()
     engine.add_observer(log)
@@ -210,3 +212,95 @@ def test_a_server_with_several_steps_a_look_serves_the_same_text_and_sessions(tr
         assert texts[0] == texts[1]
     finally:
         looks.stop()
+
+
+class Inbox:
+    """Every listener's events, and a wait for the Done of some listeners (delivery, not the engine's books)."""
+
+    def __init__(self):
+        self.events: dict = {}
+        self._cv = threading.Condition()
+
+    def deliver(self, batch):
+        with self._cv:
+            for key, evs in batch:
+                self.events.setdefault(key, []).extend(evs)
+            self._cv.notify_all()
+
+    def wait_done(self, *keys, timeout=60.0) -> bool:
+        with self._cv:
+            return self._cv.wait_for(lambda: all(any(isinstance(e, Done) for e in self.events.get(k, ())) for k in keys),
+                                     timeout)
+
+
+def _collecting_engine(tiny_model, steps=4):
+    """A device-mode engine on the CPU whose events land in an Inbox."""
+    inbox = Inbox()
+    runner = Runner(tiny_model.model)
+    device = CudaStep(runner.weights, device="cpu", capacity=8, buckets=(1, 4), pad=True, max_steps=steps)
+    engine = Engine(runner, tiny_model.vocab, EngineConfig(max_batch_size=8, decode_steps=steps), inbox.deliver,
+                    device_step=device)
+    return engine, inbox
+
+
+def test_a_device_fault_ends_the_batch_with_one_error_each_and_the_next_request_is_served(tiny_model):
+    engine, inbox = _collecting_engine(tiny_model)
+    events = inbox.events
+    decode, faults = engine.device_step.decode, []
+
+    def fails_once(k, full=True):
+        if not faults:
+            faults.append(k)
+            raise RuntimeError("injected device fault")
+        return decode(k, full)
+
+    engine.device_step.decode = fails_once
+    vocab = tiny_model.vocab
+    for i in range(3):
+        engine.submit(GenerationRequest(prompt_ids=vocab.encode("KING:\n"), max_new_tokens=40, seed=i), i)
+    engine.start()
+    try:
+        assert inbox.wait_done(0, 1, 2)
+        ends = {i: [e for e in events[i] if isinstance(e, Done)] for i in range(3)}
+        assert all(len(d) == 1 and d[0].finish_reason == "error" for d in ends.values())
+        assert engine.device_step.batch.size == 0 and len(engine._batch) == 0
+        engine.submit(GenerationRequest(prompt_ids=vocab.encode("KING:\n"), max_new_tokens=40, seed=7), "next")
+        assert inbox.wait_done("next")
+        done = done_of(events["next"])
+        assert done.finish_reason == "length" and len(done.text) == 40 and engine.snapshot().ready
+    finally:
+        engine.stop()
+
+
+def test_a_device_that_cannot_be_emptied_stops_the_engine_and_every_call_is_refused(tiny_model):
+    from service.engine.types import EngineUnavailable
+
+    engine, inbox = _collecting_engine(tiny_model)
+    events = inbox.events
+    engine.device_step.decode = lambda k, full=True: (_ for _ in ()).throw(RuntimeError("sticky device error"))
+    engine.device_step.batch.filter = lambda keep: (_ for _ in ()).throw(RuntimeError("sticky device error"))
+    vocab = tiny_model.vocab
+    for i in range(2):
+        engine.submit(GenerationRequest(prompt_ids=vocab.encode("KING:\n"), max_new_tokens=40, seed=i), i)
+    engine.start()
+    try:
+        assert inbox.wait_done(0, 1)
+        assert all([e.finish_reason for e in events[i] if isinstance(e, Done)] == ["error"] for i in range(2))
+        snapshot = engine.snapshot()
+        assert snapshot.failed and not snapshot.ready
+        with pytest.raises(EngineUnavailable):
+            engine.submit(GenerationRequest(prompt_ids=vocab.encode("KING:\n"), max_new_tokens=5), "late")
+    finally:
+        engine.stop()
+
+
+def test_auto_with_int8_serves_on_the_cpu_even_where_a_gpu_is_seen(tiny_model, monkeypatch):
+    """int8 is a CPU kernel: `auto` then means the CPU, while an explicit cuda is refused by the settings."""
+    from service.api.app import _build_step
+    from service.settings import Settings
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
+    runner, device_step, steps, name = _build_step(tiny_model, Settings(device="auto", quantize="int8", session_db=""))
+    assert runner.device.type == "cpu" and runner.quantize == "int8" and device_step is None and name == "cpu"
+    with pytest.raises(ValueError, match="quantize=int8"):
+        Settings(device="cuda", quantize="int8")

@@ -15,7 +15,7 @@ class Recorder:
     def __init__(self):
         self.log: list[tuple[str, int]] = []
 
-    def on_step(self, batch_size, seconds):
+    def on_step(self, batch_size, seconds, steps=1):
         self.log.append(("step", batch_size))
 
     def on_prefill(self, chars, seconds):

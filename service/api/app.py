@@ -49,13 +49,12 @@ async def lifespan(app: FastAPI):
         store.load, settings.model or store.default_model(settings.model_store), settings.model_store)
     app.state.preloaded = None
     model_name, fingerprint = f"{loaded.name}@{loaded.version}", loaded.card["weights_sha256"]
-    runner, device_step, device_name = await asyncio.to_thread(_build_step, loaded, settings)
+    runner, device_step, steps, device_name = await asyncio.to_thread(_build_step, loaded, settings)
     engine = Engine(runner, loaded.vocab,
                     EngineConfig(max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
-                                 prefill_chunk=settings.prefill_chunk, decode_steps=decode_steps(settings, "cpu")),
+                                 prefill_chunk=settings.prefill_chunk, decode_steps=steps),
                     deliver=make_deliver(asyncio.get_running_loop()), device_step=device_step)
-    app.state.device = device_name
-    app.state.decode_steps = device_step.max_steps if device_step is not None else engine.config.decode_steps
+    app.state.device, app.state.device_name, app.state.decode_steps = runner.device.type, device_name, steps
     app.state.session_key, key_source = session_blob.load_or_create_key(settings.session_key, settings.session_db or None)
     factory = app.state.session_store_factory or _store_factory(settings, app.state.session_key, fingerprint, model_name)
     session_store = factory(settings.max_sessions, on_removed=lambda reason: engine.notify("on_session_removed", reason))
@@ -124,19 +123,18 @@ def _configure_logging(level: str) -> None:
         logger.propagate = False
 
 
-def _build_step(loaded: store.LoadedModel, settings: Settings) -> tuple[Runner, CudaStep | None, str]:
+def _build_step(loaded: store.LoadedModel, settings: Settings) -> tuple[Runner, CudaStep | None, int, str]:
     """The runner (prompt ingestion, and on the CPU the step itself) and, on a GPU, the device step with
-    its graphs captured. Returns them and the device's name for the log and /info."""
-    device = resolve_device(settings.device)
-    if device.type == "cpu":
-        return Runner(loaded.model, settings.step_workers, quantize=settings.quantize), None, "cpu"
-    if settings.quantize != "none":
-        raise ValueError(f"quantize={settings.quantize} is a CPU kernel and device={settings.device} resolved to {device}: "
-                         "set CHARLSTM_QUANTIZE=none or CHARLSTM_DEVICE=cpu")
-    runner = Runner(loaded.model, device=device)
+    its graphs captured. Returns them, the steps a look and the device's name for the log and /info.
+    int8 is a CPU kernel, so `auto` with it means the CPU (settings refuse it with an explicit cuda)."""
+    wanted = "cpu" if settings.device == "auto" and settings.quantize != "none" else settings.device
+    device = resolve_device(wanted)
     steps = decode_steps(settings, device.type)
+    if device.type == "cpu":
+        return Runner(loaded.model, settings.step_workers, quantize=settings.quantize), None, steps, "cpu"
+    runner = Runner(loaded.model, device=device)
     step = CudaStep(runner.weights, device=device, capacity=settings.max_batch_size, max_steps=steps)
-    return runner, step, f"{device} ({torch.cuda.get_device_name(step.device)}, CUDA graphs, {steps} steps a look)"
+    return runner, step, steps, f"{device} ({torch.cuda.get_device_name(step.device)}, CUDA graphs, {steps} steps a look)"
 
 
 DEFAULT_DECODE_STEPS = {"cpu": 1, "cuda": 16}

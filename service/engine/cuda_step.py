@@ -143,7 +143,9 @@ class DeviceBatch:
     """Every stream's state and controls on the device, rows [0, size) live, in fixed-capacity buffers.
 
     `state` is slot 0 of the ring, the state between looks. Padding rows hold a zero state and neutral
-    controls. `hist_*` hold the last `decode(k)`'s k steps: ids, their log-probabilities, the logits."""
+    controls. `hist_*` and ring slots 1..k hold the last `decode(k)`'s k steps (ids, their
+    log-probabilities, the logits, the states) in the row order of that decode: read them before the
+    next `append` or `filter`, which only move slot 0 and the controls."""
 
     @torch.inference_mode()
     def __init__(self, num_layers: int, hidden: int, vocab_size: int, capacity: int, device: torch.device,
@@ -154,16 +156,16 @@ class DeviceBatch:
         self.temperature = torch.ones(capacity, device=device)  # (C,)
         self.scale = torch.ones(capacity, device=device)  # (C,) the temperature, 1 for greedy rows
         self.greedy = torch.zeros(capacity, dtype=torch.bool, device=device)  # (C,)
-        self.top_k = torch.zeros(capacity, dtype=torch.long, device=device)
-        self.top_p = torch.ones(capacity, device=device)
-        self.penalty = torch.ones(capacity, device=device)
+        self.top_k = torch.zeros(capacity, dtype=torch.long, device=device)  # (C,) 0: off
+        self.top_p = torch.ones(capacity, device=device)  # (C,) 1: off
+        self.penalty = torch.ones(capacity, device=device)  # (C,) repetition penalty, 1: off
         self.presence = torch.zeros(capacity, device=device)  # (C,) OpenAI's presence penalty
         self.frequency = torch.zeros(capacity, device=device)  # (C,) and frequency penalty
         self.seen = torch.zeros(capacity, vocab_size, dtype=torch.bool, device=device)  # (C, V)
         self.counts = torch.zeros(capacity, vocab_size, device=device)  # (C, V) times each row generated each character
-        self.seeds = torch.zeros(capacity, dtype=torch.long, device=device)
+        self.seeds = torch.zeros(capacity, dtype=torch.long, device=device)  # (C,)
         self.keys = torch.zeros(capacity, dtype=torch.long, device=device)  # (C,) each seed hashed once
-        self.counters = torch.zeros(capacity, dtype=torch.long, device=device)  # draws made so far
+        self.counters = torch.zeros(capacity, dtype=torch.long, device=device)  # (C,) draws made so far
         self.hist_ids = torch.zeros(max_steps, capacity, dtype=torch.long, device=device)  # (K, C) picks of each step
         self.hist_lps = torch.zeros(max_steps, capacity, device=device)  # (K, C) their log-probabilities
         self.hist_logits = torch.zeros(max_steps, capacity, vocab_size, device=device)  # (K, C, V), for alternatives
@@ -194,7 +196,7 @@ class DeviceBatch:
         n, old = len(keep), self.size
         idx = torch.tensor(keep, dtype=torch.long, device=self.device)
         for buf in (self.temperature, self.scale, self.greedy, self.top_k, self.top_p, self.penalty, self.presence,
-                    self.frequency, self.seeds, self.keys, self.counters, self.ids, self.logprobs):
+                    self.frequency, self.seeds, self.keys, self.counters):
             buf[:n] = buf[idx]
         self.seen[:n] = self.seen[idx]
         self.counts[:n] = self.counts[idx]
@@ -209,6 +211,7 @@ class DeviceBatch:
         return self.ring[after or 0, :, :, row].to("cpu", copy=True)
 
     def row_counter(self, row: int) -> int:
+        """Draws the row's random stream has made (a session's position in it)."""
         return int(self.counters[row])
 
     def _neutral(self, start: int, end: int) -> None:
@@ -250,6 +253,8 @@ class CudaStep:
         self.batch = DeviceBatch(self.num_layers, self.hidden, self.table0.shape[0], capacity, self.device, max_steps)
         self.graphs = self.device.type == "cuda" if graphs is None else graphs
         self.pad = self.graphs if pad is None else pad
+        if self.graphs and not self.pad:
+            raise ValueError("graphs replay at bucket sizes: graphs=True needs pad=True")
         self._graphs: dict[tuple[int, int, bool], torch.cuda.CUDAGraph] = {}
         if self.graphs:
             self._capture_all()

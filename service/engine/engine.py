@@ -1,19 +1,21 @@
-"""The engine loop: continuous batching of every running stream, one character per step.
+"""The engine loop: continuous batching of every running stream, a look of k steps at a time.
 
 One thread owns the model and the `Batch`. Callers `submit` requests and `cancel` them from any
-thread; the loop admits waiting streams between steps, ingests prompts in slices cut at fixed offsets
-of each prompt, steps all running rows together with the fused LSTM step, samples each row with its
-own controls and random stream, and hands the resulting events to `deliver` once per step.
+thread; the loop admits waiting streams between looks, ingests prompts in slices cut at fixed offsets
+of each prompt, steps all running rows together with the fused LSTM step (k steps a look:
+`EngineConfig.decode_steps`, or 1 when most rows end sooner), samples each row with its own controls
+and random stream, updates each row's text once a look, and hands the resulting events to `deliver`
+once a loop.
 
 The engine knows nothing of sessions, stores or HTTP: a request brings the state it starts from and
 a completed stream hands back the state it ended in. Every stream that was accepted gets exactly one
 `Done`, whatever fails on the way, and gives its place back when it does.
 
 With a `device_step` (service/engine/cuda_step.py, a GPU) the rows' states, controls and sampling live
-on the device, and a loop runs `device_step.max_steps` steps there before the host looks at the ids:
-rows are admitted, cancelled and finished between loops, so each of those waits at most one loop. A
-row that ends inside a loop (its length, a stop string) ignores the steps it took beyond its end and
-hands back the state after its last character, which the device keeps for every step of the loop.
+on the device, and a look's k steps run there before the host sees their ids, in one copy. Either way
+rows are admitted, cancelled and finished between looks, so each of those waits at most one look. A
+row that ends inside a look (its length, a stop string) ignores the steps it took beyond its end and
+hands back the state after its last character, which is kept for every step of the look.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -33,10 +35,12 @@ import torch
 from ..sampling import MAX_SEED, sample_next, top_alternatives, uniforms
 from ..vocab import CharVocab
 from .batch import Batch
-from .cuda_step import CudaStep
 from .runner import Runner
 from .stops import StopMatcher
 from .types import Alternatives, Done, EngineUnavailable, GenerationRequest, Overloaded, PromptScored, ShuttingDown, Token
+
+if TYPE_CHECKING:
+    from .cuda_step import CudaStep
 
 log = logging.getLogger("charlstm.engine")
 
@@ -50,13 +54,13 @@ class EngineConfig:
     max_queue: int = 256  # streams waiting for a row; beyond this, submissions are refused
     prefill_chunk: int = 512  # a prompt is ingested in slices cut at multiples of this, from its own start
     start_char: str = "\n"  # fed when a fresh stream has no prompt, so the first character has context
-    decode_steps: int = 1  # steps a look on the CPU: the rows' text is updated once per look (a device step has its own)
+    decode_steps: int = 1  # steps a look: the rows' text is updated once per look (a device step must be built for as many)
 
 
 class EngineStats(Protocol):
     """The numbers the engine reports. The metrics module implements this; the engine never sees Prometheus."""
 
-    def on_step(self, batch_size: int, seconds: float) -> None: ...
+    def on_step(self, batch_size: int, seconds: float, steps: int = 1) -> None: ...  # one look of `steps` steps
     def on_prefill(self, chars: int, seconds: float) -> None: ...
     def on_queue_time(self, seconds: float) -> None: ...
     def on_first_token(self, seconds: float) -> None: ...
@@ -97,7 +101,7 @@ class Stream:
     def __init__(self, request: GenerationRequest, listener: Any, seed: int, feed: list[int], now: float,
                  state: torch.Tensor):
         self.request, self.listener, self.seed = request, listener, seed
-        self.state: torch.Tensor | None = state  # (2, L, H) while the prompt is ingested; then the batch holds it
+        self.state: torch.Tensor | None = state  # (2, L, H): the caller's (None: zeros), then on the runner's device while the prompt is ingested; then the batch holds it
         self.feed, self.fed = feed, 0  # characters to ingest before generating, and how many are done
         self.matcher = StopMatcher(request.stop) if request.stop else None
         self.chars: list[str] = []
@@ -118,6 +122,8 @@ class Engine:
         which then only ingests prompts (on the same device)."""
         if device_step is not None and device_step.batch.capacity < config.max_batch_size:
             raise ValueError(f"the device step holds {device_step.batch.capacity} rows, fewer than max_batch_size={config.max_batch_size}")
+        if device_step is not None and device_step.max_steps != config.decode_steps:
+            raise ValueError(f"the device step runs {device_step.max_steps} steps a look, decode_steps={config.decode_steps}")
         self.runner, self.vocab, self.config = runner, vocab, config
         self.device_step = device_step
         # in device mode the host Batch keeps rows and controls only; the state lives in device_step.batch
@@ -191,7 +197,6 @@ class Engine:
         feed = list(request.prompt_ids)
         if request.fresh and not feed:
             feed = [self._start_id]
-        state = self.runner.zero_state() if request.state is None else request.state
         with self._cv:
             if self._dead:
                 self.notify("on_rejected", "engine_error")
@@ -203,7 +208,7 @@ class Engine:
                 self.notify("on_rejected", "overloaded")
                 raise Overloaded(f"all {self.config.max_batch_size} rows are busy and {self.config.max_queue} requests are waiting")
             self._admitted += 1
-            stream = Stream(request, listener, seed, feed, time.perf_counter(), state)
+            stream = Stream(request, listener, seed, feed, time.perf_counter(), request.state)
             self._incoming.append(stream)
             self._cv.notify_all()
         return stream
@@ -280,6 +285,8 @@ class Engine:
         now = time.perf_counter()
         while self._waiting and len(self._batch) + len(self._prefilling) < self.config.max_batch_size:
             stream = self._waiting.popleft()
+            # on the engine thread: a fresh zero state, or the caller's (a session's, on the host) on the runner's device
+            stream.state = self.runner.zero_state() if stream.state is None else stream.state.to(self.runner.device)
             self._prefilling.append(stream)
             self.notify("on_queue_time", now - stream.t_submit)
 
@@ -363,7 +370,7 @@ class Engine:
         character is kept for it (a session continues exactly)."""
         t0 = time.perf_counter()
         batch = self._batch
-        steps = self.device_step.max_steps if self.device_step is not None else self.config.decode_steps
+        steps = self.config.decode_steps
         most = max(s.request.max_new_tokens - len(s.chars) for s in batch.rows)
         k = steps if most * 2 >= steps else 1
         look = self._device_look(batch, k) if self.device_step is not None else self._host_look(batch, k)
@@ -406,6 +413,8 @@ class Engine:
     def _device_look(self, batch: Batch, k: int) -> _Look:
         """k steps on the device: the ids come back in one copy, figures only when someone asks for them."""
         device, n = self.device_step, len(batch)
+        if device.batch.size != n:  # they join and leave together; a difference would give rows others' characters
+            raise RuntimeError(f"the device batch holds {device.batch.size} rows, the host batch {n}")
         full = batch.filtered or batch.penalised or batch.counted  # else the lean sampler
         ids = device.decode(k, full).T.tolist()  # n rows of k ids
         lps = device.batch.hist_lps[:k, :n].T.tolist() if batch.wants_logprobs else None
@@ -423,11 +432,9 @@ class Engine:
             if stream.finished:
                 continue
             take = min(k, stream.request.max_new_tokens - len(stream.chars))
-            if stream.t_last:
-                gaps.append((now - stream.t_last) / take)  # characters of one look arrive together: their mean gap
-            else:
+            if not stream.t_last:
                 self.notify("on_first_token", now - stream.t_submit)
-            stream.t_last = now
+            gap, stream.t_last = (now - stream.t_last if stream.t_last else 0.0), now
             got = look.ids[row][:take]
             lps = look.lps[row] if look.lps is not None else None
             tops = None
@@ -457,15 +464,18 @@ class Engine:
                     self._advance(stream)  # releases what can no longer grow into a stop string
                 elif end[1] > stream.released:
                     self._emit_token(stream, end[1])
+            taken = len(stream.chars) - before
+            if gap:  # the characters of a look arrive together: each counts the look's mean gap
+                gaps.extend([gap / taken] * taken)
             if end is not None:
-                ending.append((stream, row, *end, len(stream.chars) - before))
+                ending.append((stream, row, *end, taken))
         if look.settle is not None:
             look.settle()
         for stream, row, reason, cut, taken in ending:
             state = look.state(row, taken) if stream.request.return_state else None
             self._finish(stream, reason, state, cut)
         self._steps += k
-        self.notify("on_step", len(rows), (now - t0) / k)
+        self.notify("on_step", len(rows), now - t0, k)
         if gaps:
             self.notify("on_inter_token", gaps)
 
@@ -545,12 +555,11 @@ class Engine:
         self._empty_device_batch()
 
     def _empty_device_batch(self) -> None:
+        """After a fault: the device batch empties with the host's. A device that cannot even do that
+        (a sticky CUDA error) cannot serve: the error ends the engine thread, so /ready and every
+        request say 503 at once instead of failing one by one."""
         if self.device_step is not None:
-            try:
-                self.device_step.batch.filter([])
-            except Exception:  # the device itself may be what failed; the next join overwrites its rows anyway
-                log.exception("emptying the device batch failed")
-                self.device_step.batch.size = 0
+            self.device_step.batch.filter([])
 
     def _end_everything(self, reason: str) -> None:
         """The loop is over: every stream still known gets its end."""
@@ -563,7 +572,10 @@ class Engine:
             except Exception:
                 log.exception("ending a stream failed")
         self._batch, self._prefilling, self._joining, self._waiting = self._empty_batch(), deque(), [], deque()
-        self._empty_device_batch()
+        try:
+            self._empty_device_batch()
+        except Exception:  # the loop is over either way
+            log.exception("emptying the device batch failed")
         self._publish_counts()
         self._flush()
 
