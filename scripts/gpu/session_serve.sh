@@ -8,7 +8,7 @@ set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 END=${1:-510}            # seconds after the start by which everything must be written
-CANDIDATES=${2-f}
+CANDIDATES=${2-}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site || exit 1
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
