@@ -7,13 +7,17 @@ the process_* and python_* series an operator's dashboards expect beside the cha
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
+import numpy as np
 import torch
 from fastapi import FastAPI, Request, Response
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, GCCollector, Histogram, Info, PlatformCollector,
                                ProcessCollector, disable_created_metrics, generate_latest)
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 from starlette.routing import BaseRoute, Match, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -35,6 +39,38 @@ SESSION_REMOVAL_REASONS = ("expired", "evicted", "deleted")
 SESSION_STORE_OPERATIONS = ("create", "get", "is_leased", "lease", "renew", "commit", "release", "delete")
 
 
+class CountedHistogram:
+    """A histogram fed many values at once, each standing for a count of observations.
+
+    A look of k steps hands over each row's k characters together: one (mean gap, k) pair a row, where
+    prometheus-client's Histogram takes one value a call (256 rows x 16 characters: 2.6 ms of calls a
+    look, more than the GPU's 2.3 ms). The buckets are summed with numpy and exported through the
+    client's own metric family, so the series are those of any histogram."""
+
+    def __init__(self, name: str, documentation: str, buckets: tuple[float, ...], registry: CollectorRegistry):
+        self.name, self.documentation = name, documentation
+        self.bounds = np.asarray(buckets, dtype=np.float64)  # upper bounds (le), +Inf implied
+        self.counts = np.zeros(len(buckets) + 1, dtype=np.int64)  # per bucket, the last one past every bound
+        self.sum = 0.0
+        self._lock = threading.Lock()  # observed on the engine thread, collected on a scrape
+        registry.register(self)
+
+    def observe_counted(self, values: Iterable[float], counts: Iterable[int]) -> None:
+        v = np.fromiter(values, dtype=np.float64)
+        c = np.fromiter(counts, dtype=np.int64, count=len(v))
+        slot = np.searchsorted(self.bounds, v, side="left")  # the first bound >= value: Prometheus' "le"
+        with self._lock:
+            np.add.at(self.counts, slot, c)
+            self.sum += float(v @ c)
+
+    def collect(self):
+        with self._lock:
+            cumulative, total = np.cumsum(self.counts), self.sum
+        bounds = [floatToGoString(b) for b in self.bounds] + ["+Inf"]
+        yield HistogramMetricFamily(self.name, self.documentation, buckets=list(zip(bounds, cumulative.tolist())),
+                                    sum_value=total)
+
+
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
@@ -45,7 +81,8 @@ class Metrics:
         self.request_duration = Histogram("charlstm_request_duration_seconds", "HTTP request duration, streams until their end",
                                           ["route"], buckets=LATENCY, registry=r)
         self.ttft = Histogram("charlstm_time_to_first_token_seconds", "Submission to first generated character", buckets=LATENCY, registry=r)
-        self.itl = Histogram("charlstm_inter_token_latency_seconds", "Time between two characters of one stream", buckets=FAST, registry=r)
+        self.itl = CountedHistogram("charlstm_inter_token_latency_seconds", "Time between two characters of one stream "
+                                    "(the characters of one look count its mean gap each)", buckets=FAST, registry=r)
         self.queue_time = Histogram("charlstm_queue_time_seconds", "Submission to admission into the batch", buckets=LATENCY, registry=r)
         self.prompt_tokens = Counter("charlstm_prompt_tokens", "Prompt characters ingested", registry=r)
         self.generated_tokens = Counter("charlstm_generated_tokens", "Characters generated", registry=r)
@@ -115,10 +152,8 @@ class EngineObserver:
     def on_first_token(self, seconds: float) -> None:
         self.m.ttft.observe(seconds)
 
-    def on_inter_token(self, gaps: list[float]) -> None:
-        observe = self.m.itl.observe
-        for g in gaps:
-            observe(g)
+    def on_inter_token(self, gaps: list[float], counts: list[int]) -> None:
+        self.m.itl.observe_counted(gaps, counts)
 
     def on_finish(self, reason: str, prompt_tokens: int, completion_tokens: int) -> None:
         self.m.finished.labels(reason).inc()

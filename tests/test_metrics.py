@@ -115,3 +115,34 @@ def test_the_full_exposition_passes_promtool(fresh_server):
     text = httpx.get(fresh_server.url + "/metrics").text
     out = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_a_counted_histogram_exports_what_a_histogram_fed_one_value_at_a_time_exports():
+    """The inter-token histogram takes (gap, count) pairs; its series equal prometheus-client's own
+    Histogram's after the same values, each observed count times (bucket edges included)."""
+    from prometheus_client import CollectorRegistry, Histogram
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from service.metrics import FAST, CountedHistogram
+
+    values, counts = [0.00005, 0.0001, 0.0003, 0.0025, 2.0, 0.0], [1, 2, 3, 4, 5, 6]
+    mine, theirs = CollectorRegistry(), CollectorRegistry()
+    counted = CountedHistogram("gap_seconds", "gaps", FAST, mine)
+    counted.observe_counted(values[:3], counts[:3])
+    counted.observe_counted(values[3:], counts[3:])
+    plain = Histogram("gap_seconds", "gaps", buckets=FAST, registry=theirs)
+    for v, c in zip(values, counts):
+        for _ in range(c):
+            plain.observe(v)
+
+    def samples(registry):
+        from prometheus_client import generate_latest
+
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for f in text_string_to_metric_families(generate_latest(registry).decode()) for s in f.samples
+                if not s.name.endswith("_created")}
+
+    got, want = samples(mine), samples(theirs)
+    assert got.keys() == want.keys() and len(got) == len(FAST) + 3  # buckets, +Inf, _count, _sum
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-12), key

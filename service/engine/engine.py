@@ -64,7 +64,7 @@ class EngineStats(Protocol):
     def on_prefill(self, chars: int, seconds: float) -> None: ...
     def on_queue_time(self, seconds: float) -> None: ...
     def on_first_token(self, seconds: float) -> None: ...
-    def on_inter_token(self, gaps: list[float]) -> None: ...
+    def on_inter_token(self, gaps: list[float], counts: list[int]) -> None: ...  # gaps[i] seen counts[i] times
     def on_finish(self, reason: str, prompt_tokens: int, completion_tokens: int) -> None: ...
     def on_rejected(self, reason: str) -> None: ...
     # reported by the session layer through the same observers (Engine.notify)
@@ -426,7 +426,7 @@ class Engine:
     def _take_look(self, rows: list[Stream], k: int, look: _Look, t0: float) -> None:
         """Each row's characters of the look: its text, figures, stop strings and end."""
         now = time.perf_counter()
-        gaps, ending = [], []
+        gaps, counts, ending = [], [], []
         chars = self._chars
         for row, stream in enumerate(rows):
             if stream.finished:
@@ -466,7 +466,8 @@ class Engine:
                     self._emit_token(stream, end[1])
             taken = len(stream.chars) - before
             if gap:  # the characters of a look arrive together: each counts the look's mean gap
-                gaps.extend([gap / taken] * taken)
+                gaps.append(gap / taken)
+                counts.append(taken)
             if end is not None:
                 ending.append((stream, row, *end, taken))
         if look.settle is not None:
@@ -477,7 +478,7 @@ class Engine:
         self._steps += k
         self.notify("on_step", len(rows), now - t0, k)
         if gaps:
-            self.notify("on_inter_token", gaps)
+            self.notify("on_inter_token", gaps, counts)
 
     def _advance(self, stream: Stream, emit: bool = True) -> tuple[str, int] | None:
         """Release what is safe to show; on a stop string or at its length, say why and where the text ends."""
