@@ -95,6 +95,13 @@ class _Look:
     settle: Callable[[], None] | None = None  # finish the look's work begun in the background
 
 
+def _by_row(steps: list[torch.Tensor]) -> list[list]:
+    """k tensors (B,) -> B lists of k values (one step: no stacking, the common case on the CPU)."""
+    if len(steps) == 1:
+        return [[v] for v in steps[0].tolist()]
+    return torch.stack(steps, dim=1).tolist()
+
+
 class Stream:
     """One request in flight: its random stream, its text so far, its listener."""
 
@@ -406,8 +413,7 @@ class Engine:
         tops = None
         if top_k:  # (n, k, top_k) each
             tops = tuple(torch.stack(t, dim=1).tolist() for t in zip(*tops_steps))
-        return _Look(ids=torch.stack(ids_steps, dim=1).tolist(),  # n rows of k ids
-                     lps=torch.stack(lps_steps, dim=1).tolist() if lps_steps else None, tops=tops,
+        return _Look(ids=_by_row(ids_steps), lps=_by_row(lps_steps) if lps_steps else None, tops=tops,
                      state=lambda row, taken: states[taken - 1][:, :, row].clone(), settle=settle)
 
     def _device_look(self, batch: Batch, k: int) -> _Look:
@@ -427,23 +433,30 @@ class Engine:
         """Each row's characters of the look: its text, figures, stop strings and end."""
         now = time.perf_counter()
         gaps, counts, ending = [], [], []
-        chars = self._chars
+        chars, ids_of, lps_of, tops_of = self._chars, look.ids, look.lps, look.tops
         for row, stream in enumerate(rows):
             if stream.finished:
                 continue
-            take = min(k, stream.request.max_new_tokens - len(stream.chars))
-            if not stream.t_last:
+            request = stream.request
+            take = min(k, request.max_new_tokens - len(stream.chars))
+            if stream.t_last:
+                gap = now - stream.t_last
+            else:
+                gap = 0.0
                 self.notify("on_first_token", now - stream.t_submit)
-            gap, stream.t_last = (now - stream.t_last if stream.t_last else 0.0), now
-            got = look.ids[row][:take]
-            lps = look.lps[row] if look.lps is not None else None
+            stream.t_last = now
+            got = ids_of[row] if take == k else ids_of[row][:take]
+            lps = lps_of[row] if lps_of is not None else None
             tops = None
-            if look.tops is not None and (want := stream.request.params.top_logprobs):
-                top_ids, top_lps = look.tops[0][row], look.tops[1][row]
+            if tops_of is not None and (want := request.params.top_logprobs):
+                top_ids, top_lps = tops_of[0][row], tops_of[1][row]
                 tops = [tuple((chars[i], v) for i, v in zip(top_ids[j][:want], top_lps[j][:want])) for j in range(take)]
             before = len(stream.chars)
             if stream.matcher is None:  # only the length can end it: everything at once
-                stream.chars.extend(map(chars.__getitem__, got))
+                if take == 1:
+                    stream.chars.append(chars[got[0]])
+                else:
+                    stream.chars.extend(map(chars.__getitem__, got))
                 if lps is not None:
                     stream.lps.extend(lps[:take])
                 if tops is not None:
