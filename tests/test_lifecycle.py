@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -25,19 +26,27 @@ def test_metrics_pass_promtool(server):
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+@contextlib.contextmanager
+def sigterm_during_a_stream(srv: Server):
+    """A long SSE stream; once its first token has arrived, SIGTERM to the server. Yields the stream's
+    remaining events."""
+    with httpx.Client(timeout=60) as client:
+        with connect_sse(client, "POST", srv.url + "/generate",
+                         json={"prompt": "KING:", "max_new_tokens": 1_000_000, "stream": True}) as source:
+            events = source.iter_sse()
+            assert next(events).event == "token"
+            srv.proc.send_signal(signal.SIGTERM)
+            yield events
+
+
 def test_sigterm_drains_running_streams_then_exits(trained_store):
     srv = Server(trained_store, shutdown_grace_s=1.0, max_new_tokens=1_000_000)
     try:
-        with httpx.Client(timeout=60) as client:
-            with connect_sse(client, "POST", srv.url + "/generate",
-                             json={"prompt": "KING:", "max_new_tokens": 1_000_000, "stream": True}) as source:
-                events = source.iter_sse()
-                assert next(events).event == "token"
-                srv.proc.send_signal(signal.SIGTERM)
-                done = None
-                for sse in events:
-                    if sse.event == "done":
-                        done = json.loads(sse.data)
+        with sigterm_during_a_stream(srv) as events:
+            done = None
+            for sse in events:
+                if sse.event == "done":
+                    done = json.loads(sse.data)
         assert done is not None and done["finish_reason"] == "shutdown"
         assert done["usage"]["completion_tokens"] > 0
         # a drained SIGTERM is a clean stop: exit status 0
@@ -58,28 +67,23 @@ def test_a_missing_model_fails_at_start_with_one_clear_message(trained_store):
 def test_sigterm_keeps_accepting_during_the_drain_delay_with_ready_503_then_closes_and_exits_0(trained_store):
     srv = Server(trained_store, drain_delay_s=4.0, shutdown_grace_s=1.0, max_new_tokens=1_000_000)
     try:
-        with httpx.Client(timeout=60) as client:
-            with connect_sse(client, "POST", srv.url + "/generate",
-                             json={"prompt": "KING:", "max_new_tokens": 1_000_000, "stream": True}) as source:
-                events = source.iter_sse()
-                assert next(events).event == "token"
-                srv.proc.send_signal(signal.SIGTERM)
-                # each probe is a NEW connection: during the delay it is accepted and told 503, never refused
-                wait_until(lambda: httpx.get(srv.url + "/ready", timeout=5).status_code == 503, what="/ready 503")
-                ready = httpx.get(srv.url + "/ready", timeout=5)
-                assert ready.status_code == 503 and ready.json()["error"]["type"] == "not_ready"
-                assert "shutting down" in ready.json()["error"]["message"]
-                refused = httpx.post(srv.url + "/generate", json={"max_new_tokens": 5}, timeout=5)
-                assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
-                assert "Retry-After" in refused.headers
-                # the stream that was running goes on during the delay
-                tokens_after_probes = 0
-                for sse in events:
-                    if sse.event == "token":
-                        tokens_after_probes += 1
-                    if sse.event == "done":
-                        done = json.loads(sse.data)
-                        break
+        with sigterm_during_a_stream(srv) as events:
+            # each probe is a NEW connection: during the delay it is accepted and told 503, never refused
+            wait_until(lambda: httpx.get(srv.url + "/ready", timeout=5).status_code == 503, what="/ready 503")
+            ready = httpx.get(srv.url + "/ready", timeout=5)
+            assert ready.status_code == 503 and ready.json()["error"]["type"] == "not_ready"
+            assert "shutting down" in ready.json()["error"]["message"]
+            refused = httpx.post(srv.url + "/generate", json={"max_new_tokens": 5}, timeout=5)
+            assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
+            assert "Retry-After" in refused.headers
+            # the stream that was running goes on during the delay
+            tokens_after_probes = 0
+            for sse in events:
+                if sse.event == "token":
+                    tokens_after_probes += 1
+                if sse.event == "done":
+                    done = json.loads(sse.data)
+                    break
         assert tokens_after_probes > 0
         assert done["finish_reason"] == "shutdown"
         # after the delay the port closes (connection refused) and the process ends cleanly

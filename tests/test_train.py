@@ -43,22 +43,26 @@ def test_streaming_score_does_not_depend_on_chunking(tiny_model, play_file):
     assert chunked.nats_total == pytest.approx(whole.nats_total, rel=1e-5)
 
 
-def test_resume_continues_exactly(play_file, tmp_path):
-    whole = tiny_config(play_file, tmp_path / "whole", tmp_path / "s1", steps=60, eval_every=20, checkpoint_every=20, dropout=0.3)
-    run_training(whole)
-    cut = tiny_config(play_file, tmp_path / "cut", tmp_path / "s2", steps=60, eval_every=20, checkpoint_every=20, dropout=0.3, stop_at=30)
-    assert run_training(cut) is None  # stopped after step 30, nothing exported yet
+def whole_and_resumed(play_file, tmp_path, stop_at: int, **settings) -> tuple[dict, dict, list, list]:
+    """One run straight through (store s1) and the same run stopped at `stop_at` and resumed (store s2).
+    Returns both final checkpoints' tensors and both evaluation histories."""
+    run_training(tiny_config(play_file, tmp_path / "whole", tmp_path / "s1", **settings))
+    cut = tiny_config(play_file, tmp_path / "cut", tmp_path / "s2", stop_at=stop_at, **settings)
+    assert run_training(cut) is None  # stopped, nothing exported yet
     stopped = json.loads((tmp_path / "cut" / "checkpoint.json").read_text())["run"]
-    assert stopped["step"] == 30 and not stopped["done"]
+    assert stopped["step"] == stop_at and not stopped["done"]
     cut.stop_at = 0
     run_training(cut, resume=True)
-    a = load_file(str(tmp_path / "whole" / "checkpoint.safetensors"))
-    b = load_file(str(tmp_path / "cut" / "checkpoint.safetensors"))
+    a, b = (load_file(str(tmp_path / run / "checkpoint.safetensors")) for run in ("whole", "cut"))
+    ha, hb = (json.loads((tmp_path / run / "checkpoint.json").read_text())["run"]["history"] for run in ("whole", "cut"))
+    return a, b, ha, hb
+
+
+def test_resume_continues_exactly(play_file, tmp_path):
+    a, b, ha, hb = whole_and_resumed(play_file, tmp_path, 30, steps=60, eval_every=20, checkpoint_every=20, dropout=0.3)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    ha = json.loads((tmp_path / "whole" / "checkpoint.json").read_text())["run"]["history"]
-    hb = json.loads((tmp_path / "cut" / "checkpoint.json").read_text())["run"]["history"]
     assert [r["val_nats"] for r in ha] == [r["val_nats"] for r in hb]
     card = store.load("tiny", tmp_path / "s2").card
     assert len(card["training"]["resumed_with"]) == 1
@@ -149,15 +153,8 @@ def unseen_play(tmp_path_factory):
 
 
 def test_resume_is_exact_with_variational_dropout_and_weight_drop(play_file, unseen_play, tmp_path):
-    regs = dict(steps=40, eval_every=10, checkpoint_every=10, variational_dropout=0.3, weight_drop=0.3,
-                test_text=str(unseen_play))
-    run_training(tiny_config(play_file, tmp_path / "whole", tmp_path / "s1", **regs))
-    cut = tiny_config(play_file, tmp_path / "cut", tmp_path / "s2", stop_at=15, **regs)
-    assert run_training(cut) is None
-    cut.stop_at = 0
-    run_training(cut, resume=True)
-    a = load_file(str(tmp_path / "whole" / "checkpoint.safetensors"))
-    b = load_file(str(tmp_path / "cut" / "checkpoint.safetensors"))
+    a, b, _, _ = whole_and_resumed(play_file, tmp_path, 15, steps=40, eval_every=10, checkpoint_every=10,
+                                   variational_dropout=0.3, weight_drop=0.3, test_text=str(unseen_play))
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -177,19 +174,11 @@ def test_resume_is_exact_with_variational_dropout_and_weight_drop(play_file, uns
 
 
 def test_resume_is_exact_with_weight_averaging(play_file, unseen_play, tmp_path):
-    regs = dict(steps=40, eval_every=10, checkpoint_every=10, ema_decay=0.95, weight_drop=0.3, test_text=str(unseen_play))
-    run_training(tiny_config(play_file, tmp_path / "whole", tmp_path / "s1", **regs))
-    cut = tiny_config(play_file, tmp_path / "cut", tmp_path / "s2", stop_at=15, **regs)
-    assert run_training(cut) is None
-    cut.stop_at = 0
-    run_training(cut, resume=True)
-    a = load_file(str(tmp_path / "whole" / "checkpoint.safetensors"))
-    b = load_file(str(tmp_path / "cut" / "checkpoint.safetensors"))
+    a, b, ha, hb = whole_and_resumed(play_file, tmp_path, 15, steps=40, eval_every=10, checkpoint_every=10,
+                                     ema_decay=0.95, weight_drop=0.3, test_text=str(unseen_play))
     assert a.keys() == b.keys() and "ema.0" in a  # the averaged weights travel in the checkpoint
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    ha = json.loads((tmp_path / "whole" / "checkpoint.json").read_text())["run"]["history"]
-    hb = json.loads((tmp_path / "cut" / "checkpoint.json").read_text())["run"]["history"]
     assert [(r["val_nats"], r["test_nats"]) for r in ha] == [(r["val_nats"], r["test_nats"]) for r in hb]
     best_a = load_file(str(tmp_path / "whole" / "best.safetensors"))
     best_b = load_file(str(tmp_path / "cut" / "best.safetensors"))

@@ -377,9 +377,9 @@ class Engine:
         character is kept for it (a session continues exactly)."""
         t0 = time.perf_counter()
         batch = self._batch
-        steps = self.config.decode_steps
-        most = max(s.request.max_new_tokens - len(s.chars) for s in batch.rows)
-        k = steps if most * 2 >= steps else 1
+        k = self.config.decode_steps
+        if k > 1 and 2 * max(s.request.max_new_tokens - len(s.chars) for s in batch.rows) < k:
+            k = 1  # most rows end sooner than a whole look
         look = self._device_look(batch, k) if self.device_step is not None else self._host_look(batch, k)
         self._take_look(batch.rows, k, look, t0)
 
