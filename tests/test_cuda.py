@@ -5,10 +5,13 @@ The CUDA-only tests at the end skip where no GPU is present (CI has none); every
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
+from service import store
 from service.engine.cuda_step import CudaStep, device_uniforms, resolve_device, sample_plain, sample_rows, stream_key, uniforms_from_keys
 from service.engine.runner import Runner
 from service.sampling import MAX_SEED, SamplingParams, sample_next, uniforms
@@ -119,8 +122,8 @@ class Reference:
 @pytest.mark.parametrize("pad", [False, True], ids=["exact", "padded-to-bucket"])
 def test_cpu_device_step_picks_exactly_what_the_runner_and_sample_next_pick(tiny_model, pad):
     vocab, runner = tiny_model.vocab, Runner(tiny_model.model)
-    device_step = CudaStep(runner.weights, device="cpu", capacity=16, buckets=(1, 4, 8), pad=pad)
-    assert not device_step.graphs and device_step.buckets == [1, 4, 8, 16]
+    device_step = CudaStep(runner.weights, device="cpu", capacity=16, buckets=(2, 4, 8), pad=pad)
+    assert not device_step.graphs and device_step.buckets == [2, 4, 8, 16]
     reference = Reference(runner)
     params = mixed_controls(7)
     with torch.inference_mode():
@@ -299,3 +302,29 @@ def test_cuda_engine_scores_a_prompt_that_continues_a_state_from_the_host(tiny_m
     want = torch.log_softmax(host.logits(preceding.view(1, 1, len(tail), -1)), -1).gather(1, torch.tensor(tail).unsqueeze(1))
     torch.testing.assert_close(torch.tensor(scored.prompt.logprobs), want.squeeze(1), rtol=1e-3, atol=1e-3)
     assert scored.state.device.type == "cpu"
+
+
+@needs_cuda
+def test_cuda_rows_get_the_same_bits_alone_and_in_any_bucket_on_the_bundled_model():
+    """cuBLAS, like MKL, picks its kernel by the number of rows; a seed must still write one text alone or
+    batched. The bundled model's matrices (2 x 512), which a tiny model's do not stand for: one row (run
+    as bucket 2), 50 (bucket 64) and 256 rows, four steps a look, every ring state compared bit for bit."""
+    loaded = store.load(store.DEFAULT_MODEL, Path(__file__).resolve().parent.parent / "model_store")
+    runner = Runner(loaded.model, device="cuda")
+    torch.manual_seed(4)
+    states = torch.rand(256, 2, runner.num_layers, runner.hidden) * 2 - 1  # one (2, L, H) state a row
+    steps = {n: CudaStep(runner.weights, device="cuda", capacity=n if n > 1 else 2, buckets=(), max_steps=4)
+             for n in (1, 50, 256)}
+    with torch.inference_mode():
+        for n, step in steps.items():
+            for i in range(n):
+                step.batch.append(states[i], SamplingParams(temperature=0.8), 900 + i, 0, [])
+        for _ in range(5):
+            ids = {n: step.decode(4, full=False) for n, step in steps.items()}  # (4, n) each
+            assert ids[1][:, 0].tolist() == ids[50][:, 0].tolist() == ids[256][:, 0].tolist()
+            assert torch.equal(ids[50], ids[256][:, :50])
+            for j in (1, 4):
+                alone = steps[1].batch.row_state(0, after=j)
+                assert torch.equal(steps[50].batch.row_state(0, after=j), alone)
+                assert torch.equal(steps[256].batch.row_state(0, after=j), alone)
+                assert torch.equal(steps[256].batch.row_state(49, after=j), steps[50].batch.row_state(49, after=j))

@@ -51,7 +51,7 @@ def run(tiny_model, requests, device_steps: int | None, config=EngineConfig(max_
     runner = Runner(tiny_model.model)
     device = None
     if device_steps is not None:
-        device = CudaStep(runner.weights, device="cpu", capacity=config.max_batch_size, buckets=(1, 4, 8),
+        device = CudaStep(runner.weights, device="cpu", capacity=config.max_batch_size, buckets=(2, 4, 8),
                           pad=True, max_steps=device_steps)
         config = dataclasses.replace(config, decode_steps=device_steps)
     engine = Engine(runner, tiny_model.vocab, config, deliver, device_step=device)
@@ -237,7 +237,7 @@ def _collecting_engine(tiny_model, steps=4):
     """A device-mode engine on the CPU whose events land in an Inbox."""
     inbox = Inbox()
     runner = Runner(tiny_model.model)
-    device = CudaStep(runner.weights, device="cpu", capacity=8, buckets=(1, 4), pad=True, max_steps=steps)
+    device = CudaStep(runner.weights, device="cpu", capacity=8, buckets=(2, 4), pad=True, max_steps=steps)
     engine = Engine(runner, tiny_model.vocab, EngineConfig(max_batch_size=8, decode_steps=steps), inbox.deliver,
                     device_step=device)
     return engine, inbox

@@ -1,7 +1,11 @@
 """The engine's fused step and prompt ingestion compute what nn.LSTM computes, and what a naive per-gate loop does."""
 
+from pathlib import Path
+
+import pytest
 import torch
 
+from service import store
 from service.engine.runner import Runner
 from service.model import CharLSTM, CharLSTMConfig
 
@@ -81,3 +85,29 @@ def test_a_batch_split_over_worker_threads_steps_each_row_as_one_thread_does():
         torch.testing.assert_close(split.step(ids[:20], state[:, :, :20]), expected[:, :, :20], rtol=1e-6, atol=1e-6)
     finally:
         split.close()
+
+
+@pytest.mark.parametrize("quantize, workers", [("none", 1), ("none", 2), ("int8", 2)])
+def test_a_row_gets_the_same_bits_alone_and_in_a_batch_of_any_size(quantize, workers):
+    """One seed, one text, alone or batched: a row's new state and logits must not depend on how many
+    rows share the step. BLAS chooses its kernel by the number of rows and the kernels round
+    differently (without MIN_ROWS_PER_CALL and MAX_ROWS_PER_CALL every size here but 200 differed from
+    256 in fp32), so this runs the bundled model, whose matrices are the size the service multiplies."""
+    loaded = store.load(store.DEFAULT_MODEL, Path(__file__).resolve().parent.parent / "model_store")
+    runner = Runner(loaded.model, workers=workers, quantize=quantize)
+    try:
+        torch.manual_seed(3)
+        B = 256
+        state = torch.rand(2, 2, B, loaded.model.config.hidden_size) * 2 - 1  # (2, L, B, H)
+        ids = torch.randint(0, len(loaded.vocab), (B,))
+        with torch.inference_mode():
+            reference = runner.step(ids, state)  # (2, L, B, H)
+            ref_logits = runner.logits(reference)  # (B, V)
+            for size in (1, 2, 3, 17, 64, 129, 200):
+                for first in sorted({0, B - size}):  # the rows at the batch's start and at its end
+                    rows = slice(first, first + size)
+                    stepped = runner.step(ids[rows], state[:, :, rows].contiguous())
+                    assert torch.equal(stepped, reference[:, :, rows]), (size, first)
+                    assert torch.equal(runner.logits(stepped), ref_logits[rows]), (size, first)
+    finally:
+        runner.close()

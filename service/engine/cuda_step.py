@@ -37,9 +37,11 @@ import torch
 
 from ..sampling import SamplingParams
 from ..sampling import _mix64 as _host_mix64
-from .runner import FusedWeights
+from .runner import MIN_ROWS_PER_CALL, FusedWeights
 
-DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# No bucket of one row: BLAS multiplies a lone row with another kernel (a matrix-vector product) that
+# rounds differently, and a seed must write the same text alone as in a batch (runner.MIN_ROWS_PER_CALL).
+DEFAULT_BUCKETS = (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 MAX_TOP = 5  # the most alternatives a row may ask for at each position (SamplingParams.top_logprobs)
 
 
@@ -229,7 +231,7 @@ class CudaStep:
 
     weights: `Runner(...).weights` (fp32; moved to `device`). capacity: the most rows at once.
     max_steps: the most steps one `decode` runs (graphs are captured for 1 and for max_steps).
-    buckets: batch sizes a graph is captured for (capacity is always one); a batch runs in the smallest
+    buckets: batch sizes a graph is captured for (capacity is always one, one row never); a batch runs in the smallest
     bucket that holds it. graphs: capture and replay (default: on CUDA only). pad: run padded to the
     bucket (default: when graphs are on; on the CPU, padding only tests the graph path's shapes)."""
 
@@ -245,7 +247,8 @@ class CudaStep:
                                                              move(weights.w_head), move(weights.b_head))
         self.w_cat, self.b_cat = [move(w) for w in weights.w_cat], [move(b) for b in weights.b_cat]
         self.num_layers, self.hidden = 1 + len(self.w_cat), self.w_hh0.shape[0]
-        self.buckets = sorted({b for b in buckets if b < capacity} | {capacity})
+        smallest = min(MIN_ROWS_PER_CALL, capacity)  # a lone row runs as two, as on the host
+        self.buckets = sorted({b for b in buckets if smallest <= b < capacity} | {capacity})
         if max_steps < 1:
             raise ValueError(f"max_steps must be at least 1, got {max_steps}")
         self.max_steps = max_steps
@@ -281,7 +284,7 @@ class CudaStep:
             raise ValueError(f"decode runs {' or '.join(map(str, self.step_counts))} steps, not {k}")
         if n == 0:
             return torch.zeros(k, 0, dtype=torch.long)
-        rows = self.bucket(n) if self.pad else n
+        rows = self.bucket(n) if self.pad else max(n, min(MIN_ROWS_PER_CALL, self.batch.capacity))  # a padding row is neutral
         if self.graphs:
             self._graphs[rows, k, full].replay()
         else:

@@ -20,6 +20,13 @@ from .quant import Int8Linear
 
 SHORT_PROMPT = 8  # characters; up to this, stepping beats one nn.LSTM call (measured on 2 x 512)
 MIN_ROWS_PER_WORKER = 16  # below this, a share of the batch costs more per row than it saves (measured on 2 x 512)
+# A row's numbers must not depend on how many rows share its matrix multiplies, or one seed would write
+# another text alone than in a batch. BLAS picks its kernel by the number of rows, and kernels round
+# differently: MKL (2024.2, AVX-512) gives one row alone (a matrix-vector product) other bits than 2 to
+# 160 rows, and those other bits than 192 and more. So every fp32 multiply sees 2 to 128 rows: one row
+# is stepped as two (itself twice), a large batch in shares of at most 128 (tests/test_runner.py pins it).
+MIN_ROWS_PER_CALL = 2
+MAX_ROWS_PER_CALL = 128
 
 QUANTIZE_MODES = ("none", "int8")
 
@@ -110,8 +117,12 @@ class Runner:
         return torch.zeros(shape, device=self.device)
 
     def logits(self, state: torch.Tensor) -> torch.Tensor:
-        """Next-character logits from a batched state (2, L, B, H) -> (B, V): the head over the top h."""
-        return torch.addmm(self.b_head, state[0, -1], self.w_head)
+        """Next-character logits from a batched state (2, L, B, H) -> (B, V): the head over the top h.
+        One row goes through the multiply as two, so it gets the bits it gets in a batch (MIN_ROWS_PER_CALL)."""
+        top = state[0, -1]  # (B, H)
+        if top.shape[0] == 1:
+            return torch.addmm(self.b_head, top.expand(MIN_ROWS_PER_CALL, -1).contiguous(), self.w_head)[:1]
+        return torch.addmm(self.b_head, top, self.w_head)
 
     @torch.inference_mode()
     def prefill(self, ids: list[int], state: torch.Tensor, outputs: bool = False):
@@ -152,15 +163,21 @@ class Runner:
 
         With `background`, every share of a large batch goes to the pool and the caller is free until it
         asks for the result (the engine updates each row's text meanwhile); without, the calling thread
-        steps the first share itself. A batch too small to split is stepped at once either way."""
-        shares = min(self.workers, ids.shape[0] // MIN_ROWS_PER_WORKER)
+        steps the first share itself. A batch too small to split is stepped at once either way; one row
+        is stepped as two (MIN_ROWS_PER_CALL), and no share holds more than MAX_ROWS_PER_CALL rows."""
+        B = ids.shape[0]
+        if B == 1 and self._int8 is None:  # int8 products are exact integers, the same bits at any batch size
+            two = self._step_rows(ids.expand(MIN_ROWS_PER_CALL).contiguous(),
+                                  state.expand(-1, -1, MIN_ROWS_PER_CALL, -1).contiguous())  # (2, L, 2, H)
+            return lambda: two[:, :, :1]
+        shares = max(min(self.workers, B // MIN_ROWS_PER_WORKER), -(-B // MAX_ROWS_PER_CALL))
         if shares <= 1:
             new_state = self._step_rows(ids, state)
             return lambda: new_state
-        bounds = [ids.shape[0] * k // shares for k in range(shares + 1)]
+        bounds = [B * k // shares for k in range(shares + 1)]
         parts = list(zip(bounds[:-1], bounds[1:]))
-        here = [] if background else [parts.pop(0)]
-        futures = [self._pool.submit(self._step_share, ids[a:b], state[:, :, a:b]) for a, b in parts]
+        here = parts if self._pool is None else [] if background else [parts[0]]
+        futures = [self._pool.submit(self._step_share, ids[a:b], state[:, :, a:b]) for a, b in parts[len(here):]]
         done_here = [self._step_rows(ids[a:b], state[:, :, a:b]) for a, b in here]
         return lambda: torch.cat([*done_here, *(f.result() for f in futures)], dim=2)  # rows back in order
 
