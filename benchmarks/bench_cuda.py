@@ -9,6 +9,9 @@
 2. The engine (no HTTP), in device mode, two ways: B requests of `--chars` characters submitted at once
    (admission, prompt ingestion, the ramp up and the ragged end included), and steady state: B requests
    always in flight, a new one submitted as each ends, characters counted over --seconds after warm-up.
+   2b. Where a look's time goes at the largest B: the engine loop's phases (admission, prompt ingestion
+   with the device batch's appends, the device's decode, the rows' text, the batch's filter, delivery)
+   timed on the engine thread, in ms a look and as shares of the wall time.
 3. Over HTTP: `charlstm serve --device cuda` with --http-clients clients sending plain /generate
    requests back to back (load generators in several processes, loopback only), and the same with
    SSE streams.
@@ -57,6 +60,40 @@ def bare_loop(step: CudaStep, rows: int, k: int, seconds: float, state: torch.Te
     return rows * k * looks / (time.perf_counter() - t0)
 
 
+# The engine loop's phases, timed on one engine instance: where a look's wall time goes besides the device.
+PHASES = ("_admit", "_prefill_slices", "_device_look", "_take_look", "_drop_finished", "_flush")
+
+
+def time_phases(engine: Engine, device_step: CudaStep) -> tuple[dict[str, float], dict[str, int]]:
+    """Wrap these phases (and the device step's `decode`, the wait for the GPU and the ids' copy) on this
+    engine instance only; returns the dicts their seconds and their calls add up in."""
+    spent, calls = dict.fromkeys(("decode", *PHASES), 0.0), dict.fromkeys(("decode", *PHASES), 0)
+
+    def timed(name: str, inner):
+        def run(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                spent[name] += time.perf_counter() - t0
+                calls[name] += 1
+        return run
+
+    for name in PHASES:
+        setattr(engine, name, timed(name, getattr(engine, name)))
+    device_step.decode = timed("decode", device_step.decode)
+    return spent, calls
+
+
+def phase_rows(spent: dict[str, float], looks: int, seconds: float) -> list[list]:
+    """Per look: milliseconds of each phase (the device look without its decode) and the share of the wall time."""
+    own = dict(spent)
+    own["_device_look"] -= own["decode"]
+    rows = [[name.strip("_").replace("_", " "), own[name] / looks * 1e3, own[name] / seconds] for name in ("decode", *PHASES)]
+    rest = seconds - sum(spent[n] for n in PHASES)
+    return rows + [["rest of the loop (waits, locks, bookkeeping)", rest / looks * 1e3, rest / seconds]]
+
+
 def engine_run(runner: Runner, vocab, device_step: CudaStep, streams: int, chars: int) -> float:
     """Characters per second of `streams` requests of `chars` characters each through a device-mode engine."""
     done, finished = [], threading.Event()
@@ -82,9 +119,11 @@ def engine_run(runner: Runner, vocab, device_step: CudaStep, streams: int, chars
     return streams * chars / seconds
 
 
-def engine_steady(runner: Runner, vocab, device_step: CudaStep, streams: int, chars: int, seconds: float) -> float:
+def engine_steady(runner: Runner, vocab, device_step: CudaStep, streams: int, chars: int, seconds: float,
+                  phases: list | None = None) -> float:
     """Characters per second with `streams` requests always in flight (each Done submits the next),
-    each request's characters spread evenly over its time, counted in a window after one second of warm-up."""
+    each request's characters spread evenly over its time, counted in a window after one second of warm-up.
+    With `phases` (a list), the loop's phases are timed over the whole run and their rows appended to it."""
     spans, lock, stop = [], threading.Lock(), threading.Event()
     engine = None
     started: dict[int, float] = {}
@@ -106,6 +145,8 @@ def engine_steady(runner: Runner, vocab, device_step: CudaStep, streams: int, ch
                         submit()
 
     engine = Engine(runner, vocab, EngineConfig(max_batch_size=streams, max_queue=streams, decode_steps=device_step.max_steps), deliver, device_step=device_step)
+    decode = device_step.decode
+    spent, calls = time_phases(engine, device_step) if phases is not None else (None, None)
     engine.start()
     try:
         for _ in range(streams):
@@ -115,8 +156,12 @@ def engine_steady(runner: Runner, vocab, device_step: CudaStep, streams: int, ch
         time.sleep(max(0.0, hi - time.perf_counter()))  # the measuring window; the engine runs on its own thread
         stop.set()
         assert engine.wait_idle(600), "the engine did not finish"
+        total = time.perf_counter() - t0
     finally:
         engine.stop()
+        device_step.decode = decode
+    if spent is not None:
+        phases.extend(phase_rows(spent, calls["_take_look"], total))
     with lock:
         window = sum(n * max(0.0, min(t1, hi) - max(a, lo)) / (t1 - a) for a, t1, n in spans if t1 > a)
     return window / (hi - lo)
@@ -213,6 +258,14 @@ def main() -> None:
     print(f"\n2. The engine, no HTTP: B requests of {args.chars} characters, {args.steps} steps a look (chars/s; "
           f"at once: first submit to last Done; steady: B always in flight, {args.seconds * 2:g} s window; median of {args.repeats})")
     print(table(["B", "engine, at once", "engine, steady", f"bare graph of {args.steps} steps", "steady / bare"], rows), flush=True)
+    b = max(streams)
+    device_step = CudaStep(runner.weights, device=runner.device, capacity=b, max_steps=args.steps)
+    phases: list = []
+    steady = engine_steady(runner, loaded.vocab, device_step, b, args.chars, args.seconds * 2, phases)
+    del device_step
+    print(f"\n2b. Where a look's time goes, steady state at B = {b} ({steady:,.0f} chars/s with the timers on; the "
+          f"engine's loop phases timed on the engine thread; decode: launching the look, waiting for it and the ids' copy)")
+    print(table(["phase", "ms a look", "share of the wall time"], phases), flush=True)
 
     if args.no_http:
         return
