@@ -75,6 +75,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=15.0)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch threads of each server (the service's default)")
+    ap.add_argument("--prompt", default="\n", help="every request's prompt (HTTP rounds)")
     ap.add_argument("--engine", action="store_true", help="measure the bare engine in each build, without HTTP")
     args = ap.parse_args()
     if args.engine:
@@ -88,16 +89,22 @@ def main() -> None:
     roots = {"baseline": Path(args.baseline).resolve(), "this tree": ROOT}
     builds: dict[str, Proc] = {}
     figures = {name: [] for name in roots}
+    ttft = {name: [] for name in roots}
     try:
         for name, root in roots.items():
             builds[name] = build(root, args.model, args.threads)  # returns once its /ready answers
         for r in range(args.rounds):
             for name in list(builds) if r % 2 == 0 else list(builds)[::-1]:
-                figures[name].append(loadgen(builds[name].url, args.clients, args.seconds)["chars_per_s"])
+                out = loadgen(builds[name].url, args.clients, args.seconds, prompt=args.prompt)
+                figures[name].append(out["chars_per_s"])
+                ttft[name].append(out["ttft_p50"] * 1e3)
     finally:
         for proc in builds.values():
             proc.stop()
-    report(f"/generate, {args.clients} streaming clients, {args.seconds:g} s a round, {args.rounds} rounds alternated", figures)
+    report(f"/generate, {args.clients} streaming clients, prompt {args.prompt!r}, {args.seconds:g} s a round, "
+           f"{args.rounds} rounds alternated", figures)
+    print("time to the first character, p50 of each round (ms): " +
+          "; ".join(f"{name} {', '.join(f'{x:.1f}' for x in xs)}" for name, xs in ttft.items()))
 
 
 def report(what: str, figures: dict[str, list[float]]) -> None:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import threading
 
+import torch
+
 from service.engine.engine import Engine, EngineConfig
 from service.engine.runner import Runner
 from service.engine.types import Done, GenerationRequest, Token
+from service.sampling import SamplingParams
 
 
 class Recorder:
@@ -75,3 +78,28 @@ def test_streams_join_and_leave_between_steps(tiny_model):
     sizes = [n for kind, n in log if kind == "step"]
     assert max(sizes) == 5 and sizes[-1] == 1  # all together at first, the longest alone at the end
     assert sizes == sorted(sizes, reverse=True)
+
+
+def test_a_short_prompt_is_fed_by_the_batch_and_writes_what_it_writes_alone(tiny_model):
+    """A prompt of up to SHORT_PROMPT characters joins the batch at once and the batch's own steps feed
+    it, instead of steps of one row while the other rows wait. Text, log-probabilities, alternatives, the
+    penalties' counts (prompt characters are not generated ones), the random stream's position and the
+    state after it are those of the same request alone, bit for bit, with 1 and 4 steps a look."""
+    params = SamplingParams(temperature=0.9, top_logprobs=2, presence_penalty=0.5, frequency_penalty=0.3,
+                            repetition_penalty=1.2)
+
+    def request(prompt: str, seed: int, n: int) -> GenerationRequest:
+        return GenerationRequest(prompt_ids=tiny_model.vocab.encode(prompt), max_new_tokens=n, seed=seed, params=params,
+                                 logprobs=True, return_state=True)
+
+    for steps in (1, 4):
+        config = EngineConfig(max_batch_size=8, decode_steps=steps)
+        events, log = run_engine(tiny_model, config, [request("KING:", 7, 30)])
+        busy, busy_log = run_engine(tiny_model, config, [request("", 1, 60), request("KING:", 7, 30), request("thou a", 3, 2)])
+        assert not [n for kind, n in log + busy_log if kind == "prefill"]  # nothing ingested outside the batch's steps
+        one = next(e for e in events[0] if isinstance(e, Done))
+        among = next(e for e in busy[1] if isinstance(e, Done))
+        assert among.text == one.text and among.completion_tokens == 30 and among.prompt_tokens == one.prompt_tokens == 5
+        assert among.logprobs == one.logprobs and among.top_logprobs == one.top_logprobs and among.counter == one.counter == 30
+        assert torch.equal(among.state, one.state)
+        assert [n for kind, n in busy_log if kind == "step"][0] == 3  # all three rows from the first step on

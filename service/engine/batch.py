@@ -99,11 +99,18 @@ class Batch:
         """The most alternatives any row asks for at each position (0: nobody asks)."""
         return int(self.controls["top_logprobs"].max()) if len(self.rows) else 0
 
-    def record(self, ids: torch.Tensor) -> None:
-        """Every row drew once and took character ids (B,)."""
+    def record(self, ids: torch.Tensor, fed: list[int] = ()) -> None:
+        """Every row took character ids (B,): a draw of its random stream, except the rows in `fed`, which
+        were fed a character of their prompt (no draw spent, nothing generated)."""
         self.counters += np.uint64(1)
+        if fed:
+            self.counters[fed] -= np.uint64(1)
         if self.penalised or self.counted:
             rows = torch.arange(len(self.rows))
+            if fed:  # a prompt character is already in `seen` and never counts as generated
+                drew = torch.ones(len(self.rows), dtype=torch.bool)
+                drew[fed] = False
+                rows, ids = rows[drew], ids[drew]
             if self.penalised:
                 self.seen[rows, ids] = True
             if self.counted:

@@ -34,7 +34,7 @@ import torch
 from ..sampling import MAX_SEED, sample_next, top_alternatives, uniforms
 from ..vocab import CharVocab
 from .batch import Batch
-from .runner import Runner
+from .runner import SHORT_PROMPT, Runner
 from .stops import StopMatcher
 from .types import Alternatives, Done, EngineUnavailable, GenerationRequest, Overloaded, PromptScored, ShuttingDown, Token
 
@@ -90,8 +90,9 @@ class _Look:
     ids: list[list[int]]
     lps: list[list[float]] | None
     tops: tuple[list, list] | None
-    state: Callable[[int, int], torch.Tensor]  # (row, characters taken) -> that row's state (2, L, H) on the host
+    state: Callable[[int, int], torch.Tensor]  # (row, steps into the look) -> that row's state (2, L, H) on the host
     settle: Callable[[], None] | None = None  # finish the look's work begun in the background
+    fed: dict[int, int] | None = None  # row -> how many of its first steps fed its prompt's tail (no characters)
 
 
 def _by_row(steps: list[torch.Tensor]) -> list[list]:
@@ -152,6 +153,7 @@ class Engine:
         self._waiting: deque[Stream] = deque()
         self._prefilling: deque[Stream] = deque()
         self._joining: list[Batch] = []
+        self._feeding: list[Stream] = []  # rows of the batch still feeding their prompt's tail (_feeds_in_batch)
         self._batch = self._empty_batch()
         self._outbox: list[tuple[Any, list]] = []
         self._undelivered: list[tuple[Any, list, int]] = []  # (listener, events, attempts) that failed to go out
@@ -306,6 +308,11 @@ class Engine:
         t0, ingested = time.perf_counter(), 0
         while self._prefilling and budget > 0:
             stream = self._prefilling[0]
+            if self._feeds_in_batch(stream):  # the batch's steps feed the rest, a row among the others
+                self._prefilling.popleft()
+                self._feeding.append(stream)
+                self._joining.append(Batch.single(stream, stream.state, stream.seed, stream.request.counter, len(self._chars)))
+                continue
             end = min((stream.fed // chunk + 1) * chunk, len(stream.feed))
             if end > stream.fed:
                 cost = max(end - stream.fed, 32)  # a call has a fixed cost too
@@ -344,6 +351,16 @@ class Engine:
             self._joining = []
         if ingested:
             self.notify("on_prefill", ingested, time.perf_counter() - t0)
+
+    def _feeds_in_batch(self, stream: Stream) -> bool:
+        """A prompt's short tail (the whole of a short prompt) is fed by the batch's own steps: on its own it
+        would take SHORT_PROMPT steps of one row while every other row waits; in the batch each character
+        costs a row of a step it takes anyway. The row's state comes out bit for bit the same (every step
+        gives a row the same bits at any batch size; runner.MIN_ROWS_PER_CALL). On the host only, and not
+        where the prompt is scored or only its state is wanted."""
+        tail = len(stream.feed) - stream.fed
+        return (self.device_step is None and 0 < tail <= SHORT_PROMPT and stream.request.prompt_logprobs is None
+                and stream.request.max_new_tokens > 0)
 
     def _score_slice(self, stream: Stream, end: int, before: torch.Tensor, outputs: torch.Tensor) -> None:
         """Log-probabilities of the slice's characters, each under the output that preceded it: the
@@ -388,15 +405,25 @@ class Engine:
         ids_steps, lps_steps, tops_steps, states = [], [], [], []
         top_k = batch.top_logprobs
         state = batch.state
+        tails = self._tails(batch, k)  # row -> the prompt characters it feeds in this look
         for j in range(k):
-            logits = self.runner.logits(state)  # (B, V)
-            u = torch.from_numpy(uniforms(batch.seeds, batch.counters))  # (B,)
-            ids, lps = sample_next(logits, **batch.controls, seen=batch.seen if batch.penalised else None, u=u,
-                                   want_logprobs=batch.wants_logprobs,
-                                   counts=batch.counts if batch.counted else None)  # (B,), (B,) or None
-            if top_k:  # someone asked for alternatives: (B, k) ids and log-probabilities
-                tops_steps.append(top_alternatives(logits, top_k))
-            batch.record(ids)
+            fed = [row for row, tail in tails.items() if j < len(tail)]  # rows fed a prompt character at this step
+            if len(fed) == len(batch):  # nobody draws (a lone stream's prompt): placeholders the look skips
+                ids = torch.tensor([tails[row][j] for row in fed])  # (B,), every row in order
+                lps = torch.zeros(len(fed)) if batch.wants_logprobs else None
+                if top_k:
+                    tops_steps.append((torch.zeros(len(fed), top_k, dtype=torch.long), torch.zeros(len(fed), top_k)))
+            else:
+                logits = self.runner.logits(state)  # (B, V)
+                u = torch.from_numpy(uniforms(batch.seeds, batch.counters))  # (B,)
+                ids, lps = sample_next(logits, **batch.controls, seen=batch.seen if batch.penalised else None, u=u,
+                                       want_logprobs=batch.wants_logprobs,
+                                       counts=batch.counts if batch.counted else None)  # (B,), (B,) or None
+                if top_k:  # someone asked for alternatives: (B, k) ids and log-probabilities
+                    tops_steps.append(top_alternatives(logits, top_k))
+                if fed:  # these rows take their prompt's next character instead of the draw, which they do not spend
+                    ids[fed] = torch.tensor([tails[row][j] for row in fed])
+            batch.record(ids, fed)
             ids_steps.append(ids)
             if lps is not None:
                 lps_steps.append(lps)
@@ -413,7 +440,23 @@ class Engine:
         if top_k:  # (n, k, top_k) each
             tops = tuple(torch.stack(t, dim=1).tolist() for t in zip(*tops_steps))
         return _Look(ids=_by_row(ids_steps), lps=_by_row(lps_steps) if lps_steps else None, tops=tops,
-                     state=lambda row, taken: states[taken - 1][:, :, row].clone(), settle=settle)
+                     state=lambda row, steps: states[steps - 1][:, :, row].clone(), settle=settle,
+                     fed={row: len(tail) for row, tail in tails.items()} or None)
+
+    def _tails(self, batch: Batch, k: int) -> dict[int, list[int]]:
+        """Rows still feeding their prompt's tail -> the characters they feed in this look (at most k);
+        their streams count them as ingested now."""
+        if not self._feeding:
+            return {}
+        self._feeding = [s for s in self._feeding if not s.finished]
+        feeding = {id(s) for s in self._feeding}
+        tails = {}
+        for row, stream in enumerate(batch.rows):
+            if id(stream) in feeding:
+                tails[row] = stream.feed[stream.fed : stream.fed + k]
+                stream.fed += len(tails[row])
+        self._feeding = [s for s in self._feeding if s.fed < len(s.feed)]
+        return tails
 
     def _device_look(self, batch: Batch, k: int) -> _Look:
         """k steps on the device: the ids come back in one copy, figures only when someone asks for them."""
@@ -432,24 +475,27 @@ class Engine:
         """Each row's characters of the look: its text, figures, stop strings and end."""
         now = time.perf_counter()
         gaps, counts, ending = [], [], []
-        chars, ids_of, lps_of, tops_of = self._chars, look.ids, look.lps, look.tops
+        chars, ids_of, lps_of, tops_of, fed_of = self._chars, look.ids, look.lps, look.tops, look.fed
         for row, stream in enumerate(rows):
             if stream.finished:
                 continue
             request = stream.request
-            take = min(k, request.max_new_tokens - len(stream.chars))
+            fed = fed_of.get(row, 0) if fed_of else 0  # the look's first steps fed this row's prompt
+            take = min(k - fed, request.max_new_tokens - len(stream.chars))
+            if take <= 0:
+                continue
             if stream.t_last:
                 gap = now - stream.t_last
             else:
                 gap = 0.0
                 self.notify("on_first_token", now - stream.t_submit)
             stream.t_last = now
-            got = ids_of[row] if take == k else ids_of[row][:take]
-            lps = lps_of[row] if lps_of is not None else None
+            got = ids_of[row] if take == k else ids_of[row][fed : fed + take]
+            lps = None if lps_of is None else lps_of[row][fed:] if fed else lps_of[row]
             tops = None
             if tops_of is not None and (want := request.params.top_logprobs):
                 top_ids, top_lps = tops_of[0][row], tops_of[1][row]
-                tops = [tuple((chars[i], v) for i, v in zip(top_ids[j][:want], top_lps[j][:want])) for j in range(take)]
+                tops = [tuple((chars[i], v) for i, v in zip(top_ids[j][:want], top_lps[j][:want])) for j in range(fed, fed + take)]
             before = len(stream.chars)
             if stream.matcher is None:  # only the length can end it: everything at once
                 if take == 1:
@@ -481,11 +527,11 @@ class Engine:
                 gaps.append(gap / taken)
                 counts.append(taken)
             if end is not None:
-                ending.append((stream, row, *end, taken))
+                ending.append((stream, row, *end, fed + taken))
         if look.settle is not None:
             look.settle()
-        for stream, row, reason, cut, taken in ending:
-            state = look.state(row, taken) if stream.request.return_state else None
+        for stream, row, reason, cut, steps in ending:
+            state = look.state(row, steps) if stream.request.return_state else None
             self._finish(stream, reason, state, cut)
         self._steps += k
         self.notify("on_step", len(rows), now - t0, k)
@@ -564,7 +610,7 @@ class Engine:
         message = f"generation failed on the server: {type(exc).__name__}"
         for stream in [*self._batch.rows, *self._prefilling, *(r for b in self._joining for r in b.rows)]:
             self._finish(stream, "error", error=message)
-        self._batch, self._prefilling, self._joining = self._empty_batch(), deque(), []
+        self._batch, self._prefilling, self._joining, self._feeding = self._empty_batch(), deque(), [], []
         self._empty_device_batch()
 
     def _empty_device_batch(self) -> None:
@@ -585,6 +631,7 @@ class Engine:
             except Exception:
                 log.exception("ending a stream failed")
         self._batch, self._prefilling, self._joining, self._waiting = self._empty_batch(), deque(), [], deque()
+        self._feeding = []
         try:
             self._empty_device_batch()
         except Exception:  # the loop is over either way
