@@ -308,7 +308,7 @@ def test_cuda_engine_scores_a_prompt_that_continues_a_state_from_the_host(tiny_m
 def test_cuda_rows_get_the_same_bits_alone_and_in_any_bucket_on_the_bundled_model():
     """cuBLAS, like MKL, picks its kernel by the number of rows; a seed must still write one text alone or
     batched. The bundled model's matrices (2 x 512), which a tiny model's do not stand for: one row (run
-    as bucket 2), 50 (bucket 64) and 256 rows, four steps a look, every ring state compared bit for bit."""
+    as two), 50 and 256 rows, four steps a look, every ring state compared bit for bit."""
     loaded = store.load(store.DEFAULT_MODEL, Path(__file__).resolve().parent.parent / "model_store")
     runner = Runner(loaded.model, device="cuda")
     torch.manual_seed(4)

@@ -95,6 +95,8 @@ def test_a_short_prompt_is_fed_by_the_batch_and_writes_what_it_writes_alone(tiny
     for steps in (1, 4):
         config = EngineConfig(max_batch_size=8, decode_steps=steps)
         events, log = run_engine(tiny_model, config, [request("KING:", 7, 30)])
+        scored = request("KING:", 7, 30)  # scoring the prompt takes the old way: runner.prefill, outside the batch
+        old_way, _ = run_engine(tiny_model, config, [GenerationRequest(**{**scored.__dict__, "prompt_logprobs": 0})])
         busy, busy_log = run_engine(tiny_model, config, [request("", 1, 60), request("KING:", 7, 30), request("thou a", 3, 2)])
         assert not [n for kind, n in log + busy_log if kind == "prefill"]  # nothing ingested outside the batch's steps
         one = next(e for e in events[0] if isinstance(e, Done))
@@ -102,4 +104,7 @@ def test_a_short_prompt_is_fed_by_the_batch_and_writes_what_it_writes_alone(tiny
         assert among.text == one.text and among.completion_tokens == 30 and among.prompt_tokens == one.prompt_tokens == 5
         assert among.logprobs == one.logprobs and among.top_logprobs == one.top_logprobs and among.counter == one.counter == 30
         assert torch.equal(among.state, one.state)
+        reference = next(e for e in old_way[0] if isinstance(e, Done))
+        assert (reference.text, reference.logprobs, reference.top_logprobs) == (one.text, one.logprobs, one.top_logprobs)
+        assert torch.equal(reference.state, one.state)
         assert [n for kind, n in busy_log if kind == "step"][0] == 3  # all three rows from the first step on

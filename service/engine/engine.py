@@ -602,6 +602,7 @@ class Engine:
         if any(s.finished for s in rows):
             keep = [i for i, s in enumerate(rows) if not s.finished]
             self._batch = self._batch.filter(keep)
+            self._feeding = [s for s in self._feeding if not s.finished]
             if self.device_step is not None:
                 self.device_step.batch.filter(keep)
 

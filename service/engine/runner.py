@@ -23,8 +23,9 @@ MIN_ROWS_PER_WORKER = 16  # below this, a share of the batch costs more per row 
 # A row's numbers must not depend on how many rows share its matrix multiplies, or one seed would write
 # another text alone than in a batch. BLAS picks its kernel by the number of rows, and kernels round
 # differently: MKL (2024.2, AVX-512) gives one row alone (a matrix-vector product) other bits than 2 to
-# 160 rows, and those other bits than 192 and more. So every fp32 multiply sees 2 to 128 rows: one row
-# is stepped as two (itself twice), a large batch in shares of at most 128 (tests/test_runner.py pins it).
+# 160 rows, and those other bits than 192 and more. So every fp32 step multiply sees 2 to 128 rows: one
+# row is stepped as two (itself twice), a large batch in shares of at most 128; the head (65 columns) only
+# pads one row: it rounds one way from 2 rows up (checked to 1,024). tests/test_runner.py pins both.
 MIN_ROWS_PER_CALL = 2
 MAX_ROWS_PER_CALL = 128
 
