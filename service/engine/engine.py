@@ -448,7 +448,6 @@ class Engine:
         their streams count them as ingested now."""
         if not self._feeding:
             return {}
-        self._feeding = [s for s in self._feeding if not s.finished]
         feeding = {id(s) for s in self._feeding}
         tails = {}
         for row, stream in enumerate(batch.rows):
