@@ -5,7 +5,9 @@
 2. Clients call their own sessions through nginx (streaming) while one replica is killed mid-run:
    every call ends (done, an error status or a broken stream, never a hang), only calls in flight on
    the killed replica fail, and every session holds exactly its successful calls: replaying them on
-   a surviving replica gives the same text.
+   a surviving replica gives the same text. A call cut by the kill after its commit landed (the
+   replica died between committing and sending `done`) is in the session whole or not at all: the
+   session's position says which, and the replay replays it without knowing its text.
 3. The bounded soak's mix (tests/soak.py) runs through nginx on the two surviving replicas: the books
    balance, summed over them.
 
@@ -19,7 +21,6 @@ import asyncio
 import json
 import random
 import shlex
-import subprocess
 import sys
 import time
 from urllib.parse import urlparse
@@ -69,8 +70,9 @@ def check_continuity(nginx: str, replicas: list[str], calls: int) -> None:
 
 
 async def client(http: httpx.AsyncClient, nginx: str, k: int, stop_at: float, out: dict) -> None:
-    sid = (await http.post(nginx + "/sessions", json={"prompt": "QUEEN:", "seed": 100 + k})).json()["session_id"]
-    done_calls: list[tuple[dict, str]] = []
+    created = (await http.post(nginx + "/sessions", json={"prompt": "QUEEN:", "seed": 100 + k})).json()
+    sid, position = created["session_id"], created["position"]
+    done_calls: list[tuple[dict, str | None]] = []  # text None: committed, but the kill cut the client off first
     out["sessions"][sid] = (k, done_calls)
     i = 0
     while time.monotonic() < stop_at:
@@ -101,13 +103,32 @@ async def client(http: httpx.AsyncClient, nginx: str, k: int, stop_at: float, ou
         out["outcomes"].append((t0, time.monotonic(), outcome))
         if outcome == "ok":
             done_calls.append((body, text))
+            position += len(body["prompt"]) + len(text)
             i += 1
+        elif outcome in ("stream_cut", "error_event"):
+            if await landed(http, nginx, sid, body, position):
+                done_calls.append((body, None))
+                out["committed_cut"] += 1
+                position += len(body["prompt"]) + body["max_new_tokens"]
+                i += 1
         elif outcome == "status_409":
             await asyncio.sleep(0.5)  # the killed replica's lease on this session has not expired yet
 
 
+async def landed(http: httpx.AsyncClient, nginx: str, sid: str, body: dict, before: int) -> bool:
+    """After a cut call: the session's committed position says whether the call landed, whole
+    (its prompt and every character it was asked for) or not at all. By the time a client sees the
+    cut its replica is dead, so no commit can land later."""
+    r = await http.get(f"{nginx}/sessions/{sid}")
+    assert r.status_code == 200, r.text
+    now = r.json()["position"]
+    whole = before + len(body["prompt"]) + body["max_new_tokens"]
+    assert now in (before, whole), f"session {sid}: position {now} after a cut call, neither {before} nor {whole}"
+    return now == whole
+
+
 def check_kill(nginx: str, replicas: list[str], clients: int, seconds: float, kill_after: float, kill: str) -> None:
-    out: dict = {"sessions": {}, "outcomes": []}
+    out: dict = {"sessions": {}, "outcomes": [], "committed_cut": 0}
 
     async def run():
         stop_at = time.monotonic() + seconds
@@ -140,9 +161,10 @@ def check_kill(nginx: str, replicas: list[str], clients: int, seconds: float, ki
         twin = create(survivor, prompt="QUEEN:", seed=100 + k)
         for body, text in calls:
             again = call(survivor, twin, {key: v for key, v in body.items() if key != "stream"})
-            assert again == text, f"session {sid}: a successful call's text differs on replay"
-    log(f"every session holds exactly its {sum(len(c) for _, c in out['sessions'].values())} successful calls; "
-        f"{len(failed)} calls in flight on the killed replica ended with {sorted({f[2] for f in failed})}")
+            assert text is None or again == text, f"session {sid}: a successful call's text differs on replay"
+    log(f"every session holds exactly its {sum(len(c) for _, c in out['sessions'].values())} committed calls; "
+        f"{len(failed)} calls in flight on the killed replica ended with {sorted({f[2] for f in failed})}, "
+        f"{out['committed_cut']} of them after their commit had landed")
 
 
 def metric(replica: str, name: str, labels: str = "") -> float:
