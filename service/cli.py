@@ -1,6 +1,6 @@
-"""The `charlstm` command: train, evaluate, sample, models, serve.
+"""The `charlstm` command: train, calibrate, evaluate, sample, models, serve.
 
-Only the chosen sub-command's arguments are built, so `train`, `evaluate`, `sample` and `models` run
+Only the chosen sub-command's arguments are built, so `train`, `calibrate`, `evaluate`, `sample` and `models` run
 where only the training dependencies are installed: nothing here imports the serving stack (pydantic,
 FastAPI, uvicorn) unless the command is `serve`.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import shlex
 import sys
 
@@ -74,6 +75,32 @@ def _cmd_train(args) -> int:
     if args.finish and not args.resume:
         raise ValueError("--finish ends a stopped run: use it with --resume")
     run_training(TrainConfig(**values), resume=args.resume, command=_command_line(), finish_now=args.finish)
+    return 0
+
+
+# ---------------------------------------------------------------------------- calibrate
+def _add_calibrate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="name@version to calibrate (default: the store's default)")
+    p.add_argument("--text", required=True, help="the text the model was trained on: T is fitted on its validation split")
+    p.add_argument("--test-text", default=None, help="a text the model never saw (e.g. an unseen play): "
+                                                     "measured before and after, never fitted on")
+    p.add_argument("--set-default", action="store_true", help="make the calibrated version the store's default")
+
+
+def _cmd_calibrate(args) -> int:
+    from .calibrate import run_calibration
+
+    path = run_calibration(args.model or store.default_model(args.store), args.text, args.test_text, args.store,
+                           command=_command_line(), set_default=args.set_default)
+    card = store.load(str(path)).card
+    calibration, metrics = card["calibration"], card["metrics"]
+    print(f"{card['name']}@{card['version']}: {calibration['parent']} with its logits divided by "
+          f"T = {calibration['temperature']:.4f} (fitted on the validation split)")
+    for split in ("val", "test"):
+        if f"{split}_nats_per_char" in metrics:
+            before, after = calibration["before"][f"{split}_nats_per_char"], metrics[f"{split}_nats_per_char"]
+            print(f"  {split}: {before:.4f} -> {after:.4f} nats/char ({before / math.log(2):.4f} -> {after / math.log(2):.4f} bits/char)")
+    print(f"saved {path}" + (" (now the store's default)" if args.set_default else ""))
     return 0
 
 
@@ -306,6 +333,8 @@ def _command_line() -> str:
 # name -> (help, adds the arguments, runs it)
 COMMANDS = {
     "train": ("train a model on a UTF-8 text file and save it into the model store", _add_train, _cmd_train),
+    "calibrate": ("fit a softmax temperature on a model's validation split, fold it in, save the next version",
+                  _add_calibrate, _cmd_calibrate),
     "evaluate": ("cross-entropy of a text file under a model, in nats and bits per char", _add_evaluate, _cmd_evaluate),
     "sample": ("generate text to stdout", _add_sample, _cmd_sample),
     "models": ("list the models in the store with their figures; set the default", _add_models, _cmd_models),

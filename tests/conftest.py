@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,14 @@ def trained_store(tmp_path_factory, play_file) -> Path:
     """A model store holding tiny@v1, trained in this session."""
     root = tmp_path_factory.mktemp("store")
     run_training(tiny_config(play_file, root.parent / "tiny-run", root))
+    return root
+
+
+@pytest.fixture
+def own_store(trained_store, tmp_path):
+    """A private copy of the trained store that a test may change (a second model, a default)."""
+    root = tmp_path / "store"
+    shutil.copytree(trained_store, root)
     return root
 
 

@@ -3,7 +3,6 @@ sampling with the server's defaults and controls, and the unknown-character poli
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -23,14 +22,6 @@ def run(*args, timeout=300):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "service.cli", *args], capture_output=True, text=True, env=env,
                           cwd=ROOT, timeout=timeout)
-
-
-@pytest.fixture
-def own_store(trained_store, tmp_path):
-    """A private copy of the trained store that a test may change (a second model, a default)."""
-    root = tmp_path / "store"
-    shutil.copytree(trained_store, root)
-    return root
 
 
 BLOCKER = textwrap.dedent("""

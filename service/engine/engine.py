@@ -388,13 +388,14 @@ class Engine:
     def _decode_step(self) -> None:
         """One look: k steps of every row (on the device, or here), then each row's new characters at once.
 
-        k is the configured steps a look, or 1 when most rows end sooner. A row that ends inside a look
+        k is the configured steps a look, or 1 when most rows end sooner (counting the prompt characters
+        a row still feeds, which take steps too). A row that ends inside a look
         (its length, a stop string) ignores the steps it took beyond its end; its state after its last
         character is kept for it (a session continues exactly)."""
         t0 = time.perf_counter()
         batch = self._batch
         k = self.config.decode_steps
-        if k > 1 and 2 * max(s.request.max_new_tokens - len(s.chars) for s in batch.rows) < k:
+        if k > 1 and 2 * max(s.request.max_new_tokens - len(s.chars) + len(s.feed) - s.fed for s in batch.rows) < k:
             k = 1  # most rows end sooner than a whole look
         look = self._device_look(batch, k) if self.device_step is not None else self._host_look(batch, k)
         self._take_look(batch.rows, k, look, t0)

@@ -1,0 +1,166 @@
+"""Temperature calibration: one scalar that divides a model's logits, fitted on held-out text, folded into its head.
+
+Why: a network trained with strong dropout (variational dropout, weight drop) and evaluated without
+it is overconfident: its logits are too large for the data it has not seen. shakespeare@v2, for one,
+scores 1.3790 nats/char on the validation split as trained and 1.3434 with its logits divided by 1.29.
+The one temperature T that minimises the cross-entropy of the validation split (temperature scaling,
+Guo et al. 2017) is fitted here; an unseen test text plays no part in the fit, so it still judges the
+result. T is folded into the output head (an untied copy: head = embedding / T, bias / T), so the
+calibrated model is an ordinary model: the fused serving step, int8, the CUDA path and sessions serve
+it unchanged, and sampling temperature 1 means the calibrated distribution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import store
+from .corpus import Corpus
+from .evaluate import score_text
+from .model import CharLSTM
+from .vocab import CharVocab
+
+# the fit keeps 1/T within these bounds: a text that asks for more says the model is broken, not miscalibrated
+MIN_INVERSE_TEMPERATURE, MAX_INVERSE_TEMPERATURE = 0.05, 20.0
+
+
+@dataclass(frozen=True)
+class Fit:
+    temperature: float
+    nats_before: float  # mean cross-entropy of the fitted text at temperature 1
+    nats_after: float  # ... at the fitted temperature
+    chars: int
+
+
+@torch.no_grad()
+def logits_of(model: CharLSTM, vocab: CharVocab, text: str, window: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every next-character prediction over `text`, state carried: logits (N, V) and targets (N,), N = len(text) - 1."""
+    model.eval()
+    ids = torch.tensor(vocab.encode(text), dtype=torch.long)  # (N + 1,)
+    if ids.numel() < 2:
+        raise ValueError("calibration needs a text of at least two characters")
+    state, pieces = None, []
+    for start in range(0, ids.numel() - 1, window):
+        piece = ids[start : start + window + 1]  # (T + 1,): inputs and, shifted by one, targets
+        logits, state = model(piece[:-1].unsqueeze(0), state)  # (1, T, V)
+        pieces.append(logits[0])
+    return torch.cat(pieces), ids[1:]
+
+
+def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, iterations: int = 50) -> Fit:
+    """The T minimising the mean cross-entropy of softmax(logits / T) against `targets`.
+
+    Newton's method on b = 1/T: the loss is convex in b (a log-sum-exp of b z minus b z_target), its
+    first derivative the mean of E_p[z] - z_target and its second the mean variance of z under p.
+    Float64 throughout, so the fit does not depend on how the sums round. logits (N, V), targets (N,).
+    """
+    z = logits.detach().to(torch.float64)  # (N, V)
+    z_target = z.gather(1, targets.view(-1, 1)).squeeze(1)  # (N,)
+
+    def loss_grad_curv(b: float) -> tuple[float, float, float]:
+        logp = torch.log_softmax(b * z, dim=1)  # (N, V)
+        p = logp.exp()
+        mean_z = (p * z).sum(1)  # (N,)
+        var_z = (p * z * z).sum(1) - mean_z**2  # (N,)
+        loss = -(logp.gather(1, targets.view(-1, 1)).squeeze(1)).mean()
+        return float(loss), float((mean_z - z_target).mean()), float(var_z.clamp_min(0).mean())
+
+    b = 1.0
+    before, _, _ = loss_grad_curv(1.0)
+    for _ in range(iterations):
+        loss, grad, curv = loss_grad_curv(b)
+        step = grad / curv if curv > 0 else grad
+        new_b = min(max(b - step, MIN_INVERSE_TEMPERATURE), MAX_INVERSE_TEMPERATURE)
+        while loss_grad_curv(new_b)[0] > loss and abs(new_b - b) > 1e-12:  # damped: never a worse loss
+            new_b = (new_b + b) / 2
+        if abs(new_b - b) < 1e-10:
+            break
+        b = new_b
+    after, _, _ = loss_grad_curv(b)
+    return Fit(temperature=1.0 / b, nats_before=before, nats_after=after, chars=int(targets.numel()))
+
+
+def folded(model: CharLSTM, temperature: float) -> CharLSTM:
+    """A copy of `model` whose logits are the original's divided by `temperature`: an untied head
+    (embedding / T when the original tied them) and bias / T. Everything else is bit for bit the original's."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    out = CharLSTM(replace(model.config, tie_weights=False))
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}  # load_state_dict copies them
+    state["head.weight"] = state["head.weight"] / temperature  # (V, H); for a tied model the embedding's copy
+    state["head.bias"] = state["head.bias"] / temperature  # (V,)
+    out.load_state_dict(state)
+    out.eval()
+    return out
+
+
+def cross_entropy_at(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> float:
+    """Mean nats per character of softmax(logits / temperature). logits (N, V), targets (N,)."""
+    return float(F.cross_entropy(logits.to(torch.float64) / temperature, targets))
+
+
+def validation_text(corpus: Corpus, card: dict) -> str:
+    """The validation split of the text the model was trained on, cut where training cut it; only that
+    text (its checksum in the card) has one, and only held-out text can show overconfidence."""
+    trained_on = card.get("corpus", {})
+    if "split" not in trained_on or trained_on.get("sha256") != corpus.sha256:
+        raise ValueError(f"{corpus.name} is not the text this model was trained on ({trained_on.get('name', 'unknown')}, "
+                         f"sha256 {str(trained_on.get('sha256', '?'))[:12]}...): calibration fits on that text's "
+                         "validation split")
+    return corpus.split(trained_on["split"]["train_fraction"])[1]
+
+
+def run_calibration(ref: str, text: str, test_text: str | None = None, root: str | None = None,
+                    command: str = "", set_default: bool = False) -> Path:
+    """Fit T on the model's validation split, fold it, save the result as the name's next version.
+
+    The card keeps the parent's training record and curve and says what was fitted on what; its
+    metrics are measured on the folded model itself, as `charlstm evaluate` measures them."""
+    parent = store.load(ref, root)
+    corpus = Corpus.read(text)
+    validation = validation_text(corpus, parent.card)
+    test = Corpus.read(test_text) if test_text else None
+    if test is not None and test.sha256 == corpus.sha256:
+        raise ValueError("the test text is the training text itself: give a text the model never saw")
+    logits, targets = logits_of(parent.model, parent.vocab, validation)  # (N, V), (N,)
+    fit = fit_temperature(logits, targets)
+    model = folded(parent.model, fit.temperature)
+    scores = {"val": (score_text(parent.model, parent.vocab, validation), score_text(model, parent.vocab, validation))}
+    if test is not None:
+        scores["test"] = (score_text(parent.model, parent.vocab, test.text), score_text(model, parent.vocab, test.text))
+    metrics = {}
+    for split, (_, after) in scores.items():
+        metrics.update({f"{split}_nats_per_char": after.nats_per_char, f"{split}_bits_per_char": after.bits_per_char,
+                        f"{split}_chars": after.chars})
+    if test is not None:
+        metrics["test_text"] = {"name": test.name, "sha256": test.sha256, "chars": len(test.text)}
+    card = {
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "corpus": parent.card["corpus"],
+        "training": parent.card.get("training"),
+        "calibration": {
+            "parent": f"{parent.name}@{parent.version}",
+            "parent_weights_sha256": parent.card["weights_sha256"],
+            "temperature": fit.temperature,
+            "rule": "the one softmax temperature that minimises the cross-entropy of the validation split "
+                    "(Newton's method on 1/T, float64); the test text plays no part in the fit",
+            "folded": "logits = (h @ (embedding / T).T + bias / T): an untied head, every other weight the parent's",
+            "fitted_on": {"text": corpus.name, "split": "validation", "chars": fit.chars},
+            "before": {f"{split}_nats_per_char": before.nats_per_char for split, (before, _) in scores.items()},
+            "command": command,
+        },
+        "metrics": {**metrics, "measured": "one pass over each text with the state carried, from a zero state"},
+        "history": parent.card.get("history", []),
+    }
+    path = store.save(model, parent.vocab, card, parent.name, root)
+    plot = parent.path / store.PLOT_FILE
+    if plot.is_file():  # the training curve is the parent's: the calibration does not train
+        store.attach_plot(path, plot)
+    if set_default:
+        store.set_default(f"{parent.name}@{path.name}", root)
+    return path

@@ -1,0 +1,99 @@
+"""Temperature calibration: the fit finds the temperature a text asks for, the fold divides the logits
+and nothing else, and `charlstm calibrate` saves a next version that serves like any other model."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from service import store
+from service.calibrate import cross_entropy_at, fit_temperature, folded, logits_of, validation_text
+from service.corpus import Corpus
+from service.engine.runner import Runner
+from service.model import CharLSTM, CharLSTMConfig
+
+from .conftest import make_play
+from .test_cli import run
+
+
+@pytest.mark.parametrize("true_temperature", [0.6, 1.0, 1.7])
+def test_the_fit_finds_the_temperature_the_characters_were_drawn_at(true_temperature):
+    g = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(40_000, 30, generator=g)  # (N, V)
+    targets = torch.multinomial(torch.softmax(logits / true_temperature, dim=1), 1, generator=g).squeeze(1)  # (N,)
+    fit = fit_temperature(logits, targets)
+    assert fit.temperature == pytest.approx(true_temperature, rel=0.03)
+    assert fit.nats_after == pytest.approx(cross_entropy_at(logits, targets, fit.temperature), abs=1e-9)
+    assert fit.nats_after <= fit.nats_before
+    for off in (0.99, 1.01):  # a minimum: either side is worse
+        assert cross_entropy_at(logits, targets, fit.temperature * off) > fit.nats_after
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_the_folded_model_divides_the_logits_and_keeps_every_state(tie):
+    torch.manual_seed(3)
+    model = CharLSTM(CharLSTMConfig(vocab_size=20, embed_dim=16, hidden_size=16, num_layers=2, tie_weights=tie)).eval()
+    out = folded(model, 1.3)
+    assert not out.config.tie_weights and out.head.weight.data_ptr() != out.embed.weight.data_ptr()
+    assert torch.equal(out.embed.weight, model.embed.weight)  # the input side is the parent's, bit for bit
+    x = torch.randint(0, 20, (3, 50))
+    with torch.no_grad():
+        (a, (ha, ca)), (b, (hb, cb)) = model(x), out(x)  # (3, 50, V) and states
+    assert torch.equal(ha, hb) and torch.equal(ca, cb)
+    torch.testing.assert_close(b, a / 1.3, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="positive"):
+        folded(model, 0.0)
+
+
+def test_calibrate_saves_the_next_version_measured_as_evaluate_measures_it(own_store, play_file, tmp_path):
+    unseen = tmp_path / "unseen.txt"
+    unseen.write_text(make_play(3_000, seed=99), encoding="utf-8")
+    out = run("calibrate", "--store", str(own_store), "--model", "tiny@v1", "--text", str(play_file),
+              "--test-text", str(unseen), "--set-default")
+    assert out.returncode == 0, out.stderr
+    assert "tiny@v2: tiny@v1 with its logits divided by T = " in out.stdout
+    parent, child = store.load("tiny@v1", own_store), store.load("tiny@v2", own_store)
+    assert store.default_model(own_store) == "tiny@v2"
+    cal = child.card["calibration"]
+    assert cal["parent"] == "tiny@v1" and cal["parent_weights_sha256"] == parent.card["weights_sha256"]
+    assert child.card["training"] == parent.card["training"] and child.card["history"] == parent.card["history"]
+
+    # the temperature is the fit on the parent's validation split, and nothing else
+    validation = validation_text(Corpus.read(play_file), parent.card)
+    fit = fit_temperature(*logits_of(parent.model, parent.vocab, validation))
+    assert cal["temperature"] == fit.temperature and cal["fitted_on"]["chars"] == len(validation) - 1
+
+    # the card's figures are what `charlstm evaluate` says of each version
+    def evaluate(ref, text, *split):
+        res = run("evaluate", "--store", str(own_store), "--model", ref, "--text", str(text), *split, "--json")
+        assert res.returncode == 0, res.stderr
+        return json.loads(res.stdout)["nats_per_char"]
+
+    assert child.card["metrics"]["val_nats_per_char"] == pytest.approx(evaluate("tiny@v2", play_file, "--split", "validation"), abs=1e-9)
+    assert child.card["metrics"]["test_nats_per_char"] == pytest.approx(evaluate("tiny@v2", unseen), abs=1e-9)
+    assert cal["before"]["val_nats_per_char"] == pytest.approx(evaluate("tiny@v1", play_file, "--split", "validation"), abs=1e-9)
+    assert cal["before"]["test_nats_per_char"] == pytest.approx(evaluate("tiny@v1", unseen), abs=1e-9)
+    assert child.card["metrics"]["val_nats_per_char"] <= cal["before"]["val_nats_per_char"]
+    assert math.isclose(child.card["metrics"]["val_nats_per_char"], fit.nats_after, rel_tol=1e-4)
+
+    # the serving step takes the calibrated head as it is: the parent's logits over T, the same states
+    for quantize in ("none", "int8"):
+        a, b = Runner(parent.model, quantize=quantize), Runner(child.model, quantize=quantize)
+        try:
+            ids = torch.tensor(child.vocab.encode("KING:"))  # (5,) one row, five steps
+            sa, sb = a.zero_state(1), b.zero_state(1)  # (2, L, 1, H)
+            for i in ids:
+                sa, sb = a.step(i.view(1), sa), b.step(i.view(1), sb)
+            assert torch.equal(sa, sb)
+            torch.testing.assert_close(b.logits(sb), a.logits(sa) / cal["temperature"], rtol=1e-4, atol=1e-5)
+        finally:
+            a.close(), b.close()
+
+
+def test_calibrate_fits_only_on_the_text_the_model_was_trained_on(own_store, tmp_path):
+    other = tmp_path / "other.txt"
+    other.write_text(make_play(5_000, seed=5), encoding="utf-8")
+    out = run("calibrate", "--store", str(own_store), "--model", "tiny@v1", "--text", str(other))
+    assert out.returncode == 2 and "is not the text this model was trained on" in out.stderr
+    assert store.list_versions("tiny", own_store) == ["v1"]
