@@ -78,7 +78,7 @@ async def client(http: httpx.AsyncClient, nginx: str, k: int, stop_at: float, ou
     while time.monotonic() < stop_at:
         body = {**body_for(i + k), "max_new_tokens": 150 + 10 * (i % 5), "stream": True}
         t0 = time.monotonic()
-        text, outcome = "", None
+        text, outcome, done = "", None, None
         try:
             async with http.stream("POST", f"{nginx}/sessions/{sid}/generate", json=body) as r:
                 if r.status_code != 200:
@@ -92,7 +92,8 @@ async def client(http: httpx.AsyncClient, nginx: str, k: int, stop_at: float, ou
                         elif line.startswith("data:") and event == "token":
                             text += json.loads(line[5:])["text"]
                         elif line.startswith("data:") and event == "done":
-                            outcome = "ok"
+                            done = json.loads(line[5:])
+                            outcome = outcome or "ok"  # an error event comes before its done
                         elif line.startswith("data:") and event == "error":
                             outcome = "error_event"
                     outcome = outcome or "stream_cut"
@@ -104,6 +105,7 @@ async def client(http: httpx.AsyncClient, nginx: str, k: int, stop_at: float, ou
         if outcome == "ok":
             done_calls.append((body, text))
             position += len(body["prompt"]) + len(text)
+            assert done["session"]["position"] == position, f"session {sid}: done says position {done['session']['position']}"
             i += 1
         elif outcome in ("stream_cut", "error_event"):
             if await landed(http, nginx, sid, body, position):

@@ -52,37 +52,45 @@ def logits_of(model: CharLSTM, vocab: CharVocab, text: str, window: int = 2048) 
     return torch.cat(pieces), ids[1:]
 
 
-def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, iterations: int = 50) -> Fit:
+def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, iterations: int = 50, rows: int = 8192) -> Fit:
     """The T minimising the mean cross-entropy of softmax(logits / T) against `targets`.
 
     Newton's method on b = 1/T: the loss is convex in b (a log-sum-exp of b z minus b z_target), its
     first derivative the mean of E_p[z] - z_target and its second the mean variance of z under p.
-    Float64 throughout, so the fit does not depend on how the sums round. logits (N, V), targets (N,).
+    Float64, summed `rows` rows at a time (the memory of a few blocks, whatever the text's length).
+    A fit that ends at a bound of 1/T is refused: no temperature calibrates such a model.
+    logits (N, V), targets (N,).
     """
-    z = logits.detach().to(torch.float64)  # (N, V)
-    z_target = z.gather(1, targets.view(-1, 1)).squeeze(1)  # (N,)
+    n = targets.numel()
 
     def loss_grad_curv(b: float) -> tuple[float, float, float]:
-        logp = torch.log_softmax(b * z, dim=1)  # (N, V)
-        p = logp.exp()
-        mean_z = (p * z).sum(1)  # (N,)
-        var_z = (p * z * z).sum(1) - mean_z**2  # (N,)
-        loss = -(logp.gather(1, targets.view(-1, 1)).squeeze(1)).mean()
-        return float(loss), float((mean_z - z_target).mean()), float(var_z.clamp_min(0).mean())
+        loss = grad = curv = 0.0
+        for start in range(0, n, rows):
+            z = logits[start : start + rows].detach().to(torch.float64)  # (R, V)
+            t = targets[start : start + rows].view(-1, 1)  # (R, 1)
+            logp = torch.log_softmax(b * z, dim=1)  # (R, V)
+            p = logp.exp()
+            mean_z = (p * z).sum(1)  # (R,)
+            loss -= float(logp.gather(1, t).sum())
+            grad += float((mean_z - z.gather(1, t).squeeze(1)).sum())
+            curv += float(((p * z * z).sum(1) - mean_z**2).clamp_min(0).sum())
+        return loss / n, grad / n, curv / n
 
     b = 1.0
-    before, _, _ = loss_grad_curv(1.0)
+    before = loss = loss_grad_curv(1.0)[0]
     for _ in range(iterations):
         loss, grad, curv = loss_grad_curv(b)
         step = grad / curv if curv > 0 else grad
         new_b = min(max(b - step, MIN_INVERSE_TEMPERATURE), MAX_INVERSE_TEMPERATURE)
-        while loss_grad_curv(new_b)[0] > loss and abs(new_b - b) > 1e-12:  # damped: never a worse loss
+        while (new_loss := loss_grad_curv(new_b)[0]) > loss and abs(new_b - b) > 1e-12:  # damped: never worse
             new_b = (new_b + b) / 2
         if abs(new_b - b) < 1e-10:
             break
-        b = new_b
-    after, _, _ = loss_grad_curv(b)
-    return Fit(temperature=1.0 / b, nats_before=before, nats_after=after, chars=int(targets.numel()))
+        b, loss = new_b, new_loss
+    if b in (MIN_INVERSE_TEMPERATURE, MAX_INVERSE_TEMPERATURE):
+        raise ValueError(f"the best temperature lies beyond {1 / b:g}: the model is broken for this text, "
+                         "not miscalibrated")
+    return Fit(temperature=1.0 / b, nats_before=before, nats_after=loss, chars=int(n))
 
 
 def folded(model: CharLSTM, temperature: float) -> CharLSTM:
@@ -142,14 +150,15 @@ def run_calibration(ref: str, text: str, test_text: str | None = None, root: str
     card = {
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "corpus": parent.card["corpus"],
-        "training": parent.card.get("training"),
+        "training": parent.card.get("training") or {},  # how the weights were trained: the parent's record
         "calibration": {
             "parent": f"{parent.name}@{parent.version}",
             "parent_weights_sha256": parent.card["weights_sha256"],
             "temperature": fit.temperature,
             "rule": "the one softmax temperature that minimises the cross-entropy of the validation split "
                     "(Newton's method on 1/T, float64); the test text plays no part in the fit",
-            "folded": "logits = (h @ (embedding / T).T + bias / T): an untied head, every other weight the parent's",
+            "folded": "logits = (h @ (embedding / T).T + bias / T): an untied head, every other weight the parent's "
+                      "(config.tie_weights is false; training.hyperparameters are the parent's run)",
             "fitted_on": {"text": corpus.name, "split": "validation", "chars": fit.chars},
             "before": {f"{split}_nats_per_char": before.nats_per_char for split, (before, _) in scores.items()},
             "command": command,

@@ -30,6 +30,23 @@ def test_the_fit_finds_the_temperature_the_characters_were_drawn_at(true_tempera
         assert cross_entropy_at(logits, targets, fit.temperature * off) > fit.nats_after
 
 
+def test_the_fit_does_not_depend_on_how_many_rows_it_sums_at_once():
+    g = torch.Generator().manual_seed(1)
+    logits = 2 * torch.randn(5_000, 12, generator=g)  # (N, V)
+    targets = torch.multinomial(torch.softmax(logits / 1.3, dim=1), 1, generator=g).squeeze(1)  # (N,)
+    whole, blocks = fit_temperature(logits, targets, rows=5_000), fit_temperature(logits, targets, rows=999)
+    assert whole.temperature == pytest.approx(blocks.temperature, rel=1e-9)
+
+
+@pytest.mark.parametrize("targets_of", [lambda z: z.argmax(1), lambda z: torch.randint(0, z.size(1), (z.size(0),))],
+                         ids=["always-the-first-choice", "unrelated-to-the-logits"])
+def test_a_text_no_temperature_calibrates_is_refused(targets_of):
+    torch.manual_seed(2)
+    logits = torch.randn(2_000, 10)  # (N, V)
+    with pytest.raises(ValueError, match="broken for this text"):
+        fit_temperature(logits, targets_of(logits))
+
+
 @pytest.mark.parametrize("tie", [True, False])
 def test_the_folded_model_divides_the_logits_and_keeps_every_state(tie):
     torch.manual_seed(3)
