@@ -4,6 +4,7 @@ and nothing else, and `charlstm calibrate` saves a next version that serves like
 import json
 import math
 
+import httpx
 import pytest
 import torch
 
@@ -93,6 +94,18 @@ def test_calibrate_saves_the_next_version_measured_as_evaluate_measures_it(own_s
     assert cal["before"]["test_nats_per_char"] == pytest.approx(evaluate("tiny@v1", unseen), abs=1e-9)
     assert child.card["metrics"]["val_nats_per_char"] <= cal["before"]["val_nats_per_char"]
     assert math.isclose(child.card["metrics"]["val_nats_per_char"], fit.nats_after, rel_tol=1e-4)
+
+    # the service serves it like any model, and says what it serves
+    from .server import Server
+
+    srv = Server(own_store, model="tiny@v2")
+    try:
+        info = httpx.get(srv.url + "/info").json()["model"]
+        assert info["version"] == "v2" and info["calibration"] == {"parent": "tiny@v1", "temperature": cal["temperature"]}
+        r = httpx.post(srv.url + "/generate", json={"prompt": "KING:", "max_new_tokens": 40, "seed": 3}, timeout=60)
+        assert r.status_code == 200 and len(r.json()["text"]) == 40
+    finally:
+        srv.stop()
 
     # the serving step takes the calibrated head as it is: the parent's logits over T, the same states
     for quantize in ("none", "int8"):

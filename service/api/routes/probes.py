@@ -63,4 +63,6 @@ async def info(request: Request):
                         "config": card.get("config"), "vocab": loaded.vocab.chars, "vocab_size": len(loaded.vocab),
                         "metrics": card.get("metrics"), "corpus": card.get("corpus"), "created_at": card.get("created_at"),
                         "state_floats_per_session": loaded.model.config.state_floats()}
+        if "calibration" in card:  # the served distribution is the parent's with its logits divided by T
+            out["model"]["calibration"] = {k: card["calibration"].get(k) for k in ("parent", "temperature")}
     return out
