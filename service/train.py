@@ -90,6 +90,7 @@ class TrainConfig:
     device: str = "auto"  # auto, cpu or cuda
     progress: bool = True
     stop_at: int = 0  # end this invocation after this step (a time-boxed session); --resume continues it
+    calibrate: bool = False  # after the export, also save a calibrated next version (service/calibrate.py)
 
     def __post_init__(self) -> None:
         """Refuse impossible settings up front, naming the field and the bound."""
@@ -134,7 +135,7 @@ class TrainConfig:
 
     def hyperparameters(self) -> dict:
         skip = {"text", "out", "name", "store", "save", "set_default", "test_text", "init_from", "progress", "device",
-                "threads", "stop_at"}
+                "threads", "stop_at", "calibrate"}
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
 
 
@@ -469,6 +470,8 @@ class Trainer:
         except Exception as e:  # noqa: BLE001 - the plot is optional; the model is already saved
             print(f"warning: the loss plot was not written ({type(e).__name__}: {e}); the model is saved", file=sys.stderr,
                   flush=True)
+        if path is not None and self.cfg.calibrate:
+            path = self.calibrate(path)
         return path
 
     def export(self, metrics: dict) -> Path:
@@ -501,6 +504,22 @@ class Trainer:
         if self.cfg.set_default:
             store.set_default(self.run.exported, self.cfg.store)
             print(f"default model of the store: {self.run.exported}", flush=True)
+        return path
+
+    def calibrate(self, trained: Path) -> Path:
+        """The trained version is saved as it is; its calibrated copy becomes the next version (and the
+        default, when asked). A fit that fails costs only the copy: `charlstm calibrate` can retry it."""
+        from .calibrate import run_calibration
+
+        try:
+            path = run_calibration(self.run.exported, self.cfg.text, self.cfg.test_text, self.cfg.store,
+                                   command=self.command, set_default=self.cfg.set_default)
+        except ValueError as e:
+            print(f"warning: {self.run.exported} was not calibrated ({e}); it is saved as trained", file=sys.stderr,
+                  flush=True)
+            return trained
+        metrics = store.load(str(path)).card["metrics"]
+        print(f"saved {path}: {self.run.exported} calibrated, validation {metrics['val_nats_per_char']:.4f} nats", flush=True)
         return path
 
 

@@ -127,3 +127,31 @@ def test_calibrate_fits_only_on_the_text_the_model_was_trained_on(own_store, tmp
     out = run("calibrate", "--store", str(own_store), "--model", "tiny@v1", "--text", str(other))
     assert out.returncode == 2 and "is not the text this model was trained on" in out.stderr
     assert store.list_versions("tiny", own_store) == ["v1"]
+
+
+def test_train_with_calibrate_saves_the_trained_version_then_its_calibrated_copy(play_file, tmp_path):
+    root, unseen = tmp_path / "store", tmp_path / "unseen.txt"
+    unseen.write_text(make_play(3_000, seed=99), encoding="utf-8")
+
+    def train(name, *args):
+        return run("train", "--text", str(play_file), "--test-text", str(unseen), "--out", str(tmp_path / name),
+                   "--store", str(root), "--hidden-size", "32", "--embed-dim", "32", "--tie-weights", "--batch-size", "8",
+                   "--seq-len", "32", "--lr", "1e-2", "--eval-every", "40", "--variational-dropout", "0.3",
+                   "--no-progress", "--calibrate", "--set-default", *args)
+
+    out = train("cal", "--steps", "120")
+    assert out.returncode == 0, out.stderr
+    assert store.list_versions("cal", root) == ["v1", "v2"] and store.default_model(root) == "cal@v2"
+    trained, calibrated = store.load("cal@v1", root), store.load("cal@v2", root)
+    assert trained.card["config"]["tie_weights"] and "calibration" not in trained.card
+    cal = calibrated.card["calibration"]
+    assert cal["parent"] == "cal@v1" and cal["command"].startswith("charlstm train ") and "--calibrate" in cal["command"]
+    validation = validation_text(Corpus.read(play_file), trained.card)
+    assert cal["temperature"] == fit_temperature(*logits_of(trained.model, trained.vocab, validation)).temperature
+    assert (trained.path / store.PLOT_FILE).is_file() and (calibrated.path / store.PLOT_FILE).is_file()
+    assert calibrated.card["metrics"]["test_text"]["name"] == "unseen.txt"
+
+    # a model no temperature calibrates (barely trained: it should sharpen without bound) is saved as trained
+    out = train("early", "--steps", "3", "--eval-every", "0", "--lr", "1e-4")
+    assert out.returncode == 0 and "early@v1 was not calibrated" in out.stderr, out.stderr
+    assert store.list_versions("early", root) == ["v1"] and store.default_model(root) == "early@v1"
