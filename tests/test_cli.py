@@ -60,10 +60,10 @@ def test_training_commands_run_with_only_the_training_dependencies(own_store, pl
                               "--seq-len", "16", "--eval-every", "0", "--checkpoint-every", "0", "--no-progress")
     assert out.returncode == 0, out.stderr
     assert store.load("lean", own_store).card["training"]["steps"] == 4
-    out = run_without_serving("calibrate", "--store", str(own_store), "--model", "lean@v1", "--text", str(play_file))
+    out = run_without_serving("calibrate", "--store", str(own_store), "--model", "tiny@v1", "--text", str(play_file))
     assert out.returncode == 0, out.stderr
     out = run_without_serving("models", "--store", str(own_store))
-    assert out.returncode == 0 and "lean@v2" in out.stdout, out.stderr
+    assert out.returncode == 0 and "lean@v1" in out.stdout and "tiny@v2" in out.stdout, out.stderr
     out = run_without_serving("--help")
     assert out.returncode == 0 and "serve" in out.stdout, out.stderr
     # and the blocker really blocks: serve needs what is missing
