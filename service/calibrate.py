@@ -57,7 +57,7 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, iterations: int
 
     Newton's method on b = 1/T: the loss is convex in b (a log-sum-exp of b z minus b z_target), its
     first derivative the mean of E_p[z] - z_target and its second the mean variance of z under p.
-    Float64, summed `rows` rows at a time (the memory of a few blocks, whatever the text's length).
+    Float64, summed `rows` rows at a time (beyond the logits themselves, the memory of a few blocks).
     A fit that ends at a bound of 1/T is refused: no temperature calibrates such a model.
     logits (N, V), targets (N,).
     """
