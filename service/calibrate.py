@@ -17,7 +17,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from . import store
 from .corpus import Corpus
@@ -107,31 +106,20 @@ def folded(model: CharLSTM, temperature: float) -> CharLSTM:
     return out
 
 
-def cross_entropy_at(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> float:
-    """Mean nats per character of softmax(logits / temperature). logits (N, V), targets (N,)."""
-    return float(F.cross_entropy(logits.to(torch.float64) / temperature, targets))
-
-
-def validation_text(corpus: Corpus, card: dict) -> str:
-    """The validation split of the text the model was trained on, cut where training cut it; only that
-    text (its checksum in the card) has one, and only held-out text can show overconfidence."""
-    trained_on = card.get("corpus", {})
-    if "split" not in trained_on or trained_on.get("sha256") != corpus.sha256:
-        raise ValueError(f"{corpus.name} is not the text this model was trained on ({trained_on.get('name', 'unknown')}, "
-                         f"sha256 {str(trained_on.get('sha256', '?'))[:12]}...): calibration fits on that text's "
-                         "validation split")
-    return corpus.split(trained_on["split"]["train_fraction"])[1]
-
-
 def run_calibration(ref: str, text: str, test_text: str | None = None, root: str | None = None,
-                    command: str = "", set_default: bool = False) -> Path:
-    """Fit T on the model's validation split, fold it, save the result as the name's next version.
+                    command: str = "", set_default: bool = False) -> tuple[Path, dict]:
+    """Fit T on the model's validation split (only its own training text has one, and only held-out
+    text can show overconfidence), fold it, save the result as the name's next version.
 
     The card keeps the parent's training record and curve and says what was fitted on what; its
-    metrics are measured on the folded model itself, as `charlstm evaluate` measures them."""
+    metrics are measured on the folded model itself, as `charlstm evaluate` measures them.
+    Returns the new version's folder and the card written there (less what the store adds)."""
     parent = store.load(ref, root)
     corpus = Corpus.read(text)
-    validation = validation_text(corpus, parent.card)
+    try:
+        validation = corpus.split_as_trained(parent.card)[1]
+    except ValueError as e:
+        raise ValueError(f"{e}: calibration fits on that text's validation split") from None
     test = Corpus.read(test_text) if test_text else None
     if test is not None and test.sha256 == corpus.sha256:
         raise ValueError("the test text is the training text itself: give a text the model never saw")
@@ -172,4 +160,4 @@ def run_calibration(ref: str, text: str, test_text: str | None = None, root: str
         store.attach_plot(path, plot)
     if set_default:
         store.set_default(f"{parent.name}@{path.name}", root)
-    return path
+    return path, card

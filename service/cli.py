@@ -90,11 +90,10 @@ def _add_calibrate(p: argparse.ArgumentParser) -> None:
 def _cmd_calibrate(args) -> int:
     from .calibrate import run_calibration
 
-    path = run_calibration(args.model or store.default_model(args.store), args.text, args.test_text, args.store,
-                           command=_command_line(), set_default=args.set_default)
-    card = store.load(str(path)).card
+    path, card = run_calibration(args.model or store.default_model(args.store), args.text, args.test_text, args.store,
+                                 command=_command_line(), set_default=args.set_default)
     calibration, metrics = card["calibration"], card["metrics"]
-    print(f"{card['name']}@{card['version']}: {calibration['parent']} with its logits divided by "
+    print(f"{path.parent.name}@{path.name}: {calibration['parent']} with its logits divided by "
           f"T = {calibration['temperature']:.4f} (fitted on the validation split)")
     for split in ("val", "test"):
         if f"{split}_nats_per_char" in metrics:
@@ -158,12 +157,11 @@ def _split_chunks(path: str, split: str, card: dict) -> list[str]:
     only the model's own training text (its checksum in the card) has such a part."""
     from .corpus import Corpus
 
-    corpus, trained_on = Corpus.read(path), card.get("corpus", {})
-    if "split" not in trained_on or trained_on.get("sha256") != corpus.sha256:
-        raise ValueError(f"--split {split}: {path} is not the text this model was trained on "
-                         f"({trained_on.get('name', 'unknown')}, sha256 {str(trained_on.get('sha256', '?'))[:12]}...): "
-                         "give that text, or leave --split out to score the whole file")
-    train, validation = corpus.split(trained_on["split"]["train_fraction"])
+    corpus = Corpus.read(path)
+    try:
+        train, validation = corpus.split_as_trained(card)
+    except ValueError as e:
+        raise ValueError(f"--split {split}: {e}: give that text, or leave --split out to score the whole file") from None
     text = train if split == "train" else validation
     return [text[i : i + (1 << 13)] for i in range(0, len(text), 1 << 13)]
 

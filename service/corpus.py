@@ -35,6 +35,15 @@ class Corpus:
         cut = int(len(self.text) * train_fraction)
         return self.text[:cut], self.text[cut:]
 
+    def split_as_trained(self, card: dict) -> tuple[str, str]:
+        """(train, validation) cut where `charlstm train` cut them for the model of `card`: only that
+        model's own training text (its checksum in the card) has such parts."""
+        trained_on = card.get("corpus", {})
+        if "split" not in trained_on or trained_on.get("sha256") != self.sha256:
+            raise ValueError(f"{self.name} is not the text this model was trained on ({trained_on.get('name', 'unknown')}, "
+                             f"sha256 {str(trained_on.get('sha256', '?'))[:12]}...)")
+        return self.split(trained_on["split"]["train_fraction"])
+
     def describe(self, train_fraction: float) -> dict:
         train, val = self.split(train_fraction)
         return {

@@ -512,14 +512,14 @@ class Trainer:
         from .calibrate import run_calibration
 
         try:
-            path = run_calibration(self.run.exported, self.cfg.text, self.cfg.test_text, self.cfg.store,
-                                   command=self.command, set_default=self.cfg.set_default)
+            path, card = run_calibration(self.run.exported, self.cfg.text, self.cfg.test_text, self.cfg.store,
+                                         command=self.command, set_default=self.cfg.set_default)
         except ValueError as e:
             print(f"warning: {self.run.exported} was not calibrated ({e}); it is saved as trained", file=sys.stderr,
                   flush=True)
             return trained
-        metrics = store.load(str(path)).card["metrics"]
-        print(f"saved {path}: {self.run.exported} calibrated, validation {metrics['val_nats_per_char']:.4f} nats", flush=True)
+        print(f"saved {path}: {self.run.exported} calibrated, validation {card['metrics']['val_nats_per_char']:.4f} nats",
+              flush=True)
         return path
 
 

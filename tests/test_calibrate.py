@@ -9,13 +9,18 @@ import pytest
 import torch
 
 from service import store
-from service.calibrate import cross_entropy_at, fit_temperature, folded, logits_of, validation_text
+from service.calibrate import fit_temperature, folded, logits_of
 from service.corpus import Corpus
 from service.engine.runner import Runner
 from service.model import CharLSTM, CharLSTMConfig
 
 from .conftest import make_play
 from .test_cli import run
+
+
+def cross_entropy_at(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> float:
+    """Mean nats per character of softmax(logits / temperature), directly. logits (N, V), targets (N,)."""
+    return float(torch.nn.functional.cross_entropy(logits.to(torch.float64) / temperature, targets))
 
 
 @pytest.mark.parametrize("true_temperature", [0.6, 1.0, 1.7])
@@ -78,7 +83,7 @@ def test_calibrate_saves_the_next_version_measured_as_evaluate_measures_it(own_s
     assert child.card["training"] == parent.card["training"] and child.card["history"] == parent.card["history"]
 
     # the temperature is the fit on the parent's validation split, and nothing else
-    validation = validation_text(Corpus.read(play_file), parent.card)
+    validation = Corpus.read(play_file).split_as_trained(parent.card)[1]
     fit = fit_temperature(*logits_of(parent.model, parent.vocab, validation))
     assert cal["temperature"] == fit.temperature and cal["fitted_on"]["chars"] == len(validation) - 1
 
@@ -146,7 +151,7 @@ def test_train_with_calibrate_saves_the_trained_version_then_its_calibrated_copy
     assert trained.card["config"]["tie_weights"] and "calibration" not in trained.card
     cal = calibrated.card["calibration"]
     assert cal["parent"] == "cal@v1" and cal["command"].startswith("charlstm train ") and "--calibrate" in cal["command"]
-    validation = validation_text(Corpus.read(play_file), trained.card)
+    validation = Corpus.read(play_file).split_as_trained(trained.card)[1]
     assert cal["temperature"] == fit_temperature(*logits_of(trained.model, trained.vocab, validation)).temperature
     assert (trained.path / store.PLOT_FILE).is_file() and (calibrated.path / store.PLOT_FILE).is_file()
     assert calibrated.card["metrics"]["test_text"]["name"] == "unseen.txt"
