@@ -1,6 +1,6 @@
 """/generate throughput of two builds side by side: this tree against another checkout of the project.
 
-    python -m benchmarks.bench_ab --baseline /path/to/other/checkout [--clients 64] [--seconds 15] [--rounds 3] [--engine]
+    python -m benchmarks.bench_ab --baseline /path/to/other/checkout [--clients 64] [--seconds 15] [--rounds 3] [--engine] [--quantize int8]
 
 Both servers start at once and stay up; the load generator (its own process) drives them in
 alternate rounds, A B A B ..., so a drift in the machine's speed (a shared host) falls on both sides.
@@ -22,10 +22,10 @@ from pathlib import Path
 from .common import ROOT, Proc, loadgen, table
 
 
-def build(root: Path, model: str, threads: int) -> Proc:
+def build(root: Path, model: str, threads: int, quantize: str) -> Proc:
     """`charlstm serve` run from a checkout's own sources (its `service` package shadows the installed one)."""
     env = dict(CHARLSTM_MODEL=model, CHARLSTM_MODEL_STORE=str(ROOT / "model_store"), CHARLSTM_SESSION_DB="",
-               CHARLSTM_TORCH_THREADS=str(threads), OMP_NUM_THREADS=str(threads), CHARLSTM_LOG_LEVEL="warning",
+               CHARLSTM_TORCH_THREADS=str(threads), OMP_NUM_THREADS=str(threads), CHARLSTM_LOG_LEVEL="warning", CHARLSTM_QUANTIZE=quantize,
                PYTHONPATH=str(root))
     return Proc(["-m", "service.cli", "serve", "--port", "{port}"], env, cwd=root)
 
@@ -38,7 +38,7 @@ from service.engine.engine import Engine, EngineConfig
 from service.engine.runner import Runner
 from service.engine.types import Done, GenerationRequest
 torch.set_num_threads(1)
-clients, model = int(sys.argv[1]), sys.argv[2]
+clients, model, quantize = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 loaded = store.load(model)
 left, done = [clients], threading.Event()
 def deliver(batch):
@@ -47,7 +47,7 @@ def deliver(batch):
             left[0] -= 1
     if left[0] == 0:
         done.set()
-engine = Engine(Runner(loaded.model, 2), loaded.vocab, EngineConfig(max_batch_size=clients), deliver)
+engine = Engine(Runner(loaded.model, 2, quantize=quantize), loaded.vocab, EngineConfig(max_batch_size=clients), deliver)
 for i in range(clients):
     engine.submit(GenerationRequest(prompt_ids=loaded.vocab.encode("ROMEO:"), max_new_tokens=256, seed=i), i)
 t0 = time.perf_counter()
@@ -58,9 +58,9 @@ engine.stop()
 """
 
 
-def engine_round(root: Path, clients: int, model: str) -> float:
+def engine_round(root: Path, clients: int, model: str, quantize: str) -> float:
     env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1", CHARLSTM_MODEL_STORE=str(ROOT / "model_store"))
-    out = subprocess.run([sys.executable, "-c", ENGINE_ROUND, str(clients), model], cwd=root, env=env, capture_output=True,
+    out = subprocess.run([sys.executable, "-c", ENGINE_ROUND, str(clients), model, quantize], cwd=root, env=env, capture_output=True,
                          text=True, timeout=900)
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-2000:])
@@ -77,14 +77,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads of each server (the service's default)")
     ap.add_argument("--prompt", default="\n", help="every request's prompt (HTTP rounds)")
     ap.add_argument("--engine", action="store_true", help="measure the bare engine in each build, without HTTP")
+    ap.add_argument("--quantize", default="none", choices=["none", "int8"], help="the step's weights in both builds")
     args = ap.parse_args()
     if args.engine:
         roots = {"baseline": Path(args.baseline).resolve(), "this tree": ROOT}
         figures = {name: [] for name in roots}
         for r in range(args.rounds):
             for name in list(roots) if r % 2 == 0 else list(roots)[::-1]:
-                figures[name].append(engine_round(roots[name], args.clients, args.model))
-        report(f"bare engine, {args.clients} streams of 256 characters, {args.rounds} rounds alternated", figures)
+                figures[name].append(engine_round(roots[name], args.clients, args.model, args.quantize))
+        report(f"bare engine, {args.quantize} weights, {args.clients} streams of 256 characters, {args.rounds} rounds alternated", figures)
         return
     roots = {"baseline": Path(args.baseline).resolve(), "this tree": ROOT}
     builds: dict[str, Proc] = {}
@@ -92,7 +93,7 @@ def main() -> None:
     ttft = {name: [] for name in roots}
     try:
         for name, root in roots.items():
-            builds[name] = build(root, args.model, args.threads)  # returns once its /ready answers
+            builds[name] = build(root, args.model, args.threads, args.quantize)  # returns once its /ready answers
         for r in range(args.rounds):
             for name in list(builds) if r % 2 == 0 else list(builds)[::-1]:
                 out = loadgen(builds[name].url, args.clients, args.seconds, prompt=args.prompt)
@@ -101,7 +102,7 @@ def main() -> None:
     finally:
         for proc in builds.values():
             proc.stop()
-    report(f"/generate, {args.clients} streaming clients, prompt {args.prompt!r}, {args.seconds:g} s a round, "
+    report(f"/generate, {args.quantize} weights, {args.clients} streaming clients, prompt {args.prompt!r}, {args.seconds:g} s a round, "
            f"{args.rounds} rounds alternated", figures)
     print("time to the first character, p50 of each round (ms): " +
           "; ".join(f"{name} {', '.join(f'{x:.1f}' for x in xs)}" for name, xs in ttft.items()))

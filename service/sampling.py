@@ -82,33 +82,55 @@ def sample_next(
         c = counts.to(logits.dtype)  # (B, V)
         logits = logits - frequency_penalty.unsqueeze(1) * c - presence_penalty.unsqueeze(1) * (c > 0).to(logits.dtype)
     greedy = temperature <= 0  # (B,)
-    scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature).unsqueeze(1)  # (B, V)
+    scale = torch.where(greedy, torch.ones_like(temperature), temperature)  # (B,)
     filtered = (top_k > 0) | (top_p < 1.0)  # (B,) rows with a top-k or nucleus filter
-    if bool(filtered.any()):
-        # Filtered rows work in descending order of probability; the others keep vocabulary order, so
-        # a row draws the same character whatever the other rows of the batch ask for.
-        ranks = torch.arange(V, device=logits.device).unsqueeze(0)  # (1, V)
-        order = torch.where(filtered.unsqueeze(1), torch.sort(scaled, dim=-1, descending=True, stable=True).indices,
-                            ranks)  # (B, V)
-        ordered = scaled.gather(1, order)  # (B, V)
-        k = torch.where(top_k > 0, top_k.clamp(max=V), torch.full_like(top_k, V)).unsqueeze(1)  # (B, 1)
-        probs = torch.softmax(ordered.masked_fill(ranks >= k, float("-inf")), dim=-1)  # (B, V)
-        before = torch.cumsum(probs, dim=-1) - probs  # mass strictly above each rank
-        keep = (before < top_p.unsqueeze(1)) | (ranks == 0) | ~filtered.unsqueeze(1)  # the top character stays
-        probs = probs * keep
-    else:
-        order = None
-        probs = torch.softmax(scaled, dim=-1)  # (B, V), vocabulary order
-    cdf = torch.cumsum(probs.double(), dim=-1)  # (B, V)
-    target = (u.to(cdf.dtype) * cdf[:, -1]).unsqueeze(1)  # (B, 1)
-    pick = torch.searchsorted(cdf, target, right=True).clamp_(max=V - 1).squeeze(1)  # (B,)
-    if order is not None:
-        pick = order.gather(1, pick.unsqueeze(1)).squeeze(1)
+    if not bool(filtered.any()):
+        return sample_plain(logits, scale, greedy, u, want_logprobs, any_greedy=bool(greedy.any()), raw=raw)
+    # Filtered rows work in descending order of probability; the others keep vocabulary order, so
+    # a row draws the same character whatever the other rows of the batch ask for.
+    scaled = logits / scale.unsqueeze(1)  # (B, V)
+    ranks = torch.arange(V, device=logits.device).unsqueeze(0)  # (1, V)
+    order = torch.where(filtered.unsqueeze(1), torch.sort(scaled, dim=-1, descending=True, stable=True).indices,
+                        ranks)  # (B, V)
+    ordered = scaled.gather(1, order)  # (B, V)
+    k = torch.where(top_k > 0, top_k.clamp(max=V), torch.full_like(top_k, V)).unsqueeze(1)  # (B, 1)
+    probs = torch.softmax(ordered.masked_fill(ranks >= k, float("-inf")), dim=-1)  # (B, V)
+    before = torch.cumsum(probs, dim=-1) - probs  # mass strictly above each rank
+    keep = (before < top_p.unsqueeze(1)) | (ranks == 0) | ~filtered.unsqueeze(1)  # the top character stays
+    pick = _draw(probs * keep, u)  # (B,) a rank
+    pick = order.gather(1, pick.unsqueeze(1)).squeeze(1)  # (B,) a character
     if bool(greedy.any()):
         pick = torch.where(greedy, logits.argmax(dim=-1), pick)
-    if not want_logprobs:
-        return pick, None
-    return pick, torch.log_softmax(raw, dim=-1).gather(1, pick.unsqueeze(1)).squeeze(1)
+    return pick, _logprobs(raw, pick) if want_logprobs else None
+
+
+def sample_plain(logits: torch.Tensor, scale: torch.Tensor, greedy: torch.Tensor, u: torch.Tensor,
+                 want_logprobs: bool = True, *, any_greedy: bool = True,
+                 raw: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`sample_next` for rows with no filter: temperature and greedy only, in vocabulary order. It picks
+    what `sample_next` picks for such rows, in fewer kernels (no sort) and without reading anything back
+    to the host, so a CUDA graph can hold it (service/engine/cuda_step.py), and at one row on the CPU, where
+    each kernel's fixed cost is most of the sampling, a batch that worked out its scale once calls it directly.
+
+    logits (B, V); scale (B,) the temperature, 1 for greedy rows; greedy (B,) bool; u (B,) float64.
+    any_greedy False (the caller knows no row is greedy) skips the argmax; raw: the logits before any
+    penalty, for the log-probabilities (default: logits). Returns (ids (B,) int64, logprobs (B,) or None)."""
+    pick = _draw(torch.softmax(logits / scale.unsqueeze(1), dim=-1), u)  # (B,)
+    if any_greedy:
+        pick = torch.where(greedy, logits.argmax(dim=-1), pick)
+    return pick, _logprobs(logits if raw is None else raw, pick) if want_logprobs else None
+
+
+def _draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The first column whose cumulative probability exceeds each row's uniform. probs (B, V), u (B,) -> (B,) int64."""
+    cdf = torch.cumsum(probs.double(), dim=-1)  # (B, V)
+    target = (u.to(cdf.dtype) * cdf[:, -1]).unsqueeze(1)  # (B, 1): the rows' mass need not sum to 1
+    return torch.searchsorted(cdf, target, right=True).clamp_(max=probs.shape[1] - 1).squeeze(1)
+
+
+def _logprobs(raw: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
+    """Each picked character's log-probability under the model's own distribution. raw (B, V), pick (B,) -> (B,)."""
+    return torch.log_softmax(raw, dim=-1).gather(1, pick.unsqueeze(1)).squeeze(1)
 
 
 def top_alternatives(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

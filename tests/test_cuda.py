@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from service import store
-from service.engine.cuda_step import CudaStep, device_uniforms, resolve_device, sample_plain, sample_rows, stream_key, uniforms_from_keys
+from service.engine.cuda_step import CudaStep, device_uniforms, resolve_device, sample_rows, stream_key, uniforms_from_keys
 from service.engine.runner import Runner
 from service.sampling import MAX_SEED, SamplingParams, sample_next, uniforms
 
@@ -60,19 +60,6 @@ def test_sample_rows_picks_what_sample_next_picks(params):
     got_ids, got_lps = sample_rows(logits, *controls, seen if penalised else torch.zeros(B, V, dtype=torch.bool), u)
     assert torch.equal(got_ids, ids)
     assert torch.equal(got_lps, lps)
-
-
-def test_the_lean_sampler_picks_what_sample_next_picks_for_rows_without_filters_or_penalties():
-    torch.manual_seed(4)
-    temps = [1.0, 0.0, 0.8, 1.3, 0.0, 0.5] * 3
-    B, V = len(temps), 40
-    logits = torch.randn(B, V) * 3
-    u = torch.from_numpy(uniforms(np.arange(B, dtype=np.uint64) * 7, np.arange(B, dtype=np.uint64)))
-    temperature = torch.tensor(temps)
-    ids, lps = sample_next(logits, temperature, torch.zeros(B, dtype=torch.long), torch.ones(B), torch.ones(B), None, u)
-    greedy = temperature <= 0
-    got_ids, got_lps = sample_plain(logits, torch.where(greedy, torch.ones_like(temperature), temperature), greedy, u)
-    assert torch.equal(got_ids, ids) and torch.equal(got_lps, lps)
 
 
 def test_keys_hashed_once_give_the_same_draws_for_several_steps_at_once():

@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from service.sampling import sample_next, uniforms
+from service.sampling import sample_next, sample_plain, uniforms
 
 
 def controls(B, temperature=1.0, top_k=0, top_p=1.0, penalty=1.0):
@@ -75,3 +75,26 @@ def test_a_row_draws_the_same_whatever_the_other_rows_ask_for():
     with_filters, _ = sample_next(logits, *mixed, None, u)
     keep = [0, 1, 2, 5]
     assert with_filters[keep].tolist() == plain[keep].tolist()
+
+
+def test_the_plain_sampler_draws_by_the_cdf_in_vocabulary_order_and_takes_the_argmax_when_greedy():
+    torch.manual_seed(4)
+    temps = [1.0, 0.0, 0.8, 1.3, 0.0, 0.5] * 3
+    B, V = len(temps), 40
+    logits = torch.randn(B, V) * 3
+    u = torch.from_numpy(uniforms(np.arange(B) * 7, np.arange(B)))
+    temperature = torch.tensor(temps)
+    greedy = temperature <= 0
+    scale = torch.where(greedy, torch.ones_like(temperature), temperature)
+    ids, lps = sample_plain(logits, scale, greedy, u)
+    for i, t in enumerate(temps):  # what each row must pick, worked out alone, outside torch's sampler
+        if t == 0:
+            assert ids[i].item() == int(logits[i].argmax())
+            continue
+        cdf = np.cumsum(torch.softmax(logits[i] / t, dim=-1).double().numpy())
+        assert ids[i].item() == int(np.searchsorted(cdf, u[i].item() * cdf[-1], side="right"))
+    torch.testing.assert_close(lps, torch.log_softmax(logits, -1).gather(1, ids.unsqueeze(1)).squeeze(1))
+    # sample_next hands such rows to it; a batch with no greedy row may skip the argmax
+    assert torch.equal(sample_next(logits, *controls(B), None, u)[0],
+                       sample_plain(logits, torch.ones(B), torch.zeros(B, dtype=torch.bool), u, any_greedy=False)[0])
+    assert sample_plain(logits, scale, greedy, u, want_logprobs=False)[1] is None

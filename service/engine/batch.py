@@ -91,6 +91,25 @@ class Batch:
         return bool(((self.controls["top_k"] > 0) | (self.controls["top_p"] < 1.0)).any())
 
     @cached_property
+    def plain(self) -> bool:
+        """No row has a filter or a penalty: temperature and greedy only (`sampling.sample_plain`)."""
+        return not (self.filtered or self.penalised or self.counted)
+
+    @cached_property
+    def greedy(self) -> torch.Tensor:
+        """(B,) bool: rows at temperature 0."""
+        return self.controls["temperature"] <= 0
+
+    @cached_property
+    def any_greedy(self) -> bool:
+        return bool(self.greedy.any())
+
+    @cached_property
+    def scale(self) -> torch.Tensor:
+        """(B,) what each row's logits are divided by: its temperature, 1 for greedy rows."""
+        return torch.where(self.greedy, torch.ones_like(self.controls["temperature"]), self.controls["temperature"])
+
+    @cached_property
     def wants_logprobs(self) -> bool:
         return any(r.request.logprobs for r in self.rows)
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..sampling import SamplingParams
+from ..sampling import SamplingParams, sample_plain
 from ..sampling import _mix64 as _host_mix64
 from .runner import MIN_ROWS_PER_CALL, FusedWeights
 
@@ -93,19 +93,6 @@ def uniforms_from_keys(keys: torch.Tensor, counters: torch.Tensor) -> torch.Tens
 def stream_key(seed: int) -> int:
     """A stream's key, hashed on the host once when it joins (int64 with the uint64's bits)."""
     return _int64(int(_host_mix64(np.array([seed], dtype=np.uint64))[0]))
-
-
-def sample_plain(logits: torch.Tensor, scale: torch.Tensor, greedy: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`sample_rows` for a batch where no row has a filter or a penalty: temperature and greedy only.
-    logits (B, V); scale (B,) the temperature (1 for greedy rows); greedy (B,) bool; u (B,) float64.
-    Picks what `sampling.sample_next` picks for such rows, in fewer kernels (no sort)."""
-    V = logits.shape[1]
-    probs = torch.softmax(logits / scale.unsqueeze(1), dim=-1)  # (B, V), vocabulary order
-    cdf = torch.cumsum(probs.double(), dim=-1)  # (B, V)
-    target = (u * cdf[:, -1]).unsqueeze(1)  # (B, 1)
-    pick = torch.searchsorted(cdf, target, right=True).clamp_(max=V - 1).squeeze(1)  # (B,)
-    pick = torch.where(greedy, logits.argmax(dim=-1), pick)  # (B,)
-    return pick, torch.log_softmax(logits, dim=-1).gather(1, pick.unsqueeze(1)).squeeze(1)
 
 
 def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,

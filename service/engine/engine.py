@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from ..sampling import MAX_SEED, sample_next, top_alternatives, uniforms
+from ..sampling import MAX_SEED, sample_next, sample_plain, top_alternatives, uniforms
 from ..vocab import CharVocab
 from .batch import Batch
 from .runner import SHORT_PROMPT, Runner
@@ -417,9 +417,12 @@ class Engine:
             else:
                 logits = self.runner.logits(state)  # (B, V)
                 u = torch.from_numpy(uniforms(batch.seeds, batch.counters))  # (B,)
-                ids, lps = sample_next(logits, **batch.controls, seen=batch.seen if batch.penalised else None, u=u,
-                                       want_logprobs=batch.wants_logprobs,
-                                       counts=batch.counts if batch.counted else None)  # (B,), (B,) or None
+                if batch.plain:  # the batch's scale is worked out once: fewer kernels, most of a lone row's sampling
+                    ids, lps = sample_plain(logits, batch.scale, batch.greedy, u, batch.wants_logprobs, any_greedy=batch.any_greedy)
+                else:
+                    ids, lps = sample_next(logits, **batch.controls, seen=batch.seen if batch.penalised else None, u=u,
+                                           want_logprobs=batch.wants_logprobs,
+                                           counts=batch.counts if batch.counted else None)  # (B,), (B,) or None
                 if top_k:  # someone asked for alternatives: (B, k) ids and log-probabilities
                     tops_steps.append(top_alternatives(logits, top_k))
                 if fed:  # these rows take their prompt's next character instead of the draw, which they do not spend
