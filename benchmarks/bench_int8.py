@@ -4,7 +4,8 @@
 
 1. Raw loop: the fused step + softmax + multinomial (benchmarks.bench_serving.raw_limit), fp32 against
    int8, at B = 1, 8, 64, 128, interleaved (each B: fp32 then int8, every round), in the service's own
-   configuration: 1 torch thread per kernel and 2 step workers (row shares of 16+ rows).
+   configuration: 1 torch thread per kernel and each weights' default step workers (fp32 2, int8 1;
+   row shares of 16+ rows).
 2. Prompt ingestion, 10,000 characters: fp32 `nn.LSTM` in the engine's 512-character slices against
    the int8 fused step character by character (prefill stays fp32 unless int8 is faster).
 3. The service over HTTP, `CHARLSTM_QUANTIZE=none` against `int8`, at 1 and 64 clients, interleaved;
@@ -24,6 +25,7 @@ import httpx
 import torch
 
 from service import store
+from service.api.app import DEFAULT_STEP_WORKERS
 from service.corpus import Corpus
 from service.engine.quant_eval import score_chunks_stepped
 from service.engine.runner import Runner
@@ -35,9 +37,10 @@ DATA = ROOT.parent / "shared" / "data"
 MODES = ("none", "int8")
 
 
-def bench_raw(loaded, batches: list[int], seconds: float, repeats: int, workers: int) -> None:
+def bench_raw(loaded, batches: list[int], seconds: float, repeats: int, workers: int | None) -> None:
     torch.set_num_threads(1)  # the service's default: row-split pool threads, one OpenMP thread each
-    runners = {m: Runner(loaded.model, workers=workers, quantize=m) for m in MODES}
+    threads = {m: workers or DEFAULT_STEP_WORKERS[m] for m in MODES}
+    runners = {m: Runner(loaded.model, workers=threads[m], quantize=m) for m in MODES}
     got = {(m, b): [] for m in MODES for b in batches}
     try:
         for _ in range(repeats):
@@ -49,7 +52,7 @@ def bench_raw(loaded, batches: list[int], seconds: float, repeats: int, workers:
             r.close()
     med = {k: statistics.median(v) for k, v in got.items()}
     print(f"1. Raw loop, fused step + sampling (chars/s; median of {repeats} interleaved round(s); 1 torch thread, "
-          f"{workers} step workers)")
+          f"step workers: fp32 {threads['none']}, int8 {threads['int8']})")
     print(table(["B", "fp32", "int8", "int8 / fp32"], [[b, med["none", b], med["int8", b], med["int8", b] / med["none", b]]
                                                         for b in batches]))
     for b in batches:
@@ -148,7 +151,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--batches", default="1,8,64,128")
     ap.add_argument("--clients", default="1,64")
-    ap.add_argument("--workers", type=int, default=2, help="step workers of the raw loop (the service's default)")
+    ap.add_argument("--workers", type=int, default=None, help="step workers of the raw loop (default: the service's for each weights)")
     ap.add_argument("--only", default="raw,prefill,service,quality")
     ap.add_argument("--decode-steps", default="1", help="service: steps a look to compare, e.g. 1,8 (the first is the base)")
     args = ap.parse_args()

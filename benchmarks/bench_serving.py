@@ -20,6 +20,7 @@ import time
 import torch
 
 from service import store
+from service.api.app import step_workers
 from service.engine.runner import Runner
 from service.settings import Settings
 
@@ -61,7 +62,7 @@ def main() -> None:
     loaded = store.load(args.model)
     print(f"model {loaded.name}@{loaded.version}: {loaded.model.num_parameters():,} parameters; raw loop "
           f"{args.threads} threads; service {args.service_threads} torch thread(s) and its default of "
-          f"{Settings().step_workers} step workers; naive {args.threads} threads\n")
+          f"{step_workers(Settings())} step workers; naive {args.threads} threads\n")
 
     # Side by side: each load point runs right after its two limits, so a drift in the machine's speed
     # (a shared host) falls on both sides of the ratio. The idle server waits on a condition meanwhile.

@@ -31,8 +31,9 @@ class Settings(BaseSettings):
     max_sessions: int = Field(10_000, ge=1)
     torch_threads: int = Field(1, ge=0, description="OpenMP threads inside each torch kernel; 0: torch's default. One serves best on two "
                                "cores: the step workers already use both, and OpenMP threads meet at a barrier after every kernel")
-    step_workers: int = Field(2, ge=1, le=64, description="threads that step shares of a large batch at once (at least 16 rows each); "
-                              "1: the engine thread steps every row")
+    step_workers: int | None = Field(None, ge=1, le=64, description="threads that step shares of a large batch at once (at least 16 rows "
+                                     "each); 1: the engine thread steps every row. Unset: 2 with fp32 weights, 1 with int8 (whose "
+                                     "step is mostly small kernels that two threads only queue on; benchmarks/README.md)")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="request bodies above this get 413")
     shutdown_grace_s: float = Field(10.0, ge=0, description="time running streams get to finish on SIGTERM")
     api_key: str | None = Field(None, description="when set, every route but /health and /ready needs Authorization: Bearer <key>")

@@ -56,6 +56,7 @@ def test_health_ready_info(server, tiny_model):
     assert info["model"]["metrics"]["val_bits_per_char"] == tiny_model.card["metrics"]["val_bits_per_char"]
     assert info["limits"]["max_new_tokens"] == 100_000 and info["limits"]["max_batch_size"] == 64
     assert info["defaults"]["max_new_tokens"] == 256
+    assert info["engine"]["quantize"] == "none" and info["engine"]["step_workers"] == 2  # fp32's default
 
 
 def test_openapi_describes_every_route_and_field(server):

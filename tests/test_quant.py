@@ -175,7 +175,8 @@ def test_the_service_serves_int8_and_a_seed_gives_the_same_text_alone_or_in_a_cr
 
     srv = Server(trained_store, quantize="int8")
     try:
-        assert httpx.get(srv.url + "/info").json()["engine"]["quantize"] == "int8"
+        engine = httpx.get(srv.url + "/info").json()["engine"]
+        assert engine["quantize"] == "int8" and engine["step_workers"] == 1  # int8's default: no row shares
         body = {"prompt": "KING:\n", "max_new_tokens": 80, "seed": 31}
         alone = httpx.post(srv.url + "/generate", json=body, timeout=60).json()["text"]
 

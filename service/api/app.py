@@ -55,6 +55,7 @@ async def lifespan(app: FastAPI):
                                  prefill_chunk=settings.prefill_chunk, decode_steps=steps),
                     deliver=make_deliver(asyncio.get_running_loop()), device_step=device_step)
     app.state.device, app.state.device_name, app.state.decode_steps = runner.device.type, device_name, steps
+    app.state.step_workers = runner.workers
     app.state.session_key, key_source = session_blob.load_or_create_key(settings.session_key, settings.session_db or None)
     factory = app.state.session_store_factory or _store_factory(settings, app.state.session_key, fingerprint, model_name)
     session_store = factory(settings.max_sessions, on_removed=lambda reason: engine.notify("on_session_removed", reason))
@@ -90,7 +91,7 @@ async def lifespan(app: FastAPI):
     log.info("serving %s (weights %s, %s parameters, %s step weights) on %s, %d torch threads, %d step workers; max batch %d, queue %d, "
              "max new tokens %d, max prompt %d chars, drain %gs + grace %gs; sessions: %s store%s, %d restored, at most %d, signed with %s; listening on %s:%d",
              model_name, fingerprint[:12], f"{loaded.model.num_parameters():,}", settings.quantize, device_name, torch.get_num_threads(),
-             settings.step_workers, settings.max_batch_size, settings.max_queue, settings.max_new_tokens,
+             runner.workers, settings.max_batch_size, settings.max_queue, settings.max_new_tokens,
              settings.max_prompt_chars, settings.drain_delay_s, settings.shutdown_grace_s, session_store.kind,
              f" saved to {settings.session_db}" if session_db else f" at {redacted(settings.session_store)}" if settings.session_store != "memory" else "",
              restored, settings.max_sessions, key_source, settings.host, settings.port)
@@ -131,7 +132,7 @@ def _build_step(loaded: store.LoadedModel, settings: Settings) -> tuple[Runner, 
     device = resolve_device(wanted)
     steps = decode_steps(settings, device.type)
     if device.type == "cpu":
-        return Runner(loaded.model, settings.step_workers, quantize=settings.quantize), None, steps, "cpu"
+        return Runner(loaded.model, step_workers(settings), quantize=settings.quantize), None, steps, "cpu"
     runner = Runner(loaded.model, device=device)
     step = CudaStep(runner.weights, device=device, capacity=settings.max_batch_size, max_steps=steps)
     return runner, step, steps, f"{device} ({torch.cuda.get_device_name(step.device)}, CUDA graphs, {steps} steps a look)"
@@ -143,6 +144,16 @@ DEFAULT_DECODE_STEPS = {"cpu": 1, "cuda": 16}
 def decode_steps(settings: Settings, device: str) -> int:
     """The setting, or the default for the device: a GPU pays a copy and a sync per look, the CPU does not."""
     return settings.decode_steps or DEFAULT_DECODE_STEPS[device]
+
+
+DEFAULT_STEP_WORKERS = {"none": 2, "int8": 1}
+
+
+def step_workers(settings: Settings) -> int:
+    """The setting, or the default for the weights: fp32's step is mostly two large multiplies, which two
+    threads share well; int8's multiplies are a third of that and its many small kernels, each holding
+    the GIL for its Python, only queue on a second thread (measured: benchmarks/README.md)."""
+    return settings.step_workers or DEFAULT_STEP_WORKERS[settings.quantize]
 
 
 def _store_factory(settings: Settings, key: bytes, fingerprint: str, model_name: str):
