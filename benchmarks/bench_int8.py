@@ -9,7 +9,8 @@
 2. Prompt ingestion, 10,000 characters: fp32 `nn.LSTM` in the engine's 512-character slices against
    the int8 fused step character by character (prefill stays fp32 unless int8 is faster).
 3. The service over HTTP, `CHARLSTM_QUANTIZE=none` against `int8`, at 1 and 64 clients, interleaved;
-   with --decode-steps 1,8 also each at several steps a look (`CHARLSTM_DECODE_STEPS`).
+   with --decode-steps 1,8 also each at several steps a look (`CHARLSTM_DECODE_STEPS`), and with
+   --step-workers default,1,2 each with that many step workers (`CHARLSTM_STEP_WORKERS`).
    Needs a service that reports `quantize` in /info (the setting wired into the runner); skipped otherwise.
 4. Quality (minutes): bits per char through the runner's step (service/engine/quant_eval.py), fp32
    against int8, on the validation split (last 10% of tinyshakespeare.txt) and on macbeth.txt.
@@ -97,13 +98,17 @@ def _reported_quantize(info: dict) -> str | None:
     return None
 
 
-def bench_service(model: str, clients: list[int], seconds: float, repeats: int, steps: list[int]) -> None:
-    """Every (quantize, decode_steps) server up at once; the load generator visits them in turn each round."""
-    configs = [(m, k) for k in steps for m in MODES]
-    servers = {(m, k): charlstm_server(1, model=model, quantize=m, max_batch_size=max(clients), decode_steps=k)
-               for m, k in configs}
+def bench_service(model: str, clients: list[int], seconds: float, repeats: int, steps: list[int],
+                  workers: list[int | None] = (None,)) -> None:
+    """Every (quantize, decode_steps, step_workers) server up at once; the load generator visits them in turn
+    each round. A workers entry of None is each weights' default (service/api/app.py)."""
+    configs = [(m, k, w) for k in steps for w in workers for m in MODES]
+    servers = {}
     try:
-        for (m, k), srv in servers.items():
+        for m, k, w in configs:
+            extra = {} if w is None else {"step_workers": w}
+            servers[m, k, w] = charlstm_server(1, model=model, quantize=m, max_batch_size=max(clients), decode_steps=k, **extra)
+        for (m, k, w), srv in servers.items():
             reported = _reported_quantize(httpx.get(srv.url + "/info").json())
             if reported != m:
                 print(f"3. Service over HTTP: skipped, the server started with CHARLSTM_QUANTIZE={m} reports "
@@ -118,16 +123,21 @@ def bench_service(model: str, clients: list[int], seconds: float, repeats: int, 
         for srv in servers.values():
             srv.stop()
     med = {k: statistics.median(v) for k, v in got.items()}
-    base = ("none", steps[0])
-    name = lambda m, k: f"{'fp32' if m == 'none' else m}, {k} step{'s' if k > 1 else ''} a look"  # noqa: E731
+    base = configs[0]
+
+    def name(m: str, k: int, w: int | None) -> str:
+        return (f"{'fp32' if m == 'none' else m}, {k} step{'s' if k > 1 else ''} a look"
+                + ("" if w is None else f", {w} worker{'s' if w > 1 else ''}"))
+
     print(f"3. Service over HTTP, SSE streams (chars/s; median of {repeats} interleaved round(s), {seconds:g} s each; "
-          f"ratios against {name(*base)})")
+          f"ratios against {name(*base)}; step workers: each weights' default unless named)")
     print(table(["clients", *(name(*cfg) for cfg in configs), *(f"{name(*cfg)} / base" for cfg in configs[1:])],
                 [[c, *(med[cfg, c] for cfg in configs), *(med[cfg, c] / med[base, c] for cfg in configs[1:])]
                  for c in clients]))
     for k in steps:
-        print(f"int8 / fp32 at {k} step(s) a look: " + ", ".join(
-            f"{c} client(s) {med[('int8', k), c] / med[('none', k), c]:.2f}" for c in clients))
+        for w in workers:
+            print(f"int8 / fp32 at {k} step(s) a look{'' if w is None else f', {w} step workers'}: " + ", ".join(
+                f"{c} client(s) {med[('int8', k, w), c] / med[('none', k, w), c]:.2f}" for c in clients))
 
 
 def bench_quality(loaded) -> None:
@@ -154,6 +164,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None, help="step workers of the raw loop (default: the service's for each weights)")
     ap.add_argument("--only", default="raw,prefill,service,quality")
     ap.add_argument("--decode-steps", default="1", help="service: steps a look to compare, e.g. 1,8 (the first is the base)")
+    ap.add_argument("--step-workers", default="default",
+                    help="service: step workers to compare, e.g. default,1,2 ('default': each weights' own)")
     args = ap.parse_args()
     parts = set(args.only.split(","))
     loaded = store.load(args.model)
@@ -167,7 +179,8 @@ def main() -> None:
         print()
     if "service" in parts:
         bench_service(args.model, [int(c) for c in args.clients.split(",")], 2 * args.seconds, args.repeats,
-                      [int(k) for k in args.decode_steps.split(",")])
+                      [int(k) for k in args.decode_steps.split(",")],
+                      [None if w == "default" else int(w) for w in args.step_workers.split(",")])
         print()
     if "quality" in parts:
         bench_quality(loaded)
