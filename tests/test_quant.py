@@ -190,3 +190,12 @@ def test_the_service_serves_int8_and_a_seed_gives_the_same_text_alone_or_in_a_cr
         assert len({r.json()["text"] for r in responses}) > 15
     finally:
         srv.stop()
+
+
+def test_step_workers_default_by_weights_and_an_explicit_setting_wins():
+    from service.api.app import step_workers
+    from service.settings import Settings
+
+    assert step_workers(Settings(quantize="none")) == 2 and step_workers(Settings(quantize="int8")) == 1
+    assert step_workers(Settings(quantize="int8", step_workers=2)) == 2
+    assert step_workers(Settings(quantize="none", step_workers=1)) == 1
