@@ -81,8 +81,7 @@ def sample_next(
     if counts is not None:
         c = counts.to(logits.dtype)  # (B, V)
         logits = logits - frequency_penalty.unsqueeze(1) * c - presence_penalty.unsqueeze(1) * (c > 0).to(logits.dtype)
-    greedy = temperature <= 0  # (B,)
-    scale = torch.where(greedy, torch.ones_like(temperature), temperature)  # (B,)
+    greedy, scale = temperature_scale(temperature)  # (B,), (B,)
     filtered = (top_k > 0) | (top_p < 1.0)  # (B,) rows with a top-k or nucleus filter
     if not bool(filtered.any()):
         return sample_plain(logits, scale, greedy, u, want_logprobs, any_greedy=bool(greedy.any()), raw=raw)
@@ -102,6 +101,13 @@ def sample_next(
     if bool(greedy.any()):
         pick = torch.where(greedy, logits.argmax(dim=-1), pick)
     return pick, _logprobs(raw, pick) if want_logprobs else None
+
+
+def temperature_scale(temperature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """temperature (B,) -> (greedy (B,) bool: rows at temperature 0 or below, scale (B,): what each row's
+    logits are divided by, its temperature, 1 for greedy rows (their pick is the argmax anyway))."""
+    greedy = temperature <= 0
+    return greedy, torch.where(greedy, torch.ones_like(temperature), temperature)
 
 
 def sample_plain(logits: torch.Tensor, scale: torch.Tensor, greedy: torch.Tensor, u: torch.Tensor,

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..sampling import SamplingParams
+from ..sampling import SamplingParams, temperature_scale
 
 # One tensor per field of SamplingParams, typed by the field's default: (B,) int64 or float32.
 CONTROL_DTYPES = {f.name: (torch.long if isinstance(f.default, int) and not isinstance(f.default, bool) else torch.float32)
@@ -96,18 +96,13 @@ class Batch:
         return not (self.filtered or self.penalised or self.counted)
 
     @cached_property
-    def greedy(self) -> torch.Tensor:
-        """(B,) bool: rows at temperature 0."""
-        return self.controls["temperature"] <= 0
+    def temperature_scale(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(greedy (B,) bool, scale (B,)): `sampling.temperature_scale` of the rows' temperatures."""
+        return temperature_scale(self.controls["temperature"])
 
     @cached_property
     def any_greedy(self) -> bool:
-        return bool(self.greedy.any())
-
-    @cached_property
-    def scale(self) -> torch.Tensor:
-        """(B,) what each row's logits are divided by: its temperature, 1 for greedy rows."""
-        return torch.where(self.greedy, torch.ones_like(self.controls["temperature"]), self.controls["temperature"])
+        return bool(self.temperature_scale[0].any())
 
     @cached_property
     def wants_logprobs(self) -> bool:

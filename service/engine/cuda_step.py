@@ -35,7 +35,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..sampling import SamplingParams, sample_plain
+from ..sampling import SamplingParams, sample_plain, temperature_scale
 from ..sampling import _mix64 as _host_mix64
 from .runner import MIN_ROWS_PER_CALL, FusedWeights
 
@@ -111,8 +111,8 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Te
     logits = torch.where(seen, torch.where(logits > 0, logits / pen, logits * pen), logits)  # (B, V)
     if counts is not None:  # x - 0 * c - 0 * [c > 0] is x bit for bit, so rows without these penalties keep their logits
         logits = logits - frequency_penalty.unsqueeze(1) * counts - presence_penalty.unsqueeze(1) * (counts > 0).to(logits.dtype)
-    greedy = temperature <= 0  # (B,)
-    scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature).unsqueeze(1)  # (B, V)
+    greedy, scale = temperature_scale(temperature)  # (B,), (B,)
+    scaled = logits / scale.unsqueeze(1)  # (B, V)
     filtered = ((top_k > 0) | (top_p < 1.0)).unsqueeze(1)  # (B, 1)
     ranks = torch.arange(V, device=logits.device).unsqueeze(0)  # (1, V)
     order = torch.where(filtered, torch.sort(scaled, dim=-1, descending=True, stable=True).indices, ranks)  # (B, V)

@@ -418,7 +418,8 @@ class Engine:
                 logits = self.runner.logits(state)  # (B, V)
                 u = torch.from_numpy(uniforms(batch.seeds, batch.counters))  # (B,)
                 if batch.plain:  # the batch's scale is worked out once: fewer kernels, most of a lone row's sampling
-                    ids, lps = sample_plain(logits, batch.scale, batch.greedy, u, batch.wants_logprobs, any_greedy=batch.any_greedy)
+                    greedy, scale = batch.temperature_scale  # (B,), (B,)
+                    ids, lps = sample_plain(logits, scale, greedy, u, batch.wants_logprobs, any_greedy=batch.any_greedy)
                 else:
                     ids, lps = sample_next(logits, **batch.controls, seen=batch.seen if batch.penalised else None, u=u,
                                            want_logprobs=batch.wants_logprobs,
