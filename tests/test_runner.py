@@ -91,8 +91,7 @@ def test_a_batch_split_over_worker_threads_steps_each_row_as_one_thread_does():
 def test_a_row_gets_the_same_bits_alone_and_in_a_batch_of_any_size(quantize, workers):
     """One seed, one text, alone or batched: a row's new state and logits must not depend on how many
     rows share the step. BLAS chooses its kernel by the number of rows and the kernels round
-    differently (without MIN_ROWS_PER_CALL and MAX_ROWS_PER_CALL every size here but 200 differed from
-    256 in fp32), so this runs the bundled model, whose matrices are the size the service multiplies."""
+    differently, and which sizes share a kernel depends on the CPU (runner.row_bounds measures it), so this runs the bundled model, whose matrices are the size the service multiplies."""
     loaded = store.load(store.DEFAULT_MODEL, Path(__file__).resolve().parent.parent / "model_store")
     runner = Runner(loaded.model, workers=workers, quantize=quantize)
     try:

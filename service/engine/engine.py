@@ -1,11 +1,11 @@
 """The engine loop: continuous batching of every running stream, a look of k steps at a time.
 
 One thread owns the model and the `Batch`. Callers `submit` requests and `cancel` them from any
-thread; the loop admits waiting streams between looks, ingests prompts in slices cut at fixed offsets
-of each prompt, steps all running rows together with the fused LSTM step (k steps a look:
-`EngineConfig.decode_steps`, or 1 when most rows end sooner), samples each row with its own controls
-and random stream, updates each row's text once a look, and hands the resulting events to `deliver`
-once a loop.
+thread. Each loop iteration reads as vLLM's `EngineCore.step` does: **schedule** (the `Scheduler`
+admits waiting streams and picks the prompt slices ingested within one shared budget), **step** (the
+`Stepper` takes a look of k steps of every decoding row) and **process outputs** (`Output` turns the
+look's ids into each stream's text, stop strings and end); then the loop hands that loop's events to
+`deliver` at once.
 
 The engine knows nothing of sessions, stores or HTTP: a request brings the state it starts from and
 a completed stream hands back the state it ended in. Every stream that was accepted gets exactly one
@@ -24,22 +24,26 @@ import logging
 import secrets
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from ..sampling import MAX_SEED, sample_next, sample_plain, top_alternatives, uniforms
+from ..sampling import MAX_SEED, top_alternatives
 from ..vocab import CharVocab
 from .batch import Batch
-from .runner import SHORT_PROMPT, Runner
-from .stops import StopMatcher
-from .types import Alternatives, Done, EngineUnavailable, GenerationRequest, Overloaded, PromptScored, ShuttingDown, Token
+from .output import Output
+from .runner import Runner
+from .scheduler import Scheduler
+from .step import Stepper
+from .stream import Phase, RequestGroup, Stream
+from .types import EngineUnavailable, GenerationRequest, Overloaded, PromptScored, ShuttingDown
 
 if TYPE_CHECKING:
     from .cuda_step import CudaStep
+
+__all__ = ["Engine", "EngineConfig", "EngineSnapshot", "EngineStats", "Stream"]
 
 log = logging.getLogger("charlstm.engine")
 
@@ -50,10 +54,17 @@ RETRY_DELIVERY_S = 0.01  # an idle loop's wait before retrying undelivered event
 @dataclass(frozen=True)
 class EngineConfig:
     max_batch_size: int = 64  # rows stepped together
-    max_queue: int = 256  # streams waiting for a row; beyond this, submissions are refused
-    prefill_chunk: int = 512  # a prompt is ingested in slices cut at multiples of this, from its own start
+    max_queue: int = 256  # requests waiting for a row, beyond the rows' own; beyond this, submissions are refused
+    prefill_chunk: int = 256  # prompt characters ingested a loop, shared by every ingesting stream; a prompt is cut at multiples of this, from its own start
     start_char: str = "\n"  # fed when a fresh stream has no prompt, so the first character has context
     decode_steps: int = 1  # steps a look: the rows' text is updated once per look (a device step must be built for as many)
+    max_rows_per_request: int | None = None  # rows one request holds at once; None: a quarter of max_batch_size (at least 1)
+
+    @property
+    def rows_per_request(self) -> int:
+        if self.max_rows_per_request is not None:
+            return self.max_rows_per_request
+        return max(1, self.max_batch_size // 4)
 
 
 class EngineStats(Protocol):
@@ -82,46 +93,6 @@ class EngineSnapshot:
     failed: bool  # the engine thread died of an internal error: every request gets 503 until a restart
 
 
-@dataclass
-class _Look:
-    """What one look produced, row by row: ids[row] (k ids), lps[row] (k floats) when someone asked,
-    tops = (ids, logprobs), each [row][step][alternative], when someone asked for alternatives."""
-
-    ids: list[list[int]]
-    lps: list[list[float]] | None
-    tops: tuple[list, list] | None
-    state: Callable[[int, int], torch.Tensor]  # (row, steps into the look) -> that row's state (2, L, H) on the host
-    settle: Callable[[], None] | None = None  # finish the look's work begun in the background
-    fed: dict[int, int] | None = None  # row -> how many of its first steps fed its prompt's tail (no characters)
-
-
-def _by_row(steps: list[torch.Tensor]) -> list[list]:
-    """k tensors (B,) -> B lists of k values (one step: no stacking, the common case on the CPU)."""
-    if len(steps) == 1:
-        return [[v] for v in steps[0].tolist()]
-    return torch.stack(steps, dim=1).tolist()
-
-
-class Stream:
-    """One request in flight: its random stream, its text so far, its listener."""
-
-    def __init__(self, request: GenerationRequest, listener: Any, seed: int, feed: list[int], now: float,
-                 state: torch.Tensor):
-        self.request, self.listener, self.seed = request, listener, seed
-        self.state: torch.Tensor | None = state  # (2, L, H): the caller's (None: zeros), then on the runner's device while the prompt is ingested; then the batch holds it
-        self.feed, self.fed = feed, 0  # characters to ingest before generating, and how many are done
-        self.matcher = StopMatcher(request.stop) if request.stop else None
-        self.chars: list[str] = []
-        self.lps: list[float] = []
-        self.tops: list[Alternatives] = []  # alternatives at each generated character, when asked for
-        self.prompt_lps: list[float | None] = []  # the prompt's log-probabilities, when asked for
-        self.prompt_tops: list[Alternatives | None] = []
-        self.prompt_scored: PromptScored | None = None
-        self.released = 0  # characters already sent to the listener
-        self.t_submit, self.t_last = now, 0.0
-        self.finished = False
-
-
 class Engine:
     def __init__(self, runner: Runner, vocab: CharVocab, config: EngineConfig = EngineConfig(),
                  deliver: Callable[[list[tuple[Any, list]]], None] | None = None, device_step: CudaStep | None = None):
@@ -139,9 +110,11 @@ class Engine:
         self.observers: list[EngineStats] = []
         self._cv = threading.Condition()
         # shared with callers, under _cv
-        self._incoming: deque[Stream] = deque()
+        self._incoming: list[Stream] = []
         self._cancelled: list[Stream] = []
-        self._admitted = 0  # accepted and not yet finished: the capacity the queue bound applies to
+        self._admitted = 0  # streams accepted and not yet finished
+        self._requests = 0  # requests with a stream not yet finished: what the queue bound counts
+        self._seq = 0
         self._counts = (0, 0)  # (running, waiting) as of the end of the last loop
         self._draining = False
         self._deadline = float("inf")
@@ -150,16 +123,16 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._steps = 0
         # owned by the loop thread
-        self._waiting: deque[Stream] = deque()
-        self._prefilling: deque[Stream] = deque()
-        self._joining: list[Batch] = []
-        self._feeding: list[Stream] = []  # rows of the batch still feeding their prompt's tail (_feeds_in_batch)
+        self.scheduler = Scheduler(config.max_batch_size, config.rows_per_request, config.prefill_chunk,
+                                   feed_tails_in_batch=device_step is None)
+        self.stepper = Stepper(runner, device_step, config.decode_steps)
+        self._chars = vocab.chars
+        self.output = Output(self._chars, self.notify, self._release)
         self._batch = self._empty_batch()
-        self._outbox: list[tuple[Any, list]] = []
+        self._joining: list[Batch] = []  # rows whose prompt is in, joining the batch this loop
         self._undelivered: list[tuple[Any, list, int]] = []  # (listener, events, attempts) that failed to go out
         start = config.start_char if config.start_char in vocab else vocab.chars[0]
         self._start_id = vocab.encode(start)[0]
-        self._chars = vocab.chars
 
     # ------------------------------------------------------------------ public, any thread
     def start(self) -> None:
@@ -201,10 +174,14 @@ class Engine:
 
     def submit(self, request: GenerationRequest, listener: Any) -> Stream:
         """Queue a request; its events go to `listener`. Raises Overloaded, ShuttingDown or EngineUnavailable at once."""
-        seed = secrets.randbelow(MAX_SEED) if request.seed is None else request.seed
-        feed = list(request.prompt_ids)
-        if request.fresh and not feed:
-            feed = [self._start_id]
+        return self.submit_all([(request, listener)])[0]
+
+    def submit_all(self, requests: list[tuple[GenerationRequest, Any]]) -> list[Stream]:
+        """Queue the streams of one request (an OpenAI request's choices), all or none: they count as one
+        request in the queue bound, and hold at most `max_rows_per_request` rows at once."""
+        if not requests:
+            raise ValueError("a request has at least one stream")
+        group = RequestGroup(len(requests))
         with self._cv:
             if self._dead:
                 self.notify("on_rejected", "engine_error")
@@ -212,14 +189,24 @@ class Engine:
             if self._draining or self._stop:
                 self.notify("on_rejected", "shutting_down")
                 raise ShuttingDown("the server is shutting down and admits no new work")
-            if self._admitted >= self.config.max_batch_size + self.config.max_queue:
+            limit = self.config.max_batch_size + self.config.max_queue
+            if self._requests >= limit:
                 self.notify("on_rejected", "overloaded")
-                raise Overloaded(f"all {self.config.max_batch_size} rows are busy and {self.config.max_queue} requests are waiting")
-            self._admitted += 1
-            stream = Stream(request, listener, seed, feed, time.perf_counter(), request.state)
-            self._incoming.append(stream)
+                raise Overloaded(f"{limit} requests are in flight (max_batch_size {self.config.max_batch_size} + "
+                                 f"max_queue {self.config.max_queue}): all rows are busy and the queue is full")
+            now, streams = time.perf_counter(), []
+            for request, listener in requests:
+                seed = secrets.randbelow(MAX_SEED) if request.seed is None else request.seed
+                feed = list(request.prompt_ids)
+                if request.fresh and not feed:
+                    feed = [self._start_id]
+                self._seq += 1
+                streams.append(Stream(request, listener, seed, feed, now, group, self._seq))
+            self._admitted += len(streams)
+            self._requests += 1
+            self._incoming.extend(streams)
             self._cv.notify_all()
-        return stream
+        return streams
 
     def cancel(self, stream: Stream) -> None:
         """The client went away: the stream leaves the queue or the batch within one loop."""
@@ -253,25 +240,31 @@ class Engine:
             self._end_everything("error" if self._dead else "shutdown")
 
     def _loop(self) -> None:
+        scheduler = self.scheduler
         while True:
             with self._cv:
-                while not (self._incoming or self._cancelled or len(self._batch) or self._prefilling or self._waiting or self._stop):
+                while not (self._incoming or self._cancelled or len(self._batch) or scheduler.ingesting
+                           or scheduler.waiting or self._stop):
                     if not self._cv.wait(RETRY_DELIVERY_S if self._undelivered else None):
                         break  # events wait for another try
                 if self._stop:
                     return
-                self._waiting.extend(self._incoming)
-                self._incoming.clear()
+                incoming, self._incoming = self._incoming, []
                 cancelled, self._cancelled = self._cancelled, []
                 past_deadline = self._draining and time.monotonic() >= self._deadline
             try:
+                scheduler.enqueue(incoming)
                 self._leave(cancelled, "cancelled")
                 if past_deadline:
-                    self._leave([*self._batch.rows, *self._prefilling, *self._waiting], "shutdown")
-                self._admit()
-                self._prefill_slices()
+                    self._leave([*self._batch.rows, *scheduler.ingesting, *scheduler.waiting_streams()], "shutdown")
+                self._admit(scheduler.admit(len(self._batch)))  # schedule
+                self._ingest()
                 if len(self._batch):
-                    self._decode_step()
+                    t0 = time.perf_counter()
+                    k, look = self.stepper.look(self._batch)  # step
+                    self.output.process(self._batch.rows, k, look)  # process outputs
+                    self._steps += k
+                    self.notify("on_step", len(self._batch), time.perf_counter() - t0, k)
                 self._drop_finished()
             except Exception as e:  # a fault must not take the server down: end the streams it touched, keep serving
                 log.exception("engine step failed; ending the streams in the batch")
@@ -279,45 +272,41 @@ class Engine:
             self._publish_counts()
             self._flush()
 
+    def _release(self, stream: Stream) -> None:
+        """A stream finished (Output.finish): its place in the engine's accounting goes back."""
+        with self._cv:
+            self._admitted -= 1
+            stream.group.left -= 1
+            if stream.group.left == 0:
+                self._requests -= 1
+            self._cv.notify_all()
+
     def _leave(self, streams: list[Stream], reason: str) -> None:
-        """End streams wherever they are; the queues forget them now, the batch at the end of this loop."""
+        """End streams wherever they are; the scheduler forgets them now, the batch at the end of this loop."""
         if not streams:
             return
         for stream in streams:
-            self._finish(stream, reason)
-        self._waiting = deque(s for s in self._waiting if not s.finished)
-        self._prefilling = deque(s for s in self._prefilling if not s.finished)
+            self.output.finish(stream, reason)
+        self.scheduler.forget_finished()
         self._drop_finished()
 
-    def _admit(self) -> None:
+    def _admit(self, streams: list[Stream]) -> None:
+        """Streams that got a row place: their state, on the engine thread (a fresh zero state, or the
+        caller's, a session's on the host, on the runner's device)."""
         now = time.perf_counter()
-        while self._waiting and len(self._batch) + len(self._prefilling) < self.config.max_batch_size:
-            stream = self._waiting.popleft()
-            # on the engine thread: a fresh zero state, or the caller's (a session's, on the host) on the runner's device
+        for stream in streams:
             stream.state = self.runner.zero_state() if stream.state is None else stream.state.to(self.runner.device)
-            self._prefilling.append(stream)
             self.notify("on_queue_time", now - stream.t_submit)
 
-    def _prefill_slices(self) -> None:
-        """Ingest prompt slices until about `prefill_chunk` characters are done, so running rows keep stepping.
-
-        A slice always ends at a multiple of `prefill_chunk` from its stream's own start (or at the
-        prompt's end), so how a prompt is cut, and which kernel each slice takes, never depends on
-        what else is in flight: the same request gives the same state alone or under load."""
-        chunk, budget = self.config.prefill_chunk, self.config.prefill_chunk
+    def _ingest(self) -> None:
+        """Run this loop's slices (Scheduler.plan); streams whose whole prompt is in join the batch, together."""
+        plan = self.scheduler.plan()
+        joining = self._joining  # an attribute, so a fault part-way still ends the streams in it
+        joining.extend(Batch.single(s, s.state, s.seed, s.request.counter, len(self._chars)) for s in plan.tails)
+        self.stepper.feeding.extend(plan.tails)
         t0, ingested = time.perf_counter(), 0
-        while self._prefilling and budget > 0:
-            stream = self._prefilling[0]
-            if self._feeds_in_batch(stream):  # the batch's steps feed the rest, a row among the others
-                self._prefilling.popleft()
-                self._feeding.append(stream)
-                self._joining.append(Batch.single(stream, stream.state, stream.seed, stream.request.counter, len(self._chars)))
-                continue
-            end = min((stream.fed // chunk + 1) * chunk, len(stream.feed))
+        for stream, end in plan.slices:
             if end > stream.fed:
-                cost = max(end - stream.fed, 32)  # a call has a fixed cost too
-                if ingested and cost > budget:
-                    break  # the slice waits for the next loop: where it is cut does not change
                 if stream.request.prompt_logprobs is not None and stream.request.prompt_ids:
                     before = stream.state
                     stream.state, outputs = self.runner.prefill(stream.feed[stream.fed : end], before, outputs=True)
@@ -325,42 +314,31 @@ class Engine:
                 else:
                     stream.state = self.runner.prefill(stream.feed[stream.fed : end], stream.state)
                 ingested += end - stream.fed
-                budget -= cost
                 stream.fed = end
             if stream.fed == len(stream.feed):
-                self._prefilling.popleft()
+                self.scheduler.ingested(stream)
                 if stream.request.prompt_logprobs is not None:
                     tops = tuple(stream.prompt_tops) if stream.request.prompt_logprobs else None
                     stream.prompt_scored = PromptScored(tuple(stream.prompt_lps), tops)
-                    self._outbox.append((stream.listener, [stream.prompt_scored]))
+                    self.output.emit(stream, stream.prompt_scored)
                 if stream.request.max_new_tokens == 0:
-                    self._finish(stream, "length", stream.state.cpu())
+                    self.output.finish(stream, "length", stream.state.cpu())
                 else:
-                    vocab_size = len(self._chars)
                     state = stream.state if self.device_step is None else self._no_state
-                    self._joining.append(Batch.single(stream, state, stream.seed, stream.request.counter, vocab_size))
-        if self._joining:
+                    joining.append(Batch.single(stream, state, stream.seed, stream.request.counter, len(self._chars)))
+        if joining:
+            rows = [r for b in joining for r in b.rows]
             if self.device_step is not None:  # rows join the device batch in the host batch's order
-                for stream in (r for b in self._joining for r in b.rows):
+                for stream in rows:
                     request = stream.request
                     self.device_step.batch.append(stream.state, request.params, stream.seed, request.counter,
                                                   request.prompt_ids)
-            for stream in (r for b in self._joining for r in b.rows):
+            for stream in rows:
                 stream.state = None
-            self._batch = Batch.concatenate([self._batch, *self._joining])
+            self._batch = Batch.concatenate([self._batch, *joining])
             self._joining = []
         if ingested:
             self.notify("on_prefill", ingested, time.perf_counter() - t0)
-
-    def _feeds_in_batch(self, stream: Stream) -> bool:
-        """A prompt's short tail (the whole of a short prompt) is fed by the batch's own steps: on its own it
-        would take SHORT_PROMPT steps of one row while every other row waits; in the batch each character
-        costs a row of a step it takes anyway. The row's state comes out bit for bit the same (every step
-        gives a row the same bits at any batch size; runner.MIN_ROWS_PER_CALL). On the host only, and not
-        where the prompt is scored or only its state is wanted."""
-        tail = len(stream.feed) - stream.fed
-        return (self.device_step is None and 0 < tail <= SHORT_PROMPT and stream.request.prompt_logprobs is None
-                and stream.request.max_new_tokens > 0)
 
     def _score_slice(self, stream: Stream, end: int, before: torch.Tensor, outputs: torch.Tensor) -> None:
         """Log-probabilities of the slice's characters, each under the output that preceded it: the
@@ -385,220 +363,6 @@ class Engine:
         if tops is not None:
             stream.prompt_tops.extend(tops)
 
-    def _decode_step(self) -> None:
-        """One look: k steps of every row (on the device, or here), then each row's new characters at once.
-
-        k is the configured steps a look, or 1 when most rows end sooner (counting the prompt characters
-        a row still feeds, which take steps too). A row that ends inside a look
-        (its length, a stop string) ignores the steps it took beyond its end; its state after its last
-        character is kept for it (a session continues exactly)."""
-        t0 = time.perf_counter()
-        batch = self._batch
-        k = self.config.decode_steps
-        if k > 1 and 2 * max(s.request.max_new_tokens - len(s.chars) + len(s.feed) - s.fed for s in batch.rows) < k:
-            k = 1  # most rows end sooner than a whole look
-        look = self._device_look(batch, k) if self.device_step is not None else self._host_look(batch, k)
-        self._take_look(batch.rows, k, look, t0)
-
-    def _host_look(self, batch: Batch, k: int) -> _Look:
-        """k steps with the runner: sample every row, record, step. The last step runs in the background
-        (the step workers) while the rows' text is updated; `settle` waits for it."""
-        ids_steps, lps_steps, tops_steps, states = [], [], [], []
-        top_k = batch.top_logprobs
-        state = batch.state
-        tails = self._tails(batch, k)  # row -> the prompt characters it feeds in this look
-        for j in range(k):
-            fed = [row for row, tail in tails.items() if j < len(tail)]  # rows fed a prompt character at this step
-            if len(fed) == len(batch):  # nobody draws (a lone stream's prompt): placeholders the look skips
-                ids = torch.tensor([tails[row][j] for row in fed])  # (B,), every row in order
-                lps = torch.zeros(len(fed)) if batch.wants_logprobs else None
-                if top_k:
-                    tops_steps.append((torch.zeros(len(fed), top_k, dtype=torch.long), torch.zeros(len(fed), top_k)))
-            else:
-                logits = self.runner.logits(state)  # (B, V)
-                u = torch.from_numpy(uniforms(batch.seeds, batch.counters))  # (B,)
-                if batch.plain:  # the batch's scale is worked out once: fewer kernels, most of a lone row's sampling
-                    greedy, scale = batch.temperature_scale  # (B,), (B,)
-                    ids, lps = sample_plain(logits, scale, greedy, u, batch.wants_logprobs, any_greedy=batch.any_greedy)
-                else:
-                    ids, lps = sample_next(logits, **batch.controls, seen=batch.seen if batch.penalised else None, u=u,
-                                           want_logprobs=batch.wants_logprobs,
-                                           counts=batch.counts if batch.counted else None)  # (B,), (B,) or None
-                if top_k:  # someone asked for alternatives: (B, k) ids and log-probabilities
-                    tops_steps.append(top_alternatives(logits, top_k))
-                if fed:  # these rows take their prompt's next character instead of the draw, which they do not spend
-                    ids[fed] = torch.tensor([tails[row][j] for row in fed])
-            batch.record(ids, fed)
-            ids_steps.append(ids)
-            if lps is not None:
-                lps_steps.append(lps)
-            if j < k - 1:
-                state = self.runner.step(ids, state)  # (2, L, B, H)
-                states.append(state)
-        new_state = self.runner.start_step(ids, state)  # every row consumes its last character, while ...
-
-        def settle() -> None:  # ... the rows' text is updated
-            batch.state = new_state()
-            states.append(batch.state)
-
-        tops = None
-        if top_k:  # (n, k, top_k) each
-            tops = tuple(torch.stack(t, dim=1).tolist() for t in zip(*tops_steps))
-        return _Look(ids=_by_row(ids_steps), lps=_by_row(lps_steps) if lps_steps else None, tops=tops,
-                     state=lambda row, steps: states[steps - 1][:, :, row].clone(), settle=settle,
-                     fed={row: len(tail) for row, tail in tails.items()} or None)
-
-    def _tails(self, batch: Batch, k: int) -> dict[int, list[int]]:
-        """Rows still feeding their prompt's tail -> the characters they feed in this look (at most k);
-        their streams count them as ingested now."""
-        if not self._feeding:
-            return {}
-        feeding = {id(s) for s in self._feeding}
-        tails = {}
-        for row, stream in enumerate(batch.rows):
-            if id(stream) in feeding:
-                tails[row] = stream.feed[stream.fed : stream.fed + k]
-                stream.fed += len(tails[row])
-        self._feeding = [s for s in self._feeding if s.fed < len(s.feed)]
-        return tails
-
-    def _device_look(self, batch: Batch, k: int) -> _Look:
-        """k steps on the device: the ids come back in one copy, figures only when someone asks for them."""
-        device, n = self.device_step, len(batch)
-        if device.batch.size != n:  # they join and leave together; a difference would give rows others' characters
-            raise RuntimeError(f"the device batch holds {device.batch.size} rows, the host batch {n}")
-        full = batch.filtered or batch.penalised or batch.counted  # else the lean sampler
-        ids = device.decode(k, full).T.tolist()  # n rows of k ids
-        lps = device.batch.hist_lps[:k, :n].T.tolist() if batch.wants_logprobs else None
-        tops = None
-        if batch.top_logprobs:  # (n, k, top_k) each
-            tops = tuple(t.transpose(0, 1).tolist() for t in device.alternatives(k, n, batch.top_logprobs))
-        return _Look(ids=ids, lps=lps, tops=tops, state=lambda row, taken: device.batch.row_state(row, after=taken))
-
-    def _take_look(self, rows: list[Stream], k: int, look: _Look, t0: float) -> None:
-        """Each row's characters of the look: its text, figures, stop strings and end."""
-        now = time.perf_counter()
-        gaps, counts, ending = [], [], []
-        chars, ids_of, lps_of, tops_of, fed_of = self._chars, look.ids, look.lps, look.tops, look.fed
-        for row, stream in enumerate(rows):
-            if stream.finished:
-                continue
-            request = stream.request
-            fed = fed_of.get(row, 0) if fed_of else 0  # the look's first steps fed this row's prompt
-            take = min(k - fed, request.max_new_tokens - len(stream.chars))
-            if take <= 0:
-                continue
-            if stream.t_last:
-                gap = now - stream.t_last
-            else:
-                gap = 0.0
-                self.notify("on_first_token", now - stream.t_submit)
-            stream.t_last = now
-            got = ids_of[row] if take == k else ids_of[row][fed : fed + take]
-            lps = None if lps_of is None else lps_of[row][fed:] if fed else lps_of[row]
-            tops = None
-            if tops_of is not None and (want := request.params.top_logprobs):
-                top_ids, top_lps = tops_of[0][row], tops_of[1][row]
-                tops = [tuple((chars[i], v) for i, v in zip(top_ids[j][:want], top_lps[j][:want])) for j in range(fed, fed + take)]
-            before = len(stream.chars)
-            if stream.matcher is None:  # only the length can end it: everything at once
-                if take == 1:
-                    stream.chars.append(chars[got[0]])
-                else:
-                    stream.chars.extend(map(chars.__getitem__, got))
-                if lps is not None:
-                    stream.lps.extend(lps[:take])
-                if tops is not None:
-                    stream.tops.extend(tops)
-                end = self._advance(stream)
-            else:  # a stop string may end it at any of these characters
-                end = None
-                for j, char_id in enumerate(got):
-                    stream.chars.append(chars[char_id])
-                    if lps is not None:
-                        stream.lps.append(lps[j])
-                    if tops is not None:
-                        stream.tops.append(tops[j])
-                    end = self._advance(stream, emit=False)
-                    if end is not None:
-                        break
-                if end is None:
-                    self._advance(stream)  # releases what can no longer grow into a stop string
-                elif end[1] > stream.released:
-                    self._emit_token(stream, end[1])
-            taken = len(stream.chars) - before
-            if gap:  # the characters of a look arrive together: each counts the look's mean gap
-                gaps.append(gap / taken)
-                counts.append(taken)
-            if end is not None:
-                ending.append((stream, row, *end, fed + taken))
-        if look.settle is not None:
-            look.settle()
-        for stream, row, reason, cut, steps in ending:
-            state = look.state(row, steps) if stream.request.return_state else None
-            self._finish(stream, reason, state, cut)
-        self._steps += k
-        self.notify("on_step", len(rows), now - t0, k)
-        if gaps:
-            self.notify("on_inter_token", gaps, counts)
-
-    def _advance(self, stream: Stream, emit: bool = True) -> tuple[str, int] | None:
-        """Release what is safe to show; on a stop string or at its length, say why and where the text ends."""
-        total = len(stream.chars)
-        cut, reason = total, None
-        if stream.matcher is not None:
-            held, stop_len = stream.matcher.check("".join(stream.chars[-stream.matcher.longest :]))
-            if stop_len:
-                cut, reason = total - stop_len, "stop"
-            else:
-                cut = total - held
-        if reason is None and total >= stream.request.max_new_tokens:
-            cut, reason = total, "length"
-        if emit and cut > stream.released:
-            self._emit_token(stream, cut)
-        return None if reason is None else (reason, cut)
-
-    def _emit_token(self, stream: Stream, upto: int) -> None:
-        if not stream.request.stream_tokens:  # a plain request waits for its Done alone
-            stream.released = upto
-            return
-        start = stream.released
-        lps = tuple(stream.lps[start:upto]) if stream.request.logprobs else None
-        tops = tuple(stream.tops[start:upto]) if stream.request.params.top_logprobs else None
-        self._outbox.append((stream.listener, [Token(start, "".join(stream.chars[start:upto]), lps, tops)]))
-        stream.released = upto
-
-    def _finish(self, stream: Stream, reason: str, state: torch.Tensor | None = None, cut: int | None = None,
-                error: str | None = None) -> None:
-        """The one way a stream ends: exactly one Done, and its place given back, whatever fails here."""
-        if stream.finished:
-            return
-        stream.finished = True
-        try:
-            done = self._done(stream, reason, state, cut, error)
-        except Exception as e:  # building the answer failed: the client still gets an end
-            log.exception("finishing a stream failed")
-            done = Done(text="", finish_reason="error", prompt_tokens=0, completion_tokens=0, seed=stream.seed,
-                        error=f"finishing the stream failed: {type(e).__name__}")
-        finally:
-            with self._cv:
-                self._admitted -= 1
-                self._cv.notify_all()
-        self._outbox.append((stream.listener, [done]))
-        self.notify("on_finish", done.finish_reason, done.prompt_tokens, done.completion_tokens)
-
-    def _done(self, stream: Stream, reason: str, state: torch.Tensor | None, cut: int | None, error: str | None) -> Done:
-        request = stream.request
-        cut = len(stream.chars) if cut is None else cut
-        if reason in ("shutdown", "error") and cut > stream.released:  # held-back characters were no stop string
-            self._emit_token(stream, cut)
-        completed = reason in ("length", "stop") and state is not None
-        return Done(text="".join(stream.chars[:cut]), finish_reason=reason, prompt_tokens=stream.fed,
-                    completion_tokens=len(stream.chars), seed=stream.seed, counter=request.counter + len(stream.chars),
-                    logprobs=tuple(stream.lps[:cut]) if request.logprobs else None,
-                    top_logprobs=tuple(stream.tops[:cut]) if request.params.top_logprobs else None,
-                    prompt=stream.prompt_scored,
-                    state=state if completed and request.return_state else None, error=error)
 
     def _drop_finished(self) -> None:
         """Streams leave the batch between steps: keep the rows still running."""
@@ -606,16 +370,20 @@ class Engine:
         if any(s.finished for s in rows):
             keep = [i for i, s in enumerate(rows) if not s.finished]
             self._batch = self._batch.filter(keep)
-            self._feeding = [s for s in self._feeding if not s.finished]
+            self.stepper.forget_finished()
             if self.device_step is not None:
                 self.device_step.batch.filter(keep)
 
     def _fail_in_flight(self, exc: Exception) -> None:
-        """After a fault in a step: end every stream the step could have touched, start from an empty batch."""
+        """After a fault in a step: end every stream the step could have touched (the batch's, the ingesting
+        and the joining ones), start from an empty batch. Waiting streams wait on."""
         message = f"generation failed on the server: {type(exc).__name__}"
-        for stream in [*self._batch.rows, *self._prefilling, *(r for b in self._joining for r in b.rows)]:
-            self._finish(stream, "error", error=message)
-        self._batch, self._prefilling, self._joining, self._feeding = self._empty_batch(), deque(), [], []
+        held = self.scheduler.clear()
+        touched = [s for s in held if s.phase is not Phase.WAITING]
+        for stream in [*self._batch.rows, *touched, *(r for b in self._joining for r in b.rows)]:
+            self.output.finish(stream, "error", error=message)
+        self.scheduler.enqueue([s for s in held if s.phase is Phase.WAITING])
+        self._batch, self._joining, self.stepper.feeding = self._empty_batch(), [], []
         self._empty_device_batch()
 
     def _empty_device_batch(self) -> None:
@@ -628,15 +396,13 @@ class Engine:
     def _end_everything(self, reason: str) -> None:
         """The loop is over: every stream still known gets its end."""
         with self._cv:
-            self._waiting.extend(self._incoming)
-            self._incoming.clear()
-        for stream in [*self._batch.rows, *self._prefilling, *(r for b in self._joining for r in b.rows), *self._waiting]:
+            incoming, self._incoming = self._incoming, []
+        for stream in [*self._batch.rows, *(r for b in self._joining for r in b.rows), *self.scheduler.clear(), *incoming]:
             try:
-                self._finish(stream, reason, error="the engine stopped" if reason == "error" else None)
+                self.output.finish(stream, reason, error="the engine stopped" if reason == "error" else None)
             except Exception:
                 log.exception("ending a stream failed")
-        self._batch, self._prefilling, self._joining, self._waiting = self._empty_batch(), deque(), [], deque()
-        self._feeding = []
+        self._batch, self._joining, self.stepper.feeding = self._empty_batch(), [], []
         try:
             self._empty_device_batch()
         except Exception:  # the loop is over either way
@@ -645,17 +411,19 @@ class Engine:
         self._flush()
 
     def _publish_counts(self) -> None:
+        running = len(self._batch) + len(self.scheduler.ingesting)
+        waiting = self.scheduler.waiting
         with self._cv:
-            self._counts = (len(self._batch) + len(self._prefilling), len(self._waiting))
+            self._counts = (running, waiting)
 
     def _flush(self) -> None:
         """Hand this loop's events over. If that fails, each listener's events are retried on their own,
         in order, and those that still fail wait for the next loop: a transient fault delays events, it
         never loses an end. A listener that keeps failing is given up after MAX_DELIVERY_ATTEMPTS loops."""
         if not self._undelivered:  # the usual case: hand the outbox over as it is
-            if not self._outbox:
+            if not self.output.outbox:
                 return
-            outbox, self._outbox = self._outbox, []
+            outbox, self.output.outbox = self.output.outbox, []
             try:
                 self.deliver(outbox)
                 return
@@ -663,8 +431,8 @@ class Engine:
                 log.exception("delivering engine events failed; retrying listener by listener")
             out = [(listener, events, 0) for listener, events in outbox]
         else:
-            out = self._undelivered + [(listener, events, 0) for listener, events in self._outbox]
-            self._outbox = []
+            out = self._undelivered + [(listener, events, 0) for listener, events in self.output.outbox]
+            self.output.outbox = []
         self._undelivered = []
         blocked: set[int] = set()  # listeners with an earlier event still undelivered: keep their order
         for listener, events, attempts in out:
@@ -680,6 +448,7 @@ class Engine:
 
     def _empty_batch(self) -> Batch:
         return Batch.empty(self.runner.num_layers, self.runner.hidden, len(self.vocab))
+
 
 
 def _deliver_directly(batch: Iterable[tuple[Any, list]]) -> None:

@@ -9,6 +9,8 @@ that layer costs a row lookup plus one multiply by the recurrent weights. It com
 from __future__ import annotations
 
 import copy
+import functools
+import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,16 +20,49 @@ import torch
 from ..model import CharLSTM
 from .quant import Int8Linear
 
+log = logging.getLogger("charlstm.engine")
+
 SHORT_PROMPT = 8  # characters; up to this, stepping beats one nn.LSTM call (measured on 2 x 512)
 MIN_ROWS_PER_WORKER = 16  # below this, a share of the batch costs more per row than it saves (measured on 2 x 512)
 # A row's numbers must not depend on how many rows share its matrix multiplies, or one seed would write
-# another text alone than in a batch. BLAS picks its kernel by the number of rows, and kernels round
-# differently: MKL (2024.2, AVX-512) gives one row alone (a matrix-vector product) other bits than 2 to
-# 160 rows, and those other bits than 192 and more. So every fp32 step multiply sees 2 to 128 rows: one
-# row is stepped as two (itself twice), a large batch in shares of at most 128; the head (65 columns) only
-# pads one row: it rounds one way from 2 rows up (checked to 1,024). tests/test_runner.py pins both.
-MIN_ROWS_PER_CALL = 2
-MAX_ROWS_PER_CALL = 128
+# another text alone than in a batch. BLAS picks its kernel by the number of rows and the kernels round
+# differently, and which sizes share a kernel depends on the CPU: MKL (2024.2) on an AVX-512 Xeon gives
+# one row alone other bits than 2 to 160 rows, and those other bits than 192 and more; on an AVX2 EPYC,
+# 1 to 3 rows round one way and 4 to 259 another. So the runner measures it when it is built
+# (`row_bounds`): every fp32 multiply then sees between `min_rows` and `max_rows` rows (a smaller batch is
+# padded with copies of its first row, a larger one is cut into shares). tests/test_runner.py pins it.
+MIN_ROWS_PER_CALL = 2  # the GPU step's (cuda_step.py): a lone row runs as two
+ROW_PROBES = (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)  # batch sizes row_bounds tries
+MIN_SHARE = 64  # row_bounds wants one rounding from min_rows to at least this many rows
+
+
+@functools.lru_cache(maxsize=None)
+def row_bounds(shapes: tuple[tuple[int, int], ...]) -> tuple[int, int]:
+    """(min_rows, max_rows): the range of batch sizes over which every row of an fp32 addmm by matrices of
+    these (K, N) shapes gets the same bits, measured here on random numbers (the kernel is chosen by shape,
+    not by value). The smallest min_rows whose range reaches MIN_SHARE wins; (1, 256) with a warning
+    when none does (rows may then round differently alone and in a batch)."""
+    gen = torch.Generator().manual_seed(0)
+    outs = []
+    for K, N in shapes:
+        w, b = torch.rand(K, N, generator=gen) - 0.5, torch.rand(N, generator=gen) - 0.5
+        x = torch.rand(ROW_PROBES[-1], K, generator=gen) - 0.5
+        outs.append({B: torch.addmm(b, x[:B], w) for B in ROW_PROBES})  # (B, N) each
+
+    def agree(b1: int, b2: int) -> bool:  # the rows both sizes hold come out the same
+        return all(torch.equal(o[b1][: min(b1, b2)], o[b2][: min(b1, b2)]) for o in outs)
+
+    for i, lo in enumerate(ROW_PROBES[:8]):
+        hi = lo
+        for b1, b2 in zip(ROW_PROBES[i:], ROW_PROBES[i + 1 :]):
+            if not agree(b1, b2):
+                break
+            hi = b2
+        if hi >= MIN_SHARE:
+            return lo, hi
+    log.warning("no batch-size range rounds every row alike for shapes %s: a seed may write another text alone than in a batch", shapes)
+    return 1, ROW_PROBES[-1]
+
 
 QUANTIZE_MODES = ("none", "int8")
 
@@ -106,6 +141,8 @@ class Runner:
         self._int8 = None
         if quantize == "int8":
             self._int8 = _Int8Step(hh0=Int8Linear(w.w_hh0), cat=[Int8Linear(wc, bc) for wc, bc in zip(w.w_cat, w.b_cat)])
+        shapes = (tuple(w.w_hh0.shape), *(tuple(m.shape) for m in w.w_cat), tuple(w.w_head.shape))
+        self.min_rows, self.max_rows = row_bounds(shapes) if self.device.type == "cpu" else (MIN_ROWS_PER_CALL, 1 << 30)
         self.workers = max(1, workers)
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="charlstm-step") if self.workers > 1 else None
 
@@ -119,10 +156,13 @@ class Runner:
 
     def logits(self, state: torch.Tensor) -> torch.Tensor:
         """Next-character logits from a batched state (2, L, B, H) -> (B, V): the head over the top h.
-        One row goes through the multiply as two, so it gets the bits it gets in a batch (MIN_ROWS_PER_CALL)."""
+        Every multiply sees min_rows to max_rows rows, so a row gets the bits it gets in any batch."""
         top = state[0, -1]  # (B, H)
-        if top.shape[0] == 1:
-            return torch.addmm(self.b_head, top.expand(MIN_ROWS_PER_CALL, -1).contiguous(), self.w_head)[:1]
+        B = top.shape[0]
+        if B < self.min_rows:
+            return torch.addmm(self.b_head, _pad_rows(top, self.min_rows), self.w_head)[:B]
+        if B > self.max_rows:
+            return torch.cat([self.logits(state[:, :, a : a + self.max_rows]) for a in range(0, B, self.max_rows)])
         return torch.addmm(self.b_head, top, self.w_head)
 
     @torch.inference_mode()
@@ -165,13 +205,12 @@ class Runner:
         With `background`, every share of a large batch goes to the pool and the caller is free until it
         asks for the result (the engine updates each row's text meanwhile); without, the calling thread
         steps the first share itself. A batch too small to split is stepped at once either way; one row
-        is stepped as two (MIN_ROWS_PER_CALL), and no share holds more than MAX_ROWS_PER_CALL rows."""
+        is padded to min_rows, and no share holds more than max_rows rows (row_bounds)."""
         B = ids.shape[0]
-        if B == 1 and self._int8 is None:  # int8 products are exact integers, the same bits at any batch size
-            two = self._step_rows(ids.expand(MIN_ROWS_PER_CALL).contiguous(),
-                                  state.expand(-1, -1, MIN_ROWS_PER_CALL, -1).contiguous())  # (2, L, 2, H)
-            return lambda: two[:, :, :1]
-        shares = max(min(self.workers, B // MIN_ROWS_PER_WORKER), -(-B // MAX_ROWS_PER_CALL))
+        if B < self.min_rows and self._int8 is None:  # int8 products are exact integers, the same bits at any batch size
+            padded = self._step_rows(_pad_rows(ids, self.min_rows), _pad_rows(state, self.min_rows, dim=2))  # (2, L, min_rows, H)
+            return lambda: padded[:, :, :B]
+        shares = max(min(self.workers, B // MIN_ROWS_PER_WORKER), -(-B // self.max_rows))
         if shares <= 1:
             new_state = self._step_rows(ids, state)
             return lambda: new_state
@@ -209,3 +248,11 @@ class Runner:
             c.addcmul_(ifo[:, :H], g)  # + i * g
             torch.mul(ifo[:, 2 * H :], torch.tanh(c), out=out[0, layer])  # h = o * tanh(c)
         return out
+
+
+def _pad_rows(x: torch.Tensor, rows: int, dim: int = 0) -> torch.Tensor:
+    """x with copies of its first row appended along `dim` until it has `rows` rows (contiguous)."""
+    first = x.narrow(dim, 0, 1)
+    shape = list(x.shape)
+    shape[dim] = rows - x.shape[dim]
+    return torch.cat([x, first.expand(*shape)], dim=dim)

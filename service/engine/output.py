@@ -1,0 +1,165 @@
+"""What a look's characters do to each stream: its text, figures, stop strings, length and end.
+
+The step produces a `Look` (every row's ids of k steps); `Output.process` turns it into each stream's
+text and events, and `Output.finish` is the one way a stream ends: exactly one `Done`, and its place
+given back, whatever fails on the way. Events collect in `outbox`; the loop hands them over once a loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .stream import Stream
+from .types import Done, Token
+
+log = logging.getLogger("charlstm.engine")
+
+
+@dataclass
+class Look:
+    """What one look produced, row by row: ids[row] (k ids), lps[row] (k floats) when someone asked,
+    tops = (ids, logprobs), each [row][step][alternative], when someone asked for alternatives."""
+
+    ids: list[list[int]]
+    lps: list[list[float]] | None
+    tops: tuple[list, list] | None
+    state: Callable[[int, int], torch.Tensor]  # (row, steps into the look) -> that row's state (2, L, H) on the host
+    settle: Callable[[], None] | None = None  # finish the look's work begun in the background
+    fed: dict[int, int] | None = None  # row -> how many of its first steps fed its prompt's tail (no characters)
+
+
+class Output:
+    def __init__(self, chars: list[str], notify: Callable[..., None], release: Callable[[Stream], None]):
+        """chars: the vocabulary, by id. notify: the engine's observers. release: gives a finished stream's
+        place back in the engine's accounting (called once per stream)."""
+        self.chars, self.notify, self.release = chars, notify, release
+        self.outbox: list[tuple[Any, list]] = []
+
+    def process(self, rows: list[Stream], k: int, look: Look) -> None:
+        """Each row's characters of the look: its text, figures, stop strings and end."""
+        now = time.perf_counter()
+        gaps, counts, ending = [], [], []
+        chars, ids_of, lps_of, tops_of, fed_of = self.chars, look.ids, look.lps, look.tops, look.fed
+        for row, stream in enumerate(rows):
+            if stream.finished:
+                continue
+            request = stream.request
+            fed = fed_of.get(row, 0) if fed_of else 0  # the look's first steps fed this row's prompt
+            take = min(k - fed, request.max_new_tokens - len(stream.chars))
+            if take <= 0:
+                continue
+            if stream.t_last:
+                gap = now - stream.t_last
+            else:
+                gap = 0.0
+                self.notify("on_first_token", now - stream.t_submit)
+            stream.t_last = now
+            got = ids_of[row] if take == k else ids_of[row][fed : fed + take]
+            lps = None if lps_of is None else lps_of[row][fed:] if fed else lps_of[row]
+            tops = None
+            if tops_of is not None and (want := request.params.top_logprobs):
+                top_ids, top_lps = tops_of[0][row], tops_of[1][row]
+                tops = [tuple((chars[i], v) for i, v in zip(top_ids[j][:want], top_lps[j][:want])) for j in range(fed, fed + take)]
+            before = len(stream.chars)
+            if stream.matcher is None:  # only the length can end it: everything at once
+                if take == 1:
+                    stream.chars.append(chars[got[0]])
+                else:
+                    stream.chars.extend(map(chars.__getitem__, got))
+                if lps is not None:
+                    stream.lps.extend(lps[:take])
+                if tops is not None:
+                    stream.tops.extend(tops)
+                end = self._advance(stream)
+            else:  # a stop string may end it at any of these characters
+                end = None
+                for j, char_id in enumerate(got):
+                    stream.chars.append(chars[char_id])
+                    if lps is not None:
+                        stream.lps.append(lps[j])
+                    if tops is not None:
+                        stream.tops.append(tops[j])
+                    end = self._advance(stream, emit=False)
+                    if end is not None:
+                        break
+                if end is None:
+                    self._advance(stream)  # releases what can no longer grow into a stop string
+                elif end[1] > stream.released:
+                    self._emit_token(stream, end[1])
+            taken = len(stream.chars) - before
+            if gap:  # the characters of a look arrive together: each counts the look's mean gap
+                gaps.append(gap / taken)
+                counts.append(taken)
+            if end is not None:
+                ending.append((stream, row, *end, fed + taken))
+        if look.settle is not None:
+            look.settle()
+        for stream, row, reason, cut, steps in ending:
+            state = look.state(row, steps) if stream.request.return_state else None
+            self.finish(stream, reason, state, cut)
+        if gaps:
+            self.notify("on_inter_token", gaps, counts)
+
+    def _advance(self, stream: Stream, emit: bool = True) -> tuple[str, int] | None:
+        """Release what is safe to show; on a stop string or at its length, say why and where the text ends."""
+        total = len(stream.chars)
+        cut, reason = total, None
+        if stream.matcher is not None:
+            held, stop_len = stream.matcher.check("".join(stream.chars[-stream.matcher.longest :]))
+            if stop_len:
+                cut, reason = total - stop_len, "stop"
+            else:
+                cut = total - held
+        if reason is None and total >= stream.request.max_new_tokens:
+            cut, reason = total, "length"
+        if emit and cut > stream.released:
+            self._emit_token(stream, cut)
+        return None if reason is None else (reason, cut)
+
+    def _emit_token(self, stream: Stream, upto: int) -> None:
+        if not stream.request.stream_tokens:  # a plain request waits for its Done alone
+            stream.released = upto
+            return
+        start = stream.released
+        lps = tuple(stream.lps[start:upto]) if stream.request.logprobs else None
+        tops = tuple(stream.tops[start:upto]) if stream.request.params.top_logprobs else None
+        self.outbox.append((stream.listener, [Token(start, "".join(stream.chars[start:upto]), lps, tops)]))
+        stream.released = upto
+
+    def emit(self, stream: Stream, event: Any) -> None:
+        self.outbox.append((stream.listener, [event]))
+
+    def finish(self, stream: Stream, reason: str, state: torch.Tensor | None = None, cut: int | None = None,
+               error: str | None = None) -> None:
+        """The one way a stream ends: exactly one Done, and its place given back, whatever fails here."""
+        if not stream.end():
+            return
+        try:
+            done = self._done(stream, reason, state, cut, error)
+        except Exception as e:  # building the answer failed: the client still gets an end
+            log.exception("finishing a stream failed")
+            done = Done(text="", finish_reason="error", prompt_tokens=0, completion_tokens=0, seed=stream.seed,
+                        error=f"finishing the stream failed: {type(e).__name__}")
+        finally:
+            self.release(stream)
+        self.outbox.append((stream.listener, [done]))
+        self.notify("on_finish", done.finish_reason, done.prompt_tokens, done.completion_tokens)
+
+    def _done(self, stream: Stream, reason: str, state: torch.Tensor | None, cut: int | None, error: str | None) -> Done:
+        request = stream.request
+        cut = len(stream.chars) if cut is None else cut
+        if reason in ("shutdown", "error") and cut > stream.released:  # held-back characters were no stop string
+            self._emit_token(stream, cut)
+        completed = reason in ("length", "stop") and state is not None
+        return Done(text="".join(stream.chars[:cut]), finish_reason=reason, prompt_tokens=stream.fed,
+                    completion_tokens=len(stream.chars), seed=stream.seed, counter=request.counter + len(stream.chars),
+                    logprobs=tuple(stream.lps[:cut]) if request.logprobs else None,
+                    top_logprobs=tuple(stream.tops[:cut]) if request.params.top_logprobs else None,
+                    prompt=stream.prompt_scored,
+                    state=state if completed and request.return_state else None, error=error)

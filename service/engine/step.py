@@ -1,0 +1,122 @@
+"""A look: k steps of every row of the batch, on the device or with the runner, sampled row by row.
+
+The step knows the batch and the arithmetic, nothing of stop strings, lengths or listeners: what its
+ids mean for each stream is `output.Output`'s business.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..sampling import sample_next, sample_plain, top_alternatives, uniforms
+from .batch import Batch
+from .output import Look
+from .runner import Runner
+from .stream import Stream
+
+if TYPE_CHECKING:
+    from .cuda_step import CudaStep
+
+
+def _by_row(steps: list[torch.Tensor]) -> list[list]:
+    """k tensors (B,) -> B lists of k values (one step: no stacking, the common case on the CPU)."""
+    if len(steps) == 1:
+        return [[v] for v in steps[0].tolist()]
+    return torch.stack(steps, dim=1).tolist()
+
+
+class Stepper:
+    """Takes looks of the batch. Rows still feeding their prompt's short tail (`feeding`) take their
+    prompt's next character at a step instead of a draw, which they do not spend."""
+
+    def __init__(self, runner: Runner, device_step: CudaStep | None, decode_steps: int):
+        self.runner, self.device_step, self.decode_steps = runner, device_step, decode_steps
+        self.feeding: list[Stream] = []
+
+    def look(self, batch: Batch) -> tuple[int, Look]:
+        """One look of k steps: k is the configured steps a look, or 1 when most rows end sooner (counting
+        the prompt characters a row still feeds, which take steps too)."""
+        k = self.decode_steps
+        if k > 1 and 2 * max(s.request.max_new_tokens - len(s.chars) + s.prompt_left for s in batch.rows) < k:
+            k = 1  # most rows end sooner than a whole look
+        return k, self.device_look(batch, k) if self.device_step is not None else self.host_look(batch, k)
+
+    def forget_finished(self) -> None:
+        self.feeding = [s for s in self.feeding if not s.finished]
+
+    def host_look(self, batch: Batch, k: int) -> Look:
+        """k steps with the runner: sample every row, record, step. The last step runs in the background
+        (the step workers) while the rows' text is updated; `settle` waits for it."""
+        ids_steps, lps_steps, tops_steps, states = [], [], [], []
+        top_k = batch.top_logprobs
+        state = batch.state
+        tails = self._tails(batch, k)  # row -> the prompt characters it feeds in this look
+        for j in range(k):
+            fed = [row for row, tail in tails.items() if j < len(tail)]  # rows fed a prompt character at this step
+            if len(fed) == len(batch):  # nobody draws (a lone stream's prompt): placeholders the look skips
+                ids = torch.tensor([tails[row][j] for row in fed])  # (B,), every row in order
+                lps = torch.zeros(len(fed)) if batch.wants_logprobs else None
+                if top_k:
+                    tops_steps.append((torch.zeros(len(fed), top_k, dtype=torch.long), torch.zeros(len(fed), top_k)))
+            else:
+                logits = self.runner.logits(state)  # (B, V)
+                u = torch.from_numpy(uniforms(batch.seeds, batch.counters))  # (B,)
+                if batch.plain:  # the batch's scale is worked out once: fewer kernels, most of a lone row's sampling
+                    greedy, scale = batch.temperature_scale  # (B,), (B,)
+                    ids, lps = sample_plain(logits, scale, greedy, u, batch.wants_logprobs, any_greedy=batch.any_greedy)
+                else:
+                    ids, lps = sample_next(logits, **batch.controls, seen=batch.seen if batch.penalised else None, u=u,
+                                           want_logprobs=batch.wants_logprobs,
+                                           counts=batch.counts if batch.counted else None)  # (B,), (B,) or None
+                if top_k:  # someone asked for alternatives: (B, k) ids and log-probabilities
+                    tops_steps.append(top_alternatives(logits, top_k))
+                if fed:  # these rows take their prompt's next character instead of the draw, which they do not spend
+                    ids[fed] = torch.tensor([tails[row][j] for row in fed])
+            batch.record(ids, fed)
+            ids_steps.append(ids)
+            if lps is not None:
+                lps_steps.append(lps)
+            if j < k - 1:
+                state = self.runner.step(ids, state)  # (2, L, B, H)
+                states.append(state)
+        new_state = self.runner.start_step(ids, state)  # every row consumes its last character, while ...
+
+        def settle() -> None:  # ... the rows' text is updated
+            batch.state = new_state()
+            states.append(batch.state)
+
+        tops = None
+        if top_k:  # (n, k, top_k) each
+            tops = tuple(torch.stack(t, dim=1).tolist() for t in zip(*tops_steps))
+        return Look(ids=_by_row(ids_steps), lps=_by_row(lps_steps) if lps_steps else None, tops=tops,
+                     state=lambda row, steps: states[steps - 1][:, :, row].clone(), settle=settle,
+                     fed={row: len(tail) for row, tail in tails.items()} or None)
+
+    def _tails(self, batch: Batch, k: int) -> dict[int, list[int]]:
+        """Rows still feeding their prompt's tail -> the characters they feed in this look (at most k);
+        their streams count them as ingested now."""
+        if not self.feeding:
+            return {}
+        feeding = {id(s) for s in self.feeding}
+        tails = {}
+        for row, stream in enumerate(batch.rows):
+            if id(stream) in feeding:
+                tails[row] = stream.feed[stream.fed : stream.fed + k]
+                stream.fed += len(tails[row])
+        self.feeding = [s for s in self.feeding if s.fed < len(s.feed)]
+        return tails
+
+    def device_look(self, batch: Batch, k: int) -> Look:
+        """k steps on the device: the ids come back in one copy, figures only when someone asks for them."""
+        device, n = self.device_step, len(batch)
+        if device.batch.size != n:  # they join and leave together; a difference would give rows others' characters
+            raise RuntimeError(f"the device batch holds {device.batch.size} rows, the host batch {n}")
+        full = batch.filtered or batch.penalised or batch.counted  # else the lean sampler
+        ids = device.decode(k, full).T.tolist()  # n rows of k ids
+        lps = device.batch.hist_lps[:k, :n].T.tolist() if batch.wants_logprobs else None
+        tops = None
+        if batch.top_logprobs:  # (n, k, top_k) each
+            tops = tuple(t.transpose(0, 1).tolist() for t in device.alternatives(k, n, batch.top_logprobs))
+        return Look(ids=ids, lps=lps, tops=tops, state=lambda row, taken: device.batch.row_state(row, after=taken))
