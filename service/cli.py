@@ -273,6 +273,7 @@ def _cmd_serve(args) -> int:
 
     import uvicorn
 
+    from .api.edge import edge_protocol
     from .server import build_app
     from .settings import Settings
 
@@ -318,8 +319,12 @@ def _cmd_serve(args) -> int:
             if sig in (signal.SIGTERM, signal.SIGINT) and sig in self._captured_signals:
                 self._captured_signals.remove(sig)  # uvicorn would raise it again once shut down
 
+    # The edge's bounds: connections (503 beyond), idle keep-alive, and edge_protocol's header size, header,
+    # body and send timeouts.
     config = uvicorn.Config(build_app(settings, loaded), host=settings.host, port=settings.port, log_level=settings.log_level,
-                            workers=1, timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5)
+                            workers=1, timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5,
+                            http=edge_protocol(settings), limit_concurrency=settings.max_connections,
+                            timeout_keep_alive=settings.keep_alive_s)
     DrainingServer(config).run()
     return 0
 

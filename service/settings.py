@@ -24,7 +24,21 @@ class Settings(BaseSettings):
     max_score_chars: int = Field(100_000, ge=1, le=10_000_000, description="longest text POST /score takes")
     max_stop_strings: int = Field(16, ge=0, le=1024)
     max_stop_chars: int = Field(64, ge=1, le=4096, description="longest stop string")
-    prefill_chunk: int = Field(512, ge=1, description="prompt characters ingested between two decode steps")
+    prefill_chunk: int = Field(256, ge=1, description="prompt characters ingested a loop, shared by every stream with prompt left "
+                               "(shortest remaining first, with ageing); also where prompts are cut. Bounds how long one decode step "
+                               "can wait for ingestion")
+    max_rows_per_request: int | None = Field(None, ge=1, le=1024, description="rows one request (all its choices) holds at once; "
+                                             "its other choices wait in its own line. Unset: a quarter of max_batch_size")
+    max_request_work_chars: int = Field(131_072, ge=1, description="most work one request may ask for: prompt characters x "
+                                        "choices + characters to generate, over every prompt and choice; beyond it, 422 request_too_large")
+    max_logprob_entries: int = Field(262_144, ge=1, description="most log-probabilities one response may hold: positions with "
+                                     "logprobs (echoed prompt included) x (1 + alternatives), over every choice (about 25 bytes each)")
+    max_connections: int = Field(1024, ge=1, description="open connections (and requests) the server holds; beyond them a request gets 503")
+    max_header_bytes: int = Field(32_768, ge=1024, le=1 << 24, description="request line and headers above this get 431")
+    header_timeout_s: float = Field(10.0, gt=0, description="time a client has to send a request's line and headers; then 408 and the connection closes")
+    body_timeout_s: float = Field(30.0, gt=0, description="time a client has to send a request's body once its headers are in; then the connection closes")
+    send_timeout_s: float = Field(60.0, gt=0, description="time a response may wait for a client that reads nothing; then the connection closes")
+    keep_alive_s: float = Field(5.0, gt=0, description="an idle keep-alive connection closes after this")
     stream_interval_ms: float = Field(20.0, ge=0, le=1000, description="characters generated within this window go out as one SSE event; 0: one event per step")
     session_ttl_s: float = Field(600.0, gt=0, description="idle time after which a session expires")
     max_session_ttl_s: float = Field(86_400.0, gt=0)

@@ -43,6 +43,22 @@ def check_max_new_tokens(max_new: int, settings: Settings, param: str = "max_new
         raise APIError(422, "invalid_field", f"{param}: {max_new} is more than the limit {settings.max_new_tokens}", param)
 
 
+def check_request_size(prompt_chars: list[int], choices: int, max_new: int, settings: Settings,
+                       logprob_entries: int = 0) -> None:
+    """A request's total work and its response's size within their limits. prompt_chars: each prompt's
+    length; every prompt runs `choices` streams of up to `max_new` characters. logprob_entries: the
+    log-probabilities the response would hold."""
+    work = sum(prompt_chars) * choices + len(prompt_chars) * choices * max_new
+    if work > settings.max_request_work_chars:
+        raise APIError(422, "request_too_large",
+                       f"this request asks for {work} characters of work (prompt characters x choices + characters to generate), "
+                       f"more than max_request_work_chars={settings.max_request_work_chars}: send fewer choices or shorter prompts", None)
+    if logprob_entries > settings.max_logprob_entries:
+        raise APIError(422, "request_too_large",
+                       f"the response would hold {logprob_entries} log-probabilities, more than max_logprob_entries="
+                       f"{settings.max_logprob_entries}: ask for fewer alternatives, fewer choices or no echo", "logprobs")
+
+
 def check_stops(stops: list[str], loaded: LoadedModel, settings: Settings) -> None:
     """Stop strings within the settings' bounds, each one able to match."""
     if len(stops) > settings.max_stop_strings:
@@ -64,6 +80,7 @@ def to_engine_request(body: GenerateRequest, loaded: LoadedModel, settings: Sett
     stops = body.stop
     check_stops(stops, loaded, settings)
     prompt_ids, changed = encode_prompt(body.prompt, loaded, settings, unknown=body.unknown_chars, replacement=body.replacement)
+    check_request_size([len(prompt_ids)], 1, max_new, settings, logprob_entries=max_new if body.logprobs else 0)
     params = SamplingParams(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
                             repetition_penalty=body.repetition_penalty)
     return GenerationRequest(prompt_ids=prompt_ids, max_new_tokens=max_new, params=params, seed=body.seed,

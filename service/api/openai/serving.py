@@ -27,7 +27,7 @@ from ...settings import Settings
 from ...store import LoadedModel
 from ..bridge import Channel, until_client_leaves
 from ..errors import APIError
-from ..generation import check_max_new_tokens, check_stops, encode_prompt, failed
+from ..generation import check_max_new_tokens, check_request_size, check_stops, encode_prompt, failed
 from . import protocol
 from .protocol import CompletionRequest
 
@@ -94,10 +94,16 @@ class OpenAIServingCompletion:
                                 repetition_penalty=_or(body.repetition_penalty, 1.0),
                                 presence_penalty=_or(body.presence_penalty, 0.0),
                                 frequency_penalty=_or(body.frequency_penalty, 0.0), top_logprobs=body.logprobs or 0)
-        choices = []
+        encoded = []
         for p, prompt in enumerate(prompts):
             param = "prompt" if isinstance(body.prompt, str) else f"prompt.{p}"
-            ids, _ = encode_prompt(prompt, self.loaded, self.settings, param=param, hint="")
+            encoded.append(encode_prompt(prompt, self.loaded, self.settings, param=param, hint="")[0])
+        lengths = [len(ids) for ids in encoded]
+        positions = (sum(lengths) * int(bool(body.echo)) + len(lengths) * max_tokens) * n  # that carry logprobs
+        check_request_size(lengths, n, max_tokens, self.settings,
+                           logprob_entries=0 if body.logprobs is None else positions * (1 + body.logprobs))
+        choices = []
+        for prompt, ids in zip(prompts, encoded):
             for j in range(n):
                 seed = None if body.seed is None else (body.seed + j) % (MAX_SEED + 1)
                 request = GenerationRequest(
@@ -135,14 +141,13 @@ class OpenAIServingCompletion:
         return completion.response(choices)
 
     def _submit(self, choices: list[_Choice], on_done: Callable[[Done], Awaitable[Done]] | None) -> None:
-        """Queue every choice, or none: a refusal part-way cancels those already queued."""
-        try:
-            for choice in choices:
-                choice.channel = Channel(on_done)
-                choice.stream = self.engine.submit(choice.request, choice.channel)
-        except BaseException:
-            self._cancel(choices)
-            raise
+        """Queue every choice, or none, as one request: the engine counts it once in its queue and lets it
+        hold at most max_rows_per_request rows at once."""
+        for choice in choices:
+            choice.channel = Channel(on_done)
+        streams = self.engine.submit_all([(choice.request, choice.channel) for choice in choices])
+        for choice, stream in zip(choices, streams):
+            choice.stream = stream
 
     def _cancel(self, choices: list[_Choice]) -> None:
         for choice in choices:
