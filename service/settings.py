@@ -29,8 +29,10 @@ class Settings(BaseSettings):
                                "can wait for ingestion")
     max_rows_per_request: int | None = Field(None, ge=1, le=1024, description="rows one request (all its choices) holds at once; "
                                              "its other choices wait in its own line. Unset: a quarter of max_batch_size")
-    max_request_work_chars: int = Field(131_072, ge=1, description="most work one request may ask for: prompt characters x "
-                                        "choices + characters to generate, over every prompt and choice; beyond it, 422 request_too_large")
+    max_request_work_chars: int | None = Field(None, ge=1, description="most work one request may ask for: prompt characters x "
+                                               "choices + characters to generate, over every prompt and choice; beyond it, 422 "
+                                               "request_too_large. Unset: 131,072 or max_prompt_chars + max_new_tokens, whichever is "
+                                               "more, so a one-choice request within those two limits always fits")
     max_logprob_entries: int = Field(262_144, ge=1, description="most log-probabilities one response may hold: positions with "
                                      "logprobs (echoed prompt included) x (1 + alternatives), over every choice (about 25 bytes each)")
     max_connections: int = Field(1024, ge=1, description="open connections (and requests) the server holds; beyond them a request gets 503")
@@ -78,6 +80,13 @@ class Settings(BaseSettings):
         if value != "memory" and not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"session_store must be 'memory' or a Redis URL (redis://host:port/db), not {value!r}")
         return value
+
+    @property
+    def request_work_limit(self) -> int:
+        """max_request_work_chars in force."""
+        if self.max_request_work_chars is not None:
+            return self.max_request_work_chars
+        return max(131_072, self.max_prompt_chars + self.max_new_tokens)
 
     @model_validator(mode="after")
     def _consistent(self) -> "Settings":

@@ -134,13 +134,13 @@ def test_a_fault_while_finishing_a_stream_still_ends_it(tiny_model):
     switch = Switch()
 
     def hook(engine, loaded, store):
-        real = engine._done
+        real = engine.output._done
 
         def done(*args):
             switch.trip("building Done")
             return real(*args)
 
-        engine._done = done
+        engine.output._done = done
 
     with InProcessServer(tiny_model, hooks=[hook], max_batch_size=1, max_queue=0) as srv:
         for _ in range(3):  # repeated failures never eat the capacity (max_batch_size 1, no queue)

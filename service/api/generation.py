@@ -49,10 +49,10 @@ def check_request_size(prompt_chars: list[int], choices: int, max_new: int, sett
     length; every prompt runs `choices` streams of up to `max_new` characters. logprob_entries: the
     log-probabilities the response would hold."""
     work = sum(prompt_chars) * choices + len(prompt_chars) * choices * max_new
-    if work > settings.max_request_work_chars:
+    if work > settings.request_work_limit:
         raise APIError(422, "request_too_large",
                        f"this request asks for {work} characters of work (prompt characters x choices + characters to generate), "
-                       f"more than max_request_work_chars={settings.max_request_work_chars}: send fewer choices or shorter prompts", None)
+                       f"more than max_request_work_chars={settings.request_work_limit}: send fewer choices or shorter prompts", None)
     if logprob_entries > settings.max_logprob_entries:
         raise APIError(422, "request_too_large",
                        f"the response would hold {logprob_entries} log-probabilities, more than max_logprob_entries="

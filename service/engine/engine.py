@@ -192,8 +192,8 @@ class Engine:
             limit = self.config.max_batch_size + self.config.max_queue
             if self._requests >= limit:
                 self.notify("on_rejected", "overloaded")
-                raise Overloaded(f"{limit} requests are in flight (max_batch_size {self.config.max_batch_size} + "
-                                 f"max_queue {self.config.max_queue}): all rows are busy and the queue is full")
+                raise Overloaded(f"{limit} requests are running or waiting (max_batch_size {self.config.max_batch_size} + "
+                                 f"max_queue {self.config.max_queue}; a request counts once, whatever its choices)")
             now, streams = time.perf_counter(), []
             for request, listener in requests:
                 seed = secrets.randbelow(MAX_SEED) if request.seed is None else request.seed

@@ -8,11 +8,12 @@ never takes every row: its other choices wait in its own line, behind nobody els
 **Ingestion.** Every stream that still has prompt left shares one budget of `prefill_chunk` prompt
 characters a loop (vLLM's chunked prefill with one token budget). The order is *shortest remaining
 first, with ageing*: a stream's key is its prompt characters left, less `prefill_chunk` for every loop
-in a row it was passed over. Shortest first puts a 20-character prompt ahead of 8 prompts of 20,000 at
-once (round robin would make it wait its turn behind each of them, a full slice each); the ageing
-bounds how long a long prompt can be passed over while short ones keep arriving (a prompt with R
-characters left gets a slice within R / prefill_chunk loops). A prompt's short tail (at most
-`SHORT_PROMPT` characters, the whole of a short prompt) costs no budget: the batch's own steps feed it.
+since it was admitted (an earliest-deadline order, the deadline being the loop it was admitted in plus
+its slices left). Shortest first puts a 20-character prompt ahead of 8 prompts of 20,000 at once
+(round robin would make it wait its turn behind each of them, a full slice each); the ageing bounds how
+long a long prompt can be passed over while short ones keep arriving: a prompt with R characters left
+goes ahead of every stream admitted more than R / prefill_chunk loops after it. A prompt's short tail (at
+most `SHORT_PROMPT` characters, the whole of a short prompt) costs no budget: the batch's own steps feed it.
 
 **The bound on a decode step's delay.** Decoding rows step once every loop; between two of their steps
 a loop ingests at most `prefill_chunk` prompt characters (a slice never crosses a multiple of
@@ -57,6 +58,7 @@ class Scheduler:
         self.feed_tails_in_batch = feed_tails_in_batch  # off with a device step (it feeds no tails)
         self._lines: dict[RequestGroup, deque[Stream]] = {}  # waiting streams, per request, requests in arrival order
         self.ingesting: list[Stream] = []
+        self.loops = 0  # plans made: the clock the ageing counts in
 
     # ------------------------------------------------------------------ waiting
     def enqueue(self, streams: list[Stream]) -> None:
@@ -87,6 +89,7 @@ class Scheduler:
                 if not line:
                     del self._lines[group]
                 stream.phase = Phase.INGESTING
+                stream.admitted_at = self.loops
                 group.rows += 1
                 admitted.append(stream)
                 free -= 1
@@ -102,17 +105,16 @@ class Scheduler:
         chunk, budget = self.chunk, self.chunk
         slices: list[tuple[Stream, int]] = []
         tails: list[Stream] = []
-        for stream in sorted(self.ingesting, key=lambda s: (s.prompt_left - s.passed_over * chunk, s.seq)):
+        self.loops += 1
+        for stream in sorted(self.ingesting, key=lambda s: (s.prompt_left + s.admitted_at * chunk, s.seq)):
             if self._feeds_in_batch(stream):
                 tails.append(stream)
                 continue
             end = min((stream.fed // chunk + 1) * chunk, len(stream.feed))
             cost = max(end - stream.fed, MIN_SLICE_COST) if end > stream.fed else 0
             if cost > budget and slices:
-                stream.passed_over += 1  # the slice waits for a later loop: where it is cut does not change
-                continue
+                continue  # the slice waits for a later loop: where it is cut does not change
             budget -= cost
-            stream.passed_over = 0
             slices.append((stream, end))
         taken = {id(s) for s in tails}
         self.ingesting = [s for s in self.ingesting if id(s) not in taken]

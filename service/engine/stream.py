@@ -44,7 +44,7 @@ class Stream:
         self.phase = Phase.WAITING
         self.state: torch.Tensor | None = request.state  # (2, L, H): the caller's (None: zeros), then on the runner's device while the prompt is ingested; then the batch holds it
         self.feed, self.fed = feed, 0  # characters to ingest before generating, and how many are done
-        self.passed_over = 0  # loops in a row this stream had prompt left and got no slice (the scheduler's ageing)
+        self.admitted_at = 0  # the scheduler's loop count when it got its row place (its ageing)
         self.matcher = StopMatcher(request.stop) if request.stop else None
         self.chars: list[str] = []
         self.lps: list[float] = []

@@ -51,7 +51,7 @@ async def info(request: Request):
         "max_prompt_chars": s.max_prompt_chars, "max_score_chars": s.max_score_chars, "max_stop_strings": s.max_stop_strings, "max_stop_chars": s.max_stop_chars,
         "max_sessions": s.max_sessions, "max_session_ttl_s": s.max_session_ttl_s, "max_body_bytes": s.max_body_bytes,
         "max_seed": MAX_SEED, "max_rows_per_request": state.engine.config.rows_per_request if getattr(state, "engine", None) else s.max_rows_per_request,
-        "max_request_work_chars": s.max_request_work_chars, "max_logprob_entries": s.max_logprob_entries,
+        "max_request_work_chars": s.request_work_limit, "max_logprob_entries": s.max_logprob_entries,
         "max_connections": s.max_connections, "max_header_bytes": s.max_header_bytes, "header_timeout_s": s.header_timeout_s,
         "body_timeout_s": s.body_timeout_s, "send_timeout_s": s.send_timeout_s, "keep_alive_s": s.keep_alive_s},
         "engine": {"quantize": s.quantize, "device": getattr(state, "device", None) or s.device,
