@@ -319,12 +319,11 @@ def _cmd_serve(args) -> int:
             if sig in (signal.SIGTERM, signal.SIGINT) and sig in self._captured_signals:
                 self._captured_signals.remove(sig)  # uvicorn would raise it again once shut down
 
-    # The edge's bounds: connections (503 beyond), idle keep-alive, and edge_protocol's header size, header,
-    # body and send timeouts.
+    # The edge's bounds: idle keep-alive here; connections (503 beyond), header size, header, body and send
+    # timeouts in edge_protocol.
     config = uvicorn.Config(build_app(settings, loaded), host=settings.host, port=settings.port, log_level=settings.log_level,
                             workers=1, timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5,
-                            http=edge_protocol(settings), limit_concurrency=settings.max_connections,
-                            timeout_keep_alive=settings.keep_alive_s)
+                            http=edge_protocol(settings), timeout_keep_alive=settings.keep_alive_s)
     DrainingServer(config).run()
     return 0
 

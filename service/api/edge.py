@@ -1,7 +1,6 @@
 """The HTTP edge: bounds on what one connection may hold, as nginx's client_header_* and send_timeout set.
 
-uvicorn bounds concurrent connections (`limit_concurrency`: 503 beyond it) and idle keep-alive time,
-but with its httptools parser nothing bounds a request's header size (8 MiB of headers were answered
+uvicorn bounds idle keep-alive time (`timeout_keep_alive`), but with its httptools parser nothing bounds a request's header size (8 MiB of headers were answered
 200), and no timer runs while a request's head or body trickles in, or while a response waits for a
 client that reads nothing (100 connections that sent half a request line were still open after 30 s).
 `edge_protocol` adds those bounds to uvicorn's own protocol class:
@@ -10,7 +9,10 @@ client that reads nothing (100 connections that sent half a request line were st
   connection's start or the request's first byte (then 408); the connection closes either way;
 - the body: within `body_timeout_s` once the headers are in (then the connection closes, and the app
   sees the client gone);
-- a response that cannot be written for `send_timeout_s` (the client reads nothing) aborts the connection.
+- a response that cannot be written for `send_timeout_s` (the client reads nothing) aborts the connection;
+- a request on a connection beyond `max_connections` open ones gets 503 (with Retry-After) in the error
+  shape of its route, as uvicorn's `limit_concurrency` would, but in JSON; the header timeout then
+  bounds how long such connections stay.
 """
 
 from __future__ import annotations
@@ -22,15 +24,17 @@ import logging
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from ..settings import Settings
-from .errors import error_body
+from .errors import error_body, error_content
 
 log = logging.getLogger("charlstm.api")
 
 
-def _response(status: int, reason: str, type_: str, message: str) -> bytes:
-    body = json.dumps(error_body(type_, message)).encode()
+def _response(status: int, reason: str, type_: str, message: str, path: str | None = None, extra: str = "") -> bytes:
+    """A whole error response; `path` picks the route's error shape (None: the head was never read)."""
+    content = error_body(type_, message) if path is None else error_content(path, status, type_, message)
+    body = json.dumps(content).encode()
     head = (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
-            "connection: close\r\n\r\n").encode()
+            f"{extra}connection: close\r\n\r\n").encode()
     return head + body
 
 
@@ -38,6 +42,8 @@ def edge_protocol(settings: Settings) -> type[HttpToolsProtocol]:
     """uvicorn's httptools protocol with the settings' header, body and send bounds."""
     max_header_bytes, header_timeout = settings.max_header_bytes, settings.header_timeout_s
     body_timeout, send_timeout = settings.body_timeout_s, settings.send_timeout_s
+    max_connections = settings.max_connections
+    busy = f"the server holds max_connections={max_connections} connections; retry shortly"
     too_large = _response(431, "Request Header Fields Too Large", "headers_too_large",
                           f"the request line and headers are larger than max_header_bytes={max_header_bytes}")
     too_slow = _response(408, "Request Timeout", "request_timeout",
@@ -87,6 +93,11 @@ def edge_protocol(settings: Settings) -> type[HttpToolsProtocol]:
             self._in_head, self._head_bytes, parsed, self._parsed = False, 0, self._parsed, 0
             if parsed > max_header_bytes:  # the whole head came in one read
                 self._too_large()
+                return
+            if len(self.connections) > max_connections or len(self.tasks) >= max_connections:
+                path = self.url.partition(b"?")[0].decode("latin-1")
+                log.warning("refusing a request: %d connections are open (max_connections=%d)", len(self.connections), max_connections)
+                self._reject(_response(503, "Service Unavailable", "overloaded", busy, path, "retry-after: 1\r\n"))
                 return
             self._arm(body_timeout, self._body_too_slow)
             super().on_headers_complete()
