@@ -52,7 +52,7 @@ async def lifespan(app: FastAPI):
     runner, device_step, steps, device_name = await asyncio.to_thread(_build_step, loaded, settings)
     engine = Engine(runner, loaded.vocab,
                     EngineConfig(max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
-                                 prefill_chunk=settings.prefill_chunk, decode_steps=steps,
+                                 prefill_chunk=settings.prefill_chunk, prefill_budget=settings.prefill_budget, decode_steps=steps,
                                  max_rows_per_request=settings.max_rows_per_request),
                     deliver=make_deliver(asyncio.get_running_loop()), device_step=device_step)
     app.state.device, app.state.device_name, app.state.decode_steps = runner.device.type, device_name, steps

@@ -55,7 +55,8 @@ RETRY_DELIVERY_S = 0.01  # an idle loop's wait before retrying undelivered event
 class EngineConfig:
     max_batch_size: int = 64  # rows stepped together
     max_queue: int = 256  # requests waiting for a row, beyond the rows' own; beyond this, submissions are refused
-    prefill_chunk: int = 256  # prompt characters ingested a loop, shared by every ingesting stream; a prompt is cut at multiples of this, from its own start
+    prefill_chunk: int = 128  # a prompt is cut at multiples of this, from its own start: one LSTM call a slice
+    prefill_budget: int | None = None  # prompt characters ingested a loop, shared by every ingesting stream; None: 2 x prefill_chunk
     start_char: str = "\n"  # fed when a fresh stream has no prompt, so the first character has context
     decode_steps: int = 1  # steps a look: the rows' text is updated once per look (a device step must be built for as many)
     max_rows_per_request: int | None = None  # rows one request holds at once; None: a quarter of max_batch_size (at least 1)
@@ -124,7 +125,7 @@ class Engine:
         self._steps = 0
         # owned by the loop thread
         self.scheduler = Scheduler(config.max_batch_size, config.rows_per_request, config.prefill_chunk,
-                                   feed_tails_in_batch=device_step is None)
+                                   config.prefill_budget, feed_tails_in_batch=device_step is None)
         self.stepper = Stepper(runner, device_step, config.decode_steps)
         self._chars = vocab.chars
         self.output = Output(self._chars, self.notify, self._release)

@@ -5,20 +5,23 @@ in arrival order, one stream of each line a pass, while rows are free. One reque
 `max_rows_per_request` row places at once (ingesting or decoding), so a request with many choices
 never takes every row: its other choices wait in its own line, behind nobody else's.
 
-**Ingestion.** Every stream that still has prompt left shares one budget of `prefill_chunk` prompt
+**Ingestion.** Every stream that still has prompt left shares one budget of `prefill_budget` prompt
 characters a loop (vLLM's chunked prefill with one token budget). The order is *shortest remaining
-first, with ageing*: a stream's key is its prompt characters left, less `prefill_chunk` for every loop
-since it was admitted (an earliest-deadline order, the deadline being the loop it was admitted in plus
-its slices left). Shortest first puts a 20-character prompt ahead of 8 prompts of 20,000 at once
-(round robin would make it wait its turn behind each of them, a full slice each); the ageing bounds how
-long a long prompt can be passed over while short ones keep arriving: a prompt with R characters left
-goes ahead of every stream admitted more than R / prefill_chunk loops after it. A prompt's short tail (at
-most `SHORT_PROMPT` characters, the whole of a short prompt) costs no budget: the batch's own steps feed it.
+first, with ageing in its plainest form*: the stream that arrived first among those ingesting gets one
+slice every loop, and the rest of the budget goes to the others, fewest characters left first. Shortest
+first puts a 20-character prompt ahead of 8 prompts of 20,000 at once (round robin would make it wait
+its turn behind each of them, a full slice each); the oldest stream's slice means no prompt is ever
+starved, however many short ones keep arriving: a stream waits at most until those that arrived before
+it are in. (An earliest-deadline order, each loop waited counting as one slice less, was tried first:
+long prompts' deadlines then fell ahead of every short prompt that arrived after them, and under
+bench_mixed the short requests' first character took 2.1 s at p50.) A prompt's short tail (at most
+`SHORT_PROMPT` characters, the whole of a short prompt) costs no budget: the batch's own steps feed it.
 
 **The bound on a decode step's delay.** Decoding rows step once every loop; between two of their steps
-a loop ingests at most `prefill_chunk` prompt characters (a slice never crosses a multiple of
-`prefill_chunk`, and each slice costs at least `MIN_SLICE_COST` of the budget). So one decode step waits
-at most the time it takes to ingest `prefill_chunk` characters (benchmarks/README.md gives it).
+a loop ingests at most `prefill_budget` prompt characters (a slice never crosses a multiple of
+`prefill_chunk`, which is at most the budget, and each slice costs at least `MIN_SLICE_COST` of it). So
+one decode step waits at most the time it takes to ingest `prefill_budget` characters, in slices
+(benchmarks/README.md gives it).
 
 **Why slices are not batched across streams.** A slice always ends at a multiple of `prefill_chunk`
 from its stream's own start, so the same prompt is cut the same way alone or under load. Ingesting
@@ -50,15 +53,17 @@ class Plan:
 class Scheduler:
     """The waiting lines and the ingesting streams; the engine's loop asks it, each loop, what to run."""
 
-    def __init__(self, max_rows: int, max_rows_per_request: int, prefill_chunk: int, feed_tails_in_batch: bool = True):
+    def __init__(self, max_rows: int, max_rows_per_request: int, prefill_chunk: int, prefill_budget: int | None = None,
+                 feed_tails_in_batch: bool = True):
+        """prefill_budget: prompt characters a loop (at least one chunk; None: two chunks)."""
         if not 1 <= max_rows_per_request:
             raise ValueError(f"max_rows_per_request must be at least 1, got {max_rows_per_request}")
         self.max_rows, self.max_rows_per_request = max_rows, max_rows_per_request
         self.chunk = prefill_chunk
+        self.budget = max(prefill_chunk, prefill_budget or 2 * prefill_chunk)
         self.feed_tails_in_batch = feed_tails_in_batch  # off with a device step (it feeds no tails)
         self._lines: dict[RequestGroup, deque[Stream]] = {}  # waiting streams, per request, requests in arrival order
         self.ingesting: list[Stream] = []
-        self.loops = 0  # plans made: the clock the ageing counts in
 
     # ------------------------------------------------------------------ waiting
     def enqueue(self, streams: list[Stream]) -> None:
@@ -89,7 +94,6 @@ class Scheduler:
                 if not line:
                     del self._lines[group]
                 stream.phase = Phase.INGESTING
-                stream.admitted_at = self.loops
                 group.rows += 1
                 admitted.append(stream)
                 free -= 1
@@ -101,22 +105,22 @@ class Scheduler:
 
     # ------------------------------------------------------------------ ingesting
     def plan(self) -> Plan:
-        """This loop's slices within the shared budget, shortest remaining first with ageing."""
-        chunk, budget = self.chunk, self.chunk
+        """This loop's slices within the shared budget: the oldest stream's first, then shortest remaining first."""
+        chunk, budget = self.chunk, self.budget
         slices: list[tuple[Stream, int]] = []
-        tails: list[Stream] = []
-        self.loops += 1
-        for stream in sorted(self.ingesting, key=lambda s: (s.prompt_left + s.admitted_at * chunk, s.seq)):
-            if self._feeds_in_batch(stream):
-                tails.append(stream)
-                continue
-            end = min((stream.fed // chunk + 1) * chunk, len(stream.feed))
-            cost = max(end - stream.fed, MIN_SLICE_COST) if end > stream.fed else 0
-            if cost > budget and slices:
-                continue  # the slice waits for a later loop: where it is cut does not change
-            budget -= cost
-            slices.append((stream, end))
+        tails = [s for s in self.ingesting if self._feeds_in_batch(s)]
         taken = {id(s) for s in tails}
+        rest = [s for s in self.ingesting if id(s) not in taken]
+        if rest:
+            oldest = min(rest, key=lambda s: s.seq)
+            rest.remove(oldest)
+            for stream in [oldest, *sorted(rest, key=lambda s: (s.prompt_left, s.seq))]:
+                end = min((stream.fed // chunk + 1) * chunk, len(stream.feed))
+                cost = max(end - stream.fed, MIN_SLICE_COST) if end > stream.fed else 0
+                if cost > budget and slices:
+                    continue  # the slice waits for a later loop: where it is cut does not change
+                budget -= cost
+                slices.append((stream, end))
         self.ingesting = [s for s in self.ingesting if id(s) not in taken]
         for stream in tails:
             stream.phase = Phase.DECODING

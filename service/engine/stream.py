@@ -44,7 +44,6 @@ class Stream:
         self.phase = Phase.WAITING
         self.state: torch.Tensor | None = request.state  # (2, L, H): the caller's (None: zeros), then on the runner's device while the prompt is ingested; then the batch holds it
         self.feed, self.fed = feed, 0  # characters to ingest before generating, and how many are done
-        self.admitted_at = 0  # the scheduler's loop count when it got its row place (its ageing)
         self.matcher = StopMatcher(request.stop) if request.stop else None
         self.chars: list[str] = []
         self.lps: list[float] = []

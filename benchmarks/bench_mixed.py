@@ -1,0 +1,60 @@
+"""Mixed traffic against two builds side by side: this tree and another checkout (the build before).
+
+    python -m benchmarks.bench_mixed --baseline /path/to/other/checkout [--seconds 30] [--rounds 1]
+
+Both servers (the bundled model, default settings) start at once and stay up; `benchmarks.mixed_load`
+(its own process) drives them in alternate rounds, A B A B ..., so a drift in the machine's speed falls
+on both. It sends 8 streams of 20,000-character prompts, one /v1/completions request of 5 prompts x n 64,
+and 32 short interactive streams, and reports the short ones' time to first character and the total
+characters per second. Issue 24's goal: short requests' first character p50 <= 100 ms, p99 <= 500 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from .bench_ab import build
+from .common import ROOT, table
+
+
+def mixed(url: str, seconds: float) -> dict:
+    out = subprocess.run([sys.executable, "-m", "benchmarks.mixed_load", "--url", url, "--seconds", str(seconds)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=seconds + 600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-2000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--baseline", required=True, type=Path, help="another checkout of the project (the build before)")
+    p.add_argument("--seconds", type=float, default=30)
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--model", default="shakespeare")
+    a = p.parse_args()
+    servers = {"before": build(a.baseline.resolve(), a.model, 1, "none"), "after": build(ROOT, a.model, 1, "none")}
+    results: dict[str, list[dict]] = {name: [] for name in servers}
+    try:
+        for r in range(a.rounds):
+            for name, server in servers.items():
+                figures = mixed(server.url, a.seconds)
+                print(f"round {r + 1} {name}: {json.dumps(figures)}", flush=True)
+                results[name].append(figures)
+    finally:
+        for server in servers.values():
+            server.stop()
+    keys = ["short_ttft_p50_ms", "short_ttft_p99_ms", "short_ttft_max_ms", "short_completed", "short_still_waiting", "chars_per_s"]
+    rows = []
+    for name, rounds in results.items():
+        rows.append([name] + [float(statistics.median(f[k] for f in rounds if f[k] is not None)) for k in keys])
+    print(table(["build", "short TTFT p50 ms", "p99 ms", "max ms", "shorts done", "shorts waiting at the end", "chars/s"], rows))
+
+
+if __name__ == "__main__":
+    main()
