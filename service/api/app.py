@@ -57,6 +57,8 @@ async def lifespan(app: FastAPI):
                     deliver=make_deliver(asyncio.get_running_loop()), device_step=device_step)
     app.state.device, app.state.device_name, app.state.decode_steps = runner.device.type, device_name, steps
     app.state.step_workers = runner.workers
+    app.state.rows_per_call = [runner.min_rows, runner.max_rows]  # measured on this CPU (runner.row_bounds)
+    log.info("every fp32 multiply sees %d to %d rows, the batch sizes that round a row alike on this CPU", *app.state.rows_per_call)
     app.state.session_key, key_source = session_blob.load_or_create_key(settings.session_key, settings.session_db or None)
     factory = app.state.session_store_factory or _store_factory(settings, app.state.session_key, fingerprint, model_name)
     session_store = factory(settings.max_sessions, on_removed=lambda reason: engine.notify("on_session_removed", reason))

@@ -37,27 +37,27 @@ MIN_SHARE = 64  # row_bounds wants one rounding from min_rows to at least this m
 
 
 @functools.lru_cache(maxsize=None)
-def row_bounds(shapes: tuple[tuple[int, int], ...]) -> tuple[int, int]:
+def row_bounds(shapes: tuple[tuple[int, int], ...], threads: int) -> tuple[int, int]:
     """(min_rows, max_rows): the range of batch sizes over which every row of an fp32 addmm by matrices of
-    these (K, N) shapes gets the same bits, measured here on random numbers (the kernel is chosen by shape,
-    not by value). The smallest min_rows whose range reaches MIN_SHARE wins; (1, 256) with a warning
+    these (K, N) shapes gets the same bits, measured here on random numbers (the kernel is chosen by shape
+    and by torch's thread count, not by value; `threads` keys the cache). The smallest min_rows whose range reaches MIN_SHARE wins; (1, 256) with a warning
     when none does (rows may then round differently alone and in a batch)."""
     gen = torch.Generator().manual_seed(0)
-    outs = []
+    agree = [True] * (len(ROW_PROBES) - 1)  # agree[i]: sizes ROW_PROBES[i] and [i + 1] give their common rows alike
     for K, N in shapes:
         w, b = torch.rand(K, N, generator=gen) - 0.5, torch.rand(N, generator=gen) - 0.5
         x = torch.rand(ROW_PROBES[-1], K, generator=gen) - 0.5
-        outs.append({B: torch.addmm(b, x[:B], w) for B in ROW_PROBES})  # (B, N) each
-
-    def agree(b1: int, b2: int) -> bool:  # the rows both sizes hold come out the same
-        return all(torch.equal(o[b1][: min(b1, b2)], o[b2][: min(b1, b2)]) for o in outs)
-
+        before = torch.addmm(b, x[: ROW_PROBES[0]], w)  # (B, N); two at a time, so the probe leaves no large heap behind
+        for i, B in enumerate(ROW_PROBES[1:]):
+            out = torch.addmm(b, x[:B], w)
+            agree[i] = agree[i] and torch.equal(out[: before.shape[0]], before)
+            before = out
     for i, lo in enumerate(ROW_PROBES[:8]):
         hi = lo
-        for b1, b2 in zip(ROW_PROBES[i:], ROW_PROBES[i + 1 :]):
-            if not agree(b1, b2):
+        for j in range(i, len(agree)):
+            if not agree[j]:
                 break
-            hi = b2
+            hi = ROW_PROBES[j + 1]
         if hi >= MIN_SHARE:
             return lo, hi
     log.warning("no batch-size range rounds every row alike for shapes %s: a seed may write another text alone than in a batch", shapes)
@@ -142,7 +142,7 @@ class Runner:
         if quantize == "int8":
             self._int8 = _Int8Step(hh0=Int8Linear(w.w_hh0), cat=[Int8Linear(wc, bc) for wc, bc in zip(w.w_cat, w.b_cat)])
         shapes = (tuple(w.w_hh0.shape), *(tuple(m.shape) for m in w.w_cat), tuple(w.w_head.shape))
-        self.min_rows, self.max_rows = row_bounds(shapes) if self.device.type == "cpu" else (MIN_ROWS_PER_CALL, 1 << 30)
+        self.min_rows, self.max_rows = row_bounds(shapes, torch.get_num_threads()) if self.device.type == "cpu" else (MIN_ROWS_PER_CALL, 1 << 30)
         self.workers = max(1, workers)
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="charlstm-step") if self.workers > 1 else None
 

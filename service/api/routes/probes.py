@@ -57,6 +57,7 @@ async def info(request: Request):
         "engine": {"quantize": s.quantize, "device": getattr(state, "device", None) or s.device,
                    "device_name": getattr(state, "device_name", None), "max_batch_size": s.max_batch_size,
                    "step_workers": getattr(state, "step_workers", None) or s.step_workers, "prefill_chunk": s.prefill_chunk,
+                   "rows_per_call": getattr(state, "rows_per_call", None),
                    "prefill_budget": max(s.prefill_budget, s.prefill_chunk),
                    "decode_steps": getattr(state, "decode_steps", None) or s.decode_steps},
         "defaults": {"max_new_tokens": s.default_max_new_tokens, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
