@@ -35,7 +35,7 @@ ENGINE_ROUND = """
 import sys, threading, time, torch
 from service import store
 from service.engine.engine import Engine, EngineConfig
-from service.engine.runner import Runner
+from service.backends.selector import WEIGHTS_BACKEND, build
 from service.engine.types import Done, GenerationRequest
 torch.set_num_threads(1)
 clients, model, quantize = int(sys.argv[1]), sys.argv[2], sys.argv[3]
@@ -47,7 +47,7 @@ def deliver(batch):
             left[0] -= 1
     if left[0] == 0:
         done.set()
-engine = Engine(Runner(loaded.model, 2, quantize=quantize), loaded.vocab, EngineConfig(max_batch_size=clients), deliver)
+engine = Engine(build(WEIGHTS_BACKEND[quantize], loaded.model, 2), loaded.vocab, EngineConfig(max_batch_size=clients), deliver)
 for i in range(clients):
     engine.submit(GenerationRequest(prompt_ids=loaded.vocab.encode("ROMEO:"), max_new_tokens=256, seed=i), i)
 t0 = time.perf_counter()

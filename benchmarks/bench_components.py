@@ -23,7 +23,7 @@ import httpx
 import torch
 
 from service import store
-from service.engine.runner import Runner
+from service.backends.torch_fp32 import TorchBackend
 from service.model import CharLSTM, cross_entropy
 
 from tests.server import rss_mb
@@ -70,7 +70,7 @@ def bench_sessions(model: str, count: int, threads: int) -> None:
 @torch.inference_mode()
 def bench_prefill(model: str, chars: int = 10_000) -> None:
     loaded = store.load(model)
-    runner = Runner(loaded.model)
+    runner = TorchBackend(loaded.model)
     text = (SHARED_CORPUS.read_text()[:chars] if SHARED_CORPUS.exists() else "KING:\nthe " * (chars // 10 + 1))[:chars]
     ids = loaded.vocab.encode(text)
     zero = runner.zero_state()

@@ -3,7 +3,7 @@
     python -m benchmarks.bench_cuda [--model shakespeare] [--batches 1,64,256,1024] [--steps 16] [--seconds 2]
                                     [--repeats 2] [--http-clients 256] [--http-seconds 8] [--no-http]
 
-1. Bare device loop (no engine): `CudaStep` (service/engine/cuda_step.py) at temperature 0.8: the step,
+1. Bare device loop (no engine): `CudaStep` (service/backends/cuda.py) at temperature 0.8: the step,
    per-row sampling with each row's counter-based random numbers and the ids' copy to the host, three
    ways: eager launches one step at a time, one CUDA graph a step, and one graph of --steps steps a look.
 2. The engine (no HTTP), in device mode, two ways: B requests of `--chars` characters submitted at once
@@ -33,9 +33,10 @@ import time
 import torch
 
 from service import store
-from service.engine.cuda_step import CudaStep
+from service.backends.base import Backend
+from service.backends.cuda import CudaStep
 from service.engine.engine import Engine, EngineConfig
-from service.engine.runner import Runner
+from service.backends.torch_fp32 import TorchBackend
 from service.engine.types import Done, GenerationRequest
 from service.sampling import SamplingParams
 
@@ -94,7 +95,7 @@ def phase_rows(spent: dict[str, float], looks: int, seconds: float) -> list[list
     return rows + [["rest of the loop (waits, locks, bookkeeping)", rest / looks * 1e3, rest / seconds]]
 
 
-def engine_run(runner: Runner, vocab, device_step: CudaStep, streams: int, chars: int) -> float:
+def engine_run(runner: Backend, vocab, device_step: CudaStep, streams: int, chars: int) -> float:
     """Characters per second of `streams` requests of `chars` characters each through a device-mode engine."""
     done, finished = [], threading.Event()
 
@@ -119,7 +120,7 @@ def engine_run(runner: Runner, vocab, device_step: CudaStep, streams: int, chars
     return streams * chars / seconds
 
 
-def engine_steady(runner: Runner, vocab, device_step: CudaStep, streams: int, chars: int, seconds: float,
+def engine_steady(runner: Backend, vocab, device_step: CudaStep, streams: int, chars: int, seconds: float,
                   phases: list | None = None) -> float:
     """Characters per second with `streams` requests always in flight (each Done submits the next),
     each request's characters spread evenly over its time, counted in a window after one second of warm-up.
@@ -215,7 +216,7 @@ def main() -> None:
         sys.exit(2)
     batches = [int(b) for b in args.batches.split(",")]
     loaded = store.load(args.model)
-    runner = Runner(loaded.model, device=args.device)
+    runner = TorchBackend(loaded.model, device=args.device)
     capacity = max(batches)
     t0 = time.perf_counter()
     graphs = CudaStep(runner.weights, device=args.device, capacity=capacity, max_steps=args.steps)

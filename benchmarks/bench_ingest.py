@@ -16,7 +16,7 @@ import time
 import torch
 
 from service import store
-from service.engine.runner import Runner
+from service.backends.torch_fp32 import TorchBackend
 
 from .common import table
 
@@ -34,7 +34,7 @@ def best_of(fn, rounds: int = 3) -> float:
 def main() -> None:
     torch.set_num_threads(1)
     model = store.load(store.DEFAULT_MODEL).model.eval()
-    runner = Runner(model)
+    runner = TorchBackend(model)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (8, 4096), generator=gen)
     rows = []

@@ -12,7 +12,7 @@
    with --decode-steps 1,8 also each at several steps a look (`CHARLSTM_DECODE_STEPS`), and with
    --step-workers default,1,2 each with that many step workers (`CHARLSTM_STEP_WORKERS`).
    Needs a service that reports `quantize` in /info (the setting wired into the runner); skipped otherwise.
-4. Quality (minutes): bits per char through the runner's step (service/engine/quant_eval.py), fp32
+4. Quality (minutes): bits per char through the runner's step (service/backends/quality.py), fp32
    against int8, on the validation split (last 10% of tinyshakespeare.txt) and on macbeth.txt.
 """
 
@@ -26,10 +26,11 @@ import httpx
 import torch
 
 from service import store
-from service.api.app import DEFAULT_STEP_WORKERS
+from service.backends.base import Backend
+from service.backends.selector import DEFAULT_STEP_WORKERS
 from service.corpus import Corpus
-from service.engine.quant_eval import score_chunks_stepped
-from service.engine.runner import Runner
+from service.backends.quality import score_chunks_stepped
+from service.backends.selector import WEIGHTS_BACKEND, build
 
 from .bench_serving import raw_limit
 from .common import ROOT, charlstm_server, loadgen, table
@@ -40,8 +41,8 @@ MODES = ("none", "int8")
 
 def bench_raw(loaded, batches: list[int], seconds: float, repeats: int, workers: int | None) -> None:
     torch.set_num_threads(1)  # the service's default: row-split pool threads, one OpenMP thread each
-    threads = {m: workers or DEFAULT_STEP_WORKERS[m] for m in MODES}
-    runners = {m: Runner(loaded.model, workers=threads[m], quantize=m) for m in MODES}
+    threads = {m: workers or DEFAULT_STEP_WORKERS[WEIGHTS_BACKEND[m]] for m in MODES}
+    runners = {m: build(WEIGHTS_BACKEND[m], loaded.model, threads[m]) for m in MODES}
     got = {(m, b): [] for m in MODES for b in batches}
     try:
         for _ in range(repeats):
@@ -66,16 +67,16 @@ def bench_prefill(loaded, chars: int = 10_000) -> None:
     torch.set_num_threads(1)
     text = (DATA / "tinyshakespeare.txt").read_text()[:chars]
     ids = loaded.vocab.encode(text)
-    runners = {m: Runner(loaded.model, quantize=m) for m in MODES}
+    runners = {m: build(WEIGHTS_BACKEND[m], loaded.model, 1) for m in MODES}
     zero = runners["none"].zero_state()
 
-    def slices(r: Runner) -> float:
+    def slices(r: Backend) -> float:
         t0, state = time.perf_counter(), zero
         for i in range(0, len(ids), 512):
             state = r.prefill(ids[i : i + 512], state)
         return time.perf_counter() - t0
 
-    def stepped(r: Runner) -> float:
+    def stepped(r: Backend) -> float:
         t0, s = time.perf_counter(), zero.unsqueeze(2)
         for i in ids:
             s = r.step(torch.tensor([i]), s)
@@ -107,7 +108,7 @@ def bench_service(model: str, clients: list[int], seconds: float, repeats: int, 
     try:
         for m, k, w in configs:
             extra = {} if w is None else {"step_workers": w}
-            servers[m, k, w] = charlstm_server(1, model=model, quantize=m, max_batch_size=max(clients), decode_steps=k, **extra)
+            servers[m, k, w] = charlstm_server(1, model=model, backend=WEIGHTS_BACKEND[m], max_batch_size=max(clients), decode_steps=k, **extra)
         for (m, k, w), srv in servers.items():
             reported = _reported_quantize(httpx.get(srv.url + "/info").json())
             if reported != m:
@@ -146,7 +147,7 @@ def bench_quality(loaded) -> None:
              "macbeth.txt": (DATA / "macbeth.txt").read_text(encoding="utf-8")}
     rows = []
     for name, text in texts.items():
-        scores = {m: score_chunks_stepped(Runner(loaded.model, quantize=m), loaded.vocab, [text]) for m in MODES}
+        scores = {m: score_chunks_stepped(build(WEIGHTS_BACKEND[m], loaded.model, 1), loaded.vocab, [text]) for m in MODES}
         fp32, int8 = scores["none"], scores["int8"]
         rows.append([name, f"{fp32.chars:,}", f"{fp32.bits_per_char:.4f}", f"{int8.bits_per_char:.4f}",
                      f"{int8.bits_per_char - fp32.bits_per_char:+.4f}"])

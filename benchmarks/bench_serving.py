@@ -20,15 +20,16 @@ import time
 import torch
 
 from service import store
-from service.api.app import step_workers
-from service.engine.runner import Runner
+from service.backends.base import Backend
+from service.backends.selector import DEFAULT_STEP_WORKERS
+from service.backends.torch_fp32 import TorchBackend
 from service.settings import Settings
 
 from .common import Proc, charlstm_server, loadgen, table
 
 
 @torch.inference_mode()
-def raw_limit(runner: Runner, batch: int, seconds: float, temperature: float = 1.0) -> float:
+def raw_limit(runner: Backend, batch: int, seconds: float, temperature: float = 1.0) -> float:
     """Characters per second of the fastest plain loop: fused step, softmax, multinomial. No engine."""
     state = runner.zero_state(batch)  # (2, L, B, H)
     ids = torch.zeros(batch, dtype=torch.long)
@@ -62,12 +63,12 @@ def main() -> None:
     loaded = store.load(args.model)
     print(f"model {loaded.name}@{loaded.version}: {loaded.model.num_parameters():,} parameters; raw loop "
           f"{args.threads} threads; service {args.service_threads} torch thread(s) and its default of "
-          f"{step_workers(Settings())} step workers; naive {args.threads} threads\n")
+          f"{DEFAULT_STEP_WORKERS["torch"]} step workers; naive {args.threads} threads\n")
 
     # Side by side: each load point runs right after its two limits, so a drift in the machine's speed
     # (a shared host) falls on both sides of the ratio. The idle server waits on a condition meanwhile.
     raw_seconds = min(args.seconds, 5.0)
-    in_kernel_runner, split = Runner(loaded.model), Runner(loaded.model, workers=args.threads)
+    in_kernel_runner, split = TorchBackend(loaded.model), TorchBackend(loaded.model, workers=args.threads)
     rounds = {b: {"in_kernel": [], "by_rows": [], "served": []} for b in batches}
     srv = charlstm_server(args.service_threads, model=args.model, max_batch_size=max(batches), max_queue=256)
     try:

@@ -109,8 +109,10 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text", required=True)
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar (it is off anyway when stderr is not a terminal)")
+    p.add_argument("--backend", choices=["torch", "torch-int8", "onnx", "onnx-int8"], default=None,
+                   help="score through this backend's step, what generation computes (default: the model's nn.LSTM)")
     p.add_argument("--quantize", choices=["none", "int8"], default=None,
-                   help="score through the engine's fused step with these weights (default: the model's nn.LSTM)")
+                   help="the same as --backend torch (none) or torch-int8 (int8)")
     p.add_argument("--split", choices=["all", "train", "validation"], default="all",
                    help="score only this part of --text, cut as training cut it (the model card's train_fraction): "
                         "validation is the text a model trained on --text never saw")
@@ -128,13 +130,14 @@ def _cmd_evaluate(args) -> int:
             chunks = _with_progress(args.text, chunks)
     else:
         chunks = _split_chunks(args.text, args.split, loaded.card)
-    if args.quantize:  # through the engine's fused step with those weights
-        from .engine.quant_eval import score_chunks_stepped
-        from .engine.runner import Runner
+    backend = args.backend or {"none": "torch", "int8": "torch-int8", None: None}[args.quantize]
+    if backend:  # through that backend's step
+        from .backends import build
+        from .backends.quality import score_chunks_stepped
 
         if args.unknown_chars != "error":
-            raise ValueError("--quantize scores text as it is: leave --unknown-chars at error")
-        score = score_chunks_stepped(Runner(loaded.model, quantize=args.quantize), loaded.vocab, chunks)
+            raise ValueError("--backend scores text as it is: leave --unknown-chars at error")
+        score = score_chunks_stepped(build(backend, loaded.model, workers=1), loaded.vocab, chunks)
     else:
         score = score_chunks(loaded.model, loaded.vocab, chunks, unknown=args.unknown_chars, replacement=args.replacement)
     _report_unknown(args, score.unknown_chars)

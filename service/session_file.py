@@ -26,7 +26,7 @@ from pathlib import Path
 from . import store
 from .engine import session_blob
 from .engine.engine import Engine
-from .engine.runner import Runner
+from .backends import build
 from .engine.session_blob import InvalidSessionBlob, SessionValue
 from .engine.types import Done, GenerationRequest, Token
 from .sampling import SamplingParams
@@ -131,7 +131,7 @@ def sample_session(args) -> int:
     request = GenerationRequest(prompt_ids=prompt_ids, max_new_tokens=args.length, params=sampling_params(args),
                                 seed=seed, counter=counter, state=state, stop=tuple(getattr(args, "stop", None) or ()),
                                 return_state=True)
-    engine = Engine(Runner(loaded.model), loaded.vocab)
+    engine = Engine(build("torch", loaded.model), loaded.vocab)
     engine.start()
     try:
         for event in generate(engine, request):

@@ -50,8 +50,8 @@ class Settings(BaseSettings):
     torch_threads: int = Field(1, ge=0, description="OpenMP threads inside each torch kernel; 0: torch's default. One serves best on two "
                                "cores: the step workers already use both, and OpenMP threads meet at a barrier after every kernel")
     step_workers: int | None = Field(None, ge=1, le=64, description="threads that step shares of a large batch at once (at least 16 rows "
-                                     "each); 1: the engine thread steps every row. Unset: 2 with fp32 weights, 1 with int8 (whose "
-                                     "step is mostly small kernels that two threads only queue on; benchmarks/README.md)")
+                                     "each); 1: the engine thread steps every row. Unset: the backend's default (torch 2, torch-int8 1, "
+                                     "whose step is mostly small kernels that two threads only queue on; onnx 2; benchmarks/README.md)")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="request bodies above this get 413")
     shutdown_grace_s: float = Field(10.0, ge=0, description="time running streams get to finish on SIGTERM")
     api_key: str | None = Field(None, description="when set, every route but /health and /ready needs Authorization: Bearer <key>")
@@ -65,8 +65,12 @@ class Settings(BaseSettings):
                                     "sessions set the same one. Unset: a random key kept in <session_db>.key")
     drain_delay_s: float = Field(5.0, ge=0, description="on SIGTERM, keep accepting connections this long with /ready 503 and new work "
                                  "refused, so load balancers stop sending before the port closes; 0: close at once")
-    quantize: Literal["none", "int8"] = Field("none", description="int8: the decode step's weight matrices in int8 with a scale per "
-                                              "output channel (CPU); prompt ingestion stays fp32")
+    backend: Literal["auto", "torch", "torch-int8", "onnx", "onnx-int8", "cuda"] = Field(
+        "auto", description="the compute backend (service/backends/): auto measures every CPU backend on the loaded model at "
+        "start-up (speed at 1 and max_batch_size rows, the row guarantee, quality within 0.01 bits/char of fp32) and serves the "
+        "fastest; torch and onnx are fp32, torch-int8 and onnx-int8 have int8 step weights; cuda: the GPU's CUDA graphs")
+    quantize: Literal["none", "int8"] | None = Field(None, description="narrows backend auto to backends with these step weights "
+                                                     "(none: fp32, int8); unset: any")
     device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="where the model runs: cpu; cuda (a GPU holds the weights, "
                                                    "every row's state and the sampling, and replays each step as a CUDA graph); "
                                                    "auto: cuda when torch sees a GPU, else cpu")
@@ -98,7 +102,17 @@ class Settings(BaseSettings):
             if getattr(self, low) > getattr(self, high):
                 raise ValueError(f"{low}={getattr(self, low):g} is more than {high}={getattr(self, high):g}: "
                                  f"lower {low} (CHARLSTM_{low.upper()}) or raise {high} (CHARLSTM_{high.upper()})")
-        if self.quantize != "none" and self.device == "cuda":
-            raise ValueError(f"quantize={self.quantize} is a CPU kernel and device=cuda runs on a GPU: "
+        if self.quantize == "int8" and (self.device == "cuda" or self.backend == "cuda"):
+            raise ValueError(f"quantize={self.quantize} is a CPU kernel and {'device' if self.device == 'cuda' else 'backend'}=cuda runs on a GPU: "
                              "set CHARLSTM_QUANTIZE=none or CHARLSTM_DEVICE=cpu")
+        if self.backend == "cuda" and self.device == "cpu":
+            raise ValueError("backend=cuda runs on a GPU and device=cpu asks for the CPU: set CHARLSTM_DEVICE=cuda or auto, "
+                             "or another CHARLSTM_BACKEND")
+        if self.backend not in ("auto", "cuda") and self.device == "cuda":
+            raise ValueError(f"backend={self.backend} runs on the CPU and device=cuda asks for a GPU: set CHARLSTM_BACKEND=cuda or auto")
+        if self.quantize is not None and self.backend not in ("auto", "cuda"):
+            kind = "int8" if self.backend.endswith("int8") else "none"
+            if kind != self.quantize:
+                raise ValueError(f"quantize={self.quantize} contradicts backend={self.backend}: unset CHARLSTM_QUANTIZE, "
+                                 "or pick a backend with those weights")
         return self

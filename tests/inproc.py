@@ -19,6 +19,7 @@ class InProcessServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         settings.setdefault("session_db", "")
+        settings.setdefault("backend", "torch")  # as tests/server.py
         self.settings = Settings(host="127.0.0.1", port=self.port, torch_threads=1, **settings)
         self.app = build_app(self.settings, loaded, session_store_factory)
         self.app.state.engine_hooks.extend(hooks)

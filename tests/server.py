@@ -27,7 +27,8 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, OMP_NUM_THREADS="1", CHARLSTM_MODEL_STORE=str(store_root), CHARLSTM_MODEL=model,
-                   CHARLSTM_TORCH_THREADS="1", CHARLSTM_LOG_LEVEL="warning")
+                   CHARLSTM_TORCH_THREADS="1", CHARLSTM_LOG_LEVEL="warning",
+                   CHARLSTM_BACKEND="torch")  # the in-process references are torch; tests of auto and of each backend say so
         tmp = Path(tempfile.mkdtemp(prefix="charlstm-test-"))
         settings.setdefault("session_db", tmp / "sessions.sqlite3")
         settings.setdefault("drain_delay_s", 0)  # stopping a test server need not wait; test_lifecycle tests the delay

@@ -11,7 +11,7 @@ import torch
 from service import store
 from service.calibrate import fit_temperature, folded, logits_of
 from service.corpus import Corpus
-from service.engine.runner import Runner
+from service.backends.selector import WEIGHTS_BACKEND, build
 from service.model import CharLSTM, CharLSTMConfig
 
 from .conftest import make_play
@@ -114,7 +114,7 @@ def test_calibrate_saves_the_next_version_measured_as_evaluate_measures_it(own_s
 
     # the serving step takes the calibrated head as it is: the parent's logits over T, the same states
     for quantize in ("none", "int8"):
-        a, b = Runner(parent.model, quantize=quantize), Runner(child.model, quantize=quantize)
+        a, b = build(WEIGHTS_BACKEND[quantize], parent.model, 1), build(WEIGHTS_BACKEND[quantize], child.model, 1)
         try:
             ids = torch.tensor(child.vocab.encode("KING:"))  # (5,) one row, five steps
             sa, sb = a.zero_state(1), b.zero_state(1)  # (2, L, 1, H)

@@ -1,4 +1,4 @@
-"""The device step (service/engine/cuda_step.py): on the CPU it picks exactly what Runner + sample_next pick.
+"""The device step (service/backends/cuda.py): on the CPU it picks exactly what TorchBackend + sample_next pick.
 
 The CUDA-only tests at the end skip where no GPU is present (CI has none); everything else runs here.
 """
@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from service import store
-from service.engine.cuda_step import CudaStep, device_uniforms, resolve_device, sample_rows, stream_key, uniforms_from_keys
-from service.engine.runner import Runner
+from service.backends.base import Backend
+from service.backends.cuda import CudaStep, device_uniforms, resolve_device, sample_rows, stream_key, uniforms_from_keys
+from service.backends.torch_fp32 import TorchBackend
 from service.sampling import MAX_SEED, SamplingParams, sample_next, uniforms
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
@@ -73,9 +74,9 @@ def test_keys_hashed_once_give_the_same_draws_for_several_steps_at_once():
 
 
 class Reference:
-    """The CPU engine's decode arithmetic for a batch: Runner.logits, uniforms, sample_next, Runner.step."""
+    """The CPU engine's decode arithmetic for a batch: Backend.logits, uniforms, sample_next, Backend.step."""
 
-    def __init__(self, runner: Runner):
+    def __init__(self, runner: Backend):
         self.runner = runner
         self.state = runner.zero_state(0)
         self.params: list[SamplingParams] = []
@@ -108,7 +109,7 @@ class Reference:
 
 @pytest.mark.parametrize("pad", [False, True], ids=["exact", "padded-to-bucket"])
 def test_cpu_device_step_picks_exactly_what_the_runner_and_sample_next_pick(tiny_model, pad):
-    vocab, runner = tiny_model.vocab, Runner(tiny_model.model)
+    vocab, runner = tiny_model.vocab, TorchBackend(tiny_model.model)
     device_step = CudaStep(runner.weights, device="cpu", capacity=16, buckets=(2, 4, 8), pad=pad)
     assert not device_step.graphs and device_step.buckets == [2, 4, 8, 16]
     reference = Reference(runner)
@@ -143,7 +144,7 @@ def test_cpu_device_step_picks_exactly_what_the_runner_and_sample_next_pick(tiny
 
 
 def test_a_full_batch_is_refused_and_padding_stays_neutral(tiny_model):
-    runner = Runner(tiny_model.model)
+    runner = TorchBackend(tiny_model.model)
     device_step = CudaStep(runner.weights, device="cpu", capacity=4, buckets=(2,), pad=True)
     zero = runner.zero_state()
     for i in range(4):
@@ -180,7 +181,7 @@ def test_cuda_uniforms_are_bit_identical_to_sampling_uniforms():
 @needs_cuda
 def test_cuda_graph_replay_picks_what_eager_cuda_picks_alone_or_batched(tiny_model):
     """Same seed, same text on the same device: graphs against eager, one row against a padded batch of 37."""
-    runner = Runner(tiny_model.model)
+    runner = TorchBackend(tiny_model.model)
     graphs = CudaStep(runner.weights, device="cuda", capacity=64)
     eager = CudaStep(runner.weights, device="cuda", capacity=64, graphs=False, pad=True)
     alone = CudaStep(runner.weights, device="cuda", capacity=64)
@@ -203,7 +204,7 @@ def test_cuda_graph_replay_picks_what_eager_cuda_picks_alone_or_batched(tiny_mod
 def test_cuda_multi_step_graphs_pick_what_single_steps_pick_and_keep_every_state(tiny_model, full):
     """decode(8) replayed as one graph against eight eager single steps, alone and batched; ring slot j
     holds the state after the j-th character."""
-    runner = Runner(tiny_model.model)
+    runner = TorchBackend(tiny_model.model)
     multi = CudaStep(runner.weights, device="cuda", capacity=64, max_steps=8)
     single = CudaStep(runner.weights, device="cuda", capacity=64, graphs=False, pad=True)
     alone = CudaStep(runner.weights, device="cuda", capacity=64, max_steps=8)
@@ -238,7 +239,7 @@ def test_cuda_engine_gives_a_seed_the_same_text_alone_or_among_others(tiny_model
     def run(requests):
         from .test_device_engine import Inbox
 
-        runner, inbox = Runner(tiny_model.model, device="cuda"), Inbox()
+        runner, inbox = TorchBackend(tiny_model.model, device="cuda"), Inbox()
         engine = Engine(runner, vocab, EngineConfig(max_batch_size=64, decode_steps=16), inbox.deliver,
                         device_step=CudaStep(runner.weights, device="cuda", capacity=64, max_steps=16))
         for i, r in enumerate(requests):
@@ -268,10 +269,10 @@ def test_cuda_engine_scores_a_prompt_that_continues_a_state_from_the_host(tiny_m
 
     from .test_device_engine import Inbox
 
-    vocab, host = tiny_model.vocab, Runner(tiny_model.model)
+    vocab, host = tiny_model.vocab, TorchBackend(tiny_model.model)
     state = host.prefill(vocab.encode("KING:\nthou art"), host.zero_state())  # (2, L, H) on the CPU
     tail = vocab.encode(" my lord, and the night is fair.\n")
-    runner, inbox = Runner(tiny_model.model, device="cuda"), Inbox()
+    runner, inbox = TorchBackend(tiny_model.model, device="cuda"), Inbox()
     engine = Engine(runner, vocab, EngineConfig(max_batch_size=8, decode_steps=4), inbox.deliver,
                     device_step=CudaStep(runner.weights, device="cuda", capacity=8, max_steps=4))
     engine.submit(GenerationRequest(prompt_ids=vocab.encode("QUEEN:\n"), max_new_tokens=60, seed=1), "running")
@@ -297,7 +298,7 @@ def test_cuda_rows_get_the_same_bits_alone_and_in_any_bucket_on_the_bundled_mode
     batched. The bundled model's matrices (2 x 512), which a tiny model's do not stand for: one row (run
     as two), 50 and 256 rows, four steps a look, every ring state compared bit for bit."""
     loaded = store.load(store.DEFAULT_MODEL, Path(__file__).resolve().parent.parent / "model_store")
-    runner = Runner(loaded.model, device="cuda")
+    runner = TorchBackend(loaded.model, device="cuda")
     torch.manual_seed(4)
     states = torch.rand(256, 2, runner.num_layers, runner.hidden) * 2 - 1  # one (2, L, H) state a row
     steps = {n: CudaStep(runner.weights, device="cuda", capacity=n if n > 1 else 2, buckets=(), max_steps=4)

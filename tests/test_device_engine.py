@@ -1,4 +1,4 @@
-"""The engine in device mode (service/engine/cuda_step.py behind Engine), run eagerly on the CPU.
+"""The engine in device mode (service/backends/cuda.py behind Engine), run eagerly on the CPU.
 
 The device path is what `--device cuda` serves with; here it runs on the CPU (no graphs, padded to its
 buckets), where its picks are exactly the host path's picks, so the two engines must agree on every
@@ -14,9 +14,9 @@ import threading
 import pytest
 import torch
 
-from service.engine.cuda_step import CudaStep
+from service.backends.cuda import CudaStep
 from service.engine.engine import Engine, EngineConfig
-from service.engine.runner import Runner
+from service.backends.torch_fp32 import TorchBackend
 from service.engine.types import Done, GenerationRequest, Token
 from service.sampling import SamplingParams
 
@@ -48,7 +48,7 @@ def run(tiny_model, requests, device_steps: int | None, config=EngineConfig(max_
         if all(any(isinstance(e, Done) for e in evs) for evs in events.values()):
             finished.set()
 
-    runner = Runner(tiny_model.model)
+    runner = TorchBackend(tiny_model.model)
     device = None
     if device_steps is not None:
         device = CudaStep(runner.weights, device="cpu", capacity=config.max_batch_size, buckets=(2, 4, 8),
@@ -72,7 +72,7 @@ def done_of(evs) -> Done:
 
 
 def mixed_requests(tiny_model) -> list[GenerationRequest]:
-    vocab, runner = tiny_model.vocab, Runner(tiny_model.model)
+    vocab, runner = tiny_model.vocab, TorchBackend(tiny_model.model)
     carried = runner.prefill(vocab.encode("KING:\nthou art my lord.\n"), runner.zero_state())
     P = SamplingParams
     specs = [
@@ -236,7 +236,7 @@ class Inbox:
 def _collecting_engine(tiny_model, steps=4):
     """A device-mode engine on the CPU whose events land in an Inbox."""
     inbox = Inbox()
-    runner = Runner(tiny_model.model)
+    runner = TorchBackend(tiny_model.model)
     device = CudaStep(runner.weights, device="cpu", capacity=8, buckets=(2, 4), pad=True, max_steps=steps)
     engine = Engine(runner, tiny_model.vocab, EngineConfig(max_batch_size=8, decode_steps=steps), inbox.deliver,
                     device_step=device)
@@ -296,11 +296,12 @@ def test_a_device_that_cannot_be_emptied_stops_the_engine_and_every_call_is_refu
 
 def test_auto_with_int8_serves_on_the_cpu_even_where_a_gpu_is_seen(tiny_model, monkeypatch):
     """int8 is a CPU kernel: `auto` then means the CPU, while an explicit cuda is refused by the settings."""
-    from service.api.app import _build_step
+    from service.backends.selector import for_serving
     from service.settings import Settings
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
-    runner, device_step, steps, name = _build_step(tiny_model, Settings(device="auto", quantize="int8", session_db=""))
-    assert runner.device.type == "cpu" and runner.quantize == "int8" and device_step is None and name == "cpu"
+    serving = for_serving(tiny_model.model, "auto", "int8", "auto", max_batch_size=8)
+    assert serving.backend.device.type == "cpu" and serving.backend.weights_kind == "int8"
+    assert serving.device_step is None and serving.device_name == "cpu"
     with pytest.raises(ValueError, match="quantize=int8"):
         Settings(device="cuda", quantize="int8")

@@ -7,7 +7,7 @@ import threading
 import torch
 
 from service.engine.engine import Engine, EngineConfig
-from service.engine.runner import Runner
+from service.backends.torch_fp32 import TorchBackend
 from service.engine.types import Done, GenerationRequest, Token
 from service.sampling import SamplingParams
 
@@ -40,7 +40,7 @@ def run_engine(tiny_model, config, requests):
             finished.set()
 
     recorder = Recorder()
-    engine = Engine(Runner(tiny_model.model), tiny_model.vocab, config, deliver)
+    engine = Engine(TorchBackend(tiny_model.model), tiny_model.vocab, config, deliver)
     engine.add_observer(recorder)
     for i, req in enumerate(requests):
         engine.submit(req, i)  # all queued before the loop starts: the first step admits them together

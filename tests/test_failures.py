@@ -66,13 +66,13 @@ def test_a_runner_fault_ends_the_streams_in_the_batch_and_serving_goes_on(tiny_m
     switch = Switch()
 
     def hook(engine, loaded, store):
-        real = engine.runner.start_step
+        real = engine.backend.start_step
 
         def start_step(ids, state, background=True):
             switch.trip("the step")
             return real(ids, state, background)
 
-        engine.runner.start_step = start_step
+        engine.backend.start_step = start_step
 
     with InProcessServer(tiny_model, hooks=[hook]) as srv:
         switch.n = 1

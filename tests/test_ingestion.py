@@ -11,7 +11,7 @@ import httpx
 import torch
 
 from service.engine.engine import Engine, EngineConfig
-from service.engine.runner import Runner
+from service.backends.torch_fp32 import TorchBackend
 from service.engine.types import Done, GenerationRequest
 
 from .conftest import make_play
@@ -31,7 +31,7 @@ def primed_states(tiny_model, probes: list[list[int]], crowd: list[list[int]]) -
         if len(done) == len(requests):
             all_in.set()
 
-    engine = Engine(Runner(tiny_model.model), tiny_model.vocab, EngineConfig(max_batch_size=64, prefill_chunk=512), deliver)
+    engine = Engine(TorchBackend(tiny_model.model), tiny_model.vocab, EngineConfig(max_batch_size=64, prefill_chunk=512), deliver)
     order = list(range(len(requests)))
     random.Random(len(crowd)).shuffle(order)  # probes land anywhere among the others
     for i in order:

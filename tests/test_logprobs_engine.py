@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from service.engine.engine import EngineConfig
-from service.engine.runner import Runner
+from service.backends.torch_fp32 import TorchBackend
 from service.engine.types import Done, GenerationRequest, PromptScored, Token
 from service.evaluate import score_text
 from service.sampling import SamplingParams
@@ -45,7 +45,7 @@ def test_prompt_logprobs_continue_from_a_state(tiny_model):
     """After a state, every character counts, the first one included: the tail of one long scoring."""
     ids = tiny_model.vocab.encode(TEXT)
     head, tail = ids[:600], ids[600:]
-    runner = Runner(tiny_model.model)
+    runner = TorchBackend(tiny_model.model)
     state = runner.prefill(head, runner.zero_state())
     events, _ = run_engine(tiny_model, EngineConfig(prefill_chunk=128), [
         GenerationRequest(prompt_ids=ids, max_new_tokens=0, prompt_logprobs=2),

@@ -1,4 +1,4 @@
-"""Int8 weights (service/engine/quant.py): close to fp32, rows independent of their batch, same quality.
+"""Int8 weights (service/backends/torch_int8.py): close to fp32, rows independent of their batch, same quality.
 
 The bounds are stated here, measured on the models the tests use:
 - one int8 matmul stays within the rounding bound of its two quantizations (derived below);
@@ -17,10 +17,12 @@ import pytest
 import torch
 
 from service import store
+from service.backends.base import Backend
 from service.engine.engine import Engine, EngineConfig
-from service.engine.quant import Int8Linear
-from service.engine.quant_eval import score_chunks_stepped
-from service.engine.runner import Runner
+from service.backends.torch_int8 import Int8Linear
+from service.backends.quality import score_chunks_stepped
+from service.backends.torch_fp32 import TorchBackend
+from service.backends.selector import WEIGHTS_BACKEND, build
 from service.engine.types import Done, GenerationRequest
 from service.evaluate import score_chunks
 from service.sampling import SamplingParams
@@ -66,7 +68,7 @@ def test_a_rows_int8_result_does_not_depend_on_the_other_rows():
     assert torch.equal(lin(x[5:12])[2], batch[7])
 
 
-def stepped_logits(runner: Runner, ids: list[int]) -> torch.Tensor:
+def stepped_logits(runner: Backend, ids: list[int]) -> torch.Tensor:
     """Logits after each character, stepping one stream from a zero state: (T, V)."""
     state, out = runner.zero_state(1), []
     with torch.inference_mode():
@@ -81,7 +83,7 @@ def test_int8_logits_stay_close_to_fp32(which, bound, bundled, tiny_model):
     loaded = bundled if which == "bundled" else tiny_model
     text = SHAKESPEARE_TEXT if which == "bundled" else make_play(400, seed=3)
     ids = loaded.vocab.encode(text)[:400]
-    fp32, int8 = stepped_logits(Runner(loaded.model), ids), stepped_logits(Runner(loaded.model, quantize="int8"), ids)
+    fp32, int8 = stepped_logits(TorchBackend(loaded.model), ids), stepped_logits(build(WEIGHTS_BACKEND["int8"], loaded.model, 1), ids)
     diff = (int8 - fp32).abs().max()
     assert 0 < float(diff) <= bound
     assert float((torch.softmax(int8, -1) - torch.softmax(fp32, -1)).abs().max()) <= 0.05
@@ -90,7 +92,7 @@ def test_int8_logits_stay_close_to_fp32(which, bound, bundled, tiny_model):
 
 
 def test_int8_batched_rows_equal_single_rows_on_the_bundled_model(bundled):
-    runner = Runner(bundled.model, workers=2, quantize="int8")
+    runner = build("torch-int8", bundled.model, 2)
     try:
         torch.manual_seed(2)
         B = 40  # two shares of 20 rows on the pool threads
@@ -120,7 +122,7 @@ def generate(loaded, requests: list[GenerationRequest], quantize: str, workers: 
         if len(done) == len(requests):
             finished.set()
 
-    engine = Engine(Runner(loaded.model, workers, quantize=quantize), loaded.vocab,
+    engine = Engine(build(WEIGHTS_BACKEND[quantize], loaded.model, workers), loaded.vocab,
                     EngineConfig(max_batch_size=64), deliver)
     for i, request in enumerate(requests):
         engine.submit(request, i)
@@ -147,8 +149,8 @@ def test_stepped_fp32_score_equals_score_chunks_and_int8_costs_little(tiny_model
     text = make_play(3000, seed=5)
     chunks = [text[i : i + 700] for i in range(0, len(text), 700)]  # the state carries across chunks
     reference = score_chunks(tiny_model.model, tiny_model.vocab, chunks)
-    fp32 = score_chunks_stepped(Runner(tiny_model.model), tiny_model.vocab, chunks, window=512)
-    int8 = score_chunks_stepped(Runner(tiny_model.model, quantize="int8"), tiny_model.vocab, chunks)
+    fp32 = score_chunks_stepped(TorchBackend(tiny_model.model), tiny_model.vocab, chunks, window=512)
+    int8 = score_chunks_stepped(build(WEIGHTS_BACKEND["int8"], tiny_model.model, 1), tiny_model.vocab, chunks)
     assert fp32.chars == reference.chars == len(text) - 1
     assert fp32.nats_total == pytest.approx(reference.nats_total, rel=1e-5)
     assert int8.nats_total != fp32.nats_total
@@ -157,13 +159,13 @@ def test_stepped_fp32_score_equals_score_chunks_and_int8_costs_little(tiny_model
 
 def test_stepped_score_names_unknown_characters_at_their_place_in_the_text(tiny_model):
     with pytest.raises(OutOfVocabularyError) as e:
-        score_chunks_stepped(Runner(tiny_model.model, quantize="int8"), tiny_model.vocab, ["KING:\n", "thou~"])
+        score_chunks_stepped(build(WEIGHTS_BACKEND["int8"], tiny_model.model, 1), tiny_model.vocab, ["KING:\n", "thou~"])
     assert e.value.unknown == {"~": [10]}
 
 
-def test_unknown_quantize_mode_is_refused(tiny_model):
-    with pytest.raises(ValueError, match="quantize must be one of none, int8"):
-        Runner(tiny_model.model, quantize="int4")
+def test_an_unknown_backend_is_refused_with_the_names_it_could_be(tiny_model):
+    with pytest.raises(ValueError, match="backend must be one of auto, torch, torch-int8, onnx, onnx-int8, cuda"):
+        build("torch-int4", tiny_model.model, 1)
 
 
 def test_the_service_serves_int8_and_a_seed_gives_the_same_text_alone_or_in_a_crowd(trained_store):
@@ -173,7 +175,7 @@ def test_the_service_serves_int8_and_a_seed_gives_the_same_text_alone_or_in_a_cr
 
     from .server import Server
 
-    srv = Server(trained_store, quantize="int8")
+    srv = Server(trained_store, backend="torch-int8")
     try:
         engine = httpx.get(srv.url + "/info").json()["engine"]
         assert engine["quantize"] == "int8" and engine["step_workers"] == 1  # int8's default: no row shares
@@ -192,10 +194,7 @@ def test_the_service_serves_int8_and_a_seed_gives_the_same_text_alone_or_in_a_cr
         srv.stop()
 
 
-def test_step_workers_default_by_weights_and_an_explicit_setting_wins():
-    from service.api.app import step_workers
-    from service.settings import Settings
-
-    assert step_workers(Settings(quantize="none")) == 2 and step_workers(Settings(quantize="int8")) == 1
-    assert step_workers(Settings(quantize="int8", step_workers=2)) == 2
-    assert step_workers(Settings(quantize="none", step_workers=1)) == 1
+def test_step_workers_default_by_backend_and_an_explicit_count_wins(tiny_model):
+    assert build("torch", tiny_model.model).workers == 2 and build("torch-int8", tiny_model.model).workers == 1
+    assert build("torch-int8", tiny_model.model, 2).workers == 2
+    assert build("torch", tiny_model.model, 1).workers == 1

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from service import store
-from service.engine.runner import Runner
+from service.backends.torch_fp32 import TorchBackend
+from service.backends.selector import WEIGHTS_BACKEND, build
 from service.model import CharLSTM, CharLSTMConfig
 
 
@@ -35,7 +36,7 @@ def naive_lstm_step(model, ids, h, c):
 def test_fused_step_equals_nn_lstm_and_the_naive_loop():
     torch.manual_seed(0)
     model = CharLSTM(CharLSTMConfig(vocab_size=13, embed_dim=20, hidden_size=24, num_layers=3)).eval()
-    runner = Runner(model)
+    runner = TorchBackend(model)
     B, T = 5, 9
     ids = torch.randint(0, 13, (B, T))
     ref_logits, (h_ref, c_ref) = model(ids)
@@ -55,7 +56,7 @@ def test_fused_step_equals_nn_lstm_and_the_naive_loop():
 def test_prefill_in_one_call_equals_stepping():
     torch.manual_seed(1)
     model = CharLSTM(CharLSTMConfig(vocab_size=9, embed_dim=16, hidden_size=16, num_layers=2, tie_weights=True)).eval()
-    runner = Runner(model)
+    runner = TorchBackend(model)
     prompt = torch.randint(0, 9, (40,)).tolist()
     start = torch.randn(2, 2, 16) * 0.1
     one_call = runner.prefill(prompt, start)
@@ -73,7 +74,7 @@ def test_a_batch_split_over_worker_threads_steps_each_row_as_one_thread_does():
     """Shares of 16+ rows go to pool threads; the rows come back in order with the same numbers."""
     torch.manual_seed(2)
     model = CharLSTM(CharLSTMConfig(vocab_size=11, embed_dim=16, hidden_size=32, num_layers=2)).eval()
-    alone, split = Runner(model), Runner(model, workers=3)
+    alone, split = TorchBackend(model), TorchBackend(model, workers=3)
     try:
         B = 53  # three uneven shares: 17, 18, 18 rows
         state = torch.randn(2, 2, B, 32) * 0.5
@@ -93,7 +94,7 @@ def test_a_row_gets_the_same_bits_alone_and_in_a_batch_of_any_size(quantize, wor
     rows share the step. BLAS chooses its kernel by the number of rows and the kernels round
     differently, and which sizes share a kernel depends on the CPU (runner.row_bounds measures it), so this runs the bundled model, whose matrices are the size the service multiplies."""
     loaded = store.load(store.DEFAULT_MODEL, Path(__file__).resolve().parent.parent / "model_store")
-    runner = Runner(loaded.model, workers=workers, quantize=quantize)
+    runner = build(WEIGHTS_BACKEND[quantize], loaded.model, workers)
     try:
         torch.manual_seed(3)
         B = 256

@@ -9,7 +9,8 @@ import threading
 import pytest
 
 from service.engine.engine import Engine, EngineConfig
-from service.engine.runner import SHORT_PROMPT, Runner
+from service.backends.base import SHORT_PROMPT
+from service.backends.torch_fp32 import TorchBackend
 from service.engine.scheduler import MIN_SLICE_COST, Scheduler
 from service.engine.stream import Phase, RequestGroup, Stream
 from service.engine.types import Done, GenerationRequest, Overloaded, PromptScored, Token
@@ -153,7 +154,7 @@ def test_a_short_request_gets_its_first_character_before_long_prompts_ahead_of_i
     vocab = tiny_model.vocab
     long_prompt = vocab.encode(("KING:\nthou art my lord.\n\n" * 400)[:8000])
     recorder = Recorder(expected=9)
-    engine = Engine(Runner(tiny_model.model), vocab, EngineConfig(max_batch_size=16, prefill_chunk=CHUNK), recorder)
+    engine = Engine(TorchBackend(tiny_model.model), vocab, EngineConfig(max_batch_size=16, prefill_chunk=CHUNK), recorder)
     for i in range(8):  # queued first: before the fix, each loop's budget went to the head of this queue
         engine.submit(GenerationRequest(prompt_ids=long_prompt, max_new_tokens=5, seed=i, prompt_logprobs=0), f"long{i}")
     engine.submit(GenerationRequest(prompt_ids=vocab.encode("ROMEO: what light?"), max_new_tokens=5, seed=9), "short")
@@ -185,7 +186,7 @@ def test_a_request_with_many_choices_counts_once_in_the_queue_and_holds_a_quarte
     vocab = tiny_model.vocab
     recorder = Recorder(expected=0)
     config = EngineConfig(max_batch_size=8, max_queue=1)  # rows_per_request: 2
-    engine = Engine(Runner(tiny_model.model), vocab, config, recorder)
+    engine = Engine(TorchBackend(tiny_model.model), vocab, config, recorder)
     seen_rows = []
     engine.add_observer(StepSizes(seen_rows))
     wide = engine.submit_all([(GenerationRequest(prompt_ids=vocab.encode("KING:"), max_new_tokens=30, seed=i), f"c{i}")

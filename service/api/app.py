@@ -17,9 +17,8 @@ from fastapi import FastAPI
 from sse_starlette.sse import AppStatus
 
 from .. import __version__, store
-from ..engine.cuda_step import CudaStep, resolve_device
+from ..backends.selector import for_serving
 from ..engine.engine import Engine, EngineConfig
-from ..engine.runner import Runner
 from ..engine.memory_store import MemorySessionStore
 from ..engine.redis_store import RedisSessionStore, StoreMismatch, redacted
 from ..engine import session_blob
@@ -49,7 +48,9 @@ async def lifespan(app: FastAPI):
         store.load, settings.model or store.default_model(settings.model_store), settings.model_store)
     app.state.preloaded = None
     model_name, fingerprint = f"{loaded.name}@{loaded.version}", loaded.card["weights_sha256"]
-    runner, device_step, steps, device_name = await asyncio.to_thread(_build_step, loaded, settings)
+    serving = await asyncio.to_thread(for_serving, loaded.model, settings.backend, settings.quantize, settings.device,
+                                      settings.max_batch_size, settings.step_workers, settings.decode_steps)
+    runner, device_step, steps, device_name = serving.backend, serving.device_step, serving.decode_steps, serving.device_name
     engine = Engine(runner, loaded.vocab,
                     EngineConfig(max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
                                  prefill_chunk=settings.prefill_chunk, prefill_budget=settings.prefill_budget, decode_steps=steps,
@@ -57,8 +58,10 @@ async def lifespan(app: FastAPI):
                     deliver=make_deliver(asyncio.get_running_loop()), device_step=device_step)
     app.state.device, app.state.device_name, app.state.decode_steps = runner.device.type, device_name, steps
     app.state.step_workers = runner.workers
-    app.state.rows_per_call = [runner.min_rows, runner.max_rows]  # measured on this CPU (runner.row_bounds)
-    log.info("every fp32 multiply sees %d to %d rows, the batch sizes that round a row alike on this CPU", *app.state.rows_per_call)
+    app.state.backend = {**runner.describe(), **({"choice": serving.choice.as_dict()} if serving.choice else {})}
+    app.state.rows_per_call = [runner.min_rows, runner.max_rows]  # measured on this CPU (Backend: agreeing_rows)
+    log.info("backend %s: every step call sees %d to %d rows, the batch sizes that round a row alike on this CPU",
+             runner.name, *app.state.rows_per_call)
     app.state.session_key, key_source = session_blob.load_or_create_key(settings.session_key, settings.session_db or None)
     factory = app.state.session_store_factory or _store_factory(settings, app.state.session_key, fingerprint, model_name)
     session_store = factory(settings.max_sessions, on_removed=lambda reason: engine.notify("on_session_removed", reason))
@@ -91,9 +94,9 @@ async def lifespan(app: FastAPI):
     restore_signal = _drain_on_sigterm(engine, settings.drain_delay_s + settings.shutdown_grace_s)
     sweeper = asyncio.create_task(_sweep_sessions(session_store))
     snapshots = asyncio.create_task(_snapshot_sessions(session_store, session_db, settings.snapshot_interval_s)) if session_db else None
-    log.info("serving %s (weights %s, %s parameters, %s step weights) on %s, %d torch threads, %d step workers; max batch %d, queue %d, "
+    log.info("serving %s (weights %s, %s parameters, backend %s) on %s, %d torch threads, %d step workers; max batch %d, queue %d, "
              "max new tokens %d, max prompt %d chars, drain %gs + grace %gs; sessions: %s store%s, %d restored, at most %d, signed with %s; listening on %s:%d",
-             model_name, fingerprint[:12], f"{loaded.model.num_parameters():,}", settings.quantize, device_name, torch.get_num_threads(),
+             model_name, fingerprint[:12], f"{loaded.model.num_parameters():,}", runner.name, device_name, torch.get_num_threads(),
              runner.workers, settings.max_batch_size, settings.max_queue, settings.max_new_tokens,
              settings.max_prompt_chars, settings.drain_delay_s, settings.shutdown_grace_s, session_store.kind,
              f" saved to {settings.session_db}" if session_db else f" at {redacted(settings.session_store)}" if settings.session_store != "memory" else "",
@@ -125,38 +128,6 @@ def _configure_logging(level: str) -> None:
         handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
         logger.addHandler(handler)
         logger.propagate = False
-
-
-def _build_step(loaded: store.LoadedModel, settings: Settings) -> tuple[Runner, CudaStep | None, int, str]:
-    """The runner (prompt ingestion, and on the CPU the step itself) and, on a GPU, the device step with
-    its graphs captured. Returns them, the steps a look and the device's name for the log and /info.
-    int8 is a CPU kernel, so `auto` with it means the CPU (settings refuse it with an explicit cuda)."""
-    wanted = "cpu" if settings.device == "auto" and settings.quantize != "none" else settings.device
-    device = resolve_device(wanted)
-    steps = decode_steps(settings, device.type)
-    if device.type == "cpu":
-        return Runner(loaded.model, step_workers(settings), quantize=settings.quantize), None, steps, "cpu"
-    runner = Runner(loaded.model, device=device)
-    step = CudaStep(runner.weights, device=device, capacity=settings.max_batch_size, max_steps=steps)
-    return runner, step, steps, f"{device} ({torch.cuda.get_device_name(step.device)}, CUDA graphs, {steps} steps a look)"
-
-
-DEFAULT_DECODE_STEPS = {"cpu": 1, "cuda": 16}
-
-
-def decode_steps(settings: Settings, device: str) -> int:
-    """The setting, or the default for the device: a GPU pays a copy and a sync per look, the CPU does not."""
-    return settings.decode_steps or DEFAULT_DECODE_STEPS[device]
-
-
-DEFAULT_STEP_WORKERS = {"none": 2, "int8": 1}
-
-
-def step_workers(settings: Settings) -> int:
-    """The setting, or the default for the weights: fp32's step is mostly two large multiplies, which two
-    threads share well; int8's multiplies are a third of that and its many small kernels, each holding
-    the GIL for its Python, only queue on a second thread (measured: benchmarks/README.md)."""
-    return settings.step_workers or DEFAULT_STEP_WORKERS[settings.quantize]
 
 
 def _store_factory(settings: Settings, key: bytes, fingerprint: str, model_name: str):

@@ -4,7 +4,7 @@ Rows are streams. A `Batch` holds their recurrent state, their sampling controls
 masks and counts and their random streams, all in row order, and changes shape only through `filter` (rows
 leave) and `concatenate` (rows join), in the manner of text-generation-inference's batches. A
 per-row sampling control is a field of `SamplingParams`: the batch builds a tensor for each field,
-so adding a control never touches this module. The model and the runner know nothing of rows.
+so adding a control never touches this module. The model and the backend know nothing of rows.
 """
 
 from __future__ import annotations

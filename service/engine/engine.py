@@ -11,7 +11,7 @@ The engine knows nothing of sessions, stores or HTTP: a request brings the state
 a completed stream hands back the state it ended in. Every stream that was accepted gets exactly one
 `Done`, whatever fails on the way, and gives its place back when it does.
 
-With a `device_step` (service/engine/cuda_step.py, a GPU) the rows' states, controls and sampling live
+With a `device_step` (service/backends/cuda.py, a GPU) the rows' states, controls and sampling live
 on the device, and a look's k steps run there before the host sees their ids, in one copy. Either way
 rows are admitted, cancelled and finished between looks, so each of those waits at most one look. A
 row that ends inside a look (its length, a stop string) ignores the steps it took beyond its end and
@@ -34,14 +34,14 @@ from ..sampling import MAX_SEED, top_alternatives
 from ..vocab import CharVocab
 from .batch import Batch
 from .output import Output
-from .runner import Runner
+from ..backends.base import Backend
 from .scheduler import Scheduler
 from .step import Stepper
 from .stream import Phase, RequestGroup, Stream
 from .types import EngineUnavailable, GenerationRequest, Overloaded, PromptScored, ShuttingDown
 
 if TYPE_CHECKING:
-    from .cuda_step import CudaStep
+    from ..backends.cuda import CudaStep
 
 __all__ = ["Engine", "EngineConfig", "EngineSnapshot", "EngineStats", "Stream"]
 
@@ -95,18 +95,18 @@ class EngineSnapshot:
 
 
 class Engine:
-    def __init__(self, runner: Runner, vocab: CharVocab, config: EngineConfig = EngineConfig(),
+    def __init__(self, backend: Backend, vocab: CharVocab, config: EngineConfig = EngineConfig(),
                  deliver: Callable[[list[tuple[Any, list]]], None] | None = None, device_step: CudaStep | None = None):
-        """device_step: step the batch there (its capacity bounds max_batch_size) instead of with `runner`,
+        """device_step: step the batch there (its capacity bounds max_batch_size) instead of with `backend`,
         which then only ingests prompts (on the same device)."""
         if device_step is not None and device_step.batch.capacity < config.max_batch_size:
             raise ValueError(f"the device step holds {device_step.batch.capacity} rows, fewer than max_batch_size={config.max_batch_size}")
         if device_step is not None and device_step.max_steps != config.decode_steps:
             raise ValueError(f"the device step runs {device_step.max_steps} steps a look, decode_steps={config.decode_steps}")
-        self.runner, self.vocab, self.config = runner, vocab, config
+        self.backend, self.vocab, self.config = backend, vocab, config
         self.device_step = device_step
         # in device mode the host Batch keeps rows and controls only; the state lives in device_step.batch
-        self._no_state = torch.zeros(2, runner.num_layers, 0)
+        self._no_state = torch.zeros(2, backend.num_layers, 0)
         self.deliver = deliver or _deliver_directly
         self.observers: list[EngineStats] = []
         self._cv = threading.Condition()
@@ -126,7 +126,7 @@ class Engine:
         # owned by the loop thread
         self.scheduler = Scheduler(config.max_batch_size, config.rows_per_request, config.prefill_chunk,
                                    config.prefill_budget, feed_tails_in_batch=device_step is None)
-        self.stepper = Stepper(runner, device_step, config.decode_steps)
+        self.stepper = Stepper(backend, device_step, config.decode_steps)
         self._chars = vocab.chars
         self.output = Output(self._chars, self.notify, self._release)
         self._batch = self._empty_batch()
@@ -147,7 +147,7 @@ class Engine:
             self._cv.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=30)
-        self.runner.close()
+        self.backend.close()
 
     def begin_shutdown(self, grace_s: float) -> None:
         """Admit nothing new; running streams finish, or end with finish_reason 'shutdown' after the grace."""
@@ -293,10 +293,10 @@ class Engine:
 
     def _admit(self, streams: list[Stream]) -> None:
         """Streams that got a row place: their state, on the engine thread (a fresh zero state, or the
-        caller's, a session's on the host, on the runner's device)."""
+        caller's, a session's on the host, on the backend's device)."""
         now = time.perf_counter()
         for stream in streams:
-            stream.state = self.runner.zero_state() if stream.state is None else stream.state.to(self.runner.device)
+            stream.state = self.backend.zero_state() if stream.state is None else stream.state.to(self.backend.device)
             self.notify("on_queue_time", now - stream.t_submit)
 
     def _ingest(self) -> None:
@@ -310,10 +310,10 @@ class Engine:
             if end > stream.fed:
                 if stream.request.prompt_logprobs is not None and stream.request.prompt_ids:
                     before = stream.state
-                    stream.state, outputs = self.runner.prefill(stream.feed[stream.fed : end], before, outputs=True)
+                    stream.state, outputs = self.backend.prefill(stream.feed[stream.fed : end], before, outputs=True)
                     self._score_slice(stream, end, before, outputs)
                 else:
-                    stream.state = self.runner.prefill(stream.feed[stream.fed : end], stream.state)
+                    stream.state = self.backend.prefill(stream.feed[stream.fed : end], stream.state)
                 ingested += end - stream.fed
                 stream.fed = end
             if stream.fed == len(stream.feed):
@@ -347,7 +347,7 @@ class Engine:
         ids = torch.tensor(stream.feed[stream.fed : end], dtype=torch.long, device=outputs.device)  # (T,)
         T, H = outputs.shape
         preceding = torch.cat([before[0, -1:], outputs[:-1]])  # (T, H)
-        logits = self.runner.logits(preceding.view(1, 1, T, H))  # (T, V): the head over each h, read as a batch of T rows
+        logits = self.backend.logits(preceding.view(1, 1, T, H))  # (T, V): the head over each h, read as a batch of T rows
         lps = torch.log_softmax(logits, dim=-1).gather(1, ids.unsqueeze(1)).squeeze(1).tolist()  # (T,)
         k = stream.request.prompt_logprobs
         tops = None
@@ -448,7 +448,7 @@ class Engine:
                 self._undelivered.append((listener, events, attempts + 1))
 
     def _empty_batch(self) -> Batch:
-        return Batch.empty(self.runner.num_layers, self.runner.hidden, len(self.vocab))
+        return Batch.empty(self.backend.num_layers, self.backend.hidden, len(self.vocab))
 
 
 

@@ -36,7 +36,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from .runner import SHORT_PROMPT
+from ..backends.base import SHORT_PROMPT
 from .stream import Phase, RequestGroup, Stream
 
 MIN_SLICE_COST = 32  # budget characters a slice costs at least: an LSTM call has a fixed cost too
@@ -135,7 +135,7 @@ class Scheduler:
     def _feeds_in_batch(self, stream: Stream) -> bool:
         """A prompt's short tail is fed by the batch's own steps: on its own it would take up to SHORT_PROMPT
         steps of one row while every other row waits; in the batch each character costs a row of a step
-        it takes anyway, and the row's state comes out bit for bit the same (runner.MIN_ROWS_PER_CALL).
+        it takes anyway, and the row's state comes out bit for bit the same (backends/base.py).
         Not where the prompt is scored, or only its state is wanted."""
         tail = stream.prompt_left
         return (self.feed_tails_in_batch and 0 < tail <= SHORT_PROMPT and stream.request.prompt_logprobs is None

@@ -1,4 +1,4 @@
-"""A look: k steps of every row of the batch, on the device or with the runner, sampled row by row.
+"""A look: k steps of every row of the batch, on the device or with the backend, sampled row by row.
 
 The step knows the batch and the arithmetic, nothing of stop strings, lengths or listeners: what its
 ids mean for each stream is `output.Output`'s business.
@@ -13,11 +13,11 @@ import torch
 from ..sampling import sample_next, sample_plain, top_alternatives, uniforms
 from .batch import Batch
 from .output import Look
-from .runner import Runner
+from ..backends.base import Backend
 from .stream import Stream
 
 if TYPE_CHECKING:
-    from .cuda_step import CudaStep
+    from ..backends.cuda import CudaStep
 
 
 def _by_row(steps: list[torch.Tensor]) -> list[list]:
@@ -31,8 +31,8 @@ class Stepper:
     """Takes looks of the batch. Rows still feeding their prompt's short tail (`feeding`) take their
     prompt's next character at a step instead of a draw, which they do not spend."""
 
-    def __init__(self, runner: Runner, device_step: CudaStep | None, decode_steps: int):
-        self.runner, self.device_step, self.decode_steps = runner, device_step, decode_steps
+    def __init__(self, backend: Backend, device_step: CudaStep | None, decode_steps: int):
+        self.backend, self.device_step, self.decode_steps = backend, device_step, decode_steps
         self.feeding: list[Stream] = []
 
     def look(self, batch: Batch) -> tuple[int, Look]:
@@ -47,7 +47,7 @@ class Stepper:
         self.feeding = [s for s in self.feeding if not s.finished]
 
     def host_look(self, batch: Batch, k: int) -> Look:
-        """k steps with the runner: sample every row, record, step. The last step runs in the background
+        """k steps with the backend: sample every row, record, step. The last step runs in the background
         (the step workers) while the rows' text is updated; `settle` waits for it."""
         ids_steps, lps_steps, tops_steps, states = [], [], [], []
         top_k = batch.top_logprobs
@@ -61,7 +61,7 @@ class Stepper:
                 if top_k:
                     tops_steps.append((torch.zeros(len(fed), top_k, dtype=torch.long), torch.zeros(len(fed), top_k)))
             else:
-                logits = self.runner.logits(state)  # (B, V)
+                logits = self.backend.logits(state)  # (B, V)
                 u = torch.from_numpy(uniforms(batch.seeds, batch.counters))  # (B,)
                 if batch.plain:  # the batch's scale is worked out once: fewer kernels, most of a lone row's sampling
                     greedy, scale = batch.temperature_scale  # (B,), (B,)
@@ -79,9 +79,9 @@ class Stepper:
             if lps is not None:
                 lps_steps.append(lps)
             if j < k - 1:
-                state = self.runner.step(ids, state)  # (2, L, B, H)
+                state = self.backend.step(ids, state)  # (2, L, B, H)
                 states.append(state)
-        new_state = self.runner.start_step(ids, state)  # every row consumes its last character, while ...
+        new_state = self.backend.start_step(ids, state)  # every row consumes its last character, while ...
 
         def settle() -> None:  # ... the rows' text is updated
             batch.state = new_state()

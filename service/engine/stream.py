@@ -42,7 +42,7 @@ class Stream:
         self.request, self.listener, self.seed = request, listener, seed
         self.group, self.seq = group, seq  # seq: arrival order, the scheduler's tie-break
         self.phase = Phase.WAITING
-        self.state: torch.Tensor | None = request.state  # (2, L, H): the caller's (None: zeros), then on the runner's device while the prompt is ingested; then the batch holds it
+        self.state: torch.Tensor | None = request.state  # (2, L, H): the caller's (None: zeros), then on the backend's device while the prompt is ingested; then the batch holds it
         self.feed, self.fed = feed, 0  # characters to ingest before generating, and how many are done
         self.matcher = StopMatcher(request.stop) if request.stop else None
         self.chars: list[str] = []

@@ -54,7 +54,7 @@ async def info(request: Request):
         "max_request_work_chars": s.request_work_limit, "max_logprob_entries": s.max_logprob_entries,
         "max_connections": s.max_connections, "max_header_bytes": s.max_header_bytes, "header_timeout_s": s.header_timeout_s,
         "body_timeout_s": s.body_timeout_s, "send_timeout_s": s.send_timeout_s, "keep_alive_s": s.keep_alive_s},
-        "engine": {"quantize": s.quantize, "device": getattr(state, "device", None) or s.device,
+        "engine": {"quantize": _weights(state, s), "backend": getattr(state, "backend", None), "device": getattr(state, "device", None) or s.device,
                    "device_name": getattr(state, "device_name", None), "max_batch_size": s.max_batch_size,
                    "step_workers": getattr(state, "step_workers", None) or s.step_workers, "prefill_chunk": s.prefill_chunk,
                    "rows_per_call": getattr(state, "rows_per_call", None),
@@ -71,3 +71,11 @@ async def info(request: Request):
         if "calibration" in card:  # the served distribution is the parent's with its logits divided by T
             out["model"]["calibration"] = {k: card["calibration"].get(k) for k in ("parent", "temperature")}
     return out
+
+
+def _weights(state, s) -> str | None:
+    """The serving backend's step weights as the quantize setting names them (none, int8)."""
+    backend = getattr(state, "backend", None)
+    if backend is None:
+        return s.quantize
+    return "int8" if backend["weights"] == "int8" else "none"

@@ -1,8 +1,8 @@
-"""Int8 weights for the fused step: the one module that touches torch's quantized kernels.
+"""torch, int8: the fused step with its large matrices in int8; the one module that touches torch's quantized kernels.
 
 torch marks its quantized tensors and `torch.ao.quantization` deprecated; everything that uses them
 sits here, behind `Int8Linear`, so a replacement kernel is a change to this file alone
-(tests/test_quant.py pins the behaviour: logits close to fp32, rows independent of their batch).
+(tests/test_quant.py and the backend contract pin the behaviour: logits close to fp32, rows independent of their batch).
 
 The kernel is fbgemm's dynamic quantized linear (`quantized::linear_dynamic` on weights packed by
 `quantized::linear_prepack`): weights in int8 with one scale per output channel, activations quantized
@@ -25,15 +25,13 @@ import warnings
 
 import torch
 
+from ..model import CharLSTM
+from .base import Backend
+from .fused import quantize_columns
+from .torch_fp32 import addmm_rows, lstm_gates
+
 PIN = (1.0, -1.0)  # the constant columns: the activation range of every call is [-1, 1]
 REDUCE_RANGE = True  # 7-bit activations: no int16 saturation in AVX2's u8 x s8 pair sums (AMD EPYC, no VNNI)
-
-
-def quantize_columns(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 with one scale per output column. weight (K, N) fp32 -> (int8 (K, N), scales (N,) fp32)."""
-    scales = (weight.abs().amax(dim=0) / 127.0).clamp_(min=1e-12)  # (N,)
-    q = torch.round(weight / scales).clamp_(-127, 127).to(torch.int8)  # (K, N)
-    return q, scales
 
 
 class Int8Linear:
@@ -61,3 +59,33 @@ class Int8Linear:
         B = parts[0].shape[0]
         x = torch.cat([*parts, self._pin.expand(B, len(PIN))], dim=1)  # (B, K + 2), range exactly [-1, 1]
         return torch.ops.quantized.linear_dynamic(x, self._packed, REDUCE_RANGE)  # (B, N)
+
+
+class TorchInt8Backend(Backend):
+    """The step's recurrent and upper-layer matrices in int8 (`Int8Linear`). The embedding-folded table
+    stays fp32 (a lookup), the head too (65 columns: the int8 kernel's fixed cost there exceeds fp32's
+    whole multiply, measured at B = 1 and 64), and so does prompt ingestion (`Backend.prefill`).
+    The int8 products are exact integers, so the step needs no padding; the fp32 head does."""
+
+    name = "torch-int8"
+    weights_kind = "int8"
+
+    def __init__(self, model: CharLSTM, workers: int = 1, device: str | torch.device = "cpu"):
+        if torch.device(device).type != "cpu":
+            raise ValueError(f"torch-int8 runs on the CPU only, not on {torch.device(device).type}")
+        super().__init__(model, workers, device)
+        w = self.weights
+        self.hh0 = Int8Linear(w.w_hh0)  # h0 -> (B, 4H), no bias: the table row carries it
+        self.cat = [Int8Linear(wc, bc) for wc, bc in zip(w.w_cat, w.b_cat)]  # layers >= 1: [h_below, h_self] -> (B, 4H) + bias
+        self.head_rows = addmm_rows((tuple(w.w_head.shape),), torch.get_num_threads())
+
+    def _step_rows(self, ids: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        h_all, c_all = state[0], state[1]  # (L, B, H)
+        out = state.new_empty(state.shape)  # (2, L, B, H)
+        for layer in range(self.num_layers):
+            if layer == 0:
+                gates = self.hh0(h_all[0]).add_(self.weights.table0.index_select(0, ids))  # (B, 4H)
+            else:
+                gates = self.cat[layer - 1](out[0, layer - 1], h_all[layer])  # (B, 4H) over [h_below, h_self]
+            lstm_gates(gates, c_all[layer], out[:, layer], self.hidden)
+        return out

@@ -19,11 +19,11 @@ Two variants of the step are captured: a lean one (temperature and greedy only) 
 some row asks for one of those. Both pick the same character for a row whose controls are off.
 
 The same code runs eagerly on any device (graph capture only on CUDA), and on the CPU it picks exactly
-the ids that `Runner` + `sampling.sample_next` pick for the same seeds (tests/test_cuda.py,
+the ids that `TorchBackend` + `sampling.sample_next` pick for the same seeds (tests/test_cuda.py,
 tests/test_device_engine.py): the random numbers are `sampling.uniforms` computed on the device in
 int64 arithmetic, bit for bit, and the sampler is `sample_next` without its host-side branches.
 
-    step = CudaStep(runner.weights, device="cuda", capacity=256, max_steps=16)
+    step = CudaStep(backend.weights, device="cuda", capacity=256, max_steps=16)
     row = step.batch.append(state, params, seed, counter, seen_ids)   # (2, L, H) from prefill
     ids = step.decode(16)      # (16, n) int64 on the host: 16 characters per live row
     state = step.batch.row_state(row, after=5)   # (2, L, H) on the host, after the row's 5th character
@@ -37,10 +37,11 @@ import torch
 
 from ..sampling import SamplingParams, sample_plain, temperature_scale
 from ..sampling import _mix64 as _host_mix64
-from .runner import MIN_ROWS_PER_CALL, FusedWeights
+from .fused import FusedWeights
 
 # No bucket of one row: BLAS multiplies a lone row with another kernel (a matrix-vector product) that
-# rounds differently, and a seed must write the same text alone as in a batch (runner.MIN_ROWS_PER_CALL).
+# rounds differently, and a seed must write the same text alone as in a batch.
+MIN_ROWS_PER_CALL = 2  # a lone row runs as two
 DEFAULT_BUCKETS = (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 MAX_TOP = 5  # the most alternatives a row may ask for at each position (SamplingParams.top_logprobs)
 
@@ -216,7 +217,7 @@ class DeviceBatch:
 class CudaStep:
     """Steps of every live row: logits, sampling, the LSTM recurrence; graphs on CUDA, eager elsewhere.
 
-    weights: `Runner(...).weights` (fp32; moved to `device`). capacity: the most rows at once.
+    weights: `TorchBackend(...).weights` (fp32; moved to `device`). capacity: the most rows at once.
     max_steps: the most steps one `decode` runs (graphs are captured for 1 and for max_steps).
     buckets: batch sizes a graph is captured for (capacity is always one, one row never); a batch runs in the smallest
     bucket that holds it. graphs: capture and replay (default: on CUDA only). pad: run padded to the

@@ -1,0 +1,222 @@
+"""Which backends exist, how each is built, and which one serves (`--backend auto`).
+
+`auto` measures at start-up, on the loaded model and on this machine, because the answer depends on both
+(an AVX2 EPYC and an AVX-512 Xeon with AMX rank the backends differently): each candidate's bare step
+(step, logits, the greedy character fed back) at one row and at `max_batch_size` rows for a fraction of
+a second, its row guarantee (a row gets the same bits alone as in a batch), and its quality cost against
+torch's fp32 step on text the fp32 model samples with a fixed seed (the model's own distribution: the
+store keeps no validation text beside a model). A candidate that breaks the row guarantee, or costs more
+than `QUALITY_TOLERANCE` bits per character, does not serve; of the rest the one with the best geometric
+mean of its speed ratios to the fastest at each of the two sizes does. The figures go to the log and
+/info. Imports are lazy, so a missing optional runtime removes only its own backends (vLLM's executor
+choice does the same).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..model import CharLSTM
+from .base import Backend
+
+log = logging.getLogger("charlstm.backends")
+
+CPU_BACKENDS = ("torch", "torch-int8", "onnx", "onnx-int8")
+NAMES = ("auto", *CPU_BACKENDS, "cuda")
+QUALITY_TOLERANCE = 0.01  # bits per character a backend may cost against torch fp32
+WEIGHTS_BACKEND = {"none": "torch", "int8": "torch-int8"}  # torch's backend for each --quantize value
+DEFAULT_STEP_WORKERS = {"torch": 2, "torch-int8": 1, "onnx": 2, "onnx-int8": 2}  # measured: benchmarks/README.md
+TIMING_S = 0.12  # a candidate's bare loop, at each of the two sizes
+SAMPLE_ROWS, SAMPLE_LEN = 8, 65  # the quality text: 8 x 64 predictions (the same text for every candidate, so their difference is what it measures)
+
+
+def build(name: str, model: CharLSTM, workers: int | None = None, device: str | torch.device = "cpu") -> Backend:
+    """One backend by name; workers None: its default (DEFAULT_STEP_WORKERS)."""
+    workers = workers or DEFAULT_STEP_WORKERS.get(name, 1)
+    if name == "torch":
+        from .torch_fp32 import TorchBackend
+        return TorchBackend(model, workers, device)
+    if name == "torch-int8":
+        from .torch_int8 import TorchInt8Backend
+        return TorchInt8Backend(model, workers, device)
+    if name in ("onnx", "onnx-int8"):
+        from .onnx_runtime import OnnxBackend
+        return OnnxBackend(model, workers, device, int8=name == "onnx-int8")
+    raise ValueError(f"backend must be one of {', '.join(NAMES)}, got {name!r}")
+
+
+def available(names: tuple[str, ...] = CPU_BACKENDS) -> tuple[str, ...]:
+    """The CPU backends whose runtime is installed."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        names = tuple(n for n in names if not n.startswith("onnx"))
+    return names
+
+
+@dataclass
+class Trial:
+    """One candidate's figures at start-up."""
+
+    name: str
+    chars_per_s: dict[int, float] = field(default_factory=dict)  # batch size -> bare loop chars/s
+    bits_cost: float | None = None  # bits per char against torch fp32 on the model's own sample
+    build_s: float = 0.0
+    dropped: str | None = None  # why it does not serve
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "chars_per_s": {str(b): round(v) for b, v in self.chars_per_s.items()},
+                "bits_cost": None if self.bits_cost is None else round(self.bits_cost, 5),
+                "build_s": round(self.build_s, 3), "dropped": self.dropped}
+
+
+@dataclass
+class Choice:
+    backend: Backend
+    trials: list[Trial]
+
+    def as_dict(self) -> dict:
+        return {"chosen": self.backend.name, "trials": [t.as_dict() for t in self.trials]}
+
+
+@torch.inference_mode()
+def bare_loop(backend: Backend, batch: int, seconds: float = TIMING_S) -> float:
+    """chars/s of step + logits + the greedy character fed back, `batch` rows, for about `seconds`."""
+    state, ids = backend.zero_state(batch), torch.zeros(batch, dtype=torch.long)
+    state = backend.step(ids, state)  # warm-up: first calls allocate
+    steps, t0 = 0, time.perf_counter()
+    while steps < 3 or time.perf_counter() - t0 < seconds:
+        ids = backend.logits(state).argmax(1)
+        state = backend.step(ids, state)
+        steps += 1
+    return batch * steps / (time.perf_counter() - t0)
+
+
+@torch.inference_mode()
+def keeps_rows(backend: Backend, batch: int) -> bool:
+    """Whether each row's next state and logits are the same bits alone as in a batch of `batch`
+    (and of 3) random rows: what padding and shares must give, checked on the backend itself."""
+    gen = torch.Generator().manual_seed(1)
+    state = torch.rand(2, backend.num_layers, batch, backend.hidden, generator=gen) * 2 - 1  # (2, L, B, H)
+    ids = torch.randint(0, backend.vocab_size, (batch,), generator=gen)
+    together = backend.step(ids, state)
+    logits = backend.logits(together)
+    small = backend.step(ids[:3], state[:, :, :3])
+    if not torch.equal(small, together[:, :, :3]) or not torch.equal(backend.logits(small), logits[:3]):
+        return False
+    for row in (0, batch - 1):
+        alone = backend.step(ids[row : row + 1], state[:, :, row : row + 1])
+        if not torch.equal(alone, together[:, :, row : row + 1]) or not torch.equal(backend.logits(alone), logits[row : row + 1]):
+            return False
+    return True
+
+
+@torch.inference_mode()
+def model_sample(reference: Backend, rows: int = SAMPLE_ROWS, length: int = SAMPLE_LEN, seed: int = 0) -> torch.Tensor:
+    """(rows, length) ids the fp32 model samples at temperature 1 from a fixed seed."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, reference.vocab_size, (rows,), generator=gen)
+    state, out = reference.zero_state(rows), [ids]
+    for _ in range(length - 1):
+        state = reference.step(ids, state)
+        ids = torch.multinomial(torch.softmax(reference.logits(state), -1), 1, generator=gen)[:, 0]
+        out.append(ids)
+    return torch.stack(out, dim=1)
+
+
+def choose(model: CharLSTM, candidates: tuple[str, ...], max_batch_size: int, workers: int | None = None) -> Choice:
+    """Build, check and time each candidate; return the fastest that keeps the guarantees (the others
+    are closed). torch fp32 is the reference and always a candidate's yardstick, served only if chosen."""
+    from .quality import bits_per_char_rows
+
+    candidates = tuple(n for n in available(candidates))
+    if not candidates:
+        raise ValueError("no backend is available to choose from")
+    reference = build("torch", model, workers)
+    text = model_sample(reference)
+    reference_bits = bits_per_char_rows(reference, text)
+    sizes = sorted({1, max_batch_size})
+    trials, built = [], {}
+    for name in candidates:
+        trial = Trial(name)
+        trials.append(trial)
+        t0 = time.perf_counter()
+        try:
+            backend = reference if name == "torch" else build(name, model, workers)
+        except Exception as e:  # a runtime that cannot build this model here: not served, said why
+            trial.dropped = f"could not be built: {e}"
+            log.warning("backend %s %s", name, trial.dropped)
+            continue
+        trial.build_s = time.perf_counter() - t0
+        built[name] = backend
+        trial.bits_cost = bits_per_char_rows(backend, text) - reference_bits
+        if not keeps_rows(backend, max(4, max_batch_size)):
+            trial.dropped = "a row's bits depend on its batch"
+        elif trial.bits_cost > QUALITY_TOLERANCE:
+            trial.dropped = f"costs {trial.bits_cost:.4f} bits/char (> {QUALITY_TOLERANCE})"
+    for size in sizes:  # interleaved by size, so a drift of the host's speed touches every candidate alike
+        for trial in trials:
+            if trial.name in built:
+                trial.chars_per_s[size] = bare_loop(built[trial.name], size)
+    serving = [t for t in trials if t.dropped is None and t.name in built]
+    if not serving:
+        raise ValueError("no backend keeps the guarantees here: " + "; ".join(f"{t.name}: {t.dropped}" for t in trials))
+    best = {size: max(t.chars_per_s[size] for t in serving) for size in sizes}
+
+    def score(t: Trial) -> float:
+        return math.prod(t.chars_per_s[s] / best[s] for s in sizes) ** (1 / len(sizes))
+
+    winner = max(serving, key=score)
+    for name, backend in built.items():
+        if name != winner.name and backend is not reference:
+            backend.close()
+    if winner.name != "torch":
+        reference.close()
+    for t in trials:
+        log.info("backend %-10s %s bits/char cost %s, built in %.2fs%s", t.name,
+                 ", ".join(f"B={s}: {v:,.0f} chars/s" for s, v in t.chars_per_s.items()),
+                 "?" if t.bits_cost is None else f"{t.bits_cost:+.4f}", t.build_s,
+                 f"; dropped: {t.dropped}" if t.dropped else " <- serves" if t is winner else "")
+    return Choice(built[winner.name], trials)
+
+
+DEFAULT_DECODE_STEPS = {"cpu": 1, "cuda": 16}  # a GPU pays a copy and a sync per look, the CPU does not
+
+
+@dataclass
+class Serving:
+    """What the server steps with: the backend (prompt ingestion, and on the CPU the step itself), on a
+    GPU the device step with its graphs captured, the steps a look, a name for the log, the choice made."""
+
+    backend: Backend
+    device_step: object | None  # cuda.CudaStep
+    decode_steps: int
+    device_name: str
+    choice: Choice | None = None
+
+
+def for_serving(model: CharLSTM, backend: str = "auto", quantize: str | None = None, device: str = "cpu",
+                max_batch_size: int = 64, step_workers: int | None = None, decode_steps: int | None = None) -> Serving:
+    """The backend the settings ask for: `cuda` (or `auto` on a device that resolves to a GPU) captures
+    CUDA graphs; a named CPU backend is built; `auto` on the CPU is `choose` among the CPU backends with
+    the weights `quantize` names (any when unset). int8 is a CPU kernel, so device auto with it is the CPU."""
+    from .cuda import CudaStep, resolve_device
+
+    wanted = "cuda" if backend == "cuda" else "cpu" if device == "auto" and (quantize == "int8" or backend != "auto") else device
+    where = resolve_device(wanted)
+    steps = decode_steps or DEFAULT_DECODE_STEPS[where.type]
+    if where.type == "cuda":
+        host = build("torch", model, device=where)
+        step = CudaStep(host.weights, device=where, capacity=max_batch_size, max_steps=steps)
+        return Serving(host, step, steps, f"{where} ({torch.cuda.get_device_name(step.device)}, CUDA graphs, {steps} steps a look)")
+    if backend != "auto":
+        return Serving(build(backend, model, step_workers), None, steps, "cpu")
+    kinds = {"none": "fp32", "int8": "int8", None: None}[quantize]
+    candidates = tuple(n for n in CPU_BACKENDS if kinds is None or (n.endswith("int8") == (kinds == "int8")))
+    choice = choose(model, candidates, max_batch_size, step_workers)
+    return Serving(choice.backend, None, steps, "cpu", choice)

@@ -1,0 +1,63 @@
+"""torch, fp32: the fused step as seven kernels a layer, written straight into the new state."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..model import CharLSTM
+from .base import ROW_PROBES, Backend, agreeing_rows
+
+
+@functools.lru_cache(maxsize=None)
+def addmm_rows(shapes: tuple[tuple[int, int], ...], threads: int) -> tuple[int, int]:
+    """The batch sizes over which torch's fp32 addmm by matrices of these (K, N) shapes gives every row
+    the same bits, measured here on random numbers (the kernel is chosen by shape and by torch's thread
+    count, not by value; `threads` keys the cache). The narrowest range that holds for every shape."""
+    gen = torch.Generator().manual_seed(0)
+    lo, hi = 1, 1 << 30
+    for K, N in shapes:
+        w, b = torch.rand(K, N, generator=gen) - 0.5, torch.rand(N, generator=gen) - 0.5
+        x = torch.rand(ROW_PROBES[-1], K, generator=gen) - 0.5
+        a, z = agreeing_rows(lambda B: torch.addmm(b, x[:B], w), f"an fp32 multiply by {K} x {N}")
+        lo, hi = max(lo, a), min(hi, z)
+    return lo, hi
+
+
+class TorchBackend(Backend):
+    """The fused step in fp32 with torch on the CPU (or on a GPU, for prompt ingestion beside cuda.py)."""
+
+    name = "torch"
+
+    def __init__(self, model: CharLSTM, workers: int = 1, device: str | torch.device = "cpu"):
+        super().__init__(model, workers, device)
+        if self.device.type == "cpu":
+            self.min_rows, self.max_rows = addmm_rows(self.weights.shapes(), torch.get_num_threads())
+            self.head_rows = (self.min_rows, self.max_rows)
+        else:
+            self.min_rows, self.head_rows = 2, (2, 1 << 30)  # cuda.MIN_ROWS_PER_CALL: a lone row runs as two
+
+    def _step_rows(self, ids: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """Seven kernels per layer after its input (gather or cat): every call costs Python and a GIL
+        hand-off, which at small batches is most of the step and at large ones slows the other shares."""
+        w, H = self.weights, self.hidden
+        h_all, c_all = state[0], state[1]  # (L, B, H)
+        out = state.new_empty(state.shape)  # (2, L, B, H), contiguous
+        for layer in range(self.num_layers):
+            if layer == 0:
+                gates = torch.addmm(w.table0.index_select(0, ids), h_all[0], w.w_hh0)  # (B, 4H)
+            else:
+                inp = torch.cat([out[0, layer - 1], h_all[layer]], dim=1)  # (B, 2H): [h_below, h_self]
+                gates = torch.addmm(w.b_cat[layer - 1], inp, w.w_cat[layer - 1])  # (B, 4H)
+            lstm_gates(gates, c_all[layer], out[:, layer], H)
+        return out
+
+
+def lstm_gates(gates: torch.Tensor, c_prev: torch.Tensor, out: torch.Tensor, H: int) -> None:
+    """The cell after its multiply, into out (2, B, H) = (h, c). gates (B, 4H) in [i, f, o, g] order."""
+    ifo = torch.sigmoid(gates[:, : 3 * H])  # (B, 3H): input, forget, output gates
+    g = torch.tanh(gates[:, 3 * H :])  # (B, H)
+    c = torch.mul(ifo[:, H : 2 * H], c_prev, out=out[1])  # f * c_prev
+    c.addcmul_(ifo[:, :H], g)  # + i * g
+    torch.mul(ifo[:, 2 * H :], torch.tanh(c), out=out[0])  # h = o * tanh(c)
