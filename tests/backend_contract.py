@@ -1,0 +1,150 @@
+"""The contract every step backend passes (service/backends/base.py): tests/test_backends.py runs it
+against each backend installed here and against a small fake one.
+
+A backend is free in its arithmetic (int8, another runtime); what it may not break is what the engine
+and the sessions build on: shapes, a row's bits independent of its batch (padding and shares included),
+a state that moves out of a batch and back in without change, prompt ingestion that lands where stepping
+lands, and, through a real engine, the same seed writing the same text alone and in a crowd, a stream
+continued from its returned state writing what one longer stream writes, and a cancel freeing its row.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import torch
+
+from service.backends.base import Backend
+from service.engine.engine import Engine, EngineConfig
+from service.engine.types import Done, GenerationRequest
+from service.sampling import SamplingParams
+
+
+def random_state(backend: Backend, rows: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids (rows,) and a state (2, L, rows, H) with values in [-1, 1], as LSTM states are."""
+    gen = torch.Generator().manual_seed(seed)
+    state = torch.rand(2, backend.num_layers, rows, backend.hidden, generator=gen) * 2 - 1
+    return torch.randint(0, backend.vocab_size, (rows,), generator=gen), state
+
+
+def check_shapes(backend: Backend) -> None:
+    L, H, V = backend.num_layers, backend.hidden, backend.vocab_size
+    assert backend.zero_state().shape == (2, L, H) and backend.zero_state(5).shape == (2, L, 5, H)
+    ids, state = random_state(backend, 5)
+    new = backend.step(ids, state)
+    assert new.shape == (2, L, 5, H) and new.dtype == torch.float32
+    assert backend.logits(new).shape == (5, V)
+    assert not torch.equal(new, state)
+    assert isinstance(backend.describe()["name"], str)
+
+
+def check_rows_alone_as_in_any_batch(backend: Backend, sizes=(1, 2, 3, 5, 17, 64, 130)) -> None:
+    """Each row's next state and logits: the same bits whatever the batch around it."""
+    ids, state = random_state(backend, max(sizes), seed=3)
+    together = backend.step(ids, state)
+    logits = backend.logits(together)
+    for size in sizes:
+        part = backend.step(ids[:size], state[:, :, :size])
+        assert torch.equal(part, together[:, :, :size]), f"{backend.name}: rows of a batch of {size} differ from the same rows among {max(sizes)}"
+        assert torch.equal(backend.logits(part), logits[:size])
+    for row in (0, 41, max(sizes) - 1):  # alone, from the middle of the batch
+        alone = backend.step(ids[row : row + 1], state[:, :, row : row + 1].clone())
+        assert torch.equal(alone, together[:, :, row : row + 1])
+        assert torch.equal(backend.logits(alone), logits[row : row + 1])
+    waited = backend.start_step(ids, state)()  # the background form: the same result
+    assert torch.equal(waited, together)
+
+
+def check_state_moves_out_and_back(backend: Backend) -> None:
+    """A row taken out of a batch after 3 steps and stepped alone for 3 more ends where it would have."""
+    ids, state = random_state(backend, 9, seed=5)
+    inside = state
+    for _ in range(6):
+        inside = backend.step(ids, inside)
+    outside = state
+    for _ in range(3):
+        outside = backend.step(ids, outside)
+    row = outside[:, :, 4].clone()  # (2, L, H): what a session keeps
+    alone = row.unsqueeze(2)
+    for _ in range(3):
+        alone = backend.step(ids[4:5], alone)
+    assert torch.equal(alone[:, :, 0], inside[:, :, 4])
+
+
+def check_prefill_lands_where_stepping_lands(backend: Backend, reference: Backend, atol: float) -> None:
+    """A prompt ingested in one call (long) or stepped (short) ends near the reference's stepped state."""
+    for length in (5, 40):
+        ids = [(7 * i + 3) % backend.vocab_size for i in range(length)]
+        state = backend.prefill(ids, backend.zero_state())
+        stepped = reference.zero_state(1)
+        for i in ids:
+            stepped = reference.step(torch.tensor([i]), stepped)
+        assert state.shape == (2, backend.num_layers, backend.hidden)
+        assert torch.allclose(state, stepped[:, :, 0], atol=atol), (backend.name, length, float((state - stepped[:, :, 0]).abs().max()))
+        scored, outputs = backend.prefill(ids, backend.zero_state(), outputs=True)
+        assert torch.equal(scored, state) and outputs.shape == (length, backend.hidden)
+
+
+def check_logits_near_reference(backend: Backend, reference: Backend, atol: float) -> None:
+    ids, state = random_state(backend, 8, seed=9)
+    assert torch.allclose(backend.logits(backend.step(ids, state)), reference.logits(reference.step(ids, state)), atol=atol)
+
+
+# --- through a real engine -----------------------------------------------------------------------
+
+def run(make: Callable[[], Backend], vocab, requests: list[GenerationRequest], config: EngineConfig | None = None,
+        cancel_first: bool = False) -> list[Done]:
+    """Run requests through an engine on a backend `make` builds (the engine closes it); their Done events in order."""
+    done: dict[int, Done] = {}
+    finished = threading.Event()
+    first_token = threading.Event()
+
+    def deliver(batch):
+        for i, events in batch:
+            for e in events:
+                if isinstance(e, Done):
+                    done[i] = e
+                elif i == 0:
+                    first_token.set()
+        if len(done) == len(requests):
+            finished.set()
+
+    engine = Engine(make(), vocab, config or EngineConfig(max_batch_size=32, max_rows_per_request=32), deliver)
+    engine.start()
+    try:
+        handles = [engine.submit(r, i) for i, r in enumerate(requests)]
+        if cancel_first:
+            assert first_token.wait(60)
+            engine.cancel(handles[0])
+        assert finished.wait(120)
+    finally:
+        engine.stop()
+    return [done[i] for i in range(len(requests))]
+
+
+def check_seed_alone_and_in_a_crowd(make: Callable[[], Backend], vocab) -> None:
+    params = SamplingParams(temperature=0.9, top_k=20)
+    request = GenerationRequest(prompt_ids=vocab.encode("KING:\nWhat say"), max_new_tokens=60, seed=42, params=params)
+    alone = run(make, vocab, [request])[0]
+    crowd = run(make, vocab, [GenerationRequest(prompt_ids=vocab.encode("A" * (i + 1)), max_new_tokens=40 + i, seed=i)
+                                 for i in range(12)] + [request])
+    assert crowd[-1].text == alone.text and len(alone.text) == 60
+    assert len({d.text for d in crowd}) > 8
+
+
+def check_continuation_writes_what_one_stream_writes(make: Callable[[], Backend], vocab) -> None:
+    prompt = vocab.encode("ROMEO:\n")
+    whole = run(make, vocab, [GenerationRequest(prompt_ids=prompt, max_new_tokens=50, seed=7, return_state=True)])[0]
+    first = run(make, vocab, [GenerationRequest(prompt_ids=prompt, max_new_tokens=20, seed=7, return_state=True)])[0]
+    rest = run(make, vocab, [GenerationRequest(prompt_ids=[], max_new_tokens=30, seed=7, counter=first.counter,
+                                                  state=first.state, return_state=True)])[0]
+    assert first.text + rest.text == whole.text
+    assert torch.equal(rest.state, whole.state)
+
+
+def check_cancel_frees_the_row(make: Callable[[], Backend], vocab) -> None:
+    long = GenerationRequest(prompt_ids=vocab.encode("KING:\n"), max_new_tokens=100_000, seed=1)
+    short = GenerationRequest(prompt_ids=vocab.encode("QUEEN:\n"), max_new_tokens=10, seed=2)
+    cancelled, after = run(make, vocab, [long, short], EngineConfig(max_batch_size=1, max_rows_per_request=1), cancel_first=True)
+    assert cancelled.finish_reason == "cancelled" and after.finish_reason == "length" and len(after.text) == 10
