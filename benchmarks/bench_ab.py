@@ -22,11 +22,16 @@ from pathlib import Path
 from .common import ROOT, Proc, loadgen, table
 
 
-def build(root: Path, model: str, threads: int, quantize: str) -> Proc:
-    """`charlstm serve` run from a checkout's own sources (its `service` package shadows the installed one)."""
+def build(root: Path, model: str, threads: int, quantize: str, backend: str | None) -> Proc:
+    """`charlstm serve` run from a checkout's own sources (its `service` package shadows the installed one).
+    The backend is named, not `auto`: two processes timing the candidates at start-up may choose differently."""
     env = dict(CHARLSTM_MODEL=model, CHARLSTM_MODEL_STORE=str(ROOT / "model_store"), CHARLSTM_SESSION_DB="",
-               CHARLSTM_TORCH_THREADS=str(threads), OMP_NUM_THREADS=str(threads), CHARLSTM_LOG_LEVEL="warning", CHARLSTM_QUANTIZE=quantize,
+               CHARLSTM_TORCH_THREADS=str(threads), OMP_NUM_THREADS=str(threads), CHARLSTM_LOG_LEVEL="warning",
                PYTHONPATH=str(root))
+    if backend:
+        env["CHARLSTM_BACKEND"] = backend
+    elif quantize != "none":  # a build from before the backends: --quantize picks its weights
+        env["CHARLSTM_QUANTIZE"] = quantize
     return Proc(["-m", "service.cli", "serve", "--port", "{port}"], env, cwd=root)
 
 
@@ -35,10 +40,10 @@ ENGINE_ROUND = """
 import sys, threading, time, torch
 from service import store
 from service.engine.engine import Engine, EngineConfig
-from service.backends.selector import WEIGHTS_BACKEND, build
+from service.backends.selector import build
 from service.engine.types import Done, GenerationRequest
 torch.set_num_threads(1)
-clients, model, quantize = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+clients, model, backend = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 loaded = store.load(model)
 left, done = [clients], threading.Event()
 def deliver(batch):
@@ -47,7 +52,7 @@ def deliver(batch):
             left[0] -= 1
     if left[0] == 0:
         done.set()
-engine = Engine(build(WEIGHTS_BACKEND[quantize], loaded.model, 2), loaded.vocab, EngineConfig(max_batch_size=clients), deliver)
+engine = Engine(build(backend, loaded.model), loaded.vocab, EngineConfig(max_batch_size=clients), deliver)
 for i in range(clients):
     engine.submit(GenerationRequest(prompt_ids=loaded.vocab.encode("ROMEO:"), max_new_tokens=256, seed=i), i)
 t0 = time.perf_counter()
@@ -58,9 +63,9 @@ engine.stop()
 """
 
 
-def engine_round(root: Path, clients: int, model: str, quantize: str) -> float:
+def engine_round(root: Path, clients: int, model: str, backend: str) -> float:
     env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1", CHARLSTM_MODEL_STORE=str(ROOT / "model_store"))
-    out = subprocess.run([sys.executable, "-c", ENGINE_ROUND, str(clients), model, quantize], cwd=root, env=env, capture_output=True,
+    out = subprocess.run([sys.executable, "-c", ENGINE_ROUND, str(clients), model, backend], cwd=root, env=env, capture_output=True,
                          text=True, timeout=900)
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-2000:])
@@ -77,15 +82,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads of each server (the service's default)")
     ap.add_argument("--prompt", default="\n", help="every request's prompt (HTTP rounds)")
     ap.add_argument("--engine", action="store_true", help="measure the bare engine in each build, without HTTP")
-    ap.add_argument("--quantize", default="none", choices=["none", "int8"], help="the step's weights in both builds")
+    ap.add_argument("--backend", default="onnx-int8", help="the compute backend of both builds (named: see build())")
+    ap.add_argument("--quantize", default="none", choices=["none", "int8"], help="weights of a baseline from before the backends (with --backend '')")
     args = ap.parse_args()
     if args.engine:
         roots = {"baseline": Path(args.baseline).resolve(), "this tree": ROOT}
         figures = {name: [] for name in roots}
         for r in range(args.rounds):
             for name in list(roots) if r % 2 == 0 else list(roots)[::-1]:
-                figures[name].append(engine_round(roots[name], args.clients, args.model, args.quantize))
-        report(f"bare engine, {args.quantize} weights, {args.clients} streams of 256 characters, {args.rounds} rounds alternated", figures)
+                figures[name].append(engine_round(roots[name], args.clients, args.model, args.backend or "torch"))
+        report(f"bare engine, backend {args.backend or 'torch'}, {args.clients} streams of 256 characters, {args.rounds} rounds alternated", figures)
         return
     roots = {"baseline": Path(args.baseline).resolve(), "this tree": ROOT}
     builds: dict[str, Proc] = {}
@@ -93,7 +99,7 @@ def main() -> None:
     ttft = {name: [] for name in roots}
     try:
         for name, root in roots.items():
-            builds[name] = build(root, args.model, args.threads, args.quantize)  # returns once its /ready answers
+            builds[name] = build(root, args.model, args.threads, args.quantize, args.backend)  # returns once its /ready answers
         for r in range(args.rounds):
             for name in list(builds) if r % 2 == 0 else list(builds)[::-1]:
                 out = loadgen(builds[name].url, args.clients, args.seconds, prompt=args.prompt)
@@ -102,7 +108,7 @@ def main() -> None:
     finally:
         for proc in builds.values():
             proc.stop()
-    report(f"/generate, {args.quantize} weights, {args.clients} streaming clients, prompt {args.prompt!r}, {args.seconds:g} s a round, "
+    report(f"/generate, backend {args.backend or 'the default'}, {args.clients} streaming clients, prompt {args.prompt!r}, {args.seconds:g} s a round, "
            f"{args.rounds} rounds alternated", figures)
     print("time to the first character, p50 of each round (ms): " +
           "; ".join(f"{name} {', '.join(f'{x:.1f}' for x in xs)}" for name, xs in ttft.items()))
