@@ -60,6 +60,7 @@ def sample_next(
     frequency_penalty: torch.Tensor | None = None,
     counts: torch.Tensor | None = None,
     top_logprobs: torch.Tensor | None = None,
+    raw: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Pick one character per row, each row with its own controls, without a Python loop over rows.
 
@@ -68,13 +69,14 @@ def sample_next(
     presence_penalty, frequency_penalty (B,) float with counts (B, V): how often each row generated
     each character (OpenAI's penalties; None when no row asks, and a row with 0 keeps its logits
     bit for bit). top_logprobs is a reporting control (see `top_alternatives`): the draw ignores it.
+    raw: the model's logits when `logits` were masked (a constraint), for the log-probabilities.
     Returns (ids (B,) int64, logprobs (B,) float or None): the log-probability of each chosen
     character under the model's own distribution, before penalty, temperature and filters.
     A row picks the first character whose cumulative probability exceeds its uniform, in descending
     order of probability when a filter is on and in vocabulary order otherwise.
     """
     B, V = logits.shape
-    raw = logits
+    raw = logits if raw is None else raw
     if seen is not None:
         pen = repetition_penalty.unsqueeze(1)  # (B, 1)
         logits = torch.where(seen, torch.where(logits > 0, logits / pen, logits * pen), logits)

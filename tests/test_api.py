@@ -66,7 +66,7 @@ def test_openapi_describes_every_route_and_field(server):
         assert path in doc["paths"], path
     fields = doc["components"]["schemas"]["GenerateRequest"]["properties"]
     assert set(fields) == {"prompt", "max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed",
-                           "stop", "stream", "logprobs", "unknown_chars", "replacement"}
+                           "stop", "stream", "logprobs", "unknown_chars", "replacement", "structured_outputs"}
     assert fields["temperature"]["minimum"] == 0 and fields["top_p"]["maximum"] == 1
     assert httpx.get(server.url + "/docs").status_code == 200
 

@@ -292,8 +292,10 @@ HOSTILE_V1 = [
     b"\xff\xfe\x00garbage",  # not UTF-8
     b'{"model": "tiny", "prompt": "KING", "temperature": NaN}',
     b'{"model": "tiny", "prompt": "KING", "max_tokens": 1e400}',
-    b'{"model": "tiny", "prompt": [1, 2, 3]}',  # token ids: not taken
-    b'{"model": "tiny", "prompt": []}',
+    b'{"model": "tiny", "prompt": [1, "KING"]}',  # ids and text in one list
+    b'{"model": "tiny", "prompt": [-1, 2]}',  # a negative token id
+    b'{"model": "tiny", "prompt": [1.5]}',
+    b'{"model": "tiny", "prompt": [[1], []], "n": 0}',
     b'{"model": "tiny", "prompt": "KING", "n": 0}',
     b'{"model": "tiny", "prompt": "KING", "stop": ["a", "b", "c", "d", "e"]}',
     b'{"model": "tiny", "prompt": "KING", "stream_options": {"include_usage": true, "extra": 1}}',

@@ -32,13 +32,16 @@ class Batch:
     counts: torch.Tensor  # (B, V) int32: times each row generated each character (presence and frequency penalties)
     seeds: np.ndarray  # (B,) uint64
     counters: np.ndarray  # (B,) uint64: draws made so far from each row's random stream
+    constraints: list  # (B,) each row's Constraint or None
+    fsm: np.ndarray  # (B,) int64: each constrained row's automaton state (-1: unconstrained, or its constraint has ended)
 
     @classmethod
     def empty(cls, num_layers: int, hidden: int, vocab_size: int) -> Batch:
         return cls(rows=[], state=torch.zeros(2, num_layers, 0, hidden),
                    controls={k: torch.zeros(0, dtype=d) for k, d in CONTROL_DTYPES.items()},
                    seen=torch.zeros(0, vocab_size, dtype=torch.bool), counts=torch.zeros(0, vocab_size, dtype=torch.int32),
-                   seeds=np.zeros(0, dtype=np.uint64), counters=np.zeros(0, dtype=np.uint64))
+                   seeds=np.zeros(0, dtype=np.uint64), counters=np.zeros(0, dtype=np.uint64), constraints=[],
+                   fsm=np.zeros(0, dtype=np.int64))
 
     @classmethod
     def single(cls, row: Any, state: torch.Tensor, seed: int, counter: int, vocab_size: int) -> Batch:
@@ -48,7 +51,9 @@ class Batch:
         seen[0, row.request.prompt_ids] = True
         return cls(rows=[row], state=state.unsqueeze(2),
                    controls={k: torch.tensor([getattr(params, k)], dtype=d) for k, d in CONTROL_DTYPES.items()},
-                   seen=seen, counts=torch.zeros(1, vocab_size, dtype=torch.int32), seeds=np.array([seed], dtype=np.uint64), counters=np.array([counter], dtype=np.uint64))
+                   seen=seen, counts=torch.zeros(1, vocab_size, dtype=torch.int32), seeds=np.array([seed], dtype=np.uint64),
+                   counters=np.array([counter], dtype=np.uint64), constraints=[row.request.constraint],
+                   fsm=np.array([-1 if row.request.constraint is None else 0], dtype=np.int64))
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -60,7 +65,8 @@ class Batch:
         idx = torch.tensor(keep, dtype=torch.long)
         return Batch(rows=[self.rows[i] for i in keep], state=self.state.index_select(2, idx),
                      controls={k: t[idx] for k, t in self.controls.items()}, seen=self.seen[idx], counts=self.counts[idx],
-                     seeds=self.seeds[keep], counters=self.counters[keep])
+                     seeds=self.seeds[keep], counters=self.counters[keep], constraints=[self.constraints[i] for i in keep],
+                     fsm=self.fsm[keep])
 
     @classmethod
     def concatenate(cls, batches: list[Batch]) -> Batch:
@@ -71,7 +77,8 @@ class Batch:
         return cls(rows=[r for b in batches for r in b.rows], state=torch.cat([b.state for b in batches], dim=2),
                    controls={k: torch.cat([b.controls[k] for b in batches]) for k in batches[0].controls},
                    seen=torch.cat([b.seen for b in batches]), counts=torch.cat([b.counts for b in batches]), seeds=np.concatenate([b.seeds for b in batches]),
-                   counters=np.concatenate([b.counters for b in batches]))
+                   counters=np.concatenate([b.counters for b in batches]), constraints=[c for b in batches for c in b.constraints],
+                   fsm=np.concatenate([b.fsm for b in batches]))
 
     # A batch's rows and controls never change (filter and concatenate make a new batch), so what the
     # step asks of them is worked out once per batch, not once per step.
@@ -86,6 +93,39 @@ class Batch:
         return bool(((self.controls["presence_penalty"] != 0.0) | (self.controls["frequency_penalty"] != 0.0)).any())
 
     @cached_property
+    def constrained(self) -> list[int]:
+        """The rows with a constraint (usually none: then the step never looks at `fsm`)."""
+        return [row for row, c in enumerate(self.constraints) if c is not None]
+
+    def forbidden(self) -> torch.Tensor | None:
+        """(B, V) bool: what each constrained row may not write now; None when no row is held by one.
+        Unconstrained rows (and rows whose constraint has ended) forbid nothing, so their logits keep every bit."""
+        live = [row for row in self.constrained if self.fsm[row] >= 0]
+        if not live:
+            return None
+        mask = torch.zeros(len(self.rows), self.seen.shape[1], dtype=torch.bool)  # (B, V)
+        for row in live:
+            mask[row] = self.constraints[row].forbid[self.fsm[row]]
+        return mask
+
+    def advance_constraints(self, ids: torch.Tensor, fed: list[int] = ()) -> dict[int, bool]:
+        """Each constrained row wrote ids[row] (B,): move its automaton. Returns the rows whose constraint
+        ended at this character -> whether the character belongs to the text (False: it ended the match)."""
+        ended = {}
+        for row in self.constrained:
+            state = self.fsm[row]
+            if state < 0 or row in fed:
+                continue
+            c = self.constraints[row]
+            state = int(c.next[state, int(ids[row])])
+            if state < 0:  # a character the pattern does not allow here: the text so far is the match
+                ended[row] = False
+            elif c.terminal[state]:  # nothing may follow
+                ended[row] = True
+            self.fsm[row] = -1 if row in ended else state
+        return ended
+
+    @cached_property
     def filtered(self) -> bool:
         """Some row has a top-k or nucleus filter."""
         return bool(((self.controls["top_k"] > 0) | (self.controls["top_p"] < 1.0)).any())
@@ -93,7 +133,7 @@ class Batch:
     @cached_property
     def plain(self) -> bool:
         """No row has a filter or a penalty: temperature and greedy only (`sampling.sample_plain`)."""
-        return not (self.filtered or self.penalised or self.counted)
+        return not (self.filtered or self.penalised or self.counted)  # a constraint only masks the logits
 
     @cached_property
     def temperature_scale(self) -> tuple[torch.Tensor, torch.Tensor]:

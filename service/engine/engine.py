@@ -38,7 +38,7 @@ from ..backends.base import Backend
 from .scheduler import Scheduler
 from .step import Stepper
 from .stream import Phase, RequestGroup, Stream
-from .types import EngineUnavailable, GenerationRequest, Overloaded, PromptScored, ShuttingDown
+from .types import EngineUnavailable, GenerationRequest, Overloaded, PromptScored, ShuttingDown, Unsupported
 
 if TYPE_CHECKING:
     from ..backends.cuda import CudaStep
@@ -190,6 +190,8 @@ class Engine:
             if self._draining or self._stop:
                 self.notify("on_rejected", "shutting_down")
                 raise ShuttingDown("the server is shutting down and admits no new work")
+            if self.device_step is not None and any(r.constraint is not None for r, _ in requests):
+                raise Unsupported("constrained output runs on the CPU backends; this server steps on a GPU with CUDA graphs")
             limit = self.config.max_batch_size + self.config.max_queue
             if self._requests >= limit:
                 self.notify("on_rejected", "overloaded")

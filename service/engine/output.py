@@ -32,6 +32,7 @@ class Look:
     state: Callable[[int, int], torch.Tensor]  # (row, steps into the look) -> that row's state (2, L, H) on the host
     settle: Callable[[], None] | None = None  # finish the look's work begun in the background
     fed: dict[int, int] | None = None  # row -> how many of its first steps fed its prompt's tail (no characters)
+    ends: dict[int, tuple[int, bool]] | None = None  # row -> (step, its character stays): where its constraint ended it
 
 
 class Output:
@@ -52,6 +53,11 @@ class Output:
             request = stream.request
             fed = fed_of.get(row, 0) if fed_of else 0  # the look's first steps fed this row's prompt
             take = min(k - fed, request.max_new_tokens - len(stream.chars))
+            bound = look.ends.get(row) if look.ends else None  # its constraint ended it at this step of the look
+            if bound is not None and bound[0] - fed + 1 <= take:
+                take = bound[0] - fed + 1
+            else:
+                bound = None  # the length ends it first
             if take <= 0:
                 continue
             if stream.t_last:
@@ -67,7 +73,7 @@ class Output:
                 top_ids, top_lps = tops_of[0][row], tops_of[1][row]
                 tops = [tuple((chars[i], v) for i, v in zip(top_ids[j][:want], top_lps[j][:want])) for j in range(fed, fed + take)]
             before = len(stream.chars)
-            if stream.matcher is None:  # only the length can end it: everything at once
+            if stream.matcher is None and bound is None:  # only the length can end it: everything at once
                 if take == 1:
                     stream.chars.append(chars[got[0]])
                 else:
@@ -77,7 +83,7 @@ class Output:
                 if tops is not None:
                     stream.tops.extend(tops)
                 end = self._advance(stream)
-            else:  # a stop string may end it at any of these characters
+            else:  # a stop string, or the constraint at its last character, may end it at any of these characters
                 end = None
                 for j, char_id in enumerate(got):
                     stream.chars.append(chars[char_id])
@@ -86,6 +92,10 @@ class Output:
                     if tops is not None:
                         stream.tops.append(tops[j])
                     end = self._advance(stream, emit=False)
+                    if end is not None and end[0] == "stop":
+                        break
+                    if bound is not None and j == take - 1:  # the constraint's end; a character that broke the match is cut
+                        end = ("stop", len(stream.chars) - (0 if bound[1] else 1))
                     if end is not None:
                         break
                 if end is None:

@@ -50,6 +50,7 @@ class Stepper:
         """k steps with the backend: sample every row, record, step. The last step runs in the background
         (the step workers) while the rows' text is updated; `settle` waits for it."""
         ids_steps, lps_steps, tops_steps, states = [], [], [], []
+        ends: dict[int, tuple[int, bool]] = {}  # row -> (step, whether its character stays): where its constraint ended it
         top_k = batch.top_logprobs
         state = batch.state
         tails = self._tails(batch, k)  # row -> the prompt characters it feeds in this look
@@ -62,18 +63,24 @@ class Stepper:
                     tops_steps.append((torch.zeros(len(fed), top_k, dtype=torch.long), torch.zeros(len(fed), top_k)))
             else:
                 logits = self.backend.logits(state)  # (B, V)
+                raw, forbid = logits, batch.forbidden() if batch.constrained else None
+                if forbid is not None:  # constrained rows write only what their automaton allows; other rows keep every bit
+                    logits = logits.masked_fill(forbid, float("-inf"))
                 u = torch.from_numpy(uniforms(batch.seeds, batch.counters))  # (B,)
                 if batch.plain:  # the batch's scale is worked out once: fewer kernels, most of a lone row's sampling
                     greedy, scale = batch.temperature_scale  # (B,), (B,)
-                    ids, lps = sample_plain(logits, scale, greedy, u, batch.wants_logprobs, any_greedy=batch.any_greedy)
+                    ids, lps = sample_plain(logits, scale, greedy, u, batch.wants_logprobs, any_greedy=batch.any_greedy, raw=raw)
                 else:
                     ids, lps = sample_next(logits, **batch.controls, seen=batch.seen if batch.penalised else None, u=u,
                                            want_logprobs=batch.wants_logprobs,
-                                           counts=batch.counts if batch.counted else None)  # (B,), (B,) or None
+                                           counts=batch.counts if batch.counted else None, raw=raw)  # (B,), (B,) or None
                 if top_k:  # someone asked for alternatives: (B, k) ids and log-probabilities
-                    tops_steps.append(top_alternatives(logits, top_k))
+                    tops_steps.append(top_alternatives(raw, top_k))
                 if fed:  # these rows take their prompt's next character instead of the draw, which they do not spend
                     ids[fed] = torch.tensor([tails[row][j] for row in fed])
+            if batch.constrained:
+                for row, kept in batch.advance_constraints(ids, fed).items():
+                    ends.setdefault(row, (j, kept))
             batch.record(ids, fed)
             ids_steps.append(ids)
             if lps is not None:
@@ -92,7 +99,7 @@ class Stepper:
             tops = tuple(torch.stack(t, dim=1).tolist() for t in zip(*tops_steps))
         return Look(ids=_by_row(ids_steps), lps=_by_row(lps_steps) if lps_steps else None, tops=tops,
                      state=lambda row, steps: states[steps - 1][:, :, row].clone(), settle=settle,
-                     fed={row: len(tail) for row, tail in tails.items()} or None)
+                     fed={row: len(tail) for row, tail in tails.items()} or None, ends=ends or None)
 
     def _tails(self, batch: Batch, k: int) -> dict[int, list[int]]:
         """Rows still feeding their prompt's tail -> the characters they feed in this look (at most k);

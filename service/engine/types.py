@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..sampling import SamplingParams
+from .constraints import Constraint
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class GenerationRequest:
     return_state: bool = False  # hand the final state back in Done (a session call keeps it)
     prompt_logprobs: int | None = None  # None: off; k: each prompt character's log-probability and k alternatives
     stream_tokens: bool = True  # Token events as characters are made; False: only the Done (a plain, non-streamed call)
+    constraint: Constraint | None = field(default=None, repr=False)  # what the generated text must match (constraints.py)
 
     @property
     def fresh(self) -> bool:
@@ -85,6 +87,12 @@ class EngineError(Exception):
 
 class Overloaded(EngineError):
     type = "overloaded"
+
+
+class Unsupported(EngineError):
+    """A request asks for what this engine's step cannot do (a constraint on the CUDA graphs path)."""
+
+    type = "unsupported"
 
 
 class ShuttingDown(EngineError):

@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
 from ...sampling import MAX_SEED
-from ..schemas import Int
+from ..fields import Int, StructuredOutputs
 
 V1_PREFIX = "/v1"
 MAX_TOP_LOGPROBS = 5  # OpenAI's own bound on `logprobs`
@@ -61,6 +61,8 @@ StopList = Annotated[list[StopString], Field(max_length=MAX_STOP),
                                                 "maxItems": MAX_STOP},
                                                {"type": "null"}]})]
 PromptList = Annotated[list[str], Field(min_length=1, max_length=1024)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=1_000_000)]  # one prompt as token ids (one character each)
+TokenPromptList = Annotated[list[TokenIds], Field(min_length=1, max_length=1024)]
 
 
 class StreamOptions(_Strict):
@@ -69,7 +71,9 @@ class StreamOptions(_Strict):
 
 class CompletionRequest(_Strict):
     model: str = Field(description="`name@version` from /v1/models, or the bare name")
-    prompt: str | PromptList = Field(description="a string, or a list of strings: one set of `n` choices per prompt")
+    prompt: str | PromptList | TokenIds | TokenPromptList = Field(
+        description="a string, a list of strings, token ids (a list of integers: see /tokenize) or a list of such lists: "
+                    "one set of `n` choices per prompt")
     max_tokens: Int(ge=0, le=1_000_000) | None = Field(16, description="characters to generate; 0 with `echo` scores the prompt")
     temperature: float | None = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False, description="0 means greedy")
     top_p: float | None = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
@@ -92,10 +96,30 @@ class CompletionRequest(_Strict):
                                              description="extension: divides the logits of characters already in the prompt or text")
     session_id: str | None = Field(None, min_length=1, max_length=256,
                                    description="extension: continue a native session (one prompt, n = 1); the session advances")
+    structured_outputs: StructuredOutputs | None = Field(None, description="extension (vLLM's): constrain the text to a "
+                                                         "regex or a list of choices")
 
     @property
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else self.prompt
+    def prompts(self) -> list[str | list[int]]:
+        """One entry per prompt: a string or a list of token ids."""
+        if isinstance(self.prompt, str) or (isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], int)):
+            return [self.prompt]
+        if isinstance(self.prompt, list) and not self.prompt:
+            return [[]]  # an empty list of token ids: the empty prompt
+        return self.prompt
+
+    def to_inputs(self):
+        """This request as the engine's inputs (service/api/validate.py)."""
+        from ..validate import EngineInputs
+
+        top_k = self.top_k if self.top_k is not None and self.top_k > 0 else None
+        return EngineInputs(
+            prompts=self.prompts, n=self.n or 1, max_tokens=16 if self.max_tokens is None else self.max_tokens,
+            sampling={**self.model_dump(include={"temperature", "top_p", "repetition_penalty", "presence_penalty",
+                                                 "frequency_penalty"}), "top_k": top_k, "top_logprobs": self.logprobs},
+            seed=self.seed, stop=tuple(self.stop), logprobs=self.logprobs is not None,
+            prompt_logprobs=self.logprobs if self.echo and self.logprobs is not None else None,
+            stream=bool(self.stream), structured=self.structured_outputs, max_tokens_param="max_tokens", unknown_hint="")
 
 
 # ---------------------------------------------------------------- responses

@@ -5,8 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from ..deps import EngineDep, JSONBody, ModelDep, SettingsDep
-from ..generation import respond, to_engine_request
-from ..schemas import STREAM_RESPONSE, ErrorResponse, GenerateRequest, GenerateResponse
+from ..native.serving import respond
+from ..validate import validate
+from ..native.models import STREAM_RESPONSE, ErrorResponse, GenerateRequest, GenerateResponse
 
 router = APIRouter(tags=["generation"])
 
@@ -18,6 +19,7 @@ ERRORS = {s: {"model": ErrorResponse} for s in (400, 413, 415, 422, 429, 503)}
 async def generate(body: GenerateRequest, request: Request, engine: EngineDep, loaded: ModelDep, settings: SettingsDep):
     """Continue `prompt`. With `stream: true` the answer is Server-Sent Events: `token` events
     `{"index", "text"}`, then one `done` with `finish_reason`, `usage` and `seed`."""
-    gen, changed = to_engine_request(body, loaded, settings)
-    report = {"policy": body.unknown_chars, "count": changed} if body.unknown_chars != "error" else None
-    return await respond(engine, gen, body.stream, f"{loaded.name}@{loaded.version}", request, unknown_chars=report)
+    inputs = body.to_inputs(settings.default_max_new_tokens)
+    validated = await validate(inputs, loaded, settings)
+    return await respond(engine, validated, body.stream, f"{loaded.name}@{loaded.version}", request,
+                         unknown_chars=validated.unknown_report(inputs))

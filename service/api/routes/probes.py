@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 
 from ...sampling import MAX_SEED
 from ..errors import error_response
-from ..schemas import ErrorResponse
+from ..native.models import ErrorResponse
 
 router = APIRouter(tags=["probes"])
 

@@ -9,9 +9,10 @@ from fastapi import APIRouter, Request
 from ...engine.types import GenerationRequest
 from ...evaluate import LN2
 from ..deps import EngineDep, JSONBody, ModelDep, SessionsDep, SettingsDep
-from ..errors import APIError
-from ..generation import encode_prompt, failed, run_to_completion
-from ..schemas import ErrorResponse, ScoreRequest, ScoreResponse
+from ..native.formatter import failed
+from ..reader import run_one
+from ..validate import encode_prompt
+from ..native.models import ErrorResponse, ScoreRequest, ScoreResponse
 
 router = APIRouter(tags=["scoring"])
 
@@ -33,9 +34,7 @@ async def score(body: ScoreRequest, request: Request, engine: EngineDep, session
     lps, tops = [], []
     if ids:
         gen = GenerationRequest(prompt_ids=ids, max_new_tokens=0, state=state, prompt_logprobs=k)
-        done = await run_to_completion(engine, lambda ch: engine.submit(gen, ch), request)
-        if done is None:
-            raise APIError(499, "client_closed", "the client closed the connection")
+        done = await run_one(engine, gen, request)
         if not done.completed or done.prompt is None:
             raise failed(done)
         skip = 0 if state is not None else 1  # a new stream's first character has no context

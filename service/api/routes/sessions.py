@@ -10,8 +10,11 @@ from ...engine import session_blob
 from ...engine.types import GenerationRequest
 from ..deps import EngineDep, JSONBody, ModelDep, SessionsDep, SettingsDep
 from ..errors import APIError
-from ..generation import encode_prompt, failed, respond, run_to_completion, to_engine_request
-from ..schemas import (SESSION_FORMAT, STREAM_RESPONSE, ErrorResponse, GenerateRequest, GenerateResponse, SessionCreate,
+from ..native.formatter import failed
+from ..native.serving import respond
+from ..reader import run_one
+from ..validate import encode_prompt, validate
+from ..native.models import (SESSION_FORMAT, STREAM_RESPONSE, ErrorResponse, GenerateRequest, GenerateResponse, SessionCreate,
                        SessionExport, SessionFork, SessionImport, SessionInfo)
 
 router = APIRouter(prefix="/sessions", tags=["sessions"])
@@ -34,9 +37,7 @@ async def create_session(request: Request, engine: EngineDep, sessions: Sessions
     check_ttl(body.ttl_seconds, settings)
     prompt_ids, _ = encode_prompt(body.prompt, loaded, settings, unknown=body.unknown_chars, replacement=body.replacement)
     priming = GenerationRequest(prompt_ids=prompt_ids, max_new_tokens=0, seed=body.seed, return_state=True)
-    done = await run_to_completion(engine, lambda ch: engine.submit(priming, ch), request)
-    if done is None:
-        raise APIError(499, "client_closed", "the client closed the connection")
+    done = await run_one(engine, priming, request)
     if done.finish_reason == "error":
         raise failed(done)
     if not done.completed:
@@ -82,11 +83,13 @@ async def session_generate(session_id: str, body: GenerateRequest, request: Requ
     """Feed `prompt` after the session's state, generate, and keep the advanced state for the next call.
     A second call while one is running gets 409 `session_busy`. A `seed` re-seeds the session: its
     random stream restarts there, and the response's `seed` is the one in force."""
-    gen, changed = to_engine_request(body, loaded, settings)
-    call, gen = await sessions.begin(session_id, gen)
-    report = {"policy": body.unknown_chars, "count": changed} if body.unknown_chars != "error" else None
+    inputs = body.to_inputs(settings.default_max_new_tokens)
+    validated = await validate(inputs, loaded, settings)
+    choice = validated.choices[0]
+    call, choice.request = await sessions.begin(session_id, choice.request)
     try:
-        return await respond(engine, gen, body.stream, f"{loaded.name}@{loaded.version}", request, call.finish, report)
+        return await respond(engine, validated, body.stream, f"{loaded.name}@{loaded.version}", request, call.finish,
+                             validated.unknown_report(inputs))
     except BaseException:
         with contextlib.suppress(Exception):  # never submitted, or refused: the lease goes back at once (a no-op after a commit)
             await call.abandon()

@@ -6,7 +6,8 @@ from fastapi import APIRouter, Request
 
 from ..deps import EngineDep, JSONBody, ModelDep, SessionsDep, SettingsDep
 from ..openai.protocol import STREAM_RESPONSE, V1_PREFIX, CompletionRequest, CompletionResponse, ModelList, OpenAIErrorResponse
-from ..openai.serving import OpenAIServingCompletion, OpenAIServingModels
+from ..openai.completions import create_completion as serve_completion
+from ..openai.serving import OpenAIServingModels
 
 router = APIRouter(prefix=V1_PREFIX, tags=["openai"])
 
@@ -25,4 +26,4 @@ async def create_completion(body: CompletionRequest, request: Request, engine: E
                             loaded: ModelDep, settings: SettingsDep):
     """OpenAI's legacy Completions API, one token per character. With `stream: true`: `data:` chunks,
     then `data: [DONE]`. Extensions through the body: `top_k`, `repetition_penalty`, `session_id`."""
-    return await OpenAIServingCompletion(engine, sessions, loaded, settings).create(body, request)
+    return await serve_completion(body, request, engine, sessions, loaded, settings)

@@ -1,4 +1,4 @@
-"""Request and response bodies. Hard bounds live here (and so in the OpenAPI document); limits that
+"""The native protocol's request and response bodies. Hard bounds live here (and so in the OpenAPI document); limits that
 depend on the settings are checked in the routes and shown in /info."""
 
 from __future__ import annotations
@@ -7,17 +7,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
-from ..sampling import MAX_SEED
-
-
-def _integral(value):
-    """JSON has one number type: 744.0 is an integer there, so accept it as one (and only it)."""
-    return int(value) if isinstance(value, float) and value.is_integer() else value
-
-
-def Int(**bounds):  # noqa: N802 - reads as a type in annotations
-    """An integer with bounds; the bounds go inside, so the OpenAPI document shows them as minimum/maximum."""
-    return Annotated[int, Field(**bounds), BeforeValidator(_integral)]
+from ...sampling import MAX_SEED
+from ..fields import Int, StructuredOutputs
 
 
 StopString = Annotated[str, Field(min_length=1)]
@@ -52,6 +43,19 @@ class GenerateRequest(_Strict):
     unknown_chars: UnknownChars = Field("error", description="prompt characters outside the vocabulary: error (422), skip them, "
                                         "or replace them with `replacement`")
     replacement: str = Field(" ", min_length=1, max_length=1, description="with unknown_chars=replace: a character of the vocabulary")
+    structured_outputs: StructuredOutputs | None = Field(None, description="constrain the generated text: a regex it "
+                                                         "matches, or a list of choices it is one of")
+
+    def to_inputs(self, default_max_new_tokens: int):
+        """This request as the engine's inputs (service/api/validate.py)."""
+        from ..validate import EngineInputs
+
+        return EngineInputs(
+            prompts=[self.prompt], n=1,
+            max_tokens=default_max_new_tokens if self.max_new_tokens is None else self.max_new_tokens,
+            sampling=self.model_dump(include={"temperature", "top_k", "top_p", "repetition_penalty"}),
+            seed=self.seed, stop=tuple(self.stop), logprobs=self.logprobs, stream=self.stream,
+            unknown_chars=self.unknown_chars, replacement=self.replacement, structured=self.structured_outputs)
 
 
 class Usage(BaseModel):

@@ -1,0 +1,1 @@
+"""The native protocol: /generate, sessions and /score, in this project's own shapes."""

@@ -1,0 +1,91 @@
+"""The one reader of engine events, for every protocol (llama.cpp's server has one response reader too).
+
+A request is one or more choices (OpenAI's `n` and list prompts; a native call is one). `Responses`
+submits them to the engine together, then hands their events back as they arrive (`async for`), or
+waits for every choice's end (`all`), and cancels whatever is still running when the reader stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from fastapi import Request
+
+from ..engine.engine import Engine, Stream
+from ..engine.types import Done, GenerationRequest
+from .bridge import Channel, until_client_leaves
+from .errors import APIError
+
+
+class Choice:
+    """One choice: what was asked, and what the engine has said of it so far."""
+
+    def __init__(self, index: int, prompt: str, first: bool, request: GenerationRequest):
+        self.index, self.prompt, self.request = index, prompt, request
+        self.first = first  # the first choice of its prompt: the prompt's characters count once in `usage`
+        self.channel: Channel | None = None
+        self.stream: Stream | None = None
+        self.done: Done | None = None
+        self.sent = 0  # characters of this choice's text already written out (an echoed prompt included)
+
+
+class Responses:
+    """The choices of one request in the engine."""
+
+    def __init__(self, engine: Engine, choices: list[Choice], on_done: Callable[[Done], Awaitable[Done]] | None = None):
+        """Submit every choice, or none (a refusal raises here, before anything is sent): the engine counts
+        them as one request. `on_done` finishes a stream before its Done is read (a session commits there)."""
+        self.engine, self.choices = engine, choices
+        for choice in choices:
+            choice.channel = Channel(on_done)
+        streams = engine.submit_all([(choice.request, choice.channel) for choice in choices])
+        for choice, stream in zip(choices, streams):
+            choice.stream = stream
+
+    async def __aiter__(self) -> AsyncIterator[list[tuple[Choice, list]]]:
+        """Rounds of (choice, its new events), in choice order, until every choice has its Done."""
+        pending = {asyncio.ensure_future(c.channel.drain()): c for c in self.choices}
+        try:
+            while pending:
+                ready, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                round_ = []
+                for future in sorted(ready, key=lambda f: pending[f].index):
+                    choice = pending.pop(future)
+                    events = future.result()
+                    for event in events:
+                        if isinstance(event, Done):
+                            choice.done = event
+                    if choice.done is None:
+                        pending[asyncio.ensure_future(choice.channel.drain())] = choice
+                    round_.append((choice, events))
+                yield round_
+        finally:
+            for future in pending:
+                future.cancel()
+
+    async def all(self, request: Request) -> list[Done]:
+        """Every choice's Done; a client that leaves first cancels them all (499)."""
+
+        async def collect():
+            async with contextlib.aclosing(self.__aiter__()) as rounds:
+                async for _ in rounds:
+                    pass
+
+        finished, _ = await until_client_leaves(request, collect(), self.cancel)
+        if not finished or not all(c.done for c in self.choices):
+            raise APIError(499, "client_closed", "the client closed the connection")
+        return [c.done for c in self.choices]
+
+    def cancel(self) -> None:
+        """Free the rows of every choice still running, at the engine's next step."""
+        for choice in self.choices:
+            if choice.stream is not None and choice.done is None:
+                self.engine.cancel(choice.stream)
+
+
+async def run_one(engine: Engine, gen: GenerationRequest, request: Request,
+                  on_done: Callable[[Done], Awaitable[Done]] | None = None) -> Done:
+    """A single stream to its end (a session's priming, a score): its Done."""
+    return (await Responses(engine, [Choice(0, "", True, gen)], on_done).all(request))[0]

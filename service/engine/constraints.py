@@ -1,0 +1,121 @@
+"""Constrained output: a character automaton that says, row by row, which characters may come next.
+
+A token is one character, so a regular expression's automaton over characters masks the logits
+directly (vLLM's structured outputs and llama.cpp's grammars need a token-level index; this does not).
+`interegular` parses the pattern into a deterministic automaton; a list of choices becomes a trie.
+Either compiles to a `Constraint`: per state, the vocabulary characters that keep the text on a path to
+a full match, and the state each leads to. States from which no match can be reached with the
+vocabulary are cut away, so a row never paints itself into a corner.
+
+A character model has no end-of-text token, so the end is the model's choice too: in a state where the
+text so far is a full match and it could go on, every character is allowed, and one that the pattern
+does not allow there ends the row before it (as a stop string would: it is not part of the text). A
+state with nothing after it ends the row after its character. Either end is finish_reason "stop".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+MAX_PATTERN_CHARS = 1000  # a pattern's length (the OpenAPI bound)
+MAX_STATES = 4096  # a compiled automaton's states: beyond this the pattern is refused as too large
+MAX_CHOICES = 256
+MAX_CHOICE_CHARS = 256
+
+
+class ConstraintError(ValueError):
+    """A pattern or a choice list that cannot serve: it does not parse, is too large, or no text in the
+    model's vocabulary matches it."""
+
+
+@dataclass(frozen=True, eq=False)
+class Constraint:
+    """A compiled automaton over the vocabulary's ids. S states, V characters; state 0 is the start."""
+
+    kind: str  # "regex" or "choice": what the client sent
+    source: str  # the pattern, or the choices joined, for messages
+    forbid: torch.Tensor  # (S, V) bool: characters a row in each state may not write (none in a state that may end)
+    next: np.ndarray  # (S, V) int32: the state a character leads to; -1: it is no step of the pattern (it ends a match)
+    terminal: np.ndarray  # (S,) bool: nothing may follow (the row ends after the character that led here)
+
+    @property
+    def states(self) -> int:
+        return self.next.shape[0]
+
+
+def _build(kind: str, source: str, transitions: list[dict[int, int]], finals: set[int], vocab_size: int) -> Constraint:
+    """From raw transitions (state -> {char id: state}, state 0 the start) to a Constraint over the states
+    that can still reach a final state."""
+    live = set(finals)
+    changed = True
+    while changed:  # backward reachability, small automata: a fixed point over the edges
+        changed = False
+        for s, edges in enumerate(transitions):
+            if s not in live and any(t in live for t in edges.values()):
+                live.add(s)
+                changed = True
+    if 0 not in live:
+        raise ConstraintError(f"{kind}: no text made of the model's characters matches {source!r}")
+    order = {s: i for i, s in enumerate(sorted(live))}  # the start stays 0
+    S = len(order)
+    nxt = np.full((S, vocab_size), -1, dtype=np.int32)  # (S, V)
+    for s, i in order.items():
+        for c, t in transitions[s].items():
+            if t in order:
+                nxt[i, c] = order[t]
+    final = np.zeros(S, dtype=bool)
+    final[[order[s] for s in finals if s in order]] = True
+    may_continue = (nxt >= 0).any(axis=1)  # (S,)
+    forbid = torch.from_numpy((nxt < 0) & ~final[:, None])  # (S, V): an ending state allows everything
+    return Constraint(kind, source, forbid, nxt, ~may_continue)
+
+
+def compile_regex(pattern: str, chars: list[str]) -> Constraint:
+    """A regular expression the whole generated text must match (Python's syntax, as interegular reads
+    it). chars: the vocabulary, by id."""
+    import interegular
+
+    if len(pattern) > MAX_PATTERN_CHARS:
+        raise ConstraintError(f"regex: {len(pattern)} characters is more than {MAX_PATTERN_CHARS}")
+    try:
+        fsm = interegular.parse_pattern(pattern).to_fsm()
+    except Exception as e:  # interegular's parse errors have no common base class
+        raise ConstraintError(f"regex: {pattern!r} cannot be compiled: {type(e).__name__}: {e}") from None
+    if len(fsm.states) > MAX_STATES:
+        raise ConstraintError(f"regex: {pattern!r} compiles to {len(fsm.states)} states, more than {MAX_STATES}")
+    index = {s: i for i, s in enumerate([fsm.initial, *sorted(s for s in fsm.states if s != fsm.initial)])}
+    symbols = [fsm.alphabet[c] for c in chars]  # each vocabulary character's symbol class
+    transitions: list[dict[int, int]] = [{} for _ in index]
+    for s, edges in fsm.map.items():
+        for c, symbol in enumerate(symbols):
+            if symbol in edges:
+                transitions[index[s]][c] = index[edges[symbol]]
+    return _build("regex", pattern, transitions, {index[s] for s in fsm.finals}, len(chars))
+
+
+def compile_choices(choices: list[str], chars: list[str]) -> Constraint:
+    """The generated text is exactly one of `choices` (a trie over their characters)."""
+    if not choices or len(choices) > MAX_CHOICES:
+        raise ConstraintError(f"choice: give 1 to {MAX_CHOICES} choices")
+    ids = {c: i for i, c in enumerate(chars)}
+    transitions: list[dict[int, int]] = [{}]
+    finals = set()
+    for n, choice in enumerate(choices):
+        if not choice or len(choice) > MAX_CHOICE_CHARS:
+            raise ConstraintError(f"choice.{n}: a choice has 1 to {MAX_CHOICE_CHARS} characters")
+        unknown = sorted({c for c in choice if c not in ids})
+        if unknown:
+            raise ConstraintError(f"choice.{n}: {choice!r} can never be written: {', '.join(map(repr, unknown))} "
+                                  "is not in the model's vocabulary")
+        s = 0
+        for c in choice:
+            c = ids[c]
+            if c not in transitions[s]:
+                transitions[s][c] = len(transitions)
+                transitions.append({})
+            s = transitions[s][c]
+        finals.add(s)
+    return _build("choice", " | ".join(choices), transitions, finals, len(chars))
