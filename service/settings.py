@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(30.0, gt=0, description="time a client has to send a request's body once its headers are in; then the connection closes")
     send_timeout_s: float = Field(60.0, gt=0, description="time a response may wait for a client that reads nothing; then the connection closes")
     keep_alive_s: float = Field(5.0, gt=0, description="an idle keep-alive connection closes after this")
+    chat_user_speaker: str = Field("FIRST CITIZEN", min_length=1, max_length=64,
+                                   description="/v1/chat/completions: the speaker a user's message is written as (the chat template)")
+    chat_assistant_speaker: str = Field("ROMEO", min_length=1, max_length=64,
+                                        description="/v1/chat/completions: the speaker whose next speech the model writes")
     stream_interval_ms: float = Field(20.0, ge=0, le=1000, description="characters generated within this window go out as one SSE event; 0: one event per step")
     session_ttl_s: float = Field(600.0, gt=0, description="idle time after which a session expires")
     max_session_ttl_s: float = Field(86_400.0, gt=0)

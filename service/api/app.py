@@ -30,7 +30,8 @@ from . import docs, errors, openapi
 from .auth import APIKeyAuth
 from .bridge import make_deliver
 from .limits import BodyLimit
-from .routes import generate, playground, probes, score, sessions, v1
+from ..engine import constraints
+from .routes import generate, playground, probes, score, sessions, tokenizer, v1
 
 log = logging.getLogger("charlstm.api")
 
@@ -111,6 +112,7 @@ async def lifespan(app: FastAPI):
         engine.begin_shutdown(settings.shutdown_grace_s)
         await asyncio.to_thread(engine.wait_idle, settings.shutdown_grace_s + 5.0)
         await asyncio.to_thread(engine.stop)
+        await asyncio.to_thread(constraints.COMPILER.close)  # the pattern compiler's child process, if one started
         if session_db is not None:
             saved = session_store.all_records()
             await asyncio.to_thread(session_db.write, saved, [], True)
@@ -219,6 +221,7 @@ def create_app(settings: Settings | None = None, loaded: store.LoadedModel | Non
     app.include_router(probes.router)
     app.include_router(score.router)
     app.include_router(v1.router)
+    app.include_router(tokenizer.router)
     app.include_router(docs.router)  # /docs and /redoc with assets served from the package, not a CDN
     app.mount(docs.ASSETS_URL, docs.assets(), name="docs-assets")
     app.include_router(playground.router)  # the page at /

@@ -15,6 +15,7 @@ state with nothing after it ends the row after its character. Either end is fini
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,17 +49,26 @@ class Constraint:
 
 def _build(kind: str, source: str, transitions: list[dict[int, int]], finals: set[int], vocab_size: int) -> Constraint:
     """From raw transitions (state -> {char id: state}, state 0 the start) to a Constraint over the states
-    that can still reach a final state."""
-    live = set(finals)
-    changed = True
-    while changed:  # backward reachability, small automata: a fixed point over the edges
-        changed = False
-        for s, edges in enumerate(transitions):
-            if s not in live and any(t in live for t in edges.values()):
+    that the start reaches and that can still reach a final state."""
+    into: list[list[int]] = [[] for _ in transitions]  # reverse edges
+    for s, edges in enumerate(transitions):
+        for t in set(edges.values()):
+            into[t].append(s)
+    live, frontier = set(finals), list(finals)
+    while frontier:  # every state from which a final state can be reached
+        for s in into[frontier.pop()]:
+            if s not in live:
                 live.add(s)
-                changed = True
+                frontier.append(s)
     if 0 not in live:
         raise ConstraintError(f"{kind}: no text made of the model's characters matches {source!r}")
+    reached, frontier = {0}, [0]
+    while frontier:  # and that the start reaches through live states
+        for t in transitions[frontier.pop()].values():
+            if t in live and t not in reached:
+                reached.add(t)
+                frontier.append(t)
+    live &= reached
     order = {s: i for i, s in enumerate(sorted(live))}  # the start stays 0
     S = len(order)
     nxt = np.full((S, vocab_size), -1, dtype=np.int32)  # (S, V)
@@ -73,13 +83,11 @@ def _build(kind: str, source: str, transitions: list[dict[int, int]], finals: se
     return Constraint(kind, source, forbid, nxt, ~may_continue)
 
 
-def compile_regex(pattern: str, chars: list[str]) -> Constraint:
-    """A regular expression the whole generated text must match (Python's syntax, as interegular reads
-    it). chars: the vocabulary, by id."""
+def regex_transitions(pattern: str, chars: list[str]) -> tuple[list[dict[int, int]], set[int]]:
+    """interegular's automaton of `pattern` over the vocabulary's ids: (transitions, finals), state 0 the
+    start. Runs in the compile process (`compile_regex`): determinising a pattern can take exponential time."""
     import interegular
 
-    if len(pattern) > MAX_PATTERN_CHARS:
-        raise ConstraintError(f"regex: {len(pattern)} characters is more than {MAX_PATTERN_CHARS}")
     try:
         fsm = interegular.parse_pattern(pattern).to_fsm()
     except Exception as e:  # interegular's parse errors have no common base class
@@ -93,7 +101,50 @@ def compile_regex(pattern: str, chars: list[str]) -> Constraint:
         for c, symbol in enumerate(symbols):
             if symbol in edges:
                 transitions[index[s]][c] = index[edges[symbol]]
-    return _build("regex", pattern, transitions, {index[s] for s in fsm.finals}, len(chars))
+    return transitions, {index[s] for s in fsm.finals}
+
+
+class _Compiler:
+    """One child process that compiles patterns, killed and replaced when a pattern overruns its deadline
+    (a thread cannot be stopped, and a pattern like `(a|b)*a(a|b){14}` takes most of a minute)."""
+
+    def __init__(self):
+        self._pool = None
+        self._lock = threading.Lock()
+
+    def run(self, pattern: str, chars: list[str], timeout_s: float):
+        import multiprocessing
+
+        with self._lock:  # one pattern at a time: the child is one core's worth of work
+            if self._pool is None:
+                self._pool = multiprocessing.get_context("spawn").Pool(1)
+            job = self._pool.apply_async(regex_transitions, (pattern, chars))
+            try:
+                return job.get(timeout_s)
+            except multiprocessing.TimeoutError:
+                self._pool.terminate()
+                self._pool = None
+                raise ConstraintError(f"regex: {pattern!r} did not compile within {timeout_s:g} s: "
+                                      "write a smaller pattern") from None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._pool is not None:
+                self._pool.terminate()
+                self._pool = None
+
+
+COMPILER = _Compiler()
+COMPILE_TIMEOUT_S = 3.0
+
+
+def compile_regex(pattern: str, chars: list[str], timeout_s: float = COMPILE_TIMEOUT_S) -> Constraint:
+    """A regular expression the whole generated text must match (Python's syntax, as interegular reads
+    it). chars: the vocabulary, by id. Blocks for up to `timeout_s` (call it off the event loop)."""
+    if len(pattern) > MAX_PATTERN_CHARS:
+        raise ConstraintError(f"regex: {len(pattern)} characters is more than {MAX_PATTERN_CHARS}")
+    transitions, finals = COMPILER.run(pattern, chars, timeout_s)
+    return _build("regex", pattern, transitions, finals, len(chars))
 
 
 def compile_choices(choices: list[str], chars: list[str]) -> Constraint:

@@ -122,6 +122,79 @@ class CompletionRequest(_Strict):
             stream=bool(self.stream), structured=self.structured_outputs, max_tokens_param="max_tokens", unknown_hint="")
 
 
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"] = Field(description="system and developer messages become "
+                                                                                  "the prologue; the others speeches")
+    content: str | Annotated[list[TextPart], Field(max_length=256)] = Field(description="text, or a list of text parts")
+    name: str | None = Field(None, max_length=256, description="accepted and ignored (the speakers are set in `speakers`)")
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+
+class Speakers(_Strict):
+    user: str | None = Field(None, min_length=1, max_length=64, description="the speaker of the user's messages")
+    assistant: str | None = Field(None, min_length=1, max_length=64, description="the speaker whose speech the model writes")
+
+
+class ChatCompletionRequest(_Strict):
+    model: str = Field(description="`name@version` from /v1/models, or the bare name")
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=1024)]
+    max_tokens: Int(ge=0, le=1_000_000) | None = Field(None, description="characters to generate (deprecated by OpenAI "
+                                                        "for max_completion_tokens); default in /info")
+    max_completion_tokens: Int(ge=0, le=1_000_000) | None = Field(None, description="characters to generate")
+    temperature: float | None = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False, description="0 means greedy")
+    top_p: float | None = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    n: Int(ge=1, le=128) | None = Field(1, description="choices")
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    logprobs: bool | None = Field(False, description="each generated character's log-probability")
+    top_logprobs: Int(ge=0, le=MAX_TOP_LOGPROBS) | None = Field(None, description="with logprobs: this many most likely "
+                                                                "alternatives at each position")
+    stop: StopList = Field(default_factory=list, description="up to 4 strings; the speech also ends at a blank line")
+    seed: Int(ge=0, le=MAX_SEED) | None = Field(None, description="same seed, same text (as /generate with the rendered "
+                                                "prompt); choice i uses seed + i")
+    presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    user: str | None = Field(None, description="accepted and ignored")
+    # extensions, as vLLM takes them through the body (the `openai` client's extra_body)
+    speakers: Speakers | None = Field(None, description="extension: the speakers of this conversation (defaults in /info "
+                                      "and /tokenizer_info)")
+    top_k: Int(ge=-1, le=1_000_000) | None = Field(None, description="extension: keep the k most likely characters; 0 or -1 means off")
+    repetition_penalty: float | None = Field(None, gt=0.0, le=100.0, allow_inf_nan=False,
+                                             description="extension: divides the logits of characters already in the prompt or text")
+    unknown_chars: Literal["error", "skip", "replace"] = Field("error", description="extension: characters of the messages "
+                                                               "outside the vocabulary: error (400), skip or replace them")
+    replacement: str = Field(" ", min_length=1, max_length=1, description="extension: with unknown_chars=replace")
+    structured_outputs: StructuredOutputs | None = Field(None, description="extension (vLLM's): constrain the reply to a "
+                                                         "regex or a list of choices")
+
+    def to_inputs(self, prompt: str, default_max_tokens: int):
+        """This request as the engine's inputs, its messages already rendered by the chat template."""
+        from ..validate import EngineInputs
+
+        if self.top_logprobs and not self.logprobs:
+            from ..errors import APIError
+
+            raise APIError(400, "invalid_field", "top_logprobs: needs logprobs: true", "top_logprobs")
+        top_k = self.top_k if self.top_k is not None and self.top_k > 0 else None
+        max_tokens = next((v for v in (self.max_completion_tokens, self.max_tokens) if v is not None), default_max_tokens)
+        return EngineInputs(
+            prompts=[prompt], n=self.n or 1, max_tokens=max_tokens,
+            sampling={**self.model_dump(include={"temperature", "top_p", "repetition_penalty", "presence_penalty",
+                                                 "frequency_penalty", "top_logprobs"}), "top_k": top_k},
+            seed=self.seed, stop=tuple(self.stop), protocol_stop=("\n\n",), logprobs=bool(self.logprobs), stream=bool(self.stream),
+            unknown_chars=self.unknown_chars, replacement=self.replacement, structured=self.structured_outputs,
+            prompt_param="messages", max_tokens_param="max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens",
+            unknown_hint=" (or send unknown_chars: skip or replace)")
+
+
 # ---------------------------------------------------------------- responses
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
@@ -150,6 +223,41 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: CompletionUsage | None = None
+
+
+class ChatLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(ChatLogprob):
+    top_logprobs: list[ChatLogprob]
+
+
+class ChatChoiceLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: ChatChoiceLogprobs | None
+    finish_reason: Literal["length", "stop"]
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: CompletionUsage
 
 
 class ModelCard(BaseModel):

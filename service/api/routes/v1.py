@@ -1,11 +1,13 @@
-"""The OpenAI-compatible routes: GET /v1/models and POST /v1/completions (see service/api/openai/)."""
+"""The OpenAI-compatible routes: GET /v1/models, POST /v1/completions and /v1/chat/completions (see service/api/openai/)."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
 from ..deps import EngineDep, JSONBody, ModelDep, SessionsDep, SettingsDep
-from ..openai.protocol import STREAM_RESPONSE, V1_PREFIX, CompletionRequest, CompletionResponse, ModelList, OpenAIErrorResponse
+from ..openai.chat import create_chat_completion as serve_chat
+from ..openai.protocol import (STREAM_RESPONSE, V1_PREFIX, ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
+                               CompletionResponse, ModelList, OpenAIErrorResponse)
 from ..openai.completions import create_completion as serve_completion
 from ..openai.serving import OpenAIServingModels
 
@@ -27,3 +29,13 @@ async def create_completion(body: CompletionRequest, request: Request, engine: E
     """OpenAI's legacy Completions API, one token per character. With `stream: true`: `data:` chunks,
     then `data: [DONE]`. Extensions through the body: `top_k`, `repetition_penalty`, `session_id`."""
     return await serve_completion(body, request, engine, sessions, loaded, settings)
+
+
+@router.post("/chat/completions", response_model=ChatCompletionResponse, responses={**ERRORS, **STREAM_RESPONSE},
+             dependencies=[JSONBody])
+async def create_chat_completion(body: ChatCompletionRequest, request: Request, engine: EngineDep, loaded: ModelDep,
+                                 settings: SettingsDep):
+    """OpenAI's Chat Completions over a play-script template (see /tokenizer_info's `chat_template`): each
+    message is a speech, and the model writes the assistant's next one. Extensions through the body:
+    `speakers`, `top_k`, `repetition_penalty`, `unknown_chars`, `structured_outputs`."""
+    return await serve_chat(body, request, engine, loaded, settings)
