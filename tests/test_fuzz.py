@@ -18,7 +18,7 @@ from .test_api import assert_error
 
 @pytest.fixture(scope="module")
 def fuzz_server(trained_store):
-    srv = Server(trained_store, max_new_tokens=256, max_queue=1000)
+    srv = Server(trained_store, max_new_tokens=256, max_queue=1000, chat_user_speaker="KING")
     yield srv
     srv.stop()
 

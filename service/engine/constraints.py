@@ -15,6 +15,7 @@ state with nothing after it ends the row after its character. Either end is fini
 
 from __future__ import annotations
 
+import atexit
 import threading
 from dataclasses import dataclass
 
@@ -135,6 +136,7 @@ class _Compiler:
 
 
 COMPILER = _Compiler()
+atexit.register(COMPILER.close)  # a pool left to the interpreter's teardown complains as it goes
 COMPILE_TIMEOUT_S = 3.0
 
 
