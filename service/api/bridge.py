@@ -24,9 +24,10 @@ class Channel:
     `on_done` post-processes the stream's Done before the handler sees it (a session call commits
     there). It runs as a task of its own, so it completes even when the client has gone away."""
 
-    def __init__(self, on_done: Callable[[Done], Awaitable[Done]] | None = None) -> None:
+    def __init__(self, on_done: Callable[[Done], Awaitable[Done]] | None = None, wakeup: asyncio.Event | None = None) -> None:
+        """wakeup: an event shared by the channels of one request, set whenever any of them gets events."""
         self._events: list = []
-        self._wakeup = asyncio.Event()
+        self._wakeup = wakeup or asyncio.Event()
         self._on_done = on_done
 
     def push(self, events: list) -> None:
@@ -48,6 +49,11 @@ class Channel:
             done = replace(done, finish_reason="error", state=None, error=f"{getattr(e, 'type', 'internal_error')}: {e}")
         self._events.append(done)
         self._wakeup.set()
+
+    def take(self) -> list:
+        """Whatever has arrived (maybe nothing), without waiting."""
+        out, self._events = self._events, []
+        return out
 
     async def drain(self) -> list:
         while not self._events:

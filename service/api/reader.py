@@ -38,32 +38,31 @@ class Responses:
         """Submit every choice, or none (a refusal raises here, before anything is sent): the engine counts
         them as one request. `on_done` finishes a stream before its Done is read (a session commits there)."""
         self.engine, self.choices = engine, choices
+        self._wakeup = asyncio.Event()  # set when any choice's channel gets events
         for choice in choices:
-            choice.channel = Channel(on_done)
+            choice.channel = Channel(on_done, self._wakeup)
         streams = engine.submit_all([(choice.request, choice.channel) for choice in choices])
         for choice, stream in zip(choices, streams):
             choice.stream = stream
 
     async def __aiter__(self) -> AsyncIterator[list[tuple[Choice, list]]]:
-        """Rounds of (choice, its new events), in choice order, until every choice has its Done."""
-        pending = {asyncio.ensure_future(c.channel.drain()): c for c in self.choices}
-        try:
-            while pending:
-                ready, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                round_ = []
-                for future in sorted(ready, key=lambda f: pending[f].index):
-                    choice = pending.pop(future)
-                    events = future.result()
-                    for event in events:
-                        if isinstance(event, Done):
-                            choice.done = event
-                    if choice.done is None:
-                        pending[asyncio.ensure_future(choice.channel.drain())] = choice
-                    round_.append((choice, events))
-                yield round_
-        finally:
-            for future in pending:
-                future.cancel()
+        """Rounds of (choice, its new events), in choice order, until every choice has its Done. A round
+        holds everything that arrived since the last one was taken: a reader that pauses between rounds
+        (the SSE writer's interval) gets the characters of the pause together."""
+        while True:
+            open_ = [c for c in self.choices if c.done is None]
+            if not open_:
+                return
+            round_ = [(c, events) for c in open_ if (events := c.channel.take())]
+            if not round_:
+                self._wakeup.clear()  # nothing has arrived: no await between this check and the wait
+                await self._wakeup.wait()
+                continue
+            for choice, events in round_:
+                for event in events:
+                    if isinstance(event, Done):
+                        choice.done = event
+            yield round_
 
     async def all(self, request: Request) -> list[Done]:
         """Every choice's Done; a client that leaves first cancels them all (499)."""
