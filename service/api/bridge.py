@@ -55,13 +55,6 @@ class Channel:
         out, self._events = self._events, []
         return out
 
-    async def drain(self) -> list:
-        while not self._events:
-            self._wakeup.clear()
-            await self._wakeup.wait()
-        out, self._events = self._events, []
-        return out
-
 
 def make_deliver(loop: asyncio.AbstractEventLoop):
     """The engine's `deliver`: called on the engine thread with every listener's events of one step."""

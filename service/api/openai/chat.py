@@ -31,8 +31,6 @@ from . import protocol
 from .protocol import ChatCompletionRequest, ChatMessage
 from .serving import OpenAIServingModels, check_choices, failure, raise_if_failed, usage
 
-SPEECH_END = "\n\n"  # a blank line ends a speech in the corpus's layout
-
 TEMPLATE = """{%- set speakers = speakers if speakers is defined else DEFAULTS -%}
 {%- for message in messages -%}
 {%- if message['role'] in ('system', 'developer') -%}
@@ -152,6 +150,8 @@ def _entry(token: str, logprob: float) -> dict:
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, engine: Engine, loaded: LoadedModel,
                                  settings: Settings):
     model = OpenAIServingModels(loaded).resolve(body.model)
+    if body.top_logprobs and not body.logprobs:
+        raise APIError(400, "invalid_field", "top_logprobs: needs logprobs: true", "top_logprobs")
     prompt = render(body.messages, speakers_for(body.speakers, settings, loaded), settings)
     inputs = body.to_inputs(prompt, settings.default_max_new_tokens)
     check_choices(inputs.n, 1, settings)

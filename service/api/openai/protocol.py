@@ -17,6 +17,7 @@ from ..fields import Int, StructuredOutputs
 V1_PREFIX = "/v1"
 MAX_TOP_LOGPROBS = 5  # OpenAI's own bound on `logprobs`
 MAX_STOP = 4  # OpenAI's bound on stop sequences
+SPEECH_END = "\n\n"  # a blank line ends a speech in the corpus's layout (chat.py)
 
 
 def is_v1(path: str) -> bool:
@@ -65,6 +66,15 @@ TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=1_000_0
 TokenPromptList = Annotated[list[TokenIds], Field(min_length=1, max_length=1024)]
 
 
+# The sampling fields completions and chat share, with OpenAI's bounds (and vLLM's extensions).
+Temperature = Annotated[float | None, Field(ge=0.0, le=2.0, allow_inf_nan=False, description="0 means greedy")]
+TopP = Annotated[float | None, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
+Penalty = Annotated[float | None, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]
+TopK = Annotated[Int(ge=-1, le=1_000_000) | None, Field(description="extension: keep the k most likely characters; 0 or -1 means off")]
+RepetitionPenalty = Annotated[float | None, Field(gt=0.0, le=100.0, allow_inf_nan=False,
+                                                  description="extension: divides the logits of characters already in the prompt or text")]
+
+
 class StreamOptions(_Strict):
     include_usage: bool = Field(False, description="send a last chunk with `usage` and no choices before [DONE]")
 
@@ -75,8 +85,8 @@ class CompletionRequest(_Strict):
         description="a string, a list of strings, token ids (a list of integers: see /tokenize) or a list of such lists: "
                     "one set of `n` choices per prompt")
     max_tokens: Int(ge=0, le=1_000_000) | None = Field(16, description="characters to generate; 0 with `echo` scores the prompt")
-    temperature: float | None = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False, description="0 means greedy")
-    top_p: float | None = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
     n: Int(ge=1, le=128) | None = Field(1, description="choices per prompt")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -87,13 +97,12 @@ class CompletionRequest(_Strict):
     stop: StopList = Field(default_factory=list, description="up to 4 strings; generation ends before the first one")
     seed: Int(ge=0, le=MAX_SEED) | None = Field(None, description="same seed, same text (as /generate); choice i of a "
                                                 "prompt uses seed + i")
-    presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
-    frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
     user: str | None = Field(None, description="accepted and ignored")
     # extensions, as vLLM takes them through the body (the `openai` client's extra_body)
-    top_k: Int(ge=-1, le=1_000_000) | None = Field(None, description="extension: keep the k most likely characters; 0 or -1 means off")
-    repetition_penalty: float | None = Field(None, gt=0.0, le=100.0, allow_inf_nan=False,
-                                             description="extension: divides the logits of characters already in the prompt or text")
+    top_k: TopK = None
+    repetition_penalty: RepetitionPenalty = None
     session_id: str | None = Field(None, min_length=1, max_length=256,
                                    description="extension: continue a native session (one prompt, n = 1); the session advances")
     structured_outputs: StructuredOutputs | None = Field(None, description="extension (vLLM's): constrain the text to a "
@@ -149,8 +158,8 @@ class ChatCompletionRequest(_Strict):
     max_tokens: Int(ge=0, le=1_000_000) | None = Field(None, description="characters to generate (deprecated by OpenAI "
                                                         "for max_completion_tokens); default in /info")
     max_completion_tokens: Int(ge=0, le=1_000_000) | None = Field(None, description="characters to generate")
-    temperature: float | None = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False, description="0 means greedy")
-    top_p: float | None = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
     n: Int(ge=1, le=128) | None = Field(1, description="choices")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -160,15 +169,14 @@ class ChatCompletionRequest(_Strict):
     stop: StopList = Field(default_factory=list, description="up to 4 strings; the speech also ends at a blank line")
     seed: Int(ge=0, le=MAX_SEED) | None = Field(None, description="same seed, same text (as /generate with the rendered "
                                                 "prompt); choice i uses seed + i")
-    presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
-    frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
     user: str | None = Field(None, description="accepted and ignored")
     # extensions, as vLLM takes them through the body (the `openai` client's extra_body)
     speakers: Speakers | None = Field(None, description="extension: the speakers of this conversation (defaults in /info "
                                       "and /tokenizer_info)")
-    top_k: Int(ge=-1, le=1_000_000) | None = Field(None, description="extension: keep the k most likely characters; 0 or -1 means off")
-    repetition_penalty: float | None = Field(None, gt=0.0, le=100.0, allow_inf_nan=False,
-                                             description="extension: divides the logits of characters already in the prompt or text")
+    top_k: TopK = None
+    repetition_penalty: RepetitionPenalty = None
     unknown_chars: Literal["error", "skip", "replace"] = Field("error", description="extension: characters of the messages "
                                                                "outside the vocabulary: error (400), skip or replace them")
     replacement: str = Field(" ", min_length=1, max_length=1, description="extension: with unknown_chars=replace")
@@ -179,17 +187,13 @@ class ChatCompletionRequest(_Strict):
         """This request as the engine's inputs, its messages already rendered by the chat template."""
         from ..validate import EngineInputs
 
-        if self.top_logprobs and not self.logprobs:
-            from ..errors import APIError
-
-            raise APIError(400, "invalid_field", "top_logprobs: needs logprobs: true", "top_logprobs")
         top_k = self.top_k if self.top_k is not None and self.top_k > 0 else None
         max_tokens = next((v for v in (self.max_completion_tokens, self.max_tokens) if v is not None), default_max_tokens)
         return EngineInputs(
             prompts=[prompt], n=self.n or 1, max_tokens=max_tokens,
             sampling={**self.model_dump(include={"temperature", "top_p", "repetition_penalty", "presence_penalty",
                                                  "frequency_penalty", "top_logprobs"}), "top_k": top_k},
-            seed=self.seed, stop=tuple(self.stop), protocol_stop=("\n\n",), logprobs=bool(self.logprobs), stream=bool(self.stream),
+            seed=self.seed, stop=tuple(self.stop), protocol_stop=(SPEECH_END,), logprobs=bool(self.logprobs), stream=bool(self.stream),
             unknown_chars=self.unknown_chars, replacement=self.replacement, structured=self.structured_outputs,
             prompt_param="messages", max_tokens_param="max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens",
             unknown_hint=" (or send unknown_chars: skip or replace)")
