@@ -19,7 +19,7 @@ _finishing: set[asyncio.Task] = set()  # keeps finishing tasks alive after their
 
 
 class Channel:
-    """One request's inbox on the event loop; the engine pushes, the handler drains.
+    """One request's inbox on the event loop; the engine pushes, the reader takes (service/api/reader.py).
 
     `on_done` post-processes the stream's Done before the handler sees it (a session call commits
     there). It runs as a task of its own, so it completes even when the client has gone away."""
