@@ -184,6 +184,8 @@ def _with_progress(path: str, chunks):
 
 # ---------------------------------------------------------------------------- sample
 def _add_sample(p: argparse.ArgumentParser) -> None:
+    from .backends.selector import CPU_BACKENDS
+    from .sample import DEFAULT_BACKEND
     from .sampling import SamplingParams
 
     d = SamplingParams()  # the server's defaults: one set, in one place
@@ -196,6 +198,10 @@ def _add_sample(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty, help=f"1 = off (default {d.repetition_penalty})")
     p.add_argument("--stop", action="append", default=[], help="end at this string (not printed); repeatable")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--regex", default=None, help="the generated text must match this regular expression (as structured_outputs.regex)")
+    p.add_argument("--choice", action="append", default=[], help="the generated text is one of these; repeatable (as structured_outputs.choice)")
+    p.add_argument("--backend", default=DEFAULT_BACKEND, choices=CPU_BACKENDS,
+                   help=f"the engine's compute backend (default {DEFAULT_BACKEND}: a server on another backend draws other bits)")
     _add_unknown_chars(p)
     from . import session_file
 
@@ -204,10 +210,7 @@ def _add_sample(p: argparse.ArgumentParser) -> None:
 
 def _cmd_sample(args) -> int:
     from . import session_file
-
-    if session_file.wants_session(args):
-        return session_file.sample_session(args)
-    from .generate import generate_text
+    from .sample import sample
     from .sampling import MAX_SEED
 
     _check_replacement(args)
@@ -217,15 +220,12 @@ def _cmd_sample(args) -> int:
         raise ValueError("need --temperature >= 0, --top-k >= 0, 0 < --top-p <= 1 and --repetition-penalty > 0")
     if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
         raise ValueError(f"--seed must be in [0, {MAX_SEED}], got {args.seed}")
+    if session_file.wants_session(args):
+        return session_file.sample_session(args)
     loaded = store.load(args.model or store.default_model(args.store), args.store)
     ids, unknown = loaded.vocab.encode_with_policy(args.prompt, args.unknown_chars, args.replacement)
     _report_unknown(args, unknown)
-    for piece in generate_text(loaded.model, loaded.vocab, loaded.vocab.decode(ids), args.length,
-                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                               repetition_penalty=args.repetition_penalty, stop=tuple(args.stop), seed=args.seed):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+    sample(loaded, args, ids)
     return 0
 
 

@@ -17,19 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 from . import store
 from .engine import session_blob
-from .engine.engine import Engine
-from .backends import build
 from .engine.session_blob import InvalidSessionBlob, SessionValue
-from .engine.types import Done, GenerationRequest, Token
-from .sampling import SamplingParams
+from .engine.types import GenerationRequest
+from .sample import DEFAULT_BACKEND, constraint, print_text, run, sampling_params
 
 DEFAULT_SESSION_DB = "data/sessions.sqlite3"  # the server's default `session_db` (service/settings.py)
 
@@ -85,24 +80,6 @@ def write_export(path: str, model: str, value: SessionValue, key: bytes) -> None
     Path(path).write_text(json.dumps(export, indent=2) + "\n", encoding="utf-8")
 
 
-def generate(engine: Engine, request: GenerationRequest) -> Iterator[Token | Done]:
-    """One request through a running engine: its tokens as they come, then its Done."""
-    events: queue.SimpleQueue = queue.SimpleQueue()
-    engine.submit(request, lambda batch: [events.put(e) for e in batch])
-    while True:
-        event = events.get()
-        yield event
-        if isinstance(event, Done):
-            return
-
-
-def sampling_params(args) -> SamplingParams:
-    """The controls the command line gives; any it lacks stay at the server's defaults."""
-    d = SamplingParams()
-    return SamplingParams(**{name: getattr(args, name, getattr(d, name)) for name in
-                             ("temperature", "top_k", "top_p", "repetition_penalty")})
-
-
 def sample_session(args) -> int:
     """`charlstm sample` with --session-in and/or --session-out."""
     key = read_key(args)
@@ -130,19 +107,8 @@ def sample_session(args) -> int:
         state, position = value.state, value.position
     request = GenerationRequest(prompt_ids=prompt_ids, max_new_tokens=args.length, params=sampling_params(args),
                                 seed=seed, counter=counter, state=state, stop=tuple(getattr(args, "stop", None) or ()),
-                                return_state=True)
-    engine = Engine(build("torch", loaded.model), loaded.vocab)
-    engine.start()
-    try:
-        for event in generate(engine, request):
-            if isinstance(event, Token):
-                sys.stdout.write(event.text)
-                sys.stdout.flush()
-            else:
-                done = event
-    finally:
-        engine.stop()
-    sys.stdout.write("\n")
+                                constraint=constraint(args, loaded), return_state=True)
+    done = print_text(run(loaded, request, getattr(args, "backend", DEFAULT_BACKEND)))
     if not done.completed:
         raise ValueError(f"generation did not complete ({done.finish_reason}): {done.error or 'no session written'}")
     if args.session_out:

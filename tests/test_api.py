@@ -96,10 +96,10 @@ def test_greedy_ignores_the_seed_and_filters_narrow_the_choice(server):
     assert penalised != a
 
 
-def test_generate_matches_the_command_line_sampler(server, tiny_model):
-    from service.generate import generate_text
+def test_generate_matches_the_single_stream_reference(server, tiny_model):
+    from .reference import reference_text
 
-    expected = "".join(generate_text(tiny_model.model, tiny_model.vocab, "JULIET:", 60, temperature=0.7, top_k=10, seed=21))
+    expected = "".join(reference_text(tiny_model.model, tiny_model.vocab, "JULIET:", 60, temperature=0.7, top_k=10, seed=21))
     assert gen(server, prompt="JULIET:", max_new_tokens=60, temperature=0.7, top_k=10, seed=21)["text"] == expected
 
 

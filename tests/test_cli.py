@@ -3,6 +3,7 @@ sampling with the server's defaults and controls, and the unknown-character poli
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -12,7 +13,7 @@ import pytest
 
 from service import store
 from service.evaluate import read_chunks, score_chunks
-from service.generate import generate_text
+from .reference import reference_text
 from service.sampling import SamplingParams
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -123,13 +124,29 @@ def test_sample_defaults_are_the_servers():
 
 
 @pytest.mark.parametrize("prompt", ["", "KING:\n"])
-def test_sample_equals_generate_text_with_the_same_options(trained_store, tiny_model, prompt):
+def test_sample_equals_the_single_stream_reference(trained_store, tiny_model, prompt):
     options = dict(temperature=0.9, top_k=12, top_p=0.95, repetition_penalty=1.3)
     out = run("sample", "--store", str(trained_store), "--model", "tiny", "--prompt", prompt, "--length", "120",
               "--seed", "42", "--temperature", "0.9", "--top-k", "12", "--top-p", "0.95", "--repetition-penalty", "1.3")
     assert out.returncode == 0, out.stderr
-    expected = "".join(generate_text(tiny_model.model, tiny_model.vocab, prompt, 120, seed=42, **options))
+    expected = "".join(reference_text(tiny_model.model, tiny_model.vocab, prompt, 120, seed=42, **options))
     assert out.stdout == expected + "\n" and len(expected) == 120
+
+
+def test_sample_takes_the_servers_constraints(server, trained_store):
+    """--regex and --choice run through the engine's constraint control, as structured_outputs does."""
+    pattern = r"[A-Z][a-z]+(, [a-z]+)*[.!?]"
+    out = run("sample", "--store", str(trained_store), "--model", "tiny", "--prompt", "KING:\n", "--length", "80",
+              "--seed", "5", "--regex", pattern)
+    served = httpx.post(server.url + "/generate", json={"prompt": "KING:\n", "max_new_tokens": 80, "seed": 5,
+                                                        "structured_outputs": {"regex": pattern}}, timeout=30).json()
+    assert out.returncode == 0 and out.stdout == served["text"] + "\n", out.stderr
+    assert re.fullmatch(pattern, served["text"])
+    out = run("sample", "--store", str(trained_store), "--model", "tiny", "--length", "20", "--seed", "2",
+              "--choice", "KING", "--choice", "FOOL")
+    assert out.returncode == 0 and out.stdout in ("KING\n", "FOOL\n"), out.stderr
+    out = run("sample", "--store", str(trained_store), "--model", "tiny", "--regex", "7+")
+    assert out.returncode != 0 and "regex" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_sample_draws_what_the_server_draws(server, trained_store):
@@ -175,7 +192,7 @@ def test_unknown_characters_follow_the_policy(trained_store, tiny_model, tmp_pat
     assert out.returncode == 2 and "replacement must be one character of the vocabulary" in out.stderr
     out = run("sample", "--store", str(trained_store), "--model", "tiny", "--prompt", "KING {1}:", "--length", "30",
               "--seed", "3", "--unknown-chars", "skip")
-    skipped = "".join(generate_text(tiny_model.model, vocab, "KING :", 30, seed=3))
+    skipped = "".join(reference_text(tiny_model.model, vocab, "KING :", 30, seed=3))
     assert out.returncode == 0 and out.stdout == skipped + "\n", out.stderr
     assert "3 character(s) outside the vocabulary skipped" in out.stderr
 

@@ -10,9 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from service import store
+from service import sample, store
+from service.engine.types import Done, GenerationRequest
+from service.sampling import SamplingParams
 from service.evaluate import read_chunks, score_chunks, score_text
-from service.generate import generate_text
+from .reference import reference_text
 from service.train import BEST_WEIGHTS, SELECTION_RULE, Trainer, TrainConfig, lr_at, run_training, selection_rule
 
 from .conftest import make_play, tiny_config
@@ -92,9 +94,12 @@ def test_learning_rate_warms_up_then_decays(play_file, tmp_path):
 
 
 def test_sampling_is_seeded(tiny_model):
-    a = "".join(generate_text(tiny_model.model, tiny_model.vocab, "KING:\n", 80, temperature=0.8, seed=3))
-    b = "".join(generate_text(tiny_model.model, tiny_model.vocab, "KING:\n", 80, temperature=0.8, seed=3))
-    c = "".join(generate_text(tiny_model.model, tiny_model.vocab, "KING:\n", 80, temperature=0.8, seed=4))
+    def text(seed: int) -> str:
+        request = GenerationRequest(prompt_ids=tiny_model.vocab.encode("KING:\n"), max_new_tokens=80,
+                                    params=SamplingParams(temperature=0.8), seed=seed)
+        return [e for e in sample.run(tiny_model, request) if isinstance(e, Done)][0].text
+
+    a, b, c = text(3), text(3), text(4)
     assert a == b != c and len(a) == 80 and set(a) <= set(tiny_model.vocab.chars)
 
 
@@ -117,7 +122,7 @@ def test_cli_evaluate_sample_and_models(trained_store, tiny_model, play_file, tm
     first = cli("sample", "--model", "tiny", "--prompt", "ROMEO:", "--length", "60", "--seed", "11", store_root=trained_store)
     again = cli("sample", "--model", "tiny", "--prompt", "ROMEO:", "--length", "60", "--seed", "11", store_root=trained_store)
     assert first.returncode == 0 and first.stdout == again.stdout and len(first.stdout) == 61
-    expected_text = "".join(generate_text(tiny_model.model, tiny_model.vocab, "ROMEO:", 60, seed=11))  # server defaults
+    expected_text = "".join(reference_text(tiny_model.model, tiny_model.vocab, "ROMEO:", 60, seed=11))  # server defaults
     assert first.stdout == expected_text + "\n"
 
     listing = cli("models", store_root=trained_store)

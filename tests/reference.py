@@ -1,9 +1,9 @@
-"""Single-stream generation for the command line, like char-rnn's sample.lua.
+"""The tests' oracle: one stream sampled by a plain loop over the model, like char-rnn's sample.lua.
 
-The sampler holds the state and passes it in; the prompt primes that same state in one call.
-It draws its random numbers, applies its controls and starts an empty prompt exactly as the serving
-engine does (the start character "\n", the counter from 0, penalties over the prompt and the text),
-so a seed means the same text here and from the server.
+It shares nothing with the engine but the model and the sampling function: it draws its random numbers,
+applies its controls and starts an empty prompt as the engine is meant to (the start character "\n",
+the counter from 0, penalties over the prompt and the text), so a server or `charlstm sample` that
+batches, slices prompts or pads rows must still give this text for a seed.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from .model import CharLSTM
-from .sampling import MAX_SEED, SamplingParams, sample_next, uniforms
-from .vocab import CharVocab
+from service.model import CharLSTM
+from service.sampling import MAX_SEED, SamplingParams, sample_next, uniforms
+from service.vocab import CharVocab
 
 START_CHAR = "\n"  # what the server feeds a fresh stream without a prompt
 
@@ -29,7 +29,7 @@ def start_id(vocab: CharVocab) -> int:
 
 
 @torch.no_grad()
-def generate_text(model: CharLSTM, vocab: CharVocab, prompt: str, length: int,
+def reference_text(model: CharLSTM, vocab: CharVocab, prompt: str, length: int,
                   temperature: float = _DEFAULTS.temperature, top_k: int = _DEFAULTS.top_k,
                   top_p: float = _DEFAULTS.top_p, repetition_penalty: float = _DEFAULTS.repetition_penalty,
                   stop: tuple[str, ...] = (), seed: int | None = None) -> Iterator[str]:
