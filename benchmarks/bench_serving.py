@@ -63,7 +63,7 @@ def main() -> None:
     loaded = store.load(args.model)
     print(f"model {loaded.name}@{loaded.version}: {loaded.model.num_parameters():,} parameters; raw loop "
           f"{args.threads} threads; service {args.service_threads} torch thread(s) and its default of "
-          f"{DEFAULT_STEP_WORKERS["torch"]} step workers; naive {args.threads} threads\n")
+          f"{DEFAULT_STEP_WORKERS['torch']} step workers; naive {args.threads} threads\n")
 
     # Side by side: each load point runs right after its two limits, so a drift in the machine's speed
     # (a shared host) falls on both sides of the ratio. The idle server waits on a condition meanwhile.

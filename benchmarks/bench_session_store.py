@@ -25,8 +25,8 @@ import httpx
 import torch
 
 from service import store
-from service.engine.redis_store import RedisSessionStore
-from service.engine.sessions import SessionRecord, new_session_id
+from service.sessions.redis_store import RedisSessionStore
+from service.sessions.records import SessionRecord, new_session_id
 
 from tests.redis_server import RedisServer
 
@@ -117,7 +117,7 @@ def bench_memory(model: str, redis_url: str, count: int) -> None:
 
 def bench_ops(model: str, redis_url: str, cycles: int) -> None:
     """One thread, no server: the store's own cost of one session call (lease, then commit)."""
-    from service.engine.memory_store import MemorySessionStore
+    from service.sessions.memory_store import MemorySessionStore
 
     loaded = store.load(model)
     cfg, fingerprint = loaded.model.config, loaded.card["weights_sha256"]

@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__
 from .engine.engine import Engine
-from .engine.sessions import SessionStore
+from .sessions.store import SessionStore
 from .settings import Settings
 from .store import LoadedModel
 

@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 from . import store
-from .engine import session_blob
-from .engine.session_blob import InvalidSessionBlob, SessionValue
+from .sessions import blob as session_blob
+from .sessions.blob import InvalidSessionBlob, SessionValue
 from .engine.types import GenerationRequest
 from .sample import DEFAULT_BACKEND, constraint, print_text, run, sampling_params
 

@@ -11,8 +11,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from service.engine.sessions import SessionRecord, new_session_id
-from service.engine.types import LeaseLost, SessionBusy, SessionNotFound, TooManySessions
+from service.sessions.records import SessionRecord, new_session_id
+from service.sessions.errors import LeaseLost, SessionBusy, SessionNotFound, TooManySessions
 
 from .server import wait_until
 

@@ -14,7 +14,7 @@ import json
 import httpx
 import pytest
 
-from service.engine.memory_store import MemorySessionStore
+from service.sessions.memory_store import MemorySessionStore
 
 from .inproc import InProcessServer
 from .server import wait_until

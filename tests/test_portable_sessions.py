@@ -18,8 +18,8 @@ import torch
 from httpx_sse import connect_sse
 
 from service import session_file
-from service.engine import session_blob
-from service.engine.session_blob import SessionValue
+from service.sessions import blob as session_blob
+from service.sessions.blob import SessionValue
 from service.settings import Settings
 
 from .server import ROOT, Server, wait_until

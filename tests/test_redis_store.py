@@ -8,9 +8,9 @@ import asyncio
 import pytest
 import torch
 
-from service.engine import session_blob
-from service.engine.redis_store import RedisSessionStore, StoreMismatch
-from service.engine.types import SessionStoreUnavailable
+from service.sessions import blob as session_blob
+from service.sessions.redis_store import RedisSessionStore, StoreMismatch
+from service.sessions.errors import SessionStoreUnavailable
 
 from .redis_server import RedisServer
 from .session_store_contract import FINGERPRINT, StoreContract, record
@@ -94,7 +94,7 @@ def test_a_replica_with_another_session_key_is_refused(make_store):
 
 
 def test_an_unreachable_redis_fails_fast_and_defers_the_marker_check():
-    from service.engine.session_calls import SessionCalls
+    from service.sessions.calls import SessionCalls
 
     from .server import free_port
 

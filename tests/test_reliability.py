@@ -10,7 +10,7 @@ import sqlite3
 import httpx
 import pytest
 
-from service.engine.session_db import SessionDB
+from service.sessions.snapshots import SessionDB
 
 from .server import Server, wait_until
 

@@ -7,8 +7,8 @@ import time
 import pytest
 import torch
 
-from service.engine.memory_store import MemorySessionStore
-from service.engine.session_db import SessionDB, SessionDBError
+from service.sessions.memory_store import MemorySessionStore
+from service.sessions.snapshots import SessionDB, SessionDBError
 
 from .session_store_contract import FINGERPRINT, StoreContract, record
 

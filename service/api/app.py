@@ -19,12 +19,12 @@ from sse_starlette.sse import AppStatus
 from .. import __version__, store
 from ..backends.selector import for_serving
 from ..engine.engine import Engine, EngineConfig
-from ..engine.memory_store import MemorySessionStore
-from ..engine.redis_store import RedisSessionStore, StoreMismatch, redacted
-from ..engine import session_blob
-from ..engine.session_calls import SessionCalls
-from ..engine.session_db import SessionDB, SessionDBError
-from ..engine.sessions import SessionStore
+from ..sessions.memory_store import MemorySessionStore
+from ..sessions.redis_store import RedisSessionStore, StoreMismatch, redacted
+from ..sessions import blob as session_blob
+from ..sessions.calls import SessionCalls
+from ..sessions.snapshots import SessionDB, SessionDBError
+from ..sessions.store import SessionStore
 from ..settings import Settings
 from . import docs, errors, openapi
 from .auth import APIKeyAuth

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from ..engine.engine import Engine
-from ..engine.session_calls import SessionCalls
+from ..sessions.calls import SessionCalls
 from ..settings import Settings
 from ..store import LoadedModel
 from .errors import APIError

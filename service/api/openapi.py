@@ -6,7 +6,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from ..engine.session_blob import text_chars
+from ..sessions.blob import text_chars
 from .openai.serving import OpenAIServingModels, choice_bounds
 
 

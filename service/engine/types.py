@@ -104,26 +104,3 @@ class EngineUnavailable(EngineError):
 
     type = "engine_error"
 
-
-class SessionNotFound(EngineError):
-    type = "session_not_found"
-
-
-class SessionBusy(EngineError):
-    type = "session_busy"
-
-
-class TooManySessions(EngineError):
-    type = "too_many_sessions"
-
-
-class LeaseLost(EngineError):
-    """A commit by someone who no longer holds the session's lease (it expired, or another took it)."""
-
-    type = "session_busy"
-
-
-class SessionStoreUnavailable(EngineError):
-    """The session store cannot be reached (for example Redis is down)."""
-
-    type = "session_store_unavailable"

@@ -14,7 +14,7 @@ import time
 from fastapi import Request
 
 from ...engine.engine import Engine
-from ...engine.session_calls import SessionCall, SessionCalls
+from ...sessions.calls import SessionCall, SessionCalls
 from ...engine.types import Alternatives, Done, PromptScored, Token
 from ...settings import Settings
 from ...store import LoadedModel

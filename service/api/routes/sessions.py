@@ -6,7 +6,7 @@ import contextlib
 
 from fastapi import APIRouter, Request, Response
 
-from ...engine import session_blob
+from ...sessions import blob as session_blob
 from ...engine.types import GenerationRequest
 from ..deps import EngineDep, JSONBody, ModelDep, SessionsDep, SettingsDep
 from ..errors import APIError

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .types import EngineError
+from ..engine.types import EngineError
 
 FORMAT = "charlstm-session/1"
 MAGIC = b"CLS1"

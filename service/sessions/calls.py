@@ -15,10 +15,12 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
-from . import session_blob
-from .session_blob import InvalidSessionBlob, SessionValue
-from .sessions import Lease, SessionRecord, SessionStore, new_session_id
-from .types import Done, EngineError, GenerationRequest, LeaseLost, SessionBusy, SessionStoreUnavailable
+from . import blob as session_blob
+from .blob import InvalidSessionBlob, SessionValue
+from .records import Lease, SessionRecord, new_session_id
+from .store import SessionStore
+from ..engine.types import Done, EngineError, GenerationRequest
+from .errors import LeaseLost, SessionBusy, SessionStoreUnavailable
 
 log = logging.getLogger("charlstm.sessions")
 

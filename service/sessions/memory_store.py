@@ -14,8 +14,9 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import replace
 
-from .sessions import Lease, RemovalCallback, SessionRecord, SessionStore
-from .types import LeaseLost, SessionBusy, SessionNotFound, TooManySessions
+from .records import Lease, SessionRecord
+from .store import RemovalCallback, SessionStore
+from .errors import LeaseLost, SessionBusy, SessionNotFound, TooManySessions
 
 
 class MemorySessionStore(SessionStore):

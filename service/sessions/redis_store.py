@@ -36,9 +36,10 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from . import session_blob
-from .sessions import Lease, RemovalCallback, SessionRecord, SessionStore
-from .types import LeaseLost, SessionBusy, SessionNotFound, TooManySessions
+from . import blob as session_blob
+from .records import Lease, SessionRecord
+from .store import RemovalCallback, SessionStore
+from .errors import LeaseLost, SessionBusy, SessionNotFound, TooManySessions
 
 log = logging.getLogger("charlstm.sessions")
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .sessions import SessionRecord
+from .records import SessionRecord
 
 log = logging.getLogger("charlstm.sessions")
 
