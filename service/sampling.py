@@ -16,6 +16,11 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 MAX_SEED = 2**53 - 1  # the largest integer every JSON client holds exactly
+# Below this temperature a row samples greedily (vLLM's floor): a logit divided by 1e-40 overflows float32
+# to inf, the softmax of inf is NaN, and a NaN distribution draws the vocabulary's last character for ever.
+MIN_TEMPERATURE = 1e-5
+# The repetition penalty's bounds (the protocols refuse others): at 1e-40 a logit overflows the same way.
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
 
 
 def _mix64(z: np.ndarray) -> np.ndarray:
@@ -37,13 +42,17 @@ def uniforms(seeds: np.ndarray, counters: np.ndarray) -> np.ndarray:
 class SamplingParams:
     """One stream's controls. The defaults switch every filter off (plain sampling at temperature 1)."""
 
-    temperature: float = 1.0  # 0 means greedy
+    temperature: float = 1.0  # 0 (anything below MIN_TEMPERATURE) means greedy
     top_k: int = 0  # 0 means off
     top_p: float = 1.0  # 1 means off
     repetition_penalty: float = 1.0  # 1 means off; applied to characters already in the stream's prompt or text
     presence_penalty: float = 0.0  # 0 means off; subtracted from the logit of every character generated so far
     frequency_penalty: float = 0.0  # 0 means off; subtracted once per time a character was generated so far
     top_logprobs: int = 0  # how many most likely alternatives to report at each position (0..5); never changes the draw
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < MIN_TEMPERATURE
 
 
 def sample_next(
@@ -106,9 +115,9 @@ def sample_next(
 
 
 def temperature_scale(temperature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """temperature (B,) -> (greedy (B,) bool: rows at temperature 0 or below, scale (B,): what each row's
+    """temperature (B,) -> (greedy (B,) bool: rows below MIN_TEMPERATURE, scale (B,): what each row's
     logits are divided by, its temperature, 1 for greedy rows (their pick is the argmax anyway))."""
-    greedy = temperature <= 0
+    greedy = temperature < MIN_TEMPERATURE
     return greedy, torch.where(greedy, torch.ones_like(temperature), temperature)
 
 

@@ -169,7 +169,7 @@ class DeviceBatch:
             raise RuntimeError(f"the batch is full ({self.capacity} rows)")
         r = self.size
         self.state[:, :, r] = state.to(self.device)
-        greedy = params.temperature <= 0
+        greedy = params.greedy
         self.temperature[r], self.scale[r], self.greedy[r] = params.temperature, 1.0 if greedy else params.temperature, greedy
         self.top_k[r], self.top_p[r], self.penalty[r] = params.top_k, params.top_p, params.repetition_penalty
         self.presence[r], self.frequency[r] = params.presence_penalty, params.frequency_penalty

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
-from ...sampling import MAX_SEED
+from ...sampling import MAX_REPETITION_PENALTY, MAX_SEED, MIN_REPETITION_PENALTY, MIN_TEMPERATURE
 from ..fields import Int, StructuredOutputs
 
 
@@ -30,10 +30,11 @@ class _Strict(BaseModel):
 class GenerateRequest(_Strict):
     prompt: str = Field("", description="text to continue; may be empty. Every character must be in the model's vocabulary")
     max_new_tokens: Int(ge=0, le=1_000_000) | None = Field(None, description="characters to generate (a token is one character); default in /info")
-    temperature: float = Field(1.0, ge=0.0, le=100.0, allow_inf_nan=False, description="0 means greedy")
+    temperature: float = Field(1.0, ge=0.0, le=100.0, allow_inf_nan=False,
+                               description=f"0 (or anything below {MIN_TEMPERATURE:g}) means greedy")
     top_k: Int(ge=0, le=1_000_000) = Field(0, description="keep the k most likely characters; 0 means off")
     top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False, description="nucleus sampling; 1 means off")
-    repetition_penalty: float = Field(1.0, gt=0.0, le=100.0, allow_inf_nan=False,
+    repetition_penalty: float = Field(1.0, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY, allow_inf_nan=False,
                                       description="divides the logits of characters already in the prompt or text; 1 means off")
     seed: Seed | None = Field(None, description="same seed, same text; drawn at random when absent")
     stop: StopList = Field(default_factory=list,

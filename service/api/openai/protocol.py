@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
-from ...sampling import MAX_SEED
+from ...sampling import MAX_REPETITION_PENALTY, MAX_SEED, MIN_REPETITION_PENALTY, MIN_TEMPERATURE
 from ..fields import Int, StructuredOutputs
 
 V1_PREFIX = "/v1"
@@ -67,11 +67,12 @@ TokenPromptList = Annotated[list[TokenIds], Field(min_length=1, max_length=1024)
 
 
 # The sampling fields completions and chat share, with OpenAI's bounds (and vLLM's extensions).
-Temperature = Annotated[float | None, Field(ge=0.0, le=2.0, allow_inf_nan=False, description="0 means greedy")]
+Temperature = Annotated[float | None, Field(ge=0.0, le=2.0, allow_inf_nan=False,
+                                            description=f"0 (or anything below {MIN_TEMPERATURE:g}) means greedy")]
 TopP = Annotated[float | None, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
 Penalty = Annotated[float | None, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]
 TopK = Annotated[Int(ge=-1, le=1_000_000) | None, Field(description="extension: keep the k most likely characters; 0 or -1 means off")]
-RepetitionPenalty = Annotated[float | None, Field(gt=0.0, le=100.0, allow_inf_nan=False,
+RepetitionPenalty = Annotated[float | None, Field(ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY, allow_inf_nan=False,
                                                   description="extension: divides the logits of characters already in the prompt or text")]
 
 
