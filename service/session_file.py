@@ -50,6 +50,7 @@ def read_key(args) -> bytes | None:
     """The key in force for this command, or None when none is given and no key file exists."""
     configured = args.session_key or os.environ.get("CHARLSTM_SESSION_KEY")
     if configured:
+        session_blob.check_key(configured)
         return configured.encode("utf-8")
     path = Path(args.session_key_file or f"{os.environ.get('CHARLSTM_SESSION_DB') or DEFAULT_SESSION_DB}.key")
     if not path.exists():

@@ -9,7 +9,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CHARLSTM_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="CHARLSTM_", extra="ignore", hide_input_in_errors=True)  # keys stay out of messages
 
     model: str = Field("", description="name, name@version or a model folder; empty: the store's default model "
                                      "(charlstm models --set-default), shakespeare when none is set")
@@ -67,6 +67,9 @@ class Settings(BaseSettings):
                                    "so it only matters when the holder dies (then the session is free again after this)")
     session_key: str | None = Field(None, description="key that signs exported sessions (HMAC-SHA256); replicas that share "
                                     "sessions set the same one. Unset: a random key kept in <session_db>.key")
+    session_blob_max_age_s: float | None = Field(7 * 86_400.0, gt=0, description="an exported session imports for this long "
+                                                 "after its export (checked after the signature; then 422 session_blob_expired); "
+                                                 "unset: for ever")
     drain_delay_s: float = Field(5.0, ge=0, description="on SIGTERM, keep accepting connections this long with /ready 503 and new work "
                                  "refused, so load balancers stop sending before the port closes; 0: close at once")
     backend: Literal["auto", "torch", "torch-int8", "onnx", "onnx-int8", "cuda"] = Field(
@@ -83,6 +86,15 @@ class Settings(BaseSettings):
                                      "one copy); rows join, leave and end between looks. Unset: 16 on a GPU, 1 on the CPU")
     session_store: str = Field("memory", description="where sessions live: 'memory' (this process, saved to session_db) or "
                                "redis://host:port/db, shared by every replica pointed at it (they need the same model and session_key)")
+
+    @field_validator("session_key")
+    @classmethod
+    def _strong_key(cls, value: str | None) -> str | None:
+        if value is not None:
+            from .sessions.blob import check_key  # the rule lives with the blobs it protects
+
+            check_key(value)
+        return value
 
     @field_validator("session_store")
     @classmethod

@@ -6,15 +6,18 @@ that differed in any float would soon pick another character."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
+import yaml
 from httpx_sse import connect_sse
 
 from service import session_file
@@ -330,3 +333,27 @@ def test_cli_starts_a_session_the_server_continues(keyed, trained_store, tmp_pat
 
 def test_the_cli_looks_for_the_servers_default_key_file():
     assert session_file.DEFAULT_SESSION_DB == Settings.model_fields["session_db"].default
+
+
+# ---------------------------------------------------------------------------- blob lifetime and keys
+def test_an_export_older_than_the_max_age_is_refused_after_its_tag(keyed):
+    """A leaked export stops importing: the signed export time is checked once the tag holds."""
+    value = read(export(keyed, new_session(keyed)["session_id"])["data"])
+    week = Settings.model_fields["session_blob_max_age_s"].default
+    assert import_(keyed, {"data": signed(dataclasses.replace(value, created_at=time.time() - week + 60))}).status_code == 201
+    old = import_(keyed, {"data": signed(dataclasses.replace(value, created_at=time.time() - week - 60))})
+    assert_error(old, 422, "session_blob_expired")
+    assert old.json()["error"]["param"] == "data"
+    future = import_(keyed, {"data": signed(dataclasses.replace(value, created_at=time.time() + 3600))})
+    assert_error(future, 422, "invalid_session_blob")
+    # the age is read only after the tag: an old blob signed with another key is refused for its tag
+    forged = import_(keyed, {"data": signed(dataclasses.replace(value, created_at=0.0), key="x" * 40)})
+    assert_error(forged, 422, "invalid_session_blob")
+
+
+def test_a_short_or_placeholder_session_key_refuses_to_start(trained_store):
+    placeholder = yaml.safe_load((ROOT / "deploy/kubernetes/secret.yaml").read_text())["stringData"]["key"]
+    for key, says in (("k" * 31, "at least 32"), (placeholder, "placeholder")):
+        with pytest.raises(RuntimeError) as e:
+            Server(trained_store, session_key=key)
+        assert says in str(e.value) and key not in str(e.value)  # the message never repeats the key

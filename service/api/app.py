@@ -85,7 +85,8 @@ async def lifespan(app: FastAPI):
             raise
     app.state.sessions = SessionCalls(session_store, fingerprint, settings.session_lease_s, settings.session_ttl_s,
                                       notify=engine.notify,
-                                      observe=lambda op, seconds, failed: engine.notify("on_session_store_call", op, seconds, failed))
+                                      observe=lambda op, seconds, failed: engine.notify("on_session_store_call", op, seconds, failed),
+                                      blob_max_age_s=settings.session_blob_max_age_s)
     app.state.session_store = session_store
     for hook in app.state.engine_hooks:
         hook(engine, loaded, session_store)

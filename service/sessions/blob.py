@@ -47,6 +47,13 @@ class InvalidSessionBlob(EngineError, ValueError):
         self.param = param  # the request field at fault
 
 
+class SessionBlobExpired(EngineError, ValueError):
+    """The blob is intact but older than `session_blob_max_age_s`: a leaked export stops working."""
+
+    type = "session_blob_expired"
+    param = "data"
+
+
 class ModelMismatch(EngineError, ValueError):
     """The blob is intact but belongs to other weights."""
 
@@ -112,6 +119,19 @@ def decode(blob: bytes, key: bytes, fingerprint: str | None = None, layers: int 
                         created_at=created_at, fingerprint=sha.hex())
 
 
+def check_age(value: SessionValue, max_age_s: float | None, now: float) -> None:
+    """Refuse a blob exported more than `max_age_s` ago (None: any age). Read after the tag, so the
+    time is the one the key signed; a time from the future beyond a minute of clock skew is refused too."""
+    if max_age_s is None:
+        return
+    age = now - value.created_at
+    if age > max_age_s:
+        raise SessionBlobExpired(f"the session was exported {age:,.0f} s ago, more than session_blob_max_age_s={max_age_s:g}: "
+                                 "export it again from a live session")
+    if age < -60:
+        raise InvalidSessionBlob(f"the blob says it was exported {-age:,.0f} s in the future")
+
+
 def to_text(blob: bytes) -> str:
     return base64.urlsafe_b64encode(blob).decode("ascii").rstrip("=")
 
@@ -129,6 +149,19 @@ def from_text(text: str) -> bytes:
         raise InvalidSessionBlob(f"data is not base64url: {e}") from None
 
 
+MIN_KEY_BYTES = 32
+PLACEHOLDER_WORDS = ("replace", "change-me", "changeme", "placeholder", "example")
+
+
+def check_key(key: str) -> None:
+    """A session key signs every blob: at least 32 bytes, and not a manifest's placeholder text."""
+    if len(key.encode("utf-8")) < MIN_KEY_BYTES:
+        raise ValueError(f"CHARLSTM_SESSION_KEY is {len(key.encode('utf-8'))} bytes; a session key must be at least "
+                         f"{MIN_KEY_BYTES} (make one with: openssl rand -hex 32)")
+    if any(word in key.lower() for word in PLACEHOLDER_WORDS):
+        raise ValueError("CHARLSTM_SESSION_KEY is a placeholder, not a key: set it to the output of openssl rand -hex 32")
+
+
 def load_or_create_key(configured: str | None, beside: str | None) -> tuple[bytes, str]:
     """The key that signs session blobs, and where it came from.
 
@@ -136,6 +169,7 @@ def load_or_create_key(configured: str | None, beside: str | None) -> tuple[byte
     random key is made once and kept in a file beside the session database (`<db>.key`, mode 600),
     so a restart still accepts its own blobs; with no database, the key lives as long as the process."""
     if configured:
+        check_key(configured)
         return configured.encode("utf-8"), "CHARLSTM_SESSION_KEY"
     if not beside:
         return secrets.token_bytes(32), "a random key for this process only"

@@ -29,10 +29,13 @@ StoreObserver = Callable[[str, float, bool], None]  # (operation, seconds, faile
 
 class SessionCalls:
     def __init__(self, store: SessionStore, fingerprint: str, lease_s: float, default_ttl_s: float,
-                 notify: Callable[..., None] | None = None, observe: StoreObserver | None = None):
+                 notify: Callable[..., None] | None = None, observe: StoreObserver | None = None,
+                 blob_max_age_s: float | None = None):
         """`notify(name, *args)` reports session events to the engine's observers (Engine.notify);
-        `observe(operation, seconds, failed)` times every store call."""
+        `observe(operation, seconds, failed)` times every store call; `blob_max_age_s`: the oldest
+        export an import takes."""
         self.store, self.fingerprint, self.lease_s, self.default_ttl_s = store, fingerprint, lease_s, default_ttl_s
+        self.blob_max_age_s = blob_max_age_s
         self.notify = notify or (lambda name, *args: None)
         self.observe = observe or (lambda op, seconds, failed: None)
 
@@ -89,6 +92,7 @@ class SessionCalls:
             raise InvalidSessionBlob(f"data is {len(text)} characters; a session of {model} is {expected}")
         value = session_blob.decode(session_blob.from_text(text), key, fingerprint=self.fingerprint, layers=layers,
                                     hidden=hidden, model=model)
+        session_blob.check_age(value, self.blob_max_age_s, time.time())
         if position is not None and position != value.position:
             raise InvalidSessionBlob(f"position {position} does not match the blob's position {value.position}", "position")
         return await self._create_copy(value.state, value.seed, value.counter, value.position, ttl_s or self.default_ttl_s)
