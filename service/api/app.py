@@ -26,7 +26,7 @@ from ..sessions.calls import SessionCalls
 from ..sessions.snapshots import SessionDB, SessionDBError
 from ..sessions.store import SessionStore
 from ..settings import Settings
-from . import docs, errors, openapi
+from . import docs, errors, logs, openapi
 from .auth import APIKeyAuth
 from .bridge import make_deliver
 from .limits import BodyLimit
@@ -39,7 +39,7 @@ log = logging.getLogger("charlstm.api")
 @asynccontextmanager
 async def lifespan(app: FastAPI):
     settings = app.state.settings = app.state.settings or Settings()
-    _configure_logging(settings.log_level)
+    logs.configure(settings.log_level)
     # The engine drains streams itself (finish_reason "shutdown" after the grace), so sse-starlette must
     # not cut them off the moment the server begins to exit.
     AppStatus.disable_automatic_graceful_drain()
@@ -120,17 +120,6 @@ async def lifespan(app: FastAPI):
             session_db.close()
             log.info("saved %d sessions to %s", len(saved), settings.session_db)
         session_store.close()
-
-
-def _configure_logging(level: str) -> None:
-    """The service's own loggers print at the configured level beside uvicorn's (which configures only its own)."""
-    logger = logging.getLogger("charlstm")
-    logger.setLevel(level.upper())
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
-        logger.addHandler(handler)
-        logger.propagate = False
 
 
 def _store_factory(settings: Settings, key: bytes, fingerprint: str, model_name: str):

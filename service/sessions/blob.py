@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ..engine.types import EngineError
+from .files import private_folder
 
 FORMAT = "charlstm-session/1"
 MAGIC = b"CLS1"
@@ -175,7 +176,7 @@ def load_or_create_key(configured: str | None, beside: str | None) -> tuple[byte
         return secrets.token_bytes(32), "a random key for this process only"
     path = Path(f"{beside}.key")
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_folder(path.parent)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -188,6 +189,8 @@ def load_or_create_key(configured: str | None, beside: str | None) -> tuple[byte
             pass
         finally:
             tmp.unlink(missing_ok=True)
+    if path.stat().st_mode & 0o077:  # a key file an older version or a person left readable by others
+        os.chmod(path, 0o600)
     key = path.read_text(encoding="utf-8").strip()
     if len(key) < 32:
         raise InvalidSessionBlob(f"the session key file {path} is damaged: delete it (its sessions' blobs then fail) or set CHARLSTM_SESSION_KEY")

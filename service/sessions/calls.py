@@ -136,7 +136,7 @@ class SessionCall:
             try:
                 self.lease = await self.calls.run("renew", self.calls.store.renew, self.lease, self.calls.lease_s)
             except LeaseLost:
-                log.warning("lost the lease on session %s while a call ran", self.lease.session_id)
+                log.warning("lost the lease on session %s… while a call ran", self.lease.session_id[:4])  # never a whole id
                 return
             except EngineError:
                 continue  # the store is away for now; the lease may still outlive the outage

@@ -10,6 +10,7 @@ message that says what to do. A file that cannot be read is renamed aside and re
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .files import FILE_MODE, private_folder
 from .records import SessionRecord
 
 log = logging.getLogger("charlstm.sessions")
@@ -68,9 +70,10 @@ class SessionDB:
 
     def open(self) -> None:
         """Take the file for this process, or refuse: another live server writes it."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_folder(self.path.parent)
         lock_path = Path(f"{self.path}.lock")
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+        os.fchmod(fd, FILE_MODE)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -82,6 +85,9 @@ class SessionDB:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
+        for suffix in ("", "-wal", "-shm"):  # a file an older version left readable by others
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(f"{self.path}{suffix}", FILE_MODE)
 
     def close(self) -> None:
         if self._lock_fd is not None:
@@ -142,6 +148,8 @@ class SessionDB:
         if not self.path.exists():  # the first snapshot: build it aside, so the file appears complete
             tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
             tmp.unlink(missing_ok=True)
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE))  # SQLite gives its WAL and SHM this mode
+            os.chmod(tmp, FILE_MODE)  # whatever the umask
             with self._connect(tmp) as conn:
                 self._apply(conn, rows, [], False)
                 conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
