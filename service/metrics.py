@@ -118,6 +118,11 @@ class Metrics:
         for operation in SESSION_STORE_OPERATIONS:
             self.store_seconds.labels(operation)
             self.store_failures.labels(operation)
+        self.snapshot_failures = Counter("charlstm_session_snapshot_failures", "Loads and writes of the session database "
+                                         "that failed (no space, read-only, I/O error); the file keeps its last good "
+                                         "snapshot", ["operation"], registry=r)
+        for operation in ("load", "write"):
+            self.snapshot_failures.labels(operation)
 
     def attach(self, engine: Engine, loaded: LoadedModel, session_store: SessionStore, settings: Settings) -> None:
         engine.add_observer(EngineObserver(self))
@@ -175,6 +180,9 @@ class EngineObserver:
         self.m.store_seconds.labels(operation).observe(seconds)
         if failed:
             self.m.store_failures.labels(operation).inc()
+
+    def on_session_snapshot_failed(self, operation: str) -> None:
+        self.m.snapshot_failures.labels(operation).inc()
 
 
 class RequestMetrics:

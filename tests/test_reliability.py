@@ -131,7 +131,7 @@ def test_a_corrupt_session_store_is_set_aside(trained_store, tmp_path):
         assert create(srv.url)
         aside = list(tmp_path.glob("sessions.sqlite3.corrupt-*"))
         assert aside and aside[0].read_bytes().startswith(b"this is not")
-        assert "unreadable" in srv.output()
+        assert "is corrupt" in srv.output() and "SQLITE_NOTADB" in srv.output()
     finally:
         srv.stop()
 

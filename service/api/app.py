@@ -23,7 +23,7 @@ from ..sessions.memory_store import MemorySessionStore
 from ..sessions.redis_store import RedisSessionStore, StoreMismatch, redacted
 from ..sessions import blob as session_blob
 from ..sessions.calls import SessionCalls
-from ..sessions.snapshots import SessionDB, SessionDBError
+from ..sessions.snapshots import SessionDB, SessionDBError, Snapshots
 from ..sessions.store import SessionStore
 from ..settings import Settings
 from . import docs, errors, logs, openapi
@@ -73,16 +73,18 @@ async def lifespan(app: FastAPI):
             session_store.close()
             log.error("%s", e)
             raise
-    session_db, restored = None, 0
+    persistence = None  # the in-memory store's SQLite snapshots
     if settings.session_db and isinstance(session_store, MemorySessionStore):
         session_db = SessionDB(settings.session_db, model_name, fingerprint)
+        persistence = Snapshots(session_db, session_store, settings.snapshot_interval_s, notify=engine.notify)
         try:
             session_db.open()
-            restored = session_store.restore(await asyncio.to_thread(session_db.load))
+            await asyncio.to_thread(persistence.load)
         except SessionDBError as e:
             session_db.close()
             log.error("%s", e)
             raise
+    app.state.persistence = persistence
     app.state.sessions = SessionCalls(session_store, fingerprint, settings.session_lease_s, settings.session_ttl_s,
                                       notify=engine.notify,
                                       observe=lambda op, seconds, failed: engine.notify("on_session_store_call", op, seconds, failed),
@@ -95,14 +97,14 @@ async def lifespan(app: FastAPI):
     app.state.engine = engine
     restore_signal = _drain_on_sigterm(engine, settings.drain_delay_s + settings.shutdown_grace_s)
     sweeper = asyncio.create_task(_sweep_sessions(session_store))
-    snapshots = asyncio.create_task(_snapshot_sessions(session_store, session_db, settings.snapshot_interval_s)) if session_db else None
+    snapshots = asyncio.create_task(persistence.run()) if persistence else None
     log.info("serving %s (weights %s, %s parameters, backend %s) on %s, %d torch threads, %d step workers; max batch %d, queue %d, "
              "max new tokens %d, max prompt %d chars, drain %gs + grace %gs; sessions: %s store%s, %d restored, at most %d, signed with %s; listening on %s:%d",
              model_name, fingerprint[:12], f"{loaded.model.num_parameters():,}", runner.name, device_name, torch.get_num_threads(),
              runner.workers, settings.max_batch_size, settings.max_queue, settings.max_new_tokens,
              settings.max_prompt_chars, settings.drain_delay_s, settings.shutdown_grace_s, session_store.kind,
-             f" saved to {settings.session_db}" if session_db else f" at {redacted(settings.session_store)}" if settings.session_store != "memory" else "",
-             restored, settings.max_sessions, key_source, settings.host, settings.port)
+             f" saved to {settings.session_db}" if persistence else f" at {redacted(settings.session_store)}" if settings.session_store != "memory" else "",
+             persistence.restored if persistence else 0, settings.max_sessions, key_source, settings.host, settings.port)
     try:
         yield
     finally:
@@ -114,11 +116,10 @@ async def lifespan(app: FastAPI):
         await asyncio.to_thread(engine.wait_idle, settings.shutdown_grace_s + 5.0)
         await asyncio.to_thread(engine.stop)
         await asyncio.to_thread(constraints.COMPILER.close)  # the pattern compiler's child process, if one started
-        if session_db is not None:
-            saved = session_store.all_records()
-            await asyncio.to_thread(session_db.write, saved, [], True)
-            session_db.close()
-            log.info("saved %d sessions to %s", len(saved), settings.session_db)
+        if persistence is not None:
+            saved = await asyncio.to_thread(persistence.final)
+            persistence.db.close()
+            log.info("saved %d sessions to %s", saved, settings.session_db)
         session_store.close()
 
 
@@ -145,24 +146,6 @@ async def _sweep_sessions(session_store: SessionStore, every_s: float = 1.0) -> 
                 log.warning("purging expired sessions failed (%s: %s); session routes answer 503 until the store is back",
                             type(e).__name__, e)
             failing = True
-
-
-async def _snapshot_sessions(session_store: MemorySessionStore, db: SessionDB, every_s: float) -> None:
-    """Write changed sessions every few seconds, so a crash loses at most that much."""
-    full = False  # after a failed write, the next one rewrites everything
-    while True:
-        await asyncio.sleep(every_s)
-        changed, removed = session_store.take_changes()
-        if full:
-            changed, removed = session_store.all_records(), []
-        try:
-            if changed or removed or full:
-                await asyncio.to_thread(db.write, changed, removed, full)
-                full = False
-            session_store.snapshot_done()  # the file now holds every commit made before this snapshot began
-        except Exception:
-            log.exception("writing the session snapshot failed; the next snapshot rewrites all sessions")
-            full = True
 
 
 def _drain_on_sigterm(engine: Engine, grace_s: float):

@@ -131,14 +131,19 @@ class MemorySessionStore(SessionStore):
             return list(self._records.values())
 
     def restore(self, records: list[SessionRecord]) -> int:
-        """Put back saved sessions that have not expired: the most recently used first, up to the cap."""
+        """Put back saved sessions that have not expired: the most recently used first, up to the cap.
+        A late restore (the file could not be read at start) joins the sessions made since, older than
+        all of them in the LRU order, and never replaces one."""
         now = self.clock()
         live = sorted((r for r in records if r.expires_at > now), key=lambda r: r.last_used, reverse=True)
-        keep = live[: self.max_sessions]
         with self._lock:
+            live = [r for r in live if r.id not in self._records]
+            keep = live[: max(0, self.max_sessions - len(self._records))]
+            newer = list(self._records.items())
+            self._records.clear()
             for r in reversed(keep):  # oldest first, so the LRU order ends with the most recent
                 self._records[r.id] = r
-                self._records.move_to_end(r.id)
+            self._records.update(newer)
         return len(keep)
 
     def snapshot_done(self) -> None:

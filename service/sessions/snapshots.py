@@ -5,11 +5,18 @@ snapshot is one SQLite transaction: a crash leaves the previous snapshot intact,
 snapshot is built under a temporary name and renamed into place, so the file never exists without
 its tables. One live server owns a file (an exclusive lock held for the process's life), and a file
 belongs to one model: another server, or a server of other weights, is refused at start with a
-message that says what to do. A file that cannot be read is renamed aside and reported, never fatal.
+message that says what to do.
+
+A failure degrades instead of discarding. Only real corruption (SQLITE_CORRUPT, SQLITE_NOTADB, a
+failed quick_check) sets a file aside, at error level. Anything else (a full disk, a read-only or
+failing device, a lock) leaves the file as it is: the sessions stay in memory, `Snapshots` retries
+with backoff, counts the failure and reports the degraded state, and a load that failed at start is
+retried until it succeeds, so the saved sessions come back once the disk does.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import logging
@@ -51,6 +58,25 @@ class SessionDBError(Exception):
     """The file cannot be used by this server (held by another one, or written for another model)."""
 
 
+class SnapshotUnavailable(Exception):
+    """The file cannot be read or written now (no space, read-only, an I/O error, a lock); it is intact
+    as far as anyone knows, and the operation may succeed later."""
+
+
+CORRUPTION_CODES = {11, 26}  # SQLITE_CORRUPT, SQLITE_NOTADB: the primary result codes of a damaged file
+
+
+def is_corruption(e: BaseException) -> bool:
+    code = getattr(e, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in CORRUPTION_CODES
+
+
+def describe(e: BaseException) -> str:
+    """The real error, with SQLite's code name when it has one ("SQLITE_FULL: database or disk is full")."""
+    name = getattr(e, "sqlite_errorname", None)
+    return f"{name}: {e}" if name else f"{type(e).__name__}: {e}"
+
+
 def state_to_bytes(state: torch.Tensor) -> bytes:
     return state.detach().to(torch.float32).contiguous().numpy().astype("<f4").tobytes()
 
@@ -63,6 +89,8 @@ def state_from_bytes(blob: bytes, layers: int, hidden: int) -> torch.Tensor:
 
 
 class SessionDB:
+    connection_class = sqlite3.Connection  # the tests put a fault-injecting subclass here
+
     def __init__(self, path: str | Path, model: str, fingerprint: str):
         """`model` (name@version) and `fingerprint` (the weights' sha256) name the model the states belong to."""
         self.path, self.model, self.fingerprint = Path(path), model, fingerprint
@@ -96,7 +124,7 @@ class SessionDB:
 
     @contextmanager
     def _connect(self, path: Path | None = None) -> Iterator[sqlite3.Connection]:
-        conn = sqlite3.connect(path or self.path, timeout=10, isolation_level=None)
+        conn = sqlite3.connect(path or self.path, timeout=10, isolation_level=None, factory=self.connection_class)
         try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
@@ -105,14 +133,16 @@ class SessionDB:
             conn.close()
 
     def load(self) -> list[SessionRecord]:
-        """Every saved session. Raises SessionDBError for a file of another model; a damaged file is
-        moved aside and nothing is restored."""
+        """Every saved session. Raises SessionDBError for a file of another model, SnapshotUnavailable
+        when the file cannot be read now (it is left as it is); a corrupt file is moved aside and
+        nothing is restored."""
         if not self.path.exists():
             return []
         try:
             with self._connect() as conn:
-                if conn.execute("PRAGMA quick_check").fetchone()[0] != "ok":
-                    raise sqlite3.DatabaseError("integrity check failed")
+                check = conn.execute("PRAGMA quick_check").fetchone()[0]
+                if check != "ok":
+                    return self._set_aside(f"quick_check: {check}")
                 conn.executescript(SCHEMA)
                 self._check_model(dict(conn.execute("SELECT key, value FROM meta").fetchall()))
                 cols = {r[1] for r in conn.execute("PRAGMA table_info(sessions)")}
@@ -122,14 +152,25 @@ class SessionDB:
             return [SessionRecord(id=r[0], state=state_from_bytes(r[1], r[2], r[3]), seed=int(r[4]), counter=r[5],
                                   position=r[6], ttl_s=r[7], created_at=r[8], last_used=r[9], version=r[10],
                                   model=self.fingerprint) for r in rows]
-        except (sqlite3.DatabaseError, ValueError) as e:
-            aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
-            log.error("session store %s is unreadable (%s); moved it to %s and starting with no sessions", self.path, e, aside)
+        except ValueError as e:  # a row whose state has another size than its own columns say
+            return self._set_aside(str(e))
+        except sqlite3.Error as e:
+            if is_corruption(e):
+                return self._set_aside(describe(e))
+            raise SnapshotUnavailable(f"session database {self.path} cannot be read now ({describe(e)}); "
+                                      "it is left as it is and read again later") from e
+
+    def _set_aside(self, why: str) -> list[SessionRecord]:
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
+        try:
             for suffix in ("", "-wal", "-shm"):
                 p = Path(str(self.path) + suffix)
                 if p.exists():
                     p.rename(Path(str(aside) + suffix))
-            return []
+        except OSError as e:
+            raise SnapshotUnavailable(f"session database {self.path} is corrupt ({why}) and cannot be moved aside: {e}") from e
+        log.error("session database %s is corrupt (%s); moved it to %s and starting with no sessions", self.path, why, aside)
+        return []
 
     def _check_model(self, meta: dict[str, str]) -> None:
         saved_sha = meta.get("weights_sha256")
@@ -148,14 +189,16 @@ class SessionDB:
         if not self.path.exists():  # the first snapshot: build it aside, so the file appears complete
             tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
             tmp.unlink(missing_ok=True)
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE))  # SQLite gives its WAL and SHM this mode
-            os.chmod(tmp, FILE_MODE)  # whatever the umask
-            with self._connect(tmp) as conn:
-                self._apply(conn, rows, [], False)
-                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            os.replace(tmp, self.path)
-            for suffix in ("-wal", "-shm"):
-                Path(str(tmp) + suffix).unlink(missing_ok=True)
+            try:
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE))  # SQLite gives its WAL and SHM this mode
+                os.chmod(tmp, FILE_MODE)  # whatever the umask
+                with self._connect(tmp) as conn:
+                    self._apply(conn, rows, [], False)
+                    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                os.replace(tmp, self.path)
+            finally:
+                for suffix in ("", "-wal", "-shm"):  # a build that failed (no space) leaves nothing behind
+                    Path(str(tmp) + suffix).unlink(missing_ok=True)
             return
         with self._connect() as conn:
             self._apply(conn, rows, removed, replace_all)
@@ -173,5 +216,114 @@ class SessionDB:
                              [("model", self.model), ("weights_sha256", self.fingerprint)])
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            # SQLite may have rolled back already (a full disk does): a second ROLLBACK would raise
+            # "no transaction is active" and hide the error that matters
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
             raise
+
+
+class Snapshots:
+    """Keeps an in-memory store's sessions in a SessionDB: loaded at start, changes written every
+    `interval_s`, everything at shutdown. A failed load or write is counted (`notify("on_session_snapshot_failed",
+    operation)`), logged once per outage with the real error, and retried after a backoff that doubles
+    up to `max_backoff_s`; until a failed load succeeds no write replaces the file's contents, so its
+    sessions are never overwritten by a server that could not read them. The blocking methods run in a
+    worker thread."""
+
+    def __init__(self, db: SessionDB, store, interval_s: float, max_backoff_s: float = 60.0,
+                 notify=lambda name, *args: None, clock=time.time):
+        self.db, self.store, self.interval_s, self.max_backoff_s = db, store, interval_s, max_backoff_s
+        self.notify, self.clock = notify, clock
+        self.loaded, self.restored, self.full = False, 0, False  # full: the next write rewrites every session
+        self.failures, self.consecutive = 0, 0
+        self.last_error: str | None = None
+        self.last_success_at: float | None = None
+
+    # ------------------------------------------------------------------ blocking
+    def load(self) -> int:
+        """Restore the saved sessions (once); returns how many. SessionDBError propagates: the file is
+        not this server's to use."""
+        if self.loaded:
+            return 0
+        try:
+            records = self.db.load()
+        except SnapshotUnavailable as e:
+            self._failed("load", e)
+            return 0
+        self.restored = self.store.restore(records)
+        self.loaded = True
+        self._succeeded()
+        return self.restored
+
+    def write(self) -> None:
+        """One snapshot of what changed (everything after a failure); a failed load is retried first."""
+        if not self.loaded:
+            self.load()
+            if not self.loaded:
+                return
+        changed, removed = self.store.take_changes()
+        if self.full:
+            changed, removed = self.store.all_records(), []
+        try:
+            if changed or removed or self.full:
+                self.db.write(changed, removed, self.full)
+            self.full = False
+        except Exception as e:  # the file is as the last good snapshot left it; the sessions are in memory
+            self.full = True
+            self._failed("write", e)
+            return
+        self.store.snapshot_done()  # the file now holds every commit made before this snapshot began
+        self._succeeded()
+
+    def final(self) -> int:
+        """At shutdown: every session, replacing the file's, once the file was read; only what this
+        process changed when it never could be (the file's own sessions stay in it). Returns how many."""
+        self.load()
+        saved = self.store.all_records()
+        try:
+            if self.loaded:
+                self.db.write(saved, [], True)
+            else:
+                changed, removed = self.store.take_changes()
+                self.db.write(saved if self.full else changed, removed, False)
+        except Exception as e:
+            self.full = True  # the changes it took are in no file: the next write, if any, rewrites everything
+            self._failed("write", e)
+            log.error("the last session snapshot failed (%s): %s keeps what its last good snapshot wrote",
+                      describe(e), self.db.path)
+            return 0
+        return len(saved)
+
+    # ------------------------------------------------------------------ the loop and the state
+    def delay(self) -> float:
+        """Seconds to the next snapshot: the interval, doubled for every failure in a row."""
+        return min(self.max_backoff_s, self.interval_s * 2 ** self.consecutive) if self.consecutive else self.interval_s
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.delay())
+            await asyncio.to_thread(self.write)
+
+    def status(self) -> dict:
+        """What /ready and /info show."""
+        state = "ok" if self.consecutive == 0 else "degraded"
+        return {"file": str(self.db.path), "state": state, "loaded": self.loaded, "restored": self.restored,
+                "snapshots": self.store.snapshots, "failures": self.failures, "failures_in_a_row": self.consecutive,
+                "last_error": self.last_error, "last_success_at": self.last_success_at,
+                "retry_in_s": self.delay() if self.consecutive else None}
+
+    def _failed(self, operation: str, e: BaseException) -> None:
+        self.failures += 1
+        self.consecutive += 1
+        self.last_error = describe(e.__cause__ or e) if isinstance(e, SnapshotUnavailable) else describe(e)
+        self.notify("on_session_snapshot_failed", operation)
+        if self.consecutive == 1:
+            log.warning("session %s of %s failed (%s); the sessions stay in memory and the file as it was, "
+                        "retrying with backoff", "loading" if operation == "load" else "snapshot", self.db.path, self.last_error)
+
+    def _succeeded(self) -> None:
+        if self.consecutive:
+            log.warning("session snapshots of %s work again after %d failures", self.db.path, self.consecutive)
+        self.consecutive, self.last_success_at = 0, self.clock()

@@ -30,8 +30,11 @@ async def ready(request: Request):
         reason = "shutting down" if snap is not None and snap.draining else "failed" if snap is not None and snap.failed else "not ready"
         type_ = "engine_error" if snap is not None and snap.failed else "not_ready"
         return error_response(503, type_, f"the server is {reason}", None, {"Retry-After": "1"})
-    return {"status": "ready", "running": snap.running, "waiting": snap.waiting,
-            "session_store": await _describe(request.app.state.session_store)}
+    store = await _describe(request.app.state.session_store)
+    persistence = getattr(request.app.state, "persistence", None)
+    if persistence is not None:
+        store["persistence"] = persistence.status()
+    return {"status": "ready", "running": snap.running, "waiting": snap.waiting, "session_store": store}
 
 
 async def _describe(session_store) -> dict:
@@ -60,6 +63,7 @@ async def info(request: Request):
                    "rows_per_call": getattr(state, "rows_per_call", None),
                    "prefill_budget": max(s.prefill_budget, s.prefill_chunk),
                    "decode_steps": getattr(state, "decode_steps", None) or s.decode_steps},
+        "sessions": _sessions(state),
         "defaults": {"max_new_tokens": s.default_max_new_tokens, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
                      "repetition_penalty": 1.0, "session_ttl_s": s.session_ttl_s}}
     if loaded is not None:
@@ -71,6 +75,13 @@ async def info(request: Request):
         if "calibration" in card:  # the served distribution is the parent's with its logits divided by T
             out["model"]["calibration"] = {k: card["calibration"].get(k) for k in ("parent", "temperature")}
     return out
+
+
+def _sessions(state) -> dict:
+    """The store's kind and, for the embedded store, the state of its snapshots (degraded or ok)."""
+    store, persistence = getattr(state, "session_store", None), getattr(state, "persistence", None)
+    return {"store": store.kind if store is not None else None,
+            "persistence": persistence.status() if persistence is not None else None}
 
 
 def _weights(state, s) -> str | None:
