@@ -84,6 +84,11 @@ class Settings(BaseSettings):
     decode_steps: int | None = Field(None, ge=1, le=256, description="steps a look: the batch takes this many steps before the "
                                      "host updates the rows' text, once for all of them (a GPU returns their characters in "
                                      "one copy); rows join, leave and end between looks. Unset: 16 on a GPU, 1 on the CPU")
+    session_store_timeout_s: float = Field(1.0, gt=0, le=30, description="Redis: the connect timeout and the timeout of each "
+                                           "reply; a read that times out is not retried, a broken connection once, so one "
+                                           "store operation takes at most about 4 x this")
+    session_store_threads: int = Field(16, ge=1, le=256, description="threads that run session store calls (their own: a "
+                                       "hanging store holds these, not the threads the rest of the server uses)")
     session_store: str = Field("memory", description="where sessions live: 'memory' (this process, saved to session_db) or "
                                "redis://host:port/db, shared by every replica pointed at it (they need the same model and session_key)")
 

@@ -63,8 +63,26 @@ class StoreContract:
         got = store.get(r.id)
         assert torch.equal(got.state, new_state) and (got.seed, got.counter, got.version) == (9, 5, committed.version)
         assert not store.is_leased(r.id)
-        with pytest.raises(LeaseLost):  # a lease commits once
+        with pytest.raises(LeaseLost):  # a lease commits once: another record under it is refused
             store.commit(lease, lease.record)
+
+    def test_a_commit_repeated_after_a_lost_reply_reports_the_commit_it_made(self, make_store):
+        """A client that lost the reply retries the same commit (same lease, version read and record):
+        it already applied, so it succeeds and changes nothing; a stale holder's commit still fails."""
+        store = make_store()
+        r = record()
+        store.create(r)
+        lease = store.lease(r.id, 30)
+        advanced = lease.record.advanced(torch.randn(2, 2, 8), seed=4, counter=7, consumed=3)
+        first = store.commit(lease, advanced)
+        again = store.commit(lease, advanced)
+        assert again.version == first.version == r.version + 1 and torch.equal(again.state, advanced.state)
+        assert store.get(r.id).version == first.version and not store.is_leased(r.id)
+        later = store.lease(r.id, 30)
+        store.commit(later, later.record.advanced(torch.zeros(2, 2, 8), 1, 1, 1))
+        with pytest.raises(LeaseLost):  # once another holder has committed, the old retry is stale
+            store.commit(lease, advanced)
+        assert torch.equal(store.get(r.id).state, torch.zeros(2, 2, 8))
 
     def test_a_released_lease_leaves_the_state_and_frees_the_session(self, make_store):
         store = make_store()

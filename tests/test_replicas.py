@@ -133,8 +133,10 @@ def test_redis_away_session_routes_503_generate_200_and_back_by_itself(replicas,
             assert r.headers["retry-after"] == "1"
         r = httpx.post(f"{a.url}/generate", json={"prompt": "KING:", "max_new_tokens": 20}, timeout=30)
         assert r.status_code == 200 and len(r.json()["text"]) == 20
-        ready = httpx.get(f"{b.url}/ready", timeout=30)
-        assert ready.status_code == 200 and ready.json()["session_store"]["available"] is False
+        # /ready never asks the store: the background sweep's last look says it is away, and the replica stays in
+        wait_until(lambda: httpx.get(f"{b.url}/ready", timeout=5).json()["session_store"]["available"] is False,
+                   what="the sweep to see the store away")
+        assert httpx.get(f"{b.url}/ready", timeout=5).status_code == 200
         assert a.metric("charlstm_session_store_failures_total", 'operation="lease"') == failures + 1
     finally:
         redis_server.start()
@@ -149,7 +151,7 @@ def test_a_replica_started_while_redis_is_away_serves_and_takes_sessions_once_it
     away.stop()
     srv = Server(trained_store, session_store=away.url, session_key=KEY)
     try:
-        assert httpx.get(f"{srv.url}/ready").json()["session_store"]["available"] is False
+        wait_until(lambda: httpx.get(f"{srv.url}/ready").json()["session_store"]["available"] is False, what="the store seen away")
         assert httpx.post(f"{srv.url}/generate", json={"max_new_tokens": 5}).status_code == 200
         assert_error(httpx.post(f"{srv.url}/sessions", json={}, timeout=30), 503, "session_store_unavailable")
         away.start()

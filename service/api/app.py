@@ -23,6 +23,7 @@ from ..sessions.memory_store import MemorySessionStore
 from ..sessions.redis_store import RedisSessionStore, StoreMismatch, redacted
 from ..sessions import blob as session_blob
 from ..sessions.calls import SessionCalls
+from ..sessions.health import StoreHealth
 from ..sessions.snapshots import SessionDB, SessionDBError, Snapshots
 from ..sessions.store import SessionStore
 from ..settings import Settings
@@ -88,7 +89,9 @@ async def lifespan(app: FastAPI):
     app.state.sessions = SessionCalls(session_store, fingerprint, settings.session_lease_s, settings.session_ttl_s,
                                       notify=engine.notify,
                                       observe=lambda op, seconds, failed: engine.notify("on_session_store_call", op, seconds, failed),
-                                      blob_max_age_s=settings.session_blob_max_age_s)
+                                      blob_max_age_s=settings.session_blob_max_age_s, threads=settings.session_store_threads)
+    # the longest one store operation may take: Redis's timeouts (redis_store.py); the embedded store answers at once
+    app.state.store_health = health = StoreHealth(session_store, 4 * settings.session_store_timeout_s)
     app.state.session_store = session_store
     for hook in app.state.engine_hooks:
         hook(engine, loaded, session_store)
@@ -96,7 +99,7 @@ async def lifespan(app: FastAPI):
     engine.start()
     app.state.engine = engine
     restore_signal = _drain_on_sigterm(engine, settings.drain_delay_s + settings.shutdown_grace_s)
-    sweeper = asyncio.create_task(_sweep_sessions(session_store))
+    sweeper = asyncio.create_task(health.sweep(app.state.sessions.executor))
     snapshots = asyncio.create_task(persistence.run()) if persistence else None
     log.info("serving %s (weights %s, %s parameters, backend %s) on %s, %d torch threads, %d step workers; max batch %d, queue %d, "
              "max new tokens %d, max prompt %d chars, drain %gs + grace %gs; sessions: %s store%s, %d restored, at most %d, signed with %s; listening on %s:%d",
@@ -120,6 +123,7 @@ async def lifespan(app: FastAPI):
             saved = await asyncio.to_thread(persistence.final)
             persistence.db.close()
             log.info("saved %d sessions to %s", saved, settings.session_db)
+        app.state.sessions.close()
         session_store.close()
 
 
@@ -128,24 +132,8 @@ def _store_factory(settings: Settings, key: bytes, fingerprint: str, model_name:
     if settings.session_store == "memory":
         return MemorySessionStore
     return lambda max_sessions, on_removed: RedisSessionStore(settings.session_store, max_sessions, on_removed, key=key,
-                                                              fingerprint=fingerprint, model_name=model_name)
-
-
-async def _sweep_sessions(session_store: SessionStore, every_s: float = 1.0) -> None:
-    """Purge expired sessions every second; a store that is away is logged once per outage."""
-    failing = False
-    while True:
-        await asyncio.sleep(every_s)
-        try:
-            await asyncio.to_thread(session_store.purge_expired)
-            if failing:
-                log.warning("the session store is back")
-            failing = False
-        except Exception as e:
-            if not failing:
-                log.warning("purging expired sessions failed (%s: %s); session routes answer 503 until the store is back",
-                            type(e).__name__, e)
-            failing = True
+                                                              fingerprint=fingerprint, model_name=model_name,
+                                                              timeout_s=settings.session_store_timeout_s)
 
 
 def _drain_on_sigterm(engine: Engine, grace_s: float):

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -30,12 +32,14 @@ StoreObserver = Callable[[str, float, bool], None]  # (operation, seconds, faile
 class SessionCalls:
     def __init__(self, store: SessionStore, fingerprint: str, lease_s: float, default_ttl_s: float,
                  notify: Callable[..., None] | None = None, observe: StoreObserver | None = None,
-                 blob_max_age_s: float | None = None):
+                 blob_max_age_s: float | None = None, threads: int = 16):
         """`notify(name, *args)` reports session events to the engine's observers (Engine.notify);
         `observe(operation, seconds, failed)` times every store call; `blob_max_age_s`: the oldest
-        export an import takes."""
+        export an import takes. Store calls run in `threads` threads of their own, so a store that
+        hangs holds those and never the threads the rest of the server hands work to."""
         self.store, self.fingerprint, self.lease_s, self.default_ttl_s = store, fingerprint, lease_s, default_ttl_s
         self.blob_max_age_s = blob_max_age_s
+        self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="charlstm-sessions")
         self.notify = notify or (lambda name, *args: None)
         self.observe = observe or (lambda op, seconds, failed: None)
 
@@ -44,7 +48,7 @@ class SessionCalls:
         SessionStoreUnavailable (the session errors, NotFound, Busy and the like pass through)."""
         t0, failed = time.perf_counter(), False
         try:
-            return await asyncio.to_thread(fn, *args)
+            return await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(fn, *args))
         except EngineError as e:
             if e.type in ("session_busy", "too_many_sessions"):
                 self.notify("on_rejected", e.type)
@@ -55,6 +59,10 @@ class SessionCalls:
             raise SessionStoreUnavailable(f"the session store is unavailable ({type(e).__name__}); retry shortly") from e
         finally:
             self.observe(op, time.perf_counter() - t0, failed)
+
+    def close(self) -> None:
+        """Stop taking store calls; a call still waiting on a hung store is left to its timeout."""
+        self.executor.shutdown(wait=False, cancel_futures=True)
 
     async def metadata(self, session_id: str) -> dict:
         record = await self.run("get", self.store.get, session_id)

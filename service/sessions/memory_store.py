@@ -14,6 +14,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import replace
 
+import torch
+
 from .records import Lease, SessionRecord
 from .store import RemovalCallback, SessionStore
 from .errors import LeaseLost, SessionBusy, SessionNotFound, TooManySessions
@@ -29,6 +31,7 @@ class MemorySessionStore(SessionStore):
         self._lock = threading.Lock()
         self._records: OrderedDict[str, SessionRecord] = OrderedDict()  # least recently used first
         self._leases: dict[str, tuple[str, float]] = {}  # id -> (token, deadline on lease_clock)
+        self._last_commit: dict[str, str] = {}  # id -> the lease token of the commit that made its version
         self._dirty: set[str] = set()  # changed since the last snapshot
         self._removed: set[str] = set()  # gone since the last snapshot
         self.snapshots = 0  # snapshots completed (SessionDB reports them here)
@@ -73,12 +76,16 @@ class MemorySessionStore(SessionStore):
 
     def commit(self, lease: Lease, record: SessionRecord) -> SessionRecord:
         with self._lock:
+            current = self._records.get(lease.session_id)
+            if current is not None and self._repeats_last_commit(lease, record, current):
+                return self._copy(current)  # a retry of the commit that made this version
             current = self._holder(lease)
             if current.version != lease.record.version:
                 raise LeaseLost(f"session {lease.session_id} changed since it was leased")
             del self._leases[lease.session_id]
             new = replace(record, id=lease.session_id, state=record.state.clone(), version=current.version + 1,
                           created_at=current.created_at, last_used=self.clock())
+            self._last_commit[lease.session_id] = lease.token
             return self._copy(self._put(new))
 
     def release(self, lease: Lease) -> None:
@@ -161,6 +168,12 @@ class MemorySessionStore(SessionStore):
             raise SessionNotFound(f"session {session_id!r} does not exist, has expired or was evicted")
         return record
 
+    def _repeats_last_commit(self, lease: Lease, record: SessionRecord, current: SessionRecord) -> bool:
+        """The commit that made `current`, sent again by its holder: same token, the version it read, the same values."""
+        return (self._last_commit.get(lease.session_id) == lease.token and current.version == lease.record.version + 1
+                and torch.equal(current.state, record.state)
+                and (current.seed, current.counter, current.position, current.ttl_s) == (record.seed, record.counter, record.position, record.ttl_s))
+
     def _leased(self, session_id: str) -> bool:
         held = self._leases.get(session_id)
         if held is not None and held[1] <= self.lease_clock():
@@ -185,6 +198,7 @@ class MemorySessionStore(SessionStore):
 
     def _remove(self, session_id: str, reason: str) -> None:
         self._records.pop(session_id, None)
+        self._last_commit.pop(session_id, None)
         self._leases.pop(session_id, None)
         self._dirty.discard(session_id)
         self._removed.add(session_id)

@@ -12,7 +12,9 @@ Keys (under the prefix `charlstm:`; one Redis database holds one deployment's se
 
 Every operation that reads and writes is one Lua script, so it is atomic across replicas and one
 round trip; renew, commit and release act only while the lease key still holds the caller's token
-(the shape of redis-py's Lock), and commit also compare-and-sets the version.
+(the shape of redis-py's Lock), and commit also compare-and-sets the version. A commit is idempotent:
+the session remembers the token of the commit that made its version, so the same commit sent again
+(redis-py resends a command whose reply was lost) reports success instead of a lost lease.
 
 The cap: `create` at `max_sessions` (counted in the lru index) evicts the least recently used
 session that holds no lease, in the same script; when every session is leased it raises
@@ -131,11 +133,17 @@ return {'ok', fmt(t)}
 """
 
 # KEYS: session, lease, lru, expiry. ARGV: id, token, version read, blob, ttl
+# A commit is idempotent: the one that made the current version, sent again by its holder (redis-py
+# retries a command whose reply was lost), finds its own token, version and blob there and succeeds.
 _COMMIT = _LIB + """
-if redis.call('GET', KEYS[2]) ~= ARGV[2] or redis.call('EXISTS', KEYS[1]) == 0 then return {'lost'} end
-if redis.call('HGET', KEYS[1], 'version') ~= ARGV[3] then return {'changed'} end
 local v = tostring(tonumber(ARGV[3]) + 1)
-redis.call('HSET', KEYS[1], 'blob', ARGV[4], 'version', v, 'ttl', ARGV[5])
+if redis.call('GET', KEYS[2]) ~= ARGV[2] or redis.call('EXISTS', KEYS[1]) == 0 then
+  local h = redis.call('HMGET', KEYS[1], 'committed_by', 'version', 'blob', 'last_used')
+  if h[1] == ARGV[2] and h[2] == v and h[3] == ARGV[4] then return {'ok', v, h[4]} end
+  return {'lost'}
+end
+if redis.call('HGET', KEYS[1], 'version') ~= ARGV[3] then return {'changed'} end
+redis.call('HSET', KEYS[1], 'blob', ARGV[4], 'version', v, 'ttl', ARGV[5], 'committed_by', ARGV[2])
 redis.call('DEL', KEYS[2])
 local t = now()
 touch(KEYS[1], ARGV[1], KEYS[3], KEYS[4], t)
@@ -201,14 +209,20 @@ class RedisSessionStore(SessionStore):
     kind = "redis"
 
     def __init__(self, url: str, max_sessions: int, on_removed: RemovalCallback | None = None, *,
-                 key: bytes, fingerprint: str, model_name: str = "", timeout_s: float = 2.0, prefix: str = PREFIX):
-        """`key` signs the blobs (replicas share it); `fingerprint` is this replica's weights sha256."""
+                 key: bytes, fingerprint: str, model_name: str = "", timeout_s: float = 1.0, prefix: str = PREFIX):
+        """`key` signs the blobs (replicas share it); `fingerprint` is this replica's weights sha256.
+
+        `timeout_s` bounds every operation: connecting, and each reply. A read that times out is not
+        retried (a Redis that accepts and never answers would only cost the budget again); a connection
+        that breaks is retried once, on a fresh connection, which reconnects the pool after a Redis
+        restart. So one operation takes at most about 2 x (connect + read) = 4 x timeout_s, and with the
+        default 1 s a dead or hanging Redis costs a session call at most 4 s and then 503."""
         super().__init__(max_sessions, on_removed)
         self.url, self.key, self.fingerprint, self.model_name, self.prefix = url, key, fingerprint, model_name, prefix
-        # One quick retry reconnects a pooled connection that a Redis restart broke; no long backoff,
-        # so with Redis away a session call fails within about `timeout_s` and gets 503.
+        self.timeout_s = timeout_s
         self.client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                           retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 1),
+                                           retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 1,
+                                                       supported_errors=(redis.ConnectionError,)),
                                            health_check_interval=30)
         s = self.client.register_script
         self._create, self._lease, self._renew, self._commit = s(_CREATE), s(_LEASE), s(_RENEW), s(_COMMIT)
@@ -345,8 +359,8 @@ class RedisSessionStore(SessionStore):
         return self._known_count
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "url": redacted(self.url), "sessions": self.count(), "max_sessions": self.max_sessions,
-                "model": self.model_name}
+        return {"kind": self.kind, "url": redacted(self.url), "sessions": self.known_count(), "max_sessions": self.max_sessions,
+                "model": self.model_name, "timeout_s": self.timeout_s}
 
     def close(self) -> None:
         self.client.close()

@@ -73,8 +73,9 @@ class SessionStore(ABC):
         return self.count()
 
     def describe(self) -> dict:
-        """What /ready shows about the store."""
-        return {"kind": self.kind, "sessions": self.count()}
+        """What /ready shows about the store. Never waits on the store (a probe must not): a network
+        store gives its known count."""
+        return {"kind": self.kind, "sessions": self.known_count()}
 
     def close(self) -> None:
         """Release what the store holds (connections, files, locks)."""

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from fastapi import APIRouter, Request
 
 from ...sampling import MAX_SEED
@@ -22,26 +20,20 @@ async def health():
 @router.get("/ready", responses={503: {"model": ErrorResponse}})
 async def ready(request: Request):
     """200 once the model is loaded and the engine is stepping; 503 before that, while shutting down,
-    and after the engine failed. The body reports the session store's state; a store that is away
-    does not take the server out, since plain generation does not need it."""
+    and after the engine failed. The body reports the session store's state as the background sweep
+    last saw it (never by asking the store now); a store that is away does not take the server out,
+    since plain generation does not need it."""
     engine = getattr(request.app.state, "engine", None)
     snap = engine.snapshot() if engine is not None else None
     if snap is None or not snap.ready:
         reason = "shutting down" if snap is not None and snap.draining else "failed" if snap is not None and snap.failed else "not ready"
         type_ = "engine_error" if snap is not None and snap.failed else "not_ready"
         return error_response(503, type_, f"the server is {reason}", None, {"Retry-After": "1"})
-    store = await _describe(request.app.state.session_store)
+    store = request.app.state.store_health.status()  # from memory: a probe never waits on the store
     persistence = getattr(request.app.state, "persistence", None)
     if persistence is not None:
         store["persistence"] = persistence.status()
     return {"status": "ready", "running": snap.running, "waiting": snap.waiting, "session_store": store}
-
-
-async def _describe(session_store) -> dict:
-    try:
-        return {**await asyncio.to_thread(session_store.describe), "available": True}
-    except Exception as e:
-        return {"kind": session_store.kind, "available": False, "error": f"{type(e).__name__}: {e}"}
 
 
 @router.get("/info")
