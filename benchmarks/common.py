@@ -49,6 +49,7 @@ class Proc:
 
 
 def charlstm_server(threads: int, **settings) -> Proc:
+    settings.setdefault("session_create_burst", 1_000_000)  # a load generator is one address: no per-client session quota
     env = {f"CHARLSTM_{k.upper()}": str(v) for k, v in settings.items()}
     env.update(CHARLSTM_TORCH_THREADS=str(threads), CHARLSTM_LOG_LEVEL="warning", CHARLSTM_SESSION_DB="",
                OMP_NUM_THREADS=str(threads))

@@ -21,6 +21,7 @@ if ((${#need[@]})); then
 fi
 if [[ -z ${DOCKER_HOST:-} ]]; then eval "$(../shared/tools/docker-up.sh)"; fi
 
+export CHARLSTM_SESSION_CREATE_BURST=1000000  # the load below comes from one address
 export CHARLSTM_IMAGE=$IMAGE REDIS_IMAGE=charlstm-redis:smoke-scale NGINX_IMAGE=charlstm-nginx:smoke-scale \
        PROMETHEUS_IMAGE=charlstm-prometheus:smoke-scale CHARLSTM_SESSION_KEY=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
 cleanup() {

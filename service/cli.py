@@ -328,7 +328,8 @@ def _cmd_serve(args) -> int:
     # timeouts in edge_protocol.
     config = uvicorn.Config(build_app(settings, loaded), host=settings.host, port=settings.port, log_level=settings.log_level,
                             workers=1, timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5,
-                            http=edge_protocol(settings), timeout_keep_alive=settings.keep_alive_s)
+                            http=edge_protocol(settings), timeout_keep_alive=settings.keep_alive_s,
+                            forwarded_allow_ips=settings.forwarded_allow_ips)
     DrainingServer(config).run()
     return 0
 

@@ -34,7 +34,7 @@ BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 # Every label value a labelled counter can take, each exported at 0 from the start so rate() works from the
 # first scrape (a series that appears only at its first event hides that event from rate()).
 FINISH_REASONS = ("length", "stop", "cancelled", "shutdown", "error")
-REJECTION_REASONS = ("overloaded", "shutting_down", "session_busy", "too_many_sessions", "engine_error")
+REJECTION_REASONS = ("overloaded", "shutting_down", "session_busy", "too_many_sessions", "engine_error", "rate_limited")
 SESSION_REMOVAL_REASONS = ("expired", "evicted", "deleted")
 SESSION_STORE_OPERATIONS = ("create", "get", "is_leased", "lease", "renew", "commit", "release", "delete")
 

@@ -84,6 +84,11 @@ class Settings(BaseSettings):
     decode_steps: int | None = Field(None, ge=1, le=256, description="steps a look: the batch takes this many steps before the "
                                      "host updates the rows' text, once for all of them (a GPU returns their characters in "
                                      "one copy); rows join, leave and end between looks. Unset: 16 on a GPU, 1 on the CPU")
+    session_create_rate: float = Field(5.0, gt=0, description="sessions one client (API key, or address without a key) may "
+                                       "create, import or fork per second, sustained; beyond it 429 rate_limited with Retry-After")
+    session_create_burst: int = Field(50, ge=1, description="sessions one client may make at once before session_create_rate applies")
+    forwarded_allow_ips: str = Field("127.0.0.1", description="proxies whose X-Forwarded-For names the client (uvicorn's "
+                                     "forwarded_allow_ips; comma-separated, or *): the address the session quota counts")
     session_store_timeout_s: float = Field(1.0, gt=0, le=30, description="Redis: the connect timeout and the timeout of each "
                                            "reply; a read that times out is not retried, a broken connection once, so one "
                                            "store operation takes at most about 4 x this")

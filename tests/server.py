@@ -32,6 +32,7 @@ class Server:
         tmp = Path(tempfile.mkdtemp(prefix="charlstm-test-"))
         settings.setdefault("session_db", tmp / "sessions.sqlite3")
         settings.setdefault("drain_delay_s", 0)  # stopping a test server need not wait; test_lifecycle tests the delay
+        settings.setdefault("session_create_burst", 1_000_000)  # every test client is one address; test_session_quotas sets its own
         env.update({f"CHARLSTM_{k.upper()}": str(v) for k, v in settings.items()})
         self.settings = settings
         self.log = open(tmp / "server.log", "w+")

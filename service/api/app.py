@@ -28,6 +28,7 @@ from ..sessions.snapshots import SessionDB, SessionDBError, Snapshots
 from ..sessions.store import SessionStore
 from ..settings import Settings
 from . import docs, errors, logs, openapi
+from .quotas import Quotas
 from .auth import APIKeyAuth
 from .bridge import make_deliver
 from .limits import BodyLimit
@@ -91,6 +92,7 @@ async def lifespan(app: FastAPI):
                                       observe=lambda op, seconds, failed: engine.notify("on_session_store_call", op, seconds, failed),
                                       blob_max_age_s=settings.session_blob_max_age_s, threads=settings.session_store_threads)
     # the longest one store operation may take: Redis's timeouts (redis_store.py); the embedded store answers at once
+    app.state.session_quotas = Quotas(settings.session_create_rate, settings.session_create_burst)
     app.state.store_health = health = StoreHealth(session_store, 4 * settings.session_store_timeout_s)
     app.state.session_store = session_store
     for hook in app.state.engine_hooks:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 
 from ...sessions import blob as session_blob
 from ...engine.types import GenerationRequest
 from ..deps import EngineDep, JSONBody, ModelDep, SessionsDep, SettingsDep
 from ..errors import APIError
+from ..quotas import session_quota
 from ..native.formatter import failed
 from ..native.serving import respond
 from ..reader import run_one
@@ -20,6 +21,7 @@ from ..native.models import (SESSION_FORMAT, STREAM_RESPONSE, ErrorResponse, Gen
 router = APIRouter(prefix="/sessions", tags=["sessions"])
 
 ERRORS = {s: {"model": ErrorResponse} for s in (400, 404, 409, 413, 415, 422, 429, 503)}
+Quota = Depends(session_quota)  # creating, importing and forking make a session: per-client rate
 
 
 def check_ttl(ttl_seconds: float | None, settings) -> None:
@@ -28,7 +30,7 @@ def check_ttl(ttl_seconds: float | None, settings) -> None:
                        "ttl_seconds")
 
 
-@router.post("", status_code=201, response_model=SessionInfo, responses=ERRORS, dependencies=[JSONBody])
+@router.post("", status_code=201, response_model=SessionInfo, responses=ERRORS, dependencies=[JSONBody, Quota])
 async def create_session(request: Request, engine: EngineDep, sessions: SessionsDep, loaded: ModelDep,
                          settings: SettingsDep, body: SessionCreate | None = None):
     """Create a session; `prompt` primes its state (an empty prompt feeds the start character, so a
@@ -45,7 +47,7 @@ async def create_session(request: Request, engine: EngineDep, sessions: Sessions
     return await sessions.create(done, body.ttl_seconds)
 
 
-@router.post("/import", status_code=201, response_model=SessionInfo, responses=ERRORS, dependencies=[JSONBody])
+@router.post("/import", status_code=201, response_model=SessionInfo, responses=ERRORS, dependencies=[JSONBody, Quota])
 async def import_session(body: SessionImport, request: Request, sessions: SessionsDep, loaded: ModelDep, settings: SettingsDep):
     """A new session from an export (`data` at least): it continues exactly where the exported one
     stood. The id is new. 422 `invalid_session_blob` for a blob that was changed, cut, signed with
@@ -66,7 +68,7 @@ async def export_session(session_id: str, request: Request, sessions: SessionsDe
                          data=session_blob.to_text(blob))
 
 
-@router.post("/{session_id}/fork", status_code=201, response_model=SessionInfo, responses=ERRORS, dependencies=[JSONBody])
+@router.post("/{session_id}/fork", status_code=201, response_model=SessionInfo, responses=ERRORS, dependencies=[JSONBody, Quota])
 async def fork_session(session_id: str, sessions: SessionsDep, settings: SettingsDep, body: SessionFork | None = None):
     """A new session with the same state, seed, counter and position: the two continue identically
     until their calls differ. Forking before a call is how a client rewinds. 409 `session_busy` while
