@@ -59,7 +59,11 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1 << 20, ge=1024, description="request bodies above this get 413")
     shutdown_grace_s: float = Field(10.0, ge=0, description="time running streams get to finish on SIGTERM")
     api_key: str | None = Field(None, description="when set, every route but /health and /ready needs Authorization: Bearer <key>")
-    protect_metrics: bool = Field(False, description="with api_key set, /metrics needs the key too")
+    protect_metrics: bool | None = Field(None, description="/metrics needs the API key too; unset: yes whenever api_key is "
+                                         "set (set false to let a scraper without the key read it)")
+    trusted_hosts: list[str] | None = Field(None, description="Host headers the server answers (for example "
+                                            "[\"charlstm.example.org\", \"*.internal\"]); others get 400 invalid_host. "
+                                            "/health and /ready answer any host, for the orchestrator's probes. Unset: any host")
     session_db: str = Field("data/sessions.sqlite3", description="SQLite file the sessions are saved to and restored from; empty: off")
     snapshot_interval_s: float = Field(5.0, gt=0, description="how often changed sessions are written to session_db")
     log_level: str = "info"
@@ -96,6 +100,19 @@ class Settings(BaseSettings):
                                        "hanging store holds these, not the threads the rest of the server uses)")
     session_store: str = Field("memory", description="where sessions live: 'memory' (this process, saved to session_db) or "
                                "redis://host:port/db, shared by every replica pointed at it (they need the same model and session_key)")
+
+    @property
+    def metrics_protected(self) -> bool:
+        return self.protect_metrics if self.protect_metrics is not None else self.api_key is not None
+
+    @field_validator("api_key")
+    @classmethod
+    def _real_api_key(cls, value: str | None) -> str | None:
+        from .sessions.blob import PLACEHOLDER_WORDS
+
+        if value is not None and any(word in value.lower() for word in PLACEHOLDER_WORDS):
+            raise ValueError("CHARLSTM_API_KEY is a placeholder, not a key: set it to the output of openssl rand -hex 32")
+        return value
 
     @field_validator("session_key")
     @classmethod

@@ -60,7 +60,8 @@ class Server:
 
     def metric(self, name: str, labels: str = "") -> float:
         """The value of one sample of /metrics (0 when absent)."""
-        text = httpx.get(self.url + "/metrics", timeout=5.0).text
+        key = self.settings.get("api_key")  # with a key set, /metrics needs it too
+        text = httpx.get(self.url + "/metrics", timeout=5.0, headers={"Authorization": f"Bearer {key}"} if key else None).text
         key = f"{name}{{{labels}}}" if labels else name
         for line in text.splitlines():
             if line.startswith(key + " "):

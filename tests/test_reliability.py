@@ -13,6 +13,7 @@ import pytest
 from service.sessions.snapshots import SessionDB
 
 from .server import Server, wait_until
+from .test_api import assert_error
 
 
 def session_text(url: str, sid: str, **body) -> str:
@@ -142,7 +143,8 @@ def test_api_key_guards_every_route_but_the_probes(trained_store):
         ok = {"Authorization": "Bearer s3cret-key"}
         assert httpx.get(srv.url + "/health").status_code == 200
         assert httpx.get(srv.url + "/ready").status_code == 200
-        assert httpx.get(srv.url + "/metrics").status_code == 200
+        assert httpx.get(srv.url + "/metrics").status_code == 401  # protected by default once a key is set
+        assert httpx.get(srv.url + "/metrics", headers={"Authorization": "Bearer s3cret-key"}).status_code == 200
         for method, path in (("POST", "/generate"), ("POST", "/sessions"), ("GET", "/info"), ("GET", "/docs"),
                              ("GET", "/openapi.json"), ("GET", "/sessions/x"), ("DELETE", "/sessions/x")):
             for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-key"}):
@@ -152,5 +154,19 @@ def test_api_key_guards_every_route_but_the_probes(trained_store):
         r = httpx.post(srv.url + "/generate", json={"max_new_tokens": 3}, headers=ok)
         assert r.status_code == 200 and len(r.json()["text"]) == 3
         assert httpx.get(srv.url + "/info", headers=ok).status_code == 200
+    finally:
+        srv.stop()
+
+
+def test_trusted_hosts_answer_only_their_names_and_the_probes_any(trained_store):
+    srv = Server(trained_store, trusted_hosts='["charlstm.test", "*.internal"]')
+    try:
+        for host, status in (("charlstm.test", 200), ("charlstm.test:8000", 200), ("api.internal", 200), ("evil.example", 400)):
+            r = httpx.post(srv.url + "/generate", json={"max_new_tokens": 2}, headers={"Host": host}, timeout=30)
+            assert r.status_code == status, (host, r.text)
+        assert_error(httpx.post(srv.url + "/generate", json={}, headers={"Host": "evil.example"}), 400, "invalid_host")
+        r = httpx.post(srv.url + "/v1/completions", json={"model": "tiny", "prompt": "K"}, headers={"Host": "evil.example"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_host"  # OpenAI's shape on /v1
+        assert httpx.get(srv.url + "/ready", headers={"Host": "10.0.0.7:8000"}).status_code == 200
     finally:
         srv.stop()

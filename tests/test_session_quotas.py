@@ -67,3 +67,4 @@ def test_with_an_api_key_the_quota_is_the_keys(trained_store):
         assert_error(two.post(srv.url + "/sessions", json={}), 429, "rate_limited")  # the key's bucket, from any address
     finally:
         srv.stop()
+

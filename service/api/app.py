@@ -29,7 +29,7 @@ from ..sessions.store import SessionStore
 from ..settings import Settings
 from . import docs, errors, logs, openapi
 from .quotas import Quotas
-from .auth import APIKeyAuth
+from .auth import APIKeyAuth, TrustedHosts
 from .bridge import make_deliver
 from .limits import BodyLimit
 from ..engine import constraints
@@ -94,6 +94,7 @@ async def lifespan(app: FastAPI):
     # the longest one store operation may take: Redis's timeouts (redis_store.py); the embedded store answers at once
     app.state.session_quotas = Quotas(settings.session_create_rate, settings.session_create_burst)
     app.state.store_health = health = StoreHealth(session_store, 4 * settings.session_store_timeout_s)
+    await health.check(app.state.sessions.executor)  # the first /ready already knows (bounded by the store's timeouts)
     app.state.session_store = session_store
     for hook in app.state.engine_hooks:
         hook(engine, loaded, session_store)
@@ -178,7 +179,8 @@ def create_app(settings: Settings | None = None, loaded: store.LoadedModel | Non
     openapi.install(app)
     current = lambda: app.state.settings or Settings()  # noqa: E731 - read when a request comes, not at import
     app.add_middleware(BodyLimit, limit=lambda: current().max_body_bytes)
-    app.add_middleware(APIKeyAuth, key=lambda: current().api_key, protect_metrics=lambda: current().protect_metrics)
+    app.add_middleware(APIKeyAuth, key=lambda: current().api_key, protect_metrics=lambda: current().metrics_protected)
+    app.add_middleware(TrustedHosts, hosts=lambda: current().trusted_hosts)  # outermost: a foreign Host gets nothing else
     app.include_router(generate.router)
     app.include_router(sessions.router)
     app.include_router(probes.router)

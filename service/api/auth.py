@@ -1,8 +1,10 @@
-"""Optional API key: `Authorization: Bearer <key>` on every route but the probes and the playground's
-static files (and /metrics unless configured). Pure ASGI, so a refused request costs no body parsing."""
+"""Who may talk to the server: an optional API key (`Authorization: Bearer <key>` on every route but the
+probes and the playground's static files, and /metrics whenever a key is set unless configured), and
+optional trusted hosts (other Host headers get 400). Pure ASGI, so a refused request costs no body parsing."""
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import secrets
 from collections.abc import Callable
@@ -35,4 +37,32 @@ class APIKeyAuth:
         await send({"type": "http.response.start", "status": 401,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"www-authenticate", b'Bearer realm="charlstm"')]})
+        await send({"type": "http.response.body", "body": body})
+
+
+PROBES = frozenset({"/health", "/ready"})  # the orchestrator probes by pod address, whatever the trusted names
+
+
+class TrustedHosts:
+    """With `trusted_hosts` set, a request whose Host header matches none of them (shell-style patterns,
+    port ignored) gets 400 invalid_host: a DNS-rebinding page or a stray name cannot reach the API."""
+
+    def __init__(self, app: ASGIApp, hosts: Callable[[], list[str] | None]):
+        self.app, self.hosts = app, hosts
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        allowed = self.hosts() if scope["type"] in ("http", "websocket") else None
+        if not allowed or scope.get("path", "") in PROBES:
+            return await self.app(scope, receive, send)
+        host = ""
+        for name, value in scope.get("headers", ()):
+            if name == b"host":
+                host = value.decode("latin-1")
+        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host  # drop the port, keep an IPv6 literal
+        if any(fnmatch.fnmatchcase(name.lower(), pattern.lower()) for pattern in allowed):
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        body = json.dumps(error_content(path, 400, "invalid_host", f"this server does not answer for the host {name!r}")).encode()
+        await send({"type": "http.response.start", "status": 400,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})

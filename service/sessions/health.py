@@ -50,15 +50,18 @@ class StoreHealth:
             available, error = False, f"no answer for {self.clock() - self._waiting_since:.1f} s"
         return {**self.store.describe(), "available": available, "checked_at": self.checked_at, "error": error}
 
+    async def check(self, executor: Executor) -> None:
+        """One pass: purge expired sessions in the session layer's own threads; its outcome is the health."""
+        self.begin()
+        try:
+            await asyncio.get_running_loop().run_in_executor(executor, self.store.purge_expired)
+        except Exception as e:
+            self.end(e)
+        else:
+            self.end(None)
+
     async def sweep(self, executor: Executor, every_s: float = 1.0) -> None:
-        """Purge expired sessions every `every_s`, in the session layer's own threads; each pass is the check."""
-        loop = asyncio.get_running_loop()
+        """A check every `every_s` for as long as the server runs."""
         while True:
             await asyncio.sleep(every_s)
-            self.begin()
-            try:
-                await loop.run_in_executor(executor, self.store.purge_expired)
-            except Exception as e:
-                self.end(e)
-            else:
-                self.end(None)
+            await self.check(executor)
