@@ -11,7 +11,8 @@
 3. The bounded soak's mix (tests/soak.py) runs through nginx on the two surviving replicas: the books
    balance, summed over them.
 
-Loopback only. Exits non-zero on a failed check.
+Loopback only. Exits non-zero on a failed check. The stack has an API key: every call sends
+$CHARLSTM_API_KEY (its /metrics too).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import shlex
 import sys
@@ -28,6 +30,7 @@ from urllib.parse import urlparse
 import httpx
 
 ROUTE = 'charlstm_requests_total{method="POST",route="/sessions/{session_id}/generate",status="200"}'
+AUTH = {"Authorization": f"Bearer {os.environ['CHARLSTM_API_KEY']}"} if os.environ.get("CHARLSTM_API_KEY") else {}
 
 
 def log(msg: str) -> None:
@@ -35,20 +38,20 @@ def log(msg: str) -> None:
 
 
 def served(replica: str) -> float:
-    for line in httpx.get(replica + "/metrics", timeout=10).text.splitlines():
+    for line in httpx.get(replica + "/metrics", timeout=10, headers=AUTH).text.splitlines():
         if line.startswith(ROUTE + " "):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
 
 
 def create(url: str, **body) -> str:
-    r = httpx.post(url + "/sessions", json=body, timeout=60)
+    r = httpx.post(url + "/sessions", json=body, timeout=60, headers=AUTH)
     r.raise_for_status()
     return r.json()["session_id"]
 
 
 def call(url: str, sid: str, body: dict) -> str:
-    r = httpx.post(f"{url}/sessions/{sid}/generate", json=body, timeout=60)
+    r = httpx.post(f"{url}/sessions/{sid}/generate", json=body, timeout=60, headers=AUTH)
     assert r.status_code == 200, r.text
     return r.json()["text"]
 
@@ -134,7 +137,7 @@ def check_kill(nginx: str, replicas: list[str], clients: int, seconds: float, ki
 
     async def run():
         stop_at = time.monotonic() + seconds
-        async with httpx.AsyncClient(timeout=httpx.Timeout(30.0), limits=httpx.Limits(max_connections=clients)) as http:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(30.0), limits=httpx.Limits(max_connections=clients), headers=AUTH) as http:
             tasks = [asyncio.create_task(client(http, nginx, k, stop_at, out)) for k in range(clients)]
             await asyncio.sleep(kill_after)
             log(f"killing a replica: {kill}")
@@ -171,7 +174,7 @@ def check_kill(nginx: str, replicas: list[str], clients: int, seconds: float, ki
 
 def metric(replica: str, name: str, labels: str = "") -> float:
     key = f"{name}{{{labels}}}" if labels else name
-    for line in httpx.get(replica + "/metrics", timeout=10).text.splitlines():
+    for line in httpx.get(replica + "/metrics", timeout=10, headers=AUTH).text.splitlines():
         if line.startswith(key + " "):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
@@ -210,7 +213,7 @@ def check_soak(nginx: str, survivors: list[str], clients: int, seconds: float) -
     stop_at = time.monotonic() + seconds
 
     async def drive():
-        await asyncio.gather(*(worker(nginx, stop_at, random.Random(rng.random()), tally, sessions) for _ in range(clients)))
+        await asyncio.gather(*(worker(nginx, stop_at, random.Random(rng.random()), tally, sessions, AUTH) for _ in range(clients)))
 
     asyncio.run(drive())
     deadline = time.monotonic() + 30
@@ -218,7 +221,7 @@ def check_soak(nginx: str, survivors: list[str], clients: int, seconds: float) -
         assert time.monotonic() < deadline, "replicas did not drain after the soak"
         time.sleep(0.2)
     delta = {k: v - before[k] for k, v in books(survivors).items()}
-    busy = [sid for sid in sessions if httpx.get(f"{nginx}/sessions/{sid}", timeout=10).json().get("busy")]
+    busy = [sid for sid in sessions if httpx.get(f"{nginx}/sessions/{sid}", timeout=10, headers=AUTH).json().get("busy")]
     fivexx = sum(v for k, v in tally.items() if k.startswith("status_5"))
     log(f"soak through nginx on {len(survivors)} replicas, {seconds:g} s, {clients} clients: accepted {tally['accepted']}, "
         f"completed {tally['completed']}, dropped {tally['disconnected']}, 429s {tally['status_429']}; replicas finished "

@@ -22,10 +22,16 @@ fi
 if [[ -z ${DOCKER_HOST:-} ]]; then eval "$(../shared/tools/docker-up.sh)"; fi
 
 export CHARLSTM_SESSION_CREATE_BURST=1000000  # the load below comes from one address
+random_hex() { head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n'; }
+SECRETS=$(mktemp -d)
+random_hex > "$SECRETS/api_key"
+chmod 755 "$SECRETS" && chmod 644 "$SECRETS/api_key"  # Prometheus's user in its container reads it; the folder is this run's
 export CHARLSTM_IMAGE=$IMAGE REDIS_IMAGE=charlstm-redis:smoke-scale NGINX_IMAGE=charlstm-nginx:smoke-scale \
-       PROMETHEUS_IMAGE=charlstm-prometheus:smoke-scale CHARLSTM_SESSION_KEY=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
+       PROMETHEUS_IMAGE=charlstm-prometheus:smoke-scale CHARLSTM_SESSION_KEY=$(random_hex) REDIS_PASSWORD=$(random_hex) \
+       CHARLSTM_API_KEY=$(cat "$SECRETS/api_key") CHARLSTM_API_KEY_FILE=$SECRETS/api_key
 cleanup() {
   if [[ ${KEEP_STACK:-0} != 1 ]]; then "${COMPOSE[@]}" down -v >/dev/null 2>&1 || true; fi
+  rm -rf "$SECRETS"
 }
 trap cleanup EXIT
 
@@ -71,5 +77,7 @@ log "Prometheus scrapes all three replicas"
   --replica http://127.0.0.1:18101 --replica http://127.0.0.1:18102 --replica http://127.0.0.1:18103 \
   --kill "${COMPOSE[*]} kill charlstm-3"
 
-redis_keys=$(docker exec "${PROJECT}_redis_1" redis-cli -p 18379 dbsize)
-log "Redis holds $redis_keys keys; ok"
+anonymous=$(docker exec "${PROJECT}_redis_1" redis-cli -p 18379 dbsize 2>&1 || true)
+[[ $anonymous == *NOAUTH* ]] || { log "Redis answered a client without its password: $anonymous"; exit 1; }
+redis_keys=$(docker exec -e REDISCLI_AUTH="$REDIS_PASSWORD" "${PROJECT}_redis_1" redis-cli -p 18379 dbsize)
+log "Redis holds $redis_keys keys and refuses clients without the password; ok"

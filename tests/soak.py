@@ -30,8 +30,9 @@ def refused(r: httpx.Response, tally: Counter) -> bool:
     return False
 
 
-async def worker(url: str, deadline: float, rng: random.Random, tally: Counter, sessions: list[str]) -> None:
-    async with httpx.AsyncClient(timeout=60) as http:
+async def worker(url: str, deadline: float, rng: random.Random, tally: Counter, sessions: list[str],
+                 headers: dict | None = None) -> None:
+    async with httpx.AsyncClient(timeout=60, headers=headers) as http:
         while time.monotonic() < deadline:
             kind = rng.choice(["plain", "stream", "stream_drop", "session", "session_stream_drop"])
             body = {"prompt": rng.choice(["", "the ", "and "]), "max_new_tokens": rng.randint(10, 120),

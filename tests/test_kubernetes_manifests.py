@@ -44,9 +44,17 @@ def test_the_deployment_probes_drains_and_shares_sessions():
     assert container["livenessProbe"]["httpGet"]["path"] == "/health"
     env = {e["name"]: e for e in container["env"]}
     assert env["CHARLSTM_SESSION_STORE"]["value"].startswith("redis://")
-    assert env["CHARLSTM_SESSION_KEY"]["valueFrom"]["secretKeyRef"]["name"] == kinds["Secret"]["metadata"]["name"]
+    secret = kinds["Secret"]
+    for name, key in (("CHARLSTM_SESSION_KEY", "session-key"), ("CHARLSTM_API_KEY", "api-key"), ("REDIS_PASSWORD", "redis-password")):
+        assert env[name]["valueFrom"]["secretKeyRef"] == {"name": secret["metadata"]["name"], "key": key}
+        assert key in secret["stringData"]
+    assert "$(REDIS_PASSWORD)@" in env["CHARLSTM_SESSION_STORE"]["value"]  # closed by default: the service sends the password
     grace = float(env["CHARLSTM_SHUTDOWN_GRACE_S"]["value"])
     assert pod["terminationGracePeriodSeconds"] > grace + 5 + 5  # the drain, uvicorn's close and the preStop wait
     assert kinds["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]["name"] == kinds["Deployment"]["metadata"]["name"]
     redis = kinds["StatefulSet"]["spec"]
-    assert redis["volumeClaimTemplates"] and "--appendonly" in redis["template"]["spec"]["containers"][0]["args"]
+    args = redis["template"]["spec"]["containers"][0]["args"]
+    assert redis["volumeClaimTemplates"] and "--appendonly" in args
+    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"  # Redis takes no client without it
+    redis_env = {e["name"]: e for e in redis["template"]["spec"]["containers"][0]["env"]}
+    assert redis_env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == "redis-password"

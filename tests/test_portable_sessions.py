@@ -352,8 +352,15 @@ def test_an_export_older_than_the_max_age_is_refused_after_its_tag(keyed):
 
 
 def test_a_short_or_placeholder_session_key_refuses_to_start(trained_store):
-    placeholder = yaml.safe_load((ROOT / "deploy/kubernetes/secret.yaml").read_text())["stringData"]["key"]
+    placeholder = yaml.safe_load((ROOT / "deploy/kubernetes/secret.yaml").read_text())["stringData"]["session-key"]
     for key, says in (("k" * 31, "at least 32"), (placeholder, "placeholder")):
         with pytest.raises(RuntimeError) as e:
             Server(trained_store, session_key=key)
         assert says in str(e.value) and key not in str(e.value)  # the message never repeats the key
+
+
+def test_the_manifests_placeholder_api_key_refuses_to_start(trained_store):
+    placeholder = yaml.safe_load((ROOT / "deploy/kubernetes/secret.yaml").read_text())["stringData"]["api-key"]
+    with pytest.raises(RuntimeError) as e:
+        Server(trained_store, api_key=placeholder)
+    assert "placeholder" in str(e.value) and placeholder not in str(e.value)
