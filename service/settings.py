@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import json
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -61,9 +62,10 @@ class Settings(BaseSettings):
     api_key: str | None = Field(None, description="when set, every route but /health and /ready needs Authorization: Bearer <key>")
     protect_metrics: bool | None = Field(None, description="/metrics needs the API key too; unset: yes whenever api_key is "
                                          "set (set false to let a scraper without the key read it)")
-    trusted_hosts: list[str] | None = Field(None, description="Host headers the server answers (for example "
-                                            "[\"charlstm.example.org\", \"*.internal\"]); others get 400 invalid_host. "
-                                            "/health and /ready answer any host, for the orchestrator's probes. Unset: any host")
+    trusted_hosts: Annotated[list[str] | None, NoDecode] = Field(
+        None, description="Host headers the server answers, comma-separated or a JSON list (for example "
+        "charlstm.example.org,*.internal); others get 400 invalid_host. /health and /ready answer any host, for the "
+        "orchestrator's probes. Unset: any host")
     session_db: str = Field("data/sessions.sqlite3", description="SQLite file the sessions are saved to and restored from; empty: off")
     snapshot_interval_s: float = Field(5.0, gt=0, description="how often changed sessions are written to session_db")
     log_level: str = "info"
@@ -104,6 +106,13 @@ class Settings(BaseSettings):
     @property
     def metrics_protected(self) -> bool:
         return self.protect_metrics if self.protect_metrics is not None else self.api_key is not None
+
+    @field_validator("trusted_hosts", mode="before")
+    @classmethod
+    def _host_list(cls, value):
+        if isinstance(value, str):
+            value = json.loads(value) if value.lstrip().startswith("[") else [h.strip() for h in value.split(",") if h.strip()]
+        return value or None
 
     @field_validator("api_key")
     @classmethod
