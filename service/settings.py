@@ -136,7 +136,8 @@ class Settings(BaseSettings):
     @classmethod
     def _known_store(cls, value: str) -> str:
         if value != "memory" and not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(f"session_store must be 'memory' or a Redis URL (redis://host:port/db), not {value!r}")
+            scheme = value.split("://", 1)[0] if "://" in value else "no scheme"  # the URL may hold a password: never echo it
+            raise ValueError(f"session_store must be 'memory' or a Redis URL (redis://host:port/db); this one has {scheme!r}")
         return value
 
     @property

@@ -167,7 +167,8 @@ def test_the_first_snapshot_on_a_full_disk_leaves_nothing_behind(faulty, tmp_pat
     snaps.load()
     faulty.error = FULL
     snaps.write()
-    assert not db.path.exists() and list(tmp_path.iterdir()) == [] and snaps.status()["state"] == "degraded"
+    assert not db.path.exists() and [p.name for p in tmp_path.iterdir()] == ["s.sqlite3.lock"]  # no half-built file
+    assert snaps.status()["state"] == "degraded"
     faulty.error = None
     snaps.write()
     assert len(saved_ids(db.path)) == 3
@@ -187,7 +188,8 @@ def test_a_file_that_cannot_be_read_now_is_kept_and_read_once_it_can(faulty, tmp
     made = store.create(record()).id
     snaps.write()  # nothing is written while the file's own sessions are unread
     assert saved_ids(db.path) == good and snaps.status()["state"] == "degraded"
-    assert snaps.final() == 0 and saved_ids(db.path) == good  # a shutdown on the broken disk changes nothing
+    shutdown = Snapshots(db, MemorySessionStore(100), interval_s=1.0)
+    assert shutdown.final() == 0 and saved_ids(db.path) == good  # a shutdown on the broken disk changes nothing
     faulty.error = None
     snaps.write()
     assert snaps.loaded and snaps.restored == 20 and store.count() == 21
@@ -195,12 +197,28 @@ def test_a_file_that_cannot_be_read_now_is_kept_and_read_once_it_can(faulty, tmp
     assert not [r for r in caplog.records if "corrupt" in r.getMessage()]  # no corruption was reported
 
 
+def test_a_folder_that_cannot_be_made_now_degrades_instead_of_failing_the_start(tmp_path):
+    """The lock file cannot be created (here its folder's place is taken by a file): no crash, a retry."""
+    blocked = tmp_path / "state"
+    blocked.write_text("not a folder")
+    db = SessionDB(blocked / "s.sqlite3", "tiny@v1", FINGERPRINT)
+    assert Snapshots(db, store_with(1), interval_s=1.0).final() == 0 and blocked.read_text() == "not a folder"
+    snaps = Snapshots(db, store_with(2), interval_s=1.0)
+    assert snaps.load() == 0 and not snaps.loaded and snaps.status()["state"] == "degraded"
+    snaps.write()  # still blocked: another failure, nothing written
+    assert snaps.status()["failures"] == 2 and blocked.read_text() == "not a folder"
+    blocked.unlink()  # mended while the server runs: the loop's next write takes the file
+    snaps.write()
+    assert snaps.loaded and len(saved_ids(blocked / "s.sqlite3")) == 2 and snaps.status()["state"] == "ok"
+    assert snaps.final() == 2
+
+
 def test_only_real_corruption_sets_a_file_aside(tmp_path, caplog):
     path = tmp_path / "s.sqlite3"
     path.write_bytes(b"this is not an SQLite database, though it has its name" * 100)
     snaps = Snapshots(SessionDB(path, "tiny@v1", FINGERPRINT), MemorySessionStore(10), interval_s=1.0)
     assert snaps.load() == 0 and snaps.loaded
-    assert [p.name.split("-")[0] for p in tmp_path.iterdir()] == ["s.sqlite3.corrupt"]
+    assert not path.exists() and [p.name.split("-")[0] for p in tmp_path.glob("s.sqlite3.corrupt*")] == ["s.sqlite3.corrupt"]
     assert any(r.levelname == "ERROR" and "SQLITE_NOTADB" in r.getMessage() for r in caplog.records)
 
 

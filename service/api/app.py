@@ -80,8 +80,7 @@ async def lifespan(app: FastAPI):
         session_db = SessionDB(settings.session_db, model_name, fingerprint)
         persistence = Snapshots(session_db, session_store, settings.snapshot_interval_s, notify=engine.notify)
         try:
-            session_db.open()
-            await asyncio.to_thread(persistence.load)
+            await asyncio.to_thread(persistence.load)  # takes the file; a disk that fails now leaves it degraded, retried
         except SessionDBError as e:
             session_db.close()
             log.error("%s", e)

@@ -40,7 +40,9 @@ class APIKeyAuth:
         await send({"type": "http.response.body", "body": body})
 
 
-PROBES = frozenset({"/health", "/ready"})  # the orchestrator probes by pod address, whatever the trusted names
+# the orchestrator probes and the scraper reach a replica by its address, whatever the trusted names
+# (/metrics keeps the API key's protection)
+ANY_HOST = frozenset({"/health", "/ready", "/metrics"})
 
 
 class TrustedHosts:
@@ -52,12 +54,9 @@ class TrustedHosts:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         allowed = self.hosts() if scope["type"] in ("http", "websocket") else None
-        if not allowed or scope.get("path", "") in PROBES:
+        if not allowed or scope.get("path", "") in ANY_HOST:
             return await self.app(scope, receive, send)
-        host = ""
-        for name, value in scope.get("headers", ()):
-            if name == b"host":
-                host = value.decode("latin-1")
+        host = next((value.decode("latin-1") for name, value in scope.get("headers", ()) if name == b"host"), "")  # the first, as Starlette reads it
         name = host.rsplit(":", 1)[0] if not host.endswith("]") else host  # drop the port, keep an IPv6 literal
         if any(fnmatch.fnmatchcase(name.lower(), pattern.lower()) for pattern in allowed):
             return await self.app(scope, receive, send)

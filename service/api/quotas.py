@@ -39,11 +39,13 @@ class Quotas:
 
 
 def client_identity(request: Request, api_key: str | None) -> str:
-    """The key a request was let in with (the auth middleware checked it), else its client address
-    (behind a proxy, the forwarded address uvicorn takes from a trusted proxy: forwarded_allow_ips)."""
+    """The client address (behind a proxy, the forwarded one uvicorn takes from a trusted proxy:
+    forwarded_allow_ips), and the key it was let in with when the server has one (the auth middleware
+    checked it): a server has one key, so the key alone would put every client in one bucket."""
+    address = "addr:" + (request.client.host if request.client else "unknown")
     if api_key:
-        return "key:" + hashlib.sha256(api_key.encode()).hexdigest()[:16]
-    return "addr:" + (request.client.host if request.client else "unknown")
+        return "key:" + hashlib.sha256(api_key.encode()).hexdigest()[:16] + "|" + address
+    return address
 
 
 async def session_quota(request: Request) -> None:

@@ -22,6 +22,7 @@ import fcntl
 import logging
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -96,12 +97,20 @@ class SessionDB:
         self.path, self.model, self.fingerprint = Path(path), model, fingerprint
         self._lock_fd: int | None = None
 
+    @property
+    def is_open(self) -> bool:
+        return self._lock_fd is not None
+
     def open(self) -> None:
-        """Take the file for this process, or refuse: another live server writes it."""
-        private_folder(self.path.parent)
-        lock_path = Path(f"{self.path}.lock")
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, FILE_MODE)
-        os.fchmod(fd, FILE_MODE)
+        """Take the file for this process, or refuse: another live server writes it (SessionDBError).
+        A disk that cannot hold the lock file now raises SnapshotUnavailable."""
+        try:
+            private_folder(self.path.parent)
+            fd = os.open(Path(f"{self.path}.lock"), os.O_RDWR | os.O_CREAT, FILE_MODE)
+        except OSError as e:
+            raise SnapshotUnavailable(f"session database {self.path} cannot be opened now ({describe(e)})") from e
+        with contextlib.suppress(OSError):
+            os.fchmod(fd, FILE_MODE)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -110,11 +119,12 @@ class SessionDB:
             raise SessionDBError(f"session database {self.path} is in use by another running server ({holder}); "
                                  "give each server its own file with CHARLSTM_SESSION_DB (or --session-db), "
                                  "or share sessions between servers with a shared session store") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
+        with contextlib.suppress(OSError):  # who holds it, for the message above; a full disk may refuse it
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()}\n".encode(), 0)
         for suffix in ("", "-wal", "-shm"):  # a file an older version left readable by others
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):
                 os.chmod(f"{self.path}{suffix}", FILE_MODE)
 
     def close(self) -> None:
@@ -240,27 +250,46 @@ class Snapshots:
         self.failures, self.consecutive = 0, 0
         self.last_error: str | None = None
         self.last_success_at: float | None = None
+        self._lock = threading.Lock()  # one load or write at a time: the loop's, and the shutdown's
+        self._stopping = False
 
     # ------------------------------------------------------------------ blocking
     def load(self) -> int:
-        """Restore the saved sessions (once); returns how many. SessionDBError propagates: the file is
-        not this server's to use."""
+        """Take the file and restore its sessions (once); returns how many. SessionDBError propagates:
+        the file is not this server's to use (another server holds it, or another model wrote it)."""
+        with self._lock:
+            return self._load()
+
+    def _load(self) -> int:
         if self.loaded:
             return 0
         try:
+            if not self.db.is_open:
+                self.db.open()
             records = self.db.load()
         except SnapshotUnavailable as e:
             self._failed("load", e)
             return 0
         self.restored = self.store.restore(records)
         self.loaded = True
+        self.full = self.full or self.failures > 0  # read late: the next write puts down everything, old and new, at once
         self._succeeded()
         return self.restored
 
     def write(self) -> None:
-        """One snapshot of what changed (everything after a failure); a failed load is retried first."""
+        """One snapshot of what changed (everything after a failure); a failed load is retried first.
+        Never raises: every failure is counted, logged and retried."""
+        with self._lock:
+            if self._stopping:
+                return
+            try:
+                self._write()
+            except Exception as e:  # a late load found the file is not ours, or the disk failed oddly
+                self._failed("load" if not self.loaded else "write", e)
+
+    def _write(self) -> None:
         if not self.loaded:
-            self.load()
+            self._load()
             if not self.loaded:
                 return
         changed, removed = self.store.take_changes()
@@ -273,14 +302,29 @@ class Snapshots:
         except Exception as e:  # the file is as the last good snapshot left it; the sessions are in memory
             self.full = True
             self._failed("write", e)
+            if is_corruption(e):  # found while writing: set it aside; the next write builds a new file of every session
+                with contextlib.suppress(SnapshotUnavailable):
+                    self.db._set_aside(describe(e))
             return
         self.store.snapshot_done()  # the file now holds every commit made before this snapshot began
         self._succeeded()
 
     def final(self) -> int:
-        """At shutdown: every session, replacing the file's, once the file was read; only what this
-        process changed when it never could be (the file's own sessions stay in it). Returns how many."""
-        self.load()
+        """At shutdown, after the loop's last write (the lock): every session, replacing the file's, once
+        the file was read; only what this process changed when it never could be (the file's own sessions
+        stay in it). Returns how many; never raises."""
+        with self._lock:
+            self._stopping = True
+            try:
+                return self._final()
+            except Exception as e:
+                self._failed("write", e)
+                return 0
+
+    def _final(self) -> int:
+        self._load()
+        if not self.db.is_open:
+            return 0  # the file could never be taken: nothing may be written to it
         saved = self.store.all_records()
         try:
             if self.loaded:
