@@ -80,6 +80,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.0  # weight averaging (EMA of the parameters); 0 = off. Averaged weights evaluated, selected and exported
     train_fraction: float = DEFAULT_TRAIN_FRACTION
+    # hold out whole plays for validation (a corpus with a manifest, charlstm corpus): comma-separated play files,
+    # or auto (about 1 - train_fraction of the characters, in a fixed order); empty: split by position
+    val_plays: str = ""
     # bookkeeping
     eval_every: int = 200  # 0 = only at the end
     eval_streams: int = 16
@@ -232,7 +235,9 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         self.device = pick_device(cfg.device)
         self.corpus = Corpus.read(cfg.text)
-        train_text, self.val_text = self.corpus.split(cfg.train_fraction)
+        self.val_plays = self.corpus.validation_plays(cfg.val_plays, cfg.train_fraction) if cfg.val_plays else None
+        train_text, self.val_text = (self.corpus.split_by_plays(self.val_plays) if self.val_plays
+                                     else self.corpus.split(cfg.train_fraction))
         if len(self.val_text) < 2:
             raise ValueError(f"the validation split of {cfg.text} holds {len(self.val_text)} character(s); it needs at "
                              f"least 2: lower train_fraction ({cfg.train_fraction}) or give a longer text")
@@ -479,7 +484,7 @@ class Trainer:
         self.model.to("cpu")
         card = {
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "corpus": self.corpus.describe(self.cfg.train_fraction),
+            "corpus": self.corpus.describe(self.cfg.train_fraction, self.val_plays),
             "training": {
                 "hyperparameters": self.cfg.hyperparameters(),
                 "init_from": self.init_from,

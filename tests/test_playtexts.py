@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
-from service import playtexts
+from service import playtexts, store
+from service.corpus import Corpus
+from service.train import run_training
 
+from .conftest import SPEAKERS, make_play, tiny_config
 from .server import ROOT
 
 ROMEO = textwrap.dedent("""\
@@ -156,3 +160,49 @@ def test_abbreviations_expand_from_the_list_of_persons(raw, full):
     persons = ["Romeo", "Lady Capulet", "Nurse", "Citizens", "Watchmen"]
     expand = playtexts.Expander(persons, playtexts.Counter(), {"Citizens", "Watchmen", "Verona"})
     assert expand(raw) == full
+
+
+def gutenberg(play: str, title: str) -> str:
+    """The tests' synthetic play written as a Gutenberg text: a list of persons, a heading, `Name.` speakers."""
+    persons = "\n".join(f"{s.title()}, a person of the play." for s in SPEAKERS)
+    speeches = re.sub(r"^([A-Z]+):$", lambda m: m.group(1).title() + ".", play, flags=re.M)
+    return f"{title}\n\nby William Shakespeare\n\nPERSONS REPRESENTED\n\n{persons}\n\nACT I.\n\nScene I. A hall.\n\n{speeches}"
+
+
+def test_training_on_the_corpus_holds_out_whole_plays(tmp_path):
+    texts, heldout = play_folder(tmp_path, {f"play_{i}_gut.txt": gutenberg(make_play(6_000, seed=i), f"PLAY {i}")
+                                            for i in range(3)})
+    corpus, manifest = playtexts.build(texts, heldout)
+    out = tmp_path / "plays.txt"
+    playtexts.write(corpus, manifest, out)
+    held = next(p for p in manifest["plays"] if p["file"] == "play_1_gut.txt")
+    store_root = tmp_path / "store"
+    run_training(tiny_config(out, tmp_path / "run", store_root, steps=20, eval_every=10, checkpoint_every=10,
+                             val_plays="play_1_gut.txt"))
+    card = store.load("tiny", store_root).card
+    split = card["corpus"]["split"]
+    assert split["by"] == "play" and split["validation_plays"] == ["play_1_gut.txt"]
+    assert split["val_chars"] == held["end"] - held["start"] and split["train_chars"] == len(corpus) - split["val_chars"]
+    assert card["corpus"]["manifest"]["plays"] == [p["file"] for p in manifest["plays"]]
+    assert card["corpus"]["manifest"]["sha256"] == hashlib.sha256((tmp_path / "plays.txt.manifest.json").read_bytes()).hexdigest()
+    scored = subprocess.run([sys.executable, "-m", "service.cli", "evaluate", "--store", str(store_root), "--model", "tiny",
+                             "--text", str(out), "--split", "validation", "--json"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert scored.returncode == 0, scored.stderr
+    assert json.loads(scored.stdout)["chars"] == held["end"] - held["start"] - 1  # that play, whole, and nothing else
+    auto = Corpus.read(out).validation_plays("auto", 0.6)
+    assert 1 <= len(auto) < 3 and auto == Corpus.read(out).validation_plays("auto", 0.6)  # a fixed order, not a pick
+
+
+def test_a_split_by_play_needs_the_manifest_that_describes_the_text(tmp_path):
+    texts, heldout = play_folder(tmp_path, {"romeo_and_juliet_gut.txt": ROMEO})
+    corpus, manifest = playtexts.build(texts, heldout)
+    bare = tmp_path / "bare.txt"
+    bare.write_text(corpus)
+    with pytest.raises(ValueError, match="needs the corpus manifest"):
+        Corpus.read(bare).validation_plays("auto")
+    out = tmp_path / "plays.txt"
+    playtexts.write(corpus, manifest, out)
+    out.write_text(corpus + "KING:\nA line added after.\n\n")
+    with pytest.raises(ValueError, match="describes another text"):
+        Corpus.read(out)
