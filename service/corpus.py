@@ -50,21 +50,26 @@ class Corpus:
         if self.manifest is None:
             raise ValueError(f"a split by play needs the corpus manifest beside {self.name} (charlstm corpus writes it)")
         plays = self.manifest["plays"]
+        works: dict[str, list[dict]] = {}  # a play's texts in every edition go to one side together
+        for p in plays:
+            works.setdefault(p.get("work") or p["file"], []).append(p)
         if spec == "auto":
             chosen, held = [], 0
-            for play in sorted(plays, key=lambda p: hashlib.sha256(p["file"].encode()).hexdigest()):
+            for work in sorted(works, key=lambda w: hashlib.sha256(w.encode()).hexdigest()):
                 if held >= (1.0 - train_fraction) * len(self.text):
                     break
-                chosen.append(play["file"])
-                held += play["end"] - play["start"]
+                chosen += [p["file"] for p in works[work]]
+                held += sum(p["end"] - p["start"] for p in works[work])
             return sorted(chosen)
         names = [n.strip() for n in spec.split(",") if n.strip()]
         unknown = sorted(set(names) - {p["file"] for p in plays})
         if unknown or not names:
             raise ValueError(f"val_plays names {', '.join(unknown) or 'no play'}; the corpus holds {', '.join(p['file'] for p in plays)}")
-        if len(set(names)) == len(plays):
+        named = {p.get("work") or p["file"] for p in plays if p["file"] in names}
+        chosen = sorted(p["file"] for w in named for p in works[w])
+        if len(chosen) == len(plays):
             raise ValueError("val_plays holds out every play: training would have no text")
-        return sorted(set(names))
+        return chosen
 
     def split_by_plays(self, validation: list[str]) -> tuple[str, str]:
         """(train, validation): the plays' ranges from the manifest, each play whole on one side."""

@@ -15,6 +15,7 @@ held-out file are left out, whatever else is asked.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
@@ -38,6 +39,7 @@ class Play:
     file: str
     title: str
     source_sha256: str
+    work: str = ""  # the play whichever edition: a split by play holds out all of a work's texts together
     speeches: int = 0
     chars: int = 0
     start: int = 0  # where its text begins and ends in the corpus: a split by play reads these
@@ -123,6 +125,9 @@ class Expander:
         if not words:
             return None
         found = [n for n in self.names if _matches(words, n.split())]
+        if not found:  # the Folio's spelling: I for J, u for v (Iul. is Juliet, Benuolio Benvolio)
+            modern = [re.sub(r"^I(?=[a-z])", "J", w).replace("u", "v") for w in words]
+            found = [n for n in self.names if _matches(modern, n.replace("u", "v").split())]
         if found:
             return min(found, key=len).upper()  # the shortest name the abbreviation begins
         if all(w.isupper() or w in ORDINALS.values() for w in words):
@@ -191,14 +196,84 @@ def parse_play(text: str, file: str, dropped: Counter | None = None) -> tuple[Pl
     return play, speeches
 
 
+FOLIO_SPEAKER = re.compile(r"^ {1,8}([A-Z][A-Za-z]*(?: [A-Z][A-Za-z]*)?)\. +(\S.*)$")  # "  Kent. I thought the King..."
+FOLIO_HEADING = re.compile(r"^(Actus|Actvs|Scena|Scoena|Scaena|Scene|Prologue|Epilogue|FINIS)\b", re.IGNORECASE)
+FOLIO_DIRECTION = re.compile(r"^(Enter|Exit|Exeunt|Exeunt|Manet|Manent|Flourish|Florish|Sennet|Senet|Alarum|Alarums|Trumpets|"
+                             r"Drum|Drums|Musicke|Thunder|Sound|Fight|They|Dyes|Dies|Kneeles|Retreat|Excursions|Hoboyes|Still)\b")
+
+
+def parse_folio(text: str, file: str, names: list[str], dropped: Counter | None = None) -> tuple[Play, list[tuple[str, str]]]:
+    """A First Folio text (`*_gut_f.txt`): each speech begins on an indented line, the speaker's abbreviation
+    and the speech's first words together; directions stand at the margin (Enter, Exeunt...) and run to
+    a blank line or the next speech. `names`: the full speakers of the same play's modern text, which
+    expand the Folio's abbreviations. Its spelling (vs, haue) is kept: it is what the Folio prints."""
+    lines = text.replace("\r\n", "\n").split("\n")
+    title = next((line.strip() for line in lines if line.strip()), Path(file).stem)
+    expand = Expander([n.title() for n in names], Counter(), {w.title() for n in names for w in n.split()})
+    play = Play(file=Path(file).name, title=title, source_sha256=hashlib.sha256(text.encode()).hexdigest())
+    speeches: list[tuple[str, str]] = []
+    speaker, body, mode = None, [], None
+
+    def close():
+        kept = [to_vocabulary(line.strip(), dropped) for line in body]
+        speech = "\n".join(line for line in kept if line.strip())
+        if speaker is not None and speech.strip():
+            speeches.append((speaker, speech))
+
+    for line in lines[1:]:
+        m = FOLIO_SPEAKER.match(line)
+        if m:
+            close()
+            raw = m.group(1) + "."
+            full = expand(raw)
+            if full is None:
+                full = m.group(1).upper()
+                if raw not in play.unexpanded:
+                    play.unexpanded.append(raw)
+            elif full != m.group(1).upper():
+                play.expanded[raw] = full
+            speaker, body, mode = to_vocabulary(full).strip(), [m.group(2)], "speech"
+        elif not line.strip():
+            close() if mode == "speech" else None
+            body, mode = [], None
+        elif FOLIO_HEADING.match(line.strip()) or (not line.startswith(" ") and FOLIO_DIRECTION.match(line)):
+            close() if mode == "speech" else None
+            body, mode = [], "direction"
+        elif mode == "speech":
+            body.append(line)
+    close()
+    play.speeches = len(speeches)
+    return play, speeches
+
+
+def _modern_text(texts: Path, folio: Path) -> Path | None:
+    """The modern text of the same play (the file names differ: errours, dreame, twelfe-night)."""
+    modern = {p.stem: p for p in Path(texts).glob("*_gut.txt")}
+    match = difflib.get_close_matches(folio.name[: -len("_gut_f.txt")] + "_gut", list(modern), n=1, cutoff=0.6)
+    return modern[match[0]] if match else None
+
+
+def _modern_names(modern: Path | None) -> list[str]:
+    """The full speakers of a modern text, which expand the Folio's abbreviations."""
+    if modern is None:
+        return []
+    _, speeches = parse_play(modern.read_text(encoding="utf-8", errors="replace"), modern.name)
+    return sorted({s for s, _ in speeches})
+
+
+EDITIONS = {"modern": "*_gut.txt", "folio": "*_gut_f.txt"}
+
+
 def build(texts: Path, heldout: Path, edition: str = "modern") -> tuple[str, dict]:
-    """The corpus text and its manifest, from every play text in `texts` not held out."""
-    if edition != "modern":
-        raise ValueError("only the modern texts (*_gut.txt) are read so far; the Folio's (*_gut_f.txt) write speakers inline")
+    """The corpus text and its manifest, from every play text of `edition` (modern, folio, or both: each
+    play twice, the modern text then the Folio's) in `texts` that is not held out."""
+    if edition not in (*EDITIONS, "both"):
+        raise ValueError(f"edition must be modern, folio or both, not {edition!r}")
     entries = held_out(heldout)
-    files = sorted(p for p in Path(texts).glob("*_gut.txt"))
+    patterns = list(EDITIONS.values()) if edition == "both" else [EDITIONS[edition]]
+    files = sorted((p for pattern in patterns for p in Path(texts).glob(pattern)), key=lambda p: p.name)
     if not files:
-        raise ValueError(f"{texts} holds no *_gut.txt play texts")
+        raise ValueError(f"{texts} holds no {' or '.join(patterns)} play texts")
     parts, plays, excluded, skipped, at, dropped = [], [], [], [], 0, Counter()
     for path in files:
         text = path.read_text(encoding="utf-8", errors="replace")
@@ -206,7 +281,13 @@ def build(texts: Path, heldout: Path, edition: str = "modern") -> tuple[str, dic
         if is_held_out(path.name, title, entries):
             excluded.append(path.name)
             continue
-        play, speeches = parse_play(text, path.name, dropped)
+        if path.name.endswith("_gut_f.txt"):
+            modern = _modern_text(texts, path)
+            play, speeches = parse_folio(text, path.name, _modern_names(modern), dropped)
+            play.work = (modern or path).name.split("_gut")[0]
+        else:
+            play, speeches = parse_play(text, path.name, dropped)
+            play.work = path.name.split("_gut")[0]
         if not speeches:
             skipped.append(path.name)  # a poem: no speakers
             continue

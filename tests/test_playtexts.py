@@ -206,3 +206,55 @@ def test_a_split_by_play_needs_the_manifest_that_describes_the_text(tmp_path):
     out.write_text(corpus + "KING:\nA line added after.\n\n")
     with pytest.raises(ValueError, match="describes another text"):
         Corpus.read(out)
+
+
+FOLIO = textwrap.dedent("""\
+    The Tragedie of Romeo and Juliet
+
+
+    Actus Primus. Scoena Prima.
+
+    Enter Sampson and Gregory, with Swords and Bucklers, of the
+    House of Capulet.
+
+      Samp. Gregory: A my word wee'l not carry coales
+
+       Greg. No, for then we should be Colliars
+      Sam. I mean, if we be in choller, wee'l draw
+    Downe with the Mountagues.
+    Enter Benuolio.
+
+      Iul. O Romeo, Romeo, wherefore art thou Romeo?
+
+    They Fight.
+
+       Ben. Part Fooles, put vp the[m] Swords
+    """)
+
+FOLIO_EXPECTED = ("SAMPSON:\nGregory: A my word wee'l not carry coales\n\nGREGORY:\nNo, for then we should be Colliars\n\n"
+                  "SAMPSON:\nI mean, if we be in choller, wee'l draw\nDowne with the Mountagues.\n\n"
+                  "JULIET:\nO Romeo, Romeo, wherefore art thou Romeo?\n\nBENVOLIO:\nPart Fooles, put vp them Swords\n\n")
+
+
+def test_a_folio_text_becomes_speeches_with_its_own_spelling():
+    play, speeches = playtexts.parse_folio(FOLIO, "romeo_and_juliet_gut_f.txt", ["SAMPSON", "GREGORY", "BENVOLIO", "JULIET", "ROMEO"])
+    assert "".join(f"{s}:\n{text}\n\n" for s, text in speeches) == FOLIO_EXPECTED
+    assert play.expanded == {"Samp.": "SAMPSON", "Greg.": "GREGORY", "Sam.": "SAMPSON", "Iul.": "JULIET", "Ben.": "BENVOLIO"}
+
+
+def test_both_editions_keep_a_plays_texts_on_one_side_of_the_split(tmp_path):
+    modern = ROMEO.replace("Rom.\n", "Romeo.\n")
+    texts, heldout = play_folder(tmp_path, {"romeo_and_juliet_gut.txt": modern, "romeo_and_juliet_gut_f.txt": FOLIO,
+                                            "tempest_gut.txt": ROMEO.replace("ROMEO AND JULIET", "THE TEMPEST"),
+                                            "macbeth_gut_f.txt": FOLIO.replace("Romeo and Juliet", "Macbeth")})
+    corpus, manifest = playtexts.build(texts, heldout, "both")
+    assert manifest["excluded"] == ["macbeth_gut_f.txt"] and manifest["edition"] == "both"
+    assert [(p["file"], p["work"]) for p in manifest["plays"]] == [
+        ("romeo_and_juliet_gut.txt", "romeo_and_juliet"), ("romeo_and_juliet_gut_f.txt", "romeo_and_juliet"), ("tempest_gut.txt", "tempest")]
+    # this modern text names none of the Folio scene's speakers: they stay as written, and the manifest says so
+    assert "SAMP:\n" in corpus and manifest["plays"][1]["unexpanded"] == ["Samp.", "Greg.", "Sam.", "Iul.", "Ben."]
+    out = tmp_path / "both.txt"
+    playtexts.write(corpus, manifest, out)
+    assert Corpus.read(out).validation_plays("romeo_and_juliet_gut.txt") == ["romeo_and_juliet_gut.txt", "romeo_and_juliet_gut_f.txt"]
+    with pytest.raises(ValueError, match="edition must be"):
+        playtexts.build(texts, heldout, "quarto")
