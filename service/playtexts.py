@@ -151,6 +151,12 @@ def _singular(word: str) -> str:
     return word[:-1] if word.endswith("s") and not word.endswith("ss") else word
 
 
+def _speaker_line(first: str, rest: list[str]) -> str | None:
+    """A paragraph's first line as a speaker (`Rom.`, `LADY CAPULET.`), when it reads as one and a speech follows."""
+    raw = first.strip()
+    return raw if rest and SPEAKER.match(raw) and not first.startswith(" ") else None
+
+
 def parse_play(text: str, file: str, dropped: Counter | None = None) -> tuple[Play, list[tuple[str, str]]]:
     """A play's (speaker, speech) pairs in order, and its manifest entry (without positions)."""
     lines = text.replace("\r\n", "\n").split("\n")
@@ -161,8 +167,8 @@ def parse_play(text: str, file: str, dropped: Counter | None = None) -> tuple[Pl
     candidates = Counter()
     for p in paragraphs[body_at:]:
         first, *rest = _without_directions(p).strip("\n").split("\n")
-        if rest and SPEAKER.match(first.strip()) and not first.startswith(" "):
-            candidates[first.strip()] += 1
+        if raw := _speaker_line(first, rest):
+            candidates[raw] += 1
     expand = Expander(_names(front), Counter({c.rstrip("."): n for c, n in candidates.items()}), _list_words(front))
     play = Play(file=Path(file).name, title=title, source_sha256=hashlib.sha256(text.encode()).hexdigest())
     speeches: list[tuple[str, str]] = []
@@ -172,11 +178,9 @@ def parse_play(text: str, file: str, dropped: Counter | None = None) -> tuple[Pl
         first, *rest = p.strip("\n").split("\n") or [""]
         if HEADING.match(first.lstrip()) and not rest:
             continue
-        is_speaker = bool(rest) and SPEAKER.match(first.strip()) and not first.startswith(" ") and (
-            first.strip().isupper() or candidates[first.strip()] >= 2 or expand(first.strip()) is not None)
-        if is_speaker:
-            raw = first.strip()
-            full = expand(raw)
+        raw = _speaker_line(first, rest)
+        full = expand(raw) if raw else None
+        if raw and (full is not None or raw.isupper() or candidates[raw] >= 2):
             if full is None:
                 full = raw.rstrip(".").upper()
                 if raw not in play.unexpanded:
@@ -198,7 +202,7 @@ def parse_play(text: str, file: str, dropped: Counter | None = None) -> tuple[Pl
 
 FOLIO_SPEAKER = re.compile(r"^ {1,8}([A-Z][A-Za-z]*(?: [A-Z][A-Za-z]*)?)\. +(\S.*)$")  # "  Kent. I thought the King..."
 FOLIO_HEADING = re.compile(r"^(Actus|Actvs|Scena|Scoena|Scaena|Scene|Prologue|Epilogue|FINIS)\b", re.IGNORECASE)
-FOLIO_DIRECTION = re.compile(r"^(Enter|Exit|Exeunt|Exeunt|Manet|Manent|Flourish|Florish|Sennet|Senet|Alarum|Alarums|Trumpets|"
+FOLIO_DIRECTION = re.compile(r"^(Enter|Exit|Exeunt|Manet|Manent|Flourish|Florish|Sennet|Senet|Alarum|Alarums|Trumpets|"
                              r"Drum|Drums|Musicke|Thunder|Sound|Fight|They|Dyes|Dies|Kneeles|Retreat|Excursions|Hoboyes|Still)\b")
 
 
@@ -233,12 +237,10 @@ def parse_folio(text: str, file: str, names: list[str], dropped: Counter | None 
             elif full != m.group(1).upper():
                 play.expanded[raw] = full
             speaker, body, mode = to_vocabulary(full).strip(), [m.group(2)], "speech"
-        elif not line.strip():
-            close() if mode == "speech" else None
-            body, mode = [], None
-        elif FOLIO_HEADING.match(line.strip()) or (not line.startswith(" ") and FOLIO_DIRECTION.match(line)):
-            close() if mode == "speech" else None
-            body, mode = [], "direction"
+        elif not line.strip() or FOLIO_HEADING.match(line.strip()) or (not line.startswith(" ") and FOLIO_DIRECTION.match(line)):
+            if mode == "speech":
+                close()
+            body, mode = [], "direction" if line.strip() else None
         elif mode == "speech":
             body.append(line)
     close()

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from . import store
+from .secrets_rules import check_session_key
 from .sessions import blob as session_blob
 from .sessions.blob import InvalidSessionBlob, SessionValue
 from .engine.types import GenerationRequest
@@ -50,7 +51,7 @@ def read_key(args) -> bytes | None:
     """The key in force for this command, or None when none is given and no key file exists."""
     configured = args.session_key or os.environ.get("CHARLSTM_SESSION_KEY")
     if configured:
-        session_blob.check_key(configured)
+        check_session_key(configured)
         return configured.encode("utf-8")
     path = Path(args.session_key_file or f"{os.environ.get('CHARLSTM_SESSION_DB') or DEFAULT_SESSION_DB}.key")
     if not path.exists():
@@ -90,8 +91,6 @@ def sample_session(args) -> int:
     if args.session_in and key is None and not args.no_verify:
         raise ValueError("--session-in is checked with the server's key: give --session-key, CHARLSTM_SESSION_KEY "
                          "or --session-key-file, or --no-verify")
-    if args.length < 0:
-        raise ValueError(f"--length must be at least 0, got {args.length}")
     export = read_export(args.session_in) if args.session_in else None
     loaded = store.load(args.model or (export or {}).get("model") or store.default_model(args.store), args.store)
     model_name, cfg, fingerprint = f"{loaded.name}@{loaded.version}", loaded.model.config, loaded.card["weights_sha256"]

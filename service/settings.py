@@ -8,6 +8,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from .secrets_rules import check_secret, check_session_key
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CHARLSTM_", extra="ignore", hide_input_in_errors=True)  # keys stay out of messages
@@ -117,19 +119,15 @@ class Settings(BaseSettings):
     @field_validator("api_key")
     @classmethod
     def _real_api_key(cls, value: str | None) -> str | None:
-        from .sessions.blob import PLACEHOLDER_WORDS
-
-        if value is not None and any(word in value.lower() for word in PLACEHOLDER_WORDS):
-            raise ValueError("CHARLSTM_API_KEY is a placeholder, not a key: set it to the output of openssl rand -hex 32")
+        if value is not None:
+            check_secret(value, "CHARLSTM_API_KEY")
         return value
 
     @field_validator("session_key")
     @classmethod
     def _strong_key(cls, value: str | None) -> str | None:
         if value is not None:
-            from .sessions.blob import check_key  # the rule lives with the blobs it protects
-
-            check_key(value)
+            check_session_key(value)
         return value
 
     @field_validator("session_store")

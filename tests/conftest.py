@@ -12,6 +12,8 @@ import torch
 from service import store
 from service.train import TrainConfig, run_training
 
+from .redis_server import RedisServer
+
 torch.set_num_threads(1)  # the tests' models are tiny: one thread is as fast and leaves a core free
 
 SPEAKERS = ["KING", "QUEEN", "ROMEO", "JULIET", "FOOL", "GHOST"]
@@ -42,6 +44,14 @@ def tiny_config(text: Path, out: Path, store_root: Path, **overrides) -> TrainCo
                   warmup_steps=10, eval_every=40, checkpoint_every=40, eval_streams=4, seed=7, progress=False)
     values.update(overrides)
     return TrainConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def redis_server():
+    """A real redis-server for one test module (test_replicas starts its own, with the append-only file)."""
+    server = RedisServer()
+    yield server
+    server.close()
 
 
 @pytest.fixture(scope="session")

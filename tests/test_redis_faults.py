@@ -10,11 +10,11 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import torch
+import yaml
 
 from service.sessions.redis_store import _COMMIT, RedisSessionStore
 
-from .redis_server import RedisServer, require_redis_server
-from .server import Server, wait_until
+from .server import ROOT, Server, wait_until
 from .session_store_contract import FINGERPRINT, record
 from .tcp_faults import ReplyDropper, Silent
 from .test_api import assert_error
@@ -37,13 +37,6 @@ def silent():
     s.close()
 
 
-@pytest.fixture(scope="module")
-def redis_server():
-    server = RedisServer()
-    yield server
-    server.close()
-
-
 @pytest.fixture
 def dropper(redis_server):
     proxy = ReplyDropper(redis_server.port)
@@ -51,27 +44,33 @@ def dropper(redis_server):
     proxy.close()
 
 
+def probe_timeout_s() -> float:
+    """The readiness probe's own timeout in deploy/kubernetes: what /ready must answer within to keep a replica in."""
+    deployment = yaml.safe_load((ROOT / "deploy/kubernetes/deployment.yaml").read_text())
+    return float(deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["timeoutSeconds"])
+
+
 def test_a_hanging_redis_never_holds_the_probe_or_plain_generation(trained_store, silent):
-    """Kubernetes gives /ready one second; a Redis that never answers must not take the replica out."""
+    """A Redis that never answers must not take the replica out: /ready answers within the probe's timeout."""
+    probe = probe_timeout_s()
     srv = Server(trained_store, session_store=silent.url, session_key=KEY)
     try:
-        wait_until(lambda: httpx.get(srv.url + "/ready", timeout=1).json()["session_store"]["available"] is False,
+        wait_until(lambda: httpx.get(srv.url + "/ready", timeout=probe).json()["session_store"]["available"] is False,
                    what="the sweep to see the store hang")
         with ThreadPoolExecutor(24) as pool:
             calls = [pool.submit(httpx.post, srv.url + "/sessions", json={"prompt": "KING:"}, timeout=30) for _ in range(24)]
-            ready = httpx.get(srv.url + "/ready", timeout=1)  # within the probe's own timeout, with 24 calls stuck
+            ready = httpx.get(srv.url + "/ready", timeout=probe)  # with 24 calls stuck on the store
             assert ready.status_code == 200 and ready.json()["session_store"]["available"] is False
             plain = httpx.post(srv.url + "/generate", json={"prompt": "KING:", "max_new_tokens": 10}, timeout=5)
             assert plain.status_code == 200 and len(plain.json()["text"]) == 10
             for call in calls:
                 assert_error(call.result(), 503, "session_store_unavailable")
-        assert httpx.get(srv.url + "/ready", timeout=1).status_code == 200
+        assert httpx.get(srv.url + "/ready", timeout=probe).status_code == 200
     finally:
         srv.stop()
 
 
 def test_a_commit_whose_reply_was_lost_reports_the_commit_it_made(redis_server, dropper):
-    require_redis_server()
     redis_server.client().flushdb()
     store = RedisSessionStore(dropper.url, 10, key=b"k" * 32, fingerprint=FINGERPRINT, model_name="tiny@v1")
     try:

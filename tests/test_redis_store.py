@@ -12,17 +12,9 @@ from service.sessions import blob as session_blob
 from service.sessions.redis_store import RedisSessionStore, StoreMismatch
 from service.sessions.errors import SessionStoreUnavailable
 
-from .redis_server import RedisServer
 from .session_store_contract import FINGERPRINT, StoreContract, record
 
 KEY = b"k" * 32
-
-
-@pytest.fixture(scope="module")
-def redis_server():
-    server = RedisServer()
-    yield server
-    server.close()
 
 
 @pytest.fixture

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ..engine.types import EngineError
+from ..secrets_rules import check_session_key
 from .files import private_folder
 
 FORMAT = "charlstm-session/1"
@@ -150,19 +151,6 @@ def from_text(text: str) -> bytes:
         raise InvalidSessionBlob(f"data is not base64url: {e}") from None
 
 
-MIN_KEY_BYTES = 32
-PLACEHOLDER_WORDS = ("replace", "change-me", "changeme", "placeholder", "example")
-
-
-def check_key(key: str) -> None:
-    """A session key signs every blob: at least 32 bytes, and not a manifest's placeholder text."""
-    if len(key.encode("utf-8")) < MIN_KEY_BYTES:
-        raise ValueError(f"CHARLSTM_SESSION_KEY is {len(key.encode('utf-8'))} bytes; a session key must be at least "
-                         f"{MIN_KEY_BYTES} (make one with: openssl rand -hex 32)")
-    if any(word in key.lower() for word in PLACEHOLDER_WORDS):
-        raise ValueError("CHARLSTM_SESSION_KEY is a placeholder, not a key: set it to the output of openssl rand -hex 32")
-
-
 def load_or_create_key(configured: str | None, beside: str | None) -> tuple[bytes, str]:
     """The key that signs session blobs, and where it came from.
 
@@ -170,7 +158,7 @@ def load_or_create_key(configured: str | None, beside: str | None) -> tuple[byte
     random key is made once and kept in a file beside the session database (`<db>.key`, mode 600),
     so a restart still accepts its own blobs; with no database, the key lives as long as the process."""
     if configured:
-        check_key(configured)
+        check_session_key(configured)
         return configured.encode("utf-8"), "CHARLSTM_SESSION_KEY"
     if not beside:
         return secrets.token_bytes(32), "a random key for this process only"
