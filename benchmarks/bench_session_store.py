@@ -93,8 +93,7 @@ def bench_memory(model: str, redis_url: str, count: int) -> None:
     layers, hidden = cfg.num_layers, cfg.hidden_size
     client = __import__("redis").Redis.from_url(redis_url)
     client.flushdb()
-    s = RedisSessionStore(redis_url, count + 10, key=b"bench-session-key-0123456789abcdef", fingerprint=loaded.card["weights_sha256"],
-                          model_name=f"{loaded.name}@{loaded.version}")
+    s = RedisSessionStore(redis_url, count + 10, key=b"bench-session-key-0123456789abcdef", models={f"{loaded.name}@{loaded.version}": loaded.card["weights_sha256"]})
     s.claim()
     before = client.info("memory")["used_memory"]
     now = time.time()
@@ -125,7 +124,7 @@ def bench_ops(model: str, redis_url: str, cycles: int) -> None:
     redis.flushdb()
     redis.close()
     stores = {"memory": MemorySessionStore(10),
-              "redis": RedisSessionStore(redis_url, 10, key=b"bench-session-key-0123456789abcdef", fingerprint=fingerprint)}
+              "redis": RedisSessionStore(redis_url, 10, key=b"bench-session-key-0123456789abcdef", models={"bench@v1": fingerprint})}
     rows = []
     for kind, s in stores.items():
         now = time.time()

@@ -56,11 +56,12 @@ def charlstm_server(threads: int, **settings) -> Proc:
     return Proc(["-m", "service.cli", "serve", "--port", "{port}"], env)
 
 
-def loadgen(url: str, clients: int, seconds: float, max_new_tokens: int = 256, warmup: float = 2.0, prompt: str = "\n") -> dict:
+def loadgen(url: str, clients: int, seconds: float, max_new_tokens: int = 256, warmup: float = 2.0, prompt: str = "\n",
+            model: str | None = None) -> dict:
     """Run the load generator in its own process and return its JSON figures."""
     out = subprocess.run([sys.executable, "-m", "benchmarks.loadgen", "--url", url, "--clients", str(clients),
                           "--seconds", str(seconds), "--warmup", str(warmup), "--max-new-tokens", str(max_new_tokens),
-                          "--prompt", prompt],
+                          "--prompt", prompt, *(["--model", model] if model else [])],
                          cwd=ROOT, capture_output=True, text=True, timeout=seconds + warmup + 600,
                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     if out.returncode != 0:

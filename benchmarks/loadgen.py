@@ -75,12 +75,15 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--plain", action="store_true", help="whole answers instead of SSE streams")
     ap.add_argument("--prompt", default="\n", help="every request's prompt")
+    ap.add_argument("--model", default=None, help="the model every request names (default: the server's default)")
     ap.add_argument("--first-seed", type=int, default=0, help="client i sends seed first_seed + i (several processes: distinct seeds)")
     args = ap.parse_args()
     host = urlparse(args.url).hostname
     if host not in ("127.0.0.1", "localhost", "::1"):
         raise SystemExit("loadgen sends traffic to loopback addresses only")
     body = {"prompt": args.prompt, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "stream": not args.plain}
+    if args.model:
+        body["model"] = args.model
     out = {"status": {}, "ttft": [], "itl": [], "chars": [], "latency": [], "spans": []}
     one = plain_client if args.plain else client
     start = time.perf_counter()

@@ -1,7 +1,8 @@
 """Prometheus metrics: the only module that talks to prometheus-client.
 
-The engine reports numbers through its observer interface; HTTP requests are counted by an ASGI
-middleware here; gauges read the engine's snapshot at scrape time. Each app gets its own registry, with
+Each model's engine reports numbers through its observer interface, with the model as a label; the
+model pool reports loads and unloads; HTTP requests are counted by an ASGI middleware here; gauges read
+the engines' snapshots at scrape time. Each app gets its own registry, with
 the process_* and python_* series an operator's dashboards expect beside the charlstm_* ones.
 """
 
@@ -16,16 +17,15 @@ import torch
 from fastapi import FastAPI, Request, Response
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, GCCollector, Histogram, Info, PlatformCollector,
                                ProcessCollector, disable_created_metrics, generate_latest)
-from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 from starlette.routing import BaseRoute, Match, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__
-from .engine.engine import Engine
+from .engine.pool import ModelPool, Served
 from .sessions.store import SessionStore
 from .settings import Settings
-from .store import LoadedModel
 
 LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 FAST = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -40,7 +40,7 @@ SESSION_STORE_OPERATIONS = ("create", "get", "is_leased", "lease", "renew", "com
 
 
 class CountedHistogram:
-    """A histogram fed many values at once, each standing for a count of observations.
+    """A histogram fed many values at once, each standing for a count of observations, one series a model.
 
     A look of k steps hands over each row's k characters together: one (mean gap, k) pair a row, where
     prometheus-client's Histogram takes one value a call (256 rows x 16 characters: 2.6 ms of calls a
@@ -50,25 +50,58 @@ class CountedHistogram:
     def __init__(self, name: str, documentation: str, buckets: tuple[float, ...], registry: CollectorRegistry):
         self.name, self.documentation = name, documentation
         self.bounds = np.asarray(buckets, dtype=np.float64)  # upper bounds (le), +Inf implied
-        self.counts = np.zeros(len(buckets) + 1, dtype=np.int64)  # per bucket, the last one past every bound
-        self.sum = 0.0
-        self._lock = threading.Lock()  # observed on the engine thread, collected on a scrape
+        self._series: dict[str, list] = {}  # model -> [counts per bucket (the last past every bound), sum]
+        self._lock = threading.Lock()  # observed on the engine threads, collected on a scrape
         registry.register(self)
 
-    def observe_counted(self, values: Iterable[float], counts: Iterable[int]) -> None:
+    def labels(self, model: str) -> None:
+        """Export the model's series (at 0) from now on."""
+        with self._lock:
+            self._series.setdefault(model, [np.zeros(len(self.bounds) + 1, dtype=np.int64), 0.0])
+
+    def observe_counted(self, model: str, values: Iterable[float], counts: Iterable[int]) -> None:
         v = np.fromiter(values, dtype=np.float64)
         c = np.fromiter(counts, dtype=np.int64, count=len(v))
         slot = np.searchsorted(self.bounds, v, side="left")  # the first bound >= value: Prometheus' "le"
         with self._lock:
-            np.add.at(self.counts, slot, c)
-            self.sum += float(v @ c)
+            series = self._series.setdefault(model, [np.zeros(len(self.bounds) + 1, dtype=np.int64), 0.0])
+            np.add.at(series[0], slot, c)
+            series[1] += float(v @ c)
 
     def collect(self):
         with self._lock:
-            cumulative, total = np.cumsum(self.counts), self.sum
+            series = {model: (np.cumsum(counts), total) for model, (counts, total) in self._series.items()}
         bounds = [floatToGoString(b) for b in self.bounds] + ["+Inf"]
-        yield HistogramMetricFamily(self.name, self.documentation, buckets=list(zip(bounds, cumulative.tolist())),
-                                    sum_value=total)
+        family = HistogramMetricFamily(self.name, self.documentation, labels=["model"])
+        for model, (cumulative, total) in sorted(series.items()):
+            family.add_metric([model], buckets=list(zip(bounds, cumulative.tolist())), sum_value=total)
+        yield family
+
+
+class PoolCollector:
+    """Gauges read from the model pool at scrape time: streams running and waiting for each loaded model,
+    and which servable models are loaded."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.pool = None
+        registry.register(self)
+
+    def collect(self):
+        running = GaugeMetricFamily("charlstm_running_streams", "Streams in the batch or ingesting their prompt", labels=["model"])
+        waiting = GaugeMetricFamily("charlstm_waiting_streams", "Streams queued for a row", labels=["model"])
+        loaded = GaugeMetricFamily("charlstm_model_loaded", "1 for a servable model loaded now, 0 for one that loads on first use",
+                                   labels=["model"])
+        pool = self.pool
+        if pool is not None:
+            for ref, served in list(pool.loaded.items()):
+                snap = served.engine.snapshot()
+                running.add_metric([ref], snap.running)
+                waiting.add_metric([ref], snap.waiting)
+            for ref in list(pool.catalog.models):
+                loaded.add_metric([ref], 1.0 if ref in pool.loaded else 0.0)
+        yield running
+        yield waiting
+        yield loaded
 
 
 class Metrics:
@@ -80,33 +113,40 @@ class Metrics:
         self.requests = Counter("charlstm_requests", "HTTP requests by route, method and status", ["route", "method", "status"], registry=r)
         self.request_duration = Histogram("charlstm_request_duration_seconds", "HTTP request duration, streams until their end",
                                           ["route"], buckets=LATENCY, registry=r)
-        self.ttft = Histogram("charlstm_time_to_first_token_seconds", "Submission to first generated character", buckets=LATENCY, registry=r)
+        self.ttft = Histogram("charlstm_time_to_first_token_seconds", "Submission to first generated character", ["model"],
+                              buckets=LATENCY, registry=r)
         self.itl = CountedHistogram("charlstm_inter_token_latency_seconds", "Time between two characters of one stream "
                                     "(the characters of one look count its mean gap each)", buckets=FAST, registry=r)
-        self.queue_time = Histogram("charlstm_queue_time_seconds", "Submission to admission into the batch", buckets=LATENCY, registry=r)
-        self.prompt_tokens = Counter("charlstm_prompt_tokens", "Prompt characters ingested", registry=r)
-        self.generated_tokens = Counter("charlstm_generated_tokens", "Characters generated", registry=r)
-        self.finished = Counter("charlstm_streams_finished", "Streams ended, by finish reason", ["reason"], registry=r)
-        self.disconnects = Counter("charlstm_client_disconnects", "Streams cancelled because the client went away", registry=r)
+        self.queue_time = Histogram("charlstm_queue_time_seconds", "Submission to admission into the batch", ["model"],
+                                    buckets=LATENCY, registry=r)
+        self.prompt_tokens = Counter("charlstm_prompt_tokens", "Prompt characters ingested", ["model"], registry=r)
+        self.generated_tokens = Counter("charlstm_generated_tokens", "Characters generated", ["model"], registry=r)
+        self.finished = Counter("charlstm_streams_finished", "Streams ended, by model and finish reason", ["model", "reason"], registry=r)
+        self.disconnects = Counter("charlstm_client_disconnects", "Streams cancelled because the client went away", ["model"],
+                                   registry=r)
         self.rejected = Counter("charlstm_rejected_requests", "Requests refused before queueing, by reason", ["reason"], registry=r)
-        self.batch_size = Histogram("charlstm_batch_size", "Rows stepped together per engine step", buckets=BATCH, registry=r)
+        self.batch_size = Histogram("charlstm_batch_size", "Rows stepped together per engine step", ["model"], buckets=BATCH,
+                                    registry=r)
         self.prefill_duration = Histogram("charlstm_prefill_slice_duration_seconds", "Prompt ingestion between two steps",
-                                          buckets=LATENCY, registry=r)
-        self.step_duration = Histogram("charlstm_engine_step_duration_seconds", "One batched engine step", buckets=FAST, registry=r)
+                                          ["model"], buckets=LATENCY, registry=r)
+        self.step_duration = Histogram("charlstm_engine_step_duration_seconds", "One batched engine step", ["model"],
+                                       buckets=FAST, registry=r)
+        self.model_load = Histogram("charlstm_model_load_seconds", "Loading a model on first use: reading and checking its "
+                                    "weights, building (for backend auto, measuring) its backend, starting its engine",
+                                    ["model"], buckets=LATENCY, registry=r)
+        self.model_unloads = Counter("charlstm_model_unloads", "Models unloaded, by reason (keep_alive, capacity, removed, shutdown)",
+                                     ["model", "reason"], registry=r)
         self.session_removals = Counter("charlstm_session_removals", "Sessions removed: expired, evicted at the cap, or deleted",
                                         ["reason"], registry=r)
         self.sessions_created = Counter("charlstm_sessions_created", "Sessions created", registry=r)
-        self.running = Gauge("charlstm_running_streams", "Streams in the batch or ingesting their prompt", registry=r)
-        self.waiting = Gauge("charlstm_waiting_streams", "Streams queued for a row", registry=r)
+        self.pool = PoolCollector(r)  # charlstm_running_streams, charlstm_waiting_streams, charlstm_model_loaded
         self.sessions = Gauge("charlstm_live_sessions", "Sessions held", registry=r)
-        self.model = Info("charlstm_model", "The model being served", registry=r)
-        self.build = Info("charlstm_build", "The service version, the model and its weights, and the torch it runs on", registry=r)
+        self.model = Info("charlstm_model", "The default model (a request that names none gets it)", registry=r)
+        self.build = Info("charlstm_build", "The service version, the default model and its weights, and the torch it runs on", registry=r)
         # capacity: with the gauges above, saturation is a ratio on a dashboard (running / max_batch_size, ...)
         self.max_batch_size = Gauge("charlstm_max_batch_size", "Streams stepped together at most (max_batch_size)", registry=r)
         self.max_queue = Gauge("charlstm_max_queue", "Requests waiting for a row at most before 429 (max_queue)", registry=r)
         self.max_sessions = Gauge("charlstm_max_sessions", "Sessions held at most (max_sessions)", registry=r)
-        for reason in FINISH_REASONS:
-            self.finished.labels(reason)
         for reason in REJECTION_REASONS:
             self.rejected.labels(reason)
         for reason in SESSION_REMOVAL_REASONS:
@@ -124,48 +164,38 @@ class Metrics:
         for operation in ("load", "write"):
             self.snapshot_failures.labels(operation)
 
-    def attach(self, engine: Engine, loaded: LoadedModel, session_store: SessionStore, settings: Settings) -> None:
-        engine.add_observer(EngineObserver(self))
-        self.running.set_function(lambda: engine.snapshot().running)
-        self.waiting.set_function(lambda: engine.snapshot().waiting)
+    def attach(self, pool: ModelPool, session_store: SessionStore, settings: Settings) -> None:
+        """Start reading the server's numbers: the pool's engines (each with its model's label) and the sessions."""
+        self.pool.pool = pool
         self.sessions.set_function(session_store.known_count)
-        self.model.info({"name": loaded.name, "version": loaded.version, "parameters": str(loaded.model.num_parameters())})
-        self.build.info({"version": __version__, "model": f"{loaded.name}@{loaded.version}",
-                         "weights_sha256": loaded.card.get("weights_sha256", "")[:16], "torch": torch.__version__})
+        default = pool.catalog.resolve(None)
+        self.model.info({"name": default.name, "version": default.version, "parameters": str(default.card.get("num_parameters", ""))})
+        self.build.info({"version": __version__, "model": default.ref, "weights_sha256": default.fingerprint[:16],
+                         "torch": torch.__version__})
         self.max_batch_size.set(settings.max_batch_size)
         self.max_queue.set(settings.max_queue)
         self.max_sessions.set(settings.max_sessions)
 
+    # the pool's observer (PoolObserver)
+    def on_model_loaded(self, served: Served) -> None:
+        model = served.ref
+        for reason in FINISH_REASONS:  # every series from the start, so rate() sees the first event
+            self.finished.labels(model, reason)
+        for counter in (self.prompt_tokens, self.generated_tokens, self.disconnects):
+            counter.labels(model)
+        self.itl.labels(model)
+        self.model_load.labels(model).observe(served.load_seconds)
+        served.engine.add_observer(EngineObserver(self, model))
 
-class EngineObserver:
-    """Implements the engine's EngineStats with Prometheus instruments."""
+    def on_model_unloaded(self, served: Served, reason: str) -> None:
+        self.model_unloads.labels(served.ref, reason).inc()
+
+
+class ServerObserver:
+    """The numbers no one model owns: sessions, their store, and refusals made before a model is chosen."""
 
     def __init__(self, m: Metrics):
         self.m = m
-
-    def on_step(self, batch_size: int, seconds: float, steps: int = 1) -> None:
-        for _ in range(steps):  # a look of k steps counts as k steps of its mean duration
-            self.m.batch_size.observe(batch_size)
-            self.m.step_duration.observe(seconds / steps)
-
-    def on_prefill(self, chars: int, seconds: float) -> None:
-        self.m.prefill_duration.observe(seconds)
-
-    def on_queue_time(self, seconds: float) -> None:
-        self.m.queue_time.observe(seconds)
-
-    def on_first_token(self, seconds: float) -> None:
-        self.m.ttft.observe(seconds)
-
-    def on_inter_token(self, gaps: list[float], counts: list[int]) -> None:
-        self.m.itl.observe_counted(gaps, counts)
-
-    def on_finish(self, reason: str, prompt_tokens: int, completion_tokens: int) -> None:
-        self.m.finished.labels(reason).inc()
-        self.m.prompt_tokens.inc(prompt_tokens)
-        self.m.generated_tokens.inc(completion_tokens)
-        if reason == "cancelled":
-            self.m.disconnects.inc()
 
     def on_rejected(self, reason: str) -> None:
         self.m.rejected.labels(reason).inc()
@@ -183,6 +213,39 @@ class EngineObserver:
 
     def on_session_snapshot_failed(self, operation: str) -> None:
         self.m.snapshot_failures.labels(operation).inc()
+
+
+class EngineObserver(ServerObserver):
+    """Implements the engine's EngineStats with Prometheus instruments, labelled with the engine's model."""
+
+    def __init__(self, m: Metrics, model: str):
+        super().__init__(m)
+        self.model = model
+
+    def on_step(self, batch_size: int, seconds: float, steps: int = 1) -> None:
+        batch, step = self.m.batch_size.labels(self.model), self.m.step_duration.labels(self.model)
+        for _ in range(steps):  # a look of k steps counts as k steps of its mean duration
+            batch.observe(batch_size)
+            step.observe(seconds / steps)
+
+    def on_prefill(self, chars: int, seconds: float) -> None:
+        self.m.prefill_duration.labels(self.model).observe(seconds)
+
+    def on_queue_time(self, seconds: float) -> None:
+        self.m.queue_time.labels(self.model).observe(seconds)
+
+    def on_first_token(self, seconds: float) -> None:
+        self.m.ttft.labels(self.model).observe(seconds)
+
+    def on_inter_token(self, gaps: list[float], counts: list[int]) -> None:
+        self.m.itl.observe_counted(self.model, gaps, counts)
+
+    def on_finish(self, reason: str, prompt_tokens: int, completion_tokens: int) -> None:
+        self.m.finished.labels(self.model, reason).inc()
+        self.m.prompt_tokens.labels(self.model).inc(prompt_tokens)
+        self.m.generated_tokens.labels(self.model).inc(completion_tokens)
+        if reason == "cancelled":
+            self.m.disconnects.labels(self.model).inc()
 
 
 class RequestMetrics:
@@ -243,7 +306,9 @@ def instrument(app: FastAPI) -> Metrics:
     disable_created_metrics()  # the *_created series only add noise to every scrape
     metrics = Metrics()
     app.state.metrics = metrics
-    app.state.engine_hooks.append(lambda engine, loaded, session_store: metrics.attach(engine, loaded, session_store, app.state.settings))
+    app.state.pool_observers.append(metrics)
+    app.state.server_observers.append(ServerObserver(metrics))
+    app.state.started_hooks.append(lambda pool, session_store: metrics.attach(pool, session_store, app.state.settings))
     app.add_middleware(RequestMetrics, metrics=metrics, routes=lambda: app.router.routes)
 
     async def metrics_endpoint(_: Request) -> Response:

@@ -17,6 +17,12 @@ class Settings(BaseSettings):
     model: str = Field("", description="name, name@version or a model folder; empty: the store's default model "
                                      "(charlstm models --set-default), shakespeare when none is set")
     model_store: str | None = Field(None, description="model store root; default: the repository's model_store/")
+    models: str = Field("", description="the models a request may name: empty, the default model alone; all, every model "
+                                      "in the store; or a comma-separated list of name (its newest version) and name@version")
+    max_loaded_models: int = Field(3, ge=1, le=256, description="models loaded at once; a load at the cap first unloads "
+                                                               "the least recently used idle model")
+    model_keep_alive_s: float = Field(300.0, ge=-1, description="how long a model stays loaded after its last use; "
+                                                               "-1: until the cap needs its place")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     max_batch_size: int = Field(64, ge=1, le=1024, description="streams stepped together")

@@ -32,7 +32,9 @@ class InProcessServer:
 
     @property
     def engine(self):
-        return self.app.state.engine
+        """The default model's engine."""
+        pool = self.app.state.pool
+        return pool.loaded[pool.catalog.resolve(None).ref].engine
 
     def stop(self) -> None:
         self.server.should_exit = True

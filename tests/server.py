@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -59,14 +60,20 @@ class Server:
         return self.log.read()[-4000:]
 
     def metric(self, name: str, labels: str = "") -> float:
-        """The value of one sample of /metrics (0 when absent)."""
+        """The sum of the samples of `name` in /metrics whose labels include `labels` (`a="x",b="y"`); 0 when none.
+        A series by model (or any label not asked for) is summed over its values."""
         key = self.settings.get("api_key")  # with a key set, /metrics needs it too
         text = httpx.get(self.url + "/metrics", timeout=5.0, headers={"Authorization": f"Bearer {key}"} if key else None).text
-        key = f"{name}{{{labels}}}" if labels else name
+        wanted = set(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', labels))
+        total = 0.0
         for line in text.splitlines():
-            if line.startswith(key + " "):
-                return float(line.rsplit(" ", 1)[1])
-        return 0.0
+            match = re.match(r"^(\w+)(?:\{(.*)\})? (\S+)$", line)
+            if match is None or match.group(1) != name:
+                continue
+            have = set(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match.group(2) or ""))
+            if wanted <= have:
+                total += float(match.group(3))
+        return total
 
     def rss_mb(self) -> float:
         """Resident memory of the server process."""

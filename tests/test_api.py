@@ -62,12 +62,13 @@ def test_health_ready_info(server, tiny_model):
 def test_openapi_describes_every_route_and_field(server):
     doc = httpx.get(server.url + "/openapi.json").json()
     for path in ("/generate", "/sessions", "/sessions/{session_id}/generate", "/sessions/{session_id}", "/health",
-                 "/ready", "/info", "/metrics"):
+                 "/ready", "/info", "/metrics", "/admin/models/reload"):
         assert path in doc["paths"], path
     fields = doc["components"]["schemas"]["GenerateRequest"]["properties"]
-    assert set(fields) == {"prompt", "max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed",
+    assert set(fields) == {"model", "prompt", "max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed",
                            "stop", "stream", "logprobs", "unknown_chars", "replacement", "structured_outputs"}
     assert fields["temperature"]["minimum"] == 0 and fields["top_p"]["maximum"] == 1
+    assert fields["model"]["anyOf"][0]["enum"] == ["tiny", "tiny@v1"]  # the models served, by name and name@version
     assert httpx.get(server.url + "/docs").status_code == 200
 
 

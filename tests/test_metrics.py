@@ -128,12 +128,14 @@ def test_a_counted_histogram_exports_what_a_histogram_fed_one_value_at_a_time_ex
     values, counts = [0.00005, 0.0001, 0.0003, 0.0025, 2.0, 0.0], [1, 2, 3, 4, 5, 6]
     mine, theirs = CollectorRegistry(), CollectorRegistry()
     counted = CountedHistogram("gap_seconds", "gaps", FAST, mine)
-    counted.observe_counted(values[:3], counts[:3])
-    counted.observe_counted(values[3:], counts[3:])
-    plain = Histogram("gap_seconds", "gaps", buckets=FAST, registry=theirs)
+    counted.observe_counted("m@v1", values[:3], counts[:3])
+    counted.observe_counted("m@v1", values[3:], counts[3:])
+    counted.observe_counted("m@v2", values[:1], counts[:1])  # another model's series, apart
+    plain = Histogram("gap_seconds", "gaps", ["model"], buckets=FAST, registry=theirs)
     for v, c in zip(values, counts):
         for _ in range(c):
-            plain.observe(v)
+            plain.labels("m@v1").observe(v)
+    plain.labels("m@v2").observe(values[0])
 
     def samples(registry):
         from prometheus_client import generate_latest
@@ -143,6 +145,6 @@ def test_a_counted_histogram_exports_what_a_histogram_fed_one_value_at_a_time_ex
                 if not s.name.endswith("_created")}
 
     got, want = samples(mine), samples(theirs)
-    assert got.keys() == want.keys() and len(got) == len(FAST) + 3  # buckets, +Inf, _count, _sum
+    assert got.keys() == want.keys() and len(got) == 2 * (len(FAST) + 3)  # buckets, +Inf, _count, _sum of each model
     for key, value in want.items():
         assert got[key] == pytest.approx(value, rel=1e-12), key

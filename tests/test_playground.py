@@ -1,6 +1,7 @@
 """The playground page in a real headless chromium against a real server on the tiny model: it shows
-exactly the text the API gives for a seed, Stop frees the server's row, a session continues, the API key
-works, nothing is fetched from elsewhere, and a phone-sized screen needs no sideways scrolling."""
+exactly the text the API gives for a seed, Stop frees the server's row, a session continues, the model
+picker routes calls to the picked model, the API key works, nothing is fetched from elsewhere, and a
+phone-sized screen needs no sideways scrolling."""
 
 from __future__ import annotations
 
@@ -8,7 +9,11 @@ import re
 
 import httpx
 
+from service import store
+from service.train import run_training
+
 from .browser import Playground, browser, playground  # noqa: F401 - `browser` and `playground` are fixtures
+from .conftest import tiny_config
 from .server import Server, wait_until
 
 SAMPLING = {"temperature": 0.9, "top_k": 20, "top_p": 0.95, "repetition_penalty": 1.1}
@@ -170,6 +175,53 @@ def test_closing_a_running_session_pane_stops_it_and_deletes_the_session(playgro
                what="the page to delete the session once its call has ended")
     assert server.metric("charlstm_running_streams") == 0
     assert pg.status() == ""  # no error: the page waited for the server to free the session
+
+
+# ---------------------------------------------------------------- several models
+
+
+def test_the_picked_model_generates_and_owns_the_sessions_made_on_it(browser, own_store, play_file, tmp_path):  # noqa: F811
+    run_training(tiny_config(play_file, tmp_path / "run2", own_store, name="other", steps=30, seed=3))
+    store.set_default("tiny", own_store)
+    srv = Server(own_store, model="", models="all")
+    pg = Playground(browser, srv.url)
+    try:
+        pg.open()
+        listed = [m["id"] for m in httpx.get(srv.url + "/v1/models", timeout=5.0).json()["data"]]
+        assert sorted(listed) == ["other@v1", "tiny@v1"]
+        assert pg.page.locator("#model option").evaluate_all("os => os.map(o => o.value)") == listed
+        assert pg.page.input_value("#model") == "tiny@v1"  # the server's default is preselected
+        assert pg.page.inner_text("#model-info").startswith("tiny@v1")
+
+        pg.page.select_option("#model", "other@v1")
+        pg.wait_for("() => document.getElementById('model-info').textContent.startsWith('other@v1')")
+        pg.fill(prompt="KING:\n", seed=77, max_chars=120, **SAMPLING)
+        pg.generate()
+        assert pg.wait_calls(0, 1) == "length"
+        body = dict(prompt="KING:\n", seed=77, max_new_tokens=120, **SAMPLING)
+        expected = api_text(srv.url, model="other@v1", **body)["text"]
+        assert pg.generated(0) == [expected]
+        assert expected != api_text(srv.url, **body)["text"]  # the default model would have said something else
+        assert "other@v1" in pg.pane(0).locator(".pane-title").inner_text()
+
+        # A session made with other@v1 belongs to it; its calls name no model (the server knows it).
+        pg.session_mode()
+        pg.fill(prompt="FOOL:\n", max_chars=40)
+        with pg.page.expect_request(lambda r: r.method == "POST" and httpx.URL(r.url).path == "/sessions") as created:
+            pg.generate()
+        assert created.value.post_data_json["model"] == "other@v1"
+        assert pg.wait_calls(1, 1) == "length"
+        session_id = pg.pane(1).get_attribute("data-session-id")
+        assert httpx.get(f"{srv.url}/sessions/{session_id}", timeout=5.0).json()["model"] == "other@v1"
+        assert "other@v1" in pg.pane(1).locator(".pane-title").inner_text()
+        with pg.page.expect_request(lambda r: httpx.URL(r.url).path == f"/sessions/{session_id}/generate") as call:
+            pg.generate()
+        assert pg.wait_calls(1, 2) == "length"
+        assert "model" not in call.value.post_data_json
+        assert pg.foreign_requests() == [] and pg.errors == []
+    finally:
+        pg.close()
+        srv.stop()
 
 
 # ---------------------------------------------------------------- API key and small screens

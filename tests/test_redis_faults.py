@@ -72,7 +72,7 @@ def test_a_hanging_redis_never_holds_the_probe_or_plain_generation(trained_store
 
 def test_a_commit_whose_reply_was_lost_reports_the_commit_it_made(redis_server, dropper):
     redis_server.client().flushdb()
-    store = RedisSessionStore(dropper.url, 10, key=b"k" * 32, fingerprint=FINGERPRINT, model_name="tiny@v1")
+    store = RedisSessionStore(dropper.url, 10, key=b"k" * 32, models={"tiny@v1": FINGERPRINT})
     try:
         r = store.create(record())
         lease = store.lease(r.id, 30)

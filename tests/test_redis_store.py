@@ -24,8 +24,7 @@ def make_store(redis_server):
     made = []
 
     def make(max_sessions: int = 10, on_removed=None, key: bytes = KEY, fingerprint: str = FINGERPRINT):
-        store = RedisSessionStore(redis_server.url, max_sessions, on_removed, key=key, fingerprint=fingerprint,
-                                  model_name="tiny@v1")
+        store = RedisSessionStore(redis_server.url, max_sessions, on_removed, key=key, models={"tiny@v1": fingerprint})
         made.append(store)
         return store
 
@@ -90,10 +89,10 @@ def test_an_unreachable_redis_fails_fast_and_defers_the_marker_check():
 
     from .server import free_port
 
-    store = RedisSessionStore(f"redis://127.0.0.1:{free_port()}/0", 10, key=KEY, fingerprint=FINGERPRINT, timeout_s=0.5)
+    store = RedisSessionStore(f"redis://127.0.0.1:{free_port()}/0", 10, key=KEY, models={"tiny@v1": FINGERPRINT}, timeout_s=0.5)
     assert store.claim() is False  # the replica starts for plain generation
     observed = []
-    calls = SessionCalls(store, FINGERPRINT, lease_s=5, default_ttl_s=60, observe=lambda *a: observed.append(a))
+    calls = SessionCalls(store, lease_s=5, default_ttl_s=60, observe=lambda *a: observed.append(a))
     with pytest.raises(SessionStoreUnavailable, match="unavailable"):
         asyncio.run(calls.run("get", store.get, "anything"))
     assert [(op, failed) for op, _, failed in observed] == [("get", True)]

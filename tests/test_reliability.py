@@ -13,6 +13,7 @@ import pytest
 from service.sessions.snapshots import SessionDB
 
 from .server import Server, wait_until
+from .session_store_contract import record
 from .test_api import assert_error
 
 
@@ -117,8 +118,9 @@ def test_two_servers_never_share_a_session_database(trained_store, tmp_path):
 
 
 def test_a_session_database_of_another_model_is_refused(trained_store, tmp_path):
+    """A saved session of weights the server does not serve would not fit: the start is refused, naming both."""
     db = tmp_path / "sessions.sqlite3"
-    SessionDB(db, "other@v3", "ef" * 32).write([], [])
+    SessionDB(db, {"other@v3": "ef" * 32}).write([record(model="ef" * 32)], [])
     with pytest.raises(RuntimeError, match="holds sessions of model other@v3.*tiny@v1"):
         Server(trained_store, session_db=db)
 

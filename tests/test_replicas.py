@@ -4,6 +4,7 @@ going away and coming back costs only the session calls made meanwhile."""
 
 from __future__ import annotations
 
+import json
 import signal
 
 import httpx
@@ -156,7 +157,8 @@ def test_a_replica_started_while_redis_is_away_serves_and_takes_sessions_once_it
         assert_error(httpx.post(f"{srv.url}/sessions", json={}, timeout=30), 503, "session_store_unavailable")
         away.start()
         wait_until(lambda: httpx.post(f"{srv.url}/sessions", json={}, timeout=30).status_code == 201, what="sessions once Redis is up")
-        assert away.client().hget("charlstm:marker", "model") == b"tiny@v1"  # the deferred check claimed the store
+        tiny_sha = json.loads((trained_store / "tiny" / "v1" / "card.json").read_text())["weights_sha256"].encode()
+        assert away.client().hget("charlstm:marker", "model:tiny@v1") == tiny_sha  # the deferred check claimed the store
     finally:
         srv.stop()
         away.close()

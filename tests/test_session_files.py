@@ -136,7 +136,7 @@ def store_with(n: int) -> MemorySessionStore:
 
 
 def test_a_full_disk_keeps_the_last_good_file_and_every_session_in_memory(faulty, tmp_path):
-    db = SessionDB(tmp_path / "s.sqlite3", "tiny@v1", FINGERPRINT)
+    db = SessionDB(tmp_path / "s.sqlite3", {"tiny@v1": FINGERPRINT})
     store = store_with(20)
     failed = []
     snaps = Snapshots(db, store, interval_s=1.0, notify=lambda name, op: failed.append((name, op)))
@@ -162,7 +162,7 @@ def test_a_full_disk_keeps_the_last_good_file_and_every_session_in_memory(faulty
 
 
 def test_the_first_snapshot_on_a_full_disk_leaves_nothing_behind(faulty, tmp_path):
-    db = SessionDB(tmp_path / "s.sqlite3", "tiny@v1", FINGERPRINT)
+    db = SessionDB(tmp_path / "s.sqlite3", {"tiny@v1": FINGERPRINT})
     snaps = Snapshots(db, store_with(3), interval_s=1.0)
     snaps.load()
     faulty.error = FULL
@@ -175,7 +175,7 @@ def test_the_first_snapshot_on_a_full_disk_leaves_nothing_behind(faulty, tmp_pat
 
 
 def test_a_file_that_cannot_be_read_now_is_kept_and_read_once_it_can(faulty, tmp_path, caplog):
-    db = SessionDB(tmp_path / "s.sqlite3", "tiny@v1", FINGERPRINT)
+    db = SessionDB(tmp_path / "s.sqlite3", {"tiny@v1": FINGERPRINT})
     before = Snapshots(db, store_with(20), interval_s=1.0)
     before.load()
     before.write()
@@ -201,7 +201,7 @@ def test_a_folder_that_cannot_be_made_now_degrades_instead_of_failing_the_start(
     """The lock file cannot be created (here its folder's place is taken by a file): no crash, a retry."""
     blocked = tmp_path / "state"
     blocked.write_text("not a folder")
-    db = SessionDB(blocked / "s.sqlite3", "tiny@v1", FINGERPRINT)
+    db = SessionDB(blocked / "s.sqlite3", {"tiny@v1": FINGERPRINT})
     assert Snapshots(db, store_with(1), interval_s=1.0).final() == 0 and blocked.read_text() == "not a folder"
     snaps = Snapshots(db, store_with(2), interval_s=1.0)
     assert snaps.load() == 0 and not snaps.loaded and snaps.status()["state"] == "degraded"
@@ -216,7 +216,7 @@ def test_a_folder_that_cannot_be_made_now_degrades_instead_of_failing_the_start(
 def test_only_real_corruption_sets_a_file_aside(tmp_path, caplog):
     path = tmp_path / "s.sqlite3"
     path.write_bytes(b"this is not an SQLite database, though it has its name" * 100)
-    snaps = Snapshots(SessionDB(path, "tiny@v1", FINGERPRINT), MemorySessionStore(10), interval_s=1.0)
+    snaps = Snapshots(SessionDB(path, {"tiny@v1": FINGERPRINT}), MemorySessionStore(10), interval_s=1.0)
     assert snaps.load() == 0 and snaps.loaded
     assert not path.exists() and [p.name.split("-")[0] for p in tmp_path.glob("s.sqlite3.corrupt*")] == ["s.sqlite3.corrupt"]
     assert any(r.levelname == "ERROR" and "SQLITE_NOTADB" in r.getMessage() for r in caplog.records)

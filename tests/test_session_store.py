@@ -42,7 +42,7 @@ def test_restore_drops_expired_sessions():
 
 def test_a_snapshot_round_trips_and_its_file_appears_complete(tmp_path):
     path = tmp_path / "s.sqlite3"
-    db = SessionDB(path, "m@v1", FINGERPRINT)
+    db = SessionDB(path, {"m@v1": FINGERPRINT})
     db.open()
     records = [record(seed=i, counter=i, position=i + 1) for i in range(3)]
     db.write(records, [])
@@ -58,9 +58,9 @@ def test_a_snapshot_round_trips_and_its_file_appears_complete(tmp_path):
 
 def test_one_live_server_owns_a_session_database(tmp_path):
     path = tmp_path / "s.sqlite3"
-    first = SessionDB(path, "m@v1", FINGERPRINT)
+    first = SessionDB(path, {"m@v1": FINGERPRINT})
     first.open()
-    second = SessionDB(path, "m@v1", FINGERPRINT)
+    second = SessionDB(path, {"m@v1": FINGERPRINT})
     with pytest.raises(SessionDBError, match="in use by another running server"):
         second.open()
     first.close()
@@ -70,8 +70,8 @@ def test_one_live_server_owns_a_session_database(tmp_path):
 
 def test_a_database_of_other_weights_is_refused(tmp_path):
     path = tmp_path / "s.sqlite3"
-    db = SessionDB(path, "m@v1", FINGERPRINT)
+    db = SessionDB(path, {"m@v1": FINGERPRINT})
     db.write([record()], [])
-    other = SessionDB(path, "m@v2", "cd" * 32)
+    other = SessionDB(path, {"m@v2": "cd" * 32})
     with pytest.raises(SessionDBError, match="m@v1.*m@v2"):
         other.load()

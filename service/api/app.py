@@ -1,7 +1,8 @@
 """The FastAPI application: routes, error shape, and the lifespan that loads the model and runs the engine.
 
-Nothing heavy happens at import: settings are read and the model is loaded in the lifespan, and one
-process owns the engine. Later stages (metrics) attach through `app.state.engine_hooks`.
+Nothing heavy happens at import: settings are read and the default model is loaded in the lifespan; the
+model pool (service/engine/pool.py) owns an engine per loaded model. Later stages (metrics) attach through
+`app.state.pool_observers` and `app.state.server_observers`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from sse_starlette.sse import AppStatus
 from .. import __version__, store
 from ..backends.selector import for_serving
 from ..engine.engine import Engine, EngineConfig
+from ..engine.pool import Catalog, ModelPool
 from ..sessions.memory_store import MemorySessionStore
 from ..sessions.redis_store import RedisSessionStore, StoreMismatch, redacted
 from ..sessions import blob as session_blob
@@ -33,7 +35,7 @@ from .auth import APIKeyAuth, TrustedHosts
 from .bridge import make_deliver
 from .limits import BodyLimit
 from ..engine import constraints
-from .routes import generate, playground, probes, score, sessions, tokenizer, v1
+from .routes import generate, models, playground, probes, score, sessions, tokenizer, v1
 
 log = logging.getLogger("charlstm.api")
 
@@ -47,27 +49,19 @@ async def lifespan(app: FastAPI):
     AppStatus.disable_automatic_graceful_drain()
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
-    loaded = app.state.preloaded or await asyncio.to_thread(
-        store.load, settings.model or store.default_model(settings.model_store), settings.model_store)
+    notify = app.state.notify = _fan_out(app.state.server_observers)  # session events: not any one model's
+    catalog = Catalog(settings.model_store, settings.models, settings.model, app.state.preloaded)
     app.state.preloaded = None
-    model_name, fingerprint = f"{loaded.name}@{loaded.version}", loaded.card["weights_sha256"]
-    serving = await asyncio.to_thread(for_serving, loaded.model, settings.backend, settings.quantize, settings.device,
-                                      settings.max_batch_size, settings.step_workers, settings.decode_steps)
-    runner, device_step, steps, device_name = serving.backend, serving.device_step, serving.decode_steps, serving.device_name
-    engine = Engine(runner, loaded.vocab,
-                    EngineConfig(max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
-                                 prefill_chunk=settings.prefill_chunk, prefill_budget=settings.prefill_budget, decode_steps=steps,
-                                 max_rows_per_request=settings.max_rows_per_request),
-                    deliver=make_deliver(asyncio.get_running_loop()), device_step=device_step)
-    app.state.device, app.state.device_name, app.state.decode_steps = runner.device.type, device_name, steps
-    app.state.step_workers = runner.workers
-    app.state.backend = {**runner.describe(), **({"choice": serving.choice.as_dict()} if serving.choice else {})}
-    app.state.rows_per_call = [runner.min_rows, runner.max_rows]  # measured on this CPU (Backend: agreeing_rows)
-    log.info("backend %s: every step call sees %d to %d rows, the batch sizes that round a row alike on this CPU",
-             runner.name, *app.state.rows_per_call)
+    hooks = EngineHooks(app)
+    pool = app.state.pool = ModelPool(catalog, _engine_factory(settings, asyncio.get_running_loop()),
+                                      settings.max_loaded_models, settings.model_keep_alive_s,
+                                      observers=[hooks, *app.state.pool_observers])
+    await asyncio.to_thread(catalog.refresh)
+    served_models = {m.ref: m.fingerprint for m in catalog.models.values()}
+    default = catalog.resolve(None)
     app.state.session_key, key_source = session_blob.load_or_create_key(settings.session_key, settings.session_db or None)
-    factory = app.state.session_store_factory or _store_factory(settings, app.state.session_key, fingerprint, model_name)
-    session_store = factory(settings.max_sessions, on_removed=lambda reason: engine.notify("on_session_removed", reason))
+    factory = app.state.session_store_factory or _store_factory(settings, app.state.session_key, served_models)
+    session_store = factory(settings.max_sessions, on_removed=lambda reason: notify("on_session_removed", reason))
     if isinstance(session_store, RedisSessionStore):
         try:
             await asyncio.to_thread(session_store.claim)
@@ -77,8 +71,8 @@ async def lifespan(app: FastAPI):
             raise
     persistence = None  # the in-memory store's SQLite snapshots
     if settings.session_db and isinstance(session_store, MemorySessionStore):
-        session_db = SessionDB(settings.session_db, model_name, fingerprint)
-        persistence = Snapshots(session_db, session_store, settings.snapshot_interval_s, notify=engine.notify)
+        session_db = SessionDB(settings.session_db, served_models)
+        persistence = Snapshots(session_db, session_store, settings.snapshot_interval_s, notify=notify)
         try:
             await asyncio.to_thread(persistence.load)  # takes the file; a disk that fails now leaves it degraded, retried
         except SessionDBError as e:
@@ -86,28 +80,29 @@ async def lifespan(app: FastAPI):
             log.error("%s", e)
             raise
     app.state.persistence = persistence
-    app.state.sessions = SessionCalls(session_store, fingerprint, settings.session_lease_s, settings.session_ttl_s,
-                                      notify=engine.notify,
-                                      observe=lambda op, seconds, failed: engine.notify("on_session_store_call", op, seconds, failed),
+    app.state.sessions = SessionCalls(session_store, settings.session_lease_s, settings.session_ttl_s, notify=notify,
+                                      observe=lambda op, seconds, failed: notify("on_session_store_call", op, seconds, failed),
                                       blob_max_age_s=settings.session_blob_max_age_s, threads=settings.session_store_threads)
-    # the longest one store operation may take: Redis's timeouts (redis_store.py); the embedded store answers at once
     app.state.session_quotas = Quotas(settings.session_create_rate, settings.session_create_burst)
+    # the longest one store operation may take: Redis's timeouts (redis_store.py); the embedded store answers at once
     app.state.store_health = health = StoreHealth(session_store, 4 * settings.session_store_timeout_s)
     await health.check(app.state.sessions.executor)  # the first /ready already knows (bounded by the store's timeouts)
     app.state.session_store = session_store
-    for hook in app.state.engine_hooks:
-        hook(engine, loaded, session_store)
-    app.state.loaded = loaded
-    engine.start()
-    app.state.engine = engine
-    restore_signal = _drain_on_sigterm(engine, settings.drain_delay_s + settings.shutdown_grace_s)
+    await pool.start()  # loads the default model: a broken one fails the start
+    for hook in app.state.started_hooks:
+        hook(pool, session_store)
+    restore_signal = _drain_on_sigterm(pool, settings.drain_delay_s + settings.shutdown_grace_s)
     sweeper = asyncio.create_task(health.sweep(app.state.sessions.executor))
     snapshots = asyncio.create_task(persistence.run()) if persistence else None
-    log.info("serving %s (weights %s, %s parameters, backend %s) on %s, %d torch threads, %d step workers; max batch %d, queue %d, "
-             "max new tokens %d, max prompt %d chars, drain %gs + grace %gs; sessions: %s store%s, %d restored, at most %d, signed with %s; listening on %s:%d",
-             model_name, fingerprint[:12], f"{loaded.model.num_parameters():,}", runner.name, device_name, torch.get_num_threads(),
-             runner.workers, settings.max_batch_size, settings.max_queue, settings.max_new_tokens,
-             settings.max_prompt_chars, settings.drain_delay_s, settings.shutdown_grace_s, session_store.kind,
+    first = pool.loaded[default.ref]
+    log.info("serving %s (weights %s, %s parameters, backend %s) on %s, %d torch threads, %d step workers; %d models servable "
+             "(at most %d loaded, keep-alive %gs); max batch %d, queue %d, max new tokens %d, max prompt %d chars, drain %gs + "
+             "grace %gs; sessions: %s store%s, %d restored, at most %d, signed with %s; listening on %s:%d",
+             default.ref, default.fingerprint[:12], f"{first.loaded.model.num_parameters():,}", first.details["backend"]["name"],
+             first.details["device_name"], torch.get_num_threads(), first.details["step_workers"], len(catalog.models),
+             settings.max_loaded_models, settings.model_keep_alive_s, settings.max_batch_size, settings.max_queue,
+             settings.max_new_tokens, settings.max_prompt_chars, settings.drain_delay_s, settings.shutdown_grace_s,
+             session_store.kind,
              f" saved to {settings.session_db}" if persistence else f" at {redacted(settings.session_store)}" if settings.session_store != "memory" else "",
              persistence.restored if persistence else 0, settings.max_sessions, key_source, settings.host, settings.port)
     try:
@@ -117,9 +112,9 @@ async def lifespan(app: FastAPI):
         if snapshots is not None:
             snapshots.cancel()
         restore_signal()
-        engine.begin_shutdown(settings.shutdown_grace_s)
-        await asyncio.to_thread(engine.wait_idle, settings.shutdown_grace_s + 5.0)
-        await asyncio.to_thread(engine.stop)
+        pool.begin_shutdown(settings.shutdown_grace_s)
+        await asyncio.to_thread(pool.wait_idle, settings.shutdown_grace_s + 5.0)
+        await pool.close()
         await asyncio.to_thread(constraints.COMPILER.close)  # the pattern compiler's child process, if one started
         if persistence is not None:
             saved = await asyncio.to_thread(persistence.final)
@@ -129,16 +124,62 @@ async def lifespan(app: FastAPI):
         session_store.close()
 
 
-def _store_factory(settings: Settings, key: bytes, fingerprint: str, model_name: str):
-    """The store `session_store` names: in this process, or Redis shared by every replica."""
+class EngineHooks:
+    """Calls `app.state.engine_hooks` (engine, loaded model, session store) for every engine the pool starts:
+    how a test reaches into an engine."""
+
+    def __init__(self, app: FastAPI):
+        self.app = app
+
+    def on_model_loaded(self, served) -> None:
+        for hook in self.app.state.engine_hooks:
+            hook(served.engine, served.loaded, self.app.state.session_store)
+
+    def on_model_unloaded(self, served, reason: str) -> None:
+        pass
+
+
+def _fan_out(observers: list):
+    """notify(method, *args) for the server's own observers (the metrics module's): a failing one is logged."""
+    def notify(method: str, *args) -> None:
+        for obs in observers:
+            try:
+                getattr(obs, method)(*args)
+            except Exception:
+                log.exception("observer %s failed", method)
+    return notify
+
+
+def _engine_factory(settings: Settings, loop: asyncio.AbstractEventLoop):
+    """How the pool builds a model's engine: its backend (measured on this machine for backend auto) and its batch."""
+    def build(loaded: store.LoadedModel, share):
+        serving = for_serving(loaded.model, settings.backend, settings.quantize, settings.device, settings.max_batch_size,
+                              settings.step_workers, settings.decode_steps)
+        runner = serving.backend
+        engine = Engine(runner, loaded.vocab,
+                        EngineConfig(max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
+                                     prefill_chunk=settings.prefill_chunk, prefill_budget=settings.prefill_budget,
+                                     decode_steps=serving.decode_steps, max_rows_per_request=settings.max_rows_per_request),
+                        deliver=make_deliver(loop), device_step=serving.device_step, share=share)
+        log.info("backend %s for %s@%s: every step call sees %d to %d rows, the batch sizes that round a row alike on this CPU",
+                 runner.name, loaded.name, loaded.version, runner.min_rows, runner.max_rows)
+        details = {"backend": {**runner.describe(), **({"choice": serving.choice.as_dict()} if serving.choice else {})},
+                   "device": runner.device.type, "device_name": serving.device_name, "decode_steps": serving.decode_steps,
+                   "step_workers": runner.workers, "rows_per_call": [runner.min_rows, runner.max_rows]}
+        return engine, details
+    return build
+
+
+def _store_factory(settings: Settings, key: bytes, models: dict[str, str]):
+    """The store `session_store` names: in this process, or Redis shared by every replica. `models`: each
+    servable model's name@version and weights sha256."""
     if settings.session_store == "memory":
         return MemorySessionStore
     return lambda max_sessions, on_removed: RedisSessionStore(settings.session_store, max_sessions, on_removed, key=key,
-                                                              fingerprint=fingerprint, model_name=model_name,
-                                                              timeout_s=settings.session_store_timeout_s)
+                                                              models=models, timeout_s=settings.session_store_timeout_s)
 
 
-def _drain_on_sigterm(engine: Engine, grace_s: float):
+def _drain_on_sigterm(pool: ModelPool, grace_s: float):
     """On SIGTERM/SIGINT: readiness turns 503, new work is refused, and running streams get `grace_s` to finish
     (the drain delay plus the shutdown grace: `charlstm serve` keeps listening for drain_delay_s, then closes
     the port and waits for open responses); then the server's own handler runs."""
@@ -147,7 +188,7 @@ def _drain_on_sigterm(engine: Engine, grace_s: float):
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def handler(sig, frame):
-        engine.begin_shutdown(grace_s)
+        pool.begin_shutdown(grace_s)
         prev = previous.get(sig)
         if callable(prev):
             prev(sig, frame)
@@ -173,7 +214,10 @@ def create_app(settings: Settings | None = None, loaded: store.LoadedModel | Non
     app.state.settings = settings
     app.state.preloaded = loaded
     app.state.session_store_factory = session_store_factory
-    app.state.engine_hooks = []
+    app.state.engine_hooks = []  # hook(engine, loaded, session_store) for every engine started
+    app.state.pool_observers = []  # PoolObserver: models loaded and unloaded (the metrics module's)
+    app.state.server_observers = []  # session events, reported through app.state.notify
+    app.state.started_hooks = []  # hook(pool, session_store) once the default model is loaded
     errors.install(app)
     openapi.install(app)
     current = lambda: app.state.settings or Settings()  # noqa: E731 - read when a request comes, not at import
@@ -186,6 +230,7 @@ def create_app(settings: Settings | None = None, loaded: store.LoadedModel | Non
     app.include_router(score.router)
     app.include_router(v1.router)
     app.include_router(tokenizer.router)
+    app.include_router(models.router)
     app.include_router(docs.router)  # /docs and /redoc with assets served from the package, not a CDN
     app.mount(docs.ASSETS_URL, docs.assets(), name="docs-assets")
     app.include_router(playground.router)  # the page at /

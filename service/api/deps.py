@@ -1,15 +1,18 @@
-"""Dependencies shared by the routes: the engine, the settings, and checks made before work is queued."""
+"""Dependencies shared by the routes: the model a request names and its engine, the settings, and checks
+made before work is queued."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Annotated
 
 from fastapi import Depends, Request
 
 from ..engine.engine import Engine
+from ..engine.pool import ModelPool, Served
 from ..sessions.calls import SessionCalls
 from ..settings import Settings
-from ..store import LoadedModel
 from .errors import APIError
 
 
@@ -17,9 +20,24 @@ async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-async def get_engine(request: Request) -> Engine:
-    engine = getattr(request.app.state, "engine", None)
-    snap = engine.snapshot() if engine is not None else None
+async def get_pool(request: Request) -> ModelPool:
+    pool = getattr(request.app.state, "pool", None)
+    if pool is None or not pool.started:
+        raise APIError(503, "not_ready", "the model is not loaded or the server is shutting down", None, {"Retry-After": "1"})
+    return pool
+
+
+@asynccontextmanager
+async def model_for(pool: ModelPool, ref: str | None) -> AsyncIterator[Served]:
+    """The loaded model `ref` names (None: the default), loaded now if it is not, pinned while the block runs,
+    and refused as a whole (503) when its engine cannot take work."""
+    async with pool.use(ref) as served:
+        check_engine(served.engine)
+        yield served
+
+
+def check_engine(engine: Engine) -> Engine:
+    snap = engine.snapshot()
     if snap is not None and snap.failed:
         raise APIError(503, "engine_error", "the engine stopped after an internal error; the server must be restarted",
                        None, {"Retry-After": "5"})
@@ -35,10 +53,6 @@ async def get_sessions(request: Request) -> SessionCalls:
     return sessions
 
 
-async def get_model(request: Request) -> LoadedModel:
-    return request.app.state.loaded
-
-
 async def require_json(request: Request) -> None:
     """Bodies are JSON: anything else gets 415 rather than a confusing validation error."""
     if request.headers.get("content-length", "0") == "0" and "transfer-encoding" not in request.headers:
@@ -49,7 +63,6 @@ async def require_json(request: Request) -> None:
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-EngineDep = Annotated[Engine, Depends(get_engine)]
-ModelDep = Annotated[LoadedModel, Depends(get_model)]
+PoolDep = Annotated[ModelPool, Depends(get_pool)]
 SessionsDep = Annotated[SessionCalls, Depends(get_sessions)]
 JSONBody = Depends(require_json)

@@ -19,7 +19,8 @@ log = logging.getLogger("charlstm.api")
 
 ENGINE_STATUS = {"overloaded": 429, "shutting_down": 503, "session_not_found": 404, "session_busy": 409,
                  "too_many_sessions": 429, "engine_error": 503, "session_store_unavailable": 503,
-                 "invalid_session_blob": 422, "session_blob_expired": 422, "model_mismatch": 409, "unsupported": 400}
+                 "invalid_session_blob": 422, "session_blob_expired": 422, "model_mismatch": 409, "unsupported": 400,
+                 "model_not_found": 404, "too_many_models": 503, "model_load_failed": 500}
 HTTP_TYPES = {400: "invalid_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
               409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type", 422: "invalid_field",
               429: "overloaded", 503: "not_ready"}

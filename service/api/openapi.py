@@ -1,5 +1,8 @@
-"""The OpenAPI document with the limits in force: bounds that come from the settings and the model's
-vocabulary are written into the schema, so a client (or a fuzzer) sees exactly what is accepted."""
+"""The OpenAPI document with the limits in force: bounds that come from the settings and the models'
+vocabularies are written into the schema, so a client (or a fuzzer) sees exactly what is accepted.
+
+With several models served the document is exact for the default model: the characters are its
+vocabulary's, while `model` names every servable model and a session blob's length spans theirs."""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from ..sessions.blob import text_chars
-from .openai.serving import OpenAIServingModels, choice_bounds
+from .openai.serving import choice_bounds
 
 
 def vocabulary_pattern(chars: str) -> str:
@@ -20,11 +23,17 @@ def install(app: FastAPI) -> None:
         if app.openapi_schema:
             return app.openapi_schema
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-        settings, loaded = app.state.settings, getattr(app.state, "loaded", None)
-        if settings is None or loaded is None:
+        settings, pool = app.state.settings, getattr(app.state, "pool", None)
+        if settings is None or pool is None or not pool.started:
             return schema  # before start-up: the static bounds only, and not cached
         comps = schema["components"]["schemas"]
-        pattern = vocabulary_pattern(loaded.vocab.chars)
+        default, served = pool.catalog.resolve(None), list(pool.catalog.models.values())
+        names = sorted({m.ref for m in served} | {m.name for m in served})
+        pattern = vocabulary_pattern(default.vocab.chars)
+        for name in ("GenerateRequest", "SessionCreate", "SessionImport", "ScoreRequest", "CompletionRequest",
+                     "ChatCompletionRequest"):
+            for branch in _branches(comps[name]["properties"]["model"], "string"):
+                branch["enum"] = names
         for name in ("GenerateRequest", "SessionCreate"):
             comps[name]["properties"]["prompt"].update(maxLength=settings.max_prompt_chars)
             comps[name]["properties"]["replacement"].update(pattern=pattern.replace("]*$", "]$"))
@@ -49,13 +58,12 @@ def install(app: FastAPI) -> None:
                     branch["maximum"] = settings.max_session_ttl_s
         # An export of this model is exactly this long; what else the blob must be (signed with this
         # server's key, of these weights) no schema can say.
-        cfg = loaded.model.config
-        blob_chars = text_chars(cfg.num_layers, cfg.hidden_size)
-        comps["SessionImport"]["properties"]["data"].update(minLength=blob_chars, maxLength=blob_chars, pattern="^[A-Za-z0-9_-]*$")
+        sizes = [text_chars(m.card["config"]["num_layers"], m.card["config"]["hidden_size"]) for m in served]
+        comps["SessionImport"]["properties"]["data"].update(minLength=min(sizes), maxLength=max(sizes), pattern="^[A-Za-z0-9_-]*$")
         score = comps["ScoreRequest"]
         score["properties"]["text"].update(maxLength=settings.max_score_chars)
         score["properties"]["replacement"].update(pattern=pattern.replace("]*$", "]$"))
-        _openai_bounds(comps["CompletionRequest"], settings, loaded, pattern, vocab_stop)
+        _openai_bounds(comps["CompletionRequest"], settings, pattern, vocab_stop)
         app.openapi_schema = schema
         return schema
 
@@ -66,11 +74,9 @@ def _branches(prop: dict, type_: str) -> list[dict]:
     return [b for b in prop.get("anyOf", [prop]) if b.get("type") == type_]
 
 
-def _openai_bounds(schema: dict, settings, loaded, pattern: str, vocab_stop: dict) -> None:
-    """/v1/completions: the served model's names, and the limits in force on prompts, choices and stops."""
+def _openai_bounds(schema: dict, settings, pattern: str, vocab_stop: dict) -> None:
+    """/v1/completions: the limits in force on prompts, choices and stops."""
     props = schema["properties"]
-    models = OpenAIServingModels(loaded)
-    props["model"]["enum"] = [models.id, loaded.name]
     most_n, most_prompts = choice_bounds(settings)
     for branch in _branches(props["prompt"], "string"):
         branch.update(maxLength=settings.max_prompt_chars, pattern=pattern)

@@ -20,6 +20,7 @@ hands back the state after its last character, which is kept for every step of t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import threading
@@ -36,6 +37,7 @@ from .batch import Batch
 from .output import Output
 from ..backends.base import Backend
 from .scheduler import Scheduler
+from .share import ComputeShare
 from .step import Stepper
 from .stream import Phase, RequestGroup, Stream
 from .types import EngineUnavailable, GenerationRequest, Overloaded, PromptScored, ShuttingDown, Unsupported
@@ -97,15 +99,18 @@ class EngineSnapshot:
 
 class Engine:
     def __init__(self, backend: Backend, vocab: CharVocab, config: EngineConfig = EngineConfig(),
-                 deliver: Callable[[list[tuple[Any, list]]], None] | None = None, device_step: CudaStep | None = None):
+                 deliver: Callable[[list[tuple[Any, list]]], None] | None = None, device_step: CudaStep | None = None,
+                 share: ComputeShare | None = None):
         """device_step: step the batch there (its capacity bounds max_batch_size) instead of with `backend`,
-        which then only ingests prompts (on the same device)."""
+        which then only ingests prompts (on the same device). share: the turns this engine takes on the
+        cores with the engines of other models (service/engine/share.py); None: the cores are its own."""
         if device_step is not None and device_step.batch.capacity < config.max_batch_size:
             raise ValueError(f"the device step holds {device_step.batch.capacity} rows, fewer than max_batch_size={config.max_batch_size}")
         if device_step is not None and device_step.max_steps != config.decode_steps:
             raise ValueError(f"the device step runs {device_step.max_steps} steps a look, decode_steps={config.decode_steps}")
         self.backend, self.vocab, self.config = backend, vocab, config
         self.device_step = device_step
+        self.share = share
         # in device mode the host Batch keeps rows and controls only; the state lives in device_step.batch
         self._no_state = torch.zeros(2, backend.num_layers, 0)
         self.deliver = deliver or _deliver_directly
@@ -148,6 +153,8 @@ class Engine:
             self._cv.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        if self.share is not None:
+            self.share.forget(id(self))
         self.backend.close()
 
     def begin_shutdown(self, grace_s: float) -> None:
@@ -166,6 +173,11 @@ class Engine:
                     return False
                 self._cv.wait(left)
         return True
+
+    def idle(self) -> bool:
+        """No stream accepted and not yet ended: nothing would be cut off if the engine stopped now."""
+        with self._cv:
+            return self._admitted == 0
 
     def snapshot(self) -> EngineSnapshot:
         with self._cv:
@@ -262,19 +274,23 @@ class Engine:
                 if past_deadline:
                     self._leave([*self._batch.rows, *scheduler.ingesting, *scheduler.waiting_streams()], "shutdown")
                 self._admit(scheduler.admit(len(self._batch)))  # schedule
-                self._ingest()
-                if len(self._batch):
-                    t0 = time.perf_counter()
-                    k, look = self.stepper.look(self._batch)  # step
-                    self.output.process(self._batch.rows, k, look)  # process outputs
-                    self._steps += k
-                    self.notify("on_step", len(self._batch), time.perf_counter() - t0, k)
+                with self._turn():  # the cores, shared with other models' engines (ComputeShare)
+                    self._ingest()
+                    if len(self._batch):
+                        t0 = time.perf_counter()
+                        k, look = self.stepper.look(self._batch)  # step
+                        self.output.process(self._batch.rows, k, look)  # process outputs
+                        self._steps += k
+                        self.notify("on_step", len(self._batch), time.perf_counter() - t0, k)
                 self._drop_finished()
             except Exception as e:  # a fault must not take the server down: end the streams it touched, keep serving
                 log.exception("engine step failed; ending the streams in the batch")
                 self._fail_in_flight(e)
             self._publish_counts()
             self._flush()
+
+    def _turn(self):
+        return self.share.turn(id(self)) if self.share is not None else contextlib.nullcontext()
 
     def _release(self, stream: Stream) -> None:
         """A stream finished (Output.finish): its place in the engine's accounting goes back."""

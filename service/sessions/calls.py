@@ -15,6 +15,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
+from collections import OrderedDict
 from dataclasses import replace
 
 from . import blob as session_blob
@@ -26,22 +27,24 @@ from .errors import LeaseLost, SessionBusy, SessionStoreUnavailable
 
 log = logging.getLogger("charlstm.sessions")
 
+MODEL_CACHE = 65_536  # sessions whose model SessionCalls.model_of remembers
 StoreObserver = Callable[[str, float, bool], None]  # (operation, seconds, failed)
 
 
 class SessionCalls:
-    def __init__(self, store: SessionStore, fingerprint: str, lease_s: float, default_ttl_s: float,
+    def __init__(self, store: SessionStore, lease_s: float, default_ttl_s: float,
                  notify: Callable[..., None] | None = None, observe: StoreObserver | None = None,
                  blob_max_age_s: float | None = None, threads: int = 16):
-        """`notify(name, *args)` reports session events to the engine's observers (Engine.notify);
+        """`notify(name, *args)` reports session events to the server's observers;
         `observe(operation, seconds, failed)` times every store call; `blob_max_age_s`: the oldest
         export an import takes. Store calls run in `threads` threads of their own, so a store that
         hangs holds those and never the threads the rest of the server hands work to."""
-        self.store, self.fingerprint, self.lease_s, self.default_ttl_s = store, fingerprint, lease_s, default_ttl_s
+        self.store, self.lease_s, self.default_ttl_s = store, lease_s, default_ttl_s
         self.blob_max_age_s = blob_max_age_s
         self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="charlstm-sessions")
         self.notify = notify or (lambda name, *args: None)
         self.observe = observe or (lambda op, seconds, failed: None)
+        self._models: OrderedDict[str, str] = OrderedDict()  # session id -> weights sha256 (model_of)
 
     async def run(self, op: str, fn, *args):
         """One store operation in a worker thread, timed; a failure of the store itself becomes
@@ -64,22 +67,42 @@ class SessionCalls:
         """Stop taking store calls; a call still waiting on a hung store is left to its timeout."""
         self.executor.shutdown(wait=False, cancel_futures=True)
 
-    async def metadata(self, session_id: str) -> dict:
+    async def metadata(self, session_id: str) -> tuple[SessionRecord, bool]:
+        """The committed record, and whether a call is running on it."""
         record = await self.run("get", self.store.get, session_id)
-        return record.metadata(busy=await self.run("is_leased", self.store.is_leased, session_id))
+        return record, await self.run("is_leased", self.store.is_leased, session_id)
+
+    async def model_of(self, session_id: str) -> str:
+        """The weights (sha256) a session belongs to. A session never changes model and ids are never
+        reused, so an answer is kept (for the most recent MODEL_CACHE sessions) and a call costs no extra
+        store read after the first."""
+        sha = self._models.get(session_id)
+        if sha is None:
+            sha = (await self.run("get", self.store.get, session_id)).model
+            self._remember(session_id, sha)
+        else:
+            self._models.move_to_end(session_id)
+        return sha
+
+    def _remember(self, session_id: str, sha: str) -> None:
+        self._models[session_id] = sha
+        if len(self._models) > MODEL_CACHE:
+            self._models.popitem(last=False)
 
     async def delete(self, session_id: str) -> None:
         await self.run("delete", self.store.delete, session_id)
 
-    async def create(self, primed: Done, ttl_s: float | None) -> dict:
-        """A new session from a completed priming stream (its Done carries the state)."""
+    async def create(self, primed: Done, ttl_s: float | None, fingerprint: str) -> SessionRecord:
+        """A new session from a completed priming stream (its Done carries the state) of the model whose
+        weights' sha256 is `fingerprint`: the session belongs to that model for good."""
         now = time.time()
         record = SessionRecord(id=new_session_id(), state=primed.state, seed=primed.seed, counter=primed.counter,
-                               position=primed.prompt_tokens + primed.completion_tokens, model=self.fingerprint,
+                               position=primed.prompt_tokens + primed.completion_tokens, model=fingerprint,
                                ttl_s=float(ttl_s or self.default_ttl_s), created_at=now, last_used=now)
         created = await self.run("create", self.store.create, record)
+        self._remember(created.id, created.model)
         self.notify("on_session_created")
-        return created.metadata()
+        return created
 
     # ------------------------------------------------------------------ portable sessions
     async def export(self, session_id: str, key: bytes) -> tuple[SessionRecord, bytes]:
@@ -90,36 +113,45 @@ class SessionCalls:
                              created_at=time.time(), fingerprint=record.model)
         return record, session_blob.encode(value, key)
 
-    async def import_blob(self, text: str, key: bytes, *, model: str, layers: int, hidden: int,
-                          ttl_s: float | None, position: int | None = None) -> dict:
+    async def import_blob(self, text: str, key: bytes, *, model: str, fingerprint: str, layers: int, hidden: int,
+                          ttl_s: float | None, position: int | None = None) -> SessionRecord:
         """A new session (a new id: ids never come from a blob) holding what an export carried.
         `model` names the serving model in a mismatch; `position`, when the client sent one, must agree
         with the blob's (the signed value is the truth, so a changed copy beside it is refused)."""
         expected = session_blob.text_chars(layers, hidden)
-        if len(text.rstrip("=")) != expected:  # checked before any decoding, so a huge string costs nothing
+        if len(text.rstrip("=")) != expected:  # another size: an intact export of another model's weights, or a broken blob
+            try:
+                session_blob.decode(session_blob.from_text(text), key, fingerprint=fingerprint, model=model)  # raises ModelMismatch
+            except session_blob.ModelMismatch:
+                raise
+            except InvalidSessionBlob:
+                pass
             raise InvalidSessionBlob(f"data is {len(text)} characters; a session of {model} is {expected}")
-        value = session_blob.decode(session_blob.from_text(text), key, fingerprint=self.fingerprint, layers=layers,
+        value = session_blob.decode(session_blob.from_text(text), key, fingerprint=fingerprint, layers=layers,
                                     hidden=hidden, model=model)
         session_blob.check_age(value, self.blob_max_age_s, time.time())
         if position is not None and position != value.position:
             raise InvalidSessionBlob(f"position {position} does not match the blob's position {value.position}", "position")
-        return await self._create_copy(value.state, value.seed, value.counter, value.position, ttl_s or self.default_ttl_s)
+        return await self._create_copy(value.state, value.seed, value.counter, value.position, ttl_s or self.default_ttl_s,
+                                       fingerprint)
 
-    async def fork(self, session_id: str, ttl_s: float | None) -> dict:
+    async def fork(self, session_id: str, ttl_s: float | None) -> SessionRecord:
         """A new session with the same state, seed, counter and position as `session_id` (and its TTL
         unless `ttl_s` is given). A session with a call running is refused: its state is about to move."""
         if await self.run("is_leased", self.store.is_leased, session_id):
             raise SessionBusy(f"session {session_id} has a call running; fork it before or after the call")
         record = await self.run("get", self.store.get, session_id)
-        return await self._create_copy(record.state, record.seed, record.counter, record.position, ttl_s or record.ttl_s)
+        return await self._create_copy(record.state, record.seed, record.counter, record.position, ttl_s or record.ttl_s,
+                                       record.model)
 
-    async def _create_copy(self, state, seed: int, counter: int, position: int, ttl_s: float) -> dict:
+    async def _create_copy(self, state, seed: int, counter: int, position: int, ttl_s: float, fingerprint: str) -> SessionRecord:
         now = time.time()
         record = SessionRecord(id=new_session_id(), state=state, seed=seed, counter=counter, position=position,
-                               model=self.fingerprint, ttl_s=float(ttl_s), created_at=now, last_used=now)
+                               model=fingerprint, ttl_s=float(ttl_s), created_at=now, last_used=now)
         created = await self.run("create", self.store.create, record)
+        self._remember(created.id, created.model)
         self.notify("on_session_created")
-        return created.metadata()
+        return created
 
     async def begin(self, session_id: str, request: GenerationRequest) -> tuple[SessionCall, GenerationRequest]:
         """Lease the session and turn `request` into one that continues it. A seed in the request

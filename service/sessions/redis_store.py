@@ -180,15 +180,24 @@ _COUNT = _LIB + """
 return redis.call('ZCOUNT', KEYS[1], '(' .. fmt(now()), '+inf')
 """
 
-# KEYS: marker. ARGV: fingerprint, key check, model name. The first replica writes it; the rest compare.
+# KEYS: marker. ARGV: the session key's check, then name@version, weights sha256 pairs. The first replica to
+# serve a model records its weights; a replica serving that name@version later must have the same ones (each
+# session names its own weights, so replicas may serve different sets of models). A marker of the one-model
+# layout (fields fingerprint and model) becomes that model's entry.
 _CLAIM = """
-local cur = redis.call('HMGET', KEYS[1], 'fingerprint', 'key_check', 'model')
-if not cur[1] then
-  redis.call('HSET', KEYS[1], 'fingerprint', ARGV[1], 'key_check', ARGV[2], 'model', ARGV[3])
-  return {'ok'}
+local old = redis.call('HMGET', KEYS[1], 'fingerprint', 'model')
+if old[1] and old[2] then
+  redis.call('HSETNX', KEYS[1], 'model:' .. old[2], old[1])
+  redis.call('HDEL', KEYS[1], 'fingerprint', 'model')
 end
-if cur[1] ~= ARGV[1] then return {'model', cur[1], cur[3] or '?'} end
-if cur[2] ~= ARGV[2] then return {'key'} end
+local key = redis.call('HGET', KEYS[1], 'key_check')
+if key and key ~= ARGV[1] then return {'key'} end
+for i = 2, #ARGV, 2 do
+  local cur = redis.call('HGET', KEYS[1], 'model:' .. ARGV[i])
+  if cur and cur ~= ARGV[i + 1] then return {'model', ARGV[i], cur, ARGV[i + 1]} end
+end
+redis.call('HSET', KEYS[1], 'key_check', ARGV[1])
+for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], 'model:' .. ARGV[i], ARGV[i + 1]) end
 return {'ok'}
 """
 
@@ -209,8 +218,9 @@ class RedisSessionStore(SessionStore):
     kind = "redis"
 
     def __init__(self, url: str, max_sessions: int, on_removed: RemovalCallback | None = None, *,
-                 key: bytes, fingerprint: str, model_name: str = "", timeout_s: float = 1.0, prefix: str = PREFIX):
-        """`key` signs the blobs (replicas share it); `fingerprint` is this replica's weights sha256.
+                 key: bytes, models: dict[str, str], timeout_s: float = 1.0, prefix: str = PREFIX):
+        """`key` signs the blobs (replicas share it); `models`: name@version -> weights sha256 of every model
+        this replica serves.
 
         `timeout_s` bounds every operation: connecting, and each reply. A read that times out is not
         retried (a Redis that accepts and never answers would only cost the budget again); a connection
@@ -218,7 +228,7 @@ class RedisSessionStore(SessionStore):
         restart. So one operation takes at most about 2 x (connect + read) = 4 x timeout_s, and with the
         default 1 s a dead or hanging Redis costs a session call at most 4 s and then 503."""
         super().__init__(max_sessions, on_removed)
-        self.url, self.key, self.fingerprint, self.model_name, self.prefix = url, key, fingerprint, model_name, prefix
+        self.url, self.key, self.models, self.prefix = url, key, dict(models), prefix
         self.timeout_s = timeout_s
         self.client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
                                            retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 1,
@@ -249,13 +259,15 @@ class RedisSessionStore(SessionStore):
         if self._claimed:
             return
         key_check = hmac.new(self.key, b"charlstm-session-key-check", hashlib.sha256).hexdigest()
-        answer = [_text(x) for x in self._claim(keys=[self._marker], args=[self.fingerprint, key_check, self.model_name])]
+        pairs = [x for ref, sha in sorted(self.models.items()) for x in (ref, sha)]
+        answer = [_text(x) for x in self._claim(keys=[self._marker], args=[key_check, *pairs])]
         where = f"{redacted(self.url)} ({self._marker})"
         if answer[0] == "model":
+            _, ref, theirs, mine = answer
             raise StoreMismatch(
-                f"the session store {where} holds sessions of model {answer[2]} with weights {answer[1][:12]}, but this "
-                f"replica serves {self.model_name} with weights {self.fingerprint[:12]}: replicas sharing a store must "
-                f"serve the same weights. Use another Redis database for this model (CHARLSTM_SESSION_STORE=redis://host:port/<db>), "
+                f"the session store {where} holds sessions of model {ref} with weights {theirs[:12]}, but this "
+                f"replica serves {ref} with weights {mine[:12]}: replicas sharing a store must serve the same "
+                f"weights under one name@version. Use another Redis database for this model (CHARLSTM_SESSION_STORE=redis://host:port/<db>), "
                 f"or delete the key {self._marker} once no replica of the old model runs (its sessions become unusable)")
         if answer[0] == "key":
             raise StoreMismatch(
@@ -360,7 +372,12 @@ class RedisSessionStore(SessionStore):
 
     def describe(self) -> dict:
         return {"kind": self.kind, "url": redacted(self.url), "sessions": self.known_count(), "max_sessions": self.max_sessions,
-                "model": self.model_name, "timeout_s": self.timeout_s}
+                "models": sorted(self.models), "timeout_s": self.timeout_s}
+
+    def serve(self, models: dict[str, str]) -> None:
+        """The models served changed (a reload): the marker is checked again before the next operation."""
+        self.models = dict(models)
+        self._claimed = False
 
     def close(self) -> None:
         self.client.close()

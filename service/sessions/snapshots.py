@@ -3,9 +3,10 @@
 A session is a fixed-size record (state floats, seed, counter, position, version, times), so each
 snapshot is one SQLite transaction: a crash leaves the previous snapshot intact, and the very first
 snapshot is built under a temporary name and renamed into place, so the file never exists without
-its tables. One live server owns a file (an exclusive lock held for the process's life), and a file
-belongs to one model: another server, or a server of other weights, is refused at start with a
-message that says what to do.
+its tables. One live server owns a file (an exclusive lock held for the process's life). Each row
+names the weights its state belongs to, so one file holds the sessions of every model a server
+serves; a file with a session of weights this server does not serve is refused at start with a
+message that says what to do (a file of the one-model layout names its weights once, in meta).
 
 A failure degrades instead of discarding. Only real corruption (SQLITE_CORRUPT, SQLITE_NOTADB, a
 failed quick_check) sets a file aside, at error level. Anything else (a full disk, a read-only or
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import fcntl
 import logging
 import os
@@ -48,11 +50,21 @@ CREATE TABLE IF NOT EXISTS sessions (
     ttl_s REAL NOT NULL,
     created_at REAL NOT NULL,
     last_used REAL NOT NULL,
-    version INTEGER NOT NULL DEFAULT 0
+    version INTEGER NOT NULL DEFAULT 0,
+    weights TEXT NOT NULL DEFAULT ''  -- sha256 of the weights the state belongs to
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
-COLUMNS = "id, state, layers, hidden, seed, counter, position, ttl_s, created_at, last_used, version"
+COLUMNS = "id, state, layers, hidden, seed, counter, position, ttl_s, created_at, last_used, version, weights"
+
+
+def _json_dict(text: str | None) -> dict[str, str]:
+    """meta's `models` (weights sha256 -> name@version of every model whose sessions the file held)."""
+    try:
+        value = json.loads(text) if text else {}
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 class SessionDBError(Exception):
@@ -92,9 +104,9 @@ def state_from_bytes(blob: bytes, layers: int, hidden: int) -> torch.Tensor:
 class SessionDB:
     connection_class = sqlite3.Connection  # the tests put a fault-injecting subclass here
 
-    def __init__(self, path: str | Path, model: str, fingerprint: str):
-        """`model` (name@version) and `fingerprint` (the weights' sha256) name the model the states belong to."""
-        self.path, self.model, self.fingerprint = Path(path), model, fingerprint
+    def __init__(self, path: str | Path, models: dict[str, str]):
+        """`models`: name@version -> weights sha256 of every model this server serves."""
+        self.path, self.models = Path(path), dict(models)
         self._lock_fd: int | None = None
 
     @property
@@ -154,14 +166,18 @@ class SessionDB:
                 if check != "ok":
                     return self._set_aside(f"quick_check: {check}")
                 conn.executescript(SCHEMA)
-                self._check_model(dict(conn.execute("SELECT key, value FROM meta").fetchall()))
+                meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
                 cols = {r[1] for r in conn.execute("PRAGMA table_info(sessions)")}
                 if "version" not in cols:  # a file from before versions: every session starts at version 0
                     conn.execute("ALTER TABLE sessions ADD COLUMN version INTEGER NOT NULL DEFAULT 0")
+                if "weights" not in cols:  # the one-model layout: every row is of the weights meta names
+                    conn.execute("ALTER TABLE sessions ADD COLUMN weights TEXT NOT NULL DEFAULT ''")
                 rows = conn.execute(f"SELECT {COLUMNS} FROM sessions").fetchall()
+            rows = [(*r[:11], r[11] or self._file_weights(meta)) for r in rows]
+            self._check_models({r[11] for r in rows}, meta)
             return [SessionRecord(id=r[0], state=state_from_bytes(r[1], r[2], r[3]), seed=int(r[4]), counter=r[5],
                                   position=r[6], ttl_s=r[7], created_at=r[8], last_used=r[9], version=r[10],
-                                  model=self.fingerprint) for r in rows]
+                                  model=r[11]) for r in rows]
         except ValueError as e:  # a row whose state has another size than its own columns say
             return self._set_aside(str(e))
         except sqlite3.Error as e:
@@ -182,20 +198,32 @@ class SessionDB:
         log.error("session database %s is corrupt (%s); moved it to %s and starting with no sessions", self.path, why, aside)
         return []
 
-    def _check_model(self, meta: dict[str, str]) -> None:
-        saved_sha = meta.get("weights_sha256")
-        if saved_sha is None and ":" in meta.get("model", ""):  # the older layout: name@version:sha16
-            saved_sha = meta["model"].rsplit(":", 1)[1]
-        if saved_sha is not None and not self.fingerprint.startswith(saved_sha):
-            saved = meta.get("model", "?").split(":")[0]
-            raise SessionDBError(f"session database {self.path} holds sessions of model {saved} (weights {saved_sha[:12]}), "
-                                 f"but this server runs {self.model} (weights {self.fingerprint[:12]}): their states do not "
-                                 "fit this model. Point CHARLSTM_SESSION_DB at another file, or move this one away")
+    def _file_weights(self, meta: dict[str, str]) -> str:
+        """The weights a file of the one-model layout names (its meta), as a full sha256 where this server serves it."""
+        saved = meta.get("weights_sha256")
+        if saved is None and ":" in meta.get("model", ""):  # the oldest layout: name@version:sha16
+            saved = meta["model"].rsplit(":", 1)[1]
+        if not saved:
+            return ""
+        return next((sha for sha in self.models.values() if sha.startswith(saved)), saved)
+
+    def _check_models(self, weights: set[str], meta: dict[str, str]) -> None:
+        """Every saved session must be of weights this server serves: a state of other weights does not fit."""
+        served = set(self.models.values())
+        foreign = sorted(w for w in weights if w and w not in served)
+        if not foreign:
+            return
+        named = _json_dict(meta.get("models"))
+        saved = named.get(foreign[0]) or meta.get("model", "?").split(":")[0]
+        raise SessionDBError(f"session database {self.path} holds sessions of model {saved} (weights {foreign[0][:12]}), "
+                             f"but this server runs {', '.join(sorted(self.models))} "
+                             f"(weights {', '.join(sha[:12] for sha in sorted(served))}): their states do not fit. "
+                             "Serve that model too (CHARLSTM_MODELS), point CHARLSTM_SESSION_DB at another file, or move this one away")
 
     def write(self, changed: list[SessionRecord], removed: list[str], replace_all: bool = False) -> None:
         """Apply changes in one transaction: readers and crashes see the old snapshot or the new one."""
         rows = [(s.id, state_to_bytes(s.state), s.state.shape[1], s.state.shape[2], str(s.seed), s.counter, s.position,
-                 s.ttl_s, s.created_at, s.last_used, s.version) for s in changed]
+                 s.ttl_s, s.created_at, s.last_used, s.version, s.model) for s in changed]
         if not self.path.exists():  # the first snapshot: build it aside, so the file appears complete
             tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
             tmp.unlink(missing_ok=True)
@@ -221,9 +249,10 @@ class SessionDB:
             if replace_all:
                 conn.execute("DELETE FROM sessions")
             conn.executemany("DELETE FROM sessions WHERE id = ?", [(i,) for i in removed])
-            conn.executemany(f"INSERT OR REPLACE INTO sessions ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
-            conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
-                             [("model", self.model), ("weights_sha256", self.fingerprint)])
+            conn.executemany(f"INSERT OR REPLACE INTO sessions ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            saved = conn.execute("SELECT value FROM meta WHERE key = 'models'").fetchone()
+            named = {**_json_dict(saved[0] if saved else None), **{sha: ref for ref, sha in self.models.items()}}
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('models', ?)", (json.dumps(named, sort_keys=True),))
             conn.execute("COMMIT")
         except BaseException:
             # SQLite may have rolled back already (a full disk does): a second ROLLBACK would raise

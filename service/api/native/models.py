@@ -21,6 +21,9 @@ StopList = Annotated[list[StopString], BeforeValidator(lambda v: [v] if isinstan
 TTL = Annotated[float, Field(ge=1, allow_inf_nan=False)]  # the upper bound is the setting in force (in /info and the OpenAPI document)
 
 
+MODEL_FIELD = "name (its newest version), name@version, or omitted for the server's default model; GET /v1/models lists them"
+
+
 class _Strict(BaseModel):
     """Unknown fields and wrong types are errors: "5" is not a number, true is not an integer."""
 
@@ -28,6 +31,8 @@ class _Strict(BaseModel):
 
 
 class GenerateRequest(_Strict):
+    model: str | None = Field(None, min_length=1, max_length=256,
+                              description=MODEL_FIELD + "; on a session, its own model (naming another is 409 model_mismatch)")
     prompt: str = Field("", description="text to continue; may be empty. Every character must be in the model's vocabulary")
     max_new_tokens: Int(ge=0, le=1_000_000) | None = Field(None, description="characters to generate (a token is one character); default in /info")
     temperature: float = Field(1.0, ge=0.0, le=100.0, allow_inf_nan=False,
@@ -81,6 +86,7 @@ class GenerateResponse(BaseModel):
 
 
 class SessionCreate(_Strict):
+    model: str | None = Field(None, min_length=1, max_length=256, description=MODEL_FIELD + "; the session belongs to it for good")
     prompt: str = Field("", description="text that primes the session's state; empty: the start character")
     seed: Seed | None = Field(None, description="seed of the session's random generator")
     ttl_seconds: TTL | None = Field(None, description="idle time before expiry; default and bound in /info")
@@ -107,7 +113,9 @@ class SessionImport(_Strict):
 
     data: str = Field(min_length=1, max_length=MAX_SESSION_DATA_CHARS, description="the `data` of an export, unchanged")
     format: Literal["charlstm-session/1"] | None = Field(None, description="when given, the export's format")
-    model: str | None = Field(None, max_length=256, description="when given, ignored: the blob names its weights itself")
+    model: str | None = Field(None, min_length=1, max_length=256,
+                              description="the model to import into; omitted: the served model whose weights the blob names "
+                                          "(another model's weights: 409 model_mismatch)")
     position: Int(ge=0, le=2**53 - 1) | None = Field(None, description="when given, must equal the blob's position")
     ttl_seconds: TTL | None = Field(None, description="idle time before expiry; default and bound in /info")
 
@@ -118,6 +126,7 @@ class SessionFork(_Strict):
 
 class SessionInfo(BaseModel):
     session_id: str
+    model: str | None = Field(None, description="name@version of the model the session belongs to; null if it is not served here")
     position: int = Field(description="characters consumed so far")
     seed: int
     created_at: float = Field(description="unix time, seconds")
@@ -128,6 +137,7 @@ class SessionInfo(BaseModel):
 
 
 class ScoreRequest(_Strict):
+    model: str | None = Field(None, min_length=1, max_length=256, description=MODEL_FIELD + "; with session_id, the session's")
     text: str = Field(description="the text to score; every character must be in the model's vocabulary; bound in /info")
     session_id: str | None = Field(None, min_length=1, max_length=256,
                                    description="score after this session's state (then the first character counts too); "

@@ -19,7 +19,7 @@ import time
 from fastapi import Request
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from ...engine.engine import Engine
+from ...engine.pool import Served
 from ...engine.types import Alternatives, Done, Token
 from ...settings import Settings
 from ...store import LoadedModel
@@ -29,7 +29,7 @@ from ..sse import event_stream
 from ..validate import validate
 from . import protocol
 from .protocol import ChatCompletionRequest, ChatMessage
-from .serving import OpenAIServingModels, check_choices, failure, raise_if_failed, usage
+from .serving import check_choices, failure, raise_if_failed, usage
 
 TEMPLATE = """{%- set speakers = speakers if speakers is defined else DEFAULTS -%}
 {%- for message in messages -%}
@@ -147,9 +147,9 @@ def _entry(token: str, logprob: float) -> dict:
     return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
 
 
-async def create_chat_completion(body: ChatCompletionRequest, request: Request, engine: Engine, loaded: LoadedModel,
-                                 settings: Settings):
-    model = OpenAIServingModels(loaded).resolve(body.model)
+async def create_chat_completion(body: ChatCompletionRequest, request: Request, served: Served, settings: Settings):
+    """A chat completion on `served`, the model the request names."""
+    model, loaded, engine = served.ref, served.loaded, served.engine
     if body.top_logprobs and not body.logprobs:
         raise APIError(400, "invalid_field", "top_logprobs: needs logprobs: true", "top_logprobs")
     prompt = render(body.messages, speakers_for(body.speakers, settings, loaded), settings)

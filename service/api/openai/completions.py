@@ -13,7 +13,7 @@ import time
 
 from fastapi import Request
 
-from ...engine.engine import Engine
+from ...engine.pool import Served
 from ...sessions.calls import SessionCall, SessionCalls
 from ...engine.types import Alternatives, Done, PromptScored, Token
 from ...settings import Settings
@@ -24,7 +24,7 @@ from ..sse import event_stream
 from ..validate import validate
 from . import protocol
 from .protocol import CompletionRequest
-from .serving import OpenAIServingModels, check_choices, failure, raise_if_failed, usage
+from .serving import check_choices, failure, raise_if_failed, usage
 
 
 class CompletionFormatter:
@@ -126,9 +126,10 @@ def _merge(a: dict | None, b: dict) -> dict:
     return b if a is None else {k: a[k] + b[k] for k in a}
 
 
-async def create_completion(body: CompletionRequest, request: Request, engine: Engine, sessions: SessionCalls,
-                            loaded: LoadedModel, settings: Settings):
-    model = OpenAIServingModels(loaded).resolve(body.model)
+async def create_completion(body: CompletionRequest, request: Request, served: Served, sessions: SessionCalls,
+                            settings: Settings):
+    """A completion on `served`, the model the request names (a session's, with session_id)."""
+    model, loaded, engine = served.ref, served.loaded, served.engine
     inputs = body.to_inputs()
     check_choices(inputs.n, len(inputs.prompts), settings)
     choices = (await validate(inputs, loaded, settings)).choices

@@ -13,7 +13,7 @@ from datetime import datetime
 
 from ...engine.types import Done
 from ...settings import Settings
-from ...store import LoadedModel
+from ...engine.pool import Catalog
 from ..errors import APIError
 from ..native.formatter import failed
 from ..reader import Choice
@@ -27,22 +27,16 @@ def choice_bounds(settings: Settings) -> tuple[int, int]:
 
 
 class OpenAIServingModels:
-    """The one model this server runs, under the names a client may use for it."""
+    """The models this server serves, as /v1/models lists them: every servable version, loaded or not
+    (a request loads it); a bare name is accepted as `model` too and means its newest version."""
 
-    def __init__(self, loaded: LoadedModel):
-        self.loaded = loaded
-        self.id = f"{loaded.name}@{loaded.version}"
+    def __init__(self, catalog: Catalog):
+        self.catalog = catalog
 
     def list(self) -> dict:
-        created = self.loaded.card.get("created_at")
-        return {"object": "list", "data": [{"id": self.id, "object": "model", "created": _unix(created),
-                                            "owned_by": "charlstm"}]}
-
-    def resolve(self, name: str) -> str:
-        if name not in (self.id, self.loaded.name):
-            raise APIError(404, "model_not_found", f"model: {name!r} is not served here; use {self.id!r} (see /v1/models)",
-                           "model")
-        return self.id
+        return {"object": "list", "data": [{"id": m.ref, "object": "model", "created": _unix(m.card.get("created_at")),
+                                            "owned_by": "charlstm", "root": m.ref, "parent": None}
+                                           for m in self.catalog.models.values()]}
 
 
 def usage(choices: list[Choice]) -> dict:

@@ -23,38 +23,46 @@ async def ready(request: Request):
     and after the engine failed. The body reports the session store's state as the background sweep
     last saw it (never by asking the store now); a store that is away does not take the server out,
     since plain generation does not need it."""
-    engine = getattr(request.app.state, "engine", None)
-    snap = engine.snapshot() if engine is not None else None
-    if snap is None or not snap.ready:
-        reason = "shutting down" if snap is not None and snap.draining else "failed" if snap is not None and snap.failed else "not ready"
-        type_ = "engine_error" if snap is not None and snap.failed else "not_ready"
+    pool = getattr(request.app.state, "pool", None)
+    ok, reason = pool.ready() if pool is not None and pool.started else (False, "not ready")
+    if not ok:
+        type_ = "engine_error" if reason == "failed" else "not_ready"
         return error_response(503, type_, f"the server is {reason}", None, {"Retry-After": "1"})
     store = request.app.state.store_health.status()  # from memory: a probe never waits on the store
     persistence = getattr(request.app.state, "persistence", None)
     if persistence is not None:
         store["persistence"] = persistence.status()
-    return {"status": "ready", "running": snap.running, "waiting": snap.waiting, "session_store": store}
+    running, waiting = pool.counts()
+    return {"status": "ready", "running": running, "waiting": waiting, "loaded_models": list(pool.loaded),
+            "session_store": store}
 
 
 @router.get("/info")
 async def info(request: Request):
-    """The model, its vocabulary and figures, and the limits and defaults in force."""
+    """The default model (its vocabulary and figures), every servable model, and the limits and defaults in force."""
     state = request.app.state
-    loaded, s = getattr(state, "loaded", None), state.settings
+    s, pool = state.settings, getattr(state, "pool", None)
+    default = pool.catalog.resolve(None) if pool is not None and pool.started else None
+    served = pool.loaded.get(default.ref) if default is not None else None
+    details = served.details if served is not None else {}
+    loaded = served.loaded if served is not None else None
     out = {"model": None, "limits": {
         "max_batch_size": s.max_batch_size, "max_queue": s.max_queue, "max_new_tokens": s.max_new_tokens,
         "max_prompt_chars": s.max_prompt_chars, "max_score_chars": s.max_score_chars, "max_stop_strings": s.max_stop_strings, "max_stop_chars": s.max_stop_chars,
         "max_sessions": s.max_sessions, "max_session_ttl_s": s.max_session_ttl_s, "max_body_bytes": s.max_body_bytes,
-        "max_seed": MAX_SEED, "max_rows_per_request": state.engine.config.rows_per_request if getattr(state, "engine", None) else s.max_rows_per_request,
+        "max_seed": MAX_SEED, "max_rows_per_request": served.engine.config.rows_per_request if served else s.max_rows_per_request,
         "max_request_work_chars": s.request_work_limit, "max_logprob_entries": s.max_logprob_entries,
         "max_connections": s.max_connections, "max_header_bytes": s.max_header_bytes, "header_timeout_s": s.header_timeout_s,
         "body_timeout_s": s.body_timeout_s, "send_timeout_s": s.send_timeout_s, "keep_alive_s": s.keep_alive_s},
-        "engine": {"quantize": _weights(state, s), "backend": getattr(state, "backend", None), "device": getattr(state, "device", None) or s.device,
-                   "device_name": getattr(state, "device_name", None), "max_batch_size": s.max_batch_size,
-                   "step_workers": getattr(state, "step_workers", None) or s.step_workers, "prefill_chunk": s.prefill_chunk,
-                   "rows_per_call": getattr(state, "rows_per_call", None),
+        "engine": {"quantize": _weights(details.get("backend"), s), "backend": details.get("backend"),
+                   "device": details.get("device") or s.device, "device_name": details.get("device_name"),
+                   "max_batch_size": s.max_batch_size, "step_workers": details.get("step_workers") or s.step_workers,
+                   "prefill_chunk": s.prefill_chunk, "rows_per_call": details.get("rows_per_call"),
                    "prefill_budget": max(s.prefill_budget, s.prefill_chunk),
-                   "decode_steps": getattr(state, "decode_steps", None) or s.decode_steps},
+                   "decode_steps": details.get("decode_steps") or s.decode_steps},
+        "models": _models(pool) if pool is not None else [],
+        "model_pool": {"max_loaded_models": s.max_loaded_models, "model_keep_alive_s": s.model_keep_alive_s,
+                       "models": s.models or "default"},
         "sessions": _sessions(state),
         "defaults": {"max_new_tokens": s.default_max_new_tokens, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
                      "repetition_penalty": 1.0, "session_ttl_s": s.session_ttl_s}}
@@ -76,9 +84,22 @@ def _sessions(state) -> dict:
             "persistence": persistence.status() if persistence is not None else None}
 
 
-def _weights(state, s) -> str | None:
+def _models(pool) -> list[dict]:
+    """Every servable model with its card's figures, and whether (and how fast) it is loaded now."""
+    default = pool.catalog.resolve(None).ref
+    out = []
+    for model in pool.catalog.models.values():
+        card, served = model.card, pool.loaded.get(model.ref)
+        out.append({"id": model.ref, "name": model.name, "version": model.version, "default": model.ref == default,
+                    "loaded": served is not None, "load_seconds": round(served.load_seconds, 3) if served else None,
+                    "backend": served.details["backend"]["name"] if served else None,
+                    "parameters": card.get("num_parameters"), "metrics": card.get("metrics"), "corpus": card.get("corpus"),
+                    "created_at": card.get("created_at")})
+    return out
+
+
+def _weights(backend: dict | None, s) -> str | None:
     """The serving backend's step weights as the quantize setting names them (none, int8)."""
-    backend = getattr(state, "backend", None)
     if backend is None:
         return s.quantize
     return "int8" if backend["weights"] == "int8" else "none"

@@ -8,6 +8,7 @@ const $ = (id) => document.getElementById(id);
 const running = new Set();  // AbortControllers of the streams in flight
 let activePane = null;
 let onlyPane = null;  // the one-off mode's pane
+let info = null;  // the last GET /info: each servable model's figures and the limits
 
 // ---------------------------------------------------------------- HTTP
 
@@ -146,6 +147,7 @@ class Pane {
     this.el = $("pane-template").content.firstElementChild.cloneNode(true);
     this.text = this.el.querySelector(".pane-text");
     this.sessionId = session ? session.session_id : null;
+    this.model = session ? session.model : null;  // a session's for good; the one-off pane's is its last call's
     this.controller = null;
     this.el.dataset.sessionId = this.sessionId || "";
     this.el.classList.toggle("session", this.sessionId !== null);
@@ -167,9 +169,19 @@ class Pane {
 
   setPosition(position) {
     this.position = position;
-    const where = this.sessionId === null ? "" : ` ${this.sessionId.slice(0, 8)}…`
-      + (position === null ? "" : ` · position ${position.toLocaleString("en")}`);
-    this.el.querySelector(".pane-title").textContent = this.name + where;
+    this.showTitle();
+  }
+
+  setModel(model) {
+    this.model = model;
+    this.showTitle();
+  }
+
+  showTitle() {
+    const parts = [this.sessionId === null ? this.name : `${this.name} ${this.sessionId.slice(0, 8)}…`];
+    if (this.model) parts.push(this.model);
+    if (this.position !== null) parts.push(`position ${this.position.toLocaleString("en")}`);
+    this.el.querySelector(".pane-title").textContent = parts.join(" · ");
   }
 
   setBusy(controller) {
@@ -314,6 +326,9 @@ async function generate() {
     const body = { ...samplingParams(), prompt: $("prompt").value };
     const seed = numberField("seed");
     if (seed !== undefined) body.seed = seed;
+    const model = $("model").value;  // empty until the list has loaded: the server's default then
+    if (model) body.model = model;
+    onlyPane.setModel(model || null);
     await streamInto(onlyPane, "generate", body);
     return;
   }
@@ -321,10 +336,13 @@ async function generate() {
   await continueSession(pane);
 }
 
+// The session belongs to the picked model for good, so its later calls name no model.
 async function newSession() {
   const body = {};
   const seed = numberField("seed");
   if (seed !== undefined) body.seed = seed;
+  const model = $("model").value;
+  if (model) body.model = model;
   const session = await api("POST", "sessions", body);
   return sessionPane("Session", session);
 }
@@ -412,23 +430,45 @@ function applyMode() {
   refreshButtons();
 }
 
+// The picker lists what GET /v1/models serves. A reload (a key was entered) keeps the pick if it is
+// still served; otherwise the server's default is picked.
+function fillPicker(ids) {
+  const picker = $("model");
+  const picked = picker.value;
+  const fallback = (info.models.find((m) => m.default) || {}).id;
+  picker.replaceChildren(...ids.map((id) => new Option(id === fallback ? `${id} (default)` : id, id)));
+  picker.value = [picked, fallback].find((id) => ids.includes(id)) ?? ids[0] ?? "";
+}
+
+// The picked model's card figures; /info details the architecture of the default model only.
+function describeModel() {
+  const id = $("model").value;
+  const m = info.models.find((entry) => entry.id === id);
+  if (!m) {
+    $("model-info").textContent = "No model loaded yet.";
+    return;
+  }
+  const d = info.model && `${info.model.name}@${info.model.version}` === id ? info.model : null;
+  const parts = [m.id];
+  if (m.parameters) parts.push(`${m.parameters.toLocaleString("en")} parameters`);
+  const c = (d && d.config) || {};
+  if (c.num_layers && c.hidden_size) parts.push(`${c.num_layers} × ${c.hidden_size} LSTM`);
+  if (m.metrics && m.metrics.val_bits_per_char) parts.push(`${m.metrics.val_bits_per_char.toFixed(3)} bits/char on validation`);
+  if (d) {
+    parts.push(`${d.vocab_size} characters`);
+    parts.push(`${d.state_floats_per_session.toLocaleString("en")} state floats per session`);
+  }
+  if (!m.loaded) parts.push("loads on first use");
+  parts.push(`up to ${info.limits.max_batch_size} streams at once`);
+  $("model-info").textContent = parts.join(" · ");
+}
+
 async function loadInfo() {
   try {
-    const info = await api("GET", "info");
-    const m = info.model;
-    if (!m) {
-      $("model-info").textContent = "No model loaded yet.";
-      return;
-    }
-    const c = m.config || {};
-    const parts = [`${m.name}@${m.version}`];
-    if (m.parameters) parts.push(`${m.parameters.toLocaleString("en")} parameters`);
-    if (c.num_layers && c.hidden_size) parts.push(`${c.num_layers} × ${c.hidden_size} LSTM`);
-    if (m.metrics && m.metrics.val_bits_per_char) parts.push(`${m.metrics.val_bits_per_char.toFixed(3)} bits/char on validation`);
-    parts.push(`${m.vocab_size} characters`);
-    parts.push(`${m.state_floats_per_session.toLocaleString("en")} state floats per session`);
-    parts.push(`up to ${info.limits.max_batch_size} streams at once`);
-    $("model-info").textContent = parts.join(" · ");
+    const [details, list] = await Promise.all([api("GET", "info"), api("GET", "v1/models")]);
+    info = details;
+    fillPicker(list.data.map((m) => m.id));
+    describeModel();
     $("max-chars").max = info.limits.max_new_tokens;
     $("seed").max = info.limits.max_seed;
   } catch (error) {
@@ -454,6 +494,7 @@ function start() {
   });
   for (const radio of document.querySelectorAll('input[name="mode"]')) radio.addEventListener("change", applyMode);
   $("api-key").addEventListener("change", loadInfo);
+  $("model").addEventListener("change", describeModel);
   applyMode();
   loadInfo();
 }

@@ -1,0 +1,29 @@
+"""POST /admin/models/reload: a model saved into the store while the server runs becomes servable.
+
+The store is read again on request, not watched: a deployment knows when it has copied a model in (a
+watcher would see a half-copied folder), and a reload is one cheap scan. Behind the API key like every
+other route; `charlstm models --set-default` needs no reload (the default is re-read when it changes).
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from ..deps import PoolDep
+from ..native.models import ErrorResponse
+
+router = APIRouter(prefix="/admin/models", tags=["models"])
+
+
+@router.post("/reload", responses={s: {"model": ErrorResponse} for s in (401, 500, 503)})
+async def reload(request: Request, pool: PoolDep):
+    """Scan the store: returns the references added and removed and every model servable now. A model gone
+    from the store unloads once idle; its sessions stay and answer 409 model_mismatch until it is back."""
+    result = await pool.reload()
+    store = getattr(request.app.state, "session_store", None)
+    if store is not None and hasattr(store, "serve"):  # a shared store checks the new models' weights before the next call
+        store.serve({m.ref: m.fingerprint for m in pool.catalog.models.values()})
+    persistence = getattr(request.app.state, "persistence", None)
+    if persistence is not None:
+        persistence.db.models = {m.ref: m.fingerprint for m in pool.catalog.models.values()}
+    return result
