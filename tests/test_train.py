@@ -354,3 +354,13 @@ def test_the_name_is_given_or_derived_from_a_new_run_folder(play_file, tmp_path)
     trap = TrainConfig(**{**cfg.__dict__, "out": str(tmp_path / store.DEFAULT_MODEL)})
     with pytest.raises(ValueError, match="is the store's default model"):
         run_training(trap)
+
+
+def test_a_bf16_forward_pass_trains_a_model_and_the_card_says_so(play_file, tmp_path):
+    root = tmp_path / "store"
+    run_training(tiny_config(play_file, tmp_path / "run", root, steps=20, eval_every=0, checkpoint_every=0, autocast="bf16"))
+    card = store.load("tiny", root).card
+    assert card["training"]["hyperparameters"]["autocast"] == "bf16"
+    assert card["metrics"]["val_bits_per_char"] < math.log2(len(card["vocab"]))  # it learned: better than a uniform guess
+    with pytest.raises(ValueError, match="autocast must be one of off, bf16"):
+        tiny_config(play_file, tmp_path / "other", root, autocast="fp8")
