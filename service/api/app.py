@@ -27,7 +27,6 @@ from ..sessions import blob as session_blob
 from ..sessions.calls import SessionCalls
 from ..sessions.health import StoreHealth
 from ..sessions.snapshots import SessionDB, SessionDBError, Snapshots
-from ..sessions.store import SessionStore
 from ..settings import Settings
 from . import docs, errors, logs, openapi
 from .quotas import Quotas

@@ -17,7 +17,6 @@ from ...engine.pool import Served
 from ...sessions.calls import SessionCall, SessionCalls
 from ...engine.types import Alternatives, Done, PromptScored, Token
 from ...settings import Settings
-from ...store import LoadedModel
 from ..errors import APIError
 from ..reader import Choice, Responses
 from ..sse import event_stream
