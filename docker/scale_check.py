@@ -22,6 +22,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import shlex
 import sys
 import time
@@ -172,12 +173,17 @@ def check_kill(nginx: str, replicas: list[str], clients: int, seconds: float, ki
         f"{out['committed_cut']} of them after their commit had landed")
 
 
+LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
 def metric(replica: str, name: str, labels: str = "") -> float:
-    key = f"{name}{{{labels}}}" if labels else name
+    """The sum of `name`'s samples whose labels include `labels` (a series by model is summed over models)."""
+    wanted, total = set(LABEL.findall(labels)), 0.0
     for line in httpx.get(replica + "/metrics", timeout=10, headers=AUTH).text.splitlines():
-        if line.startswith(key + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+        match = re.match(r"^(\w+)(?:\{(.*)\})? (\S+)$", line)
+        if match and match.group(1) == name and wanted <= set(LABEL.findall(match.group(2) or "")):
+            total += float(match.group(3))
+    return total
 
 
 def books(replicas: list[str]) -> dict[str, float]:
