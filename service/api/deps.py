@@ -38,10 +38,10 @@ async def model_for(pool: ModelPool, ref: str | None) -> AsyncIterator[Served]:
 
 def check_engine(engine: Engine) -> Engine:
     snap = engine.snapshot()
-    if snap is not None and snap.failed:
+    if snap.failed:
         raise APIError(503, "engine_error", "the engine stopped after an internal error; the server must be restarted",
                        None, {"Retry-After": "5"})
-    if snap is None or not snap.ready:
+    if not snap.ready:
         raise APIError(503, "not_ready", "the model is not loaded or the server is shutting down", None, {"Retry-After": "1"})
     return engine
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -125,7 +126,7 @@ class Catalog:
         before = set(self.models)
         found: dict[str, Servable] = {}
         if self.preloaded is not None:
-            found[self._ref(self.preloaded.card)] = self._servable(self.preloaded.card, self.preloaded.path)
+            found[self.ref_of(self.preloaded.card)] = self._servable(self.preloaded.card, self.preloaded.path)
         if self.wanted is None:  # all: every version of every model in the store
             for name, version, card in store.list_models(self.root):
                 if card is not None:
@@ -143,7 +144,7 @@ class Catalog:
                         raise
                     log.warning("%s: left out of the models served", e)
                     continue
-                found.setdefault(self._ref(card), self._servable(card, folder))
+                found.setdefault(self.ref_of(card), self._servable(card, folder))
         self.models = dict(sorted(found.items(), key=lambda kv: (kv[1].name, _version_number(kv[1].version))))
         return sorted(set(found) - before), sorted(before - set(found))
 
@@ -196,11 +197,11 @@ class Catalog:
         return self._store_default
 
     @staticmethod
-    def _ref(card: dict) -> str:
+    def ref_of(card: dict) -> str:
         return f"{card['name']}@{card['version']}"
 
     def _servable(self, card: dict, folder: Path) -> Servable:
-        return Servable(ref=self._ref(card), name=card["name"], version=card["version"], path=Path(folder).resolve(), card=card)
+        return Servable(ref=self.ref_of(card), name=card["name"], version=card["version"], path=Path(folder).resolve(), card=card)
 
 
 def _version_number(version: str) -> int:
@@ -208,8 +209,6 @@ def _version_number(version: str) -> int:
 
 
 def _read_card(folder: Path) -> dict:
-    import json
-
     try:
         card = json.loads((folder / store.CARD_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
@@ -350,7 +349,7 @@ class ModelPool:
 
     def _read(self, model: Servable) -> LoadedModel:
         preloaded = self.catalog.preloaded
-        if preloaded is not None and self.catalog._ref(preloaded.card) == model.ref:
+        if preloaded is not None and Catalog.ref_of(preloaded.card) == model.ref:
             return preloaded
         return store.load(str(model.path))
 
