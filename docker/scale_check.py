@@ -22,13 +22,14 @@ import asyncio
 import json
 import os
 import random
-import re
 import shlex
 import sys
 import time
 from urllib.parse import urlparse
 
 import httpx
+
+from service.metrics import sample_sum
 
 ROUTE = 'charlstm_requests_total{method="POST",route="/sessions/{session_id}/generate",status="200"}'
 AUTH = {"Authorization": f"Bearer {os.environ['CHARLSTM_API_KEY']}"} if os.environ.get("CHARLSTM_API_KEY") else {}
@@ -173,17 +174,9 @@ def check_kill(nginx: str, replicas: list[str], clients: int, seconds: float, ki
         f"{out['committed_cut']} of them after their commit had landed")
 
 
-LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
-
-
 def metric(replica: str, name: str, labels: str = "") -> float:
     """The sum of `name`'s samples whose labels include `labels` (a series by model is summed over models)."""
-    wanted, total = set(LABEL.findall(labels)), 0.0
-    for line in httpx.get(replica + "/metrics", timeout=10, headers=AUTH).text.splitlines():
-        match = re.match(r"^(\w+)(?:\{(.*)\})? (\S+)$", line)
-        if match and match.group(1) == name and wanted <= set(LABEL.findall(match.group(2) or "")):
-            total += float(match.group(3))
-    return total
+    return sample_sum(httpx.get(replica + "/metrics", timeout=10, headers=AUTH).text, name, labels)
 
 
 def books(replicas: list[str]) -> dict[str, float]:

@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request, Response
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, GCCollector, Histogram, Info, PlatformCollector,
                                ProcessCollector, disable_created_metrics, generate_latest)
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.utils import floatToGoString
 from starlette.routing import BaseRoute, Match, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -300,6 +301,15 @@ def _template(route: BaseRoute, scope: Scope) -> str:
         return route_template(included.routes, scope)
     path = getattr(route, "path", None) or "unmatched"
     return path + "/{path}" if isinstance(route, Mount) else path
+
+
+def sample_sum(exposition: str, name: str, labels: str = "") -> float:
+    """The sum of the samples named `name` in a /metrics text whose labels include `labels` (`a="x",b="y"`):
+    a series by model, asked for without the model, is summed over the models. What the tests and the
+    scaled stack's check read; 0 when there is none."""
+    wanted = next(text_string_to_metric_families(f"wanted{{{labels}}} 0\n")).samples[0].labels if labels else {}
+    return sum(sample.value for family in text_string_to_metric_families(exposition) for sample in family.samples
+               if sample.name == name and wanted.items() <= sample.labels.items()) + 0.0
 
 
 def instrument(app: FastAPI) -> Metrics:

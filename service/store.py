@@ -88,8 +88,8 @@ def list_models(root: str | Path | None = None) -> list[tuple[str, str, dict | N
     for folder in sorted(p for p in base.iterdir() if p.is_dir() and _NAME.match(p.name)):
         for version in list_versions(folder.name, base):
             try:
-                card = json.loads((folder / version / CARD_FILE).read_text(encoding="utf-8"))
-            except (OSError, ValueError):
+                card = read_card(folder / version)
+            except ModelLoadError:
                 card = None
             out.append((folder.name, version, card))
     return out
@@ -200,12 +200,7 @@ def load(ref: str, root: str | Path | None = None, allow_paths: bool = True) -> 
     for p in (card_path, weights_path):
         if not p.is_file():
             raise ModelLoadError(f"model at {folder} is incomplete: missing {p.name}")
-    try:
-        card = json.loads(card_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ModelLoadError(f"{card_path} is not valid JSON: {e}") from None
-    if not isinstance(card, dict) or card.get("format") != CARD_FORMAT:
-        raise ModelLoadError(f"{card_path} is not a charlstm model card (expected format {CARD_FORMAT!r})")
+    card = read_card(folder)
     try:
         config = CharLSTMConfig.from_dict(card["config"])
         vocab = CharVocab(card["vocab"])
@@ -234,6 +229,18 @@ def load(ref: str, root: str | Path | None = None, allow_paths: bool = True) -> 
     model.load_state_dict(tensors, strict=not config.tie_weights)
     model.eval()
     return LoadedModel(model=model, vocab=vocab, card=card, path=folder)
+
+
+def read_card(folder: Path) -> dict:
+    """A model folder's card, checked to be one (its tensors are checked by `load`)."""
+    card_path = folder / CARD_FILE
+    try:
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ModelLoadError(f"{card_path} is not valid JSON: {e}") from None
+    if not isinstance(card, dict) or card.get("format") != CARD_FORMAT:
+        raise ModelLoadError(f"{card_path} is not a charlstm model card (expected format {CARD_FORMAT!r})")
+    return card
 
 
 def describe_mismatch(expected: dict, got: dict) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -13,6 +12,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+from service.metrics import sample_sum
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,20 +61,10 @@ class Server:
         return self.log.read()[-4000:]
 
     def metric(self, name: str, labels: str = "") -> float:
-        """The sum of the samples of `name` in /metrics whose labels include `labels` (`a="x",b="y"`); 0 when none.
-        A series by model (or any label not asked for) is summed over its values."""
+        """The sum of the samples of `name` in /metrics whose labels include `labels` (service.metrics.sample_sum)."""
         key = self.settings.get("api_key")  # with a key set, /metrics needs it too
         text = httpx.get(self.url + "/metrics", timeout=5.0, headers={"Authorization": f"Bearer {key}"} if key else None).text
-        wanted = set(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', labels))
-        total = 0.0
-        for line in text.splitlines():
-            match = re.match(r"^(\w+)(?:\{(.*)\})? (\S+)$", line)
-            if match is None or match.group(1) != name:
-                continue
-            have = set(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match.group(2) or ""))
-            if wanted <= have:
-                total += float(match.group(3))
-        return total
+        return sample_sum(text, name, labels)
 
     def rss_mb(self) -> float:
         """Resident memory of the server process."""

@@ -46,6 +46,19 @@ def check_engine(engine: Engine) -> Engine:
     return engine
 
 
+async def session_model(session_id: str, named: str | None, sessions: SessionCalls, pool: ModelPool) -> str:
+    """The model a session call runs on: the session's own. Naming another is 409 model_mismatch."""
+    sha = await sessions.model_of(session_id)
+    model = pool.served_for_fingerprint(sha)
+    if model is None:
+        raise APIError(409, "model_mismatch", f"session {session_id[:4]}… belongs to a model this server does not serve "
+                       f"(weights {sha[:12]}); continue it where that model is served", "model")
+    if named is not None and pool.catalog.resolve(named).ref != model.ref:
+        raise APIError(409, "model_mismatch", f"model: the session belongs to {model.ref}, not {named!r}; "
+                       "omit model to continue it", "model")
+    return model.ref
+
+
 async def get_sessions(request: Request) -> SessionCalls:
     sessions = getattr(request.app.state, "sessions", None)
     if sessions is None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -138,7 +137,7 @@ class Catalog:
             for ref in refs:
                 try:
                     folder = store.resolve(ref, self.root)  # raises ModelLoadError naming what is missing
-                    card = _read_card(folder)
+                    card = store.read_card(folder)
                 except ModelLoadError as e:
                     if strict:
                         raise
@@ -169,9 +168,11 @@ class Catalog:
             versions = [m for m in self.models.values() if m.name == name]
             if versions:
                 return max(versions, key=lambda m: _version_number(m.version))
-        for model in self.models.values():  # the folder the server was started with
-            if ("/" in ref or ref.startswith(".")) and Path(ref).expanduser().resolve() == model.path:
-                return model
+        if "/" in ref or ref.startswith("."):  # the folder the server was started with
+            folder = Path(ref).expanduser().resolve()
+            for model in self.models.values():
+                if model.path == folder:
+                    return model
         raise ModelNotFound(f"model {ref!r} is not served here; served: {', '.join(self.models) or 'none'} (see /v1/models)")
 
     def by_fingerprint(self, sha: str) -> Servable | None:
@@ -206,16 +207,6 @@ class Catalog:
 
 def _version_number(version: str) -> int:
     return int(version[1:]) if version[1:].isdigit() else -1
-
-
-def _read_card(folder: Path) -> dict:
-    try:
-        card = json.loads((folder / store.CARD_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"{folder / store.CARD_FILE} cannot be read: {e}") from None
-    if not isinstance(card, dict) or "name" not in card or "version" not in card:
-        raise ModelLoadError(f"{folder / store.CARD_FILE} is not a model card")
-    return card
 
 
 class ModelPool:

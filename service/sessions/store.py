@@ -77,5 +77,9 @@ class SessionStore(ABC):
         store gives its known count."""
         return {"kind": self.kind, "sessions": self.known_count()}
 
+    def serve(self, models: dict[str, str]) -> None:
+        """The models served changed (name@version -> weights sha256): a shared store checks them against the
+        other replicas' before its next operation; a store of this process alone has nothing to check."""
+
     def close(self) -> None:
         """Release what the store holds (connections, files, locks)."""

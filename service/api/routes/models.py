@@ -20,10 +20,8 @@ async def reload(request: Request, pool: PoolDep):
     """Scan the store: returns the references added and removed and every model servable now. A model gone
     from the store unloads once idle; its sessions stay and answer 409 model_mismatch until it is back."""
     result = await pool.reload()
-    store = getattr(request.app.state, "session_store", None)
-    if store is not None and hasattr(store, "serve"):  # a shared store checks the new models' weights before the next call
-        store.serve({m.ref: m.fingerprint for m in pool.catalog.models.values()})
-    persistence = getattr(request.app.state, "persistence", None)
-    if persistence is not None:
-        persistence.db.models = {m.ref: m.fingerprint for m in pool.catalog.models.values()}
+    served = {m.ref: m.fingerprint for m in pool.catalog.models.values()}
+    request.app.state.session_store.serve(served)
+    if request.app.state.persistence is not None:
+        request.app.state.persistence.db.models = served  # the names its file records beside the weights
     return result

@@ -8,8 +8,7 @@ from fastapi import APIRouter, Request
 
 from ...engine.types import GenerationRequest
 from ...evaluate import LN2
-from ..deps import JSONBody, PoolDep, SessionsDep, SettingsDep, model_for
-from .sessions import session_model
+from ..deps import JSONBody, PoolDep, SessionsDep, SettingsDep, model_for, session_model
 from ..native.formatter import failed
 from ..reader import run_one
 from ..validate import encode_prompt

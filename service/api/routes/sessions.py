@@ -10,8 +10,7 @@ from ...sessions import blob as session_blob
 from ...engine.types import GenerationRequest
 from ...engine.pool import ModelPool
 from ...sessions.records import SessionRecord
-from ...sessions.calls import SessionCalls
-from ..deps import JSONBody, PoolDep, SessionsDep, SettingsDep, model_for
+from ..deps import JSONBody, PoolDep, SessionsDep, SettingsDep, model_for, session_model
 from ..errors import APIError
 from ..quotas import session_quota
 from ..native.formatter import failed
@@ -129,19 +128,6 @@ def describe(record: SessionRecord, pool: ModelPool, busy: bool = False) -> dict
     """A session's metadata, with the model it belongs to by name (null for weights not served here)."""
     model = pool.served_for_fingerprint(record.model)
     return {**record.metadata(busy), "model": model.ref if model else None}
-
-
-async def session_model(session_id: str, named: str | None, sessions: SessionCalls, pool: ModelPool) -> str:
-    """The model a session call runs on: the session's own. Naming another is 409 model_mismatch."""
-    sha = await sessions.model_of(session_id)
-    model = pool.served_for_fingerprint(sha)
-    if model is None:
-        raise APIError(409, "model_mismatch", f"session {session_id[:4]}… belongs to a model this server does not serve "
-                       f"(weights {sha[:12]}); continue it where that model is served", "model")
-    if named is not None and pool.catalog.resolve(named).ref != model.ref:
-        raise APIError(409, "model_mismatch", f"model: the session belongs to {model.ref}, not {named!r}; "
-                       "omit model to continue it", "model")
-    return model.ref
 
 
 def blob_model(data: str, key: bytes, pool: ModelPool) -> str | None:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from ..deps import JSONBody, PoolDep, SessionsDep, SettingsDep, model_for
+from ..deps import JSONBody, PoolDep, SessionsDep, SettingsDep, model_for, session_model
 from ..openai.chat import create_chat_completion as serve_chat
 from ..openai.protocol import (STREAM_RESPONSE, V1_PREFIX, ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
                                CompletionResponse, ModelList, OpenAIErrorResponse)
 from ..openai.completions import create_completion as serve_completion
 from ..openai.serving import OpenAIServingModels
-from .sessions import session_model
 
 router = APIRouter(prefix=V1_PREFIX, tags=["openai"])
 
