@@ -8,6 +8,7 @@ model pool (service/engine/pool.py) owns an engine per loaded model. Later stage
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import threading
@@ -20,6 +21,7 @@ from sse_starlette.sse import AppStatus
 from .. import __version__, store
 from ..backends.selector import for_serving
 from ..engine.engine import Engine, EngineConfig
+from ..engine.observers import notify_all
 from ..engine.pool import Catalog, ModelPool
 from ..sessions.memory_store import MemorySessionStore
 from ..sessions.redis_store import RedisSessionStore, StoreMismatch, redacted
@@ -139,14 +141,8 @@ class EngineHooks:
 
 
 def _fan_out(observers: list):
-    """notify(method, *args) for the server's own observers (the metrics module's): a failing one is logged."""
-    def notify(method: str, *args) -> None:
-        for obs in observers:
-            try:
-                getattr(obs, method)(*args)
-            except Exception:
-                log.exception("observer %s failed", method)
-    return notify
+    """notify(method, *args) for the server's own observers (the metrics module's)."""
+    return functools.partial(notify_all, observers)
 
 
 def _engine_factory(settings: Settings, loop: asyncio.AbstractEventLoop):

@@ -36,6 +36,7 @@ from ..vocab import CharVocab
 from .batch import Batch
 from .output import Output
 from ..backends.base import Backend
+from .observers import notify_all
 from .scheduler import Scheduler
 from .share import ComputeShare
 from .step import Stepper
@@ -236,11 +237,7 @@ class Engine:
 
     def notify(self, method: str, *args) -> None:
         """Report a number to every observer; an observer that fails is logged, never fatal."""
-        for obs in self.observers:
-            try:
-                getattr(obs, method)(*args)
-            except Exception:
-                log.exception("engine observer %s failed", method)
+        notify_all(self.observers, method, *args)
 
     # ------------------------------------------------------------------ the loop
     def _run(self) -> None:

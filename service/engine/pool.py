@@ -27,6 +27,7 @@ from .. import store
 from ..store import LoadedModel, ModelLoadError
 from ..vocab import CharVocab
 from .engine import Engine
+from .observers import notify_all
 from .share import ComputeShare
 from .types import EngineError, ShuttingDown
 
@@ -379,8 +380,4 @@ class ModelPool:
                 log.exception("unloading idle models failed")
 
     def _notify(self, method: str, *args: Any) -> None:
-        for obs in self.observers:
-            try:
-                getattr(obs, method)(*args)
-            except Exception:
-                log.exception("model pool observer %s failed", method)
+        notify_all(self.observers, method, *args)
