@@ -63,6 +63,9 @@ def _add_train(p: argparse.ArgumentParser) -> None:
         elif f.name == "name":
             p.add_argument(flag, default=None, help="model name in the store (default: the --out folder's name, "
                                                     "which must not be a model already in the store)")
+        elif f.name == "steps":  # None tells a resume that no new length was asked for
+            p.add_argument(flag, type=int, default=None, help=f"default: {default}; with --resume: re-plan the run's "
+                                                              "learning-rate schedule to end at this step")
         else:
             kind = {"int": int, "float": float}.get(str(f.type), str)
             p.add_argument(flag, type=kind, default=default, help=f"default: {default}")
@@ -73,9 +76,13 @@ def _cmd_train(args) -> int:
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "store"}
     values["store"] = args.store
+    steps = values.pop("steps")
+    if steps is not None:
+        values["steps"] = steps
     if args.finish and not args.resume:
         raise ValueError("--finish ends a stopped run: use it with --resume")
-    run_training(TrainConfig(**values), resume=args.resume, command=_command_line(), finish_now=args.finish)
+    run_training(TrainConfig(**values), resume=args.resume, command=_command_line(), finish_now=args.finish,
+                 new_steps=steps if args.resume else None)
     return 0
 
 

@@ -582,11 +582,13 @@ def describe_device(device: torch.device) -> str:
 
 
 def run_training(cfg: TrainConfig, resume: bool = False, command: str | None = None,
-                 finish_now: bool = False) -> Path | None:
+                 finish_now: bool = False, new_steps: int | None = None) -> Path | None:
     """Start, resume, or (when training ended but the export did not) export a run.
 
     `finish_now` with `resume` ends a stopped run where it stands and exports its best checkpoint
-    (a time-boxed run that cannot reach its last step).
+    (a time-boxed run that cannot reach its last step). `new_steps` with `resume` re-plans the run's
+    length: the cosine decay is recomputed to end at that step, so a run that will not get the time
+    it was planned for still anneals rather than stopping at a high learning rate.
     """
     if resume:
         saved = Trainer.saved_config(cfg.out)
@@ -594,8 +596,12 @@ def run_training(cfg: TrainConfig, resume: bool = False, command: str | None = N
             raise FileNotFoundError(f"--resume: no checkpoint in {cfg.out}")
         saved.progress, saved.threads, saved.device, saved.stop_at = cfg.progress, cfg.threads, cfg.device, cfg.stop_at
         saved.set_default = saved.set_default or cfg.set_default
+        if new_steps is not None and new_steps != saved.steps:
+            saved = replace(saved, steps=new_steps)
         trainer = Trainer(saved, command)
         trainer.load_checkpoint()
+        if saved.steps <= trainer.run.step and not trainer.run.done:
+            raise ValueError(f"--steps {saved.steps}: the run in {cfg.out} is already at step {trainer.run.step}")
         if finish_now and not trainer.run.done:
             print(f"ending the run in {cfg.out} at step {trainer.run.step} of {saved.steps}", flush=True)
             trainer.run.done = True

@@ -332,6 +332,27 @@ def test_a_stopped_run_can_be_finished_early(play_file, tmp_path):
     assert card["training"]["hyperparameters"]["steps"] == 60  # the plan, beside what was done
 
 
+def test_resume_with_steps_replans_the_schedule(play_file, tmp_path):
+    """A run planned for 60 steps, stopped at 10 and resumed with --steps 30, anneals to min_lr by step 30."""
+    common = ("--text", str(play_file), "--out", str(tmp_path / "run"), "--name", "replan", "--hidden-size", "16",
+              "--embed-dim", "16", "--batch-size", "4", "--seq-len", "16", "--eval-every", "10", "--no-progress",
+              "--warmup-steps", "2", "--lr", "1e-2", "--min-lr", "1e-4")
+    out = cli("train", *common, "--steps", "60", "--stop-at", "10", store_root=tmp_path / "store")
+    assert out.returncode == 0, out.stderr
+    too_short = cli("train", "--resume", *common, "--steps", "10", store_root=tmp_path / "store")
+    assert too_short.returncode != 0 and "already at step 10" in too_short.stderr
+    out = cli("train", "--resume", *common, "--steps", "30", store_root=tmp_path / "store")
+    assert out.returncode == 0, out.stderr
+    meta = json.loads((tmp_path / "run" / "checkpoint.json").read_text())
+    assert meta["run"]["step"] == 30 and meta["run"]["done"] and meta["config"]["steps"] == 30
+    planned = TrainConfig(**{**meta["config"], "steps": 60})
+    last_lr = meta["param_groups"][0]["lr"]
+    assert last_lr == pytest.approx(lr_at(29, TrainConfig(**meta["config"]))) and last_lr < lr_at(29, planned) / 5
+    card = store.load("replan", tmp_path / "store").card
+    assert card["training"]["steps"] == 30 and card["training"]["hyperparameters"]["steps"] == 30
+    assert "--steps 30" in card["training"]["resumed_with"][-1]
+
+
 def test_init_from_starts_from_a_stored_model(tiny_model, play_file, tmp_path):
     cfg = tiny_config(play_file, tmp_path / "r", tmp_path / "s", init_from=str(tiny_model.path), steps=2, lr=1e-9,
                       min_lr=0.0, warmup_steps=0, eval_every=1, hidden_size=64, embed_dim=64, dropout=0.0)
