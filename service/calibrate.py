@@ -106,6 +106,14 @@ def folded(model: CharLSTM, temperature: float) -> CharLSTM:
     return out
 
 
+def _parent_store(parent: Path, root: str | None) -> dict:
+    """Where the parent lives when it is not this store (a run's own store, say, whose shakespeare@v1 this
+    store would call otherwise): its name@version alone would name another model here."""
+    here = store.store_root(root).resolve()
+    there = parent.resolve().parent.parent
+    return {} if there == here else {"parent_store": str(there)}
+
+
 def run_calibration(ref: str, text: str, test_text: str | None = None, root: str | None = None,
                     command: str = "", set_default: bool = False) -> tuple[Path, dict]:
     """Fit T on the model's validation split (only its own training text has one, and only held-out
@@ -142,6 +150,7 @@ def run_calibration(ref: str, text: str, test_text: str | None = None, root: str
         "calibration": {
             "parent": f"{parent.name}@{parent.version}",
             "parent_weights_sha256": parent.card["weights_sha256"],
+            **_parent_store(parent.path, root),
             "temperature": fit.temperature,
             "rule": "the one softmax temperature that minimises the cross-entropy of the validation split "
                     "(Newton's method on 1/T, float64); the test text plays no part in the fit",

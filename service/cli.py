@@ -124,20 +124,62 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", choices=["all", "train", "validation"], default="all",
                    help="score only this part of --text, cut as training cut it (the model card's train_fraction): "
                         "validation is the text a model trained on --text never saw")
+    p.add_argument("--plays", default=None,
+                   help="score each of these plays of a charlstm corpus --text apart: file names, comma-separated, "
+                        "or auto (the plays train --val-plays auto holds out)")
     _add_unknown_chars(p)
 
 
 def _cmd_evaluate(args) -> int:
-    from .evaluate import read_chunks, score_chunks
+    from .evaluate import read_chunks
 
     _check_replacement(args)
+    if args.plays is not None and args.split != "all":
+        raise ValueError("--plays scores whole plays: leave --split out")
     loaded = store.load(args.model or store.default_model(args.store), args.store)
+    if args.plays is not None:
+        return _evaluate_plays(args, loaded)
     if args.split == "all":
         chunks = read_chunks(args.text, size=1 << 13)
         if not args.quiet and sys.stderr.isatty():
             chunks = _with_progress(args.text, chunks)
     else:
         chunks = _split_chunks(args.text, args.split, loaded.card)
+    score = _score(args, loaded, chunks)
+    if args.json:
+        print(json.dumps(score.to_dict()))
+    else:
+        where = args.text if args.split == "all" else f"{args.text} ({args.split} split)"
+        print(f"{loaded.name}@{loaded.version} on {where}: {score.nats_per_char:.4f} nats/char, "
+              f"{score.bits_per_char:.4f} bits/char over {score.chars:,} characters")
+    return 0
+
+
+def _evaluate_plays(args, loaded) -> int:
+    """Each named play of a `charlstm corpus` text scored apart, from a zero state: any model can be judged on
+    the plays a split by play held out (`auto`: the ones `train --val-plays auto` holds out)."""
+    from .corpus import Corpus
+
+    corpus = Corpus.read(args.text)
+    names = corpus.validation_plays(args.plays)
+    ranges = {p["file"]: (p["start"], p["end"], p["title"]) for p in corpus.manifest["plays"]}
+    scores = {}
+    for name in names:
+        start, end, title = ranges[name]
+        text = corpus.text[start:end]
+        score = scores[name] = _score(args, loaded, [text[i : i + (1 << 13)] for i in range(0, len(text), 1 << 13)])
+        if not args.json:
+            print(f"{loaded.name}@{loaded.version} on {title} ({name}): {score.nats_per_char:.4f} nats/char, "
+                  f"{score.bits_per_char:.4f} bits/char over {score.chars:,} characters", flush=True)
+    if args.json:
+        print(json.dumps({name: score.to_dict() for name, score in scores.items()}))
+    return 0
+
+
+def _score(args, loaded, chunks):
+    """One text's score, through the backend asked for or the model's nn.LSTM; unknown characters as asked."""
+    from .evaluate import score_chunks
+
     backend = args.backend or {"none": "torch", "int8": "torch-int8", None: None}[args.quantize]
     if backend:  # through that backend's step
         from .backends import build
@@ -149,13 +191,7 @@ def _cmd_evaluate(args) -> int:
     else:
         score = score_chunks(loaded.model, loaded.vocab, chunks, unknown=args.unknown_chars, replacement=args.replacement)
     _report_unknown(args, score.unknown_chars)
-    if args.json:
-        print(json.dumps(score.to_dict()))
-    else:
-        where = args.text if args.split == "all" else f"{args.text} ({args.split} split)"
-        print(f"{loaded.name}@{loaded.version} on {where}: {score.nats_per_char:.4f} nats/char, "
-              f"{score.bits_per_char:.4f} bits/char over {score.chars:,} characters")
-    return 0
+    return score
 
 
 def _figure(metrics: dict, key: str, width: int) -> str:

@@ -3,6 +3,7 @@ and nothing else, and `charlstm calibrate` saves a next version that serves like
 
 import json
 import math
+import shutil
 
 import httpx
 import pytest
@@ -132,6 +133,23 @@ def test_calibrate_fits_only_on_the_text_the_model_was_trained_on(own_store, tmp
     out = run("calibrate", "--store", str(own_store), "--model", "tiny@v1", "--text", str(other))
     assert out.returncode == 2 and "is not the text this model was trained on" in out.stderr
     assert store.list_versions("tiny", own_store) == ["v1"]
+
+
+def test_calibrate_brings_a_model_of_another_store_in_as_this_stores_next_version(own_store, play_file, tmp_path):
+    """A run trained into its own store (its model is v1 there) is calibrated into the served store, where
+    it becomes the name's next version; the card says which store its parent lives in."""
+    elsewhere = tmp_path / "run_store"
+    shutil.copytree(store.resolve("tiny@v1", own_store), elsewhere / "tiny" / "v1")
+    before = store.list_versions("tiny", own_store)
+    out = run("calibrate", "--store", str(own_store), "--model", str(elsewhere / "tiny" / "v1"), "--text", str(play_file))
+    assert out.returncode == 0, out.stderr
+    assert store.list_versions("tiny", own_store) == before + [f"v{len(before) + 1}"]
+    cal = store.load(f"tiny@v{len(before) + 1}", own_store).card["calibration"]
+    assert cal["parent"] == "tiny@v1" and cal["parent_store"] == str(elsewhere.resolve())
+    assert cal["parent_weights_sha256"] == store.load("tiny@v1", own_store).card["weights_sha256"]
+    inside = run("calibrate", "--store", str(own_store), "--model", "tiny@v1", "--text", str(play_file))
+    assert inside.returncode == 0, inside.stderr
+    assert "parent_store" not in store.load(f"tiny@v{len(before) + 2}", own_store).card["calibration"]
 
 
 def test_train_with_calibrate_saves_the_trained_version_then_its_calibrated_copy(play_file, tmp_path):

@@ -189,7 +189,20 @@ def test_training_on_the_corpus_holds_out_whole_plays(tmp_path):
                              "--text", str(out), "--split", "validation", "--json"], cwd=ROOT, capture_output=True, text=True,
                             timeout=120)
     assert scored.returncode == 0, scored.stderr
-    assert json.loads(scored.stdout)["chars"] == held["end"] - held["start"] - 1  # that play, whole, and nothing else
+    validation = json.loads(scored.stdout)
+    assert validation["chars"] == held["end"] - held["start"] - 1  # that play, whole, and nothing else
+    each = subprocess.run([sys.executable, "-m", "service.cli", "evaluate", "--store", str(store_root), "--model", "tiny",
+                           "--text", str(out), "--plays", "play_2_gut.txt,play_1_gut.txt", "--json"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert each.returncode == 0, each.stderr
+    plays = json.loads(each.stdout)
+    assert list(plays) == ["play_1_gut.txt", "play_2_gut.txt"]
+    assert plays["play_1_gut.txt"]["nats_per_char"] == pytest.approx(validation["nats_per_char"], abs=1e-9)
+    other = next(p for p in manifest["plays"] if p["file"] == "play_2_gut.txt")
+    assert plays["play_2_gut.txt"]["chars"] == other["end"] - other["start"] - 1
+    both = subprocess.run([sys.executable, "-m", "service.cli", "evaluate", "--store", str(store_root), "--model", "tiny",
+                           "--text", str(out), "--plays", "auto", "--split", "validation"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert both.returncode != 0 and "leave --split out" in both.stderr and "Traceback" not in both.stderr
     auto = Corpus.read(out).validation_plays("auto", 0.6)
     assert 1 <= len(auto) < 3 and auto == Corpus.read(out).validation_plays("auto", 0.6)  # a fixed order, not a pick
 
