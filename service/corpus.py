@@ -12,6 +12,7 @@ MANIFEST_SUFFIX = ".manifest.json"
 
 # The convention of the published tiny-shakespeare baselines: first 90% train, last 10% validation.
 DEFAULT_TRAIN_FRACTION = 0.9
+SEEN_AT = 0.01  # charlstm corpus --seen: a play with this share of its lines in the seen text was seen
 
 
 @dataclass(frozen=True)
@@ -46,16 +47,17 @@ class Corpus:
     def validation_plays(self, spec: str, train_fraction: float = DEFAULT_TRAIN_FRACTION) -> list[str]:
         """The plays held out for validation: the files `spec` names (comma-separated), or with `auto` the
         first plays in a fixed order (sha256 of the file name, so no one picks them) until they hold
-        1 - train_fraction of the characters."""
+        1 - train_fraction of the characters, leaving out any play the manifest's `seen_file` holds."""
         if self.manifest is None:
             raise ValueError(f"a split by play needs the corpus manifest beside {self.name} (charlstm corpus writes it)")
         plays = self.manifest["plays"]
         works: dict[str, list[dict]] = {}  # a play's texts in every edition go to one side together
         for p in plays:
             works.setdefault(p.get("work") or p["file"], []).append(p)
-        if spec == "auto":
+        if spec == "auto":  # never a play the corpus's --seen text holds: a model fine-tuned on it saw that play
             chosen, held = [], 0
-            for work in sorted(works, key=lambda w: hashlib.sha256(w.encode()).hexdigest()):
+            unseen = [w for w in works if all((p.get("seen_fraction") or 0) < SEEN_AT for p in works[w])]
+            for work in sorted(unseen, key=lambda w: hashlib.sha256(w.encode()).hexdigest()):
                 if held >= (1.0 - train_fraction) * len(self.text):
                     break
                 chosen += [p["file"] for p in works[work]]

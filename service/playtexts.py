@@ -3,8 +3,8 @@
 
 Those texts name a speaker on a line of its own, often abbreviated (`Rom.`, `Lady Cap.`, `1 Cit.`), carry a
 title, a list of persons, act and scene headings and stage directions in brackets. The corpus writes each
-speech as tiny-shakespeare does: the speaker in full capitals with a colon, the speech's lines, a blank
-line. Abbreviations are expanded from the play's list of persons (each word of the abbreviation begins
+speech as tiny-shakespeare does: the speaker with a colon (a name in full capitals, ROMEO; a role in title
+case, First Citizen, as tiny-shakespeare and the test plays write them), the speech's lines, a blank line. Abbreviations are expanded from the play's list of persons (each word of the abbreviation begins
 the matching word of a name), else from the speakers the play names in full, else word by word from the
 list's words; what stays unexpanded is counted in the manifest. Headings, stage directions and the front
 matter are dropped, and every character is mapped into VOCABULARY: MAPPED (quotes, dashes, tabs), and
@@ -23,6 +23,8 @@ import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from .corpus import SEEN_AT
 
 VOCABULARY = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"  # tiny-shakespeare's 65
 MAPPED = {'"': "'", "\u2018": "'", "\u2019": "'", "\u201c": "'", "\u201d": "'", "\u2014": "--", "\u2013": "-", "\t": " "}
@@ -44,6 +46,7 @@ class Play:
     chars: int = 0
     start: int = 0  # where its text begins and ends in the corpus: a split by play reads these
     end: int = 0
+    seen_fraction: float | None = None  # of its speech lines, those a --seen text holds word for word
     expanded: dict[str, str] = field(default_factory=dict)  # abbreviation -> full name
     unexpanded: list[str] = field(default_factory=list)
 
@@ -71,6 +74,36 @@ def to_vocabulary(text: str, dropped: Counter | None = None) -> str:
         dropped.update(c for c in out if c not in VOCABULARY)
     out = "".join(c for c in out if c in VOCABULARY)
     return re.sub(r" {2,}", " ", out)
+
+
+ROLE_WORDS = re.compile(r"[A-Za-z]+")
+
+
+def common_words(speeches: list[tuple[str, str]]) -> set[str]:
+    """The words the speeches write in lower case at least as often as capitalised within a line: common
+    nouns (nurse, citizen, watchman), not names (Romeo, Capulet), which the speeches capitalise."""
+    lower, capital = Counter(), Counter()
+    for _, speech in speeches:
+        for line in speech.split("\n"):
+            for i, w in enumerate(ROLE_WORDS.findall(line)):
+                if w.islower():
+                    lower[w] += 1
+                elif i > 0 and w[0].isupper() and w[1:].islower():
+                    capital[w.lower()] += 1
+    return {w for w, n in lower.items() if n >= capital[w]}
+
+
+RANKS = {"king", "queen", "prince", "princess", "duke", "duchess"}  # tiny-shakespeare writes a bare rank as a name
+
+
+def speaker_case(speaker: str, common: set[str]) -> str:
+    """tiny-shakespeare's convention: a named speaker in capitals (ROMEO, LADY CAPULET, QUEEN), a role in title
+    case (Nurse, First Citizen, Lord Mayor): a role is a speaker every word of which is a common word."""
+    words = ROLE_WORDS.findall(speaker)
+    if words and all(w.lower() in common for w in words) and not (len(words) == 1 and words[0].lower() in RANKS):
+        return re.sub(r"[A-Za-z]+", lambda m: m.group(0) if m.group(0).lower() in ("of", "the") and m.start() else
+                      m.group(0).capitalize(), speaker.lower())
+    return speaker
 
 
 def _without_directions(paragraph: str) -> str:
@@ -130,18 +163,17 @@ class Expander:
             found = [n for n in self.names if _matches(modern, n.replace("u", "v").split())]
         if found:
             return min(found, key=len).upper()  # the shortest name the abbreviation begins
-        if all(w.isupper() or w in ORDINALS.values() for w in words):
-            return " ".join(words).upper()  # in capitals, as the play writes it (1 NEIGHBOUR -> FIRST NEIGHBOUR)
+        in_capitals = all(w.isupper() or w in ORDINALS.values() for w in words)
         expanded = []
         for w in words:
             if w in ORDINALS.values() or any(x.lower() == w.lower() for x in self.words):
                 expanded.append(w)  # a whole word already
                 continue
             hits = sorted((x for x in self.words if x.lower().startswith(w.lower())), key=len)
-            if not hits:
-                return None
+            if not hits:  # in capitals, as the play writes it (1 NEIGHBOUR -> FIRST NEIGHBOUR), or not a speaker
+                return " ".join(words).upper() if in_capitals else None
             expanded.append(_singular(hits[0]))
-        return " ".join(expanded).upper()
+        return " ".join(expanded).upper()  # HOT. -> HOTSPUR, from "Lady Percy, Wife to Hotspur"
 
 
 def _singular(word: str) -> str:
@@ -266,9 +298,19 @@ def _modern_names(modern: Path | None) -> list[str]:
 EDITIONS = {"modern": "*_gut.txt", "folio": "*_gut_f.txt"}
 
 
-def build(texts: Path, heldout: Path, edition: str = "modern") -> tuple[str, dict]:
+SEEN_LINE = 25  # shorter lines ("My lord.") recur across plays: they say nothing of where a text came from
+
+
+def seen_fraction(chunk: str, seen_lines: set[str]) -> float:
+    """The share of a play's longer lines that the seen text holds word for word."""
+    lines = [line for line in chunk.split("\n") if len(line) > SEEN_LINE]
+    return round(sum(line in seen_lines for line in lines) / max(1, len(lines)), 4)
+
+
+def build(texts: Path, heldout: Path, edition: str = "modern", seen: Path | None = None) -> tuple[str, dict]:
     """The corpus text and its manifest, from every play text of `edition` (modern, folio, or both: each
-    play twice, the modern text then the Folio's) in `texts` that is not held out."""
+    play twice, the modern text then the Folio's) in `texts` that is not held out. `seen`: a text a
+    fine-tuned model already learnt; each play records how much of it that text holds (`seen_fraction`)."""
     if edition not in (*EDITIONS, "both"):
         raise ValueError(f"edition must be modern, folio or both, not {edition!r}")
     entries = held_out(heldout)
@@ -276,7 +318,7 @@ def build(texts: Path, heldout: Path, edition: str = "modern") -> tuple[str, dic
     files = sorted((p for pattern in patterns for p in Path(texts).glob(pattern)), key=lambda p: p.name)
     if not files:
         raise ValueError(f"{texts} holds no {' or '.join(patterns)} play texts")
-    parts, plays, excluded, skipped, at, dropped = [], [], [], [], 0, Counter()
+    parsed, excluded, skipped, dropped = [], [], [], Counter()
     for path in files:
         text = path.read_text(encoding="utf-8", errors="replace")
         title = next((line.strip() for line in text.splitlines() if line.strip()), path.stem)
@@ -293,14 +335,22 @@ def build(texts: Path, heldout: Path, edition: str = "modern") -> tuple[str, dic
         if not speeches:
             skipped.append(path.name)  # a poem: no speakers
             continue
-        chunk = "".join(f"{s}:\n{speech}\n\n" for s, speech in speeches)
+        parsed.append((play, speeches))
+    common = common_words([s for _, speeches in parsed for s in speeches])
+    seen_lines = None if seen is None else {line.strip() for line in Path(seen).read_text(encoding="utf-8").split("\n")}
+    parts, plays, at = [], [], 0
+    for play, speeches in parsed:
+        chunk = "".join(f"{speaker_case(s, common)}:\n{speech}\n\n" for s, speech in speeches)
         play.start, play.end, play.chars = at, at + len(chunk), len(chunk)
+        if seen_lines is not None:
+            play.seen_fraction = seen_fraction(chunk, seen_lines)
         at += len(chunk)
         parts.append(chunk)
         plays.append(play)
     corpus = "".join(parts)
     manifest = {"format": "charlstm-corpus/1", "edition": edition, "vocabulary": VOCABULARY,
                 "mapped": MAPPED, "dropped": dict(dropped.most_common()), "heldout_file": str(heldout),
+                "seen_file": None if seen is None else {"name": Path(seen).name, "sha256": hashlib.sha256(Path(seen).read_bytes()).hexdigest()},
                 "heldout_entries": [" ".join(e) for e in entries], "excluded": excluded, "skipped_no_speeches": skipped,
                 "chars": len(corpus), "sha256": hashlib.sha256(corpus.encode()).hexdigest(),
                 "plays": [asdict(p) for p in plays]}

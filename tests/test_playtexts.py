@@ -271,3 +271,66 @@ def test_both_editions_keep_a_plays_texts_on_one_side_of_the_split(tmp_path):
     assert Corpus.read(out).validation_plays("romeo_and_juliet_gut.txt") == ["romeo_and_juliet_gut.txt", "romeo_and_juliet_gut_f.txt"]
     with pytest.raises(ValueError, match="edition must be"):
         playtexts.build(texts, heldout, "quarto")
+
+
+HENRY = textwrap.dedent("""\
+    THE FIRST PART OF KING HENRY THE FOURTH
+
+    PERSONS REPRESENTED
+
+    Lady Percy, Wife to Hotspur.
+    Thomas Percy, Earl of Worcester.
+    A Messenger; the Queen.
+
+    ACT I.
+
+    HOT.
+    My liege, I did deny no prisoners: the messenger came with a nurse.
+
+    WOR.
+    Peace, cousin, say no more; a messenger is but a servant of the nurse.
+
+    Messenger.
+    My lord, the nurse and the messenger would speak with Hotspur.
+
+    Queen.
+    Good Hotspur, a queen would have a messenger, and a queen's nurse.
+
+    Lady Percy.
+    O Hotspur, say what nurse brings news to Worcester.
+    """)
+
+
+def test_roles_keep_tiny_shakespeares_title_case_and_names_their_capitals(tmp_path):
+    texts, heldout = play_folder(tmp_path, {"henry_iv_part_1_gut.txt": HENRY})
+    corpus, manifest = playtexts.build(texts, heldout)
+    # HOT. and WOR. expand from the list's words; Messenger is a common word of the speeches (lower case there
+    # more often than capitalised within a line), Hotspur and Percy are not; a bare rank stays a name
+    assert [s for s in re.findall(r"^(.+):$", corpus, flags=re.M)] == ["HOTSPUR", "WORCESTER", "Messenger", "QUEEN", "LADY PERCY"]
+    assert manifest["plays"][0]["expanded"] == {"HOT.": "HOTSPUR", "WOR.": "WORCESTER"}
+    assert playtexts.speaker_case("FIRST CITIZEN", {"first", "citizen"}) == "First Citizen"
+    assert playtexts.speaker_case("GHOST OF LORD", {"ghost", "of", "lord"}) == "Ghost of Lord"
+    assert playtexts.speaker_case("LADY CAPULET", {"lady"}) == "LADY CAPULET"
+
+
+def test_a_seen_text_marks_the_plays_it_holds_and_auto_validation_skips_them(tmp_path):
+    plays = {f"play_{i}_gut.txt": gutenberg(make_play(3_000, seed=i), f"PLAY {i}") for i in range(4)}
+    texts, heldout = play_folder(tmp_path, plays)
+    unseen, _ = playtexts.build(texts, heldout)
+    _, speeches = playtexts.parse_play(plays["play_0_gut.txt"], "play_0_gut.txt")
+    seen = tmp_path / "tiny.txt"  # play_0's speeches, in another layout
+    seen.write_text("".join(f"{s.title()}:\n{text}\n\n" for s, text in speeches), encoding="utf-8")
+    corpus, manifest = playtexts.build(texts, heldout, seen=seen)
+    assert corpus == unseen  # the same text, and the manifest says more
+    fractions = {p["file"]: p["seen_fraction"] for p in manifest["plays"]}
+    assert fractions["play_0_gut.txt"] == 1.0 and all(fractions[f"play_{i}_gut.txt"] < 0.01 for i in (1, 2, 3))
+    assert manifest["seen_file"] == {"name": "tiny.txt", "sha256": hashlib.sha256(seen.read_bytes()).hexdigest()}
+    out = tmp_path / "plays.txt"
+    playtexts.write(corpus, manifest, out)
+    auto = Corpus.read(out).validation_plays("auto", 0.0)  # every play it may take: all but the seen one
+    assert auto == ["play_1_gut.txt", "play_2_gut.txt", "play_3_gut.txt"]
+    run = subprocess.run([sys.executable, "-m", "service.cli", "corpus", "--texts", str(texts), "--heldout", str(heldout),
+                          "--seen", str(seen), "--out", str(tmp_path / "cli.txt")], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "tiny.txt holds 1 of the plays" in run.stdout and "play_0_gut.txt" in run.stdout.splitlines()[-1]
