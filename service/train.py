@@ -184,6 +184,24 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def autocast_problem(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why `device` cannot train the LSTM under autocast to `dtype`, or None when it can.
+
+    Support depends on the machine: oneDNN has a bf16 LSTM kernel only on CPUs with AVX-512, and on an
+    AVX2-only CPU torch raises at the first forward pass. One tiny forward and backward pass tells before a
+    run starts, instead of a crash after its set-up.
+    """
+    lstm = torch.nn.LSTM(8, 8, num_layers=2, batch_first=True).to(device)
+    x = torch.zeros(2, 3, 8, device=device, requires_grad=True)  # (B, T, E)
+    try:
+        with torch.autocast(device.type, dtype=dtype):
+            y, _ = lstm(x)  # (B, T, H)
+        y.float().sum().backward()
+    except RuntimeError as e:
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+    return None
+
+
 class Batches:
     """Deterministic TBPTT windows: step -> (x, y, starts_epoch), so resuming needs only the step.
 
@@ -240,6 +258,9 @@ class Trainer:
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         self.device = pick_device(cfg.device)
+        if (dtype := AUTOCAST_DTYPES[cfg.autocast]) is not None and (problem := autocast_problem(self.device, dtype)):
+            raise ValueError(f"autocast {cfg.autocast} cannot train the LSTM on this {self.device.type} ({problem}): "
+                             f"train with autocast off")
         self.corpus = Corpus.read(cfg.text)
         self.val_plays = self.corpus.validation_plays(cfg.val_plays, cfg.train_fraction) if cfg.val_plays else None
         train_text, self.val_text = (self.corpus.split_by_plays(self.val_plays) if self.val_plays

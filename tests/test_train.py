@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import platform
 import subprocess
 import sys
 
@@ -15,7 +16,8 @@ from service.engine.types import Done, GenerationRequest
 from service.sampling import SamplingParams
 from service.evaluate import read_chunks, score_chunks, score_text
 from .reference import reference_text
-from service.train import BEST_WEIGHTS, SELECTION_RULE, Trainer, TrainConfig, lr_at, run_training, selection_rule
+from service.train import (BEST_WEIGHTS, SELECTION_RULE, Trainer, TrainConfig, autocast_problem, lr_at, run_training,
+                           selection_rule)
 
 from .conftest import make_play, tiny_config
 
@@ -377,6 +379,8 @@ def test_the_name_is_given_or_derived_from_a_new_run_folder(play_file, tmp_path)
         run_training(trap)
 
 
+@pytest.mark.skipif(autocast_problem(torch.device("cpu"), torch.bfloat16) is not None,
+                    reason="this CPU has no bf16 LSTM kernel (test_bf16_on_a_cpu_without_a_bf16_lstm_is_refused_up_front covers it)")
 def test_a_bf16_forward_pass_trains_a_model_and_the_card_says_so(play_file, tmp_path):
     root = tmp_path / "store"
     run_training(tiny_config(play_file, tmp_path / "run", root, steps=20, eval_every=0, checkpoint_every=0, autocast="bf16"))
@@ -385,3 +389,18 @@ def test_a_bf16_forward_pass_trains_a_model_and_the_card_says_so(play_file, tmp_
     assert card["metrics"]["val_bits_per_char"] < math.log2(len(card["vocab"]))  # it learned: better than a uniform guess
     with pytest.raises(ValueError, match="autocast must be one of off, bf16"):
         tiny_config(play_file, tmp_path / "other", root, autocast="fp8")
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="oneDNN's ISA cap is an x86 setting")
+def test_bf16_on_a_cpu_without_a_bf16_lstm_is_refused_up_front(play_file, tmp_path):
+    """oneDNN capped at AVX2 has no bf16 LSTM, as on an AVX2-only machine: the run refuses before it starts."""
+    root, out = tmp_path / "store", tmp_path / "run"
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "service.cli", "--store", str(root), "train", "--text", str(play_file),
+                           "--out", str(out), "--name", "tiny", "--embed-dim", "16", "--hidden-size", "16",
+                           "--steps", "4", "--autocast", "bf16", "--no-progress"],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode != 0
+    assert "autocast bf16 cannot train the LSTM on this cpu" in proc.stderr and "train with autocast off" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists() and not store.list_versions("tiny", root)  # nothing started, nothing half-written
