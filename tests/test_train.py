@@ -105,8 +105,8 @@ def test_sampling_is_seeded(tiny_model):
     assert a == b != c and len(a) == 80 and set(a) <= set(tiny_model.vocab.chars)
 
 
-def cli(*args, store_root):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+def cli(*args, store_root, **env_vars):
+    env = dict(os.environ, OMP_NUM_THREADS="1", **env_vars)
     return subprocess.run([sys.executable, "-m", "service.cli", "--store", str(store_root), *args],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
 
@@ -395,11 +395,9 @@ def test_a_bf16_forward_pass_trains_a_model_and_the_card_says_so(play_file, tmp_
 def test_bf16_on_a_cpu_without_a_bf16_lstm_is_refused_up_front(play_file, tmp_path):
     """oneDNN capped at AVX2 has no bf16 LSTM, as on an AVX2-only machine: the run refuses before it starts."""
     root, out = tmp_path / "store", tmp_path / "run"
-    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "service.cli", "--store", str(root), "train", "--text", str(play_file),
-                           "--out", str(out), "--name", "tiny", "--embed-dim", "16", "--hidden-size", "16",
-                           "--steps", "4", "--autocast", "bf16", "--no-progress"],
-                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    proc = cli("train", "--text", str(play_file), "--out", str(out), "--name", "tiny", "--embed-dim", "16",
+               "--hidden-size", "16", "--steps", "4", "--autocast", "bf16", "--no-progress", store_root=root,
+               ONEDNN_MAX_CPU_ISA="AVX2")
     assert proc.returncode != 0
     assert "autocast bf16 cannot train the LSTM on this cpu" in proc.stderr and "train with autocast off" in proc.stderr
     assert "Traceback" not in proc.stderr
