@@ -164,6 +164,9 @@ class Metrics:
                                          "snapshot", ["operation"], registry=r)
         for operation in ("load", "write"):
             self.snapshot_failures.labels(operation)
+        self.not_durable = Counter("charlstm_session_changes_not_durable", "Acknowledged session changes (calls, creations, "
+                                   "deletions) the session database could not take before their answer; they are kept in "
+                                   "memory and written once the disk is back", registry=r)
 
     def attach(self, pool: ModelPool, session_store: SessionStore, settings: Settings) -> None:
         """Start reading the server's numbers: the pool's engines (each with its model's label) and the sessions."""
@@ -214,6 +217,9 @@ class ServerObserver:
 
     def on_session_snapshot_failed(self, operation: str) -> None:
         self.m.snapshot_failures.labels(operation).inc()
+
+    def on_session_not_durable(self, changes: int) -> None:
+        self.m.not_durable.inc(changes)
 
 
 class EngineObserver(ServerObserver):

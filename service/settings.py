@@ -75,7 +75,12 @@ class Settings(BaseSettings):
         "charlstm.example.org,*.internal); others get 400 invalid_host. /health and /ready answer any host, for the "
         "orchestrator's probes. Unset: any host")
     session_db: str = Field("data/sessions.sqlite3", description="SQLite file the sessions are saved to and restored from; empty: off")
-    snapshot_interval_s: float = Field(5.0, gt=0, description="how often changed sessions are written to session_db")
+    snapshot_interval_s: float = Field(5.0, gt=0, description="how often changes no answer waits on (a lease given back, an "
+                                       "expiry) are written to session_db; an acknowledged change is written before its answer")
+    session_fsync: Literal["always", "everysec", "os"] = Field(
+        "always", description="how far session_db's write goes before a change is acknowledged, as Redis's appendfsync: always "
+        "(fsynced: a lost machine loses nothing acknowledged), everysec (fsynced within a second: a lost machine loses up to a "
+        "second), os (the OS writes it when it will); a killed server loses nothing acknowledged under any of them")
     log_level: str = "info"
     session_lease_s: float = Field(30.0, gt=0, le=3600, description="a call's hold on its session; renewed while the call runs, "
                                    "so it only matters when the holder dies (then the session is free again after this)")

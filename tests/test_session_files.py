@@ -4,6 +4,7 @@ file, real corruption)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import sqlite3
@@ -161,6 +162,52 @@ def test_a_full_disk_keeps_the_last_good_file_and_every_session_in_memory(faulty
     assert snaps.status()["state"] == "ok" and snaps.delay() == 1.0
 
 
+def test_persist_writes_what_each_caller_changed_before_it_answers_in_shared_transactions(faulty, tmp_path):
+    """The group commit: 40 changes acknowledged at once share a few transactions, and every one is in the
+    file when its persist returns; on a full disk persist says so instead of failing, and counts it."""
+    db = SessionDB(tmp_path / "s.sqlite3", {"tiny@v1": FINGERPRINT})
+    store = MemorySessionStore(100)
+    snaps = Snapshots(db, store, interval_s=3600.0, notify=lambda name, *args: None)
+    snaps.load()
+
+    async def change_and_persist():
+        sid = (await asyncio.to_thread(store.create, record())).id
+        durable = await snaps.persist()
+        return sid, durable, sid in saved_ids(db.path)  # read from the file itself, before anything else runs
+
+    async def crowd(n):
+        return await asyncio.gather(*(change_and_persist() for _ in range(n)))
+
+    done = asyncio.run(crowd(40))
+    assert all(durable and in_file for _, durable, in_file in done)
+    assert 1 <= snaps.status()["group_commits"] < 40  # shared transactions
+    faulty.error = FULL
+    assert [durable for _, durable, _ in asyncio.run(crowd(3))] == [False] * 3
+    assert snaps.status()["not_durable"] == 3 and snaps.status()["durable"] is False
+    faulty.error = None
+    snaps.write()  # the periodic snapshot's retry puts the changes down, and persist is durable again
+    assert saved_ids(db.path) == {r.id for r in store.all_records()} and asyncio.run(crowd(1))[0][1] is True
+
+
+@pytest.mark.parametrize("policy", ["always", "everysec", "os"])
+def test_every_fsync_policy_writes_before_it_answers(tmp_path, policy):
+    db = SessionDB(tmp_path / "s.sqlite3", {"tiny@v1": FINGERPRINT}, fsync=policy)
+    store = MemorySessionStore(100)
+    snaps = Snapshots(db, store, interval_s=3600.0)
+    snaps.load()
+    sid = store.create(record()).id
+    assert asyncio.run(snaps.persist()) and saved_ids(db.path) == {sid}
+    snaps.sync()  # everysec's fsync of the write-ahead log; a no-op once synced
+    assert snaps.status()["fsync"] == policy and snaps.status()["state"] == "ok"
+    with contextlib.closing(sqlite3.connect(db.path)) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+def test_an_unknown_fsync_policy_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="fsync policy 'sometimes'"):
+        SessionDB(tmp_path / "s.sqlite3", {"tiny@v1": FINGERPRINT}, fsync="sometimes")
+
+
 def test_the_first_snapshot_on_a_full_disk_leaves_nothing_behind(faulty, tmp_path):
     db = SessionDB(tmp_path / "s.sqlite3", {"tiny@v1": FINGERPRINT})
     snaps = Snapshots(db, store_with(3), interval_s=1.0)
@@ -258,10 +305,18 @@ def test_a_full_disk_loses_no_session_across_restarts(trained_store, small_disk)
         sids = [new_session(srv, f"KING:\n{'thou ' * (i % 5)}") for i in range(20)]
         wait_until(lambda: snapshots(srv) >= 1 and len(saved_ids(db)) == 20, what="20 sessions on disk")
         filler = fill(small_disk)
-        for _ in range(30):  # new sessions whose snapshot needs pages the disk no longer has
-            new_session(srv, "QUEEN:\n" + "sweet lady, " * 20)
-        wait_until(lambda: ready(srv)["session_store"]["persistence"]["state"] == "degraded", what="a degraded snapshot")
+        made = []  # new sessions whose write needs pages the disk no longer has: each answers, and says whether it is durable
+        for _ in range(30):
+            r = httpx.post(srv.url + "/sessions", json={"prompt": "QUEEN:\n" + "sweet lady, " * 20, "seed": 3}, timeout=30)
+            assert r.status_code == 201, r.text
+            made.append(r.json()["durable"])
+        assert made.count(False) >= 1 and set(made) <= {True, False}
         persistence = ready(srv)["session_store"]["persistence"]
+        assert persistence["state"] == "degraded" and persistence["durable"] is False
+        assert persistence["not_durable"] >= made.count(False)
+        assert srv.metric("charlstm_session_changes_not_durable_total") == persistence["not_durable"]
+        call = httpx.post(f"{srv.url}/sessions/{sids[0]}/generate", json={"max_new_tokens": 5}, timeout=30)
+        assert call.status_code == 200 and call.json()["session"]["durable"] is False  # generation goes on; it says so
         # SQLite's own code (SQLITE_FULL, or SQLITE_IOERR_SHMSIZE where the SHM file cannot grow), never a masking ROLLBACK error
         assert persistence["last_error"].startswith(("SQLITE_FULL", "SQLITE_IOERR")) and "rollback" not in persistence["last_error"]
         assert srv.metric("charlstm_session_snapshot_failures_total", 'operation="write"') >= 1

@@ -26,7 +26,7 @@ from ..engine.pool import Catalog, ModelPool
 from ..sessions.memory_store import MemorySessionStore
 from ..sessions.redis_store import RedisSessionStore, StoreMismatch, redacted
 from ..sessions import blob as session_blob
-from ..sessions.calls import SessionCalls
+from ..sessions.calls import SessionCalls, memory_only
 from ..sessions.health import StoreHealth
 from ..sessions.snapshots import SessionDB, SessionDBError, Snapshots
 from ..settings import Settings
@@ -72,7 +72,7 @@ async def lifespan(app: FastAPI):
             raise
     persistence = None  # the in-memory store's SQLite snapshots
     if settings.session_db and isinstance(session_store, MemorySessionStore):
-        session_db = SessionDB(settings.session_db, served_models)
+        session_db = SessionDB(settings.session_db, served_models, settings.session_fsync)
         persistence = Snapshots(session_db, session_store, settings.snapshot_interval_s, notify=notify)
         try:
             await asyncio.to_thread(persistence.load)  # takes the file; a disk that fails now leaves it degraded, retried
@@ -83,7 +83,9 @@ async def lifespan(app: FastAPI):
     app.state.persistence = persistence
     app.state.sessions = SessionCalls(session_store, settings.session_lease_s, settings.session_ttl_s, notify=notify,
                                       observe=lambda op, seconds, failed: notify("on_session_store_call", op, seconds, failed),
-                                      blob_max_age_s=settings.session_blob_max_age_s, threads=settings.session_store_threads)
+                                      blob_max_age_s=settings.session_blob_max_age_s, threads=settings.session_store_threads,
+                                      persist=persistence.persist if persistence else
+                                      memory_only if isinstance(session_store, MemorySessionStore) else None)
     app.state.session_quotas = Quotas(settings.session_create_rate, settings.session_create_burst)
     # the longest one store operation may take: Redis's timeouts (redis_store.py); the embedded store answers at once
     app.state.store_health = health = StoreHealth(session_store, 4 * settings.session_store_timeout_s)

@@ -86,6 +86,7 @@ class EngineStats(Protocol):
     def on_session_removed(self, reason: str) -> None: ...
     def on_session_store_call(self, operation: str, seconds: float, failed: bool) -> None: ...
     def on_session_snapshot_failed(self, operation: str) -> None: ...  # "load" or "write"
+    def on_session_not_durable(self, changes: int) -> None: ...  # acknowledged changes the session file could not take
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import functools
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from collections import OrderedDict
 from dataclasses import replace
 
@@ -34,12 +34,17 @@ StoreObserver = Callable[[str, float, bool], None]  # (operation, seconds, faile
 class SessionCalls:
     def __init__(self, store: SessionStore, lease_s: float, default_ttl_s: float,
                  notify: Callable[..., None] | None = None, observe: StoreObserver | None = None,
-                 blob_max_age_s: float | None = None, threads: int = 16):
+                 blob_max_age_s: float | None = None, threads: int = 16,
+                 persist: Callable[[], Awaitable[bool]] | None = None):
         """`notify(name, *args)` reports session events to the server's observers;
         `observe(operation, seconds, failed)` times every store call; `blob_max_age_s`: the oldest
         export an import takes. Store calls run in `threads` threads of their own, so a store that
-        hangs holds those and never the threads the rest of the server hands work to."""
+        hangs holds those and never the threads the rest of the server hands work to. `persist()`
+        makes every change made so far durable before a change is acknowledged (the embedded
+        store's file: snapshots.Snapshots.persist) and says whether it could; None: a change is as
+        durable as the store's own commit (a shared store's, under its persistence policy)."""
         self.store, self.lease_s, self.default_ttl_s = store, lease_s, default_ttl_s
+        self.persist = persist or _durable_in_store
         self.blob_max_age_s = blob_max_age_s
         self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="charlstm-sessions")
         self.notify = notify or (lambda name, *args: None)
@@ -89,20 +94,26 @@ class SessionCalls:
         if len(self._models) > MODEL_CACHE:
             self._models.popitem(last=False)
 
-    async def delete(self, session_id: str) -> None:
+    async def delete(self, session_id: str) -> bool:
+        """Remove the session; returns whether the removal is durable (a crash cannot bring it back)."""
         await self.run("delete", self.store.delete, session_id)
+        return await self.persist()
 
-    async def create(self, primed: Done, ttl_s: float | None, fingerprint: str) -> SessionRecord:
+    async def create(self, primed: Done, ttl_s: float | None, fingerprint: str) -> tuple[SessionRecord, bool]:
         """A new session from a completed priming stream (its Done carries the state) of the model whose
-        weights' sha256 is `fingerprint`: the session belongs to that model for good."""
+        weights' sha256 is `fingerprint`: the session belongs to that model for good. Returns it and
+        whether it is durable."""
         now = time.time()
         record = SessionRecord(id=new_session_id(), state=primed.state, seed=primed.seed, counter=primed.counter,
                                position=primed.prompt_tokens + primed.completion_tokens, model=fingerprint,
                                ttl_s=float(ttl_s or self.default_ttl_s), created_at=now, last_used=now)
+        return await self._insert(record)
+
+    async def _insert(self, record: SessionRecord) -> tuple[SessionRecord, bool]:
         created = await self.run("create", self.store.create, record)
         self._remember(created.id, created.model)
         self.notify("on_session_created")
-        return created
+        return created, await self.persist()
 
     # ------------------------------------------------------------------ portable sessions
     async def export(self, session_id: str, key: bytes) -> tuple[SessionRecord, bytes]:
@@ -114,7 +125,7 @@ class SessionCalls:
         return record, session_blob.encode(value, key)
 
     async def import_blob(self, text: str, key: bytes, *, model: str, fingerprint: str, layers: int, hidden: int,
-                          ttl_s: float | None, position: int | None = None) -> SessionRecord:
+                          ttl_s: float | None, position: int | None = None) -> tuple[SessionRecord, bool]:
         """A new session (a new id: ids never come from a blob) holding what an export carried.
         `model` names the serving model in a mismatch; `position`, when the client sent one, must agree
         with the blob's (the signed value is the truth, so a changed copy beside it is refused)."""
@@ -135,7 +146,7 @@ class SessionCalls:
         return await self._create_copy(value.state, value.seed, value.counter, value.position, ttl_s or self.default_ttl_s,
                                        fingerprint)
 
-    async def fork(self, session_id: str, ttl_s: float | None) -> SessionRecord:
+    async def fork(self, session_id: str, ttl_s: float | None) -> tuple[SessionRecord, bool]:
         """A new session with the same state, seed, counter and position as `session_id` (and its TTL
         unless `ttl_s` is given). A session with a call running is refused: its state is about to move."""
         if await self.run("is_leased", self.store.is_leased, session_id):
@@ -144,14 +155,12 @@ class SessionCalls:
         return await self._create_copy(record.state, record.seed, record.counter, record.position, ttl_s or record.ttl_s,
                                        record.model)
 
-    async def _create_copy(self, state, seed: int, counter: int, position: int, ttl_s: float, fingerprint: str) -> SessionRecord:
+    async def _create_copy(self, state, seed: int, counter: int, position: int, ttl_s: float,
+                           fingerprint: str) -> tuple[SessionRecord, bool]:
         now = time.time()
-        record = SessionRecord(id=new_session_id(), state=state, seed=seed, counter=counter, position=position,
-                               model=fingerprint, ttl_s=float(ttl_s), created_at=now, last_used=now)
-        created = await self.run("create", self.store.create, record)
-        self._remember(created.id, created.model)
-        self.notify("on_session_created")
-        return created
+        return await self._insert(SessionRecord(id=new_session_id(), state=state, seed=seed, counter=counter,
+                                                position=position, model=fingerprint, ttl_s=float(ttl_s),
+                                                created_at=now, last_used=now))
 
     async def begin(self, session_id: str, request: GenerationRequest) -> tuple[SessionCall, GenerationRequest]:
         """Lease the session and turn `request` into one that continues it. A seed in the request
@@ -195,7 +204,8 @@ class SessionCall:
                 with contextlib.suppress(EngineError):  # give the session back if the store still answers that much
                     await self.calls.run("release", store.release, self.lease)
                 raise
-            return replace(done, state=None, session=committed.metadata())
+            durable = await self.calls.persist()  # before the answer: an acknowledged call survives a crash
+            return replace(done, state=None, session={**committed.metadata(), "durable": durable})
         await self.abandon()
         return replace(done, state=None, session=self.lease.record.metadata())
 
@@ -203,3 +213,13 @@ class SessionCall:
         """The call never ran or did not complete: the session stays as it was."""
         self._renewer.cancel()
         await self.calls.run("release", self.calls.store.release, self.lease)
+
+
+async def _durable_in_store() -> bool:
+    """A store whose commit is its own durability (Redis, under its appendfsync policy)."""
+    return True
+
+
+async def memory_only() -> bool:
+    """The embedded store with no session file: nothing outlives the process."""
+    return False

@@ -1,7 +1,19 @@
-"""Sessions on disk: an SQLite file written on graceful shutdown and periodically, read back at start.
+"""Sessions on disk: an SQLite file written before a session call is acknowledged, read back at start.
+
+Every change a client is told about (a commit, a new session, a deletion) is in the file before its
+answer goes out: `Snapshots.persist` is a group commit, so the calls that end while one transaction is
+being written share the next one, and the cost per call stays small under load. How far the write
+goes before the answer is the `session_fsync` policy, as Redis's `appendfsync`:
+- `always`: the write-ahead log is fsynced in each transaction; a killed process or a lost machine
+  loses nothing that was acknowledged.
+- `everysec`: the log reaches the OS before the answer and the disk within a second: a killed process
+  loses nothing, a lost machine (power, kernel) up to a second.
+- `os`: the log reaches the OS before the answer, the disk when the OS or a checkpoint writes it: a
+  killed process loses nothing, a lost machine what the OS had not written.
+Changes no client waits on (a lease given back, an expiry) go into a snapshot every `interval_s`.
 
 A session is a fixed-size record (state floats, seed, counter, position, version, times), so each
-snapshot is one SQLite transaction: a crash leaves the previous snapshot intact, and the very first
+write is one SQLite transaction: a crash leaves the previous snapshot intact, and the very first
 snapshot is built under a temporary name and renamed into place, so the file never exists without
 its tables. One live server owns a file (an exclusive lock held for the process's life). Each row
 names the weights its state belongs to, so one file holds the sessions of every model a server
@@ -37,6 +49,9 @@ from .files import FILE_MODE, private_folder
 from .records import SessionRecord
 
 log = logging.getLogger("charlstm.sessions")
+
+FSYNC_POLICIES = ("always", "everysec", "os")  # the session_fsync setting (module docstring)
+SYNCHRONOUS = {"always": "FULL", "everysec": "NORMAL", "os": "NORMAL"}  # SQLite's, in WAL mode: FULL syncs at each commit
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -104,9 +119,12 @@ def state_from_bytes(blob: bytes, layers: int, hidden: int) -> torch.Tensor:
 class SessionDB:
     connection_class = sqlite3.Connection  # the tests put a fault-injecting subclass here
 
-    def __init__(self, path: str | Path, models: dict[str, str]):
-        """`models`: name@version -> weights sha256 of every model this server serves."""
-        self.path, self.models = Path(path), dict(models)
+    def __init__(self, path: str | Path, models: dict[str, str], fsync: str = "always"):
+        """`models`: name@version -> weights sha256 of every model this server serves. `fsync`: one of
+        FSYNC_POLICIES (module docstring)."""
+        if fsync not in FSYNC_POLICIES:
+            raise ValueError(f"fsync policy {fsync!r}: one of {', '.join(FSYNC_POLICIES)}")
+        self.path, self.models, self.fsync = Path(path), dict(models), fsync
         self._lock_fd: int | None = None
 
     @property
@@ -149,7 +167,7 @@ class SessionDB:
         conn = sqlite3.connect(path or self.path, timeout=10, isolation_level=None, factory=self.connection_class)
         try:
             conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute(f"PRAGMA synchronous={SYNCHRONOUS[self.fsync]}")
             yield conn
         finally:
             conn.close()
@@ -241,6 +259,17 @@ class SessionDB:
         with self._connect() as conn:
             self._apply(conn, rows, removed, replace_all)
 
+    def sync(self) -> None:
+        """Put what the OS holds of the file's write-ahead log on the disk (policy everysec, once a second)."""
+        wal = Path(f"{self.path}-wal")
+        if not wal.exists():
+            return
+        fd = os.open(wal, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
     def _apply(self, conn: sqlite3.Connection, rows: list[tuple], removed: list[str], replace_all: bool) -> None:
         conn.execute("BEGIN IMMEDIATE")
         try:  # the schema statement by statement, inside the transaction (executescript would commit first)
@@ -264,8 +293,8 @@ class SessionDB:
 
 
 class Snapshots:
-    """Keeps an in-memory store's sessions in a SessionDB: loaded at start, changes written every
-    `interval_s`, everything at shutdown. A failed load or write is counted (`notify("on_session_snapshot_failed",
+    """Keeps an in-memory store's sessions in a SessionDB: loaded at start, every acknowledged change
+    written before its answer (`persist`), the rest every `interval_s`, everything at shutdown. A failed load or write is counted (`notify("on_session_snapshot_failed",
     operation)`), logged once per outage with the real error, and retried after a backoff that doubles
     up to `max_backoff_s`; until a failed load succeeds no write replaces the file's contents, so its
     sessions are never overwritten by a server that could not read them. The blocking methods run in a
@@ -279,8 +308,13 @@ class Snapshots:
         self.failures, self.consecutive = 0, 0
         self.last_error: str | None = None
         self.last_success_at: float | None = None
-        self._lock = threading.Lock()  # one load or write at a time: the loop's, and the shutdown's
+        self._lock = threading.Lock()  # one load or write at a time: the loop's, persist's, and the shutdown's
         self._stopping = False
+        self._waiting: list[asyncio.Future] = []  # persist calls the next group commit answers
+        self._committer: asyncio.Task | None = None  # the task writing group commits, while there are any to write
+        self.group_commits = 0  # transactions persist wrote
+        self.not_durable = 0  # acknowledged changes that could not be written before their answer
+        self._unsynced = False  # policy everysec: written since the last fsync
 
     # ------------------------------------------------------------------ blocking
     def load(self) -> int:
@@ -305,28 +339,31 @@ class Snapshots:
         self._succeeded()
         return self.restored
 
-    def write(self) -> None:
+    def write(self) -> bool:
         """One snapshot of what changed (everything after a failure); a failed load is retried first.
-        Never raises: every failure is counted, logged and retried."""
+        Returns whether the file now holds every change made before the call. Never raises: every
+        failure is counted, logged and retried."""
         with self._lock:
             if self._stopping:
-                return
+                return False
             try:
-                self._write()
+                return self._write()
             except Exception as e:  # a late load found the file is not ours, or the disk failed oddly
                 self._failed("load" if not self.loaded else "write", e)
+                return False
 
-    def _write(self) -> None:
+    def _write(self) -> bool:
         if not self.loaded:
             self._load()
             if not self.loaded:
-                return
+                return False
         changed, removed = self.store.take_changes()
         if self.full:
             changed, removed = self.store.all_records(), []
         try:
             if changed or removed or self.full:
                 self.db.write(changed, removed, self.full)
+                self._unsynced = True
             self.full = False
         except Exception as e:  # the file is as the last good snapshot left it; the sessions are in memory
             self.full = True
@@ -334,9 +371,55 @@ class Snapshots:
             if is_corruption(e):  # found while writing: set it aside; the next write builds a new file of every session
                 with contextlib.suppress(SnapshotUnavailable):
                     self.db._set_aside(describe(e))
-            return
+            return False
         self.store.snapshot_done()  # the file now holds every commit made before this snapshot began
         self._succeeded()
+        return True
+
+    def sync(self) -> None:
+        """Policy everysec: what was written since the last call reaches the disk. Never raises."""
+        with self._lock:
+            if not self._unsynced or not self.db.is_open:
+                return
+            self._unsynced = False
+            try:
+                self.db.sync()
+            except OSError as e:
+                self._unsynced = True
+                self._failed("write", e)
+
+    # ------------------------------------------------------------------ durable before acknowledged
+    async def persist(self) -> bool:
+        """Wait until every change made to the store before this call is in the file (under the fsync
+        policy), so that an answer sent after it survives a crash. The calls that arrive while a
+        transaction is being written share the next one (a group commit). False: the disk could not
+        take it now, or it is degraded (the change is in memory, and the periodic snapshot writes it once
+        the disk is back)."""
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.append(future)
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.create_task(self._commit_groups())
+        return await asyncio.shield(future)  # a client that goes away does not cancel the others' commit
+
+    async def _commit_groups(self) -> None:
+        while self._waiting:
+            group, self._waiting = self._waiting, []
+            try:
+                # a degraded file is retried by the periodic snapshot, on its backoff, not by every call
+                durable = self.consecutive == 0 and await asyncio.to_thread(self.write)
+            except BaseException:  # the loop is closing: nobody is answered as durable
+                durable = False
+                for future in [*group, *self._waiting]:
+                    if not future.done():
+                        future.set_result(False)
+                raise
+            self.group_commits += 1
+            if not durable:
+                self.not_durable += len(group)
+                self.notify("on_session_not_durable", len(group))
+            for future in group:
+                if not future.done():
+                    future.set_result(durable)
 
     def final(self) -> int:
         """At shutdown, after the loop's last write (the lock): every session, replacing the file's, once
@@ -375,14 +458,28 @@ class Snapshots:
         return min(self.max_backoff_s, self.interval_s * 2 ** self.consecutive) if self.consecutive else self.interval_s
 
     async def run(self) -> None:
+        """The periodic snapshot, and for policy everysec the fsync once a second."""
+        if self.db.fsync == "everysec":
+            await asyncio.gather(self._snapshot_loop(), self._sync_loop())
+        else:
+            await self._snapshot_loop()
+
+    async def _snapshot_loop(self) -> None:
         while True:
             await asyncio.sleep(self.delay())
             await asyncio.to_thread(self.write)
 
+    async def _sync_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            await asyncio.to_thread(self.sync)
+
     def status(self) -> dict:
         """What /ready and /info show."""
         state = "ok" if self.consecutive == 0 else "degraded"
-        return {"file": str(self.db.path), "state": state, "loaded": self.loaded, "restored": self.restored,
+        return {"file": str(self.db.path), "state": state, "fsync": self.db.fsync, "durable": self.consecutive == 0,
+                "not_durable": self.not_durable, "group_commits": self.group_commits,
+                "loaded": self.loaded, "restored": self.restored,
                 "snapshots": self.store.snapshots, "failures": self.failures, "failures_in_a_row": self.consecutive,
                 "last_error": self.last_error, "last_success_at": self.last_success_at,
                 "retry_in_s": self.delay() if self.consecutive else None}

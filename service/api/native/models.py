@@ -95,6 +95,7 @@ class SessionCreate(_Strict):
 
 
 SESSION_FORMAT = "charlstm-session/1"
+DURABLE_HEADER = "X-Session-Durable"  # on a deletion's 204 (no body): whether a crash could bring the session back
 MAX_SESSION_DATA_CHARS = 1 << 22  # a hard bound on what is read; the OpenAPI document gives the serving model's exact length
 
 
@@ -134,6 +135,10 @@ class SessionInfo(BaseModel):
     expires_at: float = Field(description="unix time, seconds")
     ttl_seconds: float
     busy: bool
+    durable: bool | None = Field(None, description="in the answer to a change (a session call, create, import, fork): whether the change was "
+                                 "made durable before this answer (session_fsync), so a crash of the server cannot take it "
+                                 "back; false while the session file cannot be written (the change is kept in memory); "
+                                 "null in a read")
 
 
 class ScoreRequest(_Strict):

@@ -17,7 +17,7 @@ from ..native.formatter import failed
 from ..native.serving import respond
 from ..reader import run_one
 from ..validate import encode_prompt, validate
-from ..native.models import (SESSION_FORMAT, STREAM_RESPONSE, ErrorResponse, GenerateRequest, GenerateResponse, SessionCreate,
+from ..native.models import (DURABLE_HEADER, SESSION_FORMAT, STREAM_RESPONSE, ErrorResponse, GenerateRequest, GenerateResponse, SessionCreate,
                        SessionExport, SessionFork, SessionImport, SessionInfo)
 
 router = APIRouter(prefix="/sessions", tags=["sessions"])
@@ -48,7 +48,7 @@ async def create_session(request: Request, pool: PoolDep, sessions: SessionsDep,
         raise failed(done)
     if not done.completed:
         raise APIError(503, "not_ready", "the session could not be primed: the server is shutting down", None, {"Retry-After": "1"})
-    return describe(await sessions.create(done, body.ttl_seconds, served.model.fingerprint), pool)
+    return describe(*await sessions.create(done, body.ttl_seconds, served.model.fingerprint), pool=pool)
 
 
 @router.post("/import", status_code=201, response_model=SessionInfo, responses=ERRORS, dependencies=[JSONBody, Quota])
@@ -62,10 +62,10 @@ async def import_session(body: SessionImport, request: Request, pool: PoolDep, s
     ref = body.model if body.model is not None else blob_model(body.data, key, pool)
     model = pool.catalog.resolve(ref)  # the metadata the check needs; the model itself is not loaded
     cfg = model.card["config"]
-    record = await sessions.import_blob(body.data, key, model=model.ref, fingerprint=model.fingerprint,
+    record, durable = await sessions.import_blob(body.data, key, model=model.ref, fingerprint=model.fingerprint,
                                         layers=cfg["num_layers"], hidden=cfg["hidden_size"], ttl_s=body.ttl_seconds,
                                         position=body.position)
-    return describe(record, pool)
+    return describe(record, durable, pool=pool)
 
 
 @router.get("/{session_id}/export", response_model=SessionExport, responses={s: {"model": ErrorResponse} for s in (404, 503)})
@@ -86,7 +86,7 @@ async def fork_session(session_id: str, pool: PoolDep, sessions: SessionsDep, se
     a call runs on the session."""
     body = body or SessionFork()
     check_ttl(body.ttl_seconds, settings)
-    return describe(await sessions.fork(session_id, body.ttl_seconds), pool)
+    return describe(*await sessions.fork(session_id, body.ttl_seconds), pool=pool)
 
 
 @router.post("/{session_id}/generate", response_model=GenerateResponse, response_model_exclude_none=True,
@@ -114,20 +114,21 @@ async def session_generate(session_id: str, body: GenerateRequest, request: Requ
 @router.get("/{session_id}", response_model=SessionInfo, responses={404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
 async def get_session(session_id: str, pool: PoolDep, sessions: SessionsDep):
     record, busy = await sessions.metadata(session_id)
-    return describe(record, pool, busy)
+    return describe(record, pool=pool, busy=busy)
 
 
 @router.delete("/{session_id}", status_code=204, responses={404: {"model": ErrorResponse}, 409: {"model": ErrorResponse},
                                                               503: {"model": ErrorResponse}})
 async def delete_session(session_id: str, sessions: SessionsDep):
-    await sessions.delete(session_id)
-    return Response(status_code=204)
+    durable = await sessions.delete(session_id)
+    return Response(status_code=204, headers={DURABLE_HEADER: str(durable).lower()})
 
 
-def describe(record: SessionRecord, pool: ModelPool, busy: bool = False) -> dict:
-    """A session's metadata, with the model it belongs to by name (null for weights not served here)."""
+def describe(record: SessionRecord, durable: bool | None = None, *, pool: ModelPool, busy: bool = False) -> dict:
+    """A session's metadata, with the model it belongs to by name (null for weights not served here) and,
+    in the answer to a change, whether the change is durable."""
     model = pool.served_for_fingerprint(record.model)
-    return {**record.metadata(busy), "model": model.ref if model else None}
+    return {**record.metadata(busy), "model": model.ref if model else None, "durable": durable}
 
 
 def blob_model(data: str, key: bytes, pool: ModelPool) -> str | None:
