@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import time
 from urllib.parse import urlparse
 
@@ -77,6 +78,8 @@ def main() -> None:
     ap.add_argument("--prompt", default="\n", help="every request's prompt")
     ap.add_argument("--model", default=None, help="the model every request names (default: the server's default)")
     ap.add_argument("--first-seed", type=int, default=0, help="client i sends seed first_seed + i (several processes: distinct seeds)")
+    ap.add_argument("--cpu-pid", type=int, default=None, help="also report the CPU seconds this process (the server, all its "
+                    "threads) spent within the measured window, read from /proc")
     args = ap.parse_args()
     host = urlparse(args.url).hostname
     if host not in ("127.0.0.1", "localhost", "::1"):
@@ -89,13 +92,20 @@ def main() -> None:
     start = time.perf_counter()
     stop_at = start + args.warmup + args.seconds
 
+    cpu: list[float] = []  # the server's CPU seconds at the window's start and end
+
+    async def read_cpu():
+        for at in (start + args.warmup, stop_at):
+            await asyncio.sleep(max(0.0, at - time.perf_counter()))
+            cpu.append(cpu_seconds(args.cpu_pid))
+
     async def run():
         # One connection per client, as separate users would have; aiohttp parses HTTP in C, which leaves
         # more of the two cores to the server than a pure-Python client would.
         limits = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=limits, timeout=aiohttp.ClientTimeout(total=600)) as http:
             await asyncio.gather(*(one(http, args.url, {**body, "seed": args.first_seed + i}, stop_at, out)
-                                   for i in range(args.clients)))
+                                   for i in range(args.clients)), *([read_cpu()] if args.cpu_pid else []))
 
     asyncio.run(run())
     lo, hi = start + args.warmup, stop_at
@@ -109,7 +119,15 @@ def main() -> None:
         "latency_p50": pct(out["latency"], 50), "latency_p99": pct(out["latency"], 99),
         "requests": total, "status": {str(k): v for k, v in out["status"].items()},
         "share_429": out["status"].get(429, 0) / total if total else 0.0,
+        "server_cpu_s": cpu[1] - cpu[0] if len(cpu) == 2 else None, "window_chars": window,
     }))
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and all its threads so far (/proc/PID/stat, fields 14 and 15)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 if __name__ == "__main__":

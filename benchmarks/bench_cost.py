@@ -1,0 +1,184 @@
+"""The engine's own cost (issue 38): the server's CPU time per generated character against the model's
+bare loop, and where each microsecond goes.
+
+    python -m benchmarks.bench_cost [--clients 1,64] [--seconds 10] [--rounds 2] [--backend auto] [--profile-seconds 8]
+                                    [--baseline DIR]
+
+1. The bare loop: `selector.bare_loop` (step + logits, the greedy character fed back) of the bare
+   backend, one thread, one step worker, at B = 1 and B = 64 (onnx-int8 unless --bare names another):
+   its microseconds per character are the model's own arithmetic.
+2. The server: `charlstm serve` with default settings (backend auto; --backend names one) under C
+   streaming clients of 256 characters (benchmarks.loadgen, its own process). The server's CPU seconds
+   in the measured window are read from /proc for the process and all its threads, so the load
+   generator's own CPU is not counted: CPU per character = those seconds / the characters the clients
+   received in the window. With --baseline, another checkout's server is measured in alternate rounds.
+3. Where it goes: py-spy samples the server under the same load (a separate window, so its own cost is
+   not in 2's figure) and each sample of a running thread is put in one stage by its innermost frame of
+   the project's: step (the backend's arithmetic), ingest (prompts), sample (choosing characters and the
+   batch's bookkeeping in the step), output (text, stops, ends), schedule (admission and the loop),
+   deliver (handing events to the event loop), HTTP/SSE (everything on the event loop: parsing, routing,
+   the reader, formatting, writing), other. The shares times 2's CPU per character give microseconds.
+Bare figures are measured before and after the servers; the ratio uses their mean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import httpx
+import torch
+
+from service import store
+from service.backends.selector import bare_loop, build
+
+from .bench_backends import cpu_name
+from .common import ROOT, Proc, table
+
+STAGES = ("step", "ingest", "sample", "output", "schedule", "deliver", "HTTP/SSE", "other")
+
+
+def bare(model: str, name: str, batches: list[int], seconds: float) -> dict[int, float]:
+    """chars/s of the bare loop at each B, one thread, one step worker."""
+    torch.set_num_threads(1)
+    backend = build(name, store.load(model).model, workers=1)
+    try:
+        return {b: statistics.median(bare_loop(backend, b, seconds) for _ in range(3)) for b in batches}
+    finally:
+        backend.close()
+
+
+def server(tree: Path, backend: str | None) -> Proc:
+    """`charlstm serve` from a checkout's own sources, default settings but for a private session file."""
+    env = dict(CHARLSTM_MODEL_STORE=str(ROOT / "model_store"), CHARLSTM_LOG_LEVEL="warning", PYTHONPATH=str(tree),
+               CHARLSTM_SESSION_DB=str(Path(tempfile.mkdtemp(prefix="charlstm-cost-")) / "sessions.sqlite3"))
+    if backend and backend != "auto":
+        env["CHARLSTM_BACKEND"] = backend
+    return Proc(["-m", "service.cli", "serve", "--port", "{port}"], env, cwd=tree)
+
+
+def load(url: str, pid: int, clients: int, seconds: float) -> dict:
+    out = subprocess.run([sys.executable, "-m", "benchmarks.loadgen", "--url", url, "--clients", str(clients),
+                          "--seconds", str(seconds), "--warmup", "2", "--max-new-tokens", "256", "--cpu-pid", str(pid)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=seconds + 600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-2000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def stage_of(frames: list[str]) -> str:
+    """The stage of one sampled stack (root first), by its innermost frame in a file that names one."""
+    for frame in reversed(frames):
+        where = frame.rsplit("(", 1)[-1]
+        if "service/backends/" in where:
+            return "ingest" if any("prefill" in f or "_ingest" in f for f in frames) else "step"
+        if "service/sampling.py" in where or "service/engine/batch.py" in where or "service/engine/step.py" in where:
+            return "sample"
+        if "service/engine/output.py" in where:
+            return "output"
+        if "service/api/bridge.py" in where or frame.startswith("_flush "):
+            return "deliver"
+        if "service/engine/" in where:
+            return "schedule"
+        if any(k in where for k in ("service/api/", "starlette", "uvicorn", "fastapi", "sse_starlette", "asyncio", "httptools",
+                                    "h11", "anyio", "pydantic")):
+            return "HTTP/SSE"
+    return "other"
+
+
+def profile(url: str, pid: int, clients: int, seconds: float) -> dict[str, float] | None:
+    """Shares of the server's running-thread samples by stage, under `clients` streams."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(spy).exists():
+        print("   (py-spy is not installed: no breakdown; `pip install py-spy`)")
+        return None
+    raw = Path(tempfile.mkdtemp(prefix="charlstm-spy-")) / "stacks.txt"
+    loadgen = subprocess.Popen([sys.executable, "-m", "benchmarks.loadgen", "--url", url, "--clients", str(clients),
+                                "--seconds", str(seconds + 2), "--warmup", "1", "--max-new-tokens", "256"],
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        subprocess.run([spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "200", "--nonblocking",
+                        "--format", "raw", "--output", str(raw)], check=True, capture_output=True, timeout=seconds + 60)
+    finally:
+        loadgen.wait(timeout=seconds + 600)
+    counts: collections.Counter[str] = collections.Counter()
+    for line in raw.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if stack:
+            counts[stage_of(stack.split(";"))] += int(n)
+    total = sum(counts.values()) or 1
+    return {s: counts[s] / total for s in STAGES}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="shakespeare")
+    ap.add_argument("--clients", default="1,64")
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--backend", default="auto", help="the server's backend (default: its own default, auto)")
+    ap.add_argument("--bare", default="onnx-int8", help="the backend whose bare loop is the reference")
+    ap.add_argument("--bare-seconds", type=float, default=2.0)
+    ap.add_argument("--profile-seconds", type=float, default=8.0, help="0: no breakdown")
+    ap.add_argument("--baseline", type=Path, default=None, help="another checkout, measured in alternate rounds")
+    args = ap.parse_args()
+    clients = [int(c) for c in args.clients.split(",")]
+    batches = sorted(set(clients))
+    print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; model {args.model}; bare loop {args.bare}, 1 thread, 1 step worker")
+    before = bare(args.model, args.bare, batches, args.bare_seconds)
+    builds = [("this tree", ROOT)] + ([("baseline", args.baseline.resolve())] if args.baseline else [])
+    results = {(name, c): [] for name, _ in builds for c in clients}
+    chosen = {}
+    for _ in range(args.rounds):
+        for name, tree in builds:
+            srv = server(tree, args.backend)
+            try:
+                chosen[name] = (httpx.get(srv.url + "/info", timeout=10).json()["engine"]["backend"] or {}).get("name", "?")
+                for c in clients:
+                    results[name, c].append(load(srv.url, srv.proc.pid, c, args.seconds))
+            finally:
+                srv.stop()
+    after = bare(args.model, args.bare, batches, args.bare_seconds)
+    ref = {b: (before[b] + after[b]) / 2 for b in batches}
+    print(f"\n1. Bare loop chars/s (before the servers / after): "
+          + ", ".join(f"B={b}: {before[b]:,.0f} / {after[b]:,.0f}" for b in batches))
+    rows = []
+    for name, _ in builds:
+        for c in clients:
+            r = results[name, c]
+            cps = statistics.median(x["chars_per_s"] for x in r)
+            us = statistics.median(1e6 * x["server_cpu_s"] / x["window_chars"] for x in r if x["window_chars"])
+            bare_us = 1e6 / ref[c]
+            rows.append([name, chosen.get(name, "?"), c, cps, cps / ref[c], us, bare_us, us / bare_us,
+                         statistics.median(x["server_cpu_s"] for x in r) / args.seconds])
+    print(f"\n2. The server over HTTP, {args.seconds:g} s x {args.rounds} rounds (medians), 256 characters a request\n")
+    print(table(["build", "backend", "clients", "chars/s", "/ bare chars/s", "server CPU us/char", "bare us/char",
+                 "CPU ratio", "server cores busy"], rows))
+    if args.profile_seconds > 0:
+        print(f"\n3. Where the server's CPU goes (py-spy, {args.profile_seconds:g} s at 200 Hz per build and client count; "
+              "us/char = share x the CPU per character of 2)\n")
+        prow = []
+        for name, tree in builds:
+            srv = server(tree, args.backend)
+            try:
+                for c in clients:
+                    shares = profile(srv.url, srv.proc.pid, c, args.profile_seconds)
+                    if shares is None:
+                        return
+                    us = next(r[5] for r in rows if r[0] == name and r[2] == c)
+                    prow.append([name, c, *(f"{100 * shares[s]:.0f}% {shares[s] * us:.0f}" for s in STAGES)])
+            finally:
+                srv.stop()
+        print(table(["build", "clients", *STAGES], prow))
+
+
+if __name__ == "__main__":
+    main()
