@@ -12,9 +12,9 @@ bare loop, and where each microsecond goes.
    in the measured window are read from /proc for the process and all its threads, so the load
    generator's own CPU is not counted: CPU per character = those seconds / the characters the clients
    received in the window. With --baseline, another checkout's server is measured in alternate rounds.
-3. Where it goes: py-spy samples the server under the same load (a separate window, so its own cost is
-   not in 2's figure) and each sample of a running thread is put in one stage by its innermost frame of
-   the project's: step (the backend's arithmetic), ingest (prompts), sample (choosing characters and the
+3. Where it goes, under the same load in a separate window (so the profiler's own cost is not in 2's
+   figure): each thread's exact CPU time (/proc/PID/task), split among stages by py-spy's samples of that
+   thread, each sample put in one stage by its innermost frame of the project's: step (the backend's arithmetic), ingest (prompts), sample (choosing characters and the
    batch's bookkeeping in the step), output (text, stops, ends), schedule (admission and the loop),
    deliver (handing events to the event loop), HTTP/SSE (everything on the event loop: parsing, routing,
    the reader, formatting, writing), other. The shares times 2's CPU per character give microseconds.
@@ -32,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import httpx
@@ -94,28 +95,75 @@ def stage_of(frames: list[str]) -> str:
     return "other"
 
 
-def profile(url: str, pid: int, clients: int, seconds: float) -> dict[str, float] | None:
-    """Shares of the server's running-thread samples by stage, under `clients` streams."""
+def task_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds of each thread of a process so far: /proc/PID/task/TID/stat, utime + stime."""
+    out, tick = {}, os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # a thread that ended meanwhile
+        out[int(task.name)] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def role(name: str) -> str:
+    """A thread's part in the server, by its Python name."""
+    for prefix, part in (("MainThread", "event loop"), ("charlstm-engine", "engine"), ("charlstm-step", "step workers"),
+                         ("charlstm-sessions", "session store")):
+        if name.startswith(prefix):
+            return part
+    return "other threads"
+
+
+ROLES = ("event loop", "engine", "step workers", "session store", "other threads")
+
+
+def profile(url: str, pid: int, clients: int, seconds: float) -> tuple[dict[str, float], dict[str, float]] | None:
+    """(share of the server's CPU by stage, by thread role) under `clients` streams. Each thread's exact CPU
+    time in the window (/proc) is split among stages by py-spy's samples of that thread (a sample of a
+    thread that is runnable but waits for a core or the GIL counts as running: py-spy cannot tell)."""
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(spy).exists():
         print("   (py-spy is not installed: no breakdown; `pip install py-spy`)")
         return None
     raw = Path(tempfile.mkdtemp(prefix="charlstm-spy-")) / "stacks.txt"
     loadgen = subprocess.Popen([sys.executable, "-m", "benchmarks.loadgen", "--url", url, "--clients", str(clients),
-                                "--seconds", str(seconds + 2), "--warmup", "1", "--max-new-tokens", "256"],
+                                "--seconds", str(seconds + 3), "--warmup", "0", "--max-new-tokens", "256"],
                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS="1"))
     try:
+        time.sleep(1.5)  # the clients' first requests: a benchmark's warm-up, not a synchronisation
+        before = task_cpu(pid)
         subprocess.run([spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "200", "--nonblocking",
-                        "--format", "raw", "--output", str(raw)], check=True, capture_output=True, timeout=seconds + 60)
+                        "--threads", "--format", "raw", "--output", str(raw)], check=True, capture_output=True, timeout=seconds + 60)
+        after = task_cpu(pid)
     finally:
         loadgen.wait(timeout=seconds + 600)
-    counts: collections.Counter[str] = collections.Counter()
+    names: dict[int, str] = {}
+    samples: dict[int, collections.Counter[str]] = collections.defaultdict(collections.Counter)
     for line in raw.read_text().splitlines():
         stack, _, n = line.rpartition(" ")
-        if stack:
-            counts[stage_of(stack.split(";"))] += int(n)
-    total = sum(counts.values()) or 1
-    return {s: counts[s] / total for s in STAGES}
+        head, _, rest = stack.partition(";")
+        if not head.startswith("thread ("):
+            continue
+        tid = int(head[len("thread ("):].split(")", 1)[0], 0)
+        names[tid] = head.split(": ", 1)[-1]
+        samples[tid][stage_of(rest.split(";"))] += int(n)
+    cpu = {tid: after[tid] - before.get(tid, 0.0) for tid in after}
+    total = sum(cpu.values()) or 1.0
+    by_stage: collections.Counter[str] = collections.Counter()
+    by_role: collections.Counter[str] = collections.Counter()
+    for tid, seconds_used in cpu.items():
+        name = names.get(tid, "?")
+        by_role[role(name)] += seconds_used / total
+        counts = samples.get(tid)
+        if not counts:
+            by_stage["step" if role(name) == "step workers" else "other"] += seconds_used / total
+            continue
+        n = sum(counts.values())
+        for stage, k in counts.items():
+            by_stage[stage] += seconds_used / total * k / n
+    return {s: by_stage[s] for s in STAGES}, {r: by_role[r] for r in ROLES}
 
 
 def main() -> None:
@@ -165,19 +213,24 @@ def main() -> None:
     if args.profile_seconds > 0:
         print(f"\n3. Where the server's CPU goes (py-spy, {args.profile_seconds:g} s at 200 Hz per build and client count; "
               "us/char = share x the CPU per character of 2)\n")
-        prow = []
+        prow, trow = [], []
         for name, tree in builds:
             srv = server(tree, args.backend)
             try:
                 for c in clients:
-                    shares = profile(srv.url, srv.proc.pid, c, args.profile_seconds)
-                    if shares is None:
+                    got = profile(srv.url, srv.proc.pid, c, args.profile_seconds)
+                    if got is None:
                         return
+                    stages, roles = got
                     us = next(r[5] for r in rows if r[0] == name and r[2] == c)
-                    prow.append([name, c, *(f"{100 * shares[s]:.0f}% {shares[s] * us:.0f}" for s in STAGES)])
+                    prow.append([name, c, *(f"{100 * stages[s]:.0f}% {stages[s] * us:.0f}" for s in STAGES)])
+                    trow.append([name, c, *(f"{100 * roles[r]:.0f}% {roles[r] * us:.0f}" for r in ROLES)])
             finally:
                 srv.stop()
+        print("by stage: share of the server's CPU, and us per character\n")
         print(table(["build", "clients", *STAGES], prow))
+        print("\nby thread (exact CPU time of each thread in the window, /proc): share, and us per character\n")
+        print(table(["build", "clients", *ROLES], trow))
 
 
 if __name__ == "__main__":

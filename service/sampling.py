@@ -7,6 +7,8 @@ the batch, and a stream's random state can be saved, restored or forked by copyi
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,8 +32,22 @@ def _mix64(z: np.ndarray) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
+_MASK = (1 << 64) - 1
+SMALL_BATCH = 8  # up to this many rows, Python's integers hash faster than a dozen numpy calls on tiny arrays
+
+
+def _mix64_int(z: int) -> int:
+    """`_mix64` of one Python integer (the same bits: every product taken modulo 2**64)."""
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+    return z ^ (z >> 31)
+
+
 def uniforms(seeds: np.ndarray, counters: np.ndarray) -> np.ndarray:
     """One uniform in [0, 1) per stream for its `counter`-th draw. seeds, counters: (B,) -> (B,) float64."""
+    if len(seeds) <= SMALL_BATCH:  # the same integers, without numpy's fixed cost per call
+        return np.array([(_mix64_int((_mix64_int(int(s)) + (int(c) + 1) * 0x9E3779B97F4A7C15) & _MASK) >> 11) * (1.0 / 2**53)
+                         for s, c in zip(seeds.tolist(), counters.tolist())], dtype=np.float64)
     with np.errstate(over="ignore"):
         key = _mix64(np.asarray(seeds, dtype=np.uint64))
         z = _mix64(key + (np.asarray(counters, dtype=np.uint64) + np.uint64(1)) * _GOLDEN)
@@ -122,8 +138,8 @@ def temperature_scale(temperature: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 
 def sample_plain(logits: torch.Tensor, scale: torch.Tensor, greedy: torch.Tensor, u: torch.Tensor,
-                 want_logprobs: bool = True, *, any_greedy: bool = True,
-                 raw: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 want_logprobs: bool = True, *, any_greedy: bool = True, raw: torch.Tensor | None = None,
+                 unit_scale: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`sample_next` for rows with no filter: temperature and greedy only, in vocabulary order. It picks
     what `sample_next` picks for such rows, in fewer kernels (no sort) and without reading anything back
     to the host, so a CUDA graph can hold it (service/engine/cuda_step.py), and at one row on the CPU, where
@@ -131,18 +147,28 @@ def sample_plain(logits: torch.Tensor, scale: torch.Tensor, greedy: torch.Tensor
 
     logits (B, V); scale (B,) the temperature, 1 for greedy rows; greedy (B,) bool; u (B,) float64.
     any_greedy False (the caller knows no row is greedy) skips the argmax; raw: the logits before any
-    penalty, for the log-probabilities (default: logits). Returns (ids (B,) int64, logprobs (B,) or None)."""
-    pick = _draw(torch.softmax(logits / scale.unsqueeze(1), dim=-1), u)  # (B,)
+    penalty, for the log-probabilities (default: logits). unit_scale True (the caller knows every scale is 1)
+    skips the division, which would leave every bit as it is. Returns (ids (B,) int64, logprobs (B,) or None)."""
+    pick = _draw(torch.softmax(logits if unit_scale else logits / scale.unsqueeze(1), dim=-1), u)  # (B,)
     if any_greedy:
         pick = torch.where(greedy, logits.argmax(dim=-1), pick)
     return pick, _logprobs(logits if raw is None else raw, pick) if want_logprobs else None
 
 
 def _draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """The first column whose cumulative probability exceeds each row's uniform. probs (B, V), u (B,) -> (B,) int64."""
-    cdf = torch.cumsum(probs.double(), dim=-1)  # (B, V)
-    target = (u.to(cdf.dtype) * cdf[:, -1]).unsqueeze(1)  # (B, 1): the rows' mass need not sum to 1
-    return torch.searchsorted(cdf, target, right=True).clamp_(max=probs.shape[1] - 1).squeeze(1)
+    """The first column whose cumulative probability exceeds each row's uniform. probs (B, V), u (B,) -> (B,) int64.
+    The cumulative sum runs left to right in float64, one addition at a time (torch's CPU cumsum does the
+    same), so a few rows on the host take Python's floats: the same bits, without a tensor op's fixed cost."""
+    V = probs.shape[1]
+    if probs.shape[0] <= SMALL_BATCH and probs.device.type == "cpu":
+        picks = []
+        for row, x in zip(probs.tolist(), u.tolist()):
+            cdf = list(itertools.accumulate(row))
+            picks.append(min(bisect.bisect_right(cdf, x * cdf[-1]), V - 1))
+        return torch.tensor(picks, dtype=torch.long)
+    cdf = torch.cumsum(probs, dim=-1, dtype=torch.float64)  # (B, V)
+    target = (u.to(cdf.dtype) * cdf[:, -1]).unsqueeze_(1)  # (B, 1): the rows' mass need not sum to 1
+    return torch.searchsorted(cdf, target, right=True).clamp_(max=V - 1).squeeze_(1)
 
 
 def _logprobs(raw: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@
 import numpy as np
 import torch
 
+from service import sampling
 from service.sampling import sample_next, sample_plain, uniforms
 
 
@@ -98,3 +99,19 @@ def test_the_plain_sampler_draws_by_the_cdf_in_vocabulary_order_and_takes_the_ar
     assert torch.equal(sample_next(logits, *controls(B), None, u)[0],
                        sample_plain(logits, torch.ones(B), torch.zeros(B, dtype=torch.bool), u, any_greedy=False)[0])
     assert sample_plain(logits, scale, greedy, u, want_logprobs=False)[1] is None
+
+
+def test_a_few_rows_take_the_same_uniforms_and_draws_as_the_vectorised_path(monkeypatch):
+    """Up to SMALL_BATCH rows, uniforms and draws are worked out with Python's integers and floats; they must
+    give the vectorised (numpy, torch) path's bits, whatever the seed (2**64 - 1 included) or the distribution."""
+    rng = np.random.default_rng(3)
+    seeds = np.concatenate([rng.integers(0, 2**63, 300, dtype=np.uint64), np.array([2**64 - 1, 0], dtype=np.uint64)])
+    counters = rng.integers(0, 2**40, len(seeds), dtype=np.uint64)
+    probs = torch.softmax(torch.randn(len(seeds), 65, generator=torch.Generator().manual_seed(3)) * 4, dim=-1)
+    probs[::7, -5:] = 0.0  # columns no row may take
+    fast_u = np.concatenate([sampling.uniforms(seeds[i : i + 2], counters[i : i + 2]) for i in range(0, len(seeds), 2)])
+    fast_ids = torch.cat([sampling._draw(probs[i : i + 2], torch.from_numpy(fast_u[i : i + 2])) for i in range(0, len(seeds), 2)])
+    monkeypatch.setattr(sampling, "SMALL_BATCH", 0)
+    assert np.array_equal(fast_u, sampling.uniforms(seeds, counters))
+    assert torch.equal(fast_ids, sampling._draw(probs, torch.from_numpy(fast_u)))
+    assert torch.equal(sampling._draw(probs, torch.zeros(len(seeds), dtype=torch.float64)), (probs > 0).long().argmax(1))

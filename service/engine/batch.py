@@ -141,6 +141,11 @@ class Batch:
         return temperature_scale(self.controls["temperature"])
 
     @cached_property
+    def unit_scale(self) -> bool:
+        """Every row's logits are divided by 1 (temperature 1 or greedy): the division can be skipped."""
+        return bool((self.temperature_scale[1] == 1.0).all())
+
+    @cached_property
     def any_greedy(self) -> bool:
         return bool(self.temperature_scale[0].any())
 

@@ -69,7 +69,8 @@ class Stepper:
                 u = torch.from_numpy(uniforms(batch.seeds, batch.counters))  # (B,)
                 if batch.plain:  # the batch's scale is worked out once: fewer kernels, most of a lone row's sampling
                     greedy, scale = batch.temperature_scale  # (B,), (B,)
-                    ids, lps = sample_plain(logits, scale, greedy, u, batch.wants_logprobs, any_greedy=batch.any_greedy, raw=raw)
+                    ids, lps = sample_plain(logits, scale, greedy, u, batch.wants_logprobs, any_greedy=batch.any_greedy, raw=raw,
+                                            unit_scale=batch.unit_scale)
                 else:
                     ids, lps = sample_next(logits, **batch.controls, seen=batch.seen if batch.penalised else None, u=u,
                                            want_logprobs=batch.wants_logprobs,
