@@ -4,9 +4,10 @@ bare loop, and where each microsecond goes.
     python -m benchmarks.bench_cost [--clients 1,64] [--seconds 10] [--rounds 2] [--backend auto] [--profile-seconds 8]
                                     [--baseline DIR]
 
-1. The bare loop: `selector.bare_loop` (step + logits, the greedy character fed back) of the bare
-   backend, one thread, one step worker, at B = 1 and B = 64 (onnx-int8 unless --bare names another):
-   its microseconds per character are the model's own arithmetic.
+1. The bare loops, one thread, at B = 1 and B = 64 (onnx-int8 unless --bare names another): ONNX
+   Runtime's own loop over the backend's step graph (run, argmax, outputs fed back, in numpy), and the
+   backend's bare loop (`selector.bare_loop`: step + logits, the greedy character fed back, one step
+   worker). The raw loop's microseconds per character are the model's own arithmetic: the reference.
 2. The server: `charlstm serve` with default settings (backend auto; --backend names one) under C
    streaming clients of 256 characters (benchmarks.loadgen, its own process). The server's CPU seconds
    in the measured window are read from /proc for the process and all its threads, so the load
@@ -36,6 +37,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import torch
 
 from service import store
@@ -47,12 +49,33 @@ from .common import ROOT, Proc, table
 STAGES = ("step", "ingest", "sample", "output", "schedule", "deliver", "HTTP/SSE", "other")
 
 
-def bare(model: str, name: str, batches: list[int], seconds: float) -> dict[int, float]:
-    """chars/s of the bare loop at each B, one thread, one step worker."""
+def raw_onnx_loop(backend, batch: int, seconds: float) -> float:
+    """chars/s of ONNX Runtime's own loop over the backend's step graph: run, argmax, the outputs fed back
+    as the next inputs, in numpy; no torch, no backend code between the runs."""
+    sess, inputs, outputs, L = backend._step, backend._inputs, backend._outputs, backend.num_layers
+    feeds = {"ids": np.zeros(batch, np.int64)}
+    for h, c in inputs:
+        feeds[h] = feeds[c] = np.zeros((batch, backend.hidden), np.float32)
+    steps, t0 = 0, time.perf_counter()
+    while steps < 3 or time.perf_counter() - t0 < seconds:
+        out = sess.run(outputs, feeds)
+        feeds["ids"] = out[-1].argmax(1)
+        for layer, (h, c) in enumerate(inputs):
+            feeds[h], feeds[c] = out[layer], out[L + layer]
+        steps += 1
+    return batch * steps / (time.perf_counter() - t0)
+
+
+def bare(model: str, name: str, batches: list[int], seconds: float) -> dict[tuple[str, int], float]:
+    """chars/s at each B, one thread, one step worker: ("backend", B) the backend's bare loop
+    (`selector.bare_loop`), ("raw", B) ONNX Runtime's own loop of the same graph (onnx backends)."""
     torch.set_num_threads(1)
     backend = build(name, store.load(model).model, workers=1)
     try:
-        return {b: statistics.median(bare_loop(backend, b, seconds) for _ in range(3)) for b in batches}
+        got = {("backend", b): statistics.median(bare_loop(backend, b, seconds) for _ in range(3)) for b in batches}
+        if name.startswith("onnx"):
+            got.update({("raw", b): statistics.median(raw_onnx_loop(backend, b, seconds) for _ in range(3)) for b in batches})
+        return got
     finally:
         backend.close()
 
@@ -195,9 +218,12 @@ def main() -> None:
             finally:
                 srv.stop()
     after = bare(args.model, args.bare, batches, args.bare_seconds)
-    ref = {b: (before[b] + after[b]) / 2 for b in batches}
-    print(f"\n1. Bare loop chars/s (before the servers / after): "
-          + ", ".join(f"B={b}: {before[b]:,.0f} / {after[b]:,.0f}" for b in batches))
+    kind = "raw" if ("raw", batches[0]) in before else "backend"  # the strictest reference there is
+    ref = {b: (before[kind, b] + after[kind, b]) / 2 for b in batches}
+    print("\n1. Bare loops, chars/s (before the servers / after): "
+          + "; ".join(f"{k} B={b}: {before[k, b]:,.0f} / {after[k, b]:,.0f}" for k, b in sorted(before))
+          + f". The ratios below use the {kind} loop"
+          + (" (ONNX Runtime's own, the strictest)" if kind == "raw" else ""))
     rows = []
     for name, _ in builds:
         for c in clients:

@@ -63,6 +63,11 @@ class EngineConfig:
     start_char: str = "\n"  # fed when a fresh stream has no prompt, so the first character has context
     decode_steps: int = 1  # steps a look: the rows' text is updated once per look (a device step must be built for as many)
     max_rows_per_request: int | None = None  # rows one request holds at once; None: a quarter of max_batch_size (at least 1)
+    # How often characters are handed to the listeners: a stream's first characters, its end and anything
+    # but characters go at once; later characters wait for the next hand-over, at most this long. 0: every
+    # loop. Each hand-over wakes the listeners' side (the event loop), which costs more than a step of a
+    # small batch, while a reader that writes every `stream_interval_ms` gains nothing from more.
+    deliver_interval_s: float = 0.0
 
     @property
     def rows_per_request(self) -> int:
@@ -140,6 +145,7 @@ class Engine:
         self._batch = self._empty_batch()
         self._joining: list[Batch] = []  # rows whose prompt is in, joining the batch this loop
         self._undelivered: list[tuple[Any, list, int]] = []  # (listener, events, attempts) that failed to go out
+        self._next_delivery = 0.0  # perf_counter time from which characters that can wait go out
         start = config.start_char if config.start_char in vocab else vocab.chars[0]
         self._start_id = vocab.encode(start)[0]
 
@@ -259,8 +265,8 @@ class Engine:
             with self._cv:
                 while not (self._incoming or self._cancelled or len(self._batch) or scheduler.ingesting
                            or scheduler.waiting or self._stop):
-                    if not self._cv.wait(RETRY_DELIVERY_S if self._undelivered else None):
-                        break  # events wait for another try
+                    if not self._cv.wait(self._idle_wait()):
+                        break  # events wait for another try, or for their hand-over
                 if self._stop:
                     return
                 incoming, self._incoming = self._incoming, []
@@ -286,6 +292,14 @@ class Engine:
                 self._fail_in_flight(e)
             self._publish_counts()
             self._flush()
+
+    def _idle_wait(self) -> float | None:
+        """How long an idle loop may sleep: until undelivered events are retried, or held characters are due."""
+        if self._undelivered:
+            return RETRY_DELIVERY_S
+        if self.output.outbox:
+            return max(0.0, self._next_delivery - time.perf_counter())
+        return None
 
     def _turn(self):
         return self.share.turn(id(self)) if self.share is not None else contextlib.nullcontext()
@@ -426,7 +440,7 @@ class Engine:
         except Exception:  # the loop is over either way
             log.exception("emptying the device batch failed")
         self._publish_counts()
-        self._flush()
+        self._flush(force=True)
 
     def _publish_counts(self) -> None:
         running = len(self._batch) + len(self.scheduler.ingesting)
@@ -434,14 +448,20 @@ class Engine:
         with self._cv:
             self._counts = (running, waiting)
 
-    def _flush(self) -> None:
-        """Hand this loop's events over. If that fails, each listener's events are retried on their own,
-        in order, and those that still fail wait for the next loop: a transient fault delays events, it
-        never loses an end. A listener that keeps failing is given up after MAX_DELIVERY_ATTEMPTS loops."""
+    def _flush(self, force: bool = False) -> None:
+        """Hand the events over: at once when one cannot wait (an end, a stream's first characters), else
+        once `deliver_interval_s` has passed since the last hand-over. If that fails, each listener's events
+        are retried on their own, in order, and those that still fail wait for the next loop: a transient
+        fault delays events, it never loses an end. A listener that keeps failing is given up after
+        MAX_DELIVERY_ATTEMPTS loops."""
         if not self._undelivered:  # the usual case: hand the outbox over as it is
             if not self.output.outbox:
                 return
-            outbox, self.output.outbox = self.output.outbox, []
+            now = time.perf_counter()
+            if not (force or self.output.urgent or now >= self._next_delivery):
+                return
+            self._next_delivery = now + self.config.deliver_interval_s
+            outbox, self.output.outbox, self.output.urgent = self.output.outbox, [], False
             try:
                 self.deliver(outbox)
                 return
@@ -450,7 +470,7 @@ class Engine:
             out = [(listener, events, 0) for listener, events in outbox]
         else:
             out = self._undelivered + [(listener, events, 0) for listener, events in self.output.outbox]
-            self.output.outbox = []
+            self.output.outbox, self.output.urgent = [], False
         self._undelivered = []
         blocked: set[int] = set()  # listeners with an earlier event still undelivered: keep their order
         for listener, events, attempts in out:

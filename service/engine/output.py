@@ -41,6 +41,7 @@ class Output:
         place back in the engine's accounting (called once per stream)."""
         self.chars, self.notify, self.release = chars, notify, release
         self.outbox: list[tuple[Any, list]] = []
+        self.urgent = False  # the outbox holds an event that must not wait (an end, a stream's first characters)
 
     def process(self, rows: list[Stream], k: int, look: Look) -> None:
         """Each row's characters of the look: its text, figures, stop strings and end."""
@@ -137,6 +138,8 @@ class Output:
             stream.released = upto
             return
         start = stream.released
+        if start == 0:
+            self.urgent = True  # time to first character is not held back
         lps = tuple(stream.lps[start:upto]) if stream.request.logprobs else None
         tops = tuple(stream.tops[start:upto]) if stream.request.params.top_logprobs else None
         self.outbox.append((stream.listener, [Token(start, "".join(stream.chars[start:upto]), lps, tops)]))
@@ -144,6 +147,7 @@ class Output:
 
     def emit(self, stream: Stream, event: Any) -> None:
         self.outbox.append((stream.listener, [event]))
+        self.urgent = True
 
     def finish(self, stream: Stream, reason: str, state: torch.Tensor | None = None, cut: int | None = None,
                error: str | None = None) -> None:
@@ -159,6 +163,7 @@ class Output:
         finally:
             self.release(stream)
         self.outbox.append((stream.listener, [done]))
+        self.urgent = True
         self.notify("on_finish", done.finish_reason, done.prompt_tokens, done.completion_tokens)
 
     def _done(self, stream: Stream, reason: str, state: torch.Tensor | None, cut: int | None, error: str | None) -> Done:
