@@ -108,3 +108,41 @@ def test_a_short_prompt_is_fed_by_the_batch_and_writes_what_it_writes_alone(tiny
         assert (reference.text, reference.logprobs, reference.top_logprobs) == (one.text, one.logprobs, one.top_logprobs)
         assert torch.equal(reference.state, one.state)
         assert [n for kind, n in busy_log if kind == "step"][0] == 3  # all three rows from the first step on
+
+
+def test_characters_wait_for_their_hand_over_but_first_characters_and_ends_do_not(tiny_model):
+    """deliver_interval_s: a stream's first characters go out at once, later ones wait for the next hand-over
+    (here never within the run), and the end takes everything with it; the text is the text of every loop's
+    hand-over, and so is each listener's order of events."""
+    def run(interval):
+        handovers = []
+        finished = threading.Event()
+
+        def deliver(batch):
+            handovers.append([(i, [type(e).__name__ for e in evs]) for i, evs in batch])
+            if sum(name == "Done" for h in handovers for _, names in h for name in names) == 2:
+                finished.set()
+            for i, evs in batch:
+                texts[interval].setdefault(i, []).extend(evs)
+
+        engine = Engine(TorchBackend(tiny_model.model), tiny_model.vocab,
+                        EngineConfig(max_batch_size=4, deliver_interval_s=interval), deliver)
+        for i in range(2):
+            engine.submit(GenerationRequest(prompt_ids=[1, 2], max_new_tokens=40, seed=7 + i), i)
+        engine.start()
+        try:
+            assert finished.wait(120)
+        finally:
+            engine.stop()
+        return handovers
+
+    texts: dict[float, dict] = {0.0: {}, 3600.0: {}}
+    every_loop, held = run(0.0), run(3600.0)
+    assert len(every_loop) >= 40  # one hand-over a loop
+    assert len(held) == 2  # the first characters of both streams (admitted together), then both ends
+    assert sorted(i for i, names in held[0] if names == ["Token"]) == [0, 1]
+    assert sorted(i for i, names in held[1] if names == ["Done"]) == [0, 1]
+    for i in range(2):
+        done = [e for e in texts[3600.0][i] if isinstance(e, Done)][0]
+        assert done.text == [e for e in texts[0.0][i] if isinstance(e, Done)][0].text
+        assert "".join(e.text for e in texts[3600.0][i] if isinstance(e, Token)) == done.text

@@ -30,7 +30,9 @@ CPU_BACKENDS = ("torch", "torch-int8", "onnx", "onnx-int8")
 NAMES = ("auto", *CPU_BACKENDS, "cuda")
 QUALITY_TOLERANCE = 0.01  # bits per character a backend may cost against torch fp32
 WEIGHTS_BACKEND = {"none": "torch", "int8": "torch-int8"}  # torch's backend for each --quantize value
-DEFAULT_STEP_WORKERS = {"torch": 2, "torch-int8": 1, "onnx": 2, "onnx-int8": 2}  # measured: benchmarks/README.md
+# measured: benchmarks/README.md. An int8 step of half a batch costs nearly what the whole batch's does (its
+# weights, not its rows, are the work), so two shares of one int8 step double its CPU and gain no characters
+DEFAULT_STEP_WORKERS = {"torch": 2, "torch-int8": 1, "onnx": 2, "onnx-int8": 1}
 TIMING_S = 0.12  # a candidate's bare loop, at each of the two sizes
 SAMPLE_ROWS, SAMPLE_LEN = 8, 65  # the quality text: 8 x 64 predictions (the same text for every candidate, so their difference is what it measures)
 
