@@ -8,6 +8,8 @@ the process_* and python_* series an operator's dashboards expect beside the cha
 
 from __future__ import annotations
 
+import bisect
+
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -40,6 +42,9 @@ SESSION_REMOVAL_REASONS = ("expired", "evicted", "deleted")
 SESSION_STORE_OPERATIONS = ("create", "get", "is_leased", "lease", "renew", "commit", "release", "delete")
 
 
+FEW_VALUES = 8  # CountedHistogram: up to this many values at once, a Python loop costs less than numpy's calls
+
+
 class CountedHistogram:
     """A histogram fed many values at once, each standing for a count of observations, one series a model.
 
@@ -51,6 +56,7 @@ class CountedHistogram:
     def __init__(self, name: str, documentation: str, buckets: tuple[float, ...], registry: CollectorRegistry):
         self.name, self.documentation = name, documentation
         self.bounds = np.asarray(buckets, dtype=np.float64)  # upper bounds (le), +Inf implied
+        self._bound_list = self.bounds.tolist()
         self._series: dict[str, list] = {}  # model -> [counts per bucket (the last past every bound), sum]
         self._lock = threading.Lock()  # observed on the engine threads, collected on a scrape
         registry.register(self)
@@ -60,7 +66,14 @@ class CountedHistogram:
         with self._lock:
             self._series.setdefault(model, [np.zeros(len(self.bounds) + 1, dtype=np.int64), 0.0])
 
-    def observe_counted(self, model: str, values: Iterable[float], counts: Iterable[int]) -> None:
+    def observe_counted(self, model: str, values: list[float], counts: list[int]) -> None:
+        if len(values) <= FEW_VALUES:  # a few rows: Python's bisect, without numpy's fixed cost per call
+            with self._lock:
+                series = self._series.setdefault(model, [np.zeros(len(self.bounds) + 1, dtype=np.int64), 0.0])
+                for value, count in zip(values, counts):
+                    series[0][bisect.bisect_left(self._bound_list, value)] += count  # the first bound >= value
+                    series[1] += value * count
+            return
         v = np.fromiter(values, dtype=np.float64)
         c = np.fromiter(counts, dtype=np.int64, count=len(v))
         slot = np.searchsorted(self.bounds, v, side="left")  # the first bound >= value: Prometheus' "le"

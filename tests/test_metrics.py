@@ -117,13 +117,17 @@ def test_the_full_exposition_passes_promtool(fresh_server):
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-def test_a_counted_histogram_exports_what_a_histogram_fed_one_value_at_a_time_exports():
+@pytest.mark.parametrize("few", [8, 0])  # a few values at once go through Python's bisect, more through numpy
+def test_a_counted_histogram_exports_what_a_histogram_fed_one_value_at_a_time_exports(few, monkeypatch):
     """The inter-token histogram takes (gap, count) pairs; its series equal prometheus-client's own
     Histogram's after the same values, each observed count times (bucket edges included)."""
     from prometheus_client import CollectorRegistry, Histogram
     from prometheus_client.parser import text_string_to_metric_families
 
+    from service import metrics
     from service.metrics import FAST, CountedHistogram
+
+    monkeypatch.setattr(metrics, "FEW_VALUES", few)
 
     values, counts = [0.00005, 0.0001, 0.0003, 0.0025, 2.0, 0.0], [1, 2, 3, 4, 5, 6]
     mine, theirs = CollectorRegistry(), CollectorRegistry()
