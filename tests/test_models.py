@@ -260,7 +260,8 @@ def test_reload_serves_a_model_saved_while_running_and_set_default_takes_effect(
         assert gen(srv, prompt="A", max_new_tokens=1)["model"] == "tiny@v2"
         subprocess.run([sys.executable, "-m", "service.cli", "models", "--store", str(own_models), "--set-default", "late"],
                        cwd=ROOT, check=True, capture_output=True)
-        assert gen(srv, prompt="A", max_new_tokens=1)["model"] == "late@v1"  # no restart, no reload
+        # no restart, no reload: the server reads the store's default within a second, never on a request
+        wait_until(lambda: gen(srv, prompt="A", max_new_tokens=1)["model"] == "late@v1", what="the new default followed")
         assert json.loads((own_models / "default.json").read_text())["model"] == "late"
     finally:
         srv.stop()
@@ -272,7 +273,7 @@ def test_a_server_of_the_default_model_alone_follows_set_default(own_models):
         assert [m["id"] for m in httpx.get(srv.url + "/v1/models").json()["data"]] == ["tiny@v2"]
         assert_error(httpx.post(srv.url + "/generate", json={"model": "other", "prompt": "A"}), 404, "model_not_found")
         store.set_default("other", own_models)
-        assert gen(srv, prompt="A", max_new_tokens=1)["model"] == "other@v1"
+        wait_until(lambda: gen(srv, prompt="A", max_new_tokens=1)["model"] == "other@v1", what="the new default followed")
     finally:
         srv.stop()
 

@@ -107,6 +107,9 @@ def parse_models(spec: str) -> list[str] | None:
     return [part.strip() for part in spec.split(",") if part.strip()]
 
 
+DEFAULT_CHECK_S = 1.0  # how often the pool reads the store's default again
+
+
 class Catalog:
     """The servable models: the store's models that `models` allows, re-read by `refresh`.
 
@@ -115,6 +118,7 @@ class Catalog:
 
     def __init__(self, root: str | Path | None, spec: str = "", default: str = "", preloaded: LoadedModel | None = None):
         self.root, self.wanted, self.fixed_default = root, parse_models(spec), default
+        self.root_path = store.store_root(root)  # the environment is read once, here
         self.preloaded = preloaded
         self.models: dict[str, Servable] = {}
         self._stamp: tuple | None = None  # default.json's (mtime, size) when last read
@@ -130,7 +134,7 @@ class Catalog:
         if self.wanted is None:  # all: every version of every model in the store
             for name, version, card in store.list_models(self.root):
                 if card is not None:
-                    found.setdefault(f"{name}@{version}", self._servable(card, store.store_root(self.root) / name / version))
+                    found.setdefault(f"{name}@{version}", self._servable(card, self.root_path / name / version))
         else:
             refs = self.wanted or [self.fixed_default or store.default_model(self.root)]
             if self.fixed_default and self.fixed_default not in refs:
@@ -149,8 +153,9 @@ class Catalog:
         return sorted(set(found) - before), sorted(before - set(found))
 
     def default_ref(self) -> str:
-        """The servable model a request without `model` gets."""
-        ref = self.fixed_default or self._read_store_default()
+        """The servable model a request without `model` gets. The store's default as last read: a request
+        reads no file (`check_store_default` follows the store, the pool calls it every second)."""
+        ref = self.fixed_default or self._store_default or self._read_store_default()
         try:
             return self.resolve(ref).ref
         except ModelNotFound:
@@ -179,8 +184,13 @@ class Catalog:
     def by_fingerprint(self, sha: str) -> Servable | None:
         return next((m for m in self.models.values() if m.fingerprint == sha), None)
 
+    def check_store_default(self) -> None:
+        """Read the store's default again if its file changed (blocking: call it off the event loop)."""
+        if not self.fixed_default:
+            self._read_store_default()
+
     def _read_store_default(self) -> str:
-        path = store.store_root(self.root) / store.DEFAULT_FILE
+        path = self.root_path / store.DEFAULT_FILE
         try:
             st = path.stat()
             stamp = (st.st_mtime_ns, st.st_size)
@@ -222,6 +232,7 @@ class ModelPool:
         self._draining = False
         self.started = False  # the default model loaded once: the server can take requests
         self._sweeper: asyncio.Task | None = None
+        self._watcher: asyncio.Task | None = None
 
     # ------------------------------------------------------------------ requests
     @asynccontextmanager
@@ -277,10 +288,12 @@ class ModelPool:
         self.release(served)
         self.started = True
         self._sweeper = asyncio.create_task(self._sweep_forever())
+        self._watcher = asyncio.create_task(self._watch_store_default())
 
     async def reload(self) -> dict:
         """Read the store again: new models become servable; a model gone from it unloads once idle."""
         added, removed = await asyncio.to_thread(self.catalog.refresh, False)
+        await asyncio.to_thread(self.catalog.check_store_default)
         for ref in removed:
             served = self.loaded.get(ref)
             if served is not None and served.idle():
@@ -299,8 +312,9 @@ class ModelPool:
         return all(s.engine.wait_idle(max(0.0, end - time.monotonic())) for s in list(self.loaded.values()))
 
     async def close(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        for task in (self._sweeper, self._watcher):
+            if task is not None:
+                task.cancel()
         for task in self._loading.values():
             task.cancel()
         for served in list(self.loaded.values()):
@@ -378,6 +392,16 @@ class ModelPool:
                 await self.sweep()
             except Exception:
                 log.exception("unloading idle models failed")
+
+    async def _watch_store_default(self) -> None:
+        """The store's default followed once a second (`charlstm models --set-default` needs no restart),
+        in a worker thread, so no request ever reads the store's files."""
+        while True:
+            await asyncio.sleep(DEFAULT_CHECK_S)  # a periodic check in the server, not a wait for a condition
+            try:
+                await asyncio.to_thread(self.catalog.check_store_default)
+            except Exception:
+                log.exception("reading the store's default failed")
 
     def _notify(self, method: str, *args: Any) -> None:
         notify_all(self.observers, method, *args)
