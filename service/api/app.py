@@ -16,7 +16,6 @@ from contextlib import asynccontextmanager
 
 import torch
 from fastapi import FastAPI
-from sse_starlette.sse import AppStatus
 
 from .. import __version__, store
 from ..backends.selector import for_serving
@@ -45,9 +44,6 @@ log = logging.getLogger("charlstm.api")
 async def lifespan(app: FastAPI):
     settings = app.state.settings = app.state.settings or Settings()
     logs.configure(settings.log_level)
-    # The engine drains streams itself (finish_reason "shutdown" after the grace), so sse-starlette must
-    # not cut them off the moment the server begins to exit.
-    AppStatus.disable_automatic_graceful_drain()
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     notify = app.state.notify = _fan_out(app.state.server_observers)  # session events: not any one model's

@@ -5,18 +5,95 @@ each choice's new events look like on its wire. Characters made within one inter
 which keeps the cost per character low when many streams run; the first go out at once. The stream
 always ends: after the formatter's closing messages, or after the messages it gives for a fault, and
 whatever is still running is cancelled when the client goes away.
+
+`EventStream` is the response: the messages are written by the request's own task, and one helper task
+watches for the client going away and keeps an idle stream alive with a comment every `ping_s`. It
+replaced sse-starlette's EventSourceResponse, whose task group (four tasks a response) and cancel scope
+around every message cost the event loop more than the messages themselves (benchmarks/README.md).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterable
+import re
+import time
+from collections.abc import AsyncIterator, Iterable
 from typing import Protocol
 
-from sse_starlette import EventSourceResponse
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from .reader import Choice, Responses
+
+PING_S = 15.0  # an idle stream (a long queue, a long prompt) gets a comment this often, so proxies keep it open
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
+def encode(message: dict, sep: str) -> bytes:
+    """One SSE message ({"event"?, "data"?, "id"?, "comment"?}) in the wire format, fields in the usual order."""
+    out = []
+    if (comment := message.get("comment")) is not None:
+        out.extend(f": {line}{sep}" for line in _LINE_BREAK.split(str(comment)))
+    if (id_ := message.get("id")) is not None:
+        out.append(f"id: {_LINE_BREAK.sub('', str(id_))}{sep}")
+    if (event := message.get("event")) is not None:
+        out.append(f"event: {_LINE_BREAK.sub('', event)}{sep}")
+    if (data := message.get("data")) is not None:
+        out.extend(f"data: {line}{sep}" for line in _LINE_BREAK.split(str(data)))
+    out.append(sep)
+    return "".join(out).encode()
+
+
+class EventStream(Response):
+    """An SSE response written from an async iterator of messages (see the module's docstring)."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, messages: AsyncIterator[dict], sep: str, headers: dict[str, str], ping_s: float = PING_S):
+        self.messages, self.sep, self.ping_s = messages, sep, ping_s
+        self.status_code, self.background, self.body = 200, None, b""
+        fields = {"content-type": "text/event-stream; charset=utf-8", "connection": "keep-alive",
+                  **{k.lower(): v for k, v in headers.items()}}
+        self.raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in fields.items()]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        writer, last = asyncio.current_task(), [time.monotonic()]
+        gone = [False]  # the client went away: the writer was cancelled on purpose
+
+        async def watch() -> None:
+            """Cancel the writer when the client goes away; ping while the stream is idle."""
+            message = asyncio.ensure_future(receive())
+            try:
+                while True:
+                    done, _ = await asyncio.wait({message}, timeout=self.ping_s)
+                    if done:
+                        if message.result()["type"] == "http.disconnect":
+                            gone[0] = True
+                            writer.cancel()
+                            return
+                        message = asyncio.ensure_future(receive())
+                    elif time.monotonic() - last[0] >= self.ping_s:
+                        last[0] = time.monotonic()
+                        await send({"type": "http.response.body", "body": encode({"comment": "ping"}, self.sep),
+                                    "more_body": True})
+            finally:
+                message.cancel()
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            async with contextlib.aclosing(self.messages) as messages:
+                async for message in messages:
+                    await send({"type": "http.response.body", "body": encode(message, self.sep), "more_body": True})
+                    last[0] = time.monotonic()
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not gone[0]:
+                raise  # cancelled from outside (the server is stopping)
+            writer.uncancel()  # the client left: the stream ends quietly, as any ended stream
+        finally:
+            watcher.cancel()
 
 
 class StreamFormatter(Protocol):
@@ -30,7 +107,7 @@ class StreamFormatter(Protocol):
     def closing(self) -> Iterable[dict]: ...
 
 
-def event_stream(responses: Responses, formatter: StreamFormatter, interval_s: float) -> EventSourceResponse:
+def event_stream(responses: Responses, formatter: StreamFormatter, interval_s: float) -> EventStream:
     async def messages():
         try:
             for message in formatter.opening():
@@ -49,5 +126,4 @@ def event_stream(responses: Responses, formatter: StreamFormatter, interval_s: f
         finally:
             responses.cancel()  # the client went away, or a choice failed: free the rows at the next step
 
-    return EventSourceResponse(messages(), ping=15, sep=formatter.sep,
-                               headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+    return EventStream(messages(), formatter.sep, {"Cache-Control": "no-store", "X-Accel-Buffering": "no"})

@@ -1,0 +1,108 @@
+"""The SSE response (service/api/sse.py): sse-starlette's wire format, a ping while idle, a quiet end when
+the client leaves (the messages' generator is closed, so the request's rows are freed), and an error that is
+not the client's goes on up."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from sse_starlette.event import ServerSentEvent
+
+from service.api.sse import EventStream, encode
+
+
+@pytest.mark.parametrize("message", [
+    {"event": "token", "data": '{"index": 0, "text": "ROMEO"}'},
+    {"data": "[DONE]"},
+    {"data": "two\nlines\r\nand\rthree"},
+    {"comment": "ping"},
+    {"id": "7", "event": "done", "data": "{}"},
+])
+@pytest.mark.parametrize("sep", ["\r\n", "\n"])
+def test_messages_are_written_as_sse_starlette_writes_them(message, sep):
+    assert encode(message, sep) == ServerSentEvent(**message, sep=sep).encode()
+
+
+class Client:
+    """The ASGI side of one connection: what was sent, and a disconnect to give when told."""
+
+    def __init__(self):
+        self.sent: list[dict] = []
+        self.leave = asyncio.Event()
+
+    async def receive(self) -> dict:
+        await self.leave.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: dict) -> None:
+        self.sent.append(message)
+
+    def bodies(self) -> list[bytes]:
+        return [m["body"] for m in self.sent if m["type"] == "http.response.body"]
+
+
+def test_an_idle_stream_is_pinged_then_written_and_ended():
+    async def scenario():
+        client, go = Client(), asyncio.Event()
+
+        async def messages():
+            await go.wait()
+            yield {"event": "token", "data": "x"}
+
+        response = EventStream(messages(), "\r\n", {"Cache-Control": "no-store"}, ping_s=0.05)
+        task = asyncio.create_task(response({"type": "http"}, client.receive, client.send))
+        while not any(b.startswith(b": ping") for b in client.bodies()):
+            await asyncio.sleep(0.01)  # the test's own poll for a condition, with the task's deadline below
+        go.set()
+        await asyncio.wait_for(task, 10)
+        return client
+
+    client = asyncio.run(scenario())
+    start = client.sent[0]
+    assert start["status"] == 200 and (b"content-type", b"text/event-stream; charset=utf-8") in start["headers"]
+    assert (b"cache-control", b"no-store") in start["headers"]
+    bodies = client.bodies()
+    assert bodies[0] == b": ping\r\n\r\n" and bodies[-2] == b"event: token\r\ndata: x\r\n\r\n" and bodies[-1] == b""
+    assert client.sent[-1]["more_body"] is False
+
+
+def test_a_client_that_leaves_ends_the_stream_quietly_and_closes_its_messages():
+    async def scenario():
+        client, closed = Client(), asyncio.Event()
+
+        async def messages():
+            try:
+                yield {"data": "first"}
+                await asyncio.Event().wait()  # a stream that would run for ever
+            finally:
+                closed.set()
+
+        response = EventStream(messages(), "\n", {})
+        task = asyncio.create_task(response({"type": "http"}, client.receive, client.send))
+        while len(client.bodies()) < 1:
+            await asyncio.sleep(0.01)
+        client.leave.set()
+        await asyncio.wait_for(task, 10)  # returns: no CancelledError escapes to the server
+        return client, closed.is_set(), task
+
+    client, closed, task = asyncio.run(scenario())
+    assert closed and not task.cancelled() and client.bodies() == [b"data: first\n\n"]
+
+
+def test_a_cancellation_from_outside_is_not_taken_for_a_client_leaving():
+    async def scenario():
+        client = Client()
+
+        async def messages():
+            await asyncio.Event().wait()
+            yield {}
+
+        task = asyncio.create_task(EventStream(messages(), "\n", {})({"type": "http"}, client.receive, client.send))
+        while not client.sent:
+            await asyncio.sleep(0.01)
+        task.cancel()  # the server stopping
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())
