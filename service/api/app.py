@@ -203,8 +203,11 @@ def create_app(settings: Settings | None = None, loaded: store.LoadedModel | Non
     """`loaded`: a model the caller has already loaded (and so validated), else the lifespan loads it.
     `session_store_factory(max_sessions, on_removed=...)`: the session store (default: in memory, with
     SQLite snapshots when `session_db` is set)."""
+    # FastAPI's own OpenTelemetry is off: the server's numbers go to Prometheus (service/metrics.py), and with it
+    # on, every request asks OpenTelemetry for a provider, which reads the process's environment each time
     app = FastAPI(title="charlstm", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
-                  description="Character-level LSTM text generation with continuous batching, streaming and sessions.")
+                  description="Character-level LSTM text generation with continuous batching, streaming and sessions.",
+                  telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False})
     app.state.settings = settings
     app.state.preloaded = loaded
     app.state.session_store_factory = session_store_factory
