@@ -23,7 +23,6 @@ from service import store
 from service.backends.base import Backend
 from service.backends.selector import DEFAULT_STEP_WORKERS
 from service.backends.torch_fp32 import TorchBackend
-from service.settings import Settings
 
 from .common import Proc, charlstm_server, loadgen, table
 

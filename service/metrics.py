@@ -12,7 +12,7 @@ import bisect
 
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -241,9 +241,11 @@ class EngineObserver(ServerObserver):
     def __init__(self, m: Metrics, model: str):
         super().__init__(m)
         self.model = model
+        # the series the engine feeds every loop, looked up once (a labels() call costs as much as the observation)
+        self._batch_size, self._step_duration = m.batch_size.labels(model), m.step_duration.labels(model)
 
     def on_step(self, batch_size: int, seconds: float, steps: int = 1) -> None:
-        batch, step = self.m.batch_size.labels(self.model), self.m.step_duration.labels(self.model)
+        batch, step = self._batch_size, self._step_duration
         for _ in range(steps):  # a look of k steps counts as k steps of its mean duration
             batch.observe(batch_size)
             step.observe(seconds / steps)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 
 import httpx
-import pytest
 
 from .browser import Playground, browser, playground  # noqa: F401 - `browser` and `playground` are fixtures
 

@@ -3,7 +3,6 @@ official `openai` client, and constrained output, against a real server (and the
 
 from __future__ import annotations
 
-import json
 import re
 
 import httpx
@@ -11,7 +10,6 @@ import openai
 import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from service.backends.torch_fp32 import TorchBackend
 from service.engine.constraints import ConstraintError, compile_choices, compile_regex
 from service.engine.engine import EngineConfig
 from service.engine.types import Done, GenerationRequest
@@ -19,7 +17,7 @@ from service.sampling import SamplingParams
 
 from .server import Server
 from .test_engine import run_engine
-from .test_openai import MODEL, assert_openai_error, client, sse_data
+from .test_openai import MODEL, assert_openai_error, client
 
 LINE = r"[A-Z][a-z]+(, [a-z]+)*[.!?]"  # the example: a short line of verse
 

@@ -20,7 +20,6 @@ hands back the state after its last character, which is kept for every step of t
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import secrets
 import threading
@@ -278,7 +277,9 @@ class Engine:
                 if past_deadline:
                     self._leave([*self._batch.rows, *scheduler.ingesting, *scheduler.waiting_streams()], "shutdown")
                 self._admit(scheduler.admit(len(self._batch)))  # schedule
-                with self._turn():  # the cores, shared with other models' engines (ComputeShare)
+                self._take_turn()  # the cores, shared with other models' engines (ComputeShare)
+                t_turn = time.perf_counter()
+                try:
                     self._ingest()
                     if len(self._batch):
                         t0 = time.perf_counter()
@@ -286,6 +287,8 @@ class Engine:
                         self.output.process(self._batch.rows, k, look)  # process outputs
                         self._steps += k
                         self.notify("on_step", len(self._batch), time.perf_counter() - t0, k)
+                finally:
+                    self._give_turn_back(time.perf_counter() - t_turn)
                 self._drop_finished()
             except Exception as e:  # a fault must not take the server down: end the streams it touched, keep serving
                 log.exception("engine step failed; ending the streams in the batch")
@@ -301,8 +304,13 @@ class Engine:
             return max(0.0, self._next_delivery - time.perf_counter())
         return None
 
-    def _turn(self):
-        return self.share.turn(id(self)) if self.share is not None else contextlib.nullcontext()
+    def _take_turn(self) -> None:
+        if self.share is not None:
+            self.share.take(id(self))
+
+    def _give_turn_back(self, seconds: float) -> None:
+        if self.share is not None:
+            self.share.give_back(id(self), seconds)
 
     def _release(self, stream: Stream) -> None:
         """A stream finished (Output.finish): its place in the engine's accounting goes back."""

@@ -32,7 +32,19 @@ class ComputeShare:
     @contextmanager
     def turn(self, key: int) -> Iterator[None]:
         """Hold the cores for one loop's compute; blocks while another engine holds them or is owed more."""
+        self.take(key)
+        t0 = self.clock()
+        try:
+            yield
+        finally:
+            self.give_back(key, self.clock() - t0)
+
+    def take(self, key: int) -> None:
+        """The first half of `turn`, for a caller that times its own loop (the engine's, once a loop)."""
         with self._cv:
+            if self._holder is None and not self._waiting and len(self._used) == 1 and key in self._used:
+                self._holder = key  # the only engine: nobody to be fair to
+                return
             others = [self._used.get(k, 0.0) for k in (*self._waiting, self._holder) if k is not None and k != key]
             if others:  # back from idle: no credit for the time away
                 self._used[key] = max(self._used.get(key, 0.0), min(others))
@@ -43,13 +55,13 @@ class ComputeShare:
                 self._cv.wait()
             del self._waiting[key]
             self._holder = key
-        t0 = self.clock()
-        try:
-            yield
-        finally:
-            with self._cv:
-                self._used[key] += self.clock() - t0
-                self._holder = None
+
+    def give_back(self, key: int, seconds: float) -> None:
+        """The second half of `turn`: `seconds` of compute go on the engine's account."""
+        with self._cv:
+            self._used[key] += seconds
+            self._holder = None
+            if self._waiting:
                 self._cv.notify_all()
 
     def forget(self, key: int) -> None:
