@@ -62,6 +62,11 @@ class Settings(BaseSettings):
     max_sessions: int = Field(10_000, ge=1)
     torch_threads: int = Field(1, ge=0, description="OpenMP threads inside each torch kernel; 0: torch's default. One serves best on two "
                                "cores: the step workers already use both, and OpenMP threads meet at a barrier after every kernel")
+    gil_switch_interval_ms: float = Field(1.0, gt=0, le=100, description="how long a thread may hold Python's interpreter "
+                                          "lock while another waits for it (sys.setswitchinterval; Python's default is 5). "
+                                          "The engine thread, back from a step that released the lock, waits at most this "
+                                          "long for the event loop: 1 ms served more characters at less CPU each than 5 "
+                                          "(benchmarks/README.md)")
     step_workers: int | None = Field(None, ge=1, le=64, description="threads that step shares of a large batch at once (at least 16 rows "
                                      "each); 1: the engine thread steps every row. Unset: the backend's default (torch 2, torch-int8 1, "
                                      "whose step is mostly small kernels that two threads only queue on; onnx 2; benchmarks/README.md)")

@@ -11,6 +11,7 @@ import asyncio
 import functools
 import logging
 import signal
+import sys
 import threading
 from contextlib import asynccontextmanager
 
@@ -46,6 +47,7 @@ async def lifespan(app: FastAPI):
     logs.configure(settings.log_level)
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
+    sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
     notify = app.state.notify = _fan_out(app.state.server_observers)  # session events: not any one model's
     catalog = Catalog(settings.model_store, settings.models, settings.model, app.state.preloaded)
     app.state.preloaded = None
