@@ -45,6 +45,7 @@ from service.backends.selector import bare_loop, build
 
 from .bench_backends import cpu_name
 from .common import ROOT, Proc, table
+from .loadgen import cpu_seconds
 
 STAGES = ("step", "ingest", "sample", "output", "schedule", "deliver", "HTTP/SSE", "other")
 
@@ -119,14 +120,13 @@ def stage_of(frames: list[str]) -> str:
 
 
 def task_cpu(pid: int) -> dict[int, float]:
-    """CPU seconds of each thread of a process so far: /proc/PID/task/TID/stat, utime + stime."""
-    out, tick = {}, os.sysconf("SC_CLK_TCK")
+    """CPU seconds of each thread of a process so far (loadgen.cpu_seconds of each task)."""
+    out = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            out[int(task.name)] = cpu_seconds(pid, int(task.name))
         except OSError:
             continue  # a thread that ended meanwhile
-        out[int(task.name)] = (int(fields[11]) + int(fields[12])) / tick
     return out
 
 

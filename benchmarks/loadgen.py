@@ -123,9 +123,11 @@ def main() -> None:
     }))
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process and all its threads so far (/proc/PID/stat, fields 14 and 15)."""
-    with open(f"/proc/{pid}/stat") as f:
+def cpu_seconds(pid: int, tid: int | None = None) -> float:
+    """User + system CPU seconds so far of a process and all its threads (/proc/PID/stat), or of one of
+    its threads (/proc/PID/task/TID/stat): fields 14 and 15."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    with open(path) as f:
         fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 

@@ -9,7 +9,6 @@ the process_* and python_* series an operator's dashboards expect beside the cha
 from __future__ import annotations
 
 import bisect
-
 import threading
 import time
 from collections.abc import Callable
@@ -64,12 +63,16 @@ class CountedHistogram:
     def labels(self, model: str) -> None:
         """Export the model's series (at 0) from now on."""
         with self._lock:
-            self._series.setdefault(model, [np.zeros(len(self.bounds) + 1, dtype=np.int64), 0.0])
+            self._series_of(model)
+
+    def _series_of(self, model: str) -> list:
+        """The model's [counts per bucket, sum], made at 0 on first use (under the lock)."""
+        return self._series.setdefault(model, [np.zeros(len(self.bounds) + 1, dtype=np.int64), 0.0])
 
     def observe_counted(self, model: str, values: list[float], counts: list[int]) -> None:
         if len(values) <= FEW_VALUES:  # a few rows: Python's bisect, without numpy's fixed cost per call
             with self._lock:
-                series = self._series.setdefault(model, [np.zeros(len(self.bounds) + 1, dtype=np.int64), 0.0])
+                series = self._series_of(model)
                 for value, count in zip(values, counts):
                     series[0][bisect.bisect_left(self._bound_list, value)] += count  # the first bound >= value
                     series[1] += value * count
@@ -78,7 +81,7 @@ class CountedHistogram:
         c = np.fromiter(counts, dtype=np.int64, count=len(v))
         slot = np.searchsorted(self.bounds, v, side="left")  # the first bound >= value: Prometheus' "le"
         with self._lock:
-            series = self._series.setdefault(model, [np.zeros(len(self.bounds) + 1, dtype=np.int64), 0.0])
+            series = self._series_of(model)
             np.add.at(series[0], slot, c)
             series[1] += float(v @ c)
 

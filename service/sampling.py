@@ -33,20 +33,21 @@ def _mix64(z: np.ndarray) -> np.ndarray:
 
 
 _MASK = (1 << 64) - 1
+_GOLDEN_INT, _M1_INT, _M2_INT = int(_GOLDEN), int(_M1), int(_M2)
 SMALL_BATCH = 8  # up to this many rows, Python's integers hash faster than a dozen numpy calls on tiny arrays
 
 
 def _mix64_int(z: int) -> int:
     """`_mix64` of one Python integer (the same bits: every product taken modulo 2**64)."""
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+    z = ((z ^ (z >> 30)) * _M1_INT) & _MASK
+    z = ((z ^ (z >> 27)) * _M2_INT) & _MASK
     return z ^ (z >> 31)
 
 
 def uniforms(seeds: np.ndarray, counters: np.ndarray) -> np.ndarray:
     """One uniform in [0, 1) per stream for its `counter`-th draw. seeds, counters: (B,) -> (B,) float64."""
     if len(seeds) <= SMALL_BATCH:  # the same integers, without numpy's fixed cost per call
-        return np.array([(_mix64_int((_mix64_int(int(s)) + (int(c) + 1) * 0x9E3779B97F4A7C15) & _MASK) >> 11) * (1.0 / 2**53)
+        return np.array([(_mix64_int((_mix64_int(int(s)) + (int(c) + 1) * _GOLDEN_INT) & _MASK) >> 11) * (1.0 / 2**53)
                          for s, c in zip(seeds.tolist(), counters.tolist())], dtype=np.float64)
     with np.errstate(over="ignore"):
         key = _mix64(np.asarray(seeds, dtype=np.uint64))

@@ -30,6 +30,7 @@ class Client:
     def __init__(self):
         self.sent: list[dict] = []
         self.leave = asyncio.Event()
+        self.changed = asyncio.Condition()  # notified on every send
 
     async def receive(self) -> dict:
         await self.leave.wait()
@@ -37,6 +38,13 @@ class Client:
 
     async def send(self, message: dict) -> None:
         self.sent.append(message)
+        async with self.changed:
+            self.changed.notify_all()
+
+    async def until(self, predicate) -> None:
+        """Wait for what was sent to satisfy `predicate` (10 s at most)."""
+        async with self.changed:
+            await asyncio.wait_for(self.changed.wait_for(predicate), 10)
 
     def bodies(self) -> list[bytes]:
         return [m["body"] for m in self.sent if m["type"] == "http.response.body"]
@@ -52,8 +60,7 @@ def test_an_idle_stream_is_pinged_then_written_and_ended():
 
         response = EventStream(messages(), "\r\n", {"Cache-Control": "no-store"}, ping_s=0.05)
         task = asyncio.create_task(response({"type": "http"}, client.receive, client.send))
-        while not any(b.startswith(b": ping") for b in client.bodies()):
-            await asyncio.sleep(0.01)  # the test's own poll for a condition, with the task's deadline below
+        await client.until(lambda: any(b.startswith(b": ping") for b in client.bodies()))
         go.set()
         await asyncio.wait_for(task, 10)
         return client
@@ -80,8 +87,7 @@ def test_a_client_that_leaves_ends_the_stream_quietly_and_closes_its_messages():
 
         response = EventStream(messages(), "\n", {})
         task = asyncio.create_task(response({"type": "http"}, client.receive, client.send))
-        while len(client.bodies()) < 1:
-            await asyncio.sleep(0.01)
+        await client.until(lambda: len(client.bodies()) >= 1)
         client.leave.set()
         await asyncio.wait_for(task, 10)  # returns: no CancelledError escapes to the server
         return client, closed.is_set(), task
@@ -99,8 +105,7 @@ def test_a_cancellation_from_outside_is_not_taken_for_a_client_leaving():
             yield {}
 
         task = asyncio.create_task(EventStream(messages(), "\n", {})({"type": "http"}, client.receive, client.send))
-        while not client.sent:
-            await asyncio.sleep(0.01)
+        await client.until(lambda: bool(client.sent))
         task.cancel()  # the server stopping
         with pytest.raises(asyncio.CancelledError):
             await task
