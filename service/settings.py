@@ -33,11 +33,11 @@ class Settings(BaseSettings):
     max_score_chars: int = Field(100_000, ge=1, le=10_000_000, description="longest text POST /score takes")
     max_stop_strings: int = Field(16, ge=0, le=1024)
     max_stop_chars: int = Field(64, ge=1, le=4096, description="longest stop string")
-    prefill_chunk: int = Field(128, ge=1, description="prompts are cut at multiples of this many characters, each slice one "
-                               "LSTM call (the same cut alone or under load)")
-    prefill_budget: int = Field(256, ge=1, description="prompt characters ingested a loop, shared by every stream with prompt "
-                                "left (the oldest gets a slice, then shortest remaining first); at least prefill_chunk. Bounds how "
-                                "long one decode step can wait for ingestion")
+    prefill_chunk: int = Field(128, ge=1, le=4096, description="prompts are cut at multiples of this many characters, from "
+                               "each prompt's start: the longest slice a row of a block takes")
+    prefill_rows: int = Field(8, ge=1, le=256, description="each loop ingests one block of prompt slices, at most this many "
+                              "streams' (the oldest, then shortest remaining first), in one backend call. With prefill_chunk, "
+                              "bounds how long one decode step can wait for ingestion")
     max_rows_per_request: int | None = Field(None, ge=1, le=1024, description="rows one request (all its choices) holds at once; "
                                              "its other choices wait in its own line. Unset: a quarter of max_batch_size")
     max_request_work_chars: int | None = Field(None, ge=1, description="most work one request may ask for: prompt characters x "

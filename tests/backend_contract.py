@@ -72,8 +72,30 @@ def check_state_moves_out_and_back(backend: Backend) -> None:
     assert torch.equal(alone[:, :, 0], inside[:, :, 4])
 
 
+def check_block_ingests_as_its_step(backend: Backend) -> None:
+    """A block of prompt slices (`ingest`): every row's state and top outputs are the bits of stepping that
+    row alone through the backend's own step, character by character, whatever the other rows hold and
+    however long their slices are (padding, the block graph and shares of max_rows included)."""
+    gen = torch.Generator().manual_seed(5)
+    lengths = [130, 1, 64, 9, 0, 33, 128, 2]
+    slices = [torch.randint(0, backend.vocab_size, (n,), generator=gen).tolist() for n in lengths]
+    _, state = random_state(backend, len(slices), seed=6)
+    together, outputs = backend.ingest(slices, state, outputs=True)
+    assert together.shape == state.shape and [tuple(y.shape) for y in outputs] == [(n, backend.hidden) for n in lengths]
+    for r, ids in enumerate(slices):
+        alone, alone_outputs = backend.ingest([ids], state[:, :, r : r + 1].clone(), outputs=True)
+        stepped = state[:, :, r : r + 1]
+        for t, i in enumerate(ids):
+            stepped = backend.step(torch.tensor([i]), stepped)
+            assert torch.equal(stepped[0, -1, 0], outputs[r][t]), f"{backend.name}: row {r}'s output {t} is not its step's"
+        assert torch.equal(together[:, :, r], stepped[:, :, 0]), f"{backend.name}: row {r} of a block is not its stepped state"
+        assert torch.equal(alone[:, :, 0], together[:, :, r]) and torch.equal(alone_outputs[0], outputs[r])
+    without, none = backend.ingest(slices, state)
+    assert none is None and torch.equal(without, together)
+
+
 def check_prefill_lands_where_stepping_lands(backend: Backend, reference: Backend, atol: float) -> None:
-    """A prompt ingested in one call (long) or stepped (short) ends near the reference's stepped state."""
+    """A prompt ingested (`prefill`, a block of one row) ends near the reference's stepped state."""
     for length in (5, 40):
         ids = [(7 * i + 3) % backend.vocab_size for i in range(length)]
         state = backend.prefill(ids, backend.zero_state())
@@ -141,6 +163,26 @@ def check_continuation_writes_what_one_stream_writes(make: Callable[[], Backend]
                                                   state=first.state, return_state=True)])[0]
     assert first.text + rest.text == whole.text
     assert torch.equal(rest.state, whole.state)
+
+
+def check_prompt_state_alone_as_under_load(make: Callable[[], Backend], vocab) -> None:
+    """A prompt's state after ingestion, through the engine: the same bits alone, in a block beside 7 other
+    prompts of other lengths, and while other streams decode; and its prompt log-probabilities too, which
+    are those of any text it begins (a score is a property of the text, not of its length)."""
+    prompt = vocab.encode(("KING:\nthou art my lord, and I thy humble servant.\n" * 12)[:500])
+
+    def ask(**kw) -> GenerationRequest:
+        return GenerationRequest(prompt_ids=prompt, max_new_tokens=0, return_state=True, prompt_logprobs=0, **kw)
+
+    alone, *prefixes = run(make, vocab, [ask(), *(GenerationRequest(prompt_ids=prompt[:n], max_new_tokens=0, prompt_logprobs=0)
+                                              for n in (5, 9, 130))])
+    for n, prefix in zip((5, 9, 130), prefixes):  # a character's figure does not depend on what follows it
+        assert prefix.prompt.logprobs == alone.prompt.logprobs[:n]
+    others = [GenerationRequest(prompt_ids=prompt[: 37 * (i + 1)], max_new_tokens=3, seed=i) for i in range(7)]
+    decoding = [GenerationRequest(prompt_ids=vocab.encode("ROMEO:"), max_new_tokens=200, seed=9 + i) for i in range(3)]
+    crowd = run(make, vocab, [*decoding, *others, ask()], EngineConfig(max_batch_size=32, prefill_chunk=64))[-1]
+    assert torch.equal(crowd.state, alone.state)
+    assert crowd.prompt.logprobs == alone.prompt.logprobs
 
 
 def check_cancel_frees_the_row(make: Callable[[], Backend], vocab) -> None:

@@ -21,8 +21,8 @@ TOLERANCE = {"fp32": 1e-4, "int8": 0.08}  # logits and states against torch fp32
 
 
 class FakeBackend(Backend):
-    """A recurrence with no multiply: h' = tanh(h/2 + table[id]) elementwise, logits = 3 * top h's first
-    V columns. Every row is independent by construction, so the engine's own behaviour is what a test sees."""
+    """A recurrence with no multiply: h' = tanh(h/2 + table[id]) elementwise, logits = 3 * top h's
+    first V columns (repeated where V > H). Every row is independent by construction, so the engine's own behaviour is what a test sees."""
 
     name = "fake"
 
@@ -36,15 +36,7 @@ class FakeBackend(Backend):
         return torch.stack([h, (state[1] + h) / 2])  # (2, L, B, H)
 
     def _head_rows(self, top):
-        return 3 * top[:, : self.vocab_size]  # (B, V)
-
-    def prefill(self, ids, state, outputs=False):  # steps, as the fake has no nn.LSTM of its own
-        s, tops = state.unsqueeze(2), []
-        for i in ids:
-            s = self.step(torch.tensor([i]), s)
-            tops.append(s[0, -1])
-        final = s[:, :, 0].clone()
-        return (final, torch.cat(tops) if tops else state.new_zeros(0, self.hidden)) if outputs else final
+        return 3 * top.repeat(1, -(-self.vocab_size // self.hidden))[:, : self.vocab_size]  # (B, V)
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +52,7 @@ def test_each_backend_keeps_shapes_rows_and_states(tiny_model, name, workers):
         contract.check_shapes(backend)
         contract.check_rows_alone_as_in_any_batch(backend)
         contract.check_state_moves_out_and_back(backend)
+        contract.check_block_ingests_as_its_step(backend)
     finally:
         backend.close()
 
@@ -78,6 +71,7 @@ def test_each_backend_through_the_engine(tiny_model, name):
     contract.check_seed_alone_and_in_a_crowd(make, tiny_model.vocab)
     contract.check_continuation_writes_what_one_stream_writes(make, tiny_model.vocab)
     contract.check_cancel_frees_the_row(make, tiny_model.vocab)
+    contract.check_prompt_state_alone_as_under_load(make, tiny_model.vocab)
 
 
 def test_the_fake_backend_breaks_the_row_guarantee_check_when_it_should(tiny_model):

@@ -60,7 +60,7 @@ def test_a_long_prompt_never_stalls_running_streams_for_more_than_a_slice(tiny_m
         GenerationRequest(prompt_ids=long_prompt, max_new_tokens=5, seed=2),
     ])
     slices = [n for kind, n in log if kind == "prefill"]
-    assert max(slices) <= chunk and sum(slices) >= len(long_prompt)
+    assert max(slices) <= chunk + 3 and sum(slices) == len(long_prompt) + 3  # the first loop's block holds both prompts
     # while the long prompt was ingested, the first stream kept stepping between slices
     first_long = next(i for i, (kind, n) in enumerate(log) if kind == "prefill" and n == chunk)
     window = log[first_long : first_long + 2 * (len(long_prompt) // chunk)]
@@ -80,11 +80,11 @@ def test_streams_join_and_leave_between_steps(tiny_model):
     assert sizes == sorted(sizes, reverse=True)
 
 
-def test_a_short_prompt_is_fed_by_the_batch_and_writes_what_it_writes_alone(tiny_model):
-    """A prompt of up to SHORT_PROMPT characters joins the batch at once and the batch's own steps feed
-    it, instead of steps of one row while the other rows wait. Text, log-probabilities, alternatives, the
-    penalties' counts (prompt characters are not generated ones), the random stream's position and the
-    state after it are those of the same request alone, bit for bit, with 1 and 4 steps a look."""
+def test_a_short_prompt_is_in_at_once_and_writes_what_it_writes_alone(tiny_model):
+    """A short prompt is ingested whole in the loop that admits it (a row of that loop's block) and its
+    stream decodes from that loop's step on. Text, log-probabilities, alternatives, the penalties' counts,
+    the random stream's position and the state after it are those of the same request alone, bit for
+    bit, with 1 and 4 steps a look, and when its prompt is scored too."""
     params = SamplingParams(temperature=0.9, top_logprobs=2, presence_penalty=0.5, frequency_penalty=0.3,
                             repetition_penalty=1.2)
 
@@ -95,19 +95,18 @@ def test_a_short_prompt_is_fed_by_the_batch_and_writes_what_it_writes_alone(tiny
     for steps in (1, 4):
         config = EngineConfig(max_batch_size=8, decode_steps=steps)
         events, log = run_engine(tiny_model, config, [request("KING:", 7, 30)])
-        scored = request("KING:", 7, 30)  # scoring the prompt takes the old way: runner.prefill, outside the batch
-        old_way, _ = run_engine(tiny_model, config, [GenerationRequest(**{**scored.__dict__, "prompt_logprobs": 0})])
+        scored = request("KING:", 7, 30)
+        with_scores, _ = run_engine(tiny_model, config, [GenerationRequest(**{**scored.__dict__, "prompt_logprobs": 0})])
         busy, busy_log = run_engine(tiny_model, config, [request("", 1, 60), request("KING:", 7, 30), request("thou a", 3, 2)])
-        assert not [n for kind, n in log + busy_log if kind == "prefill"]  # nothing ingested outside the batch's steps
+        assert busy_log[:2] == [("prefill", 1 + 5 + 6), ("step", 3)]  # one block, then all three rows from the first step on
         one = next(e for e in events[0] if isinstance(e, Done))
         among = next(e for e in busy[1] if isinstance(e, Done))
         assert among.text == one.text and among.completion_tokens == 30 and among.prompt_tokens == one.prompt_tokens == 5
         assert among.logprobs == one.logprobs and among.top_logprobs == one.top_logprobs and among.counter == one.counter == 30
         assert torch.equal(among.state, one.state)
-        reference = next(e for e in old_way[0] if isinstance(e, Done))
+        reference = next(e for e in with_scores[0] if isinstance(e, Done))
         assert (reference.text, reference.logprobs, reference.top_logprobs) == (one.text, one.logprobs, one.top_logprobs)
         assert torch.equal(reference.state, one.state)
-        assert [n for kind, n in busy_log if kind == "step"][0] == 3  # all three rows from the first step on
 
 
 def test_characters_wait_for_their_hand_over_but_first_characters_and_ends_do_not(tiny_model):

@@ -25,7 +25,7 @@ def done_of(events) -> Done:
     return next(e for e in events if isinstance(e, Done))
 
 
-@pytest.mark.parametrize("chunk", [512, 100, 7])  # 7: every slice takes the fused short path
+@pytest.mark.parametrize("chunk", [512, 100, 7])  # how a prompt is cut does not change its figures
 def test_prompt_logprobs_agree_with_evaluate(tiny_model, chunk):
     ids = tiny_model.vocab.encode(TEXT)
     events, _ = run_engine(tiny_model, EngineConfig(prefill_chunk=chunk), [

@@ -111,7 +111,17 @@ def test_logprobs_with_alternatives_agree_with_score(server):
     scored = httpx.post(server.url + "/score", json={"text": prompt + text}).json()
     tail = scored["logprobs"][len(prompt) - 1:]  # /score starts at the second character
     assert len(tail) == len(text)
-    assert max(abs(a - b) for a, b in zip(tail, lp.token_logprobs)) < 1e-4
+    assert tail == lp.token_logprobs  # scoring and generation take the same steps: the same bits
+
+
+def test_a_score_is_a_property_of_the_text_not_of_its_length(server):
+    """A character's figure in a context is the same however much text follows it, on /score and on echo."""
+    short, long = "KING:", "KING:\nthou art my lord, and I thy servant.\n" * 3
+    figures = [httpx.post(server.url + "/score", json={"text": t}).json()["logprobs"] for t in (short, long[:9], long)]
+    assert figures[0] == figures[2][:4] and figures[1] == figures[2][:8]
+    echoed = [client(server).completions.create(model=MODEL, prompt=t, max_tokens=1, echo=True, logprobs=0, seed=1)
+              .choices[0].logprobs.token_logprobs for t in (short, long)]
+    assert echoed[0][:5] == echoed[1][:5] and echoed[1][1:5] == figures[2][:4]
 
 
 def test_echo_returns_the_prompt_with_its_logprobs(server):

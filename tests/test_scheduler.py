@@ -1,5 +1,5 @@
 """The scheduler's decisions (service/engine/scheduler.py), and a real engine that follows them: a short
-prompt is never queued behind a long one, every ingesting stream shares one budget, a long prompt is not
+prompt is never queued behind a long one, a loop ingests one bounded block, a long prompt is not
 starved, and one request never holds more than its share of rows."""
 
 from __future__ import annotations
@@ -9,9 +9,8 @@ import threading
 import pytest
 
 from service.engine.engine import Engine, EngineConfig
-from service.backends.base import SHORT_PROMPT
 from service.backends.torch_fp32 import TorchBackend
-from service.engine.scheduler import MIN_SLICE_COST, Scheduler
+from service.engine.scheduler import Scheduler
 from service.engine.stream import Phase, RequestGroup, Stream
 from service.engine.types import Done, GenerationRequest, Overloaded, PromptScored, Token
 
@@ -27,75 +26,72 @@ def streams(prompt_lengths: list[int], group: RequestGroup | None = None, start:
     return out
 
 
-def ingest(plan) -> None:
-    """What the engine does with a plan, without the arithmetic."""
-    for stream, end in plan.slices:
+def ingest(scheduler: Scheduler, block) -> None:
+    """What the engine does with a block, without the arithmetic."""
+    for stream, end in block:
         stream.fed = end
+        if stream.fed == len(stream.feed):
+            scheduler.ingested(stream)
 
 
 def test_a_short_prompt_behind_eight_long_ones_is_ingested_in_the_first_loop():
-    scheduler = Scheduler(max_rows=64, max_rows_per_request=16, prefill_chunk=CHUNK)
+    scheduler = Scheduler(max_rows=64, max_rows_per_request=16, prefill_chunk=CHUNK, prefill_rows=8)
     long = streams([20_000] * 8)
     short = streams([20], start=8)
     scheduler.enqueue(long + short)
     assert len(scheduler.admit(decoding=0)) == 9
-    plan = scheduler.plan()
-    assert plan.slices == [(long[0], CHUNK), (short[0], 20)]  # the oldest's slice, then the shortest, whole
-    cost = sum(max(end - s.fed, MIN_SLICE_COST) for s, end in plan.slices)
-    assert cost <= scheduler.budget == 2 * CHUNK  # one budget for every ingesting stream
+    block = scheduler.plan()
+    assert block[:2] == [(long[0], CHUNK), (short[0], 20)]  # the oldest's slice, then the shortest, whole
+    assert len(block) == 8 and block[2:] == [(s, CHUNK) for s in long[1:7]]  # one block of 8 rows
 
 
-def test_every_loop_stays_within_one_budget_and_cuts_prompts_where_it_would_alone():
-    scheduler = Scheduler(max_rows=64, max_rows_per_request=16, prefill_chunk=CHUNK)
-    crowd = streams([1000, 130, 64, 65, 20, 333])
+def test_every_block_is_bounded_and_cuts_prompts_where_they_would_be_cut_alone():
+    scheduler = Scheduler(max_rows=64, max_rows_per_request=16, prefill_chunk=CHUNK, prefill_rows=3)
+    crowd = streams([1000, 130, 64, 65, 20, 333, 1, 8])
     scheduler.enqueue(crowd)
     scheduler.admit(decoding=0)
     loops = 0
     while scheduler.ingesting:
-        plan = scheduler.plan()
-        assert sum(max(end - s.fed, MIN_SLICE_COST) for s, end in plan.slices if end > s.fed) <= scheduler.budget
-        for stream, end in plan.slices:
+        block = scheduler.plan()
+        assert 1 <= len(block) <= 3 and len({id(s) for s, _ in block}) == len(block)
+        for stream, end in block:
+            assert 0 < end - stream.fed <= CHUNK
             assert end == len(stream.feed) or end % CHUNK == 0  # cut at a multiple of the chunk, or the prompt's end
-        ingest(plan)
-        for stream, _ in plan.slices:
-            if stream.fed == len(stream.feed):
-                scheduler.ingested(stream)
+        ingest(scheduler, block)
         loops += 1
         assert loops < 100
-    assert all(s.phase is Phase.DECODING for s in crowd)
-    assert all(s.prompt_left <= SHORT_PROMPT for s in crowd)  # the rest, if any, is a tail the batch's steps feed
-    assert sorted(s.prompt_left for s in crowd if s.prompt_left) == [1, 2]  # 65 and 130: whole chunks, then tails of 1 and 2
+    assert all(s.phase is Phase.DECODING and s.prompt_left == 0 for s in crowd)  # every character in, by blocks
 
 
 def test_a_long_prompt_is_not_starved_by_short_ones_that_keep_arriving():
-    scheduler = Scheduler(max_rows=1000, max_rows_per_request=16, prefill_chunk=CHUNK)
+    scheduler = Scheduler(max_rows=1000, max_rows_per_request=16, prefill_chunk=CHUNK, prefill_rows=2)
     long = streams([10 * CHUNK])[0]
     scheduler.enqueue([long])
     scheduler.admit(decoding=0)
     seq, served, shorts = 1, [], []
     for loop in range(10):
-        arrivals = streams([CHUNK - 1] * 4, start=seq)  # twice what the budget takes: an overload of short prompts
+        arrivals = streams([CHUNK - 1] * 4, start=seq)  # four a loop for one free row: an overload of short prompts
         seq += len(arrivals)
         shorts += arrivals
         scheduler.enqueue(arrivals)
         scheduler.admit(decoding=0)
-        plan = scheduler.plan()
-        served += [loop for s, _ in plan.slices if s is long]
-        ingest(plan)
-        for stream, _ in plan.slices:
-            if stream.fed == len(stream.feed):
-                scheduler.ingested(stream)
+        block = scheduler.plan()
+        served += [loop for s, _ in block if s is long]
+        ingest(scheduler, block)
     assert served == list(range(10)) and long.fed == len(long.feed)  # the oldest: a slice every loop
-    assert sum(s.fed == len(s.feed) for s in shorts) == 10  # and the rest of the budget went to the shorts
-def test_a_short_prompt_tail_joins_the_batch_and_costs_no_budget():
+    assert sum(s.fed == len(s.feed) for s in shorts) == 10  # and the other row went to the shorts, one whole prompt a loop
+
+
+def test_a_short_prompt_is_in_by_the_end_of_the_loop_that_admits_it_scored_or_not():
     scheduler = Scheduler(max_rows=64, max_rows_per_request=16, prefill_chunk=CHUNK)
-    tail, scored = streams([SHORT_PROMPT, SHORT_PROMPT])
-    scored.request = GenerationRequest(prompt_ids=[1] * SHORT_PROMPT, max_new_tokens=5, prompt_logprobs=0)
-    scheduler.enqueue([tail, scored])
+    plain, scored = streams([5, 5])
+    scored.request = GenerationRequest(prompt_ids=[1] * 5, max_new_tokens=5, prompt_logprobs=0)
+    scheduler.enqueue([plain, scored])
     scheduler.admit(decoding=0)
-    plan = scheduler.plan()
-    assert plan.tails == [tail] and tail.phase is Phase.DECODING
-    assert [s for s, _ in plan.slices] == [scored]  # a scored prompt is ingested, so its figures come out
+    block = scheduler.plan()
+    assert block == [(plain, 5), (scored, 5)]
+    ingest(scheduler, block)
+    assert not scheduler.ingesting and plain.phase is scored.phase is Phase.DECODING
 
 
 def test_one_request_holds_at_most_its_rows_and_the_others_are_admitted_beside_it():

@@ -153,7 +153,7 @@ def _engine_factory(settings: Settings, loop: asyncio.AbstractEventLoop):
         runner = serving.backend
         engine = Engine(runner, loaded.vocab,
                         EngineConfig(max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
-                                     prefill_chunk=settings.prefill_chunk, prefill_budget=settings.prefill_budget,
+                                     prefill_chunk=settings.prefill_chunk, prefill_rows=settings.prefill_rows,
                                      decode_steps=serving.decode_steps, max_rows_per_request=settings.max_rows_per_request,
                                      deliver_interval_s=settings.stream_interval_ms / 2000),  # half the SSE writer's interval
                         deliver=make_deliver(loop), device_step=serving.device_step, share=share)

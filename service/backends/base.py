@@ -31,7 +31,6 @@ from .fused import FusedWeights, pad_rows
 
 log = logging.getLogger("charlstm.backends")
 
-SHORT_PROMPT = 8  # characters; up to this, stepping beats one nn.LSTM call (measured on 2 x 512)
 MIN_ROWS_PER_WORKER = 16  # below this, a share of the batch costs more per row than it saves (measured on 2 x 512)
 ROW_PROBES = (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)  # batch sizes agreeing_rows tries
 MIN_SHARE = 64  # agreeing_rows wants one rounding from min_rows to at least this many rows
@@ -129,32 +128,44 @@ class Backend:
         return fn(x)
 
     @torch.inference_mode()
-    def prefill(self, ids: list[int], state: torch.Tensor, outputs: bool = False):
-        """Feed a whole prompt in one LSTM call (fp32 `nn.LSTM`, whatever the step's weights: it ingests
-        faster than any step, benchmarks/README.md). ids: T ints; state (2, L, H) -> state (2, L, H).
-        A prompt of a few characters goes through the step instead, which costs less per call.
-        With `outputs`, returns (state, y): y (T, H) is the top layer's output after each character,
-        what the head turns into the prediction of the next one (prompt log-probabilities).
-        A state from elsewhere (a session on the host) moves to this backend's device first."""
+    def ingest(self, slices: list[list[int]], state: torch.Tensor,
+               outputs: bool = False) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """Feed each row of a block its own slice of prompt, every row at once: `slices` R lists of ids (of
+        any lengths), state (2, L, R, H) -> (new state (2, L, R, H), outputs). With `outputs`, a (T_r, H)
+        tensor a row: the top layer's h after each of its characters, what the head turns into the
+        prediction of the next one (prompt log-probabilities); None without.
+
+        Every character goes through the backend's own step, so a row's numbers are those of generating
+        through it: the same alone, beside any other rows, and whatever the slice's length. A backend with
+        a faster block (onnx_runtime.py's loop graph) gives the same bits, checked when it is built."""
         state = state.to(self.device)
-        if len(ids) <= SHORT_PROMPT:
-            s = state.unsqueeze(2)  # (2, L, 1, H)
-            tops = []
-            for i in ids:
-                s = self.step(torch.tensor([i], device=self.device), s)
-                if outputs:
-                    tops.append(s[0, -1])  # (1, H)
-            # A copy made after the step's temporaries are freed fills their gap in the heap; sessions keep
-            # these states for long, and the copy packs them tighter (14.9 against 17.0 KB a session, measured).
-            final = s[:, :, 0].clone()
-            if not outputs:
-                return final
-            return final, torch.cat(tops) if tops else state.new_zeros(0, self.hidden)  # (T, H)
-        x = self.model.embed(torch.tensor(ids, dtype=torch.long, device=self.device).unsqueeze(0))  # (1, T, E)
-        h0, c0 = state[0].unsqueeze(1).contiguous(), state[1].unsqueeze(1).contiguous()  # (L, 1, H)
-        y, (h, c) = self.model.lstm(x, (h0, c0))  # y (1, T, H); h, c (L, 1, H) each
-        final = torch.stack([h[:, 0], c[:, 0]])  # (2, L, H)
-        return (final, y[0]) if outputs else final
+        R = len(slices)
+        order = sorted(range(R), key=lambda r: -len(slices[r]))  # longest first: the rows still going are a prefix
+        s = state[:, :, order]  # (2, L, R, H)
+        lengths = [len(slices[r]) for r in order]
+        tops = []  # per step t: (n_t, H), the top h of the n_t rows that took a character
+        for t in range(lengths[0] if R else 0):
+            n = sum(1 for length in lengths if length > t)
+            ids = torch.tensor([slices[r][t] for r in order[:n]], device=self.device)  # (n,)
+            s = self.step(ids, s) if n == R else torch.cat([self.step(ids, s[:, :, :n]), s[:, :, n:]], dim=2)
+            if outputs:
+                tops.append(s[0, -1, :n])
+        at = {r: i for i, r in enumerate(order)}  # row -> its place in `order`
+        new_state = s[:, :, [at[r] for r in range(R)]]  # (2, L, R, H), rows back in order
+        if not outputs:
+            return new_state, None
+        return new_state, [torch.stack([tops[t][at[r]] for t in range(len(slices[r]))]) if slices[r]
+                           else state.new_zeros(0, self.hidden) for r in range(R)]
+
+    def prefill(self, ids: list[int], state: torch.Tensor, outputs: bool = False):
+        """One stream's prompt: `ingest` of a block of one row. ids: T ints; state (2, L, H) -> state
+        (2, L, H), or (state, y (T, H)) with `outputs`. A state from elsewhere (a session on the host)
+        moves to this backend's device first."""
+        new_state, ys = self.ingest([ids], state.to(self.device).unsqueeze(2), outputs)
+        # A copy made after the block's temporaries are freed fills their gap in the heap; sessions keep
+        # these states for long, and the copy packs them tighter (14.9 against 17.0 KB a session, measured).
+        final = new_state[:, :, 0].clone()
+        return (final, ys[0]) if outputs else final
 
     def step(self, ids: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         """Advance every row by one character. ids (B,) int64; state (2, L, B, H) -> new state (2, L, B, H)."""

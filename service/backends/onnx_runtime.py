@@ -20,6 +20,8 @@ same bits as the step's head).
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -33,6 +35,8 @@ from .fused import FusedWeights, quantize_columns
 OPSET = 21
 ACT_LEVELS = 63.5  # 7-bit activations: x in [-1, 1] -> round(x * 63.5) + 64 in [0, 128]
 ACT_ZERO = 64
+
+log = logging.getLogger("charlstm.backends")
 
 
 class _Graph:
@@ -67,26 +71,49 @@ class _Graph:
         return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
+def _quantized(g: _Graph, x: str, q: str, name: str) -> str:
+    """x (B, K) fp32 in [-1, 1] -> its exact int32 product (B, N) with the int8 weight named q (K, N)."""
+    xq = g.op("QuantizeLinear", [x, "act_scale", "act_zero"], f"{name}_xq")  # (B, K) uint8
+    return g.op("MatMulInteger", [xq, q, "act_zero"], f"{name}_acc")  # (B, N) int32, exact
+
+
+def _scaled(g: _Graph, acc: str, scale: str, name: str) -> str:
+    """An int32 product (B, N) -> fp32, with the weight's scale per column."""
+    return g.op("Mul", [g.op("Cast", [acc], f"{name}_accf", to=TensorProto.FLOAT), scale], f"{name}_out")
+
+
 def _multiply(g: _Graph, x: str, weight: torch.Tensor, name: str, int8: bool) -> str:
     """x (B, K) @ weight (K, N) -> (B, N), in fp32 or over int8 weights and 7-bit activations."""
     if not int8:
         return g.op("MatMul", [x, g.const(name, weight.numpy())], f"{name}_out")
     q, scales = quantize_columns(weight)  # (K, N) int8, (N,)
-    xq = g.op("QuantizeLinear", [x, "act_scale", "act_zero"], f"{name}_xq")  # (B, K) uint8
-    acc = g.op("MatMulInteger", [xq, g.const(f"{name}_q", q.numpy()), "act_zero"], f"{name}_acc")  # (B, N) int32, exact
-    accf = g.op("Cast", [acc], f"{name}_accf", to=TensorProto.FLOAT)
-    return g.op("Mul", [accf, g.const(f"{name}_scale", (scales / ACT_LEVELS).numpy())], f"{name}_out")
+    acc = _quantized(g, x, g.const(f"{name}_q", q.numpy()), name)
+    return _scaled(g, acc, g.const(f"{name}_scale", (scales / ACT_LEVELS).numpy()), name)
 
 
-def step_graph(w: FusedWeights, num_layers: int, hidden: int, int8: bool, threads: int = 1) -> ort.InferenceSession:
-    """ids (B,), h{l}, c{l} (B, H) -> h{l}_new, c{l}_new (B, H), logits (B, V)."""
-    g, H = _Graph(), hidden
+def _cell(g: _Graph, gates: str, c: str, h_new: str, c_new: str, name: str) -> None:
+    """The LSTM cell after its multiply: gates (B, 4H) in [i, f, o, g] order and c (B, H) -> h_new, c_new (B, H)."""
+    ifo_in, g_in = g.op("Split", [gates, "split_gates"], [f"ifo_in{name}", f"g_in{name}"], axis=1)
+    ifo = g.op("Sigmoid", [ifo_in], f"ifo{name}")  # (B, 3H)
+    i, f, o = g.op("Split", [ifo, "split_ifo"], [f"i{name}", f"f{name}", f"o{name}"], axis=1)
+    cell = g.op("Add", [g.op("Mul", [f, c], f"fc{name}"), g.op("Mul", [i, g.op("Tanh", [g_in], f"g{name}")], f"ig{name}")], c_new)
+    g.op("Mul", [o, g.op("Tanh", [cell], f"tc{name}")], h_new)
+
+
+def _constants(g: _Graph, w: FusedWeights, hidden: int, int8: bool) -> None:
+    H = hidden
     g.const("table0", w.table0.numpy())
     g.const("split_gates", np.array([3 * H, H], np.int64))
     g.const("split_ifo", np.array([H, H, H], np.int64))
     if int8:
         g.const("act_scale", np.array(1.0 / ACT_LEVELS, np.float32))
         g.const("act_zero", np.array(ACT_ZERO, np.uint8))
+
+
+def step_graph(w: FusedWeights, num_layers: int, hidden: int, int8: bool, threads: int = 1) -> ort.InferenceSession:
+    """ids (B,), h{l}, c{l} (B, H) -> h{l}_new, c{l}_new (B, H), logits (B, V)."""
+    g, H = _Graph(), hidden
+    _constants(g, w, H, int8)
     g.io(g.inputs, "ids", TensorProto.INT64, ["B"])
     below = None
     for layer in range(num_layers):
@@ -98,17 +125,73 @@ def step_graph(w: FusedWeights, num_layers: int, hidden: int, int8: bool, thread
             inp = g.op("Concat", [below, h], f"cat{layer}", axis=1)  # (B, 2H): [h_below, h_self]
             bias = g.const(f"b_cat{layer}", w.b_cat[layer - 1].numpy())
             gates = g.op("Add", [_multiply(g, inp, w.w_cat[layer - 1], f"w_cat{layer}", int8), bias], f"gates{layer}")
-        ifo_in, g_in = g.op("Split", [gates, "split_gates"], [f"ifo_in{layer}", f"g_in{layer}"], axis=1)
-        ifo = g.op("Sigmoid", [ifo_in], f"ifo{layer}")  # (B, 3H)
-        i, f, o = g.op("Split", [ifo, "split_ifo"], [f"i{layer}", f"f{layer}", f"o{layer}"], axis=1)
-        cell = g.op("Add", [g.op("Mul", [f, c], f"fc{layer}"), g.op("Mul", [i, g.op("Tanh", [g_in], f"g{layer}")], f"ig{layer}")],
-                    f"c{layer}_new")
-        below = g.op("Mul", [o, g.op("Tanh", [cell], f"tc{layer}")], f"h{layer}_new")
+        _cell(g, gates, c, f"h{layer}_new", f"c{layer}_new", str(layer))
+        below = f"h{layer}_new"
         g.io(g.outputs, f"h{layer}_new", TensorProto.FLOAT, ["B", H])
         g.io(g.outputs, f"c{layer}_new", TensorProto.FLOAT, ["B", H])
     g.op("Gemm", [below, g.const("w_head", w.w_head.numpy()), g.const("b_head", w.b_head.numpy())], "logits")
     g.io(g.outputs, "logits", TensorProto.FLOAT, ["B", w.w_head.shape[1]])
     return g.session("charlstm_step", threads)
+
+
+def block_graph(w: FusedWeights, num_layers: int, hidden: int, int8: bool, threads: int = 1) -> ort.InferenceSession:
+    """A block of prompt slices: ids (T, R), live (T, R, 1) bool (row r has a character at step t),
+    h{l}, c{l} (R, H) -> h{l}_new, c{l}_new (R, H) and y (T, R, H), the top layer's h after each step.
+
+    Layer by layer, each a `Scan` over the T steps whose body is the step graph's layer, op for op: a
+    row's state is the one the step gives it, character after character. A row past its slice's end
+    keeps its state (`Where`). With int8 weights, a layer's input projection leaves the loop: the layer
+    below's whole output, (T x R, H), is multiplied by the input half of the weight in one product, and
+    each step adds the recurrent half's product to it. Both are exact int32 sums, so their sum is the
+    step's product over [h_below, h_self] to the bit; an fp32 product split in two would round otherwise,
+    so the fp32 body multiplies the concatenation like the step."""
+    g, H = _Graph(), hidden
+    _constants(g, w, H, int8)
+    g.io(g.inputs, "ids", TensorProto.INT64, ["T", "R"])
+    g.io(g.inputs, "live", TensorProto.BOOL, ["T", "R", 1])
+    xs = g.op("Gather", ["table0", "ids"], "rows0", axis=0)  # (T, R, 4H): layer 0's input projection, each step's
+    for layer in range(num_layers):
+        body = _Graph()
+        h, c = (body.io(body.inputs, x, TensorProto.FLOAT, ["R", H]) for x in "hc")
+        x_type = TensorProto.INT32 if int8 and layer else TensorProto.FLOAT
+        x = body.io(body.inputs, "x", x_type, ["R", 4 * H if int8 or not layer else H])
+        live = body.io(body.inputs, "live_t", TensorProto.BOOL, ["R", 1])
+        if layer == 0:
+            if int8:
+                q, scales = quantize_columns(w.w_hh0)
+                acc = _quantized(body, h, g.const("w_hh0_q", q.numpy()), "w_hh0")
+                product = _scaled(body, acc, g.const("w_hh0_scale", (scales / ACT_LEVELS).numpy()), "w_hh0")
+            else:
+                product = body.op("MatMul", [h, g.const("w_hh0", w.w_hh0.numpy())], "w_hh0_out")
+            gates = body.op("Add", [product, x], "gates")
+        else:
+            bias = g.const(f"b_cat{layer}", w.b_cat[layer - 1].numpy())
+            if int8:
+                q, scales = quantize_columns(w.w_cat[layer - 1])  # (2H, 4H): rows [h_below, h_self]
+                x_acc = _quantized(g, xs, g.const(f"w_in{layer}_q", q[:H].numpy()), f"w_in{layer}")  # (T, R, 4H) int32
+                xs = x_acc
+                acc = body.op("Add", [x, _quantized(body, h, g.const(f"w_rec{layer}_q", q[H:].numpy()), "w_rec")], "acc")
+                product = _scaled(body, acc, g.const(f"w_cat{layer}_scale", (scales / ACT_LEVELS).numpy()), "w_cat")
+            else:
+                inp = body.op("Concat", [x, h], "cat", axis=1)  # (R, 2H): [h_below, h_self]
+                product = body.op("MatMul", [inp, g.const(f"w_cat{layer}", w.w_cat[layer - 1].numpy())], "w_cat_out")
+            gates = body.op("Add", [product, bias], "gates")
+        _cell(body, gates, c, "h_step", "c_step", "")
+        body.op("Where", [live, "h_step", h], "h_next")
+        body.op("Where", [live, "c_step", c], "c_next")
+        body.op("Identity", ["h_next"], "y_t")
+        for name, shape in (("h_next", ["R", H]), ("c_next", ["R", H]), ("y_t", ["R", H])):
+            body.io(body.outputs, name, TensorProto.FLOAT, shape)
+        graph = helper.make_graph(body.nodes, f"layer{layer}", body.inputs, body.outputs)
+        state = [g.io(g.inputs, f"{v}{layer}", TensorProto.FLOAT, ["R", H]) for v in "hc"]
+        g.op("Scan", [*state, xs, "live"], [f"h{layer}_new", f"c{layer}_new", f"y{layer}"], body=graph, num_scan_inputs=2)
+        xs = f"y{layer}"  # (T, R, H): the next layer's input
+    for layer in range(num_layers):
+        for v in "hc":
+            g.io(g.outputs, f"{v}{layer}_new", TensorProto.FLOAT, ["R", H])
+    g.op("Identity", [xs], "y")
+    g.io(g.outputs, "y", TensorProto.FLOAT, ["T", "R", H])
+    return g.session("charlstm_block", threads)
 
 
 def head_graph(w: FusedWeights, threads: int = 1) -> ort.InferenceSession:
@@ -140,9 +223,56 @@ class OnnxBackend(Backend):
         self.head_rows = agreeing_rows(lambda B: self._head_rows(probe[0, -1, :B]), f"{self.name}'s head")
         state, fused_logits = self._run(probe_ids[:64], probe[:, :, :64])
         self._fused_head = torch.equal(fused_logits, self._head_rows(state[0, -1].contiguous()))
+        self._block = block_graph(self.weights, self.num_layers, self.hidden, int8, threads)
+        self._block_outputs = [f"{x}{layer}_new" for x in "hc" for layer in range(self.num_layers)] + ["y"]
+        self._block_exact = self._check_block(probe, probe_ids)
+
+    def _check_block(self, probe: torch.Tensor, probe_ids: torch.Tensor) -> bool:
+        """Whether the block graph gives every row the bits of the step, character by character (it is
+        written to, op for op; a runtime that fused the two graphs' ops differently would break it).
+        If not, blocks go through the step (`Backend.ingest`), slower and still exact."""
+        slices = [probe_ids[r * 7 : r * 7 + n].tolist() for r, n in enumerate((9, 3, 0, 6))]
+        state = probe[:, :, : len(slices)]  # (2, L, 4, H)
+        stepped, y_stepped = super().ingest(slices, state, outputs=True)
+        block, y_block = self.ingest(slices, state, outputs=True, checked=True)
+        exact = torch.equal(stepped, block) and all(torch.equal(a, b) for a, b in zip(y_stepped, y_block))
+        if not exact:
+            log.warning("%s: the block graph does not give the step's bits here; prompts are ingested step by step", self.name)
+        return exact
 
     def describe(self) -> dict:
-        return {**super().describe(), "onnxruntime": ort.__version__, "fused_head": self._fused_head}
+        return {**super().describe(), "onnxruntime": ort.__version__, "fused_head": self._fused_head,
+                "block_graph": self._block_exact}
+
+    def ingest(self, slices: list[list[int]], state: torch.Tensor, outputs: bool = False,
+               checked: bool = False) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """A block in one run of the block graph (each layer a loop inside ONNX Runtime, no Python per
+        character), rows padded to min_rows and cut into shares of max_rows like a step's.
+        state (2, L, R, H) -> (new state (2, L, R, H), outputs: R tensors (T_r, H) or None)."""
+        T = max((len(ids) for ids in slices), default=0)
+        if T == 0 or not (checked or self._block_exact):  # nothing to feed (a Scan takes at least one step)
+            return super().ingest(slices, state, outputs)
+        R = len(slices)
+        if R > self.max_rows:
+            parts = [self.ingest(slices[a : a + self.max_rows], state[:, :, a : a + self.max_rows], outputs, checked)
+                     for a in range(0, R, self.max_rows)]
+            return torch.cat([p[0] for p in parts], dim=2), [y for p in parts for y in p[1]] if outputs else None
+        rows = max(R, self.min_rows)
+        ids, live = np.zeros((T, rows), np.int64), np.zeros((T, rows, 1), np.bool_)
+        for r, row_ids in enumerate(slices):
+            ids[: len(row_ids), r] = row_ids
+            live[: len(row_ids), r] = True
+        s = state.numpy()  # (2, L, R, H)
+        feeds = {"ids": ids, "live": live}
+        for layer, (h, c) in enumerate(self._inputs):
+            feeds[h] = np.ascontiguousarray(np.pad(s[0, layer], ((0, rows - R), (0, 0))))  # padded rows: zeros, never live
+            feeds[c] = np.ascontiguousarray(np.pad(s[1, layer], ((0, rows - R), (0, 0))))
+        out = self._block.run(self._block_outputs, feeds)
+        new_state = torch.from_numpy(np.ascontiguousarray(np.stack(out[:-1])[:, :R])).view(2, self.num_layers, R, self.hidden)  # (2, L, R, H)
+        if not outputs:
+            return new_state, None
+        y = out[-1]  # (T, rows, H)
+        return new_state, [torch.from_numpy(y[: len(row_ids), r].copy()) for r, row_ids in enumerate(slices)]
 
     def _run(self, ids: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One run of the step graph. state (2, L, B, H) -> (new state (2, L, B, H), logits (B, V)).

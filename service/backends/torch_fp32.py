@@ -38,6 +38,28 @@ class TorchBackend(Backend):
         else:
             self.min_rows, self.head_rows = 2, (2, 1 << 30)  # cuda.MIN_ROWS_PER_CALL: a lone row runs as two
 
+    @torch.inference_mode()
+    def ingest(self, slices: list[list[int]], state: torch.Tensor,
+               outputs: bool = False) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """On the CPU, the step's own block (`Backend.ingest`). On a GPU, which ingests prompts for
+        cuda.py's graphs, one cuDNN `nn.LSTM` call a row: a step a character would cost a launch each, and
+        one row a call keeps a row's bits independent of the others'. state (2, L, R, H)."""
+        if self.device.type == "cpu":
+            return super().ingest(slices, state, outputs)
+        state = state.to(self.device)
+        finals, ys = [], []
+        for r, ids in enumerate(slices):
+            h0, c0 = state[0, :, r : r + 1].contiguous(), state[1, :, r : r + 1].contiguous()  # (L, 1, H) each
+            if not ids:
+                finals.append(state[:, :, r])
+                ys.append(state.new_zeros(0, self.hidden))
+                continue
+            x = self.model.embed(torch.tensor(ids, dtype=torch.long, device=self.device).unsqueeze(0))  # (1, T, E)
+            y, (h, c) = self.model.lstm(x, (h0, c0))  # y (1, T, H); h, c (L, 1, H) each
+            finals.append(torch.stack([h[:, 0], c[:, 0]]))  # (2, L, H)
+            ys.append(y[0])
+        return torch.stack(finals, dim=2), ys if outputs else None
+
     def _step_rows(self, ids: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         """Seven kernels per layer after its input (gather or cat): every call costs Python and a GIL
         hand-off, which at small batches is most of the step and at large ones slows the other shares."""

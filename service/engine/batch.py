@@ -108,13 +108,13 @@ class Batch:
             mask[row] = self.constraints[row].forbid[self.fsm[row]]
         return mask
 
-    def advance_constraints(self, ids: torch.Tensor, fed: list[int] = ()) -> dict[int, bool]:
+    def advance_constraints(self, ids: torch.Tensor) -> dict[int, bool]:
         """Each constrained row wrote ids[row] (B,): move its automaton. Returns the rows whose constraint
         ended at this character -> whether the character belongs to the text (False: it ended the match)."""
         ended = {}
         for row in self.constrained:
             state = self.fsm[row]
-            if state < 0 or row in fed:
+            if state < 0:
                 continue
             c = self.constraints[row]
             state = int(c.next[state, int(ids[row])])
@@ -158,18 +158,11 @@ class Batch:
         """The most alternatives any row asks for at each position (0: nobody asks)."""
         return int(self.controls["top_logprobs"].max()) if len(self.rows) else 0
 
-    def record(self, ids: torch.Tensor, fed: list[int] = ()) -> None:
-        """Every row took character ids (B,): a draw of its random stream, except the rows in `fed`, which
-        were fed a character of their prompt (no draw spent, nothing generated)."""
+    def record(self, ids: torch.Tensor) -> None:
+        """Every row drew character ids (B,): one draw of its random stream spent."""
         self.counters += np.uint64(1)
-        if fed:
-            self.counters[fed] -= np.uint64(1)
         if self.penalised or self.counted:
             rows = torch.arange(len(self.rows))
-            if fed:  # a prompt character is already in `seen` and never counts as generated
-                drew = torch.ones(len(self.rows), dtype=torch.bool)
-                drew[fed] = False
-                rows, ids = rows[drew], ids[drew]
             if self.penalised:
                 self.seen[rows, ids] = True
             if self.counted:

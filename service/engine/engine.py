@@ -57,8 +57,8 @@ RETRY_DELIVERY_S = 0.01  # an idle loop's wait before retrying undelivered event
 class EngineConfig:
     max_batch_size: int = 64  # rows stepped together
     max_queue: int = 256  # requests waiting for a row, beyond the rows' own; beyond this, submissions are refused
-    prefill_chunk: int = 128  # a prompt is cut at multiples of this, from its own start: one LSTM call a slice
-    prefill_budget: int | None = None  # prompt characters ingested a loop, shared by every ingesting stream; None: 2 x prefill_chunk
+    prefill_chunk: int = 128  # a prompt is cut at multiples of this, from its own start: the longest slice of a block's row
+    prefill_rows: int = 8  # a loop ingests one block of at most this many streams' slices, in one backend call
     start_char: str = "\n"  # fed when a fresh stream has no prompt, so the first character has context
     decode_steps: int = 1  # steps a look: the rows' text is updated once per look (a device step must be built for as many)
     max_rows_per_request: int | None = None  # rows one request holds at once; None: a quarter of max_batch_size (at least 1)
@@ -136,8 +136,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._steps = 0
         # owned by the loop thread
-        self.scheduler = Scheduler(config.max_batch_size, config.rows_per_request, config.prefill_chunk,
-                                   config.prefill_budget, feed_tails_in_batch=device_step is None)
+        self.scheduler = Scheduler(config.max_batch_size, config.rows_per_request, config.prefill_chunk, config.prefill_rows)
         self.stepper = Stepper(backend, device_step, config.decode_steps)
         self._chars = vocab.chars
         self.output = Output(self._chars, self.notify, self._release)
@@ -339,22 +338,22 @@ class Engine:
             self.notify("on_queue_time", now - stream.t_submit)
 
     def _ingest(self) -> None:
-        """Run this loop's slices (Scheduler.plan); streams whose whole prompt is in join the batch, together."""
-        plan = self.scheduler.plan()
+        """Run this loop's block (Scheduler.plan) in one backend call; streams whose whole prompt is in
+        join the batch, together."""
+        block = self.scheduler.plan()
         joining = self._joining  # an attribute, so a fault part-way still ends the streams in it
-        joining.extend(Batch.single(s, s.state, s.seed, s.request.counter, len(self._chars)) for s in plan.tails)
-        self.stepper.feeding.extend(plan.tails)
-        t0, ingested = time.perf_counter(), 0
-        for stream, end in plan.slices:
-            if end > stream.fed:
-                if stream.request.prompt_logprobs is not None and stream.request.prompt_ids:
-                    before = stream.state
-                    stream.state, outputs = self.backend.prefill(stream.feed[stream.fed : end], before, outputs=True)
-                    self._score_slice(stream, end, before, outputs)
-                else:
-                    stream.state = self.backend.prefill(stream.feed[stream.fed : end], stream.state)
-                ingested += end - stream.fed
-                stream.fed = end
+        t0 = time.perf_counter()
+        if block:
+            scored = [s.request.prompt_logprobs is not None and bool(s.request.prompt_ids) for s, _ in block]
+            before = torch.stack([s.state for s, _ in block], dim=2)  # (2, L, R, H)
+            after, outputs = self.backend.ingest([s.feed[s.fed : end] for s, end in block], before, outputs=any(scored))
+        ingested = 0
+        for r, (stream, end) in enumerate(block):
+            if scored[r]:
+                self._score_slice(stream, end, before[:, :, r], outputs[r])
+            stream.state = after[:, :, r].clone()  # its own copy: a finished prompt's state may outlive the block's
+            ingested += end - stream.fed
+            stream.fed = end
             if stream.fed == len(stream.feed):
                 self.scheduler.ingested(stream)
                 if stream.request.prompt_logprobs is not None:
@@ -410,7 +409,6 @@ class Engine:
         if any(s.finished for s in rows):
             keep = [i for i, s in enumerate(rows) if not s.finished]
             self._batch = self._batch.filter(keep)
-            self.stepper.forget_finished()
             if self.device_step is not None:
                 self.device_step.batch.filter(keep)
 
@@ -423,7 +421,7 @@ class Engine:
         for stream in [*self._batch.rows, *touched, *(r for b in self._joining for r in b.rows)]:
             self.output.finish(stream, "error", error=message)
         self.scheduler.enqueue([s for s in held if s.phase is Phase.WAITING])
-        self._batch, self._joining, self.stepper.feeding = self._empty_batch(), [], []
+        self._batch, self._joining = self._empty_batch(), []
         self._empty_device_batch()
 
     def _empty_device_batch(self) -> None:
@@ -442,7 +440,7 @@ class Engine:
                 self.output.finish(stream, reason, error="the engine stopped" if reason == "error" else None)
             except Exception:
                 log.exception("ending a stream failed")
-        self._batch, self._joining, self.stepper.feeding = self._empty_batch(), [], []
+        self._batch, self._joining = self._empty_batch(), []
         try:
             self._empty_device_batch()
         except Exception:  # the loop is over either way

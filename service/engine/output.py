@@ -31,7 +31,6 @@ class Look:
     tops: tuple[list, list] | None
     state: Callable[[int, int], torch.Tensor]  # (row, steps into the look) -> that row's state (2, L, H) on the host
     settle: Callable[[], None] | None = None  # finish the look's work begun in the background
-    fed: dict[int, int] | None = None  # row -> how many of its first steps fed its prompt's tail (no characters)
     ends: dict[int, tuple[int, bool]] | None = None  # row -> (step, its character stays): where its constraint ended it
 
 
@@ -47,16 +46,15 @@ class Output:
         """Each row's characters of the look: its text, figures, stop strings and end."""
         now = time.perf_counter()
         gaps, counts, ending = [], [], []
-        chars, ids_of, lps_of, tops_of, fed_of = self.chars, look.ids, look.lps, look.tops, look.fed
+        chars, ids_of, lps_of, tops_of = self.chars, look.ids, look.lps, look.tops
         for row, stream in enumerate(rows):
             if stream.finished:
                 continue
             request = stream.request
-            fed = fed_of.get(row, 0) if fed_of else 0  # the look's first steps fed this row's prompt
-            take = min(k - fed, request.max_new_tokens - len(stream.chars))
+            take = min(k, request.max_new_tokens - len(stream.chars))
             bound = look.ends.get(row) if look.ends else None  # its constraint ended it at this step of the look
-            if bound is not None and bound[0] - fed + 1 <= take:
-                take = bound[0] - fed + 1
+            if bound is not None and bound[0] + 1 <= take:
+                take = bound[0] + 1
             else:
                 bound = None  # the length ends it first
             if take <= 0:
@@ -67,12 +65,12 @@ class Output:
                 gap = 0.0
                 self.notify("on_first_token", now - stream.t_submit)
             stream.t_last = now
-            got = ids_of[row] if take == k else ids_of[row][fed : fed + take]
-            lps = None if lps_of is None else lps_of[row][fed:] if fed else lps_of[row]
+            got = ids_of[row] if take == k else ids_of[row][:take]
+            lps = None if lps_of is None else lps_of[row]
             tops = None
             if tops_of is not None and (want := request.params.top_logprobs):
                 top_ids, top_lps = tops_of[0][row], tops_of[1][row]
-                tops = [tuple((chars[i], v) for i, v in zip(top_ids[j][:want], top_lps[j][:want])) for j in range(fed, fed + take)]
+                tops = [tuple((chars[i], v) for i, v in zip(top_ids[j][:want], top_lps[j][:want])) for j in range(take)]
             before = len(stream.chars)
             if stream.matcher is None and bound is None:  # only the length can end it: everything at once
                 if take == 1:
@@ -108,7 +106,7 @@ class Output:
                 gaps.append(gap / taken)
                 counts.append(taken)
             if end is not None:
-                ending.append((stream, row, *end, fed + taken))
+                ending.append((stream, row, *end, taken))
         if look.settle is not None:
             look.settle()
         for stream, row, reason, cut, steps in ending:

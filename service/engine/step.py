@@ -14,7 +14,6 @@ from ..sampling import sample_next, sample_plain, top_alternatives, uniforms
 from .batch import Batch
 from .output import Look
 from ..backends.base import Backend
-from .stream import Stream
 
 if TYPE_CHECKING:
     from ..backends.cuda import CudaStep
@@ -28,23 +27,17 @@ def _by_row(steps: list[torch.Tensor]) -> list[list]:
 
 
 class Stepper:
-    """Takes looks of the batch. Rows still feeding their prompt's short tail (`feeding`) take their
-    prompt's next character at a step instead of a draw, which they do not spend."""
+    """Takes looks of the batch (every row's prompt is in: the scheduler's blocks ingest prompts)."""
 
     def __init__(self, backend: Backend, device_step: CudaStep | None, decode_steps: int):
         self.backend, self.device_step, self.decode_steps = backend, device_step, decode_steps
-        self.feeding: list[Stream] = []
 
     def look(self, batch: Batch) -> tuple[int, Look]:
-        """One look of k steps: k is the configured steps a look, or 1 when most rows end sooner (counting
-        the prompt characters a row still feeds, which take steps too)."""
+        """One look of k steps: k is the configured steps a look, or 1 when most rows end sooner."""
         k = self.decode_steps
-        if k > 1 and 2 * max(s.request.max_new_tokens - len(s.chars) + s.prompt_left for s in batch.rows) < k:
+        if k > 1 and 2 * max(s.request.max_new_tokens - len(s.chars) for s in batch.rows) < k:
             k = 1  # most rows end sooner than a whole look
         return k, self.device_look(batch, k) if self.device_step is not None else self.host_look(batch, k)
-
-    def forget_finished(self) -> None:
-        self.feeding = [s for s in self.feeding if not s.finished]
 
     def host_look(self, batch: Batch, k: int) -> Look:
         """k steps with the backend: sample every row, record, step. The last step runs in the background
@@ -53,36 +46,26 @@ class Stepper:
         ends: dict[int, tuple[int, bool]] = {}  # row -> (step, whether its character stays): where its constraint ended it
         top_k = batch.top_logprobs
         state = batch.state
-        tails = self._tails(batch, k)  # row -> the prompt characters it feeds in this look
         for j in range(k):
-            fed = [row for row, tail in tails.items() if j < len(tail)]  # rows fed a prompt character at this step
-            if len(fed) == len(batch):  # nobody draws (a lone stream's prompt): placeholders the look skips
-                ids = torch.tensor([tails[row][j] for row in fed])  # (B,), every row in order
-                lps = torch.zeros(len(fed)) if batch.wants_logprobs else None
-                if top_k:
-                    tops_steps.append((torch.zeros(len(fed), top_k, dtype=torch.long), torch.zeros(len(fed), top_k)))
+            logits = self.backend.logits(state)  # (B, V)
+            raw, forbid = logits, batch.forbidden() if batch.constrained else None
+            if forbid is not None:  # constrained rows write only what their automaton allows; other rows keep every bit
+                logits = logits.masked_fill(forbid, float("-inf"))
+            u = torch.from_numpy(uniforms(batch.seeds, batch.counters))  # (B,)
+            if batch.plain:  # the batch's scale is worked out once: fewer kernels, most of a lone row's sampling
+                greedy, scale = batch.temperature_scale  # (B,), (B,)
+                ids, lps = sample_plain(logits, scale, greedy, u, batch.wants_logprobs, any_greedy=batch.any_greedy, raw=raw,
+                                        unit_scale=batch.unit_scale)
             else:
-                logits = self.backend.logits(state)  # (B, V)
-                raw, forbid = logits, batch.forbidden() if batch.constrained else None
-                if forbid is not None:  # constrained rows write only what their automaton allows; other rows keep every bit
-                    logits = logits.masked_fill(forbid, float("-inf"))
-                u = torch.from_numpy(uniforms(batch.seeds, batch.counters))  # (B,)
-                if batch.plain:  # the batch's scale is worked out once: fewer kernels, most of a lone row's sampling
-                    greedy, scale = batch.temperature_scale  # (B,), (B,)
-                    ids, lps = sample_plain(logits, scale, greedy, u, batch.wants_logprobs, any_greedy=batch.any_greedy, raw=raw,
-                                            unit_scale=batch.unit_scale)
-                else:
-                    ids, lps = sample_next(logits, **batch.controls, seen=batch.seen if batch.penalised else None, u=u,
-                                           want_logprobs=batch.wants_logprobs,
-                                           counts=batch.counts if batch.counted else None, raw=raw)  # (B,), (B,) or None
-                if top_k:  # someone asked for alternatives: (B, k) ids and log-probabilities
-                    tops_steps.append(top_alternatives(raw, top_k))
-                if fed:  # these rows take their prompt's next character instead of the draw, which they do not spend
-                    ids[fed] = torch.tensor([tails[row][j] for row in fed])
+                ids, lps = sample_next(logits, **batch.controls, seen=batch.seen if batch.penalised else None, u=u,
+                                       want_logprobs=batch.wants_logprobs,
+                                       counts=batch.counts if batch.counted else None, raw=raw)  # (B,), (B,) or None
+            if top_k:  # someone asked for alternatives: (B, k) ids and log-probabilities
+                tops_steps.append(top_alternatives(raw, top_k))
             if batch.constrained:
-                for row, kept in batch.advance_constraints(ids, fed).items():
+                for row, kept in batch.advance_constraints(ids).items():
                     ends.setdefault(row, (j, kept))
-            batch.record(ids, fed)
+            batch.record(ids)
             ids_steps.append(ids)
             if lps is not None:
                 lps_steps.append(lps)
@@ -100,21 +83,7 @@ class Stepper:
             tops = tuple(torch.stack(t, dim=1).tolist() for t in zip(*tops_steps))
         return Look(ids=_by_row(ids_steps), lps=_by_row(lps_steps) if lps_steps else None, tops=tops,
                      state=lambda row, steps: states[steps - 1][:, :, row].clone(), settle=settle,
-                     fed={row: len(tail) for row, tail in tails.items()} or None, ends=ends or None)
-
-    def _tails(self, batch: Batch, k: int) -> dict[int, list[int]]:
-        """Rows still feeding their prompt's tail -> the characters they feed in this look (at most k);
-        their streams count them as ingested now."""
-        if not self.feeding:
-            return {}
-        feeding = {id(s) for s in self.feeding}
-        tails = {}
-        for row, stream in enumerate(batch.rows):
-            if id(stream) in feeding:
-                tails[row] = stream.feed[stream.fed : stream.fed + k]
-                stream.fed += len(tails[row])
-        self.feeding = [s for s in self.feeding if s.fed < len(s.feed)]
-        return tails
+                     ends=ends or None)
 
     def device_look(self, batch: Batch, k: int) -> Look:
         """k steps on the device: the ids come back in one copy, figures only when someone asks for them."""

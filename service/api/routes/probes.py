@@ -58,7 +58,7 @@ async def info(request: Request):
                    "device": details.get("device") or s.device, "device_name": details.get("device_name"),
                    "max_batch_size": s.max_batch_size, "step_workers": details.get("step_workers") or s.step_workers,
                    "prefill_chunk": s.prefill_chunk, "rows_per_call": details.get("rows_per_call"),
-                   "prefill_budget": max(s.prefill_budget, s.prefill_chunk),
+                   "prefill_rows": s.prefill_rows,
                    "decode_steps": details.get("decode_steps") or s.decode_steps},
         "models": _models(pool) if pool is not None else [],
         "model_pool": {"max_loaded_models": s.max_loaded_models, "model_keep_alive_s": s.model_keep_alive_s,
