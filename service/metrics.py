@@ -144,7 +144,7 @@ class Metrics:
         self.rejected = Counter("charlstm_rejected_requests", "Requests refused before queueing, by reason", ["reason"], registry=r)
         self.batch_size = Histogram("charlstm_batch_size", "Rows stepped together per engine step", ["model"], buckets=BATCH,
                                     registry=r)
-        self.prefill_duration = Histogram("charlstm_prefill_slice_duration_seconds", "Prompt ingestion between two steps",
+        self.prefill_duration = Histogram("charlstm_prefill_slice_duration_seconds", "Prompt ingestion between two steps (one block of prompt slices)",
                                           ["model"], buckets=LATENCY, registry=r)
         self.step_duration = Histogram("charlstm_engine_step_duration_seconds", "One batched engine step", ["model"],
                                        buckets=FAST, registry=r)

@@ -57,6 +57,18 @@ def test_each_backend_keeps_shapes_rows_and_states(tiny_model, name, workers):
         backend.close()
 
 
+@pytest.mark.parametrize("name", [b for b in BACKENDS if b.startswith("onnx")])
+def test_a_pipelined_block_gives_the_bits_of_one_layer_after_another(tiny_model, name):
+    """ONNX Runtime's block with its layers at once on two threads, in pieces of 8 characters (whether it
+    is on by default is measured, and a tiny model gains nothing from it): the contract still holds."""
+    backend = build(name, tiny_model.model, 1)
+    try:
+        backend.pipelined, backend._piece = True, lambda rows, T: 8
+        contract.check_block_ingests_as_its_step(backend)
+    finally:
+        backend.close()
+
+
 @pytest.mark.parametrize("name", BACKENDS)
 def test_each_backend_computes_the_model(tiny_model, reference, name):
     backend = build(name, tiny_model.model, 1)

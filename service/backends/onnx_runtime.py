@@ -21,6 +21,10 @@ same bits as the step's head).
 from __future__ import annotations
 
 import logging
+import os
+import time
+
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import onnx
@@ -35,6 +39,7 @@ from .fused import FusedWeights, quantize_columns
 OPSET = 21
 ACT_LEVELS = 63.5  # 7-bit activations: x in [-1, 1] -> round(x * 63.5) + 64 in [0, 128]
 ACT_ZERO = 64
+PIECE_S = 0.001  # a pipelined block's piece takes about this long per layer
 
 log = logging.getLogger("charlstm.backends")
 
@@ -134,64 +139,61 @@ def step_graph(w: FusedWeights, num_layers: int, hidden: int, int8: bool, thread
     return g.session("charlstm_step", threads)
 
 
-def block_graph(w: FusedWeights, num_layers: int, hidden: int, int8: bool, threads: int = 1) -> ort.InferenceSession:
-    """A block of prompt slices: ids (T, R), live (T, R, 1) bool (row r has a character at step t),
-    h{l}, c{l} (R, H) -> h{l}_new, c{l}_new (R, H) and y (T, R, H), the top layer's h after each step.
+def layer_graph(w: FusedWeights, layer: int, hidden: int, int8: bool, threads: int = 1) -> ort.InferenceSession:
+    """One layer over a block of prompt slices: its input, live (T, R, 1) bool (row r has a character at
+    step t), h, c (R, H) -> h_new, c_new (R, H) and y (T, R, H), the layer's h after each step. The
+    input is ids (T, R) int64 for layer 0, the layer below's y for the others.
 
-    Layer by layer, each a `Scan` over the T steps whose body is the step graph's layer, op for op: a
-    row's state is the one the step gives it, character after character. A row past its slice's end
-    keeps its state (`Where`). With int8 weights, a layer's input projection leaves the loop: the layer
-    below's whole output, (T x R, H), is multiplied by the input half of the weight in one product, and
-    each step adds the recurrent half's product to it. Both are exact int32 sums, so their sum is the
-    step's product over [h_below, h_self] to the bit; an fp32 product split in two would round otherwise,
-    so the fp32 body multiplies the concatenation like the step."""
+    A `Scan` over the T steps whose body is the step graph's layer, op for op: a row's state is the one
+    the step gives it, character after character. A row past its slice's end keeps its state (`Where`).
+    With int8 weights, the input projection leaves the loop: the layer below's whole output, (T x R, H),
+    is multiplied by the input half of the weight in one product, and each step adds the recurrent
+    half's product to it. Both are exact int32 sums, so their sum is the step's product over
+    [h_below, h_self] to the bit; an fp32 product split in two would round otherwise, so the fp32 body
+    multiplies the concatenation like the step."""
     g, H = _Graph(), hidden
     _constants(g, w, H, int8)
-    g.io(g.inputs, "ids", TensorProto.INT64, ["T", "R"])
+    if layer == 0:
+        xs = g.op("Gather", ["table0", g.io(g.inputs, "ids", TensorProto.INT64, ["T", "R"])], "rows0", axis=0)  # (T, R, 4H)
+    else:
+        xs = g.io(g.inputs, "below", TensorProto.FLOAT, ["T", "R", H])
     g.io(g.inputs, "live", TensorProto.BOOL, ["T", "R", 1])
-    xs = g.op("Gather", ["table0", "ids"], "rows0", axis=0)  # (T, R, 4H): layer 0's input projection, each step's
-    for layer in range(num_layers):
-        body = _Graph()
-        h, c = (body.io(body.inputs, x, TensorProto.FLOAT, ["R", H]) for x in "hc")
-        x_type = TensorProto.INT32 if int8 and layer else TensorProto.FLOAT
-        x = body.io(body.inputs, "x", x_type, ["R", 4 * H if int8 or not layer else H])
-        live = body.io(body.inputs, "live_t", TensorProto.BOOL, ["R", 1])
-        if layer == 0:
-            if int8:
-                q, scales = quantize_columns(w.w_hh0)
-                acc = _quantized(body, h, g.const("w_hh0_q", q.numpy()), "w_hh0")
-                product = _scaled(body, acc, g.const("w_hh0_scale", (scales / ACT_LEVELS).numpy()), "w_hh0")
-            else:
-                product = body.op("MatMul", [h, g.const("w_hh0", w.w_hh0.numpy())], "w_hh0_out")
-            gates = body.op("Add", [product, x], "gates")
+    state = [g.io(g.inputs, v, TensorProto.FLOAT, ["R", H]) for v in ("h_in", "c_in")]
+    body = _Graph()
+    h, c = (body.io(body.inputs, x, TensorProto.FLOAT, ["R", H]) for x in "hc")
+    x = body.io(body.inputs, "x", TensorProto.INT32 if int8 and layer else TensorProto.FLOAT,
+                ["R", 4 * H if int8 or not layer else H])
+    live = body.io(body.inputs, "live_t", TensorProto.BOOL, ["R", 1])
+    if layer == 0:
+        if int8:
+            q, scales = quantize_columns(w.w_hh0)
+            acc = _quantized(body, h, g.const("w_hh0_q", q.numpy()), "w_hh0")
+            product = _scaled(body, acc, g.const("w_hh0_scale", (scales / ACT_LEVELS).numpy()), "w_hh0")
         else:
-            bias = g.const(f"b_cat{layer}", w.b_cat[layer - 1].numpy())
-            if int8:
-                q, scales = quantize_columns(w.w_cat[layer - 1])  # (2H, 4H): rows [h_below, h_self]
-                x_acc = _quantized(g, xs, g.const(f"w_in{layer}_q", q[:H].numpy()), f"w_in{layer}")  # (T, R, 4H) int32
-                xs = x_acc
-                acc = body.op("Add", [x, _quantized(body, h, g.const(f"w_rec{layer}_q", q[H:].numpy()), "w_rec")], "acc")
-                product = _scaled(body, acc, g.const(f"w_cat{layer}_scale", (scales / ACT_LEVELS).numpy()), "w_cat")
-            else:
-                inp = body.op("Concat", [x, h], "cat", axis=1)  # (R, 2H): [h_below, h_self]
-                product = body.op("MatMul", [inp, g.const(f"w_cat{layer}", w.w_cat[layer - 1].numpy())], "w_cat_out")
-            gates = body.op("Add", [product, bias], "gates")
-        _cell(body, gates, c, "h_step", "c_step", "")
-        body.op("Where", [live, "h_step", h], "h_next")
-        body.op("Where", [live, "c_step", c], "c_next")
-        body.op("Identity", ["h_next"], "y_t")
-        for name, shape in (("h_next", ["R", H]), ("c_next", ["R", H]), ("y_t", ["R", H])):
-            body.io(body.outputs, name, TensorProto.FLOAT, shape)
-        graph = helper.make_graph(body.nodes, f"layer{layer}", body.inputs, body.outputs)
-        state = [g.io(g.inputs, f"{v}{layer}", TensorProto.FLOAT, ["R", H]) for v in "hc"]
-        g.op("Scan", [*state, xs, "live"], [f"h{layer}_new", f"c{layer}_new", f"y{layer}"], body=graph, num_scan_inputs=2)
-        xs = f"y{layer}"  # (T, R, H): the next layer's input
-    for layer in range(num_layers):
-        for v in "hc":
-            g.io(g.outputs, f"{v}{layer}_new", TensorProto.FLOAT, ["R", H])
-    g.op("Identity", [xs], "y")
-    g.io(g.outputs, "y", TensorProto.FLOAT, ["T", "R", H])
-    return g.session("charlstm_block", threads)
+            product = body.op("MatMul", [h, g.const("w_hh0", w.w_hh0.numpy())], "w_hh0_out")
+        gates = body.op("Add", [product, x], "gates")
+    else:
+        bias = g.const("b_cat", w.b_cat[layer - 1].numpy())
+        if int8:
+            q, scales = quantize_columns(w.w_cat[layer - 1])  # (2H, 4H): rows [h_below, h_self]
+            xs = _quantized(g, xs, g.const("w_in_q", q[:H].numpy()), "w_in")  # (T, R, 4H) int32
+            acc = body.op("Add", [x, _quantized(body, h, g.const("w_rec_q", q[H:].numpy()), "w_rec")], "acc")
+            product = _scaled(body, acc, g.const("w_cat_scale", (scales / ACT_LEVELS).numpy()), "w_cat")
+        else:
+            inp = body.op("Concat", [x, h], "cat", axis=1)  # (R, 2H): [h_below, h_self]
+            product = body.op("MatMul", [inp, g.const("w_cat", w.w_cat[layer - 1].numpy())], "w_cat_out")
+        gates = body.op("Add", [product, bias], "gates")
+    _cell(body, gates, c, "h_step", "c_step", "")
+    body.op("Where", [live, "h_step", h], "h_next")
+    body.op("Where", [live, "c_step", c], "c_next")
+    body.op("Identity", ["h_next"], "y_t")
+    for name, shape in (("h_next", ["R", H]), ("c_next", ["R", H]), ("y_t", ["R", H])):
+        body.io(body.outputs, name, TensorProto.FLOAT, shape)
+    graph = helper.make_graph(body.nodes, f"layer{layer}_step", body.inputs, body.outputs)
+    g.op("Scan", [*state, xs, "live"], ["h_new", "c_new", "y"], body=graph, num_scan_inputs=2)
+    for name, shape in (("h_new", ["R", H]), ("c_new", ["R", H]), ("y", ["T", "R", H])):
+        g.io(g.outputs, name, TensorProto.FLOAT, shape)
+    return g.session(f"charlstm_layer{layer}", threads)
 
 
 def head_graph(w: FusedWeights, threads: int = 1) -> ort.InferenceSession:
@@ -223,9 +225,40 @@ class OnnxBackend(Backend):
         self.head_rows = agreeing_rows(lambda B: self._head_rows(probe[0, -1, :B]), f"{self.name}'s head")
         state, fused_logits = self._run(probe_ids[:64], probe[:, :, :64])
         self._fused_head = torch.equal(fused_logits, self._head_rows(state[0, -1].contiguous()))
-        self._block = block_graph(self.weights, self.num_layers, self.hidden, int8, threads)
-        self._block_outputs = [f"{x}{layer}_new" for x in "hc" for layer in range(self.num_layers)] + ["y"]
+        self._layers = [layer_graph(self.weights, layer, self.hidden, int8, threads) for layer in range(self.num_layers)]
+        self._ingest_pool = ThreadPoolExecutor(1, thread_name_prefix="charlstm-ingest")
+        self.pipelined = False  # the layers of a block run at once, in pieces, on two threads (measured below)
+        self._layer_step_s = {1: 0.0, 8: 0.0}  # one step of one layer at 1 and at 8 rows, measured: the pieces' length
         self._block_exact = self._check_block(probe, probe_ids)
+        if self._block_exact and threads == 1 and len(os.sched_getaffinity(0)) >= 2:
+            self.pipelined = self._measure_pipeline()
+
+    def _measure_pipeline(self) -> bool:
+        """Whether a block of 8 rows x 128 characters goes faster with its layers pipelined on two threads
+        than one layer after the other, here (it needs a second core that is free; by 10% at least, or
+        not at all); and a layer's step time at 1 and 8 rows, from which `_piece` sizes the pieces."""
+        def best(slices: list[list[int]]) -> float:
+            state, times = self.zero_state(len(slices)), []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                self.ingest(slices, state)
+                times.append(time.perf_counter() - t0)
+            return min(times)
+
+        ids = [(7 * i) % self.vocab_size for i in range(128)]
+        for rows in self._layer_step_s:
+            self._layer_step_s[rows] = best([ids[:32]] * rows) / (32 * self.num_layers)
+        one_by_one = best([ids] * 8)
+        self.pipelined = True
+        at_once = best([ids] * 8)
+        return at_once < 0.9 * one_by_one
+
+    def _piece(self, rows: int, T: int) -> int:
+        """Characters a piece of a pipelined block: enough that a piece's run takes PIECE_S (a run's own
+        cost, tens of microseconds, stays small beside it), a multiple of 8, at most T."""
+        one, eight = self._layer_step_s[1], self._layer_step_s[8]
+        step_s = max(one + (eight - one) * (rows - 1) / 7, 1e-6)  # a layer's step at `rows` rows, linear in the rows
+        return min(T, max(8, -(-int(PIECE_S / step_s) // 8) * 8))
 
     def _check_block(self, probe: torch.Tensor, probe_ids: torch.Tensor) -> bool:
         """Whether the block graph gives every row the bits of the step, character by character (it is
@@ -240,9 +273,13 @@ class OnnxBackend(Backend):
             log.warning("%s: the block graph does not give the step's bits here; prompts are ingested step by step", self.name)
         return exact
 
+    def close(self) -> None:
+        super().close()
+        self._ingest_pool.shutdown(wait=True)
+
     def describe(self) -> dict:
         return {**super().describe(), "onnxruntime": ort.__version__, "fused_head": self._fused_head,
-                "block_graph": self._block_exact}
+                "block_graph": self._block_exact, "block_pipelined": self.pipelined}
 
     def ingest(self, slices: list[list[int]], state: torch.Tensor, outputs: bool = False,
                checked: bool = False) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
@@ -263,16 +300,42 @@ class OnnxBackend(Backend):
             ids[: len(row_ids), r] = row_ids
             live[: len(row_ids), r] = True
         s = state.numpy()  # (2, L, R, H)
-        feeds = {"ids": ids, "live": live}
-        for layer, (h, c) in enumerate(self._inputs):
-            feeds[h] = np.ascontiguousarray(np.pad(s[0, layer], ((0, rows - R), (0, 0))))  # padded rows: zeros, never live
-            feeds[c] = np.ascontiguousarray(np.pad(s[1, layer], ((0, rows - R), (0, 0))))
-        out = self._block.run(self._block_outputs, feeds)
-        new_state = torch.from_numpy(np.ascontiguousarray(np.stack(out[:-1])[:, :R])).view(2, self.num_layers, R, self.hidden)  # (2, L, R, H)
+        pad = ((0, rows - R), (0, 0))  # padded rows: zeros, never live
+        h = [np.ascontiguousarray(np.pad(s[0, layer], pad)) for layer in range(self.num_layers)]
+        c = [np.ascontiguousarray(np.pad(s[1, layer], pad)) for layer in range(self.num_layers)]
+        y = self._run_layers(ids, live, h, c)  # h, c: updated in place; y (T, rows, H), the top layer's
+        new_state = torch.from_numpy(np.stack([*h, *c])[:, :R]).view(2, self.num_layers, R, self.hidden)  # (2, L, R, H)
         if not outputs:
             return new_state, None
-        y = out[-1]  # (T, rows, H)
         return new_state, [torch.from_numpy(y[: len(row_ids), r].copy()) for r, row_ids in enumerate(slices)]
+
+    def _run_layers(self, ids: np.ndarray, live: np.ndarray, h: list[np.ndarray], c: list[np.ndarray]) -> np.ndarray:
+        """Every layer over the block, h[l], c[l] (R, H) replaced by the new state. One layer after the
+        other; or, where `pipelined`, in pieces of `_piece` characters, layer l on piece k while layer
+        l + 1 works on piece k - 1, on two threads (each layer's weights stay in its own core's cache). Returns the top layer's y (T, R, H)."""
+        T, rows = ids.shape
+        step = self._piece(rows, T) if self.pipelined else T
+        pieces = [(a, min(a + step, T)) for a in range(0, T, step)]
+        ys: dict[tuple[int, int], np.ndarray] = {}
+
+        def run(layer: int, k: int) -> None:
+            a, b = pieces[k]
+            x = ids[a:b] if layer == 0 else ys.pop((layer - 1, k))
+            feeds = {"ids" if layer == 0 else "below": x, "live": live[a:b], "h_in": h[layer], "c_in": c[layer]}
+            h[layer], c[layer], ys[(layer, k)] = self._layers[layer].run(["h_new", "c_new", "y"], feeds)
+
+        if len(pieces) == 1:
+            for layer in range(self.num_layers):
+                run(layer, 0)
+        else:
+            for stage in range(len(pieces) + self.num_layers - 1):
+                tasks = [(layer, stage - layer) for layer in range(self.num_layers) if 0 <= stage - layer < len(pieces)]
+                futures = [self._ingest_pool.submit(run, *task) for task in tasks[1:]]
+                run(*tasks[0])
+                for future in futures:
+                    future.result()
+        top = self.num_layers - 1
+        return np.concatenate([ys[(top, k)] for k in range(len(pieces))]) if len(pieces) > 1 else ys[(top, 0)]
 
     def _run(self, ids: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One run of the step graph. state (2, L, B, H) -> (new state (2, L, B, H), logits (B, V)).
