@@ -4,7 +4,8 @@
 
 1. The peer: ONNX Runtime's own loop over the onnx-int8 step graph, one thread, B = 1 (bench_cost's raw
    loop), measured before and after the servers; and the backend's block (`Backend.ingest`) of 1 and of
-   8 rows x `prefill_chunk` characters: the work a loop may add in front of a decode step.
+   8 rows x `prefill_chunk` characters, and a lone prompt's block: the work a loop may add in front of
+   a decode step.
 2. Each server (this tree; with --baseline another checkout too, in alternate rounds), default settings,
    driven by this module's own client in a process of its own (`--drive URL`):
    - alone: one 20,000-character prompt, `max_new_tokens` 1: prompt characters per second;
@@ -34,6 +35,7 @@ import torch
 
 from service import store
 from service.backends.selector import build
+from service.engine.scheduler import Scheduler
 
 from .bench_backends import cpu_name
 from .bench_cost import raw_onnx_loop
@@ -134,16 +136,20 @@ def peer(model: str, seconds: float) -> float:
 
 
 def block_times(model: str, backend_name: str, chunk: int, rows: int) -> list[list]:
-    """ms of one block (`Backend.ingest`) of 1 and of `rows` rows x `chunk` characters, best of 5."""
+    """ms of one block (`Backend.ingest`) of 1 and of `rows` rows x `chunk` characters, and of the block
+    a lone prompt gets (the chunks the scheduler gives a row of a block of 1), best of 5; the backend's
+    own estimate beside each."""
     backend = build(backend_name, store.load(model).model, workers=1)
+    lone = Scheduler(rows, rows, chunk, rows, backend.block_seconds).chunks_a_row(1) * chunk
     out = []
     try:
-        for r in (1, rows):
-            slices = [[(7 * i + r) % backend.vocab_size for i in range(chunk)] for r in range(r)]
+        for r, chars in ((1, chunk), (rows, chunk), (1, lone)):
+            slices = [[(7 * i + r) % backend.vocab_size for i in range(chars)] for r in range(r)]
             state = backend.zero_state(r)
             backend.ingest(slices, state)
             best = min(_timed(lambda: backend.ingest(slices, state)) for _ in range(5))
-            out.append([f"{r} x {chunk}", best * 1000, r * chunk / best])
+            estimate = backend.block_seconds(r, chars)
+            out.append([f"{r} x {chars}", best * 1000, r * chars / best, "-" if estimate is None else estimate * 1000])
     finally:
         backend.close()
     return out
@@ -209,8 +215,8 @@ def main() -> None:
     bare = (before + after) / 2
     print(f"\npeer: ONNX Runtime's int8 step loop, B = 1, one thread: {before:,.0f} chars/s before the servers, {after:,.0f} after "
           f"(mean {bare:,.0f})")
-    print(f"\nonnx-int8 blocks (Backend.ingest), one thread: what a loop adds in front of a decode step at most")
-    print(table(["block (rows x chars)", "ms", "chars/s"], blocks))
+    print(f"\nonnx-int8 blocks (Backend.ingest): what a loop adds in front of a decode step at most; the last, a lone prompt's")
+    print(table(["block (rows x chars)", "ms", "chars/s", "the backend's estimate (ms)"], blocks))
     rows = []
     for key, label in FIGURES:
         rows.append([label, *(statistics.median(r[key] for r in got[name]) for name in trees)])

@@ -82,6 +82,22 @@ def test_a_long_prompt_is_not_starved_by_short_ones_that_keep_arriving():
     assert sum(s.fed == len(s.feed) for s in shorts) == 10  # and the other row went to the shorts, one whole prompt a loop
 
 
+def test_a_small_block_takes_longer_slices_within_a_full_blocks_time():
+    """With the backend's estimate (here a step of n rows costs n + 1: the weights' reading is the 1), a
+    lone prompt takes as many chunks as fit the time of a full block; a full block takes one chunk a row."""
+    def block_seconds(rows: int, chars: int) -> float:
+        return chars * (rows + 1)
+
+    scheduler = Scheduler(max_rows=64, max_rows_per_request=16, prefill_chunk=CHUNK, prefill_rows=8, block_seconds=block_seconds)
+    assert [scheduler.chunks_a_row(n) for n in (1, 2, 3, 4, 8)] == [4, 3, 2, 1, 1]  # k chunks x (n + 1) <= 1 chunk x 9
+    lone = streams([10 * CHUNK + 5])[0]
+    scheduler.enqueue([lone])
+    scheduler.admit(decoding=0)
+    assert scheduler.plan() == [(lone, 4 * CHUNK)]
+    no_estimate = Scheduler(max_rows=64, max_rows_per_request=16, prefill_chunk=CHUNK, prefill_rows=8)
+    assert no_estimate.chunks_a_row(1) == 1
+
+
 def test_a_short_prompt_is_in_by_the_end_of_the_loop_that_admits_it_scored_or_not():
     scheduler = Scheduler(max_rows=64, max_rows_per_request=16, prefill_chunk=CHUNK)
     plain, scored = streams([5, 5])

@@ -157,6 +157,12 @@ class Backend:
         return new_state, [torch.stack([tops[t][at[r]] for t in range(len(slices[r]))]) if slices[r]
                            else state.new_zeros(0, self.hidden) for r in range(R)]
 
+    def block_seconds(self, rows: int, chars: int) -> float | None:
+        """About how long `ingest` takes for `rows` slices of `chars` characters, from what the backend
+        measured when it was built; None where it measured nothing (the scheduler then keeps every
+        slice within one `prefill_chunk`)."""
+        return None
+
     def prefill(self, ids: list[int], state: torch.Tensor, outputs: bool = False):
         """One stream's prompt: `ingest` of a block of one row. ids: T ints; state (2, L, H) -> state
         (2, L, H), or (state, y (T, H)) with `outputs`. A state from elsewhere (a session on the host)

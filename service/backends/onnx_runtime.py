@@ -230,13 +230,14 @@ class OnnxBackend(Backend):
         self.pipelined = False  # the layers of a block run at once, in pieces, on two threads (measured below)
         self._layer_step_s = {1: 0.0, 8: 0.0}  # one step of one layer at 1 and at 8 rows, measured: the pieces' length
         self._block_exact = self._check_block(probe, probe_ids)
-        if self._block_exact and threads == 1 and len(os.sched_getaffinity(0)) >= 2:
-            self.pipelined = self._measure_pipeline()
+        if self._block_exact:
+            self.pipelined = self._measure_blocks(pipelines=threads == 1 and len(os.sched_getaffinity(0)) >= 2)
 
-    def _measure_pipeline(self) -> bool:
-        """Whether a block of 8 rows x 128 characters goes faster with its layers pipelined on two threads
-        than one layer after the other, here (it needs a second core that is free; by 10% at least, or
-        not at all); and a layer's step time at 1 and 8 rows, from which `_piece` sizes the pieces."""
+    def _measure_blocks(self, pipelines: bool) -> bool:
+        """A layer's step time in a block at 1 and 8 rows (what `_piece` and `block_seconds` work from);
+        and, where `pipelines` (two cores, one thread a kernel), whether a block of 8 rows x 128
+        characters goes faster with its layers pipelined on two threads than one layer after the other,
+        here (by 10% at least, or not at all: the second core must be free)."""
         def best(slices: list[list[int]]) -> float:
             state, times = self.zero_state(len(slices)), []
             for _ in range(3):
@@ -248,17 +249,29 @@ class OnnxBackend(Backend):
         ids = [(7 * i) % self.vocab_size for i in range(128)]
         for rows in self._layer_step_s:
             self._layer_step_s[rows] = best([ids[:32]] * rows) / (32 * self.num_layers)
+        if not pipelines:
+            return False
         one_by_one = best([ids] * 8)
         self.pipelined = True
         at_once = best([ids] * 8)
         return at_once < 0.9 * one_by_one
 
+    def _layer_step(self, rows: int) -> float:
+        """Seconds of one step of one layer in a block of `rows` rows: linear between the measured 1 and 8."""
+        one, eight = self._layer_step_s[1], self._layer_step_s[8]
+        return max(one + (eight - one) * (rows - 1) / 7, 1e-7)
+
+    def block_seconds(self, rows: int, chars: int) -> float | None:
+        if not self._block_exact:
+            return None
+        if self.pipelined:  # the layers overlap but for one piece at each end
+            return (chars + (self.num_layers - 1) * self._piece(rows, chars)) * self._layer_step(rows)
+        return chars * self.num_layers * self._layer_step(rows)
+
     def _piece(self, rows: int, T: int) -> int:
         """Characters a piece of a pipelined block: enough that a piece's run takes PIECE_S (a run's own
         cost, tens of microseconds, stays small beside it), a multiple of 8, at most T."""
-        one, eight = self._layer_step_s[1], self._layer_step_s[8]
-        step_s = max(one + (eight - one) * (rows - 1) / 7, 1e-6)  # a layer's step at `rows` rows, linear in the rows
-        return min(T, max(8, -(-int(PIECE_S / step_s) // 8) * 8))
+        return min(T, max(8, -(-int(PIECE_S / self._layer_step(rows)) // 8) * 8))
 
     def _check_block(self, probe: torch.Tensor, probe_ids: torch.Tensor) -> bool:
         """Whether the block graph gives every row the bits of the step, character by character (it is

@@ -136,7 +136,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._steps = 0
         # owned by the loop thread
-        self.scheduler = Scheduler(config.max_batch_size, config.rows_per_request, config.prefill_chunk, config.prefill_rows)
+        self.scheduler = Scheduler(config.max_batch_size, config.rows_per_request, config.prefill_chunk, config.prefill_rows,
+                                   backend.block_seconds)
         self.stepper = Stepper(backend, device_step, config.decode_steps)
         self._chars = vocab.chars
         self.output = Output(self._chars, self.notify, self._release)

@@ -22,14 +22,17 @@ order was tried first: long prompts' deadlines fell ahead of every short prompt 
 them, and the short requests' first character took 2.1 s at p50.)
 
 **The bound on a decode step's delay.** Decoding rows step once every loop; between two of their steps
-a loop ingests one block: at most `prefill_rows` slices of at most `prefill_chunk` characters, whose
-time is the backend's for `prefill_chunk` steps of `prefill_rows` rows (benchmarks/bench_prefill.py
-measures it; benchmarks/README.md gives it).
+a loop ingests one block: at most `prefill_rows` slices of `prefill_chunk` characters, whose time is
+the backend's for `prefill_chunk` steps of `prefill_rows` rows (benchmarks/bench_prefill.py measures
+it; benchmarks/README.md gives it). A block of fewer rows may give each row several chunks, as many as
+the backend's own estimate (`Backend.block_seconds`, from what it measured when it was built) puts
+within that same time: a row of a small block costs more per character than a row of a full one.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 
 from .stream import Phase, RequestGroup, Stream
 
@@ -39,14 +42,18 @@ Block = list[tuple[Stream, int]]  # one loop's ingestion: (stream, end) a row, i
 class Scheduler:
     """The waiting lines and the ingesting streams; the engine's loop asks it, each loop, what to run."""
 
-    def __init__(self, max_rows: int, max_rows_per_request: int, prefill_chunk: int, prefill_rows: int = 8):
-        """prefill_rows: the rows of a loop's block; prefill_chunk: the longest slice a row takes."""
+    def __init__(self, max_rows: int, max_rows_per_request: int, prefill_chunk: int, prefill_rows: int = 8,
+                 block_seconds: Callable[[int, int], float | None] | None = None):
+        """prefill_rows: the rows of a loop's block; prefill_chunk: a row's slice. block_seconds(rows,
+        chars): the backend's estimate of a block's time (`Backend.block_seconds`), by which a block of
+        fewer rows may take slices of several chunks within a full block's time."""
         if not 1 <= max_rows_per_request:
             raise ValueError(f"max_rows_per_request must be at least 1, got {max_rows_per_request}")
         if not (1 <= prefill_rows and 1 <= prefill_chunk):
             raise ValueError(f"prefill_rows and prefill_chunk must be at least 1, got {prefill_rows} and {prefill_chunk}")
         self.max_rows, self.max_rows_per_request = max_rows, max_rows_per_request
         self.chunk, self.block_rows = prefill_chunk, prefill_rows
+        self.block_seconds = block_seconds or (lambda rows, chars: None)
         self._lines: dict[RequestGroup, deque[Stream]] = {}  # waiting streams, per request, requests in arrival order
         self.ingesting: list[Stream] = []
 
@@ -95,8 +102,25 @@ class Scheduler:
             return []
         oldest = min(self.ingesting, key=lambda s: s.seq)
         rest = sorted((s for s in self.ingesting if s is not oldest), key=lambda s: (s.prompt_left, s.seq))
+        streams = [oldest, *rest][: self.block_rows]
+        chunks = self.chunks_a_row(len(streams))
         chunk = self.chunk
-        return [(stream, min((stream.fed // chunk + 1) * chunk, len(stream.feed))) for stream in [oldest, *rest][: self.block_rows]]
+        return [(stream, min((stream.fed // chunk + chunks) * chunk, len(stream.feed))) for stream in streams]
+
+    def chunks_a_row(self, rows: int) -> int:
+        """How many chunks each row of a block of `rows` rows takes: 1, or as many (up to prefill_rows) as
+        keep the block within the time of a full one (prefill_rows x prefill_chunk), where the backend
+        can tell. A row of a small block costs more per character than one of a full block (the weights
+        are read once a step for every row), so a lone prompt goes in faster this way, and a decode step
+        still waits no longer than behind a full block."""
+        full = self.block_seconds(self.block_rows, self.chunk)
+        chunks = 1
+        while chunks < self.block_rows and full is not None:
+            longer = self.block_seconds(rows, (chunks + 1) * self.chunk)
+            if longer is None or longer > full:
+                break
+            chunks += 1
+        return chunks
 
     def ingested(self, stream: Stream) -> None:
         """Its whole prompt is in: it leaves the ingesting streams (to the batch, or finished)."""
