@@ -296,8 +296,9 @@ class OnnxBackend(Backend):
 
     def ingest(self, slices: list[list[int]], state: torch.Tensor, outputs: bool = False,
                checked: bool = False) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-        """A block in one run of the block graph (each layer a loop inside ONNX Runtime, no Python per
-        character), rows padded to min_rows and cut into shares of max_rows like a step's.
+        """A block in one run of each layer's graph (a loop inside ONNX Runtime, no Python per character),
+        rows padded to min_rows and cut into shares of max_rows like a step's; a block of one character a
+        row is one step.
         state (2, L, R, H) -> (new state (2, L, R, H), outputs: R tensors (T_r, H) or None)."""
         T = max((len(ids) for ids in slices), default=0)
         if T == 0 or not (checked or self._block_exact):  # nothing to feed (a Scan takes at least one step)
@@ -307,17 +308,19 @@ class OnnxBackend(Backend):
             parts = [self.ingest(slices[a : a + self.max_rows], state[:, :, a : a + self.max_rows], outputs, checked)
                      for a in range(0, R, self.max_rows)]
             return torch.cat([p[0] for p in parts], dim=2), [y for p in parts for y in p[1]] if outputs else None
+        if T == 1 and all(slices):  # one character a row: one run of the step graph beats a run a layer
+            new_state = self.step(torch.tensor([ids[0] for ids in slices]), state)  # (2, L, R, H)
+            return new_state, [new_state[0, -1, r : r + 1].clone() for r in range(R)] if outputs else None
         rows = max(R, self.min_rows)
         ids, live = np.zeros((T, rows), np.int64), np.zeros((T, rows, 1), np.bool_)
         for r, row_ids in enumerate(slices):
             ids[: len(row_ids), r] = row_ids
             live[: len(row_ids), r] = True
-        s = state.numpy()  # (2, L, R, H)
-        pad = ((0, rows - R), (0, 0))  # padded rows: zeros, never live
-        h = [np.ascontiguousarray(np.pad(s[0, layer], pad)) for layer in range(self.num_layers)]
-        c = [np.ascontiguousarray(np.pad(s[1, layer], pad)) for layer in range(self.num_layers)]
+        hc = np.zeros((2, self.num_layers, rows, self.hidden), np.float32)  # padded rows: zeros, never live
+        hc[:, :, :R] = state.numpy()
+        h, c = list(hc[0]), list(hc[1])  # L arrays (rows, H) each
         y = self._run_layers(ids, live, h, c)  # h, c: updated in place; y (T, rows, H), the top layer's
-        new_state = torch.from_numpy(np.stack([*h, *c])[:, :R]).view(2, self.num_layers, R, self.hidden)  # (2, L, R, H)
+        new_state = torch.from_numpy(np.stack([*h, *c])[:, :R].copy()).view(2, self.num_layers, R, self.hidden)  # (2, L, R, H)
         if not outputs:
             return new_state, None
         return new_state, [torch.from_numpy(y[: len(row_ids), r].copy()) for r, row_ids in enumerate(slices)]
