@@ -332,7 +332,7 @@ def _cmd_serve(args) -> int:
     settings = Settings(**overrides)
     loaded = store.load(settings.model or store.default_model(settings.model_store), settings.model_store)  # fail fast, with the store's one clear message
     log = logging.getLogger("uvicorn.error")
-    if not settings.api_key and settings.host not in ("127.0.0.1", "localhost", "::1"):
+    if not settings.requires_key and settings.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s with no API key: anyone who can reach the port can use every route; "
                     "set CHARLSTM_API_KEY (and see CHARLSTM_TRUSTED_HOSTS)", settings.host)
 

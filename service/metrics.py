@@ -136,6 +136,13 @@ class Metrics:
                                     "(the characters of one look count its mean gap each)", buckets=FAST, registry=r)
         self.queue_time = Histogram("charlstm_queue_time_seconds", "Submission to admission into the batch", ["model"],
                                     buckets=LATENCY, registry=r)
+        # per client: a named API key's name, or "anonymous" for every client known by its address alone
+        self.client_chars = Counter("charlstm_client_generated_chars", "Characters generated, by client", ["model", "client"],
+                                    registry=r)
+        self.client_queue_time = Histogram("charlstm_client_queue_time_seconds", "Submission to a row, by client",
+                                           ["model", "client"], buckets=LATENCY, registry=r)
+        self.client_refusals = Counter("charlstm_client_refusals", "Requests the engine refused, by client and reason "
+                                       "(overloaded, over_share, client_limit)", ["client", "reason"], registry=r)
         self.prompt_tokens = Counter("charlstm_prompt_tokens", "Prompt characters ingested", ["model"], registry=r)
         self.generated_tokens = Counter("charlstm_generated_tokens", "Characters generated", ["model"], registry=r)
         self.finished = Counter("charlstm_streams_finished", "Streams ended, by model and finish reason", ["model", "reason"], registry=r)
@@ -220,6 +227,9 @@ class ServerObserver:
     def on_rejected(self, reason: str) -> None:
         self.m.rejected.labels(reason).inc()
 
+    def on_client_refused(self, client: str, reason: str) -> None:
+        self.m.client_refusals.labels(client, reason).inc()
+
     def on_session_created(self) -> None:
         self.m.sessions_created.inc()
 
@@ -258,6 +268,13 @@ class EngineObserver(ServerObserver):
 
     def on_queue_time(self, seconds: float) -> None:
         self.m.queue_time.labels(self.model).observe(seconds)
+
+    def on_client_queue_time(self, client: str, seconds: float) -> None:
+        self.m.client_queue_time.labels(self.model, client).observe(seconds)
+
+    def on_client_served(self, served: dict[str, int]) -> None:
+        for client, chars in served.items():
+            self.m.client_chars.labels(self.model, client).inc(chars)
 
     def on_first_token(self, seconds: float) -> None:
         self.m.ttft.labels(self.model).observe(seconds)

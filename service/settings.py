@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import json
 from typing import Annotated, Literal
 
@@ -73,8 +75,13 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1 << 20, ge=1024, description="request bodies above this get 413")
     shutdown_grace_s: float = Field(10.0, ge=0, description="time running streams get to finish on SIGTERM")
     api_key: str | None = Field(None, description="when set, every route but /health and /ready needs Authorization: Bearer <key>")
-    protect_metrics: bool | None = Field(None, description="/metrics needs the API key too; unset: yes whenever api_key is "
-                                         "set (set false to let a scraper without the key read it)")
+    api_keys_file: Path | None = Field(None, description="a JSON file of named API keys, read at start (README, \"Clients and "
+                                       "fairness\"): each client is its key's name, with an optional weight and request limit; "
+                                       "works beside api_key")
+    protect_metrics: bool | None = Field(None, description="/metrics needs the API key too; unset: yes whenever api_key or "
+                                         "api_keys_file is set (set false to let a scraper without the key read it)")
+    prompt_cost: float = Field(0.5, gt=0, le=10, description="what one prompt character counts against its client's fair share, "
+                               "in generated characters (prompts go in by blocks of several rows, cheaper a character)")
     trusted_hosts: Annotated[list[str] | None, NoDecode] = Field(
         None, description="Host headers the server answers, comma-separated or a JSON list (for example "
         "charlstm.example.org,*.internal); others get 400 invalid_host. /health and /ready answer any host, for the "
@@ -123,7 +130,11 @@ class Settings(BaseSettings):
 
     @property
     def metrics_protected(self) -> bool:
-        return self.protect_metrics if self.protect_metrics is not None else self.api_key is not None
+        return self.protect_metrics if self.protect_metrics is not None else self.requires_key
+
+    @property
+    def requires_key(self) -> bool:
+        return self.api_key is not None or self.api_keys_file is not None
 
     @field_validator("trusted_hosts", mode="before")
     @classmethod

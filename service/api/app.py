@@ -33,6 +33,7 @@ from ..settings import Settings
 from . import docs, errors, logs, openapi
 from .quotas import Quotas
 from .auth import APIKeyAuth, TrustedHosts
+from .identity import Keys, keys_for
 from .bridge import make_deliver
 from .limits import BodyLimit
 from ..engine import constraints
@@ -48,6 +49,7 @@ async def lifespan(app: FastAPI):
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
+    keys_of(settings)  # a keys file that cannot be read stops the start, with what is wrong
     notify = app.state.notify = _fan_out(app.state.server_observers)  # session events: not any one model's
     catalog = Catalog(settings.model_store, settings.models, settings.model, app.state.preloaded)
     app.state.preloaded = None
@@ -155,7 +157,8 @@ def _engine_factory(settings: Settings, loop: asyncio.AbstractEventLoop):
                         EngineConfig(max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
                                      prefill_chunk=settings.prefill_chunk, prefill_rows=settings.prefill_rows,
                                      decode_steps=serving.decode_steps, max_rows_per_request=settings.max_rows_per_request,
-                                     deliver_interval_s=settings.stream_interval_ms / 2000),  # half the SSE writer's interval
+                                     deliver_interval_s=settings.stream_interval_ms / 2000,  # half the SSE writer's interval
+                                     prompt_cost=settings.prompt_cost),
                         deliver=make_deliver(loop), device_step=serving.device_step, share=share)
         log.info("backend %s for %s@%s: every step call sees %d to %d rows, the batch sizes that round a row alike on this CPU",
                  runner.name, loaded.name, loaded.version, runner.min_rows, runner.max_rows)
@@ -200,6 +203,11 @@ def _drain_on_sigterm(pool: ModelPool, grace_s: float):
     return restore
 
 
+def keys_of(settings: Settings) -> Keys:
+    """The API keys the server accepts (identity.py; read once and kept)."""
+    return keys_for(settings.api_key, str(settings.api_keys_file) if settings.api_keys_file else None)
+
+
 def create_app(settings: Settings | None = None, loaded: store.LoadedModel | None = None,
                session_store_factory=None) -> FastAPI:
     """`loaded`: a model the caller has already loaded (and so validated), else the lifespan loads it.
@@ -221,7 +229,7 @@ def create_app(settings: Settings | None = None, loaded: store.LoadedModel | Non
     openapi.install(app)
     current = lambda: app.state.settings or Settings()  # noqa: E731 - read when a request comes, not at import
     app.add_middleware(BodyLimit, limit=lambda: current().max_body_bytes)
-    app.add_middleware(APIKeyAuth, key=lambda: current().api_key, protect_metrics=lambda: current().metrics_protected)
+    app.add_middleware(APIKeyAuth, keys=lambda: keys_of(current()), protect_metrics=lambda: current().metrics_protected)
     app.add_middleware(TrustedHosts, hosts=lambda: current().trusted_hosts)  # outermost: a foreign Host gets nothing else
     app.include_router(generate.router)
     app.include_router(sessions.router)

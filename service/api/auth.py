@@ -1,37 +1,42 @@
-"""Who may talk to the server: an optional API key (`Authorization: Bearer <key>` on every route but the
-probes and the playground's static files, and /metrics whenever a key is set unless configured), and
+"""Who may talk to the server: optional API keys, the single `api_key` or named ones (`identity.py`;
+`Authorization: Bearer <key>` on every route but the probes and the playground's static files, and
+/metrics whenever a key is set unless configured), and
 optional trusted hosts (other Host headers get 400). Pure ASGI, so a refused request costs no body parsing."""
 
 from __future__ import annotations
 
 import fnmatch
 import json
-import secrets
 from collections.abc import Callable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .errors import error_content
+from .identity import Keys
 
 # The probes, and the playground page with its assets (the page asks for the key and sends it itself).
 OPEN_PATHS = frozenset({"/health", "/ready", "/", "/playground/app.js", "/playground/style.css"})
 
 
 class APIKeyAuth:
-    def __init__(self, app: ASGIApp, key: Callable[[], str | None], protect_metrics: Callable[[], bool]):
-        self.app, self.key, self.protect_metrics = app, key, protect_metrics
+    """Checks the key, and leaves the key it matched in the request's state (`identity.client_of`)."""
+
+    def __init__(self, app: ASGIApp, keys: Callable[[], Keys], protect_metrics: Callable[[], bool]):
+        self.app, self.keys, self.protect_metrics = app, keys, protect_metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        key = self.key() if scope["type"] == "http" else None
+        keys = self.keys() if scope["type"] == "http" else None
         path = scope.get("path", "")
-        if not key or path in OPEN_PATHS or (path == "/metrics" and not self.protect_metrics()):
+        if not keys or path in OPEN_PATHS or (path == "/metrics" and not self.protect_metrics()):
             return await self.app(scope, receive, send)
         given = b""
         for name, value in scope.get("headers", ()):
             if name == b"authorization":
                 given = value
         scheme, _, token = given.partition(b" ")
-        if scheme.lower() == b"bearer" and secrets.compare_digest(token.strip(), key.encode()):
+        key = keys.match(token.strip()) if scheme.lower() == b"bearer" else None
+        if key is not None:
+            scope.setdefault("state", {})["api_key"] = key
             return await self.app(scope, receive, send)
         body = json.dumps(error_content(path, 401, "unauthorized", "missing or wrong API key: send Authorization: Bearer <key>")).encode()
         await send({"type": "http.response.start", "status": 401,

@@ -14,9 +14,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from fastapi import Request
 
 from ..engine.engine import Engine, Stream
-from ..engine.types import Done, GenerationRequest
+from ..engine.types import Client, Done, GenerationRequest
 from .bridge import Channel, until_client_leaves
 from .errors import APIError
+from .identity import client_of
 
 
 class Choice:
@@ -34,14 +35,15 @@ class Choice:
 class Responses:
     """The choices of one request in the engine."""
 
-    def __init__(self, engine: Engine, choices: list[Choice], on_done: Callable[[Done], Awaitable[Done]] | None = None):
+    def __init__(self, engine: Engine, choices: list[Choice], client: Client,
+                 on_done: Callable[[Done], Awaitable[Done]] | None = None):
         """Submit every choice, or none (a refusal raises here, before anything is sent): the engine counts
-        them as one request. `on_done` finishes a stream before its Done is read (a session commits there)."""
+        them as one request of `client`. `on_done` finishes a stream before its Done is read (a session commits there)."""
         self.engine, self.choices = engine, choices
         self._wakeup = asyncio.Event()  # set when any choice's channel gets events
         for choice in choices:
             choice.channel = Channel(on_done, self._wakeup)
-        streams = engine.submit_all([(choice.request, choice.channel) for choice in choices])
+        streams = engine.submit_all([(choice.request, choice.channel) for choice in choices], client)
         for choice, stream in zip(choices, streams):
             choice.stream = stream
 
@@ -87,4 +89,4 @@ class Responses:
 async def run_one(engine: Engine, gen: GenerationRequest, request: Request,
                   on_done: Callable[[Done], Awaitable[Done]] | None = None) -> Done:
     """A single stream to its end (a session's priming, a score): its Done."""
-    return (await Responses(engine, [Choice(0, "", True, gen)], on_done).all(request))[0]
+    return (await Responses(engine, [Choice(0, "", True, gen)], client_of(request), on_done).all(request))[0]

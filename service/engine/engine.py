@@ -40,7 +40,8 @@ from .scheduler import Scheduler
 from .share import ComputeShare
 from .step import Stepper
 from .stream import Phase, RequestGroup, Stream
-from .types import EngineUnavailable, GenerationRequest, Overloaded, PromptScored, ShuttingDown, Unsupported
+from .fairness import queue_share
+from .types import ANONYMOUS, Client, EngineUnavailable, GenerationRequest, Overloaded, PromptScored, ShuttingDown, Unsupported
 
 if TYPE_CHECKING:
     from ..backends.cuda import CudaStep
@@ -56,7 +57,8 @@ RETRY_DELIVERY_S = 0.01  # an idle loop's wait before retrying undelivered event
 @dataclass(frozen=True)
 class EngineConfig:
     max_batch_size: int = 64  # rows stepped together
-    max_queue: int = 256  # requests waiting for a row, beyond the rows' own; beyond this, submissions are refused
+    max_queue: int = 256  # requests waiting for a row, beyond the rows' own; beyond this, submissions are refused (a client within its share of the bound is still let in: fairness.py)
+    prompt_cost: float = 0.5  # a prompt character's weight in its client's service counter, in generated characters
     prefill_chunk: int = 128  # a prompt is cut at multiples of this, from its own start: the longest slice of a block's row
     prefill_rows: int = 8  # a loop ingests one block of at most this many streams' slices, in one backend call
     start_char: str = "\n"  # fed when a fresh stream has no prompt, so the first character has context
@@ -81,6 +83,9 @@ class EngineStats(Protocol):
     def on_step(self, batch_size: int, seconds: float, steps: int = 1) -> None: ...  # one look of `steps` steps
     def on_prefill(self, chars: int, seconds: float) -> None: ...
     def on_queue_time(self, seconds: float) -> None: ...
+    def on_client_queue_time(self, client: str, seconds: float) -> None: ...  # client: its label (Client.label)
+    def on_client_served(self, served: dict[str, int]) -> None: ...  # label -> characters generated in one look
+    def on_client_refused(self, client: str, reason: str) -> None: ...
     def on_first_token(self, seconds: float) -> None: ...
     def on_inter_token(self, gaps: list[float], counts: list[int]) -> None: ...  # gaps[i] seen counts[i] times
     def on_finish(self, reason: str, prompt_tokens: int, completion_tokens: int) -> None: ...
@@ -127,6 +132,7 @@ class Engine:
         self._cancelled: list[Stream] = []
         self._admitted = 0  # streams accepted and not yet finished
         self._requests = 0  # requests with a stream not yet finished: what the queue bound counts
+        self._clients_in: dict[str, list] = {}  # client id -> [its requests counted in _requests, its weight]
         self._seq = 0
         self._counts = (0, 0)  # (running, waiting) as of the end of the last loop
         self._draining = False
@@ -137,7 +143,7 @@ class Engine:
         self._steps = 0
         # owned by the loop thread
         self.scheduler = Scheduler(config.max_batch_size, config.rows_per_request, config.prefill_chunk, config.prefill_rows,
-                                   backend.block_seconds)
+                                   backend.block_seconds, config.prompt_cost)
         self.stepper = Stepper(backend, device_step, config.decode_steps)
         self._chars = vocab.chars
         self.output = Output(self._chars, self.notify, self._release)
@@ -193,16 +199,16 @@ class Engine:
             return EngineSnapshot(running=running, waiting=waiting + len(self._incoming), steps=self._steps,
                                   ready=alive and not self._draining, draining=self._draining, failed=self._dead)
 
-    def submit(self, request: GenerationRequest, listener: Any) -> Stream:
+    def submit(self, request: GenerationRequest, listener: Any, client: Client = ANONYMOUS) -> Stream:
         """Queue a request; its events go to `listener`. Raises Overloaded, ShuttingDown or EngineUnavailable at once."""
-        return self.submit_all([(request, listener)])[0]
+        return self.submit_all([(request, listener)], client)[0]
 
-    def submit_all(self, requests: list[tuple[GenerationRequest, Any]]) -> list[Stream]:
-        """Queue the streams of one request (an OpenAI request's choices), all or none: they count as one
-        request in the queue bound, and hold at most `max_rows_per_request` rows at once."""
+    def submit_all(self, requests: list[tuple[GenerationRequest, Any]], client: Client = ANONYMOUS) -> list[Stream]:
+        """Queue the streams of one request (an OpenAI request's choices) from `client`, all or none: they
+        count as one request in the queue bound, and hold at most `max_rows_per_request` rows at once."""
         if not requests:
             raise ValueError("a request has at least one stream")
-        group = RequestGroup(len(requests))
+        group = RequestGroup(len(requests), client)
         with self._cv:
             if self._dead:
                 self.notify("on_rejected", "engine_error")
@@ -212,11 +218,7 @@ class Engine:
                 raise ShuttingDown("the server is shutting down and admits no new work")
             if self.device_step is not None and any(r.constraint is not None for r, _ in requests):
                 raise Unsupported("constrained output runs on the CPU backends; this server steps on a GPU with CUDA graphs")
-            limit = self.config.max_batch_size + self.config.max_queue
-            if self._requests >= limit:
-                self.notify("on_rejected", "overloaded")
-                raise Overloaded(f"{limit} requests are running or waiting (max_batch_size {self.config.max_batch_size} + "
-                                 f"max_queue {self.config.max_queue}; a request counts once, whatever its choices)")
+            self._check_queue(client)
             now, streams = time.perf_counter(), []
             for request, listener in requests:
                 seed = secrets.randbelow(MAX_SEED) if request.seed is None else request.seed
@@ -227,9 +229,36 @@ class Engine:
                 streams.append(Stream(request, listener, seed, feed, now, group, self._seq))
             self._admitted += len(streams)
             self._requests += 1
+            self._clients_in.setdefault(client.id, [0, client.weight])[0] += 1
             self._incoming.extend(streams)
             self._cv.notify_all()
         return streams
+
+    def _check_queue(self, client: Client) -> None:
+        """Raise Overloaded when `client` may not queue another request (under _cv): beyond its own
+        `max_requests`; or the bound on requests running or waiting is reached and the client holds its
+        share of it already, or is the only one in the engine (`fairness.py`). Within its share a client
+        is let in past the bound, up to twice the bound."""
+        held = self._clients_in.get(client.id, (0, 0))[0]
+        if client.max_requests is not None and held >= client.max_requests:
+            self._refuse(client, "client_limit", f"this client has {held} requests running or waiting, its limit")
+        limit = self.config.max_batch_size + self.config.max_queue
+        if self._requests < limit:
+            return
+        what = (f"{self._requests} requests are running or waiting (max_batch_size {self.config.max_batch_size} + "
+                f"max_queue {self.config.max_queue}; a request counts once, whatever its choices)")
+        others = {cid: w for cid, (n, w) in self._clients_in.items() if n and cid != client.id}
+        if not others or self._requests >= 2 * limit:
+            self._refuse(client, "overloaded", what)
+        share = queue_share(limit, client, others)
+        if held >= share:
+            self._refuse(client, "over_share", f"{what}; this client holds {held}, its share is {share:.0f} while "
+                         f"{len(others)} other client(s) wait")
+
+    def _refuse(self, client: Client, reason: str, message: str) -> None:
+        self.notify("on_rejected", "overloaded")
+        self.notify("on_client_refused", client.label, reason)
+        raise Overloaded(message)
 
     def cancel(self, stream: Stream) -> None:
         """The client went away: the stream leaves the queue or the batch within one loop."""
@@ -285,6 +314,7 @@ class Engine:
                         t0 = time.perf_counter()
                         k, look = self.stepper.look(self._batch)  # step
                         self.output.process(self._batch.rows, k, look)  # process outputs
+                        self._count_service()
                         self._steps += k
                         self.notify("on_step", len(self._batch), time.perf_counter() - t0, k)
                 finally:
@@ -295,6 +325,15 @@ class Engine:
                 self._fail_in_flight(e)
             self._publish_counts()
             self._flush()
+
+    def _count_service(self) -> None:
+        """The characters each client got in this look: its service counter, and the metrics by label."""
+        served, self.output.served = self.output.served, {}
+        by_label: dict[str, int] = {}
+        for client, n in served.values():
+            self.scheduler.fairness.served(client, generated=n)
+            by_label[client.label] = by_label.get(client.label, 0) + n
+        self.notify("on_client_served", by_label)
 
     def _idle_wait(self) -> float | None:
         """How long an idle loop may sleep: until undelivered events are retried, or held characters are due."""
@@ -316,9 +355,14 @@ class Engine:
         """A stream finished (Output.finish): its place in the engine's accounting goes back."""
         with self._cv:
             self._admitted -= 1
-            stream.group.left -= 1
-            if stream.group.left == 0:
+            group = stream.group
+            group.left -= 1
+            if group.left == 0:
                 self._requests -= 1
+                held = self._clients_in[group.client.id]
+                held[0] -= 1
+                if not held[0]:
+                    del self._clients_in[group.client.id]
             self._cv.notify_all()
 
     def _leave(self, streams: list[Stream], reason: str) -> None:
@@ -337,6 +381,7 @@ class Engine:
         for stream in streams:
             stream.state = self.backend.zero_state() if stream.state is None else stream.state.to(self.backend.device)
             self.notify("on_queue_time", now - stream.t_submit)
+            self.notify("on_client_queue_time", stream.group.client.label, now - stream.t_submit)
 
     def _ingest(self) -> None:
         """Run this loop's block (Scheduler.plan) in one backend call; streams whose whole prompt is in
@@ -354,6 +399,7 @@ class Engine:
                 self._score_slice(stream, end, before[:, :, r], outputs[r])
             stream.state = after[:, :, r].clone()  # its own copy: a finished prompt's state may outlive the block's
             ingested += end - stream.fed
+            self.scheduler.fairness.served(stream.group.client, prompt=end - stream.fed)
             stream.fed = end
             if stream.fed == len(stream.feed):
                 self.scheduler.ingested(stream)

@@ -40,13 +40,14 @@ class Output:
         place back in the engine's accounting (called once per stream)."""
         self.chars, self.notify, self.release = chars, notify, release
         self.outbox: list[tuple[Any, list]] = []
+        self.served: dict[str, list] = {}  # client id -> [Client, characters generated] since the engine last took them
         self.urgent = False  # the outbox holds an event that must not wait (an end, a stream's first characters)
 
     def process(self, rows: list[Stream], k: int, look: Look) -> None:
         """Each row's characters of the look: its text, figures, stop strings and end."""
         now = time.perf_counter()
         gaps, counts, ending = [], [], []
-        chars, ids_of, lps_of, tops_of = self.chars, look.ids, look.lps, look.tops
+        chars, ids_of, lps_of, tops_of, served = self.chars, look.ids, look.lps, look.tops, self.served
         for row, stream in enumerate(rows):
             if stream.finished:
                 continue
@@ -102,6 +103,12 @@ class Output:
                 elif end[1] > stream.released:
                     self._emit_token(stream, end[1])
             taken = len(stream.chars) - before
+            client = stream.group.client
+            entry = served.get(client.id)
+            if entry is None:
+                served[client.id] = [client, taken]
+            else:
+                entry[1] += taken
             if gap:  # the characters of a look arrive together: each counts the look's mean gap
                 gaps.append(gap / taken)
                 counts.append(taken)

@@ -1,9 +1,11 @@
 """What runs each loop: which waiting streams get a row, and which prompt slices are ingested.
 
-**Admission.** Waiting streams stand in their request's own line, and the lines are served round robin
-in arrival order, one stream of each line a pass, while rows are free. One request holds at most
-`max_rows_per_request` row places at once (ingesting or decoding), so a request with many choices
-never takes every row: its other choices wait in its own line, behind nobody else's.
+**Admission.** Waiting streams stand in their request's own line, and each client's lines in arrival
+order. A free row goes to the client that has received the least service, by its weight (the Virtual
+Token Counter, `fairness.py`), and within that client the lines are served round robin, one stream of
+each line a pass. One request holds at most `max_rows_per_request` row places at once (ingesting or
+decoding), so a request with many choices never takes every row: its other choices wait in its own
+line, behind nobody else's.
 
 **Ingestion.** Every stream that still has prompt left is ingested in blocks: each loop runs one
 block of at most `prefill_rows` rows, each row the next slice of one stream's prompt, all in one backend
@@ -34,7 +36,9 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 
+from .fairness import ServiceCounters
 from .stream import Phase, RequestGroup, Stream
+from .types import Client
 
 Block = list[tuple[Stream, int]]  # one loop's ingestion: (stream, end) a row, ingest stream.feed[stream.fed:end]
 
@@ -43,10 +47,11 @@ class Scheduler:
     """The waiting lines and the ingesting streams; the engine's loop asks it, each loop, what to run."""
 
     def __init__(self, max_rows: int, max_rows_per_request: int, prefill_chunk: int, prefill_rows: int = 8,
-                 block_seconds: Callable[[int, int], float | None] | None = None):
+                 block_seconds: Callable[[int, int], float | None] | None = None, prompt_cost: float = 0.5):
         """prefill_rows: the rows of a loop's block; prefill_chunk: a row's slice. block_seconds(rows,
         chars): the backend's estimate of a block's time (`Backend.block_seconds`), by which a block of
-        fewer rows may take slices of several chunks within a full block's time."""
+        fewer rows may take slices of several chunks within a full block's time. prompt_cost: what a
+        prompt character counts against its client's service, in generated characters (`fairness.py`)."""
         if not 1 <= max_rows_per_request:
             raise ValueError(f"max_rows_per_request must be at least 1, got {max_rows_per_request}")
         if not (1 <= prefill_rows and 1 <= prefill_chunk):
@@ -54,44 +59,61 @@ class Scheduler:
         self.max_rows, self.max_rows_per_request = max_rows, max_rows_per_request
         self.chunk, self.block_rows = prefill_chunk, prefill_rows
         self.block_seconds = block_seconds or (lambda rows, chars: None)
-        self._lines: dict[RequestGroup, deque[Stream]] = {}  # waiting streams, per request, requests in arrival order
+        self.fairness = ServiceCounters(prompt_cost)
+        self._clients: dict[str, Client] = {}  # clients with streams waiting, by id
+        self._lines: dict[str, dict[RequestGroup, deque[Stream]]] = {}  # per client: its requests' lines, next first
+        self._waiting = 0
         self.ingesting: list[Stream] = []
 
     # ------------------------------------------------------------------ waiting
     def enqueue(self, streams: list[Stream]) -> None:
         for stream in streams:
-            self._lines.setdefault(stream.group, deque()).append(stream)
+            client = stream.group.client
+            lines = self._lines.get(client.id)
+            if lines is None:  # the client becomes backlogged: lifted to the least served of those waiting
+                self.fairness.lift(client, list(self._clients.values()))
+                lines = self._lines[client.id] = {}
+                self._clients[client.id] = client
+            lines.setdefault(stream.group, deque()).append(stream)
+        self._waiting += len(streams)
 
     @property
     def waiting(self) -> int:
-        return sum(len(line) for line in self._lines.values())
+        return self._waiting
 
     def waiting_streams(self) -> list[Stream]:
-        return [s for line in self._lines.values() for s in line]
+        return [s for lines in self._lines.values() for line in lines.values() for s in line]
 
     def admit(self, decoding: int) -> list[Stream]:
-        """Waiting streams that get a row place now (they become INGESTING), round robin over the requests'
-        lines, none beyond its request's cap. `decoding`: the rows of the batch."""
+        """Waiting streams that get a row place now (they become INGESTING): each free row to the client
+        with the smallest service counter among those with a stream that may take one (`fairness.py`),
+        and within that client round robin over its requests' lines, none beyond its request's cap.
+        `decoding`: the rows of the batch."""
         free = self.max_rows - decoding - len(self.ingesting)
         admitted: list[Stream] = []
+        counters = self.fairness
         while free > 0 and self._lines:
-            took = False
-            for group in list(self._lines):
-                if free == 0:
-                    break
-                if group.rows >= self.max_rows_per_request:
+            best, best_line = None, None
+            for cid, lines in self._lines.items():
+                if best is not None and counters.of(self._clients[cid]) >= counters.of(self._clients[best]):
                     continue
-                line = self._lines[group]
-                stream = line.popleft()
-                if not line:
-                    del self._lines[group]
-                stream.phase = Phase.INGESTING
-                group.rows += 1
-                admitted.append(stream)
-                free -= 1
-                took = True
-            if not took:
-                break
+                group = next((g for g in lines if g.rows < self.max_rows_per_request), None)
+                if group is not None:
+                    best, best_line = cid, group
+            if best is None:
+                break  # every waiting stream's request holds its cap of rows
+            lines = self._lines[best]
+            line = lines.pop(best_line)
+            stream = line.popleft()
+            if line:
+                lines[best_line] = line  # to the back of its client's lines: round robin
+            elif not lines:
+                del self._lines[best], self._clients[best]
+            stream.phase = Phase.INGESTING
+            best_line.rows += 1
+            admitted.append(stream)
+            free -= 1
+        self._waiting -= len(admitted)
         self.ingesting.extend(admitted)
         return admitted
 
@@ -132,15 +154,20 @@ class Scheduler:
     def forget_finished(self) -> None:
         """Finished streams (cancelled, shut down) leave the lines and the ingesting streams."""
         self.ingesting = [s for s in self.ingesting if not s.finished]
-        for group in list(self._lines):
-            line = deque(s for s in self._lines[group] if not s.finished)
-            if line:
-                self._lines[group] = line
-            else:
-                del self._lines[group]
+        for cid in list(self._lines):
+            lines = self._lines[cid]
+            for group in list(lines):
+                line = deque(s for s in lines[group] if not s.finished)
+                self._waiting -= len(lines[group]) - len(line)
+                if line:
+                    lines[group] = line
+                else:
+                    del lines[group]
+            if not lines:
+                del self._lines[cid], self._clients[cid]
 
     def clear(self) -> list[Stream]:
         """Every stream it holds, which it forgets (the loop is over, or a fault ended them)."""
         streams = [*self.ingesting, *self.waiting_streams()]
-        self.ingesting, self._lines = [], {}
+        self.ingesting, self._lines, self._clients, self._waiting = [], {}, {}, 0
         return streams

@@ -12,24 +12,25 @@ from typing import Any
 import torch
 
 from .stops import StopMatcher
-from .types import Alternatives, GenerationRequest, PromptScored
+from .types import ANONYMOUS, Alternatives, Client, GenerationRequest, PromptScored
 
 
 class Phase(enum.Enum):
     WAITING = "waiting"  # accepted, in its request's line for a row
     INGESTING = "ingesting"  # holds a row place; its prompt is ingested slice by slice
-    DECODING = "decoding"  # a row of the batch (it may still feed a short prompt tail through the batch's steps)
+    DECODING = "decoding"  # a row of the batch: its prompt is in
     FINISHED = "finished"  # its Done is out and its place given back
 
 
 class RequestGroup:
-    """The streams of one request (an OpenAI request's choices). Together they hold at most the scheduler's
-    `max_rows_per_request` rows at once, and the engine's queue bound counts them as one request."""
+    """The streams of one request (an OpenAI request's choices), from one client. Together they hold at
+    most the scheduler's `max_rows_per_request` rows at once, and the engine's queue bound counts them as
+    one request."""
 
-    __slots__ = ("size", "rows", "left")
+    __slots__ = ("size", "rows", "left", "client")
 
-    def __init__(self, size: int):
-        self.size = size
+    def __init__(self, size: int, client: Client = ANONYMOUS):
+        self.size, self.client = size, client
         self.rows = 0  # streams of this request that hold a row place (INGESTING or DECODING)
         self.left = size  # streams not yet finished
 

@@ -16,6 +16,22 @@ from .constraints import Constraint
 
 
 @dataclass(frozen=True)
+class Client:
+    """Who sent a request, as far as fairness goes (`fairness.py`). `id` keys its share: a named API key,
+    or the client's address. `label` names it in metrics: a key's name, while every address shares
+    "anonymous", so the series stay few. `weight`: its share against the others' (2: twice another's).
+    `max_requests`: the most requests it may have running or waiting at once (None: its share only)."""
+
+    id: str = "anonymous"
+    label: str = "anonymous"
+    weight: float = 1.0
+    max_requests: int | None = None
+
+
+ANONYMOUS = Client()
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     prompt_ids: list[int]
     max_new_tokens: int

@@ -24,6 +24,7 @@ from ...engine.types import Alternatives, Done, Token
 from ...settings import Settings
 from ...store import LoadedModel
 from ..errors import APIError
+from ..identity import client_of
 from ..reader import Choice, Responses
 from ..sse import event_stream
 from ..validate import validate
@@ -156,7 +157,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     inputs = body.to_inputs(prompt, settings.default_max_new_tokens)
     check_choices(inputs.n, 1, settings)
     choices = (await validate(inputs, loaded, settings)).choices
-    responses = Responses(engine, choices)  # every choice or none: one request in the engine's queue
+    responses = Responses(engine, choices, client_of(request))  # every choice or none: one request in the engine's queue
     formatter = ChatFormatter(model, body, choices)
     if body.stream:
         return event_stream(responses, formatter, settings.stream_interval_ms / 1000)

@@ -18,6 +18,7 @@ from ...sessions.calls import SessionCall, SessionCalls
 from ...engine.types import Alternatives, Done, PromptScored, Token
 from ...settings import Settings
 from ..errors import APIError
+from ..identity import client_of
 from ..reader import Choice, Responses
 from ..sse import event_stream
 from ..validate import validate
@@ -140,7 +141,7 @@ async def create_completion(body: CompletionRequest, request: Request, served: S
         call, choices[0].request = await sessions.begin(body.session_id, choices[0].request)
         on_done = call.finish
     try:
-        responses = Responses(engine, choices, on_done)  # every choice or none: one request in the engine's queue
+        responses = Responses(engine, choices, client_of(request), on_done)  # every choice or none: one request in the engine's queue
     except BaseException:
         if call is not None:
             with contextlib.suppress(Exception):  # refused: the lease goes back at once
