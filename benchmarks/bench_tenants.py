@@ -1,0 +1,176 @@
+"""Fairness between clients (issue 40): one client's flood against another's interactive requests, and
+two clients' shares, on this tree and another checkout side by side.
+
+    python -m benchmarks.bench_tenants [--baseline DIR] [--rounds 1] [--seconds 15]
+
+Each server runs with default settings (the bundled model, `--backend auto`); clients are told apart by
+their loopback source address (127.0.0.2, 127.0.0.3, ...), which the server sees as the client's address.
+The client load runs in a process of its own (`--drive URL`), in alternate rounds between the servers:
+
+1. flood: client A keeps 400 streaming requests of 300 characters in flight (a 429 is retried after
+   50 ms); meanwhile client B sends 10 streaming requests of 20 characters, one after another. B's time
+   to its first character (p50, p99, worst), B's refusals, and A's statuses.
+2. shares: clients C and D each keep 32 streaming requests in flight for `--seconds`, C asking 64
+   characters a request and D 256: each one's characters per second, and their ratio.
+Loopback only; bounded request counts and durations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+
+from .bench_backends import cpu_name
+from .common import ROOT, Proc, table
+
+FLOOD, FLOOD_CHARS, SHORTS, SHORT_CHARS = 400, 300, 10, 20
+
+
+async def _stream(http, url: str, body: dict, first=None, chars=None) -> int:
+    """One streaming /generate: its status; first(t) at its first character, chars(n) at each event."""
+    t0 = time.perf_counter()
+    async with http.post(url + "/generate", json={**body, "stream": True}) as r:
+        if r.status != 200:
+            await r.read()
+            return r.status
+        event = None
+        async for raw in r.content:
+            line = raw.decode()
+            if line.startswith("event:"):
+                event = line[6:].strip()
+            elif line.startswith("data:") and event == "token":
+                if first is not None:
+                    first(time.perf_counter() - t0)
+                    first = None
+                if chars is not None:
+                    chars(len(json.loads(line[5:])["text"]))
+        return 200
+
+
+def _session(address: str):
+    import aiohttp
+
+    return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600),
+                                 connector=aiohttp.TCPConnector(limit=0, local_addr=(address, 0)))
+
+
+async def flood(url: str) -> dict:
+    statuses: dict[int, int] = {}
+    stop = asyncio.Event()
+
+    async def keep(http, i):
+        while not stop.is_set():
+            status = await _stream(http, url, {"prompt": "KING:\n", "max_new_tokens": FLOOD_CHARS, "seed": i})
+            statuses[status] = statuses.get(status, 0) + 1
+            if status != 200:
+                await asyncio.sleep(0.05)  # the flood's own pacing on a refusal, not a synchronisation
+
+    async with _session("127.0.0.2") as a, _session("127.0.0.3") as b:
+        tasks = [asyncio.create_task(keep(a, i)) for i in range(FLOOD)]
+        await asyncio.sleep(3.0)  # the flood fills the rows and the queue first: a benchmark's warm-up
+        ttft, b_status = [], {}
+        for i in range(SHORTS):
+            first = []
+            status = await _stream(b, url, {"prompt": "ROMEO: But soft, what"[:20], "max_new_tokens": SHORT_CHARS, "seed": i},
+                                   first.append)
+            b_status[status] = b_status.get(status, 0) + 1
+            if first:
+                ttft.append(first[0])
+        stop.set()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return {"b_ttft_p50_ms": statistics.median(ttft) * 1000 if ttft else None,
+            "b_ttft_p99_ms": float(np.percentile(ttft, 99) * 1000) if ttft else None,
+            "b_ttft_max_ms": max(ttft) * 1000 if ttft else None, "b_refused": sum(n for s, n in b_status.items() if s != 200),
+            "a_statuses": statuses}
+
+
+async def shares(url: str, seconds: float) -> dict:
+    got = {"C": 0, "D": 0}
+    stop_at = time.perf_counter() + seconds + 2
+
+    async def keep(http, who, n, i):
+        def count(k):
+            if t0 <= time.perf_counter() <= stop_at:
+                got[who] += k
+        while time.perf_counter() < stop_at:
+            await _stream(http, url, {"prompt": "KING:\n", "max_new_tokens": n, "seed": i}, chars=count)
+
+    t0 = time.perf_counter() + 2  # 2 s warm-up
+    async with _session("127.0.0.4") as c, _session("127.0.0.5") as d:
+        tasks = [asyncio.create_task(keep(c, "C", 64, i)) for i in range(32)]
+        tasks += [asyncio.create_task(keep(d, "D", 256, i)) for i in range(32)]
+        await asyncio.gather(*tasks)
+    c_rate, d_rate = got["C"] / seconds, got["D"] / seconds
+    return {"c_chars_per_s": c_rate, "d_chars_per_s": d_rate, "c_over_d": c_rate / d_rate if d_rate else None}
+
+
+async def drive(url: str, seconds: float) -> dict:
+    assert urlparse(url).hostname in ("127.0.0.1", "localhost"), "loopback targets only"
+    return {**await flood(url), **await shares(url, seconds)}
+
+
+def server(tree: Path) -> Proc:
+    env = dict(CHARLSTM_MODEL_STORE=str(ROOT / "model_store"), CHARLSTM_LOG_LEVEL="warning", PYTHONPATH=str(tree),
+               CHARLSTM_SESSION_DB=str(Path(tempfile.mkdtemp(prefix="charlstm-tenants-")) / "sessions.sqlite3"),
+               CHARLSTM_MAX_CONNECTIONS="2048")
+    return Proc(["-m", "service.cli", "serve", "--port", "{port}"], env, cwd=tree)
+
+
+def run_driver(url: str, seconds: float) -> dict:
+    out = subprocess.run([sys.executable, "-m", "benchmarks.bench_tenants", "--drive", url, "--seconds", str(seconds)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=1800, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-2000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+FIGURES = [("b_ttft_p50_ms", "B's first character p50 (ms) while A floods"), ("b_ttft_p99_ms", "B's first character p99 (ms)"),
+           ("b_ttft_max_ms", "B's first character, worst (ms)"), ("b_refused", "B's requests refused (of 10)"),
+           ("c_chars_per_s", "C, 32 streams of 64 chars: chars/s"), ("d_chars_per_s", "D, 32 streams of 256 chars: chars/s"),
+           ("c_over_d", "C / D")]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--drive", help=argparse.SUPPRESS)
+    ap.add_argument("--baseline", type=Path, help="another checkout of the project (the build before)")
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--seconds", type=float, default=15.0)
+    a = ap.parse_args()
+    if a.drive:
+        print(json.dumps(asyncio.run(drive(a.drive, a.seconds))))
+        return
+    print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; the bundled model, default settings")
+    trees = {"this tree": ROOT, **({"baseline": a.baseline.resolve()} if a.baseline else {})}
+    servers = {name: server(tree) for name, tree in trees.items()}
+    got: dict[str, list[dict]] = {name: [] for name in trees}
+    try:
+        for _ in range(a.rounds):
+            for name, proc in servers.items():
+                got[name].append(run_driver(proc.url, a.seconds))
+    finally:
+        for proc in servers.values():
+            proc.stop()
+    rows = [[label, *(statistics.median(r[key] for r in got[name] if r[key] is not None) if any(r[key] is not None for r in got[name])
+                      else "-" for name in trees)] for key, label in FIGURES]
+    print(f"\nmedian of {a.rounds} round(s), rounds alternate between the servers")
+    print(table(["figure", *trees], rows))
+    for name in trees:
+        print(f"{name}: A's statuses {[r['a_statuses'] for r in got[name]]}")
+
+
+if __name__ == "__main__":
+    main()
