@@ -7,9 +7,10 @@ Each server runs with default settings (the bundled model, `--backend auto`); cl
 their loopback source address (127.0.0.2, 127.0.0.3, ...), which the server sees as the client's address.
 The client load runs in a process of its own (`--drive URL`), in alternate rounds between the servers:
 
-1. flood: client A keeps 400 streaming requests of 300 characters in flight (a 429 is retried after
-   50 ms); meanwhile client B sends 10 streaming requests of 20 characters, one after another. B's time
-   to its first character (p50, p99, worst), B's refusals, and A's statuses.
+1. flood: client A (a process of its own) keeps 400 streaming requests of 300 characters in flight for
+   25 s (a 429 is retried after its Retry-After); after 4 s, client B sends 10 streaming requests of 20
+   characters, one after another. B's time to its first character (p50, p99, worst), B's refusals, and
+   A's statuses.
 2. shares: clients C and D each keep 32 streaming requests in flight for `--seconds`, C asking 64
    characters a request and D 256: each one's characters per second, and their ratio.
 Loopback only; bounded request counts and durations.
@@ -35,6 +36,7 @@ from .bench_backends import cpu_name
 from .common import ROOT, Proc, table
 
 FLOOD, FLOOD_CHARS, SHORTS, SHORT_CHARS = 400, 300, 10, 20
+FLOOD_S, FLOOD_WARMUP_S = 25.0, 4.0  # A floods this long; B starts after the warm-up
 
 
 async def _stream(http, url: str, body: dict, first=None, chars=None) -> int:
@@ -65,36 +67,53 @@ def _session(address: str):
                                  connector=aiohttp.TCPConnector(limit=0, local_addr=(address, 0)))
 
 
-async def flood(url: str) -> dict:
+async def flood_a(url: str, seconds: float) -> dict:
+    """Client A: FLOOD streaming requests in flight for `seconds`; a 429 waits its Retry-After, as client
+    libraries do (the openai client among them)."""
     statuses: dict[int, int] = {}
-    stop = asyncio.Event()
+    stop_at = time.perf_counter() + seconds
 
     async def keep(http, i):
-        while not stop.is_set():
+        while time.perf_counter() < stop_at:
             status = await _stream(http, url, {"prompt": "KING:\n", "max_new_tokens": FLOOD_CHARS, "seed": i})
             statuses[status] = statuses.get(status, 0) + 1
             if status != 200:
-                await asyncio.sleep(0.05)  # the flood's own pacing on a refusal, not a synchronisation
+                await asyncio.sleep(1.0)  # Retry-After: 1
 
-    async with _session("127.0.0.2") as a, _session("127.0.0.3") as b:
-        tasks = [asyncio.create_task(keep(a, i)) for i in range(FLOOD)]
-        await asyncio.sleep(3.0)  # the flood fills the rows and the queue first: a benchmark's warm-up
-        ttft, b_status = [], {}
+    async with _session("127.0.0.2") as a:
+        await asyncio.gather(*(keep(a, i) for i in range(FLOOD)))
+    return statuses
+
+
+async def client_b(url: str) -> dict:
+    """Client B, in a process of its own (A's 400 streams would slow a shared client's own loop): 10
+    short streaming requests one after another, while A floods."""
+    ttft, statuses = [], {}
+    async with _session("127.0.0.3") as b:
         for i in range(SHORTS):
             first = []
             status = await _stream(b, url, {"prompt": "ROMEO: But soft, what"[:20], "max_new_tokens": SHORT_CHARS, "seed": i},
                                    first.append)
-            b_status[status] = b_status.get(status, 0) + 1
+            statuses[status] = statuses.get(status, 0) + 1
             if first:
                 ttft.append(first[0])
-        stop.set()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
     return {"b_ttft_p50_ms": statistics.median(ttft) * 1000 if ttft else None,
             "b_ttft_p99_ms": float(np.percentile(ttft, 99) * 1000) if ttft else None,
-            "b_ttft_max_ms": max(ttft) * 1000 if ttft else None, "b_refused": sum(n for s, n in b_status.items() if s != 200),
-            "a_statuses": statuses}
+            "b_ttft_max_ms": max(ttft) * 1000 if ttft else None, "b_refused": sum(n for s, n in statuses.items() if s != 200),
+            "b_ttfts_ms": [round(t * 1000) for t in ttft]}
+
+
+def flood(url: str) -> dict:
+    """A's flood in its own process; after a warm-up, B's requests from this one."""
+    a = subprocess.Popen([sys.executable, "-m", "benchmarks.bench_tenants", "--flood", url], cwd=ROOT,
+                         stdout=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        time.sleep(FLOOD_WARMUP_S)  # the flood fills the rows and the queue first: a benchmark's warm-up
+        b = asyncio.run(client_b(url))
+        out, _ = a.communicate(timeout=FLOOD_S + 120)
+    finally:
+        a.kill()
+    return {**b, "a_statuses": json.loads(out.strip().splitlines()[-1])}
 
 
 async def shares(url: str, seconds: float) -> dict:
@@ -117,9 +136,9 @@ async def shares(url: str, seconds: float) -> dict:
     return {"c_chars_per_s": c_rate, "d_chars_per_s": d_rate, "c_over_d": c_rate / d_rate if d_rate else None}
 
 
-async def drive(url: str, seconds: float) -> dict:
+def drive(url: str, seconds: float) -> dict:
     assert urlparse(url).hostname in ("127.0.0.1", "localhost"), "loopback targets only"
-    return {**await flood(url), **await shares(url, seconds)}
+    return {**flood(url), **asyncio.run(shares(url, seconds))}
 
 
 def server(tree: Path) -> Proc:
@@ -146,12 +165,17 @@ FIGURES = [("b_ttft_p50_ms", "B's first character p50 (ms) while A floods"), ("b
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--drive", help=argparse.SUPPRESS)
+    ap.add_argument("--flood", help=argparse.SUPPRESS)
     ap.add_argument("--baseline", type=Path, help="another checkout of the project (the build before)")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--seconds", type=float, default=15.0)
     a = ap.parse_args()
+    if a.flood:
+        assert urlparse(a.flood).hostname in ("127.0.0.1", "localhost"), "loopback targets only"
+        print(json.dumps(asyncio.run(flood_a(a.flood, FLOOD_S))))
+        return
     if a.drive:
-        print(json.dumps(asyncio.run(drive(a.drive, a.seconds))))
+        print(json.dumps(drive(a.drive, a.seconds)))
         return
     print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; the bundled model, default settings")
     trees = {"this tree": ROOT, **({"baseline": a.baseline.resolve()} if a.baseline else {})}
@@ -169,7 +193,8 @@ def main() -> None:
     print(f"\nmedian of {a.rounds} round(s), rounds alternate between the servers")
     print(table(["figure", *trees], rows))
     for name in trees:
-        print(f"{name}: A's statuses {[r['a_statuses'] for r in got[name]]}")
+        print(f"{name}: A's statuses {[r['a_statuses'] for r in got[name]]}; B's first characters (ms) "
+              f"{[r['b_ttfts_ms'] for r in got[name]]}")
 
 
 if __name__ == "__main__":

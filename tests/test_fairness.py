@@ -43,7 +43,7 @@ def test_a_free_row_goes_to_the_least_served_client_ahead_of_a_backlog():
     scheduler.enqueue(requests(A, 40))
     assert run_rows(scheduler, 5) == [A] * 5
     scheduler.enqueue(requests(B, 3, start=40))  # 35 of A's still wait; B is lifted to A's counter
-    assert run_rows(scheduler, 6) == [A, B] * 3  # the rows alternate: B's three are in ahead of A's backlog
+    assert run_rows(scheduler, 6) == [B, A] * 3  # B has the next row, then they alternate, ahead of A's backlog
     assert scheduler.waiting == 35 - 3
 
 

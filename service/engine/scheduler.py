@@ -94,7 +94,8 @@ class Scheduler:
         counters = self.fairness
         while free > 0 and self._lines:
             best, best_line = None, None
-            for cid, lines in self._lines.items():
+            for cid in reversed(self._lines):  # on a tie, the client backlogged last: it was lifted to the others
+                lines = self._lines[cid]
                 if best is not None and counters.of(self._clients[cid]) >= counters.of(self._clients[best]):
                     continue
                 group = next((g for g in lines if g.rows < self.max_rows_per_request), None)
