@@ -143,6 +143,8 @@ class Metrics:
                                            ["model", "client"], buckets=LATENCY, registry=r)
         self.client_refusals = Counter("charlstm_client_refusals", "Requests the engine refused, by client and reason "
                                        "(overloaded, over_share, client_limit)", ["client", "reason"], registry=r)
+        self.paused = Counter("charlstm_paused_rows", "Rows paused for a client owed its share of the rows (they resume later, "
+                              "unchanged)", ["model"], registry=r)
         self.prompt_tokens = Counter("charlstm_prompt_tokens", "Prompt characters ingested", ["model"], registry=r)
         self.generated_tokens = Counter("charlstm_generated_tokens", "Characters generated", ["model"], registry=r)
         self.finished = Counter("charlstm_streams_finished", "Streams ended, by model and finish reason", ["model", "reason"], registry=r)
@@ -271,6 +273,9 @@ class EngineObserver(ServerObserver):
 
     def on_client_queue_time(self, client: str, seconds: float) -> None:
         self.m.client_queue_time.labels(self.model, client).observe(seconds)
+
+    def on_paused(self, rows: int) -> None:
+        self.m.paused.labels(self.model).inc(rows)
 
     def on_client_served(self, served: dict[str, int]) -> None:
         for client, chars in served.items():

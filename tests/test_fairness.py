@@ -10,7 +10,7 @@ from service.engine.engine import Engine, EngineConfig
 from service.engine.fairness import ServiceCounters, queue_share
 from service.engine.scheduler import Scheduler
 from service.engine.stream import RequestGroup, Stream
-from service.engine.types import Client, GenerationRequest, Overloaded
+from service.engine.types import Client, Done, GenerationRequest, Overloaded
 
 A, B = Client("addr:a", "anonymous"), Client("addr:b", "anonymous")
 CHARS = 30  # what each admitted stream is served in these simulations
@@ -123,3 +123,40 @@ def test_a_weight_gives_a_larger_share_and_a_key_its_own_limit(tiny_model):
     with pytest.raises(Overloaded, match="its limit"):
         submit(fresh, capped)
     submit(fresh, A)  # the queue itself has room
+
+
+def test_a_row_is_paused_for_a_client_owed_its_share_and_the_paused_stream_writes_what_it_would_have(tiny_model):
+    """Two rows, both A's long streams: B's request takes one of them at once (A holds more than its
+    share, B less, and B is less served). A's paused stream resumes later with its state, penalties and
+    random stream, and writes the text it writes when nobody interrupts it."""
+    from service.sampling import SamplingParams
+
+    from .test_scheduler import Recorder
+
+    params = SamplingParams(temperature=0.9, repetition_penalty=1.3, presence_penalty=0.4)
+
+    def run(with_b: bool):
+        recorder = Recorder(expected=3 if with_b else 2)
+        eng = Engine(TorchBackend(tiny_model.model), tiny_model.vocab, EngineConfig(max_batch_size=2), recorder)
+        paused = []
+        eng.add_observer(type("Paused", (), {"on_paused": lambda self, n: paused.append(n),
+                                             "__getattr__": lambda self, name: (lambda *a: None)})())
+        for i in range(2):
+            eng.submit(GenerationRequest(prompt_ids=tiny_model.vocab.encode("KING:"), max_new_tokens=300, seed=7 + i,
+                                         params=params), f"a{i}", A)
+        eng.start()
+        try:
+            if with_b:
+                assert recorder.first_event.wait(60)  # A's streams are writing
+                eng.submit(GenerationRequest(prompt_ids=tiny_model.vocab.encode("FOOL:"), max_new_tokens=5, seed=1), "b", B)
+            assert recorder.all_done.wait(120)
+        finally:
+            eng.stop()
+        return recorder, paused
+
+    alone, _ = run(False)
+    crowded, paused = run(True)
+    assert sum(paused) >= 1
+    assert crowded.first("b", Done) < min(crowded.first(f"a{i}", Done) for i in range(2))  # B was not kept waiting behind A
+    for i in range(2):
+        assert crowded.done[f"a{i}"].text == alone.done[f"a{i}"].text

@@ -146,6 +146,7 @@ class Recorder:
         self.done: dict[object, Done] = {}
         self.expected = expected
         self.all_done = threading.Event()
+        self.first_event = threading.Event()
         self.lock = threading.Lock()
 
     def __call__(self, batch):
@@ -153,6 +154,7 @@ class Recorder:
             for key, events in batch:
                 for event in events:
                     self.order.append((key, event))
+                    self.first_event.set()
                     if isinstance(event, Done):
                         self.done[key] = event
             if len(self.done) >= self.expected:

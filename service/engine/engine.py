@@ -86,6 +86,7 @@ class EngineStats(Protocol):
     def on_client_queue_time(self, client: str, seconds: float) -> None: ...  # client: its label (Client.label)
     def on_client_served(self, served: dict[str, int]) -> None: ...  # label -> characters generated in one look
     def on_client_refused(self, client: str, reason: str) -> None: ...
+    def on_paused(self, rows: int) -> None: ...  # rows paused for a fairer client
     def on_first_token(self, seconds: float) -> None: ...
     def on_inter_token(self, gaps: list[float], counts: list[int]) -> None: ...  # gaps[i] seen counts[i] times
     def on_finish(self, reason: str, prompt_tokens: int, completion_tokens: int) -> None: ...
@@ -305,6 +306,7 @@ class Engine:
                 self._leave(cancelled, "cancelled")
                 if past_deadline:
                     self._leave([*self._batch.rows, *scheduler.ingesting, *scheduler.waiting_streams()], "shutdown")
+                self._pause_for_fairness()
                 self._admit(scheduler.admit(len(self._batch)))  # schedule
                 self._take_turn()  # the cores, shared with other models' engines (ComputeShare)
                 t_turn = time.perf_counter()
@@ -374,11 +376,40 @@ class Engine:
         self.scheduler.forget_finished()
         self._drop_finished()
 
+    def _pause_for_fairness(self) -> None:
+        """Rows the scheduler takes from a client over its share for a waiting one under it: each paused
+        stream keeps its row of the batch, all of it (state, random stream, penalties, automaton), aside."""
+        if self.device_step is not None:  # the device batch holds the rows' state: nothing is paused there
+            return
+        rows = self.scheduler.to_pause(self._batch.rows)
+        if not rows:
+            return
+        paused = []
+        for row in rows:
+            stream = self._batch.rows[row]
+            stream.paused = self._batch.filter([row])
+            stream.phase = Phase.WAITING
+            stream.group.rows -= 1
+            paused.append(stream)
+        gone = set(rows)
+        self._batch = self._batch.filter([i for i in range(len(self._batch)) if i not in gone])
+        self.scheduler.requeue(paused)
+        self.notify("on_paused", len(paused))
+
     def _admit(self, streams: list[Stream]) -> None:
         """Streams that got a row place: their state, on the engine thread (a fresh zero state, or the
-        caller's, a session's on the host, on the backend's device)."""
+        caller's, a session's on the host, on the backend's device). A paused stream rejoins the batch
+        at once with its own row."""
         now = time.perf_counter()
+        resumed = [s for s in streams if s.paused is not None]
+        if resumed:
+            self.scheduler.ingesting = [s for s in self.scheduler.ingesting if s.paused is None]
+            self._batch = Batch.concatenate([self._batch, *(s.paused for s in resumed)])
+            for stream in resumed:
+                stream.paused, stream.phase = None, Phase.DECODING
         for stream in streams:
+            if stream.phase is Phase.DECODING:
+                continue
             stream.state = self.backend.zero_state() if stream.state is None else stream.state.to(self.backend.device)
             self.notify("on_queue_time", now - stream.t_submit)
             self.notify("on_client_queue_time", stream.group.client.label, now - stream.t_submit)

@@ -5,7 +5,10 @@ order. A free row goes to the client that has received the least service, by its
 Token Counter, `fairness.py`), and within that client the lines are served round robin, one stream of
 each line a pass. One request holds at most `max_rows_per_request` row places at once (ingesting or
 decoding), so a request with many choices never takes every row: its other choices wait in its own
-line, behind nobody else's.
+line, behind nobody else's. When no row is free and a waiting client holds less than its share of the
+rows while another holds more, a row of the other is paused for it (`to_pause`): its stream keeps its
+state, text and random stream and waits again at the head of its line. A paused stream resumes as if
+it had never stopped: its numbers never depended on the batch around it.
 
 **Ingestion.** Every stream that still has prompt left is ingested in blocks: each loop runs one
 block of at most `prefill_rows` rows, each row the next slice of one stream's prompt, all in one backend
@@ -40,6 +43,7 @@ from .fairness import ServiceCounters
 from .stream import Phase, RequestGroup, Stream
 from .types import Client
 
+MAX_PAUSES = 4  # rows a loop pauses at most for fairer clients: a burst of arrivals is served over a few loops
 Block = list[tuple[Stream, int]]  # one loop's ingestion: (stream, end) a row, ingest stream.feed[stream.fed:end]
 
 
@@ -80,6 +84,55 @@ class Scheduler:
     @property
     def waiting(self) -> int:
         return self._waiting
+
+    def requeue(self, streams: list[Stream]) -> None:
+        """Paused streams wait again, each at the head of its request's line (it came before the rest)."""
+        for stream in streams:
+            client = stream.group.client
+            if client.id not in self._lines:
+                self._lines[client.id], self._clients[client.id] = {}, client
+            lines = self._lines[client.id]
+            line = lines.pop(stream.group, deque())
+            line.appendleft(stream)
+            self._lines[client.id] = {stream.group: line, **lines}
+        self._waiting += len(streams)
+
+    def to_pause(self, decoding: list[Stream], limit: int = MAX_PAUSES) -> list[int]:
+        """Rows of the batch to pause so that a waiting client gets rows it is owed (`fairness.py`): only
+        when no row is free, only from a client holding more than its share of the rows, only for a
+        waiting client holding less than its share and less served (by its counter) than the other.
+        Returns row indices of `decoding` (the batch's streams), the most characters left first."""
+        if not self._lines or self.max_rows - len(decoding) - len(self.ingesting) > 0:
+            return []
+        held: dict[str, int] = {}
+        clients: dict[str, Client] = dict(self._clients)
+        for stream in [*decoding, *self.ingesting]:
+            client = stream.group.client
+            held[client.id] = held.get(client.id, 0) + 1
+            clients[client.id] = client
+        total = sum(c.weight for c in clients.values())
+        share = {cid: self.max_rows * c.weight / total for cid, c in clients.items()}
+        counters, paused = self.fairness, []
+        rows_of: dict[str, list[int]] = {}
+        for row, stream in enumerate(decoding):
+            rows_of.setdefault(stream.group.client.id, []).append(row)
+        while len(paused) < limit:
+            owed = [cid for cid in self._lines if held.get(cid, 0) + 1 <= share[cid]
+                    and any(g.rows < self.max_rows_per_request for g in self._lines[cid])]
+            over = [cid for cid in rows_of if held[cid] - 1 >= share[cid] and rows_of[cid]]
+            if not owed or not over:
+                break
+            taker = min(owed, key=lambda cid: counters.of(clients[cid]))
+            giver = max(over, key=lambda cid: counters.of(clients[cid]))
+            if counters.of(clients[taker]) >= counters.of(clients[giver]):
+                break
+            rows = rows_of[giver]
+            row = max(rows, key=lambda r: decoding[r].request.max_new_tokens - len(decoding[r].chars))
+            rows.remove(row)
+            paused.append(row)
+            held[giver] -= 1
+            held[taker] = held.get(taker, 0) + 1
+        return paused
 
     def waiting_streams(self) -> list[Stream]:
         return [s for lines in self._lines.values() for line in lines.values() for s in line]

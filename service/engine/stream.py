@@ -16,7 +16,7 @@ from .types import ANONYMOUS, Alternatives, Client, GenerationRequest, PromptSco
 
 
 class Phase(enum.Enum):
-    WAITING = "waiting"  # accepted, in its request's line for a row
+    WAITING = "waiting"  # accepted, in its request's line for a row (or paused: its row went to another client)
     INGESTING = "ingesting"  # holds a row place; its prompt is ingested slice by slice
     DECODING = "decoding"  # a row of the batch: its prompt is in
     FINISHED = "finished"  # its Done is out and its place given back
@@ -53,6 +53,7 @@ class Stream:
         self.prompt_tops: list[Alternatives | None] = []
         self.prompt_scored: PromptScored | None = None
         self.released = 0  # characters already sent to the listener
+        self.paused: Any = None  # a one-row Batch while the stream waits again, paused for a fairer client (fairness.py)
         self.t_submit, self.t_last = now, 0.0
 
     @property
