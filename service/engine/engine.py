@@ -335,7 +335,8 @@ class Engine:
         for client, n in served.values():
             self.scheduler.fairness.served(client, generated=n)
             by_label[client.label] = by_label.get(client.label, 0) + n
-        self.notify("on_client_served", by_label)
+        if by_label:
+            self.notify("on_client_served", by_label)
 
     def _idle_wait(self) -> float | None:
         """How long an idle loop may sleep: until undelivered events are retried, or held characters are due."""
