@@ -56,6 +56,16 @@ def test_models_list_and_the_bare_name(server):
         assert api.completions.create(model=name, prompt="KING:", max_tokens=3).model == MODEL
 
 
+def test_models_retrieve_by_any_name_a_request_takes(server):
+    api = client(server)
+    for name in (MODEL, "tiny"):  # a bare name: its newest version
+        model = api.models.retrieve(name)
+        assert model.id == MODEL and model.object == "model" and model.owned_by == "charlstm"
+    with pytest.raises(openai.NotFoundError) as e:
+        api.models.retrieve("nope@v9")
+    assert e.value.code == "model_not_found" and "nope@v9" in e.value.message
+
+
 def test_plain_completion_matches_generate_for_the_same_seed(server):
     r = client(server).completions.create(model=MODEL, prompt="KING:\n", max_tokens=40, seed=5, temperature=0.8, top_p=0.9)
     native = httpx.post(server.url + "/generate", json={"prompt": "KING:\n", "max_new_tokens": 40, "seed": 5,

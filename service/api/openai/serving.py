@@ -34,9 +34,17 @@ class OpenAIServingModels:
         self.catalog = catalog
 
     def list(self) -> dict:
-        return {"object": "list", "data": [{"id": m.ref, "object": "model", "created": _unix(m.card.get("created_at")),
-                                            "owned_by": "charlstm", "root": m.ref, "parent": None}
-                                           for m in self.catalog.models.values()]}
+        return {"object": "list", "data": [self.card(m) for m in self.catalog.models.values()]}
+
+    def retrieve(self, model_id: str) -> dict:
+        """One model, by any name a request accepts (a bare name: its newest version, whose id it shows);
+        an unknown one raises ModelNotFound (404 model_not_found)."""
+        return self.card(self.catalog.resolve(model_id))
+
+    @staticmethod
+    def card(m) -> dict:
+        return {"id": m.ref, "object": "model", "created": _unix(m.card.get("created_at")), "owned_by": "charlstm",
+                "root": m.ref, "parent": None}
 
 
 def usage(choices: list[Choice]) -> dict:

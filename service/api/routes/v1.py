@@ -1,4 +1,4 @@
-"""The OpenAI-compatible routes: GET /v1/models, POST /v1/completions and /v1/chat/completions (see service/api/openai/)."""
+"""The OpenAI-compatible routes: GET /v1/models and /v1/models/{id}, POST /v1/completions and /v1/chat/completions (see service/api/openai/)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request
 from ..deps import JSONBody, PoolDep, SessionsDep, SettingsDep, model_for, session_model
 from ..openai.chat import create_chat_completion as serve_chat
 from ..openai.protocol import (STREAM_RESPONSE, V1_PREFIX, ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
-                               CompletionResponse, ModelList, OpenAIErrorResponse)
+                               CompletionResponse, ModelCard, ModelList, OpenAIErrorResponse)
 from ..openai.completions import create_completion as serve_completion
 from ..openai.serving import OpenAIServingModels
 
@@ -20,6 +20,13 @@ ERRORS = {s: {"model": OpenAIErrorResponse} for s in (400, 401, 404, 409, 413, 4
 async def list_models(pool: PoolDep):
     """Every model this server serves (loaded now or on first use); a bare name is accepted as `model` too."""
     return OpenAIServingModels(pool.catalog).list()
+
+
+@router.get("/models/{model_id}", response_model=ModelCard, responses={401: {"model": OpenAIErrorResponse},
+                                                                   404: {"model": OpenAIErrorResponse}})
+async def retrieve_model(model_id: str, pool: PoolDep):
+    """One model (OpenAI's `models.retrieve`): `name@version`, or a bare name for its newest version."""
+    return OpenAIServingModels(pool.catalog).retrieve(model_id)
 
 
 @router.post("/completions", response_model=CompletionResponse, responses={**ERRORS, **STREAM_RESPONSE},
