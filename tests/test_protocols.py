@@ -199,3 +199,32 @@ def test_rows_without_a_constraint_keep_their_bits_beside_constrained_ones(tiny_
             assert (done[i].text, done[i].logprobs) == (before.text, before.logprobs)
         assert done[4].finish_reason in ("stop", "length") and (done[4].finish_reason == "length" or re.fullmatch(LINE, done[4].text))
         assert done[5].text in ("KING", "QUEEN") and done[5].finish_reason == "stop"
+
+
+# ---------------------------------------------------------------- what clients send as a matter of course
+
+def test_the_fields_clients_send_with_harmless_values_are_accepted_and_change_nothing(chat_server):
+    api = client(chat_server)
+    messages = [{"role": "user", "content": "thou art my lord"}]
+    plain = api.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, seed=4)
+    sent = api.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, seed=4, store=False,
+                                       metadata={"run": "test"}, service_tier="auto", parallel_tool_calls=False, tools=None,
+                                       tool_choice=None, response_format={"type": "text"})
+    assert sent.choices[0].message.content == plain.choices[0].message.content
+    legacy = api.completions.create(model=MODEL, prompt="KING:", max_tokens=10, seed=4, extra_body={"store": False})
+    assert legacy.choices[0].text == api.completions.create(model=MODEL, prompt="KING:", max_tokens=10, seed=4).choices[0].text
+
+
+@pytest.mark.parametrize("extra, says", [
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x"}}]}]},
+     "'image_url' part is not supported"),
+    ({"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function"}]}]},
+     "tool_calls are not supported"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"store": True}, "store"),
+])
+def test_what_is_not_served_gets_a_400_that_says_so(chat_server, extra, says):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "KING"}], **extra}
+    r = httpx.post(chat_server.url + "/v1/chat/completions", json=body)
+    assert r.status_code == 400 and says in r.json()["error"]["message"], r.text

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
 
 from ...sampling import MAX_REPETITION_PENALTY, MAX_SEED, MIN_REPETITION_PENALTY, MIN_TEMPERATURE
 from ..fields import Int, StructuredOutputs
@@ -76,11 +76,26 @@ RepetitionPenalty = Annotated[float | None, Field(ge=MIN_REPETITION_PENALTY, le=
                                                   description="extension: divides the logits of characters already in the prompt or text")]
 
 
+class _Harmless(_Strict):
+    """Fields OpenAI clients send as a matter of course, accepted with the values that change nothing here
+    (as vLLM accepts them) and ignored; another value is a 400 that names what is not supported."""
+
+    store: Literal[False] | None = Field(None, description="accepted as false and ignored: nothing is stored")
+    metadata: Annotated[dict[str, Annotated[str, Field(max_length=512)]], Field(max_length=16)] | None = Field(
+        None, description="accepted and ignored")
+    service_tier: Literal["auto", "default"] | None = Field(None, description="accepted and ignored: one tier")
+
+
+class TextFormat(_Strict):
+    type: Literal["text"] = Field(description="plain text, the only format served here (structured_outputs constrains "
+                                  "the text to a regex or choices)")
+
+
 class StreamOptions(_Strict):
     include_usage: bool = Field(False, description="send a last chunk with `usage` and no choices before [DONE]")
 
 
-class CompletionRequest(_Strict):
+class CompletionRequest(_Harmless):
     model: str = Field(description="`name@version` from /v1/models, or the bare name")
     prompt: str | PromptList | TokenIds | TokenPromptList = Field(
         description="a string, a list of strings, token ids (a list of integers: see /tokenize) or a list of such lists: "
@@ -140,6 +155,22 @@ class TextPart(_Strict):
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"] = Field(description="system and developer messages become "
                                                                                   "the prologue; the others speeches")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_only(cls, value):
+        """Say plainly what is not served, rather than list every way the content failed to be text."""
+        if isinstance(value, dict):
+            content = value.get("content")
+            if isinstance(content, list):
+                for i, part in enumerate(content):
+                    kind = part.get("type") if isinstance(part, dict) else None
+                    if kind != "text":
+                        raise ValueError(f"content.{i}: a {kind!r} part is not supported: this model reads text parts only")
+            if content is None and value.get("tool_calls"):
+                raise ValueError("tool_calls are not supported (this model calls no tools): send the message's text as content")
+        return value
+
     content: str | Annotated[list[TextPart], Field(max_length=256)] = Field(description="text, or a list of text parts")
     name: str | None = Field(None, max_length=256, description="accepted and ignored (the speakers are set in `speakers`)")
 
@@ -153,7 +184,7 @@ class Speakers(_Strict):
     assistant: str | None = Field(None, min_length=1, max_length=64, description="the speaker whose speech the model writes")
 
 
-class ChatCompletionRequest(_Strict):
+class ChatCompletionRequest(_Harmless):
     model: str = Field(description="`name@version` from /v1/models, or the bare name")
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=1024)]
     max_tokens: Int(ge=0, le=1_000_000) | None = Field(None, description="characters to generate (deprecated by OpenAI "
@@ -183,6 +214,11 @@ class ChatCompletionRequest(_Strict):
     replacement: str = Field(" ", min_length=1, max_length=1, description="extension: with unknown_chars=replace")
     structured_outputs: StructuredOutputs | None = Field(None, description="extension (vLLM's): constrain the reply to a "
                                                          "regex or a list of choices")
+    # sent by clients with values that change nothing: no tools are served
+    response_format: TextFormat | None = Field(None, description="only {\"type\": \"text\"}, the default")
+    tools: Annotated[list, Field(max_length=0)] | None = Field(None, description="none: this model calls no tools")
+    tool_choice: Literal["none", "auto"] | None = Field(None, description="accepted and ignored: there are no tools")
+    parallel_tool_calls: bool | None = Field(None, description="accepted and ignored: there are no tools")
 
     def to_inputs(self, prompt: str, default_max_tokens: int):
         """This request as the engine's inputs, its messages already rendered by the chat template."""
