@@ -145,3 +145,18 @@ def test_characters_wait_for_their_hand_over_but_first_characters_and_ends_do_no
         done = [e for e in texts[3600.0][i] if isinstance(e, Done)][0]
         assert done.text == [e for e in texts[0.0][i] if isinstance(e, Done)][0].text
         assert "".join(e.text for e in texts[3600.0][i] if isinstance(e, Token)) == done.text
+
+
+def test_a_logit_bias_is_its_own_rows_and_the_same_alone_or_among_others(tiny_model):
+    """A row's bias changes its draws only: the other rows write what they write without it, and the
+    biased row writes the same text alone as beside them."""
+    banned = tiny_model.vocab.encode("e")[0]
+    biased = GenerationRequest(prompt_ids=tiny_model.vocab.encode("KING:"), max_new_tokens=80, seed=5,
+                               logit_bias=((banned, float("-inf")),))
+    other = GenerationRequest(prompt_ids=tiny_model.vocab.encode("KING:"), max_new_tokens=80, seed=6)
+    alone, _ = run_engine(tiny_model, EngineConfig(max_batch_size=4), [biased])
+    plain, _ = run_engine(tiny_model, EngineConfig(max_batch_size=4), [other])
+    together, _ = run_engine(tiny_model, EngineConfig(max_batch_size=4), [other, biased])
+    text = lambda events: next(e for e in events if isinstance(e, Done)).text  # noqa: E731
+    assert "e" not in text(alone[0]) and text(together[1]) == text(alone[0])
+    assert text(together[0]) == text(plain[0])

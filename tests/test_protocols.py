@@ -228,3 +228,24 @@ def test_what_is_not_served_gets_a_400_that_says_so(chat_server, extra, says):
     body = {"model": MODEL, "messages": [{"role": "user", "content": "KING"}], **extra}
     r = httpx.post(chat_server.url + "/v1/chat/completions", json=body)
     assert r.status_code == 400 and says in r.json()["error"]["message"], r.text
+
+
+def test_logit_bias_bans_and_favours_characters_by_their_ids(chat_server):
+    """-100 never: a character the model writes often is banned and never appears, alone or among others;
+    a large bias makes a character nearly certain. Keys are the ids /tokenize gives."""
+    api = client(chat_server)
+    ids = httpx.post(chat_server.url + "/tokenize", json={"model": MODEL, "prompt": "e "}, timeout=10).json()["tokens"]
+    e, space = str(ids[0]), str(ids[1])
+    plain = api.completions.create(model=MODEL, prompt="KING:\n", max_tokens=200, seed=3, n=3)
+    assert any("e" in c.text for c in plain.choices)
+    banned = api.completions.create(model=MODEL, prompt="KING:\n", max_tokens=200, seed=3, n=3, logit_bias={e: -100})
+    assert all("e" not in c.text and len(c.text) == 200 for c in banned.choices)
+    chat = api.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "thou art"}], max_tokens=100,
+                                       seed=3, logit_bias={e: -100})
+    assert "e" not in chat.choices[0].message.content
+    favoured = httpx.post(chat_server.url + "/generate", json={"prompt": "KING:\n", "max_new_tokens": 50, "seed": 3,
+                                                              "logit_bias": {space: 100}}, timeout=30).json()
+    assert favoured["text"].count(" ") >= 45
+    for bad, says in (({"999": 1}, "not a character id"), ({"x": 1}, "not a character id"), ({e: 101}, "less than or equal")):
+        r = httpx.post(chat_server.url + "/v1/completions", json={"model": MODEL, "prompt": "K", "logit_bias": bad}, timeout=10)
+        assert r.status_code in (400, 422) and says in r.json()["error"]["message"], r.text

@@ -19,6 +19,15 @@ def Int(**bounds):  # noqa: N802 - reads as a type in annotations
     return Annotated[int, Field(**bounds), BeforeValidator(_integral)]
 
 
+MAX_BIAS = 100.0  # OpenAI's bound; -100 means never
+
+LogitBias = Annotated[
+    dict[str, Annotated[float, Field(ge=-MAX_BIAS, le=MAX_BIAS, allow_inf_nan=False)]],
+    Field(max_length=4096, description="character id (as /tokenize gives it, a string key) -> a bias added to its logit, "
+                                       "-100 to 100; -100 means never"),
+    BeforeValidator(lambda v: {k: float(x) if type(x) is int else x for k, x in v.items()} if isinstance(v, dict) else v)]
+
+
 class StructuredOutputs(BaseModel):
     """vLLM's `structured_outputs`: the generated text matches `regex`, or is one of `choice`."""
 

@@ -20,7 +20,7 @@ from ..settings import Settings
 from ..store import LoadedModel
 from ..vocab import OutOfVocabularyError
 from .errors import APIError
-from .fields import StructuredOutputs
+from .fields import MAX_BIAS, StructuredOutputs
 from .reader import Choice
 
 SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingParams))
@@ -41,6 +41,7 @@ class EngineInputs:
     unknown_chars: str = "error"
     replacement: str | None = None
     structured: StructuredOutputs | None = None
+    logit_bias: dict[str, float] | None = None  # character id (a string, as JSON keys are) -> bias
     prompt_param: str = "prompt"  # the request's field names, for messages
     max_tokens_param: str = "max_new_tokens"
     unknown_hint: str = " (or send unknown_chars: skip or replace)"
@@ -110,6 +111,22 @@ def check_request_size(prompt_chars: list[int], choices: int, max_new: int, sett
                        f"{settings.max_logprob_entries}: ask for fewer alternatives, fewer choices or no echo", "logprobs")
 
 
+def check_logit_bias(bias: dict[str, float] | None, loaded: LoadedModel) -> tuple[tuple[int, float], ...]:
+    """Each key a character id of the vocabulary (as /tokenize gives it); -100 means never (-inf)."""
+    if not bias:
+        return ()
+    size, out = len(loaded.vocab), []
+    for key, value in bias.items():
+        if not (key.isdigit() and int(key) < size):
+            raise APIError(400, "invalid_field", f"logit_bias: {key!r} is not a character id of this model (0 to {size - 1}; "
+                           f"POST /tokenize gives a text's ids)", "logit_bias")
+        out.append((int(key), float("-inf") if value <= -MAX_BIAS else value))
+    if all(v == float("-inf") for _, v in out) and len(out) == size:
+        raise APIError(400, "invalid_field", "logit_bias: every character is banned (-100): nothing could be written",
+                       "logit_bias")
+    return tuple(sorted(out))
+
+
 def check_stops(stops: list[str] | tuple[str, ...], loaded: LoadedModel, settings: Settings) -> None:
     """Stop strings within the settings' bounds, each one able to match."""
     if len(stops) > settings.max_stop_strings:
@@ -162,6 +179,7 @@ async def validate(inputs: EngineInputs, loaded: LoadedModel, settings: Settings
     positions = (sum(lengths) * int(inputs.prompt_logprobs is not None) + len(lengths) * inputs.max_tokens * int(inputs.logprobs)) * inputs.n
     check_request_size(lengths, inputs.n, inputs.max_tokens, settings, logprob_entries=positions * per_position)
     constraint = await compile_constraint(inputs.structured, loaded)
+    bias = check_logit_bias(inputs.logit_bias, loaded)
     params = sampling_params(inputs.sampling)
     stop = tuple(inputs.stop) + inputs.protocol_stop
     choices = []
@@ -170,6 +188,6 @@ async def validate(inputs: EngineInputs, loaded: LoadedModel, settings: Settings
             seed = None if inputs.seed is None else (inputs.seed + j) % (MAX_SEED + 1)
             request = GenerationRequest(prompt_ids=ids, max_new_tokens=inputs.max_tokens, params=params, seed=seed, stop=stop,
                                         logprobs=inputs.logprobs, prompt_logprobs=inputs.prompt_logprobs,
-                                        stream_tokens=inputs.stream, constraint=constraint)
+                                        stream_tokens=inputs.stream, constraint=constraint, logit_bias=bias)
             choices.append(Choice(len(choices), text, j == 0, request))
     return Validated(choices, changed)

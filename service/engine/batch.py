@@ -30,6 +30,7 @@ class Batch:
     controls: dict[str, torch.Tensor]  # name -> (B,), one per SamplingParams field
     seen: torch.Tensor  # (B, V) bool: characters already in each row's prompt or text (repetition penalty)
     counts: torch.Tensor  # (B, V) int32: times each row generated each character (presence and frequency penalties)
+    bias: torch.Tensor  # (B, V) float32: each row's logit bias (zeros for most rows)
     seeds: np.ndarray  # (B,) uint64
     counters: np.ndarray  # (B,) uint64: draws made so far from each row's random stream
     constraints: list  # (B,) each row's Constraint or None
@@ -40,6 +41,7 @@ class Batch:
         return cls(rows=[], state=torch.zeros(2, num_layers, 0, hidden),
                    controls={k: torch.zeros(0, dtype=d) for k, d in CONTROL_DTYPES.items()},
                    seen=torch.zeros(0, vocab_size, dtype=torch.bool), counts=torch.zeros(0, vocab_size, dtype=torch.int32),
+                   bias=torch.zeros(0, vocab_size),
                    seeds=np.zeros(0, dtype=np.uint64), counters=np.zeros(0, dtype=np.uint64), constraints=[],
                    fsm=np.zeros(0, dtype=np.int64))
 
@@ -49,7 +51,10 @@ class Batch:
         params = row.request.params
         seen = torch.zeros(1, vocab_size, dtype=torch.bool)  # (1, V)
         seen[0, row.request.prompt_ids] = True
-        return cls(rows=[row], state=state.unsqueeze(2),
+        bias = torch.zeros(1, vocab_size)  # (1, V)
+        for char_id, value in row.request.logit_bias:
+            bias[0, char_id] = value
+        return cls(rows=[row], state=state.unsqueeze(2), bias=bias,
                    controls={k: torch.tensor([getattr(params, k)], dtype=d) for k, d in CONTROL_DTYPES.items()},
                    seen=seen, counts=torch.zeros(1, vocab_size, dtype=torch.int32), seeds=np.array([seed], dtype=np.uint64),
                    counters=np.array([counter], dtype=np.uint64), constraints=[row.request.constraint],
@@ -65,6 +70,7 @@ class Batch:
         idx = torch.tensor(keep, dtype=torch.long)
         return Batch(rows=[self.rows[i] for i in keep], state=self.state.index_select(2, idx),
                      controls={k: t[idx] for k, t in self.controls.items()}, seen=self.seen[idx], counts=self.counts[idx],
+                     bias=self.bias[idx],
                      seeds=self.seeds[keep], counters=self.counters[keep], constraints=[self.constraints[i] for i in keep],
                      fsm=self.fsm[keep])
 
@@ -76,7 +82,8 @@ class Batch:
             return batches[0]
         return cls(rows=[r for b in batches for r in b.rows], state=torch.cat([b.state for b in batches], dim=2),
                    controls={k: torch.cat([b.controls[k] for b in batches]) for k in batches[0].controls},
-                   seen=torch.cat([b.seen for b in batches]), counts=torch.cat([b.counts for b in batches]), seeds=np.concatenate([b.seeds for b in batches]),
+                   seen=torch.cat([b.seen for b in batches]), counts=torch.cat([b.counts for b in batches]),
+                   bias=torch.cat([b.bias for b in batches]), seeds=np.concatenate([b.seeds for b in batches]),
                    counters=np.concatenate([b.counters for b in batches]), constraints=[c for b in batches for c in b.constraints],
                    fsm=np.concatenate([b.fsm for b in batches]))
 
@@ -91,6 +98,11 @@ class Batch:
     def counted(self) -> bool:
         """Some row has a presence or frequency penalty: only then does the sampler read `counts`."""
         return bool(((self.controls["presence_penalty"] != 0.0) | (self.controls["frequency_penalty"] != 0.0)).any())
+
+    @cached_property
+    def biased(self) -> bool:
+        """Some row has a logit bias: only then is `bias` added to the logits."""
+        return any(r.request.logit_bias for r in self.rows)
 
     @cached_property
     def constrained(self) -> list[int]:

@@ -217,8 +217,9 @@ class Engine:
             if self._draining or self._stop:
                 self.notify("on_rejected", "shutting_down")
                 raise ShuttingDown("the server is shutting down and admits no new work")
-            if self.device_step is not None and any(r.constraint is not None for r, _ in requests):
-                raise Unsupported("constrained output runs on the CPU backends; this server steps on a GPU with CUDA graphs")
+            if self.device_step is not None and any(r.constraint is not None or r.logit_bias for r, _ in requests):
+                raise Unsupported("constrained output and logit_bias run on the CPU backends; this server steps on a GPU "
+                                  "with CUDA graphs")
             self._check_queue(client)
             now, streams = time.perf_counter(), []
             for request, listener in requests:

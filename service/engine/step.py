@@ -49,6 +49,8 @@ class Stepper:
         for j in range(k):
             logits = self.backend.logits(state)  # (B, V)
             raw, forbid = logits, batch.forbidden() if batch.constrained else None
+            if batch.biased:  # a row's bias changes its draw; its log-probabilities stay the model's (raw)
+                logits = logits + batch.bias
             if forbid is not None:  # constrained rows write only what their automaton allows; other rows keep every bit
                 logits = logits.masked_fill(forbid, float("-inf"))
             u = torch.from_numpy(uniforms(batch.seeds, batch.counters))  # (B,)

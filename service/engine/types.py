@@ -45,6 +45,7 @@ class GenerationRequest:
     prompt_logprobs: int | None = None  # None: off; k: each prompt character's log-probability and k alternatives
     stream_tokens: bool = True  # Token events as characters are made; False: only the Done (a plain, non-streamed call)
     constraint: Constraint | None = field(default=None, repr=False)  # what the generated text must match (constraints.py)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (character id, bias added to its logit); -inf: never
 
     @property
     def fresh(self) -> bool:

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
 from ...sampling import MAX_REPETITION_PENALTY, MAX_SEED, MIN_REPETITION_PENALTY, MIN_TEMPERATURE
-from ..fields import Int, StructuredOutputs
+from ..fields import Int, LogitBias, StructuredOutputs
 
 
 StopString = Annotated[str, Field(min_length=1)]
@@ -51,6 +51,7 @@ class GenerateRequest(_Strict):
     replacement: str = Field(" ", min_length=1, max_length=1, description="with unknown_chars=replace: a character of the vocabulary")
     structured_outputs: StructuredOutputs | None = Field(None, description="constrain the generated text: a regex it "
                                                          "matches, or a list of choices it is one of")
+    logit_bias: LogitBias | None = None
 
     def to_inputs(self, default_max_new_tokens: int):
         """This request as the engine's inputs (service/api/validate.py)."""
@@ -61,7 +62,8 @@ class GenerateRequest(_Strict):
             max_tokens=default_max_new_tokens if self.max_new_tokens is None else self.max_new_tokens,
             sampling=self.model_dump(include={"temperature", "top_k", "top_p", "repetition_penalty"}),
             seed=self.seed, stop=tuple(self.stop), logprobs=self.logprobs, stream=self.stream,
-            unknown_chars=self.unknown_chars, replacement=self.replacement, structured=self.structured_outputs)
+            unknown_chars=self.unknown_chars, replacement=self.replacement, structured=self.structured_outputs,
+            logit_bias=self.logit_bias)
 
 
 class Usage(BaseModel):

@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
 
 from ...sampling import MAX_REPETITION_PENALTY, MAX_SEED, MIN_REPETITION_PENALTY, MIN_TEMPERATURE
-from ..fields import Int, StructuredOutputs
+from ..fields import Int, LogitBias, StructuredOutputs
 
 V1_PREFIX = "/v1"
 MAX_TOP_LOGPROBS = 5  # OpenAI's own bound on `logprobs`
@@ -123,6 +123,7 @@ class CompletionRequest(_Harmless):
                                    description="extension: continue a native session (one prompt, n = 1); the session advances")
     structured_outputs: StructuredOutputs | None = Field(None, description="extension (vLLM's): constrain the text to a "
                                                          "regex or a list of choices")
+    logit_bias: LogitBias | None = None
 
     @property
     def prompts(self) -> list[str | list[int]]:
@@ -144,7 +145,8 @@ class CompletionRequest(_Harmless):
                                                  "frequency_penalty"}), "top_k": top_k, "top_logprobs": self.logprobs},
             seed=self.seed, stop=tuple(self.stop), logprobs=self.logprobs is not None,
             prompt_logprobs=self.logprobs if self.echo and self.logprobs is not None else None,
-            stream=bool(self.stream), structured=self.structured_outputs, max_tokens_param="max_tokens", unknown_hint="")
+            stream=bool(self.stream), structured=self.structured_outputs, logit_bias=self.logit_bias, max_tokens_param="max_tokens",
+            unknown_hint="")
 
 
 class TextPart(_Strict):
@@ -214,6 +216,7 @@ class ChatCompletionRequest(_Harmless):
     replacement: str = Field(" ", min_length=1, max_length=1, description="extension: with unknown_chars=replace")
     structured_outputs: StructuredOutputs | None = Field(None, description="extension (vLLM's): constrain the reply to a "
                                                          "regex or a list of choices")
+    logit_bias: LogitBias | None = None
     # sent by clients with values that change nothing: no tools are served
     response_format: TextFormat | None = Field(None, description="only {\"type\": \"text\"}, the default")
     tools: Annotated[list, Field(max_length=0)] | None = Field(None, description="none: this model calls no tools")
@@ -232,7 +235,7 @@ class ChatCompletionRequest(_Harmless):
                                                  "frequency_penalty", "top_logprobs"}), "top_k": top_k},
             seed=self.seed, stop=tuple(self.stop), protocol_stop=(SPEECH_END,), logprobs=bool(self.logprobs), stream=bool(self.stream),
             unknown_chars=self.unknown_chars, replacement=self.replacement, structured=self.structured_outputs,
-            prompt_param="messages", max_tokens_param="max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens",
+            logit_bias=self.logit_bias, prompt_param="messages", max_tokens_param="max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens",
             unknown_hint=" (or send unknown_chars: skip or replace)")
 
 
