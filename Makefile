@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 TORCH := $(shell grep -m1 '^torch==' constraints.txt)
 
-.PHONY: install serve test bench clean
+.PHONY: help install serve test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,13 @@ $(STAMP): pyproject.toml constraints.txt | $(BIN)/python
 	  || echo "make: $(TORCH) not installed from $(TORCH_INDEX_URL); pip's other sources are tried next" >&2
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $@
+
+help:
+	@echo "make serve    install, then serve the bundled model on http://127.0.0.1:8000"
+	@echo "make test     install, then run the tests"
+	@echo "make install  create $(VENV) and install the project into it"
+	@echo "make clean    remove $(VENV) and pytest's cache"
+	@echo "benchmarks:   $(BIN)/python -m benchmarks.<name> (benchmarks/README.md lists them)"
 
 install: $(STAMP)
 

@@ -66,7 +66,7 @@ def test_openapi_describes_every_route_and_field(server):
         assert path in doc["paths"], path
     fields = doc["components"]["schemas"]["GenerateRequest"]["properties"]
     assert set(fields) == {"model", "prompt", "max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed",
-                           "stop", "stream", "logprobs", "unknown_chars", "replacement", "structured_outputs"}
+                           "stop", "stream", "logprobs", "unknown_chars", "replacement", "structured_outputs", "logit_bias"}
     assert fields["temperature"]["minimum"] == 0 and fields["top_p"]["maximum"] == 1
     assert fields["model"]["anyOf"][0]["enum"] == ["tiny", "tiny@v1"]  # the models served, by name and name@version
     assert httpx.get(server.url + "/docs").status_code == 200

@@ -249,3 +249,14 @@ def test_logit_bias_bans_and_favours_characters_by_their_ids(chat_server):
     for bad, says in (({"999": 1}, "not a character id"), ({"x": 1}, "not a character id"), ({e: 101}, "less than or equal")):
         r = httpx.post(chat_server.url + "/v1/completions", json={"model": MODEL, "prompt": "K", "logit_bias": bad}, timeout=10)
         assert r.status_code in (400, 422) and says in r.json()["error"]["message"], r.text
+
+
+def test_model_may_be_omitted_on_v1_and_a_length_beyond_the_limit_is_one_error_at_any_size(chat_server):
+    r = httpx.post(chat_server.url + "/v1/completions", json={"prompt": "KING:", "max_tokens": 5, "seed": 1}, timeout=30)
+    assert r.status_code == 200 and r.json()["model"] == MODEL  # the server's default model
+    limit = httpx.get(chat_server.url + "/info", timeout=10).json()["limits"]["max_new_tokens"]
+    for path, field, extra in (("/v1/completions", "max_tokens", {"prompt": "K"}), ("/generate", "max_new_tokens", {}),
+                               ("/v1/chat/completions", "max_completion_tokens", {"messages": [{"role": "user", "content": "K"}]})):
+        answers = [httpx.post(chat_server.url + path, json={field: n, **extra}, timeout=10) for n in (limit + 1, 100_000_000)]
+        assert [a.status_code for a in answers] == [422, 422], [a.text for a in answers]
+        assert all(f"limit {limit}" in a.json()["error"]["message"] for a in answers), [a.text for a in answers]

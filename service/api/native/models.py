@@ -34,7 +34,8 @@ class GenerateRequest(_Strict):
     model: str | None = Field(None, min_length=1, max_length=256,
                               description=MODEL_FIELD + "; on a session, its own model (naming another is 409 model_mismatch)")
     prompt: str = Field("", description="text to continue; may be empty. Every character must be in the model's vocabulary")
-    max_new_tokens: Int(ge=0, le=1_000_000) | None = Field(None, description="characters to generate (a token is one character); default in /info")
+    max_new_tokens: Int(ge=0) | None = Field(None, description="characters to generate (a token is one character); default "
+                                             "and limit in /info")
     temperature: float = Field(1.0, ge=0.0, le=100.0, allow_inf_nan=False,
                                description=f"0 (or anything below {MIN_TEMPERATURE:g}) means greedy")
     top_k: Int(ge=0, le=1_000_000) = Field(0, description="keep the k most likely characters; 0 means off")

@@ -96,11 +96,13 @@ class StreamOptions(_Strict):
 
 
 class CompletionRequest(_Harmless):
-    model: str = Field(description="`name@version` from /v1/models, or the bare name")
+    model: str | None = Field(None, description="`name@version` from /v1/models, or the bare name; omitted: the server's "
+                              "default model")
     prompt: str | PromptList | TokenIds | TokenPromptList = Field(
         description="a string, a list of strings, token ids (a list of integers: see /tokenize) or a list of such lists: "
                     "one set of `n` choices per prompt")
-    max_tokens: Int(ge=0, le=1_000_000) | None = Field(16, description="characters to generate; 0 with `echo` scores the prompt")
+    max_tokens: Int(ge=0) | None = Field(16, description="characters to generate, at most max_new_tokens in /info; 0 with "
+                                         "`echo` scores the prompt")
     temperature: Temperature = 1.0
     top_p: TopP = 1.0
     n: Int(ge=1, le=128) | None = Field(1, description="choices per prompt")
@@ -187,11 +189,12 @@ class Speakers(_Strict):
 
 
 class ChatCompletionRequest(_Harmless):
-    model: str = Field(description="`name@version` from /v1/models, or the bare name")
+    model: str | None = Field(None, description="`name@version` from /v1/models, or the bare name; omitted: the server's "
+                              "default model")
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=1024)]
-    max_tokens: Int(ge=0, le=1_000_000) | None = Field(None, description="characters to generate (deprecated by OpenAI "
+    max_tokens: Int(ge=0) | None = Field(None, description="characters to generate (deprecated by OpenAI "
                                                         "for max_completion_tokens); default in /info")
-    max_completion_tokens: Int(ge=0, le=1_000_000) | None = Field(None, description="characters to generate")
+    max_completion_tokens: Int(ge=0) | None = Field(None, description="characters to generate, at most max_new_tokens in /info")
     temperature: Temperature = 1.0
     top_p: TopP = 1.0
     n: Int(ge=1, le=128) | None = Field(1, description="choices")
