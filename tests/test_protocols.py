@@ -260,3 +260,8 @@ def test_model_may_be_omitted_on_v1_and_a_length_beyond_the_limit_is_one_error_a
         answers = [httpx.post(chat_server.url + path, json={field: n, **extra}, timeout=10) for n in (limit + 1, 100_000_000)]
         assert [a.status_code for a in answers] == [422, 422], [a.text for a in answers]
         assert all(f"limit {limit}" in a.json()["error"]["message"] for a in answers), [a.text for a in answers]
+
+
+def test_a_pattern_that_does_not_parse_says_so_in_words():
+    with pytest.raises(ConstraintError, match=r"InvalidSyntax: the pattern does not parse"):
+        compile_regex("[a-", tuple("abc"))

@@ -92,7 +92,8 @@ def regex_transitions(pattern: str, chars: list[str]) -> tuple[list[dict[int, in
     try:
         fsm = interegular.parse_pattern(pattern).to_fsm()
     except Exception as e:  # interegular's parse errors have no common base class
-        raise ConstraintError(f"regex: {pattern!r} cannot be compiled: {type(e).__name__}: {e}") from None
+        why = str(e).strip() or "the pattern does not parse (check its brackets, escapes and repetitions)"
+        raise ConstraintError(f"regex: {pattern!r} cannot be compiled: {type(e).__name__}: {why}") from None
     if len(fsm.states) > MAX_STATES:
         raise ConstraintError(f"regex: {pattern!r} compiles to {len(fsm.states)} states, more than {MAX_STATES}")
     index = {s: i for i, s in enumerate([fsm.initial, *sorted(s for s in fsm.states if s != fsm.initial)])}
