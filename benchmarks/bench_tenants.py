@@ -13,7 +13,9 @@ The client load runs in a process of its own (`--drive URL`), in alternate round
    A's statuses.
 2. shares: clients C and D each keep 32 streaming requests in flight for `--seconds`, C asking 64
    characters a request and D 256: each one's characters per second, and their ratio.
-Loopback only; bounded request counts and durations.
+With `--replicas N`, N replicas of this tree behind a local nginx (round robin, the client's address
+forwarded as docker/nginx.scale.conf forwards it) take the same load. Loopback only; bounded request
+counts and durations.
 """
 
 from __future__ import annotations
@@ -148,6 +150,66 @@ def server(tree: Path) -> Proc:
     return Proc(["-m", "service.cli", "serve", "--port", "{port}"], env, cwd=tree)
 
 
+NGINX_CONF = """worker_processes 1;
+pid {root}/nginx.pid;
+error_log {root}/error.log;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {root}/body;
+    proxy_temp_path {root}/proxy;
+    upstream charlstm {{
+{servers}
+        keepalive 64;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://charlstm;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header X-Forwarded-For $remote_addr;  # as docker/nginx.scale.conf: the client's address
+            proxy_buffering off;
+            proxy_read_timeout 1h;
+        }}
+    }}
+}}
+"""
+
+
+class Nginx:
+    """A local nginx (the system's binary) in front of the replicas, round robin, as in docker/nginx.scale.conf."""
+
+    def __init__(self, upstreams: list[str]):
+        import shutil
+
+        from tests.server import free_port
+
+        binary = shutil.which("nginx") or "/usr/sbin/nginx"
+        root = Path(tempfile.mkdtemp(prefix="charlstm-nginx-"))
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        servers = "\n".join(f"        server {urlparse(u).netloc};" for u in upstreams)
+        (root / "nginx.conf").write_text(NGINX_CONF.format(root=root, servers=servers, port=self.port))
+        self.proc = subprocess.Popen([binary, "-p", str(root), "-c", str(root / "nginx.conf"), "-g", "daemon off;"])
+        import httpx
+
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError("nginx did not start")
+            time.sleep(0.1)  # polling a probe with a deadline
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
 def run_driver(url: str, seconds: float) -> dict:
     out = subprocess.run([sys.executable, "-m", "benchmarks.bench_tenants", "--drive", url, "--seconds", str(seconds)],
                          cwd=ROOT, capture_output=True, text=True, timeout=1800, env=dict(os.environ, OMP_NUM_THREADS="1"))
@@ -169,6 +231,8 @@ def main() -> None:
     ap.add_argument("--baseline", type=Path, help="another checkout of the project (the build before)")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--seconds", type=float, default=15.0)
+    ap.add_argument("--replicas", type=int, default=1, help="this tree's replicas behind a local nginx (needs nginx); "
+                    "with more than one, no baseline")
     a = ap.parse_args()
     if a.flood:
         assert urlparse(a.flood).hostname in ("127.0.0.1", "localhost"), "loopback targets only"
@@ -179,14 +243,21 @@ def main() -> None:
         return
     print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; the bundled model, default settings")
     trees = {"this tree": ROOT, **({"baseline": a.baseline.resolve()} if a.baseline else {})}
-    servers = {name: server(tree) for name, tree in trees.items()}
+    nginx = None
+    if a.replicas > 1:
+        trees = {f"{a.replicas} replicas behind nginx": ROOT}
+        replicas = [server(ROOT) for _ in range(a.replicas)]
+        nginx = Nginx([r.url for r in replicas])
+        servers = {next(iter(trees)): nginx}
+    else:
+        replicas, servers = [], {name: server(tree) for name, tree in trees.items()}
     got: dict[str, list[dict]] = {name: [] for name in trees}
     try:
         for _ in range(a.rounds):
             for name, proc in servers.items():
                 got[name].append(run_driver(proc.url, a.seconds))
     finally:
-        for proc in servers.values():
+        for proc in [*servers.values(), *replicas]:
             proc.stop()
     rows = [[label, *(statistics.median(r[key] for r in got[name] if r[key] is not None) if any(r[key] is not None for r in got[name])
                       else "-" for name in trees)] for key, label in FIGURES]
