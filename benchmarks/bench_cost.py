@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import shutil
 import statistics
@@ -44,7 +43,7 @@ from service import store
 from service.backends.selector import bare_loop, build
 
 from .bench_backends import cpu_name
-from .common import ROOT, Proc, table
+from .common import ROOT, run_json, table, tree_server
 from .loadgen import cpu_seconds
 
 STAGES = ("step", "ingest", "sample", "output", "schedule", "deliver", "HTTP/SSE", "other")
@@ -81,22 +80,9 @@ def bare(model: str, name: str, batches: list[int], seconds: float) -> dict[tupl
         backend.close()
 
 
-def server(tree: Path, backend: str | None) -> Proc:
-    """`charlstm serve` from a checkout's own sources, default settings but for a private session file."""
-    env = dict(CHARLSTM_MODEL_STORE=str(ROOT / "model_store"), CHARLSTM_LOG_LEVEL="warning", PYTHONPATH=str(tree),
-               CHARLSTM_SESSION_DB=str(Path(tempfile.mkdtemp(prefix="charlstm-cost-")) / "sessions.sqlite3"))
-    if backend and backend != "auto":
-        env["CHARLSTM_BACKEND"] = backend
-    return Proc(["-m", "service.cli", "serve", "--port", "{port}"], env, cwd=tree)
-
-
 def load(url: str, pid: int, clients: int, seconds: float) -> dict:
-    out = subprocess.run([sys.executable, "-m", "benchmarks.loadgen", "--url", url, "--clients", str(clients),
-                          "--seconds", str(seconds), "--warmup", "2", "--max-new-tokens", "256", "--cpu-pid", str(pid)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=seconds + 600, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    if out.returncode != 0:
-        raise RuntimeError(out.stderr[-2000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_json(["-m", "benchmarks.loadgen", "--url", url, "--clients", str(clients), "--seconds", str(seconds),
+                     "--warmup", "2", "--max-new-tokens", "256", "--cpu-pid", str(pid)], timeout=seconds + 600)
 
 
 def stage_of(frames: list[str]) -> str:
@@ -210,7 +196,7 @@ def main() -> None:
     chosen = {}
     for _ in range(args.rounds):
         for name, tree in builds:
-            srv = server(tree, args.backend)
+            srv = tree_server(tree, args.backend)
             try:
                 chosen[name] = (httpx.get(srv.url + "/info", timeout=10).json()["engine"]["backend"] or {}).get("name", "?")
                 for c in clients:
@@ -241,7 +227,7 @@ def main() -> None:
               "us/char = share x the CPU per character of 2)\n")
         prow, trow = [], []
         for name, tree in builds:
-            srv = server(tree, args.backend)
+            srv = tree_server(tree, args.backend)
             try:
                 for c in clients:
                     got = profile(srv.url, srv.proc.pid, c, args.profile_seconds)

@@ -13,22 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 from .bench_ab import build
-from .common import ROOT, table
+from .common import ROOT, run_json, table
 
 
 def mixed(url: str, seconds: float) -> dict:
-    out = subprocess.run([sys.executable, "-m", "benchmarks.mixed_load", "--url", url, "--seconds", str(seconds)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=seconds + 600, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    if out.returncode != 0:
-        raise RuntimeError(out.stderr[-2000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_json(["-m", "benchmarks.mixed_load", "--url", url, "--seconds", str(seconds)], timeout=seconds + 600)
 
 
 def main() -> None:

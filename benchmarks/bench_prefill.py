@@ -23,9 +23,6 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -39,7 +36,7 @@ from service.engine.scheduler import Scheduler
 
 from .bench_backends import cpu_name
 from .bench_cost import raw_onnx_loop
-from .common import ROOT, Proc, table
+from .common import ROOT, run_json, table, tree_server
 
 LONG = ("KING HENRY:\nOnce more unto the breach, dear friends, once more;\nOr close the wall up with our English dead.\n\n"
         * 200)[:20_000]
@@ -161,22 +158,6 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def server(tree: Path, backend: str) -> Proc:
-    env = dict(CHARLSTM_MODEL_STORE=str(ROOT / "model_store"), CHARLSTM_LOG_LEVEL="warning", PYTHONPATH=str(tree),
-               CHARLSTM_SESSION_DB=str(Path(tempfile.mkdtemp(prefix="charlstm-prefill-")) / "sessions.sqlite3"))
-    if backend != "auto":
-        env["CHARLSTM_BACKEND"] = backend
-    return Proc(["-m", "service.cli", "serve", "--port", "{port}"], env, cwd=tree)
-
-
-def run_driver(url: str) -> dict:
-    out = subprocess.run([sys.executable, "-m", "benchmarks.bench_prefill", "--drive", url], cwd=ROOT, capture_output=True,
-                         text=True, timeout=1800, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    if out.returncode != 0:
-        raise RuntimeError(out.stderr[-2000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 FIGURES = [("alone_chars_per_s", "one 20,000-char prompt alone: chars/s"), ("eight_chars_per_s", "8 at once: chars/s, all"),
            ("decode_gap_p50_ms", "decode gap p50 while 8 ingest (ms)"), ("decode_gap_p99_ms", "decode gap p99 (ms)"),
            ("decode_gap_max_ms", "decode gap max (ms)"), ("short_ttft_p50_ms", "short request first char p50 (ms)"),
@@ -202,12 +183,12 @@ def main() -> None:
     settings = Settings(_env_file=None)
     blocks = block_times(a.model, "onnx-int8", settings.prefill_chunk, settings.prefill_rows)
     trees = {"this tree": ROOT, **({"baseline": a.baseline.resolve()} if a.baseline else {})}
-    servers = {name: server(tree, a.backend) for name, tree in trees.items()}
+    servers = {name: tree_server(tree, a.backend) for name, tree in trees.items()}
     got: dict[str, list[dict]] = {name: [] for name in trees}
     try:
         for _ in range(a.rounds):
             for name, proc in servers.items():
-                got[name].append(run_driver(proc.url))
+                got[name].append(run_json(["-m", "benchmarks.bench_prefill", "--drive", proc.url], timeout=1800))
     finally:
         for proc in servers.values():
             proc.stop()
@@ -215,7 +196,7 @@ def main() -> None:
     bare = (before + after) / 2
     print(f"\npeer: ONNX Runtime's int8 step loop, B = 1, one thread: {before:,.0f} chars/s before the servers, {after:,.0f} after "
           f"(mean {bare:,.0f})")
-    print(f"\nonnx-int8 blocks (Backend.ingest): what a loop adds in front of a decode step at most; the last, a lone prompt's")
+    print("\nonnx-int8 blocks (Backend.ingest): what a loop adds in front of a decode step at most; the last, a lone prompt's")
     print(table(["block (rows x chars)", "ms", "chars/s", "the backend's estimate (ms)"], blocks))
     rows = []
     for key, label in FIGURES:

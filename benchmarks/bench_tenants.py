@@ -35,7 +35,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from .bench_backends import cpu_name
-from .common import ROOT, Proc, table
+from .common import ROOT, Proc, run_json, table, tree_server
 
 FLOOD, FLOOD_CHARS, SHORTS, SHORT_CHARS = 400, 300, 10, 20
 FLOOD_S, FLOOD_WARMUP_S = 25.0, 4.0  # A floods this long; B starts after the warm-up
@@ -143,13 +143,6 @@ def drive(url: str, seconds: float) -> dict:
     return {**flood(url), **asyncio.run(shares(url, seconds))}
 
 
-def server(tree: Path) -> Proc:
-    env = dict(CHARLSTM_MODEL_STORE=str(ROOT / "model_store"), CHARLSTM_LOG_LEVEL="warning", PYTHONPATH=str(tree),
-               CHARLSTM_SESSION_DB=str(Path(tempfile.mkdtemp(prefix="charlstm-tenants-")) / "sessions.sqlite3"),
-               CHARLSTM_MAX_CONNECTIONS="2048")
-    return Proc(["-m", "service.cli", "serve", "--port", "{port}"], env, cwd=tree)
-
-
 NGINX_CONF = """worker_processes 1;
 pid {root}/nginx.pid;
 error_log {root}/error.log;
@@ -177,45 +170,17 @@ http {{
 """
 
 
-class Nginx:
-    """A local nginx (the system's binary) in front of the replicas, round robin, as in docker/nginx.scale.conf."""
+def nginx(upstreams: list[str]) -> Proc:
+    """The system's nginx in front of the replicas, round robin, as in docker/nginx.scale.conf."""
+    import shutil
 
-    def __init__(self, upstreams: list[str]):
-        import shutil
+    from tests.server import free_port
 
-        from tests.server import free_port
-
-        binary = shutil.which("nginx") or "/usr/sbin/nginx"
-        root = Path(tempfile.mkdtemp(prefix="charlstm-nginx-"))
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        servers = "\n".join(f"        server {urlparse(u).netloc};" for u in upstreams)
-        (root / "nginx.conf").write_text(NGINX_CONF.format(root=root, servers=servers, port=self.port))
-        self.proc = subprocess.Popen([binary, "-p", str(root), "-c", str(root / "nginx.conf"), "-g", "daemon off;"])
-        import httpx
-
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise RuntimeError("nginx did not start")
-            time.sleep(0.1)  # polling a probe with a deadline
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(30)
-
-
-def run_driver(url: str, seconds: float) -> dict:
-    out = subprocess.run([sys.executable, "-m", "benchmarks.bench_tenants", "--drive", url, "--seconds", str(seconds)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=1800, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    if out.returncode != 0:
-        raise RuntimeError(out.stderr[-2000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    root, port = Path(tempfile.mkdtemp(prefix="charlstm-nginx-")), free_port()
+    servers = "\n".join(f"        server {urlparse(u).netloc};" for u in upstreams)
+    (root / "nginx.conf").write_text(NGINX_CONF.format(root=root, servers=servers, port=port))
+    return Proc(["-p", str(root), "-c", str(root / "nginx.conf"), "-g", "daemon off;"], probe="/health", timeout=30,
+                program=shutil.which("nginx") or "/usr/sbin/nginx", port=port)
 
 
 FIGURES = [("b_ttft_p50_ms", "B's first character p50 (ms) while A floods"), ("b_ttft_p99_ms", "B's first character p99 (ms)"),
@@ -243,19 +208,18 @@ def main() -> None:
         return
     print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; the bundled model, default settings")
     trees = {"this tree": ROOT, **({"baseline": a.baseline.resolve()} if a.baseline else {})}
-    nginx = None
     if a.replicas > 1:
         trees = {f"{a.replicas} replicas behind nginx": ROOT}
-        replicas = [server(ROOT) for _ in range(a.replicas)]
-        nginx = Nginx([r.url for r in replicas])
-        servers = {next(iter(trees)): nginx}
+        replicas = [tree_server(ROOT, CHARLSTM_MAX_CONNECTIONS="2048") for _ in range(a.replicas)]
+        servers = {next(iter(trees)): nginx([r.url for r in replicas])}
     else:
-        replicas, servers = [], {name: server(tree) for name, tree in trees.items()}
+        replicas, servers = [], {name: tree_server(tree, CHARLSTM_MAX_CONNECTIONS="2048") for name, tree in trees.items()}
     got: dict[str, list[dict]] = {name: [] for name in trees}
     try:
         for _ in range(a.rounds):
             for name, proc in servers.items():
-                got[name].append(run_driver(proc.url, a.seconds))
+                got[name].append(run_json(["-m", "benchmarks.bench_tenants", "--drive", proc.url, "--seconds", str(a.seconds)],
+                                          timeout=1800))
     finally:
         for proc in [*servers.values(), *replicas]:
             proc.stop()

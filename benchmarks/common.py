@@ -18,15 +18,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class Proc:
-    """A server subprocess; ready when `probe` answers 200."""
+    """A server subprocess (Python by default, or `program`); ready when `probe` answers 200."""
 
     def __init__(self, args: list[str], env: dict | None = None, probe: str = "/ready", timeout: float = 120,
-                 cwd: Path = ROOT):
-        self.port = free_port()
+                 cwd: Path = ROOT, program: str = sys.executable, port: int | None = None):
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile("w+", prefix="charlstm-bench-", suffix=".log", delete=False)
         full_env = dict(os.environ, **(env or {}))
-        self.proc = subprocess.Popen([sys.executable, *[a.replace("{port}", str(self.port)) for a in args]],
+        self.proc = subprocess.Popen([program, *[a.replace("{port}", str(self.port)) for a in args]],
                                      cwd=cwd, env=full_env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -56,17 +56,32 @@ def charlstm_server(threads: int, **settings) -> Proc:
     return Proc(["-m", "service.cli", "serve", "--port", "{port}"], env)
 
 
-def loadgen(url: str, clients: int, seconds: float, max_new_tokens: int = 256, warmup: float = 2.0, prompt: str = "\n",
-            model: str | None = None) -> dict:
-    """Run the load generator in its own process and return its JSON figures."""
-    out = subprocess.run([sys.executable, "-m", "benchmarks.loadgen", "--url", url, "--clients", str(clients),
-                          "--seconds", str(seconds), "--warmup", str(warmup), "--max-new-tokens", str(max_new_tokens),
-                          "--prompt", prompt, *(["--model", model] if model else [])],
-                         cwd=ROOT, capture_output=True, text=True, timeout=seconds + warmup + 600,
+def tree_server(tree: Path, backend: str = "auto", **env) -> Proc:
+    """`charlstm serve` from a checkout's own sources (its `service` package shadows the installed one), default
+    settings but for a private session file and `env` (CHARLSTM_* variables); `backend` named unless auto."""
+    env = dict(CHARLSTM_MODEL_STORE=str(ROOT / "model_store"), CHARLSTM_LOG_LEVEL="warning", PYTHONPATH=str(tree),
+               CHARLSTM_SESSION_DB=str(Path(tempfile.mkdtemp(prefix="charlstm-tree-")) / "sessions.sqlite3"), **env)
+    if backend and backend != "auto":
+        env["CHARLSTM_BACKEND"] = backend
+    return Proc(["-m", "service.cli", "serve", "--port", "{port}"], env, cwd=tree)
+
+
+def run_json(args: list[str], timeout: float) -> dict:
+    """`python <args>` in its own process (one OpenMP thread, as a load generator should take), its last
+    line of output read as JSON."""
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-2000:])
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def loadgen(url: str, clients: int, seconds: float, max_new_tokens: int = 256, warmup: float = 2.0, prompt: str = "\n",
+            model: str | None = None) -> dict:
+    """Run the load generator in its own process and return its JSON figures."""
+    return run_json(["-m", "benchmarks.loadgen", "--url", url, "--clients", str(clients), "--seconds", str(seconds),
+                     "--warmup", str(warmup), "--max-new-tokens", str(max_new_tokens), "--prompt", prompt,
+                     *(["--model", model] if model else [])], timeout=seconds + warmup + 600)
 
 
 def table(headers: list[str], rows: list[list]) -> str:

@@ -231,9 +231,9 @@ class OnnxBackend(Backend):
         self._layer_step_s = {1: 0.0, 8: 0.0}  # one step of one layer at 1 and at 8 rows, measured: the pieces' length
         self._block_exact = self._check_block(probe, probe_ids)
         if self._block_exact:
-            self.pipelined = self._measure_blocks(pipelines=threads == 1 and len(os.sched_getaffinity(0)) >= 2)
+            self._measure_blocks(pipelines=threads == 1 and len(os.sched_getaffinity(0)) >= 2)
 
-    def _measure_blocks(self, pipelines: bool) -> bool:
+    def _measure_blocks(self, pipelines: bool) -> None:
         """A layer's step time in a block at 1 and 8 rows (what `_piece` and `block_seconds` work from);
         and, where `pipelines` (two cores, one thread a kernel), whether a block of 8 rows x 128
         characters goes faster with its layers pipelined on two threads than one layer after the other,
@@ -249,12 +249,10 @@ class OnnxBackend(Backend):
         ids = [(7 * i) % self.vocab_size for i in range(128)]
         for rows in self._layer_step_s:
             self._layer_step_s[rows] = best([ids[:32]] * rows) / (32 * self.num_layers)
-        if not pipelines:
-            return False
-        one_by_one = best([ids] * 8)
-        self.pipelined = True
-        at_once = best([ids] * 8)
-        return at_once < 0.9 * one_by_one
+        if pipelines:
+            one_by_one = best([ids] * 8)
+            self.pipelined = True
+            self.pipelined = best([ids] * 8) < 0.9 * one_by_one
 
     def _layer_step(self, rows: int) -> float:
         """Seconds of one step of one layer in a block of `rows` rows: linear between the measured 1 and 8."""

@@ -63,6 +63,7 @@ class Scheduler:
         self.max_rows, self.max_rows_per_request = max_rows, max_rows_per_request
         self.chunk, self.block_rows = prefill_chunk, prefill_rows
         self.block_seconds = block_seconds or (lambda rows, chars: None)
+        self._chunks: dict[int, int] = {}  # rows -> chunks_a_row(rows): the backend's estimate is fixed once it is built
         self.fairness = ServiceCounters(prompt_cost)
         self._clients: dict[str, Client] = {}  # clients with streams waiting, by id
         self._lines: dict[str, dict[RequestGroup, deque[Stream]]] = {}  # per client: its requests' lines, next first
@@ -189,6 +190,8 @@ class Scheduler:
         can tell. A row of a small block costs more per character than one of a full block (the weights
         are read once a step for every row), so a lone prompt goes in faster this way, and a decode step
         still waits no longer than behind a full block."""
+        if rows in self._chunks:
+            return self._chunks[rows]
         full = self.block_seconds(self.block_rows, self.chunk)
         chunks = 1
         while chunks < self.block_rows and full is not None:
@@ -196,6 +199,7 @@ class Scheduler:
             if longer is None or longer > full:
                 break
             chunks += 1
+        self._chunks[rows] = chunks
         return chunks
 
     def ingested(self, stream: Stream) -> None:
