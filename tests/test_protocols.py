@@ -220,7 +220,6 @@ def test_the_fields_clients_send_with_harmless_values_are_accepted_and_change_no
      "'image_url' part is not supported"),
     ({"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function"}]}]},
      "tool_calls are not supported"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ({"store": True}, "store"),
 ])

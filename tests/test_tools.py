@@ -129,3 +129,26 @@ def test_lm_eval_local_completions_with_the_remote_tokenizer(tool_server, tmp_pa
         assert theirs == pytest.approx(mine, abs=1e-3)
         right += max(range(len(mine)), key=mine.__getitem__) == item["gold"]
     assert results["acc,none"] == pytest.approx(right / len(items))
+
+
+# ---------------------------------------------------------------- pydantic-ai
+
+def test_pydantic_ai_native_structured_output_gives_valid_objects(tool_server):
+    """pydantic-ai's NativeOutput sends response_format json_schema (strict) and validates the reply."""
+    from typing import Literal
+
+    from pydantic import BaseModel, Field
+    from pydantic_ai import Agent, NativeOutput
+    from pydantic_ai.models.openai import OpenAIChatModel
+    from pydantic_ai.providers.openai import OpenAIProvider
+
+    class Speech(BaseModel):
+        speaker: Literal["KING", "QUEEN", "FOOL"]
+        line: str = Field(max_length=40)
+
+    model = OpenAIChatModel(MODEL, provider=OpenAIProvider(base_url=tool_server.url + "/v1", api_key="unused"))
+    agent = Agent(model, output_type=NativeOutput(Speech))
+    outputs = [agent.run_sync("who comes here", model_settings={"seed": seed, "max_tokens": 300}).output for seed in range(3)]
+    assert all(isinstance(o, Speech) for o in outputs)
+    again = agent.run_sync("who comes here", model_settings={"seed": 0, "max_tokens": 300}).output
+    assert again == outputs[0]  # the same seed, the same object

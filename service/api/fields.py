@@ -29,11 +29,20 @@ LogitBias = Annotated[
 
 
 class StructuredOutputs(BaseModel):
-    """vLLM's `structured_outputs`: the generated text matches `regex`, or is one of `choice`."""
+    """vLLM's `structured_outputs`: the generated text matches `regex`, is one of `choice`, or is JSON that
+    `json` (a JSON schema) allows, or any JSON object (`json_object`). One of them."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
 
     regex: str | None = Field(None, min_length=1, max_length=MAX_PATTERN_CHARS,
                               description="a regular expression (Python syntax) the whole generated text must match")
     choice: list[Annotated[str, Field(min_length=1, max_length=MAX_CHOICE_CHARS)]] | None = Field(
         None, min_length=1, max_length=MAX_CHOICES, description="the generated text is exactly one of these")
+    json_schema: dict | None = Field(None, alias="json", description="a JSON schema the generated text is an instance of "
+                                     "(its braces, quotes and digits outside the model's vocabulary are written for it)")
+    json_object: bool | None = Field(None, description="true: the generated text is a JSON object")
+
+    def kinds(self) -> list[str]:
+        """The constraints this asks for (one is served)."""
+        return [name for name, value in (("regex", self.regex), ("choice", self.choice), ("json", self.json_schema),
+                                         ("json_object", self.json_object or None)) if value is not None]

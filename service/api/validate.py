@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 from dataclasses import dataclass, field, fields
 
-from ..engine.constraints import Constraint, ConstraintError, compile_choices, compile_regex
+from ..engine.constraints import Constraint, ConstraintError, compile_choices, compile_json, compile_regex
 from ..engine.types import GenerationRequest
 from ..sampling import MAX_SEED, SamplingParams
 from ..settings import Settings
@@ -41,6 +42,7 @@ class EngineInputs:
     unknown_chars: str = "error"
     replacement: str | None = None
     structured: StructuredOutputs | None = None
+    structured_param: str = "structured_outputs"  # the field that asked for the constraint, for messages
     logit_bias: dict[str, float] | None = None  # character id (a string, as JSON keys are) -> bias
     prompt_param: str = "prompt"  # the request's field names, for messages
     max_tokens_param: str = "max_new_tokens"
@@ -141,21 +143,31 @@ def check_stops(stops: list[str] | tuple[str, ...], loaded: LoadedModel, setting
 
 
 @functools.lru_cache(maxsize=256)
-def _compiled(kind: str, source: str | tuple[str, ...], chars: tuple[str, ...]) -> Constraint:
-    return compile_regex(source, list(chars)) if kind == "regex" else compile_choices(list(source), list(chars))
+def _compiled(kind: str, source: str | tuple[str, ...] | None, chars: tuple[str, ...]) -> Constraint:
+    if kind == "regex":
+        return compile_regex(source, list(chars))
+    if kind == "choice":
+        return compile_choices(list(source), list(chars))
+    return compile_json(None if source is None else json.loads(source), list(chars))
 
 
-async def compile_constraint(structured: StructuredOutputs | None, loaded: LoadedModel) -> Constraint | None:
-    """The automaton of a regex or a choice list, compiled off the event loop (and kept: clients repeat them)."""
-    if structured is None or (structured.regex is None and structured.choice is None):
+async def compile_constraint(structured: StructuredOutputs | None, loaded: LoadedModel,
+                             param: str = "structured_outputs") -> Constraint | None:
+    """The automaton of a regex, a choice list or a JSON schema, compiled off the event loop (and kept:
+    clients repeat them)."""
+    kinds = [] if structured is None else structured.kinds()
+    if not kinds:
         return None
-    if structured.regex is not None and structured.choice is not None:
-        raise APIError(400, "invalid_field", "structured_outputs: give regex or choice, not both", "structured_outputs")
-    kind, source = ("regex", structured.regex) if structured.regex is not None else ("choice", tuple(structured.choice))
+    if len(kinds) > 1:
+        raise APIError(400, "invalid_field", f"structured_outputs: give one of regex, choice, json and json_object, "
+                       f"not {' and '.join(kinds)}", "structured_outputs")
+    kind = kinds[0]
+    source = {"regex": structured.regex, "choice": tuple(structured.choice or ()), "json_object": None,
+              "json": json.dumps(structured.json_schema)}[kind]  # in its order: a schema's properties come out in it
     try:
-        return await asyncio.to_thread(_compiled, kind, source, tuple(loaded.vocab.chars))
+        return await asyncio.to_thread(_compiled, "json" if kind == "json_object" else kind, source, tuple(loaded.vocab.chars))
     except ConstraintError as e:
-        raise APIError(400, "invalid_constraint", f"structured_outputs.{e}", f"structured_outputs.{kind}") from None
+        raise APIError(400, "invalid_constraint", f"{param}.{e}", param if param != "structured_outputs" else f"{param}.{kind}") from None
 
 
 async def validate(inputs: EngineInputs, loaded: LoadedModel, settings: Settings) -> Validated:
@@ -178,7 +190,7 @@ async def validate(inputs: EngineInputs, loaded: LoadedModel, settings: Settings
     per_position = 1 + (inputs.sampling.get("top_logprobs") or 0)
     positions = (sum(lengths) * int(inputs.prompt_logprobs is not None) + len(lengths) * inputs.max_tokens * int(inputs.logprobs)) * inputs.n
     check_request_size(lengths, inputs.n, inputs.max_tokens, settings, logprob_entries=positions * per_position)
-    constraint = await compile_constraint(inputs.structured, loaded)
+    constraint = await compile_constraint(inputs.structured, loaded, inputs.structured_param)
     bias = check_logit_bias(inputs.logit_bias, loaded)
     params = sampling_params(inputs.sampling)
     stop = tuple(inputs.stop) + inputs.protocol_stop

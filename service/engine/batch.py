@@ -120,22 +120,25 @@ class Batch:
             mask[row] = self.constraints[row].forbid[self.fsm[row]]
         return mask
 
-    def advance_constraints(self, ids: torch.Tensor) -> dict[int, bool]:
+    def advance_constraints(self, ids: torch.Tensor) -> tuple[dict[int, bool], dict[int, str]]:
         """Each constrained row wrote ids[row] (B,): move its automaton. Returns the rows whose constraint
-        ended at this character -> whether the character belongs to the text (False: it ended the match)."""
-        ended = {}
+        ended at this character -> whether the character belongs to the text (False: it ended the match),
+        and the rows whose text gets something else than the character (the automaton's own characters)."""
+        ended, texts = {}, {}
         for row in self.constrained:
             state = self.fsm[row]
             if state < 0:
                 continue
-            c = self.constraints[row]
-            state = int(c.next[state, int(ids[row])])
+            c, char_id = self.constraints[row], int(ids[row])
+            if c.pieces and (piece := c.pieces.get((int(state), char_id))) is not None:
+                texts[row] = piece
+            state = int(c.next[state, char_id])
             if state < 0:  # a character the pattern does not allow here: the text so far is the match
                 ended[row] = False
             elif c.terminal[state]:  # nothing may follow
                 ended[row] = True
             self.fsm[row] = -1 if row in ended else state
-        return ended
+        return ended, texts
 
     @cached_property
     def filtered(self) -> bool:

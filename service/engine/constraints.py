@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import atexit
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -35,75 +35,179 @@ class ConstraintError(ValueError):
 
 @dataclass(frozen=True, eq=False)
 class Constraint:
-    """A compiled automaton over the vocabulary's ids. S states, V characters; state 0 is the start."""
+    """A compiled automaton over the vocabulary's ids. S states, V characters; `start` is the first state."""
 
-    kind: str  # "regex" or "choice": what the client sent
+    kind: str  # "regex", "choice" or "json": what the client sent
     source: str  # the pattern, or the choices joined, for messages
     forbid: torch.Tensor  # (S, V) bool: characters a row in each state may not write (none in a state that may end)
     next: np.ndarray  # (S, V) int32: the state a character leads to; -1: it is no step of the pattern (it ends a match)
     terminal: np.ndarray  # (S,) bool: nothing may follow (the row ends after the character that led here)
+    start: int = 0
+    prefix: str = ""  # characters the pattern writes before the model's first (json: characters outside the vocabulary)
+    pieces: dict[tuple[int, int], str] = field(default_factory=dict)  # (state, id) -> what writing id there puts in the text, where that is not the character itself
 
     @property
     def states(self) -> int:
         return self.next.shape[0]
 
 
-def _build(kind: str, source: str, transitions: list[dict[int, int]], finals: set[int], vocab_size: int) -> Constraint:
-    """From raw transitions (state -> {char id: state}, state 0 the start) to a Constraint over the states
-    that the start reaches and that can still reach a final state."""
+def _live(transitions: list[dict[int, int]], finals: set[int]) -> set[int]:
+    """Every state from which a final state can be reached through `transitions`."""
     into: list[list[int]] = [[] for _ in transitions]  # reverse edges
     for s, edges in enumerate(transitions):
         for t in set(edges.values()):
             into[t].append(s)
     live, frontier = set(finals), list(finals)
-    while frontier:  # every state from which a final state can be reached
+    while frontier:
         for s in into[frontier.pop()]:
             if s not in live:
                 live.add(s)
                 frontier.append(s)
-    if 0 not in live:
+    return live
+
+
+def _distances(transitions: list[dict[int, int]], finals: set[int]) -> dict[int, int]:
+    """Each state's fewest characters to a final state (breadth first, backwards)."""
+    into: list[list[int]] = [[] for _ in transitions]
+    for s, edges in enumerate(transitions):
+        for t in set(edges.values()):
+            into[t].append(s)
+    dist, frontier = {f: 0 for f in finals}, list(finals)
+    while frontier:
+        nxt = []
+        for t in frontier:
+            for s in into[t]:
+                if s not in dist:
+                    dist[s] = dist[t] + 1
+                    nxt.append(s)
+        frontier = nxt
+    return dist
+
+
+def _moves(transitions: list[dict[int, int]], finals: set[int], alphabet: list[str], vocab_size: int,
+           prefer: str = "") -> tuple[list[dict[int, int]], dict[int, str]]:
+    """The moves a row can make when characters from `vocab_size` on are outside the model's vocabulary.
+
+    The model writes only its own characters; a character outside them is written for it (jump-forward):
+    - a state with none of the model's characters and no end (after `{`, only `"` may follow) is forced:
+      it writes an outside character: the first of `prefer` that may follow, else the one closest to a match;
+    - a state with both may take the outside character when the model writes one of its own that the
+      pattern does not allow there; the model's character follows it where it may (after `{` a letter
+      opens a key with that letter), else it is dropped (inside a JSON string a newline, which a string
+      cannot hold, closes it).
+    Returns, per state, char id -> next state, with an outside move keyed by -1, and each outside move's character."""
+    rank = {c: i for i, c in enumerate(prefer)}
+    live = _live(transitions, finals)
+    for _ in range(16):  # each pass may find states that only the outside moves kept alive: until nothing changes
+        dist = _distances([{c: t for c, t in e.items() if t in live} for e in transitions], finals)
+        moves: list[dict[int, int]] = []
+        chosen: dict[int, str] = {}
+        for s, edges in enumerate(transitions):
+            own = {c: t for c, t in edges.items() if c < vocab_size and t in live}
+            outside = [(rank.get(alphabet[c], len(rank)), dist.get(t, 1 << 30), c, t)
+                       for c, t in edges.items() if c >= vocab_size and t in live]
+            if outside and s not in finals and len(own) < vocab_size:
+                _, _, c, own[-1] = min(outside)
+                chosen[s] = alphabet[c]
+            moves.append(own)
+        again = _live(moves, finals) & live
+        if again == live:
+            break
+        live = again
+    return moves, chosen
+
+
+def _build(kind: str, source: str, transitions: list[dict[int, int]], finals: set[int], alphabet: list[str],
+           vocab_size: int, prefer: str = "") -> Constraint:
+    """From raw transitions (state -> {char id: state}, state 0 the start; ids from `vocab_size` on are
+    characters outside the model's vocabulary) to a Constraint over the states where the model chooses."""
+    extended = len(alphabet) > vocab_size
+    if extended:
+        moves, outside_char = _moves(transitions, finals, alphabet, vocab_size, prefer)
+    else:
+        moves, outside_char = transitions, {}
+    live = _live(moves, finals)
+
+    def forced(s: int) -> bool:  # the model has no choice here: the outside character is written for it
+        return extended and s not in finals and -1 in moves[s] and len(moves[s]) == 1
+
+    def land(s: int) -> tuple[str, int]:  # follow forced moves: (what they write, the state where they stop)
+        run, seen = [], set()
+        while forced(s):
+            if s in seen:
+                raise ConstraintError(f"{kind}: {source!r} writes characters outside the model's vocabulary forever")
+            seen.add(s)
+            run.append(outside_char[s])
+            s = moves[s][-1]
+        return "".join(run), s
+
+    prefix, start = land(0)
+    if start not in live:
         raise ConstraintError(f"{kind}: no text made of the model's characters matches {source!r}")
-    reached, frontier = {0}, [0]
-    while frontier:  # and that the start reaches through live states
-        for t in transitions[frontier.pop()].values():
-            if t in live and t not in reached:
-                reached.add(t)
+    order, frontier = {start: 0}, [start]  # the start becomes state 0
+    while frontier:  # every state where the model chooses that the start reaches
+        s = frontier.pop()
+        for t in moves[s].values():
+            t = land(t)[1] if t in live else None
+            if t is not None and t not in order:
+                order[t] = len(order)
                 frontier.append(t)
-    live &= reached
-    order = {s: i for i, s in enumerate(sorted(live))}  # the start stays 0
     S = len(order)
     nxt = np.full((S, vocab_size), -1, dtype=np.int32)  # (S, V)
-    for s, i in order.items():
-        for c, t in transitions[s].items():
-            if t in order:
-                nxt[i, c] = order[t]
     final = np.zeros(S, dtype=bool)
-    final[[order[s] for s in finals if s in order]] = True
+    exits = np.zeros(S, dtype=bool)  # a character the pattern does not allow takes the outside move
+    pieces: dict[tuple[int, int], str] = {}
+    for s, i in order.items():
+        final[i] = s in finals
+        outside = moves[s].get(-1)
+        for c, t in moves[s].items():
+            if c >= 0 and t in live:
+                run, landing = land(t)
+                nxt[i, c] = order[landing]
+                if run:
+                    pieces[(i, c)] = alphabet[c] + run
+        if outside is not None and outside in live:
+            exits[i] = True
+            run, landing = land(outside)
+            for c in map(int, np.flatnonzero(nxt[i] < 0)):  # the outside character, then the model's where it may follow
+                after = moves[landing].get(c)
+                if after is not None and after in live:
+                    run2, end = land(after)
+                    nxt[i, c], pieces[(i, c)] = order[end], outside_char[s] + run + alphabet[c] + run2
+                else:
+                    nxt[i, c], pieces[(i, c)] = order[landing], outside_char[s] + run
     may_continue = (nxt >= 0).any(axis=1)  # (S,)
-    forbid = torch.from_numpy((nxt < 0) & ~final[:, None])  # (S, V): an ending state allows everything
-    return Constraint(kind, source, forbid, nxt, ~may_continue)
+    forbid = torch.from_numpy((nxt < 0) & ~final[:, None] & ~exits[:, None])  # (S, V): an ending state allows everything
+    return Constraint(kind, source, forbid, nxt, ~may_continue, 0, prefix, pieces)
 
 
-def regex_transitions(pattern: str, chars: list[str]) -> tuple[list[dict[int, int]], set[int]]:
-    """interegular's automaton of `pattern` over the vocabulary's ids: (transitions, finals), state 0 the
-    start. Runs in the compile process (`compile_regex`): determinising a pattern can take exponential time."""
+def regex_transitions(pattern: str, chars: list[str], outside: bool = False, name: str | None = None
+                      ) -> tuple[list[dict[int, int]], set[int], list[str]]:
+    """interegular's automaton of `pattern` over the vocabulary's ids: (transitions, finals, alphabet),
+    state 0 the start. With `outside`, the alphabet goes on past the vocabulary with the printable ASCII
+    characters the pattern names (`_moves`). Runs in the compile process (`compile_regex`):
+    determinising a pattern can take exponential time."""
     import interegular
 
     try:
         fsm = interegular.parse_pattern(pattern).to_fsm()
     except Exception as e:  # interegular's parse errors have no common base class
         why = str(e).strip() or "the pattern does not parse (check its brackets, escapes and repetitions)"
-        raise ConstraintError(f"regex: {pattern!r} cannot be compiled: {type(e).__name__}: {why}") from None
+        raise ConstraintError(f"{name or f'regex: {pattern!r}'} cannot be compiled: {type(e).__name__}: {why}") from None
     if len(fsm.states) > MAX_STATES:
-        raise ConstraintError(f"regex: {pattern!r} compiles to {len(fsm.states)} states, more than {MAX_STATES}")
+        raise ConstraintError(f"{name or f'regex: {pattern!r}'} compiles to {len(fsm.states)} states, more than {MAX_STATES}")
     index = {s: i for i, s in enumerate([fsm.initial, *sorted(s for s in fsm.states if s != fsm.initial)])}
-    symbols = [fsm.alphabet[c] for c in chars]  # each vocabulary character's symbol class
+    alphabet = list(chars)
+    if outside:
+        alphabet += sorted(c for c in fsm.alphabet if isinstance(c, str) and len(c) == 1 and " " <= c <= "~"
+                           and c not in set(chars))
+    symbols = [fsm.alphabet[c] for c in alphabet]  # each character's symbol class
     transitions: list[dict[int, int]] = [{} for _ in index]
     for s, edges in fsm.map.items():
         for c, symbol in enumerate(symbols):
             if symbol in edges:
                 transitions[index[s]][c] = index[edges[symbol]]
-    return transitions, {index[s] for s in fsm.finals}
+    return transitions, {index[s] for s in fsm.finals}, alphabet
 
 
 class _Compiler:
@@ -114,20 +218,20 @@ class _Compiler:
         self._pool = None
         self._lock = threading.Lock()
 
-    def run(self, pattern: str, chars: list[str], timeout_s: float):
+    def run(self, pattern: str, chars: list[str], timeout_s: float, outside: bool = False, name: str | None = None):
         import multiprocessing
 
         with self._lock:  # one pattern at a time: the child is one core's worth of work
             if self._pool is None:
                 self._pool = multiprocessing.get_context("spawn").Pool(1)
-            job = self._pool.apply_async(regex_transitions, (pattern, chars))
+            job = self._pool.apply_async(regex_transitions, (pattern, chars, outside, name))
             try:
                 return job.get(timeout_s)
             except multiprocessing.TimeoutError:
                 self._pool.terminate()
                 self._pool = None
-                raise ConstraintError(f"regex: {pattern!r} did not compile within {timeout_s:g} s: "
-                                      "write a smaller pattern") from None
+                raise ConstraintError(f"{name or f'regex: {pattern!r}'} did not compile within {timeout_s:g} s: "
+                                      f"write a smaller {'schema' if name else 'pattern'}") from None
 
     def close(self) -> None:
         with self._lock:
@@ -146,8 +250,8 @@ def compile_regex(pattern: str, chars: list[str], timeout_s: float = COMPILE_TIM
     it). chars: the vocabulary, by id. Blocks for up to `timeout_s` (call it off the event loop)."""
     if len(pattern) > MAX_PATTERN_CHARS:
         raise ConstraintError(f"regex: {len(pattern)} characters is more than {MAX_PATTERN_CHARS}")
-    transitions, finals = COMPILER.run(pattern, chars, timeout_s)
-    return _build("regex", pattern, transitions, finals, len(chars))
+    transitions, finals, alphabet = COMPILER.run(pattern, chars, timeout_s)
+    return _build("regex", pattern, transitions, finals, alphabet, len(chars))
 
 
 def compile_choices(choices: list[str], chars: list[str]) -> Constraint:
@@ -172,4 +276,45 @@ def compile_choices(choices: list[str], chars: list[str]) -> Constraint:
                 transitions.append({})
             s = transitions[s][c]
         finals.add(s)
-    return _build("choice", " | ".join(choices), transitions, finals, len(chars))
+    return _build("choice", " | ".join(choices), transitions, finals, list(chars), len(chars))
+
+
+# JSON: a schema becomes a regular expression (outlines-core, chosen by measurement: benchmarks/README.md), and
+# that an automaton like any pattern's. Its braces, quotes and digits are outside this model's vocabulary, so
+# the automaton writes them for the model (`_moves`).
+JSON_PREFER = '"}]'  # where the model writes none of its own characters: open a string, else close, else the nearest end
+JSON_WHITESPACE = r"[ ]?"  # at most one space between tokens: a model cannot pad its answer with blank lines
+MAX_JSON_PATTERN_CHARS = 50_000  # the schema's regular expression; beyond it the schema is refused as too large
+_SCALAR = {"anyOf": [{"type": "string"}, {"type": "number"}, {"type": "boolean"}, {"type": "null"}]}
+ANY_OBJECT = {"type": "object", "additionalProperties": {"anyOf": [
+    *_SCALAR["anyOf"], {"type": "array", "items": _SCALAR}, {"type": "object", "additionalProperties": _SCALAR}]}}
+"""json_object: any JSON object whose values are scalars, arrays of scalars or objects of scalars (nesting
+without a bound is not regular; two levels keep the automaton at a few hundred states)."""
+
+
+def json_pattern(schema: dict | None) -> str:
+    """The regular expression of the JSON texts `schema` allows (None: any object, ANY_OBJECT)."""
+    import json
+
+    from outlines_core.json_schema import build_regex_from_schema
+
+    try:
+        pattern = build_regex_from_schema(json.dumps(ANY_OBJECT if schema is None else schema), JSON_WHITESPACE)
+    except Exception as e:  # outlines-core raises its own ValueError/TypeError subclasses for what it cannot serve
+        raise ConstraintError(f"json_schema: this schema cannot be served: {str(e).strip() or type(e).__name__}") from None
+    if len(pattern) > MAX_JSON_PATTERN_CHARS:
+        raise ConstraintError(f"json_schema: the schema's pattern has {len(pattern)} characters, more than "
+                              f"{MAX_JSON_PATTERN_CHARS}: give it fewer properties, alternatives or repetitions")
+    return pattern
+
+
+def compile_json(schema: dict | None, chars: list[str], timeout_s: float = COMPILE_TIMEOUT_S) -> Constraint:
+    """The generated text is one JSON value that `schema` allows (None: any JSON object, `ANY_OBJECT`).
+    Blocks for up to `timeout_s` (call it off the event loop)."""
+    import json
+
+    pattern = json_pattern(schema)
+    name = "json_object" if schema is None else "json_schema: the schema"
+    transitions, finals, alphabet = COMPILER.run(pattern, chars, timeout_s, outside=True, name=name)
+    return _build("json", "json_object" if schema is None else json.dumps(schema)[:200], transitions, finals, alphabet,
+                  len(chars), JSON_PREFER)

@@ -32,6 +32,7 @@ class Look:
     state: Callable[[int, int], torch.Tensor]  # (row, steps into the look) -> that row's state (2, L, H) on the host
     settle: Callable[[], None] | None = None  # finish the look's work begun in the background
     ends: dict[int, tuple[int, bool]] | None = None  # row -> (step, its character stays): where its constraint ended it
+    pieces: dict[int, dict[int, str]] | None = None  # row -> {step: text}: where its constraint writes other than the character
 
 
 class Output:
@@ -73,7 +74,10 @@ class Output:
                 top_ids, top_lps = tops_of[0][row], tops_of[1][row]
                 tops = [tuple((chars[i], v) for i, v in zip(top_ids[j][:want], top_lps[j][:want])) for j in range(take)]
             before = len(stream.chars)
-            if stream.matcher is None and bound is None:  # only the length can end it: everything at once
+            texts = look.pieces.get(row) if look.pieces else None
+            if before == 0 and (constraint := request.constraint) is not None and constraint.prefix:  # its first characters
+                texts = {**(texts or {}), 0: constraint.prefix + (texts or {}).get(0, chars[got[0]])}
+            if stream.matcher is None and bound is None and texts is None:  # only the length can end it: everything at once
                 if take == 1:
                     stream.chars.append(chars[got[0]])
                 else:
@@ -82,26 +86,11 @@ class Output:
                     stream.lps.extend(lps[:take])
                 if tops is not None:
                     stream.tops.extend(tops)
+                steps = take
                 end = self._advance(stream)
-            else:  # a stop string, or the constraint at its last character, may end it at any of these characters
-                end = None
-                for j, char_id in enumerate(got):
-                    stream.chars.append(chars[char_id])
-                    if lps is not None:
-                        stream.lps.append(lps[j])
-                    if tops is not None:
-                        stream.tops.append(tops[j])
-                    end = self._advance(stream, emit=False)
-                    if end is not None and end[0] == "stop":
-                        break
-                    if bound is not None and j == take - 1:  # the constraint's end; a character that broke the match is cut
-                        end = ("stop", len(stream.chars) - (0 if bound[1] else 1))
-                    if end is not None:
-                        break
-                if end is None:
-                    self._advance(stream)  # releases what can no longer grow into a stop string
-                elif end[1] > stream.released:
-                    self._emit_token(stream, end[1])
+            else:  # a stop string, the constraint or the length may end it at any of these characters
+                steps, end = self._one_by_one(stream, got, take, chars, lps, tops, texts, bound)
+            stream.steps += steps
             taken = len(stream.chars) - before
             client = stream.group.client
             entry = served.get(client.id)
@@ -113,7 +102,7 @@ class Output:
                 gaps.append(gap / taken)
                 counts.append(taken)
             if end is not None:
-                ending.append((stream, row, *end, taken))
+                ending.append((stream, row, *end, steps))
         if look.settle is not None:
             look.settle()
         for stream, row, reason, cut, steps in ending:
@@ -121,6 +110,37 @@ class Output:
             self.finish(stream, reason, state, cut)
         if gaps:
             self.notify("on_inter_token", gaps, counts)
+
+    def _one_by_one(self, stream: Stream, got: list[int], take: int, chars: list[str], lps: list[float] | None,
+                    tops: list | None, texts: dict[int, str] | None, bound: tuple[int, bool] | None
+                    ) -> tuple[int, tuple[str, int] | None]:
+        """A look's characters one at a time, until one ends the stream: (steps taken, the end or None).
+        A step whose constraint writes more than its character (`texts`) gives each further character
+        log-probability 0 (the constraint, not the model, chose it)."""
+        end = None
+        for j, char_id in enumerate(got):
+            char = chars[char_id]
+            piece = char if texts is None else texts.get(j, char)
+            own = max(piece.find(char), 0)  # where the model's character stands (an outside one takes its place)
+            whole = True  # the step's whole text went in
+            for n, c in enumerate(piece):
+                stream.chars.append(c)
+                if lps is not None:
+                    stream.lps.append(lps[j] if n == own else 0.0)
+                if tops is not None:
+                    stream.tops.append(tops[j] if n == own else ((c, 0.0),))
+                end = self._advance(stream, emit=False)
+                if end is not None and (end[0] == "stop" or n < len(piece) - 1):
+                    whole = False
+                    break
+            if bound is not None and j == take - 1 and whole and (end is None or end[0] != "stop"):
+                end = ("stop", len(stream.chars) - (0 if bound[1] else 1))  # the constraint's end; a character that broke the match is cut
+            if end is not None:
+                if end[1] > stream.released:
+                    self._emit_token(stream, end[1])
+                return j + 1, end
+        self._advance(stream)  # releases what can no longer grow into a stop string
+        return len(got), None
 
     def _advance(self, stream: Stream, emit: bool = True) -> tuple[str, int] | None:
         """Release what is safe to show; on a stop string or at its length, say why and where the text ends."""
@@ -178,7 +198,7 @@ class Output:
             self._emit_token(stream, cut)
         completed = reason in ("length", "stop") and state is not None
         return Done(text="".join(stream.chars[:cut]), finish_reason=reason, prompt_tokens=stream.fed,
-                    completion_tokens=len(stream.chars), seed=stream.seed, counter=request.counter + len(stream.chars),
+                    completion_tokens=stream.steps, seed=stream.seed, counter=request.counter + stream.steps,
                     logprobs=tuple(stream.lps[:cut]) if request.logprobs else None,
                     top_logprobs=tuple(stream.tops[:cut]) if request.params.top_logprobs else None,
                     prompt=stream.prompt_scored,

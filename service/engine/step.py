@@ -44,6 +44,7 @@ class Stepper:
         (the step workers) while the rows' text is updated; `settle` waits for it."""
         ids_steps, lps_steps, tops_steps, states = [], [], [], []
         ends: dict[int, tuple[int, bool]] = {}  # row -> (step, whether its character stays): where its constraint ended it
+        pieces: dict[int, dict[int, str]] = {}  # row -> {step: text}: where its constraint writes other than the character
         top_k = batch.top_logprobs
         state = batch.state
         for j in range(k):
@@ -65,8 +66,11 @@ class Stepper:
             if top_k:  # someone asked for alternatives: (B, k) ids and log-probabilities
                 tops_steps.append(top_alternatives(raw, top_k))
             if batch.constrained:
-                for row, kept in batch.advance_constraints(ids).items():
+                ended, texts = batch.advance_constraints(ids)
+                for row, kept in ended.items():
                     ends.setdefault(row, (j, kept))
+                for row, text in texts.items():
+                    pieces.setdefault(row, {})[j] = text
             batch.record(ids)
             ids_steps.append(ids)
             if lps is not None:
@@ -85,7 +89,7 @@ class Stepper:
             tops = tuple(torch.stack(t, dim=1).tolist() for t in zip(*tops_steps))
         return Look(ids=_by_row(ids_steps), lps=_by_row(lps_steps) if lps_steps else None, tops=tops,
                      state=lambda row, steps: states[steps - 1][:, :, row].clone(), settle=settle,
-                     ends=ends or None)
+                     ends=ends or None, pieces=pieces or None)
 
     def device_look(self, batch: Batch, k: int) -> Look:
         """k steps on the device: the ids come back in one copy, figures only when someone asks for them."""

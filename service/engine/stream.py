@@ -46,7 +46,8 @@ class Stream:
         self.state: torch.Tensor | None = request.state  # (2, L, H): the caller's (None: zeros), then on the backend's device while the prompt is ingested; then the batch holds it
         self.feed, self.fed = feed, 0  # characters to ingest before generating, and how many are done
         self.matcher = StopMatcher(request.stop) if request.stop else None
-        self.chars: list[str] = []
+        self.chars: list[str] = []  # the text so far, a character each (a constraint may write some for the model)
+        self.steps = 0  # characters the model drew and consumed (completion tokens, and the seed's draws)
         self.lps: list[float] = []
         self.tops: list[Alternatives] = []  # alternatives at each generated character, when asked for
         self.prompt_lps: list[float | None] = []  # the prompt's log-probabilities, when asked for

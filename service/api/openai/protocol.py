@@ -87,15 +87,61 @@ class _Harmless(_Strict):
 
 
 class TextFormat(_Strict):
-    type: Literal["text"] = Field(description="plain text, the only format served here (structured_outputs constrains "
-                                  "the text to a regex or choices)")
+    type: Literal["text"] = Field(description="plain text, the default")
+
+
+class JsonObjectFormat(_Strict):
+    type: Literal["json_object"] = Field(description="a JSON object (values: scalars, arrays of scalars, objects of scalars)")
+
+
+class JsonSchemaSpec(_Strict):
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    schema_: dict | None = Field(None, alias="schema", description="the JSON schema the reply is an instance of; "
+                                 "omitted: any JSON object")
+    strict: bool | None = Field(None, description="true or false alike: the reply always follows the schema")
+
+
+class JsonSchemaFormat(_Strict):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
+
+
+class _Formatted(BaseModel):
+    """OpenAI's `response_format` beside vLLM's `structured_outputs`: either one constrains the text."""
+
+    response_format: ResponseFormat | None = Field(None, description="text (the default), json_object, or json_schema; "
+                                                   "a JSON reply's braces, quotes and digits, which are outside the model's "
+                                                   "vocabulary, are written for it")
+    structured_outputs: StructuredOutputs | None = None
+
+    @model_validator(mode="after")
+    def _one_constraint(self):
+        if self.response_format is not None and self.response_format.type != "text" and self.structured_outputs is not None:
+            raise ValueError("give response_format or structured_outputs, not both")
+        return self
+
+    def structured(self) -> tuple[StructuredOutputs | None, str]:
+        """The constraint asked for, and the field that asked for it (for messages)."""
+        fmt = self.response_format
+        if fmt is None or fmt.type == "text":
+            return self.structured_outputs, "structured_outputs"
+        if fmt.type == "json_object":
+            return StructuredOutputs(json_object=True), "response_format"
+        spec = fmt.json_schema.schema_
+        return (StructuredOutputs(json_object=True) if spec is None else StructuredOutputs(json=spec)), "response_format"
 
 
 class StreamOptions(_Strict):
     include_usage: bool = Field(False, description="send a last chunk with `usage` and no choices before [DONE]")
 
 
-class CompletionRequest(_Harmless):
+class CompletionRequest(_Harmless, _Formatted):
     model: str | None = Field(None, description="`name@version` from /v1/models, or the bare name; omitted: the server's "
                               "default model")
     prompt: str | PromptList | TokenIds | TokenPromptList = Field(
@@ -124,7 +170,7 @@ class CompletionRequest(_Harmless):
     session_id: str | None = Field(None, min_length=1, max_length=256,
                                    description="extension: continue a native session (one prompt, n = 1); the session advances")
     structured_outputs: StructuredOutputs | None = Field(None, description="extension (vLLM's): constrain the text to a "
-                                                         "regex or a list of choices")
+                                                         "regex, a list of choices or JSON")
     logit_bias: LogitBias | None = None
 
     @property
@@ -141,14 +187,15 @@ class CompletionRequest(_Harmless):
         from ..validate import EngineInputs
 
         top_k = self.top_k if self.top_k is not None and self.top_k > 0 else None
+        structured, structured_param = self.structured()
         return EngineInputs(
             prompts=self.prompts, n=self.n or 1, max_tokens=16 if self.max_tokens is None else self.max_tokens,
             sampling={**self.model_dump(include={"temperature", "top_p", "repetition_penalty", "presence_penalty",
                                                  "frequency_penalty"}), "top_k": top_k, "top_logprobs": self.logprobs},
             seed=self.seed, stop=tuple(self.stop), logprobs=self.logprobs is not None,
             prompt_logprobs=self.logprobs if self.echo and self.logprobs is not None else None,
-            stream=bool(self.stream), structured=self.structured_outputs, logit_bias=self.logit_bias, max_tokens_param="max_tokens",
-            unknown_hint="")
+            stream=bool(self.stream), structured=structured, structured_param=structured_param, logit_bias=self.logit_bias,
+            max_tokens_param="max_tokens", unknown_hint="")
 
 
 class TextPart(_Strict):
@@ -188,7 +235,7 @@ class Speakers(_Strict):
     assistant: str | None = Field(None, min_length=1, max_length=64, description="the speaker whose speech the model writes")
 
 
-class ChatCompletionRequest(_Harmless):
+class ChatCompletionRequest(_Harmless, _Formatted):
     model: str | None = Field(None, description="`name@version` from /v1/models, or the bare name; omitted: the server's "
                               "default model")
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=1024)]
@@ -218,10 +265,9 @@ class ChatCompletionRequest(_Harmless):
                                                                "outside the vocabulary: error (400), skip or replace them")
     replacement: str = Field(" ", min_length=1, max_length=1, description="extension: with unknown_chars=replace")
     structured_outputs: StructuredOutputs | None = Field(None, description="extension (vLLM's): constrain the reply to a "
-                                                         "regex or a list of choices")
+                                                         "regex, a list of choices or JSON")
     logit_bias: LogitBias | None = None
     # sent by clients with values that change nothing: no tools are served
-    response_format: TextFormat | None = Field(None, description="only {\"type\": \"text\"}, the default")
     tools: Annotated[list, Field(max_length=0)] | None = Field(None, description="none: this model calls no tools")
     tool_choice: Literal["none", "auto"] | None = Field(None, description="accepted and ignored: there are no tools")
     parallel_tool_calls: bool | None = Field(None, description="accepted and ignored: there are no tools")
@@ -232,13 +278,14 @@ class ChatCompletionRequest(_Harmless):
 
         top_k = self.top_k if self.top_k is not None and self.top_k > 0 else None
         max_tokens = next((v for v in (self.max_completion_tokens, self.max_tokens) if v is not None), default_max_tokens)
+        structured, structured_param = self.structured()
         return EngineInputs(
             prompts=[prompt], n=self.n or 1, max_tokens=max_tokens,
             sampling={**self.model_dump(include={"temperature", "top_p", "repetition_penalty", "presence_penalty",
                                                  "frequency_penalty", "top_logprobs"}), "top_k": top_k},
             seed=self.seed, stop=tuple(self.stop), protocol_stop=(SPEECH_END,), logprobs=bool(self.logprobs), stream=bool(self.stream),
-            unknown_chars=self.unknown_chars, replacement=self.replacement, structured=self.structured_outputs,
-            logit_bias=self.logit_bias, prompt_param="messages", max_tokens_param="max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens",
+            unknown_chars=self.unknown_chars, replacement=self.replacement, structured=structured,
+            structured_param=structured_param, logit_bias=self.logit_bias, prompt_param="messages", max_tokens_param="max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens",
             unknown_hint=" (or send unknown_chars: skip or replace)")
 
 
