@@ -244,8 +244,9 @@ def _add_sample(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--regex", default=None, help="the generated text must match this regular expression (as structured_outputs.regex)")
     p.add_argument("--choice", action="append", default=[], help="the generated text is one of these; repeatable (as structured_outputs.choice)")
-    p.add_argument("--backend", default=DEFAULT_BACKEND, choices=CPU_BACKENDS,
-                   help=f"the engine's compute backend (default {DEFAULT_BACKEND}: a server on another backend draws other bits)")
+    p.add_argument("--backend", default=None, choices=CPU_BACKENDS,
+                   help=f"the engine's compute backend (default: an export's own with --session-in, else {DEFAULT_BACKEND}; "
+                        "a server on another backend draws other bits)")
     _add_unknown_chars(p)
     from . import session_file
 

@@ -76,7 +76,7 @@ def sample(loaded: LoadedModel, args, prompt_ids: list[int]) -> Done:
     """`charlstm sample` without a session: a fresh stream from the prompt."""
     request = GenerationRequest(prompt_ids=prompt_ids, max_new_tokens=args.length, params=sampling_params(args),
                                 seed=args.seed, stop=tuple(args.stop), constraint=constraint(args, loaded))
-    done = print_text(run(loaded, request, args.backend))
+    done = print_text(run(loaded, request, args.backend or DEFAULT_BACKEND))
     if done.error:
         raise RuntimeError(f"generation failed ({done.finish_reason}): {done.error}")
     return done

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -76,8 +77,8 @@ def read_export(path: str) -> dict:
     return export
 
 
-def write_export(path: str, model: str, value: SessionValue, key: bytes) -> None:
-    export = {"format": session_blob.FORMAT, "model": model, "position": value.position,
+def write_export(path: str, model: str, value: SessionValue, key: bytes, backend: str) -> None:
+    export = {"format": session_blob.FORMAT, "model": model, "position": value.position, "backend": backend,
               "data": session_blob.to_text(session_blob.encode(value, key))}
     Path(path).write_text(json.dumps(export, indent=2) + "\n", encoding="utf-8")
 
@@ -108,12 +109,28 @@ def sample_session(args) -> int:
     request = GenerationRequest(prompt_ids=prompt_ids, max_new_tokens=args.length, params=sampling_params(args),
                                 seed=seed, counter=counter, state=state, stop=tuple(getattr(args, "stop", None) or ()),
                                 constraint=constraint(args, loaded), return_state=True)
-    done = print_text(run(loaded, request, getattr(args, "backend", DEFAULT_BACKEND)))
+    backend = backend_for(args, export)
+    done = print_text(run(loaded, request, backend))
     if not done.completed:
         raise ValueError(f"generation did not complete ({done.finish_reason}): {done.error or 'no session written'}")
     if args.session_out:
         advanced = SessionValue(state=done.state, seed=done.seed, counter=done.counter,
                                 position=position + done.prompt_tokens + done.completion_tokens,
                                 created_at=time.time(), fingerprint=fingerprint)
-        write_export(args.session_out, model_name, advanced, key)
+        write_export(args.session_out, model_name, advanced, key, backend)
     return 0
+
+
+def backend_for(args, export: dict | None) -> str:
+    """--backend, else the backend the export was drawn with (the same text as that server), else the default."""
+    from .backends.selector import CPU_BACKENDS
+
+    if args.backend:
+        return args.backend
+    exported = (export or {}).get("backend")
+    if exported in CPU_BACKENDS:
+        return exported
+    if exported:
+        print(f"note: the session was exported by a server on {exported}, which runs only there; continuing on "
+              f"{DEFAULT_BACKEND}, so the text differs from that server's", file=sys.stderr)
+    return DEFAULT_BACKEND

@@ -77,7 +77,7 @@ def test_export_is_the_issue_shape_and_carries_the_session(keyed, tiny_model):
     s = new_session(keyed, seed=5)
     say(keyed, s["session_id"], "QUEEN", 25)
     out = export(keyed, s["session_id"])
-    assert set(out) == {"format", "model", "position", "data"}
+    assert set(out) == {"format", "model", "position", "backend", "data"} and out["backend"] == "torch"
     assert out["format"] == "charlstm-session/1" and out["model"] == "tiny@v1"
     cfg = tiny_model.model.config
     assert out["position"] == s["position"] + 5 + 25
@@ -279,6 +279,25 @@ def charlstm(store_root, *args, env=None):
     full_env.update(OMP_NUM_THREADS="1", CHARLSTM_SESSION_DB=str(ROOT / "tests" / "no-such-db.sqlite3"), **(env or {}))
     return subprocess.run([sys.executable, "-m", "service.cli", "--store", str(store_root), "sample", "--model", "tiny", *args],
                           capture_output=True, text=True, cwd=ROOT, env=full_env, timeout=120)
+
+
+def test_cli_continues_on_the_backend_the_export_names(trained_store, tmp_path):
+    """An export says which backend its server draws with, and `charlstm sample --session-in` continues on it
+    unless told otherwise: the text is the server's to the character without --backend."""
+    srv = Server(trained_store, session_key=KEY, backend="onnx-int8")
+    try:
+        travelled, stayed = new_session(srv, seed=43), new_session(srv, seed=43)
+        exported = export(srv, travelled["session_id"])
+        assert exported["backend"] == "onnx-int8"
+        path = tmp_path / "out.json"
+        path.write_text(json.dumps(exported))
+        out = charlstm(trained_store, "--session-in", str(path), "--prompt", "KING", "--length", "60", "--temperature", "1",
+                       env={"CHARLSTM_SESSION_KEY": KEY})
+        assert out.returncode == 0, out.stderr
+        assert out.stdout == say(srv, stayed["session_id"], "KING", 60) + "\n"
+        assert import_(srv, exported).status_code == 201  # an export with its backend imports as it is
+    finally:
+        srv.stop()
 
 
 def test_cli_round_trip_equals_the_server_only_run(keyed, trained_store, tmp_path):

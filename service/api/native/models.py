@@ -108,6 +108,8 @@ class SessionExport(BaseModel):
     format: Literal["charlstm-session/1"] = Field(SESSION_FORMAT, description="the blob format and its version")
     model: str = Field(description="name@version of the model that exported it (the blob binds the weights' sha256)")
     position: int = Field(description="characters consumed so far")
+    backend: str | None = Field(None, description="the compute backend the exporting server draws with: "
+                                "`charlstm sample --session-in` continues on it, so its text is this server's")
     data: str = Field(description="base64url (no padding): state, seed, counter, position, weights fingerprint, "
                       "creation time and an HMAC-SHA256 tag")
 
@@ -121,6 +123,7 @@ class SessionImport(_Strict):
                               description="the model to import into; omitted: the served model whose weights the blob names "
                                           "(another model's weights: 409 model_mismatch)")
     position: Int(ge=0, le=2**53 - 1) | None = Field(None, description="when given, must equal the blob's position")
+    backend: str | None = Field(None, max_length=64, description="an export's backend: accepted and ignored")
     ttl_seconds: TTL | None = Field(None, description="idle time before expiry; default and bound in /info")
 
 

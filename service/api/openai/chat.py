@@ -23,6 +23,7 @@ from ...engine.pool import Served
 from ...engine.types import Alternatives, Done, Token
 from ...settings import Settings
 from ...store import LoadedModel
+from ...vocab import OutOfVocabularyError
 from ..errors import APIError
 from ..identity import client_of
 from ..reader import Choice, Responses
@@ -153,6 +154,11 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     model, loaded, engine = served.ref, served.loaded, served.engine
     if body.top_logprobs and not body.logprobs:
         raise APIError(400, "invalid_field", "top_logprobs: needs logprobs: true", "top_logprobs")
+    if body.unknown_chars == "error":  # named by message and position in it, not in the rendered prompt
+        for i, message in enumerate(body.messages):
+            if unknown := loaded.vocab.unknown_chars(message.text):
+                raise APIError(422, "invalid_field", f"messages.{i}.content: {OutOfVocabularyError(unknown)} "
+                               "(or send unknown_chars: skip or replace)", f"messages.{i}.content")
     prompt = render(body.messages, speakers_for(body.speakers, settings, loaded), settings)
     inputs = body.to_inputs(prompt, settings.default_max_new_tokens)
     check_choices(inputs.n, 1, settings)

@@ -74,8 +74,10 @@ async def export_session(session_id: str, request: Request, pool: PoolDep, sessi
     continue offline (`charlstm sample --session-in`). A call running on the session is not in it."""
     record, blob = await sessions.export(session_id, request.app.state.session_key)
     model = pool.served_for_fingerprint(record.model)
+    served = pool.loaded.get(model.ref) if model else None  # its backend, when it is loaded now (it usually is)
     return SessionExport(format=SESSION_FORMAT, model=model.ref if model else f"weights {record.model[:12]}",
-                         position=record.position, data=session_blob.to_text(blob))
+                         position=record.position, backend=served.details["backend"]["name"] if served else None,
+                         data=session_blob.to_text(blob))
 
 
 @router.post("/{session_id}/fork", status_code=201, response_model=SessionInfo, responses=ERRORS, dependencies=[JSONBody, Quota])
