@@ -264,3 +264,20 @@ def test_model_may_be_omitted_on_v1_and_a_length_beyond_the_limit_is_one_error_a
 def test_a_pattern_that_does_not_parse_says_so_in_words():
     with pytest.raises(ConstraintError, match=r"InvalidSyntax: the pattern does not parse"):
         compile_regex("[a-", tuple("abc"))
+
+
+def test_chat_errors_name_the_message_and_the_position_in_it(chat_server):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "thou art"}, {"role": "user", "content": "my {lord}"}]}
+    r = httpx.post(chat_server.url + "/v1/chat/completions", json=body, timeout=30)
+    error = r.json()["error"]
+    assert r.status_code == 422 and error["param"] == "messages.1.content", r.text
+    assert "'{' (U+007B) at position 3" in error["message"] and "'}' (U+007D) at position 8" in error["message"]
+
+
+def test_completion_tokens_count_what_the_model_drew_with_the_stop_string(chat_server):
+    """The stop string is not returned, yet the model drew it (and a session moves past it), as vLLM counts it."""
+    free = post(chat_server, "/generate", {"prompt": "KING:\n", "max_new_tokens": 60, "seed": 2}).json()
+    stop = free["text"][20:22]
+    stopped = post(chat_server, "/generate", {"prompt": "KING:\n", "max_new_tokens": 60, "seed": 2, "stop": [stop]}).json()
+    assert stopped["finish_reason"] == "stop" and free["text"].startswith(stopped["text"] + stop)
+    assert stopped["usage"]["completion_tokens"] == len(stopped["text"]) + len(stop)
