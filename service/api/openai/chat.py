@@ -154,12 +154,13 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     model, loaded, engine = served.ref, served.loaded, served.engine
     if body.top_logprobs and not body.logprobs:
         raise APIError(400, "invalid_field", "top_logprobs: needs logprobs: true", "top_logprobs")
+    speakers = speakers_for(body.speakers, settings, loaded)
     if body.unknown_chars == "error":  # named by message and position in it, not in the rendered prompt
         for i, message in enumerate(body.messages):
             if unknown := loaded.vocab.unknown_chars(message.text):
                 raise APIError(422, "invalid_field", f"messages.{i}.content: {OutOfVocabularyError(unknown)} "
                                "(or send unknown_chars: skip or replace)", f"messages.{i}.content")
-    prompt = render(body.messages, speakers_for(body.speakers, settings, loaded), settings)
+    prompt = render(body.messages, speakers, settings)
     inputs = body.to_inputs(prompt, settings.default_max_new_tokens)
     check_choices(inputs.n, 1, settings)
     choices = (await validate(inputs, loaded, settings)).choices
