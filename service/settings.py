@@ -105,8 +105,12 @@ class Settings(BaseSettings):
                                  "refused, so load balancers stop sending before the port closes; 0: close at once")
     backend: Literal["auto", "torch", "torch-int8", "onnx", "onnx-int8", "cuda"] = Field(
         "auto", description="the compute backend (service/backends/): auto measures every CPU backend on the loaded model at "
-        "start-up (speed at 1 and max_batch_size rows, the row guarantee, quality within 0.01 bits/char of fp32) and serves the "
-        "fastest; torch and onnx are fp32, torch-int8 and onnx-int8 have int8 step weights; cuda: the GPU's CUDA graphs")
+        "start-up (speed at 1 and max_batch_size rows, the row guarantee, quality within 0.01 bits/char of fp32, in a child "
+        "process) and serves the fastest; torch and onnx are fp32, torch-int8 and onnx-int8 have int8 step weights; cuda: the "
+        "GPU's CUDA graphs")
+    backend_cache: str = Field("data/backend-choices.json", description="where auto remembers its choice, keyed by the weights, "
+                               "the CPU and its flags, the runtimes' versions and the backends' code: a start that finds its key "
+                               "builds the winner without measuring; empty: measure at every start")
     quantize: Literal["none", "int8"] | None = Field(None, description="narrows backend auto to backends with these step weights "
                                                      "(none: fp32, int8); unset: any")
     device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="where the model runs: cpu; cuda (a GPU holds the weights, "

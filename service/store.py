@@ -16,7 +16,7 @@ import os
 import re
 import shutil
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -44,10 +44,20 @@ class ModelLoadError(Exception):
 
 @dataclass
 class LoadedModel:
-    model: CharLSTM
+    model: CharLSTM | None  # None once a server's backend has its own copy of the weights (`drop_module`)
     vocab: CharVocab
     card: dict
     path: Path
+    config: CharLSTMConfig = field(init=False)
+    num_parameters: int = field(init=False)
+
+    def __post_init__(self):
+        self.config, self.num_parameters = self.model.config, self.model.num_parameters()
+
+    def drop_module(self) -> None:
+        """Let the torch module's fp32 weights go: a backend that built its own copy (ONNX Runtime's
+        sessions) needs none of them, and they are 4 bytes a parameter."""
+        self.model = None
 
     @property
     def name(self) -> str:

@@ -33,6 +33,7 @@ class Server:
                    CHARLSTM_BACKEND="torch")  # the in-process references are torch; tests of auto and of each backend say so
         tmp = Path(tempfile.mkdtemp(prefix="charlstm-test-"))
         settings.setdefault("session_db", tmp / "sessions.sqlite3")
+        settings.setdefault("backend_cache", tmp / "backend-choices.json")  # auto measures at each test server's start
         settings.setdefault("drain_delay_s", 0)  # stopping a test server need not wait; test_lifecycle tests the delay
         settings.setdefault("session_create_burst", 1_000_000)  # every test client is one address; test_session_quotas sets its own
         env.update({f"CHARLSTM_{k.upper()}": str(v) for k, v in settings.items()})

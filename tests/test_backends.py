@@ -5,6 +5,7 @@ also runs on a small fake backend, so the engine is tested apart from any real a
 from __future__ import annotations
 
 import functools
+import json
 
 import httpx
 import pytest
@@ -12,7 +13,7 @@ import torch
 
 from service.backends import available, build, choose
 from service.backends.base import Backend
-from service.backends.selector import QUALITY_TOLERANCE, for_serving
+from service.backends.selector import QUALITY_TOLERANCE, for_serving, keeps_rows
 
 from . import backend_contract as contract
 
@@ -146,19 +147,44 @@ def test_quantize_narrows_auto_to_those_weights(tiny_model):
         serving.backend.close()
 
 
-def test_a_server_on_auto_shows_each_backend_figures_and_its_choice(trained_store):
+def test_a_server_on_auto_shows_each_backend_figures_and_its_choice(trained_store, tmp_path):
+    """auto measures in a child process and remembers the choice: a second start on the same weights,
+    machine and settings builds the winner without measuring; other settings measure again."""
     from .server import Server
 
-    srv = Server(trained_store, backend="auto", log_level="info")
-    try:
-        engine = httpx.get(srv.url + "/info").json()["engine"]
-        backend = engine["backend"]
-        assert backend["choice"]["chosen"] == backend["name"]
-        assert {t["name"] for t in backend["choice"]["trials"]} == set(BACKENDS)
-        assert all(set(t["chars_per_s"]) == {"1", str(engine["max_batch_size"])} for t in backend["choice"]["trials"])
-        assert "<- serves" in srv.output() and "chars/s" in srv.output()
-    finally:
-        srv.stop()
+    cache = tmp_path / "choices.json"
+
+    def start(**settings) -> dict:
+        srv = Server(trained_store, backend="auto", log_level="info", backend_cache=cache, **settings)
+        try:
+            engine = httpx.get(srv.url + "/info").json()["engine"]
+            backend = engine["backend"]
+            assert backend["choice"]["chosen"] == backend["name"]
+            assert {t["name"] for t in backend["choice"]["trials"]} == set(BACKENDS)
+            assert all(set(t["chars_per_s"]) == {"1", str(engine["max_batch_size"])} for t in backend["choice"]["trials"])
+            assert "<- serves" in srv.output() and "chars/s" in srv.output()
+            return backend
+        finally:
+            srv.stop()
+
+    first = start()
+    assert first["choice"]["remembered"] is False and len(json.loads(cache.read_text())) == 1
+    again = start()
+    assert again["choice"]["remembered"] is True and again["choice"]["trials"] == first["choice"]["trials"]
+    assert again["name"] == first["name"]
+    other = start(max_batch_size=16)  # another key: measured, and remembered beside the first
+    assert other["choice"]["remembered"] is False and len(json.loads(cache.read_text())) == 2
+
+
+def test_an_onnx_backend_keeps_no_fp32_copy_of_the_weights(tiny_model):
+    """Its sessions hold the weights; the torch module and the fused fp32 copies are let go, and the
+    backend steps as before (its contract suite runs on it too)."""
+    for name in ("onnx", "onnx-int8"):
+        backend = build(name, tiny_model.model)
+        assert backend.model is None and backend.weights is None and not backend.needs_module
+        assert keeps_rows(backend, 8)
+        backend.close()
+    assert build("torch", tiny_model.model).needs_module
 
 
 @pytest.mark.parametrize("name", [n for n in BACKENDS if n != "torch"])

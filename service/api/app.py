@@ -13,12 +13,13 @@ import logging
 import signal
 import sys
 import threading
+from pathlib import Path
 from contextlib import asynccontextmanager
 
 import torch
 from fastapi import FastAPI
 
-from .. import __version__, store
+from .. import __version__, memory, store
 from ..backends.selector import for_serving
 from ..engine.engine import Engine, EngineConfig
 from ..engine.observers import notify_all
@@ -101,7 +102,7 @@ async def lifespan(app: FastAPI):
     log.info("serving %s (weights %s, %s parameters, backend %s) on %s, %d torch threads, %d step workers; %d models servable "
              "(at most %d loaded, keep-alive %gs); max batch %d, queue %d, max new tokens %d, max prompt %d chars, drain %gs + "
              "grace %gs; sessions: %s store%s, %d restored, at most %d, signed with %s; listening on %s:%d",
-             default.ref, default.fingerprint[:12], f"{first.loaded.model.num_parameters():,}", first.details["backend"]["name"],
+             default.ref, default.fingerprint[:12], f"{first.loaded.num_parameters:,}", first.details["backend"]["name"],
              first.details["device_name"], torch.get_num_threads(), first.details["step_workers"], len(catalog.models),
              settings.max_loaded_models, settings.model_keep_alive_s, settings.max_batch_size, settings.max_queue,
              settings.max_new_tokens, settings.max_prompt_chars, settings.drain_delay_s, settings.shutdown_grace_s,
@@ -151,8 +152,12 @@ def _engine_factory(settings: Settings, loop: asyncio.AbstractEventLoop):
     """How the pool builds a model's engine: its backend (measured on this machine for backend auto) and its batch."""
     def build(loaded: store.LoadedModel, share):
         serving = for_serving(loaded.model, settings.backend, settings.quantize, settings.device, settings.max_batch_size,
-                              settings.step_workers, settings.decode_steps)
+                              settings.step_workers, settings.decode_steps, fingerprint=loaded.card["weights_sha256"],
+                              cache=Path(settings.backend_cache) if settings.backend_cache else None, apart=True)
         runner = serving.backend
+        if not runner.needs_module:  # its own copy of the weights is all it steps with
+            loaded.drop_module()
+        memory.give_back()  # what the build's probes and measurements freed
         engine = Engine(runner, loaded.vocab,
                         EngineConfig(max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
                                      prefill_chunk=settings.prefill_chunk, prefill_rows=settings.prefill_rows,

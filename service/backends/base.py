@@ -68,6 +68,7 @@ class Backend:
 
     name = "?"
     weights_kind = "fp32"  # or "int8": what --quantize narrows the choice to
+    needs_module = True  # steps with the torch module's weights (or `weights`, copies made from them)
 
     def __init__(self, model: CharLSTM, workers: int = 1, device: str | torch.device = "cpu"):
         self.device = torch.device(device)

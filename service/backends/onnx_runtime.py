@@ -208,6 +208,8 @@ def head_graph(w: FusedWeights, threads: int = 1) -> ort.InferenceSession:
 class OnnxBackend(Backend):
     """The fused step in ONNX Runtime on the CPU; `int8` for int8 weights."""
 
+    needs_module = False
+
     def __init__(self, model: CharLSTM, workers: int = 1, device: str | torch.device = "cpu", int8: bool = False):
         if torch.device(device).type != "cpu":
             raise ValueError(f"the onnx backends run on the CPU only, not on {torch.device(device).type}")
@@ -218,6 +220,7 @@ class OnnxBackend(Backend):
         self._head = head_graph(self.weights, threads)
         self._inputs = [(f"h{layer}", f"c{layer}") for layer in range(self.num_layers)]
         self._outputs = [f"{x}{layer}_new" for x in "hc" for layer in range(self.num_layers)] + ["logits"]  # the state's order
+        self._run_options: ort.RunOptions | None = None  # what every run passes (`_give_back`)
         gen = torch.Generator().manual_seed(0)
         probe = torch.rand(2, self.num_layers, 256, self.hidden, generator=gen) * 2 - 1  # (2, L, 256, H)
         probe_ids = torch.randint(0, self.vocab_size, (256,), generator=gen)
@@ -232,6 +235,21 @@ class OnnxBackend(Backend):
         self._block_exact = self._check_block(probe, probe_ids)
         if self._block_exact:
             self._measure_blocks(pipelines=threads == 1 and len(os.sched_getaffinity(0)) >= 2)
+        self.model = self.weights = None  # the sessions hold their own copy; the fp32 ones would only take memory
+        self._give_back()
+
+    def _give_back(self) -> None:
+        """One small run of each graph that shrinks its arena: what the build's probes (256 rows) and
+        measurements made it grab goes back, and serving grows it again only to what serving needs."""
+        self._run_options = ort.RunOptions()
+        self._run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        try:
+            state = self.zero_state(1)
+            self._head_rows(self._run(torch.zeros(1, dtype=torch.long), state)[0][0, -1])
+            if self._block_exact:
+                self.ingest([[0, 0]], state)  # two characters: each layer's block graph
+        finally:
+            self._run_options = None
 
     def _measure_blocks(self, pipelines: bool) -> None:
         """A layer's step time in a block at 1 and 8 rows (what `_piece` and `block_seconds` work from);
@@ -336,7 +354,7 @@ class OnnxBackend(Backend):
             a, b = pieces[k]
             x = ids[a:b] if layer == 0 else ys.pop((layer - 1, k))
             feeds = {"ids" if layer == 0 else "below": x, "live": live[a:b], "h_in": h[layer], "c_in": c[layer]}
-            h[layer], c[layer], ys[(layer, k)] = self._layers[layer].run(["h_new", "c_new", "y"], feeds)
+            h[layer], c[layer], ys[(layer, k)] = self._layers[layer].run(["h_new", "c_new", "y"], feeds, self._run_options)
 
         if len(pieces) == 1:
             for layer in range(self.num_layers):
@@ -359,7 +377,7 @@ class OnnxBackend(Backend):
         for layer, (h, c) in enumerate(self._inputs):  # a row range of a contiguous state is contiguous: no copies
             feeds[h] = np.ascontiguousarray(s[0, layer])
             feeds[c] = np.ascontiguousarray(s[1, layer])
-        out = self._step.run(self._outputs, feeds)
+        out = self._step.run(self._outputs, feeds, self._run_options)
         new_state = torch.from_numpy(np.stack(out[:-1])).view(2, self.num_layers, -1, self.hidden)  # h of every layer, then c: one copy
         return new_state, torch.from_numpy(out[-1])
 
@@ -368,4 +386,4 @@ class OnnxBackend(Backend):
         return new_state, logits if self._fused_head else None
 
     def _head_rows(self, top: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self._head.run(["logits"], {"top": top.contiguous().numpy()})[0])
+        return torch.from_numpy(self._head.run(["logits"], {"top": top.contiguous().numpy()}, self._run_options)[0])

@@ -14,14 +14,23 @@ choice does the same).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+import multiprocessing
+import os
+import platform
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy
 import torch
 
 from ..model import CharLSTM
+from ..store import write_json_atomic
 from .base import Backend
 
 log = logging.getLogger("charlstm.backends")
@@ -81,9 +90,12 @@ class Trial:
 class Choice:
     backend: Backend
     trials: list[Trial]
+    remembered: bool = False  # found in the backend cache rather than measured at this start
+    measured_at: float | None = None
 
     def as_dict(self) -> dict:
-        return {"chosen": self.backend.name, "trials": [t.as_dict() for t in self.trials]}
+        return {"chosen": self.backend.name, "trials": [t.as_dict() for t in self.trials], "remembered": self.remembered,
+                "measured_at": self.measured_at}
 
 
 @torch.inference_mode()
@@ -179,12 +191,111 @@ def choose(model: CharLSTM, candidates: tuple[str, ...], max_batch_size: int, wo
             backend.close()
     if winner.name != "torch":
         reference.close()
-    for t in trials:
+    choice = Choice(built[winner.name], trials)
+    log_choice(choice)
+    return choice
+
+
+def log_choice(choice: Choice) -> None:
+    for t in choice.trials:
         log.info("backend %-10s %s bits/char cost %s, built in %.2fs%s", t.name,
                  ", ".join(f"B={s}: {v:,.0f} chars/s" for s, v in t.chars_per_s.items()),
                  "?" if t.bits_cost is None else f"{t.bits_cost:+.4f}", t.build_s,
-                 f"; dropped: {t.dropped}" if t.dropped else " <- serves" if t is winner else "")
-    return Choice(built[winner.name], trials)
+                 f"; dropped: {t.dropped}" if t.dropped else " <- serves" if t.name == choice.backend.name else "")
+
+
+# ---------------------------------------------------------------- auto without its trials' memory
+# The trials build every candidate; what they allocate is not given back to the OS (156 MB measured). So
+# `auto` measures in a child process and builds only the winner here, and it remembers the winner beside the
+# key of everything the answer depends on: a start on the same weights, machine, runtimes and code finds it.
+
+def machine_key() -> dict:
+    """What a backend's speed on this machine depends on, besides the weights and the settings."""
+    cpu = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "flags") and key.strip() not in cpu:
+                cpu[key.strip()] = value.strip()
+    except OSError:
+        cpu["processor"] = platform.processor()
+    try:
+        import onnxruntime
+        ort_version = onnxruntime.__version__
+    except ImportError:
+        ort_version = None
+    code = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):  # this package's code: a change re-measures
+        code.update(path.read_bytes())
+    return {"cpu": cpu.get("model name", cpu.get("processor", "?")),
+            "flags": hashlib.sha256(cpu.get("flags", "").encode()).hexdigest()[:16],
+            "cores": len(os.sched_getaffinity(0)), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "onnxruntime": ort_version, "numpy": numpy.__version__, "python": platform.python_version(),
+            "backends_code": code.hexdigest()[:16]}
+
+
+def choice_key(fingerprint: str, candidates: tuple[str, ...], max_batch_size: int, workers: int | None) -> str:
+    what = {"weights": fingerprint, "candidates": list(candidates), "max_batch_size": max_batch_size, "workers": workers,
+            **machine_key()}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+
+def _choose_here(model: CharLSTM, candidates: tuple[str, ...], max_batch_size: int, workers: int | None,
+                 threads: int) -> dict:
+    """`choose` in the child process: the figures, and every candidate closed."""
+    torch.set_num_threads(threads)
+    choice = choose(model, candidates, max_batch_size, workers)
+    choice.backend.close()
+    return choice.as_dict()
+
+
+def choose_apart(model: CharLSTM, candidates: tuple[str, ...], max_batch_size: int, workers: int | None) -> dict:
+    """`choose`'s figures, measured in a child process (spawned: no copy of this process's threads)."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
+        return child.submit(_choose_here, model, candidates, max_batch_size, workers, torch.get_num_threads()).result()
+
+
+def remembered_choice(cache: Path, key: str) -> dict | None:
+    try:
+        return json.loads(cache.read_text(encoding="utf-8")).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def remember_choice(cache: Path, key: str, figures: dict, keep: int = 32) -> None:
+    """Add this choice to the file (the `keep` newest kept); a file that cannot be written is only logged."""
+    try:
+        try:
+            known = json.loads(cache.read_text(encoding="utf-8"))
+            known = known if isinstance(known, dict) else {}
+        except (OSError, ValueError):
+            known = {}
+        known[key] = figures
+        newest = sorted(known.items(), key=lambda kv: kv[1].get("measured_at", 0), reverse=True)[:keep]
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(cache, dict(newest))
+    except OSError as e:
+        log.warning("could not remember the backend choice in %s (%s): the next start measures again", cache, e)
+
+
+def auto_choice(model: CharLSTM, candidates: tuple[str, ...], max_batch_size: int, workers: int | None,
+                fingerprint: str | None, cache: Path | None) -> Choice:
+    """`auto`: the winner remembered for this key, else measured apart (and remembered); only it is built here."""
+    key = choice_key(fingerprint, candidates, max_batch_size, workers) if fingerprint and cache is not None else None
+    figures = remembered_choice(cache, key) if key else None
+    remembered = figures is not None
+    if figures is None:
+        figures = {**choose_apart(model, candidates, max_batch_size, workers), "measured_at": time.time()}
+        if key:
+            remember_choice(cache, key, figures)
+    trials = [Trial(t["name"], {int(b): float(v) for b, v in t["chars_per_s"].items()}, t["bits_cost"], t["build_s"],
+                    t["dropped"]) for t in figures["trials"]]
+    choice = Choice(build(figures["chosen"], model, workers), trials, remembered, figures["measured_at"])
+    if remembered:
+        log.info("backend %s: the choice measured at %s on this machine, weights and code", choice.backend.name,
+                 time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(choice.measured_at)))
+    log_choice(choice)
+    return choice
 
 
 DEFAULT_DECODE_STEPS = {"cpu": 1, "cuda": 16}  # a GPU pays a copy and a sync per look, the CPU does not
@@ -203,7 +314,8 @@ class Serving:
 
 
 def for_serving(model: CharLSTM, backend: str = "auto", quantize: str | None = None, device: str = "cpu",
-                max_batch_size: int = 64, step_workers: int | None = None, decode_steps: int | None = None) -> Serving:
+                max_batch_size: int = 64, step_workers: int | None = None, decode_steps: int | None = None,
+                fingerprint: str | None = None, cache: Path | None = None, apart: bool = False) -> Serving:
     """The backend the settings ask for: `cuda` (or `auto` on a device that resolves to a GPU) captures
     CUDA graphs; a named CPU backend is built; `auto` on the CPU is `choose` among the CPU backends with
     the weights `quantize` names (any when unset). int8 is a CPU kernel, so device auto with it is the CPU."""
@@ -220,5 +332,8 @@ def for_serving(model: CharLSTM, backend: str = "auto", quantize: str | None = N
         return Serving(build(backend, model, step_workers), None, steps, "cpu")
     kinds = {"none": "fp32", "int8": "int8", None: None}[quantize]
     candidates = tuple(n for n in CPU_BACKENDS if kinds is None or (n.endswith("int8") == (kinds == "int8")))
-    choice = choose(model, candidates, max_batch_size, step_workers)
+    if apart:  # a server: the trials in a child process, the choice remembered in `cache` for `fingerprint`'s weights
+        choice = auto_choice(model, candidates, max_batch_size, step_workers, fingerprint, cache)
+    else:
+        choice = choose(model, candidates, max_batch_size, step_workers)
     return Serving(choice.backend, None, steps, "cpu", choice)

@@ -71,7 +71,7 @@ async def info(request: Request):
         out["model"] = {"name": loaded.name, "version": loaded.version, "parameters": card.get("num_parameters"),
                         "config": card.get("config"), "vocab": loaded.vocab.chars, "vocab_size": len(loaded.vocab),
                         "metrics": card.get("metrics"), "corpus": card.get("corpus"), "created_at": card.get("created_at"),
-                        "state_floats_per_session": loaded.model.config.state_floats()}
+                        "state_floats_per_session": loaded.config.state_floats()}
         if "calibration" in card:  # the served distribution is the parent's with its logits divided by T
             out["model"]["calibration"] = {k: card["calibration"].get(k) for k in ("parent", "temperature")}
     return out
