@@ -7,6 +7,7 @@ import threading
 import torch
 
 from service.engine.engine import Engine, EngineConfig
+from service.engine.step import QUIET_STEPS
 from service.backends.torch_fp32 import TorchBackend
 from service.engine.types import Done, GenerationRequest, Token
 from service.sampling import SamplingParams
@@ -137,7 +138,7 @@ def test_characters_wait_for_their_hand_over_but_first_characters_and_ends_do_no
 
     texts: dict[float, dict] = {0.0: {}, 3600.0: {}}
     every_loop, held = run(0.0), run(3600.0)
-    assert len(every_loop) >= 40  # one hand-over a loop
+    assert len(every_loop) >= 40 // QUIET_STEPS  # one hand-over a loop (two rows, nobody waiting: looks of QUIET_STEPS)
     assert len(held) == 2  # the first characters of both streams (admitted together), then both ends
     assert sorted(i for i, names in held[0] if names == ["Token"]) == [0, 1]
     assert sorted(i for i, names in held[1] if names == ["Done"]) == [0, 1]
@@ -160,3 +161,19 @@ def test_a_logit_bias_is_its_own_rows_and_the_same_alone_or_among_others(tiny_mo
     text = lambda events: next(e for e in events if isinstance(e, Done)).text  # noqa: E731
     assert "e" not in text(alone[0]) and text(together[1]) == text(alone[0])
     assert text(together[0]) == text(plain[0])
+
+
+def test_a_quiet_engine_takes_longer_looks_and_writes_the_same_text_state_and_figures(tiny_model):
+    """One row with nobody waiting steps QUIET_STEPS a look; beside three others it steps one a look. The
+    text, the log-probabilities, the end state and the random stream's position are the same either way."""
+    request = GenerationRequest(prompt_ids=[1, 2], max_new_tokens=37, seed=3, logprobs=True, return_state=True)
+    others = [GenerationRequest(prompt_ids=[3], max_new_tokens=60, seed=10 + i) for i in range(3)]
+    alone_events, alone_log = run_engine(tiny_model, EngineConfig(max_batch_size=4), [request])
+    crowd_events, crowd_log = run_engine(tiny_model, EngineConfig(max_batch_size=4), [request, *others])
+    alone = [e for e in alone_events[0] if isinstance(e, Done)][0]
+    crowd = [e for e in crowd_events[0] if isinstance(e, Done)][0]
+    assert alone.text == crowd.text and len(alone.text) == 37
+    assert alone.logprobs == crowd.logprobs and alone.counter == crowd.counter
+    assert torch.equal(alone.state, crowd.state)
+    loops = sum(kind == "step" for kind, _ in alone_log)
+    assert loops <= -(-37 // QUIET_STEPS) + 1  # looks of QUIET_STEPS steps (the last may be shorter)

@@ -315,7 +315,8 @@ class Engine:
                     self._ingest()
                     if len(self._batch):
                         t0 = time.perf_counter()
-                        k, look = self.stepper.look(self._batch)  # step
+                        quiet = not (self._incoming or scheduler.waiting or scheduler.ingesting)  # a glance: a hint
+                        k, look = self.stepper.look(self._batch, quiet)  # step
                         self.output.process(self._batch.rows, k, look)  # process outputs
                         self._count_service()
                         self._steps += k
