@@ -74,7 +74,7 @@ class OutlinesCore:
         return self.index.get_next_state(state, char)
 
 
-class _CharTokenizer:
+class CharTokenizer:
     """What llguidance's TokenizerWrapper reads: one token a character, and an end token after them."""
 
     def __init__(self, chars: list[str]):
@@ -93,7 +93,7 @@ class LLGuidance:
         import llguidance
 
         self.V = len(chars)
-        tokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_CharTokenizer(chars)))
+        tokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(CharTokenizer(chars)))
         self.m = llguidance.LLMatcher(tokenizer, llguidance.LLMatcher.grammar_from_regex(pattern), log_level=0)
         if self.m.is_error():
             raise ValueError(self.m.get_error())

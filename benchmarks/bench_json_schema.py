@@ -29,6 +29,9 @@ import numpy as np
 from service import store
 from service.engine.constraints import ANY_OBJECT, COMPILER, compile_json, json_pattern, regex_transitions
 
+from tests.constraint_walk import random_text
+
+from .bench_constraints import CharTokenizer
 from .common import table
 
 SCHEMAS = {
@@ -55,66 +58,69 @@ def extended(chars: list[str]) -> list[str]:
 
 
 def server_walks(constraint, chars: list[str], n: int, seed: int) -> list[str]:
-    """Texts that random rows through the server's automaton write (a newline now and then: it closes strings)."""
-    rng, newline, texts = np.random.default_rng(seed), chars.index("\n"), []
+    """n texts that random rows through the server's automaton write."""
+    rng, texts = np.random.default_rng(seed), []
     while len(texts) < n:
-        state, text = 0, constraint.prefix
-        for _ in range(600):
-            allowed = np.flatnonzero(~constraint.forbid[state].numpy())
-            char = newline if rng.random() < 0.1 and not constraint.forbid[state][newline] else int(rng.choice(allowed))
-            nxt = int(constraint.next[state, char])
-            if nxt < 0:
-                texts.append(text)
-                break
-            text += constraint.pieces.get((state, char), chars[char])
-            state = nxt
-            if constraint.terminal[state]:
-                texts.append(text)
-                break
+        text = random_text(constraint, chars, rng, limit=600)
+        if text is not None:
+            texts.append(text)
     return texts
 
 
-class Server:
-    name = "server: outlines-core regex + interegular + jump-forward"
+class Library:
+    """One way to mask: the characters that may come next, taking one, starting again."""
 
-    def __init__(self, schema, chars: list[str]):
-        self.c, self.chars = compile_json(schema, chars, timeout_s=60), chars
+    name = "?"
+
+    def allowed(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def consume(self, char: int) -> None:
+        raise NotImplementedError
+
+    def restart(self) -> None:
+        raise NotImplementedError
 
     def walk_us(self, steps: int, seed: int) -> float:
-        rng, state, spent = random.Random(seed), 0, 0.0
+        """Microseconds a mask and an advance, on a walk of random choices among what it allows."""
+        rng, spent = random.Random(seed), 0.0
         for _ in range(steps):
             t = time.perf_counter()
-            allowed = np.flatnonzero(~self.c.forbid[state].numpy())
+            allowed = self.allowed()
             spent += time.perf_counter() - t
+            if not len(allowed):
+                self.restart()
+                continue
             char = rng.choice(allowed.tolist())
             t = time.perf_counter()
-            nxt = int(self.c.next[state, char])
-            self.c.pieces.get((state, char))
+            self.consume(char)
             spent += time.perf_counter() - t
-            state = 0 if nxt < 0 or self.c.terminal[nxt] else nxt
         return spent / steps * 1e6
 
 
-class _CharTokenizer:
-    """What llguidance's TokenizerWrapper reads: one token a character, and an end token after them."""
+class Server(Library):
+    name = "server: outlines-core regex + interegular + jump-forward"
 
-    def __init__(self, chars: list[str]):
-        self.ids = {c: i for i, c in enumerate(chars)}
-        self.tokens = [c.encode() for c in chars] + [b"<eos>"]
-        self.eos_token_id, self.bos_token_id, self.special_token_ids = len(chars), None, [len(chars)]
+    def __init__(self, schema, chars: list[str]):
+        self.c, self.chars, self.state = compile_json(schema, chars, timeout_s=60), chars, 0
 
-    def __call__(self, text: str) -> list[int]:
-        return [self.ids[c] for c in text]
+    def allowed(self) -> np.ndarray:
+        return np.flatnonzero(~self.c.forbid[self.state].numpy())
+
+    def consume(self, char: int) -> None:
+        nxt = int(self.c.next[self.state, char])
+        self.c.pieces.get((self.state, char))
+        self.state = 0 if nxt < 0 or self.c.terminal[nxt] else nxt  # an ended row starts again
 
 
-class LLGuidance:
+class LLGuidance(Library):
     name = "llguidance"
 
     def __init__(self, schema, chars: list[str]):
         import llguidance
 
         self.llg, self.chars, self.ids = llguidance, chars, {c: i for i, c in enumerate(chars)}
-        self.tokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_CharTokenizer(chars)))
+        self.tokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(CharTokenizer(chars)))
         self.grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema or {"type": "object"}))
         self.m = self.matcher()
 
@@ -124,28 +130,22 @@ class LLGuidance:
             raise ValueError(m.get_error())
         return m
 
-    def walk_us(self, steps: int, seed: int) -> float:
-        rng, spent, V = random.Random(seed), 0.0, len(self.chars)
-        for _ in range(steps):
-            t = time.perf_counter()
-            bits = np.unpackbits(np.frombuffer(self.m.compute_bitmask(), dtype=np.uint8), bitorder="little")[:V]
-            spent += time.perf_counter() - t
-            allowed = np.flatnonzero(bits).tolist()
-            if not allowed:
-                self.m = self.matcher()
-                continue
-            char = rng.choice(allowed)
-            t = time.perf_counter()
-            self.m.consume_token(char)
-            spent += time.perf_counter() - t
-        return spent / steps * 1e6
+    def allowed(self) -> np.ndarray:
+        bits = np.unpackbits(np.frombuffer(self.m.compute_bitmask(), dtype=np.uint8), bitorder="little")
+        return np.flatnonzero(bits[: len(self.chars)])
+
+    def consume(self, char: int) -> None:
+        self.m.consume_token(char)
+
+    def restart(self) -> None:
+        self.m = self.matcher()
 
     def accepts(self, text: str) -> bool:
         m = self.matcher()
         return all(m.consume_token(self.ids[c]) for c in text) and m.is_accepting()
 
 
-class XGrammar:
+class XGrammar(Library):
     name = "xgrammar"
 
     def __init__(self, schema, chars: list[str]):
@@ -158,23 +158,18 @@ class XGrammar:
         self.m = xgrammar.GrammarMatcher(self.compiled)
         self.bitmask = xgrammar.allocate_token_bitmask(1, len(chars) + 1)
 
-    def walk_us(self, steps: int, seed: int) -> float:
-        rng, spent, V = random.Random(seed), 0.0, len(self.chars)
-        for _ in range(steps):
-            t = time.perf_counter()
-            self.m.fill_next_token_bitmask(self.bitmask)
-            words = self.bitmask[0].numpy().view(np.uint32)
-            bits = np.unpackbits(words.view(np.uint8), bitorder="little")[:V]
-            spent += time.perf_counter() - t
-            allowed = np.flatnonzero(bits).tolist()
-            if not allowed or self.m.is_terminated():
-                self.m = self.xg.GrammarMatcher(self.compiled)
-                continue
-            char = rng.choice(allowed)
-            t = time.perf_counter()
-            self.m.accept_token(char)
-            spent += time.perf_counter() - t
-        return spent / steps * 1e6
+    def allowed(self) -> np.ndarray:
+        if self.m.is_terminated():
+            return np.zeros(0, dtype=np.int64)
+        self.m.fill_next_token_bitmask(self.bitmask)
+        bits = np.unpackbits(self.bitmask[0].numpy().view(np.uint8), bitorder="little")
+        return np.flatnonzero(bits[: len(self.chars)])
+
+    def consume(self, char: int) -> None:
+        self.m.accept_token(char)
+
+    def restart(self) -> None:
+        self.m = self.xg.GrammarMatcher(self.compiled)
 
     def accepts(self, text: str) -> bool:
         m = self.xg.GrammarMatcher(self.compiled)

@@ -37,6 +37,7 @@ from service.engine.scheduler import Scheduler
 from .bench_backends import cpu_name
 from .bench_cost import raw_onnx_loop
 from .common import ROOT, run_json, table, tree_server
+from .sse import token_texts
 
 LONG = ("KING HENRY:\nOnce more unto the breach, dear friends, once more;\nOr close the wall up with our English dead.\n\n"
         * 200)[:20_000]
@@ -58,13 +59,8 @@ async def _stream(http, url: str, body: dict, on_event) -> None:
     async with http.post(url + "/generate", json={**body, "stream": True}) as r:
         if r.status != 200:
             raise RuntimeError(f"{r.status}: {(await r.read())[:300]!r}")
-        event = None
-        async for raw in r.content:
-            line = raw.decode()
-            if line.startswith("event:"):
-                event = line[6:].strip()
-            elif line.startswith("data:") and event == "token":
-                on_event(time.perf_counter())
+        async for _ in token_texts(r):
+            on_event(time.perf_counter())
 
 
 async def _ingest(http, url: str, n: int) -> float:

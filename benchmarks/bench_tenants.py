@@ -36,6 +36,7 @@ import numpy as np
 
 from .bench_backends import cpu_name
 from .common import ROOT, Proc, run_json, table, tree_server
+from .sse import token_texts
 
 FLOOD, FLOOD_CHARS, SHORTS, SHORT_CHARS = 400, 300, 10, 20
 FLOOD_S, FLOOD_WARMUP_S = 25.0, 4.0  # A floods this long; B starts after the warm-up
@@ -48,17 +49,12 @@ async def _stream(http, url: str, body: dict, first=None, chars=None) -> int:
         if r.status != 200:
             await r.read()
             return r.status
-        event = None
-        async for raw in r.content:
-            line = raw.decode()
-            if line.startswith("event:"):
-                event = line[6:].strip()
-            elif line.startswith("data:") and event == "token":
-                if first is not None:
-                    first(time.perf_counter() - t0)
-                    first = None
-                if chars is not None:
-                    chars(len(json.loads(line[5:])["text"]))
+        async for text in token_texts(r):
+            if first is not None:
+                first(time.perf_counter() - t0)
+                first = None
+            if chars is not None:
+                chars(len(text))
         return 200
 
 

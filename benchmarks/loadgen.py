@@ -21,6 +21,8 @@ from urllib.parse import urlparse
 import aiohttp
 import numpy as np
 
+from .sse import token_texts
+
 
 async def client(http: aiohttp.ClientSession, url: str, body: dict, stop_at: float, out: dict) -> None:
     while time.perf_counter() < stop_at:
@@ -32,20 +34,15 @@ async def client(http: aiohttp.ClientSession, url: str, body: dict, stop_at: flo
                 retry = float(r.headers.get("retry-after", "0.05"))
                 await asyncio.sleep(min(retry, 0.05))  # back off as told, briefly
                 continue
-            last, event = None, None
-            async for raw in r.content:  # one SSE line at a time
-                line = raw.decode()
-                if line.startswith("event:"):
-                    event = line[6:].strip()
-                elif line.startswith("data:") and event == "token":
-                    now = time.perf_counter()
-                    n = len(json.loads(line[5:])["text"])
-                    if last is None:
-                        out["ttft"].append(now - t0)
-                    else:
-                        out["itl"].extend([(now - last) / n] * n)
-                    last = now
-                    out["chars"].append((now, n))
+            last = None
+            async for text in token_texts(r):
+                now, n = time.perf_counter(), len(text)
+                if last is None:
+                    out["ttft"].append(now - t0)
+                else:
+                    out["itl"].extend([(now - last) / n] * n)
+                last = now
+                out["chars"].append((now, n))
 
 
 async def plain_client(http: aiohttp.ClientSession, url: str, body: dict, stop_at: float, out: dict) -> None:

@@ -24,6 +24,8 @@ from urllib.parse import urlparse
 import aiohttp
 import numpy as np
 
+from .sse import token_texts
+
 LONG_PROMPT = ("KING HENRY:\nOnce more unto the breach, dear friends, once more;\nOr close the wall up with our English dead.\n\n" * 200)[:20_000]
 SHORT_PROMPT = "ROMEO: But soft, what"  # 20 characters
 
@@ -40,18 +42,14 @@ async def stream(http: aiohttp.ClientSession, url: str, body: dict, out: dict, t
                 await r.read()
                 await asyncio.sleep(0.05)
                 return
-            event, first = None, True
-            async for raw in r.content:
-                line = raw.decode()
-                if line.startswith("event:"):
-                    event = line[6:].strip()
-                elif line.startswith("data:") and event == "token":
-                    now = time.perf_counter()
-                    if first and ttft is not None:
-                        ttft.append(now - t0)
-                        out["pending"].pop(key, None)
-                    first = False
-                    out["chars"].append((now, len(json.loads(line[5:])["text"])))
+            first = True
+            async for text in token_texts(r):
+                now = time.perf_counter()
+                if first and ttft is not None:
+                    ttft.append(now - t0)
+                    out["pending"].pop(key, None)
+                first = False
+                out["chars"].append((now, len(text)))
         if ttft is not None:
             out["short_done"] += 1
     finally:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from . import store
 from .secrets_rules import check_session_key
+from .backends.selector import CPU_BACKENDS
 from .sessions import blob as session_blob
 from .sessions.blob import InvalidSessionBlob, SessionValue
 from .engine.types import GenerationRequest
@@ -123,8 +124,6 @@ def sample_session(args) -> int:
 
 def backend_for(args, export: dict | None) -> str:
     """--backend, else the backend the export was drawn with (the same text as that server), else the default."""
-    from .backends.selector import CPU_BACKENDS
-
     if args.backend:
         return args.backend
     exported = (export or {}).get("backend")

@@ -13,6 +13,7 @@ from service import store
 from service.train import TrainConfig, run_training
 
 from .redis_server import RedisServer
+from .server import Server
 
 torch.set_num_threads(1)  # the tests' models are tiny: one thread is as fast and leaves a core free
 
@@ -85,8 +86,6 @@ def tiny_model(trained_store) -> store.LoadedModel:
 @pytest.fixture(scope="session")
 def server(trained_store):
     """The service on the tiny model with default limits."""
-    from .server import Server
-
     srv = Server(trained_store, max_new_tokens=100_000)
     yield srv
     srv.stop()
@@ -95,9 +94,15 @@ def server(trained_store):
 @pytest.fixture(scope="session")
 def small_server(trained_store):
     """Two rows, one queue place, three sessions: limits that a test can reach."""
-    from .server import Server
-
     srv = Server(trained_store, max_batch_size=2, max_queue=1, max_sessions=3, max_new_tokens=1_000_000,
                  max_body_bytes=4096)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def chat_server(trained_store):
+    """The tiny model's vocabulary has no Z, so the default speakers (FIRST CITIZEN) cannot be written: KING asks."""
+    srv = Server(trained_store, max_new_tokens=100_000, chat_user_speaker="KING", chat_assistant_speaker="ROMEO")
     yield srv
     srv.stop()

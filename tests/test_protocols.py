@@ -15,19 +15,10 @@ from service.engine.engine import EngineConfig
 from service.engine.types import Done, GenerationRequest
 from service.sampling import SamplingParams
 
-from .server import Server
 from .test_engine import run_engine
 from .test_openai import MODEL, assert_openai_error, client
 
 LINE = r"[A-Z][a-z]+(, [a-z]+)*[.!?]"  # the issue's example: a short line of verse
-
-
-@pytest.fixture(scope="module")
-def chat_server(trained_store):
-    """The tiny model's vocabulary has no Z, so the default speakers (FIRST CITIZEN) cannot be written: KING asks."""
-    srv = Server(trained_store, max_new_tokens=100_000, chat_user_speaker="KING", chat_assistant_speaker="ROMEO")
-    yield srv
-    srv.stop()
 
 
 def post(srv, path: str, body: dict) -> httpx.Response:

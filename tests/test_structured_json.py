@@ -17,8 +17,9 @@ from pydantic import BaseModel, Field
 
 from service.engine.constraints import ANY_OBJECT, compile_json
 
+from .constraint_walk import random_text
 from .test_openai import MODEL, client
-from .test_protocols import chat_server, post  # noqa: F401 - the module's server
+from .test_protocols import post
 
 MESSAGES = [{"role": "user", "content": "who comes here"}]
 
@@ -41,29 +42,12 @@ def test_every_row_through_a_json_automaton_writes_json_its_schema_allows(tiny_m
         assert constraint.prefix == "{"
         rng, finished = np.random.default_rng(0), 0
         for _ in range(100):
-            text = walk_text(constraint, chars, rng)
+            text = random_text(constraint, chars, rng)
             if text is None:
                 continue
             finished += 1
             jsonschema.validate(json.loads(text), ANY_OBJECT if schema is None else schema)
         assert finished >= 90
-
-
-def walk_text(constraint, chars: list[str], rng: np.random.Generator, limit: int = 400) -> str | None:
-    """A random row through the automaton, as the engine moves it: the text it writes, or None if unfinished."""
-    newline = chars.index("\n")
-    state, text = 0, constraint.prefix
-    for _ in range(limit):
-        allowed = np.flatnonzero(~constraint.forbid[state].numpy())
-        char = newline if rng.random() < 0.1 and not constraint.forbid[state][newline] else int(rng.choice(allowed))
-        nxt = int(constraint.next[state, char])
-        if nxt < 0:  # a character the text may end before: it is cut
-            return text
-        text += constraint.pieces.get((state, char), chars[char])
-        state = nxt
-        if constraint.terminal[state]:
-            return text
-    return None
 
 
 def test_json_object_replies_parse_for_every_seed(chat_server):

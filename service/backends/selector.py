@@ -85,6 +85,11 @@ class Trial:
                 "bits_cost": None if self.bits_cost is None else round(self.bits_cost, 5),
                 "build_s": round(self.build_s, 3), "dropped": self.dropped}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> Trial:
+        return cls(d["name"], {int(b): float(v) for b, v in d["chars_per_s"].items()}, d["bits_cost"], d["build_s"],
+                   d["dropped"])
+
 
 @dataclass
 class Choice:
@@ -255,22 +260,19 @@ def choose_apart(model: CharLSTM, candidates: tuple[str, ...], max_batch_size: i
         return child.submit(_choose_here, model, candidates, max_batch_size, workers, torch.get_num_threads()).result()
 
 
-def remembered_choice(cache: Path, key: str) -> dict | None:
+def _remembered(cache: Path) -> dict:
+    """Every choice the file holds, by key; none where it is missing or unreadable."""
     try:
-        return json.loads(cache.read_text(encoding="utf-8")).get(key)
-    except (OSError, ValueError, AttributeError):
-        return None
+        known = json.loads(cache.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return known if isinstance(known, dict) else {}
 
 
 def remember_choice(cache: Path, key: str, figures: dict, keep: int = 32) -> None:
     """Add this choice to the file (the `keep` newest kept); a file that cannot be written is only logged."""
     try:
-        try:
-            known = json.loads(cache.read_text(encoding="utf-8"))
-            known = known if isinstance(known, dict) else {}
-        except (OSError, ValueError):
-            known = {}
-        known[key] = figures
+        known = {**_remembered(cache), key: figures}
         newest = sorted(known.items(), key=lambda kv: kv[1].get("measured_at", 0), reverse=True)[:keep]
         cache.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(cache, dict(newest))
@@ -282,14 +284,13 @@ def auto_choice(model: CharLSTM, candidates: tuple[str, ...], max_batch_size: in
                 fingerprint: str | None, cache: Path | None) -> Choice:
     """`auto`: the winner remembered for this key, else measured apart (and remembered); only it is built here."""
     key = choice_key(fingerprint, candidates, max_batch_size, workers) if fingerprint and cache is not None else None
-    figures = remembered_choice(cache, key) if key else None
+    figures = _remembered(cache).get(key) if key else None
     remembered = figures is not None
     if figures is None:
         figures = {**choose_apart(model, candidates, max_batch_size, workers), "measured_at": time.time()}
         if key:
             remember_choice(cache, key, figures)
-    trials = [Trial(t["name"], {int(b): float(v) for b, v in t["chars_per_s"].items()}, t["bits_cost"], t["build_s"],
-                    t["dropped"]) for t in figures["trials"]]
+    trials = [Trial.from_dict(t) for t in figures["trials"]]
     choice = Choice(build(figures["chosen"], model, workers), trials, remembered, figures["measured_at"])
     if remembered:
         log.info("backend %s: the choice measured at %s on this machine, weights and code", choice.backend.name,

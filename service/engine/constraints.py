@@ -51,12 +51,18 @@ class Constraint:
         return self.next.shape[0]
 
 
-def _live(transitions: list[dict[int, int]], finals: set[int]) -> set[int]:
-    """Every state from which a final state can be reached through `transitions`."""
-    into: list[list[int]] = [[] for _ in transitions]  # reverse edges
+def _into(transitions: list[dict[int, int]]) -> list[list[int]]:
+    """The reverse edges: per state, the states with a character that leads to it."""
+    into: list[list[int]] = [[] for _ in transitions]
     for s, edges in enumerate(transitions):
         for t in set(edges.values()):
             into[t].append(s)
+    return into
+
+
+def _live(transitions: list[dict[int, int]], finals: set[int]) -> set[int]:
+    """Every state from which a final state can be reached through `transitions`."""
+    into = _into(transitions)
     live, frontier = set(finals), list(finals)
     while frontier:
         for s in into[frontier.pop()]:
@@ -68,10 +74,7 @@ def _live(transitions: list[dict[int, int]], finals: set[int]) -> set[int]:
 
 def _distances(transitions: list[dict[int, int]], finals: set[int]) -> dict[int, int]:
     """Each state's fewest characters to a final state (breadth first, backwards)."""
-    into: list[list[int]] = [[] for _ in transitions]
-    for s, edges in enumerate(transitions):
-        for t in set(edges.values()):
-            into[t].append(s)
+    into = _into(transitions)
     dist, frontier = {f: 0 for f in finals}, list(finals)
     while frontier:
         nxt = []

@@ -76,7 +76,8 @@ class Output:
             before = len(stream.chars)
             texts = look.pieces.get(row) if look.pieces else None
             if before == 0 and (constraint := request.constraint) is not None and constraint.prefix:  # its first characters
-                texts = {**(texts or {}), 0: constraint.prefix + (texts or {}).get(0, chars[got[0]])}
+                texts = dict(texts or {})
+                texts[0] = constraint.prefix + texts.get(0, chars[got[0]])
             if stream.matcher is None and bound is None and texts is None:  # only the length can end it: everything at once
                 if take == 1:
                     stream.chars.append(chars[got[0]])
