@@ -1,6 +1,7 @@
 # charlstm: the text-generation service on the bundled model. One uvicorn process, non-root.
 #
-#   docker build -t charlstm .
+#   docker build -t charlstm .                                   # the full install: every backend, CUDA
+#   docker build --build-arg EXTRAS= -t charlstm:serve .         # the serving install: no torch (README)
 #   docker run --rm -p 8000:8000 charlstm            # then: curl localhost:8000/health
 #
 # torch comes from the PyTorch CPU wheel index (TORCH_INDEX_URL), or from a wheel placed in
@@ -9,15 +10,17 @@ ARG BASE_IMAGE=python:3.11-slim
 
 FROM ${BASE_IMAGE} AS build
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# "torch": the full install; empty: the serving install (ONNX Runtime and numpy, no torch)
+ARG EXTRAS=torch
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
 COPY .docker-wheels/ /wheels/
 RUN python3 -m venv /opt/venv
 COPY pyproject.toml constraints.txt README.md ./
-RUN extra=""; if [ -n "$TORCH_INDEX_URL" ]; then extra="--extra-index-url $TORCH_INDEX_URL"; fi; \
-    /opt/venv/bin/pip install --find-links /wheels $extra -c constraints.txt "torch==2.13.0"
+RUN if [ -n "$EXTRAS" ]; then extra=""; if [ -n "$TORCH_INDEX_URL" ]; then extra="--extra-index-url $TORCH_INDEX_URL"; fi; \
+    /opt/venv/bin/pip install --find-links /wheels $extra -c constraints.txt "torch==2.13.0"; fi
 COPY service/ service/
-RUN /opt/venv/bin/pip install --find-links /wheels -c constraints.txt . \
+RUN /opt/venv/bin/pip install --find-links /wheels -c constraints.txt ".${EXTRAS:+[$EXTRAS]}" \
  && find /opt/venv -name '__pycache__' -prune -exec rm -rf {} + \
  && rm -rf /opt/venv/lib/python3*/site-packages/torch/include /opt/venv/lib/python3*/site-packages/torch/share/cmake \
           /opt/venv/lib/python3*/site-packages/torch/test

@@ -36,15 +36,23 @@ def build(root: Path, model: str, threads: int, quantize: str, backend: str | No
 
 
 # Run in each build's own tree: `clients` streams of 256 characters through the engine, characters per second.
+# Either side may be a build from before the numpy serving path (torch threads, backends built from the torch
+# module) or after it (`set_kernel_threads`, backends built from the loaded model, torch only where one needs it).
 ENGINE_ROUND = """
-import sys, threading, time, torch
+import sys, threading, time
 from service import store
 from service.engine.engine import Engine, EngineConfig
 from service.backends.selector import build
 from service.engine.types import Done, GenerationRequest
-torch.set_num_threads(1)
+try:
+    from service.backends.base import set_kernel_threads
+except ImportError:
+    import torch
+    set_kernel_threads = torch.set_num_threads
+set_kernel_threads(1)
 clients, model, backend = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 loaded = store.load(model)
+weights = loaded if hasattr(loaded, "tensors") else loaded.model
 left, done = [clients], threading.Event()
 def deliver(batch):
     for _, events in batch:
@@ -52,7 +60,7 @@ def deliver(batch):
             left[0] -= 1
     if left[0] == 0:
         done.set()
-engine = Engine(build(backend, loaded.model), loaded.vocab, EngineConfig(max_batch_size=clients), deliver)
+engine = Engine(build(backend, weights), loaded.vocab, EngineConfig(max_batch_size=clients), deliver)
 for i in range(clients):
     engine.submit(GenerationRequest(prompt_ids=loaded.vocab.encode("ROMEO:"), max_new_tokens=256, seed=i), i)
 t0 = time.perf_counter()

@@ -5,10 +5,11 @@
 
 1. choice: what `--backend auto` measures at start-up (`selector.choose`) and what it serves.
 2. bare: each backend's bare loop (step + logits, the greedy character fed back: `selector.bare_loop`) at
-   B = 1, 8, 64, 128, one torch thread, each backend's default step workers; rounds interleaved (every B,
+   B = 1, 8, 64, 128, one thread a kernel, each backend's default step workers; rounds interleaved (every B,
    every backend, every round), medians.
 3. quality: bits per character through each backend's own step on the first characters of Macbeth
-   (`../shared/data/macbeth.txt`, a play the model never saw), against torch fp32's.
+   (`../shared/data/macbeth.txt`, a play the model never saw), against the fp32 reference's (torch's, or
+   ONNX Runtime's fp32 where torch is not installed: `selector.reference_backend`).
 4. service: `charlstm serve --backend NAME` over HTTP at 1 and 64 streaming clients, each decode-steps
    value, the backends interleaved; the ratio to that backend's bare loop at the same B is the host's share.
 """
@@ -21,11 +22,10 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
-
 from service import store
+from service.backends.base import kernel_threads, set_kernel_threads
 from service.backends.quality import score_chunks_stepped
-from service.backends.selector import available, bare_loop, build, choose
+from service.backends.selector import available, bare_loop, build, choose, reference_backend
 
 from .common import ROOT, charlstm_server, loadgen, table
 
@@ -46,7 +46,7 @@ def cpu_name() -> str:
 
 def bench_choice(loaded, max_batch_size: int) -> None:
     t0 = time.perf_counter()
-    choice = choose(loaded.model, available(), max_batch_size)
+    choice = choose(loaded, available(), max_batch_size)
     took = time.perf_counter() - t0
     print(f"1. --backend auto at start-up ({took:.1f} s): serves {choice.backend.name}")
     print(table(["backend", "B=1 chars/s", f"B={max_batch_size} chars/s", "bits/char cost", "dropped"],
@@ -56,7 +56,7 @@ def bench_choice(loaded, max_batch_size: int) -> None:
 
 
 def bench_bare(loaded, names: tuple[str, ...], batches: list[int], seconds: float, rounds: int) -> dict[tuple[str, int], float]:
-    backends = {n: build(n, loaded.model) for n in names}
+    backends = {n: build(n, loaded) for n in names}
     got = {(n, b): [] for n in names for b in batches}
     try:
         for _ in range(rounds):
@@ -67,9 +67,11 @@ def bench_bare(loaded, names: tuple[str, ...], batches: list[int], seconds: floa
         for backend in backends.values():
             backend.close()
     med = {k: statistics.median(v) for k, v in got.items()}
-    print(f"\n2. Bare loop, step + logits, greedy (chars/s; median of {rounds} interleaved rounds of {seconds:g} s; 1 torch thread)")
-    print(table(["B", *names, *(f"{n} / torch" for n in names if n != "torch")],
-                [[b, *(med[n, b] for n in names), *(med[n, b] / med["torch", b] for n in names if n != "torch")] for b in batches]))
+    ref = reference_backend()
+    print(f"\n2. Bare loop, step + logits, greedy (chars/s; median of {rounds} interleaved rounds of {seconds:g} s; "
+          f"{kernel_threads()} thread a kernel)")
+    print(table(["B", *names, *(f"{n} / {ref}" for n in names if n != ref)],
+                [[b, *(med[n, b] for n in names), *(med[n, b] / med[ref, b] for n in names if n != ref)] for b in batches]))
     return med
 
 
@@ -80,13 +82,14 @@ def bench_quality(loaded, names: tuple[str, ...], chars: int) -> None:
     text = MACBETH.read_text(encoding="utf-8")[:chars]
     bits = {}
     for n in names:
-        backend = build(n, loaded.model)
+        backend = build(n, loaded)
         try:
             bits[n] = score_chunks_stepped(backend, loaded.vocab, [text]).bits_per_char
         finally:
             backend.close()
     print(f"\n3. Quality: bits/char through each backend's step on Macbeth's first {len(text):,} characters")
-    print(table(["backend", "bits/char", "against torch"], [[n, f"{bits[n]:.4f}", f"{bits[n] - bits['torch']:+.4f}"] for n in names]))
+    ref = reference_backend()
+    print(table(["backend", "bits/char", f"against {ref}"], [[n, f"{bits[n]:.4f}", f"{bits[n] - bits[ref]:+.4f}"] for n in names]))
 
 
 def bench_service(loaded_name: str, names: tuple[str, ...], seconds: float, decode_steps: list[int],
@@ -117,11 +120,11 @@ def main() -> None:
     ap.add_argument("--decode-steps", default="1,8")
     ap.add_argument("--only", default="choice,bare,quality,service")
     args = ap.parse_args()
-    torch.set_num_threads(1)  # the service's default
+    set_kernel_threads(1)  # the service's default (torch's too, once a torch backend loads it)
     only = set(args.only.split(","))
     loaded = store.load(args.model)
     names = available()
-    print(f"{cpu_name()}; {torch.get_num_threads()} torch thread; backends {', '.join(names)}; model {loaded.name}@{loaded.version}")
+    print(f"{cpu_name()}; {kernel_threads()} thread a kernel; backends {', '.join(names)}; model {loaded.name}@{loaded.version}")
     if "choice" in only:
         bench_choice(loaded, 64)
     bare = bench_bare(loaded, names, [int(b) for b in args.batches.split(",")], args.seconds, args.rounds) if "bare" in only else {}

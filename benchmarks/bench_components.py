@@ -3,7 +3,8 @@
     python -m benchmarks.bench_components [--model shakespeare] [--sessions 10000] [--text FILE]
 
 4. Sessions: resident memory of a server holding N idle sessions against the same server with none.
-5. Prompt ingestion: a 10,000-character prompt in one LSTM call per slice against char by char.
+5. Prompt ingestion: a 10,000-character prompt through the torch backend's `prefill`, whole and in the
+   engine's 512-character slices, against char by char through its step.
 6. Training: `charlstm train` characters per second against a bare torch loop of the same model,
    batch and sequence length.
 """
@@ -20,9 +21,11 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import torch
 
 from service import store
+from service.backends.base import set_kernel_threads
 from service.backends.torch_fp32 import TorchBackend
 from service.model import CharLSTM, cross_entropy
 
@@ -35,7 +38,7 @@ SHARED_CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 def bench_sessions(model: str, count: int, threads: int) -> None:
     loaded = store.load(model)
-    raw = loaded.model.config.state_floats() * 4
+    raw = loaded.config.state_floats() * 4
     srv = charlstm_server(threads, model=model, max_sessions=count + 10, max_queue=4096)
     try:
         httpx.post(srv.url + "/generate", json={"max_new_tokens": 20}, timeout=60)
@@ -67,10 +70,9 @@ def bench_sessions(model: str, count: int, threads: int) -> None:
                                 ["target: 2 x raw + 1 KB", float(2 * raw + 1024)], ["per session / target", per / (2 * raw + 1024)]]))
 
 
-@torch.inference_mode()
 def bench_prefill(model: str, chars: int = 10_000) -> None:
     loaded = store.load(model)
-    runner = TorchBackend(loaded.model)
+    runner = TorchBackend(loaded)
     text = (SHARED_CORPUS.read_text()[:chars] if SHARED_CORPUS.exists() else "KING:\nthe " * (chars // 10 + 1))[:chars]
     ids = loaded.vocab.encode(text)
     zero = runner.zero_state()
@@ -85,11 +87,11 @@ def bench_prefill(model: str, chars: int = 10_000) -> None:
         runner.prefill(ids, zero)
         best_one = min(best_one, time.perf_counter() - t0)
     t0 = time.perf_counter()
-    s = zero.unsqueeze(2)
+    s = zero[:, :, None]  # (2, L, 1, H)
     for i in ids:
-        s = runner.step(torch.tensor([i]), s)
+        s = runner.step(np.array([i], dtype=np.int64), s)
     best_steps = time.perf_counter() - t0
-    torch.testing.assert_close(state, s[:, :, 0], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(state, s[:, :, 0], rtol=1e-4, atol=1e-4)
     print(f"5. Prompt ingestion ({len(ids):,} characters)")
     print(table(["method", "chars/s", "x char by char"], [
         ["one call", len(ids) / best_one, best_steps / best_one],
@@ -145,7 +147,7 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=30)
     ap.add_argument("--only", default="4,5,6")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    set_kernel_threads(args.threads)  # torch's threads (loaded above) and every backend's
     parts = set(args.only.split(","))
     if "4" in parts:
         bench_sessions(args.model, args.sessions, args.threads)

@@ -37,9 +37,8 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import torch
-
 from service import store
+from service.backends.base import set_kernel_threads
 from service.backends.selector import bare_loop, build
 
 from .bench_backends import cpu_name
@@ -69,8 +68,8 @@ def raw_onnx_loop(backend, batch: int, seconds: float) -> float:
 def bare(model: str, name: str, batches: list[int], seconds: float) -> dict[tuple[str, int], float]:
     """chars/s at each B, one thread, one step worker: ("backend", B) the backend's bare loop
     (`selector.bare_loop`), ("raw", B) ONNX Runtime's own loop of the same graph (onnx backends)."""
-    torch.set_num_threads(1)
-    backend = build(name, store.load(model).model, workers=1)
+    set_kernel_threads(1)
+    backend = build(name, store.load(model), workers=1)
     try:
         got = {("backend", b): statistics.median(bare_loop(backend, b, seconds) for _ in range(3)) for b in batches}
         if name.startswith("onnx"):

@@ -30,6 +30,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 import torch
 
 from service import store
@@ -44,8 +45,9 @@ from .common import ROOT, charlstm_server, table
 
 
 @torch.inference_mode()
-def bare_loop(step: CudaStep, rows: int, k: int, seconds: float, state: torch.Tensor) -> float:
-    """Characters per second of `rows` streams stepping back to back for about `seconds`, k steps a look."""
+def bare_loop(step: CudaStep, rows: int, k: int, seconds: float, state: np.ndarray) -> float:
+    """Characters per second of `rows` streams stepping back to back for about `seconds`, k steps a look.
+    state: (2, L, H) float32 on the host, every row's start (`DeviceBatch.append` copies it to the device)."""
     step.batch.filter([])
     for i in range(rows):
         step.batch.append(state, SamplingParams(temperature=0.8), 1 + i, 0, [])
@@ -62,13 +64,17 @@ def bare_loop(step: CudaStep, rows: int, k: int, seconds: float, state: torch.Te
 
 
 # The engine loop's phases, timed on one engine instance: where a look's wall time goes besides the device.
-PHASES = ("_admit", "_prefill_slices", "_device_look", "_take_look", "_drop_finished", "_flush")
+# (label, the part of the engine that owns it, the method): admission and prompt ingestion (with the device
+# batch's appends) are the engine's, the look is its Stepper's, the rows' text its Output's.
+PHASES = (("admit", None, "_admit"), ("ingest", None, "_ingest"), ("device look", "stepper", "device_look"),
+          ("rows' text", "output", "process"), ("drop finished", None, "_drop_finished"), ("flush", None, "_flush"))
 
 
 def time_phases(engine: Engine, device_step: CudaStep) -> tuple[dict[str, float], dict[str, int]]:
     """Wrap these phases (and the device step's `decode`, the wait for the GPU and the ids' copy) on this
     engine instance only; returns the dicts their seconds and their calls add up in."""
-    spent, calls = dict.fromkeys(("decode", *PHASES), 0.0), dict.fromkeys(("decode", *PHASES), 0)
+    names = ("decode", *(label for label, _, _ in PHASES))
+    spent, calls = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0)
 
     def timed(name: str, inner):
         def run(*args, **kwargs):
@@ -80,8 +86,9 @@ def time_phases(engine: Engine, device_step: CudaStep) -> tuple[dict[str, float]
                 calls[name] += 1
         return run
 
-    for name in PHASES:
-        setattr(engine, name, timed(name, getattr(engine, name)))
+    for label, part, method in PHASES:
+        owner = engine if part is None else getattr(engine, part)
+        setattr(owner, method, timed(label, getattr(owner, method)))
     device_step.decode = timed("decode", device_step.decode)
     return spent, calls
 
@@ -89,9 +96,9 @@ def time_phases(engine: Engine, device_step: CudaStep) -> tuple[dict[str, float]
 def phase_rows(spent: dict[str, float], looks: int, seconds: float) -> list[list]:
     """Per look: milliseconds of each phase (the device look without its decode) and the share of the wall time."""
     own = dict(spent)
-    own["_device_look"] -= own["decode"]
-    rows = [[name.strip("_").replace("_", " "), own[name] / looks * 1e3, own[name] / seconds] for name in ("decode", *PHASES)]
-    rest = seconds - sum(spent[n] for n in PHASES)
+    own["device look"] -= own["decode"]
+    rows = [[name, own[name] / looks * 1e3, own[name] / seconds] for name in ("decode", *(label for label, _, _ in PHASES))]
+    rest = seconds - sum(spent[label] for label, _, _ in PHASES)
     return rows + [["rest of the loop (waits, locks, bookkeeping)", rest / looks * 1e3, rest / seconds]]
 
 
@@ -162,7 +169,7 @@ def engine_steady(runner: Backend, vocab, device_step: CudaStep, streams: int, c
         engine.stop()
         device_step.decode = decode
     if spent is not None:
-        phases.extend(phase_rows(spent, calls["_take_look"], total))
+        phases.extend(phase_rows(spent, calls["device look"], total))
     with lock:
         window = sum(n * max(0.0, min(t1, hi) - max(a, lo)) / (t1 - a) for a, t1, n in spans if t1 > a)
     return window / (hi - lo)
@@ -216,14 +223,13 @@ def main() -> None:
         sys.exit(2)
     batches = [int(b) for b in args.batches.split(",")]
     loaded = store.load(args.model)
-    runner = TorchBackend(loaded.model, device=args.device)
+    runner = TorchBackend(loaded, device=args.device)  # ingests prompts (cuDNN's nn.LSTM on a GPU)
     capacity = max(batches)
     t0 = time.perf_counter()
     graphs = CudaStep(runner.weights, device=args.device, capacity=capacity, max_steps=args.steps)
     capture_s = time.perf_counter() - t0
     eager = CudaStep(runner.weights, device=args.device, capacity=capacity, graphs=False)
-    with torch.inference_mode():
-        state = runner.prefill(loaded.vocab.encode("KING:\n"), runner.zero_state())
+    state = runner.prefill(loaded.vocab.encode("KING:\n"), runner.zero_state())  # (2, L, H) numpy
     name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU (a smoke run: eager, no graphs)"
     print(f"{name}, torch {torch.__version__}; model {loaded.name}@{loaded.version}; "
           f"{len(graphs._graphs)} graphs captured in {capture_s:.1f} s (buckets {graphs.buckets}, 1 and {args.steps} steps, "

@@ -14,9 +14,8 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
-
 from service import store
+from service.backends.base import set_kernel_threads
 from service.backends.selector import build
 
 from .bench_backends import cpu_name
@@ -33,7 +32,6 @@ def best_of(fn, rounds: int = 5) -> float:
     return min(times)
 
 
-@torch.inference_mode()
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="shakespeare")
@@ -41,8 +39,8 @@ def main() -> None:
     ap.add_argument("--rows", default="1,2,4,8,16")
     ap.add_argument("--chunks", default="64,128,256")
     a = ap.parse_args()
-    torch.set_num_threads(1)
-    backend = build(a.backend, store.load(a.model).model, workers=1)
+    set_kernel_threads(1)  # one thread a kernel, the service's default (a torch backend takes it when built)
+    backend = build(a.backend, store.load(a.model), workers=1)
     pipelined = getattr(backend, "pipelined", False)
     print(f"CPU: {cpu_name()}; {a.backend}; layers pipelined on two threads: {pipelined}")
     rows_out = []

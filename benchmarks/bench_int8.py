@@ -6,8 +6,8 @@
    int8, at B = 1, 8, 64, 128, interleaved (each B: fp32 then int8, every round), in the service's own
    configuration: 1 torch thread per kernel and each weights' default step workers (fp32 2, int8 1;
    row shares of 16+ rows).
-2. Prompt ingestion, 10,000 characters: fp32 `nn.LSTM` in the engine's 512-character slices against
-   the int8 fused step character by character (prefill stays fp32 unless int8 is faster).
+2. Prompt ingestion, 10,000 characters: the fp32 torch backend's `prefill` in the engine's 512-character
+   slices against the fp32 and int8 fused steps character by character.
 3. The service over HTTP, `CHARLSTM_QUANTIZE=none` against `int8`, at 1 and 64 clients, interleaved;
    with --decode-steps 1,8 also each at several steps a look (`CHARLSTM_DECODE_STEPS`), and with
    --step-workers default,1,2 each with that many step workers (`CHARLSTM_STEP_WORKERS`).
@@ -23,10 +23,11 @@ import statistics
 import time
 
 import httpx
+import numpy as np
 import torch
 
 from service import store
-from service.backends.base import Backend
+from service.backends.base import Backend, set_kernel_threads
 from service.backends.selector import DEFAULT_STEP_WORKERS
 from service.corpus import Corpus
 from service.backends.quality import score_chunks_stepped
@@ -40,9 +41,9 @@ MODES = ("none", "int8")
 
 
 def bench_raw(loaded, batches: list[int], seconds: float, repeats: int, workers: int | None) -> None:
-    torch.set_num_threads(1)  # the service's default: row-split pool threads, one OpenMP thread each
+    set_kernel_threads(1)  # the service's default: row-split pool threads, one OpenMP thread each
     threads = {m: workers or DEFAULT_STEP_WORKERS[WEIGHTS_BACKEND[m]] for m in MODES}
-    runners = {m: build(WEIGHTS_BACKEND[m], loaded.model, threads[m]) for m in MODES}
+    runners = {m: build(WEIGHTS_BACKEND[m], loaded, threads[m]) for m in MODES}
     got = {(m, b): [] for m in MODES for b in batches}
     try:
         for _ in range(repeats):
@@ -62,12 +63,11 @@ def bench_raw(loaded, batches: list[int], seconds: float, repeats: int, workers:
               f"int8 rounds {', '.join(f'{x:,.0f}' for x in got['int8', b])}")
 
 
-@torch.inference_mode()
 def bench_prefill(loaded, chars: int = 10_000) -> None:
-    torch.set_num_threads(1)
+    set_kernel_threads(1)
     text = (DATA / "tinyshakespeare.txt").read_text()[:chars]
     ids = loaded.vocab.encode(text)
-    runners = {m: build(WEIGHTS_BACKEND[m], loaded.model, 1) for m in MODES}
+    runners = {m: build(WEIGHTS_BACKEND[m], loaded, 1) for m in MODES}
     zero = runners["none"].zero_state()
 
     def slices(r: Backend) -> float:
@@ -77,12 +77,12 @@ def bench_prefill(loaded, chars: int = 10_000) -> None:
         return time.perf_counter() - t0
 
     def stepped(r: Backend) -> float:
-        t0, s = time.perf_counter(), zero.unsqueeze(2)
+        t0, s = time.perf_counter(), zero[:, :, None]  # (2, L, 1, H)
         for i in ids:
-            s = r.step(torch.tensor([i]), s)
+            s = r.step(np.array([i], dtype=np.int64), s)
         return time.perf_counter() - t0
 
-    rows = [["fp32 nn.LSTM, 512-char slices (prefill)", len(ids) / min(slices(runners["none"]) for _ in range(3))],
+    rows = [["fp32 torch backend, 512-char slices (prefill)", len(ids) / min(slices(runners["none"]) for _ in range(3))],
             ["fp32 fused step, char by char", len(ids) / stepped(runners["none"])],
             ["int8 fused step, char by char", len(ids) / stepped(runners["int8"])]]
     print(f"2. Prompt ingestion ({len(ids):,} characters, 1 thread)")
@@ -142,12 +142,12 @@ def bench_service(model: str, clients: list[int], seconds: float, repeats: int, 
 
 
 def bench_quality(loaded) -> None:
-    torch.set_num_threads(1)
+    set_kernel_threads(1)
     texts = {"validation split": Corpus.read(DATA / "tinyshakespeare.txt").split()[1],
              "macbeth.txt": (DATA / "macbeth.txt").read_text(encoding="utf-8")}
     rows = []
     for name, text in texts.items():
-        scores = {m: score_chunks_stepped(build(WEIGHTS_BACKEND[m], loaded.model, 1), loaded.vocab, [text]) for m in MODES}
+        scores = {m: score_chunks_stepped(build(WEIGHTS_BACKEND[m], loaded, 1), loaded.vocab, [text]) for m in MODES}
         fp32, int8 = scores["none"], scores["int8"]
         rows.append([name, f"{fp32.chars:,}", f"{fp32.bits_per_char:.4f}", f"{int8.bits_per_char:.4f}",
                      f"{int8.bits_per_char - fp32.bits_per_char:+.4f}"])
@@ -170,7 +170,7 @@ def main() -> None:
     args = ap.parse_args()
     parts = set(args.only.split(","))
     loaded = store.load(args.model)
-    print(f"model {loaded.name}@{loaded.version}: {loaded.model.num_parameters():,} parameters; "
+    print(f"model {loaded.name}@{loaded.version}: {loaded.num_parameters:,} parameters; "
           f"torch {torch.__version__}, quantized engine {torch.backends.quantized.engine}\n")
     if "raw" in parts:
         bench_raw(loaded, [int(b) for b in args.batches.split(",")], args.seconds, args.repeats, args.workers)

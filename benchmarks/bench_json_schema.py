@@ -105,7 +105,7 @@ class Server(Library):
         self.c, self.chars, self.state = compile_json(schema, chars, timeout_s=60), chars, 0
 
     def allowed(self) -> np.ndarray:
-        return np.flatnonzero(~self.c.forbid[self.state].numpy())
+        return np.flatnonzero(~self.c.forbid[self.state])
 
     def consume(self, char: int) -> None:
         nxt = int(self.c.next[self.state, char])

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from .common import ROOT, loadgen, table, tree_server
+from .common import ROOT, Proc, loadgen, table, tree_server
 
 MODELS = ["shakespeare@v1", "shakespeare@v2", "shakespeare@v3", "shakespeare@v4"]
 
@@ -31,15 +31,17 @@ import ctypes, gc, json, sys, time
 def rss():
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")) / 1024
 out = {"start": rss()}
-import torch, numpy, onnxruntime, onnx, fastapi, uvicorn
+import numpy, onnxruntime, onnx, fastapi, uvicorn
+if sys.argv[1].startswith("torch"):
+    import torch
 out["imports"] = rss()
 import service.api.app
 out["server modules"] = rss()
 from service import store
 loaded = store.load("shakespeare@v4")
-out["weights loaded (torch fp32)"] = rss()
+out["weights loaded"] = rss()
 from service.backends import build
-backend = build(sys.argv[1], loaded.model)
+backend = build(sys.argv[1], loaded if hasattr(loaded, "tensors") else loaded.model)  # (an earlier build: the torch module)
 out["backend built"] = rss()
 gc.collect(); ctypes.CDLL("libc.so.6").malloc_trim(0)
 out["after malloc_trim"] = rss()
@@ -60,16 +62,24 @@ def stages(tree: Path, backend: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def server(tree: Path, backend: str, cache: Path | None = None, **env):
+def server(tree: Path, backend: str, cache: Path | None = None, without_torch: bool = False, **env):
+    """A server of `tree`; `without_torch`: as on the serving install (tests/without_torch: torch cannot be imported)."""
     extra = {"CHARLSTM_BACKEND_CACHE": str(cache)} if cache is not None else {}
     t0 = time.perf_counter()
-    proc = tree_server(tree, backend, **extra, **env)
+    if without_torch:
+        env = {**env, "PYTHONPATH": f"{ROOT / 'tests' / 'without_torch'}:{tree}"}
+        proc = Proc(["-m", "service.cli", "serve", "--port", "{port}"], {
+            "CHARLSTM_MODEL_STORE": str(ROOT / "model_store"), "CHARLSTM_LOG_LEVEL": "warning",
+            "CHARLSTM_SESSION_DB": str(Path(tempfile.mkdtemp(prefix="charlstm-tree-")) / "sessions.sqlite3"),
+            **({"CHARLSTM_BACKEND": backend} if backend != "auto" else {}), **extra, **env}, cwd=tree)
+    else:
+        proc = tree_server(tree, backend, **extra, **env)
     return proc, time.perf_counter() - t0
 
 
-def idle(tree: Path, backend: str) -> tuple[float, float]:
+def idle(tree: Path, backend: str, without_torch: bool = False) -> tuple[float, float]:
     """(idle RSS with the default model, seconds from start to ready)."""
-    proc, ready_s = server(tree, backend, Path(tempfile.mkdtemp(prefix="charlstm-mem-")) / "choices.json")
+    proc, ready_s = server(tree, backend, Path(tempfile.mkdtemp(prefix="charlstm-mem-")) / "choices.json", without_torch)
     try:
         time.sleep(1.0)  # let the start's transient buffers go
         return rss_of(proc.proc.pid), ready_s
@@ -113,6 +123,10 @@ def main() -> None:
         for backend in backends:
             mb, ready_s = idle(tree, backend)
             rows.append([label, backend, f"{mb:.0f}", f"{ready_s:.1f}"])
+        if tree == ROOT:  # the serving install: no torch to import (an earlier build needs it)
+            for backend in [b for b in backends if not b.startswith("torch")]:
+                mb, ready_s = idle(tree, backend, without_torch=True)
+                rows.append([label, f"{backend}, serving install (no torch)", f"{mb:.0f}", f"{ready_s:.1f}"])
         if "auto" in backends:  # the second start finds the first one's choice (where the build keeps one)
             cache = Path(tempfile.mkdtemp(prefix="charlstm-mem-")) / "choices.json"
             for start in ("first start", "second start"):

@@ -28,9 +28,9 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import numpy as np
-import torch
 
 from service import store
+from service.backends.base import set_kernel_threads
 from service.backends.selector import build
 from service.engine.scheduler import Scheduler
 
@@ -121,7 +121,7 @@ async def drive(url: str) -> dict:
 
 def peer(model: str, seconds: float) -> float:
     """ONNX Runtime's own int8 step loop, B = 1, one thread: chars/s."""
-    backend = build("onnx-int8", store.load(model).model, workers=1)
+    backend = build("onnx-int8", store.load(model), workers=1)
     try:
         return statistics.median(raw_onnx_loop(backend, 1, seconds) for _ in range(3))
     finally:
@@ -132,7 +132,7 @@ def block_times(model: str, backend_name: str, chunk: int, rows: int) -> list[li
     """ms of one block (`Backend.ingest`) of 1 and of `rows` rows x `chunk` characters, and of the block
     a lone prompt gets (the chunks the scheduler gives a row of a block of 1), best of 5; the backend's
     own estimate beside each."""
-    backend = build(backend_name, store.load(model).model, workers=1)
+    backend = build(backend_name, store.load(model), workers=1)
     lone = Scheduler(rows, rows, chunk, rows, backend.block_seconds).chunks_a_row(1) * chunk
     out = []
     try:
@@ -172,7 +172,7 @@ def main() -> None:
     if a.drive:
         print(json.dumps(asyncio.run(drive(a.drive))))
         return
-    torch.set_num_threads(1)
+    set_kernel_threads(1)
     print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; model {a.model}; server backend {a.backend}")
     before = peer(a.model, a.peer_seconds)
     from service.settings import Settings

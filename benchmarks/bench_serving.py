@@ -17,6 +17,7 @@ import argparse
 import statistics
 import time
 
+import numpy as np
 import torch
 
 from service import store
@@ -29,17 +30,19 @@ from .common import Proc, charlstm_server, loadgen, table
 
 @torch.inference_mode()
 def raw_limit(runner: Backend, batch: int, seconds: float, temperature: float = 1.0) -> float:
-    """Characters per second of the fastest plain loop: fused step, softmax, multinomial. No engine."""
+    """Characters per second of the fastest plain loop: fused step, softmax, multinomial. No engine.
+    The backend's arrays are numpy's; the sampling stays torch's (softmax and multinomial over the logits,
+    no copy either way), as this limit has always been measured."""
     state = runner.zero_state(batch)  # (2, L, B, H)
-    ids = torch.zeros(batch, dtype=torch.long)
+    ids = np.zeros(batch, dtype=np.int64)
     gen = torch.Generator().manual_seed(0)
     for _ in range(20):  # warm-up
         state = runner.step(ids, state)
     steps, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         for _ in range(50):
-            logits = runner.logits(state)  # (B, V)
-            ids = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=gen).squeeze(1)  # (B,)
+            logits = torch.from_numpy(runner.logits(state))  # (B, V)
+            ids = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=gen).squeeze(1).numpy()  # (B,)
             state = runner.step(ids, state)
         steps += 50
     return batch * steps / (time.perf_counter() - t0)
@@ -60,14 +63,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     batches = sorted({1, 64, *(int(b) for b in args.batches.split(","))})  # section 2 compares 64 with 1
     loaded = store.load(args.model)
-    print(f"model {loaded.name}@{loaded.version}: {loaded.model.num_parameters():,} parameters; raw loop "
+    print(f"model {loaded.name}@{loaded.version}: {loaded.num_parameters:,} parameters; raw loop "
           f"{args.threads} threads; service {args.service_threads} torch thread(s) and its default of "
           f"{DEFAULT_STEP_WORKERS['torch']} step workers; naive {args.threads} threads\n")
 
     # Side by side: each load point runs right after its two limits, so a drift in the machine's speed
     # (a shared host) falls on both sides of the ratio. The idle server waits on a condition meanwhile.
     raw_seconds = min(args.seconds, 5.0)
-    in_kernel_runner, split = TorchBackend(loaded.model), TorchBackend(loaded.model, workers=args.threads)
+    in_kernel_runner, split = TorchBackend(loaded), TorchBackend(loaded, workers=args.threads)
     rounds = {b: {"in_kernel": [], "by_rows": [], "served": []} for b in batches}
     srv = charlstm_server(args.service_threads, model=args.model, max_batch_size=max(batches), max_queue=256)
     try:

@@ -22,7 +22,7 @@ import sys
 import time
 
 import httpx
-import torch
+import numpy as np
 
 from service import store
 from service.sessions.redis_store import RedisSessionStore
@@ -33,6 +33,11 @@ from tests.redis_server import RedisServer
 from .common import ROOT, charlstm_server, table
 
 OPS = ("lease", "renew", "commit", "release", "create", "get")
+
+
+def random_state(layers: int, hidden: int, rng: np.random.Generator) -> np.ndarray:
+    """A session state of the model's size: (2, L, H) float32, as the engine hands the store."""
+    return rng.standard_normal((2, layers, hidden), dtype=np.float32)
 
 
 def session_load(url: str, clients: int, seconds: float, max_new_tokens: int) -> dict:
@@ -89,17 +94,17 @@ def bench_latency(model: str, redis_url: str, clients: int, seconds: float, repe
 
 def bench_memory(model: str, redis_url: str, count: int) -> None:
     loaded = store.load(model)
-    cfg = loaded.model.config
+    cfg = loaded.config
     layers, hidden = cfg.num_layers, cfg.hidden_size
     client = __import__("redis").Redis.from_url(redis_url)
     client.flushdb()
     s = RedisSessionStore(redis_url, count + 10, key=b"bench-session-key-0123456789abcdef", models={f"{loaded.name}@{loaded.version}": loaded.card["weights_sha256"]})
     s.claim()
     before = client.info("memory")["used_memory"]
-    now = time.time()
+    now, rng = time.time(), np.random.default_rng(0)
     t0 = time.perf_counter()
     for i in range(count):
-        s.create(SessionRecord(id=new_session_id(), state=torch.randn(2, layers, hidden), seed=i, counter=0, position=6,
+        s.create(SessionRecord(id=new_session_id(), state=random_state(layers, hidden, rng), seed=i, counter=0, position=6,
                                model=loaded.card["weights_sha256"], ttl_s=600.0, created_at=now, last_used=now))
     elapsed = time.perf_counter() - t0
     after = client.info("memory")["used_memory"]
@@ -119,7 +124,7 @@ def bench_ops(model: str, redis_url: str, cycles: int) -> None:
     from service.sessions.memory_store import MemorySessionStore
 
     loaded = store.load(model)
-    cfg, fingerprint = loaded.model.config, loaded.card["weights_sha256"]
+    cfg, fingerprint = loaded.config, loaded.card["weights_sha256"]
     redis = __import__("redis").Redis.from_url(redis_url)
     redis.flushdb()
     redis.close()
@@ -128,7 +133,7 @@ def bench_ops(model: str, redis_url: str, cycles: int) -> None:
     rows = []
     for kind, s in stores.items():
         now = time.time()
-        record = s.create(SessionRecord(id=new_session_id(), state=torch.randn(2, cfg.num_layers, cfg.hidden_size), seed=1,
+        record = s.create(SessionRecord(id=new_session_id(), state=random_state(cfg.num_layers, cfg.hidden_size, np.random.default_rng(1)), seed=1,
                                         counter=0, position=1, model=fingerprint, ttl_s=600.0, created_at=now, last_used=now))
         lease_t, commit_t = [], []
         for _ in range(cycles):
@@ -158,7 +163,6 @@ def main() -> None:
     ap.add_argument("--parts", default="7,8,9", help="which of the sections to run")
     args = ap.parse_args()
     parts = set(args.parts.split(","))
-    torch.set_num_threads(1)
     server = RedisServer()
     try:
         print(f"redis-server {subprocess.run([server.binary, '--version'], capture_output=True, text=True).stdout.split()[2]} "

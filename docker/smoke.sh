@@ -11,6 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 IMAGE=charlstm:smoke
+SLIM_IMAGE=charlstm:smoke-serve
 PROM_IMAGE=charlstm-prometheus:smoke
 NAME=charlstm-smoke-$$
 PORT=${SMOKE_PORT:-18080}
@@ -121,7 +122,39 @@ assert text == plain["text"], "streamed text differs from the plain response for
 print("[smoke] streaming equals the plain response", file=sys.stderr)
 PY
 curl -fsS "http://127.0.0.1:$PORT/metrics" | promtool check metrics
-log "image: ok"
+backend=$(curl -fsS "http://127.0.0.1:$PORT/info" | python3 -c '
+import json, sys
+b = json.load(sys.stdin)["engine"]["backend"]
+print(b["name"] if isinstance(b, dict) else b)')
+log "image: ok (backend $backend)"
+docker rm -f "$NAME" >/dev/null
+
+# The serving image: no torch. On the backend the full image chose (where the serving install has it),
+# the same seed must give the same text, bit for bit.
+log "building $SLIM_IMAGE (the serving install, no torch)"
+docker build --network host -q -t "$SLIM_IMAGE" --build-arg EXTRAS= . >/dev/null
+slim_size=$(docker image inspect "$SLIM_IMAGE" --format '{{.Size}}')
+log "serving image size $((slim_size / 1000000)) MB"
+if docker run --rm "$SLIM_IMAGE" python3 -c 'import torch' >/dev/null 2>&1; then fail "the serving image has torch"; fi
+slim_backend=auto
+case $backend in onnx*) slim_backend=$backend ;; esac
+docker run -d --name "$NAME" --network host -e CHARLSTM_HOST=127.0.0.1 -e CHARLSTM_PORT="$PORT" \
+  -e CHARLSTM_BACKEND="$slim_backend" "$SLIM_IMAGE" >/dev/null
+wait_for 120 "a healthy serving container" healthy || { docker logs "$NAME" | tail -30; exit 1; }
+slim_plain=$(curl -fsS "http://127.0.0.1:$PORT/generate" -H 'content-type: application/json' \
+  -d '{"prompt": "ROMEO:\n", "max_new_tokens": 300, "temperature": 0.7, "seed": 1}')
+check_text "$(python3 -c 'import json,sys; print(json.load(sys.stdin)["text"])' <<<"$slim_plain")"
+if [[ $slim_backend == "$backend" ]]; then
+  python3 - "$plain" "$slim_plain" <<'PY'
+import json, sys
+assert json.loads(sys.argv[1])["text"] == json.loads(sys.argv[2])["text"], "the serving image writes another text for the same seed"
+print("[smoke] the serving image writes the full image's text for the same seed", file=sys.stderr)
+PY
+else
+  log "the full image chose $backend, which the serving image lacks: texts not compared"
+fi
+curl -fsS "http://127.0.0.1:$PORT/metrics" | promtool check metrics
+log "serving image: ok"
 docker rm -f "$NAME" >/dev/null
 
 log "building $PROM_IMAGE (Prometheus from Debian's package)"
@@ -146,4 +179,4 @@ curl -fsS "http://127.0.0.1:8000/sessions/$sid/generate" -H 'content-type: appli
 curl -fsS -X DELETE "http://127.0.0.1:8000/sessions/$sid" >/dev/null
 python3 docker/check_dashboard.py http://127.0.0.1:9090 --wait 90
 log "compose: every dashboard panel's query parses and returns a series"
-log "ok: build $((t1 - t0)) s, image $((size / 1000000)) MB"
+log "ok: build $((t1 - t0)) s, image $((size / 1000000)) MB, serving image $((slim_size / 1000000)) MB"

@@ -187,7 +187,7 @@ def _score(args, loaded, chunks):
 
         if args.unknown_chars != "error":
             raise ValueError("--backend scores text as it is: leave --unknown-chars at error")
-        score = score_chunks_stepped(build(backend, loaded.model, workers=1), loaded.vocab, chunks)
+        score = score_chunks_stepped(build(backend, loaded, workers=1), loaded.vocab, chunks)
     else:
         score = score_chunks(loaded.model, loaded.vocab, chunks, unknown=args.unknown_chars, replacement=args.replacement)
     _report_unknown(args, score.unknown_chars)
@@ -469,6 +469,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (ValueError, OSError) as e:
         print(f"charlstm: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        if e.name != "torch":
+            raise
+        print(f"charlstm {args.command}: this command needs torch, which the serving install leaves out: "
+              "pip install 'charlstm[torch]' (README: Which install)", file=sys.stderr)
         return 2
 
 

@@ -2,37 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .model import CharLSTM, State
+from .scores import LN2, Score  # noqa: F401 (evaluation's result; its home needs no torch)
 from .vocab import CharVocab, OutOfVocabularyError
-
-LN2 = math.log(2.0)
-
-
-@dataclass(frozen=True)
-class Score:
-    nats_total: float
-    chars: int  # characters predicted: every character after the first
-    unknown_chars: int = 0  # characters outside the vocabulary that were skipped or replaced
-
-    @property
-    def nats_per_char(self) -> float:
-        return self.nats_total / self.chars if self.chars else float("nan")
-
-    @property
-    def bits_per_char(self) -> float:
-        return self.nats_per_char / LN2
-
-    def to_dict(self) -> dict:
-        return {"nats_per_char": self.nats_per_char, "bits_per_char": self.bits_per_char, "chars": self.chars,
-                "unknown_chars": self.unknown_chars}
-
 
 def read_chunks(path: str | Path, size: int = 1 << 16) -> Iterator[str]:
     """A UTF-8 file as text chunks, so a file of any length streams in constant memory."""

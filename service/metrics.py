@@ -9,12 +9,12 @@ the process_* and python_* series an operator's dashboards expect beside the cha
 from __future__ import annotations
 
 import bisect
+import importlib.metadata
 import threading
 import time
 from collections.abc import Callable
 
 import numpy as np
-import torch
 from fastapi import FastAPI, Request, Response
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, GCCollector, Histogram, Info, PlatformCollector,
                                ProcessCollector, disable_created_metrics, generate_latest)
@@ -200,7 +200,7 @@ class Metrics:
         default = pool.catalog.resolve(None)
         self.model.info({"name": default.name, "version": default.version, "parameters": str(default.card.get("num_parameters", ""))})
         self.build.info({"version": __version__, "model": default.ref, "weights_sha256": default.fingerprint[:16],
-                         "torch": torch.__version__})
+                         "torch": _version("torch")})
         self.max_batch_size.set(settings.max_batch_size)
         self.max_queue.set(settings.max_queue)
         self.max_sessions.set(settings.max_sessions)
@@ -373,3 +373,11 @@ def instrument(app: FastAPI) -> Metrics:
     app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], tags=["probes"],
                       summary="Prometheus metrics", response_class=Response)
     return metrics
+
+
+def _version(package: str) -> str:
+    """An installed package's version, "none" where it is not installed (the serving install has no torch)."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "none"

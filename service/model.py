@@ -6,53 +6,13 @@ carry it across chunks (training), across calls (sessions) or across rows of a b
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .model_config import CharLSTMConfig
+
 State = tuple[torch.Tensor, torch.Tensor]  # (h, c), each (num_layers, B, hidden_size)
-
-
-@dataclass(frozen=True)
-class CharLSTMConfig:
-    vocab_size: int = 65  # distinct characters; tiny-shakespeare has 65
-    embed_dim: int = 512  # width of the character embedding; must equal hidden_size when tying
-    hidden_size: int = 512  # width of each LSTM layer's state
-    num_layers: int = 2  # stacked LSTM layers
-    dropout: float = 0.2  # per-step dropout between LSTM layers and on the top layer's output (training only)
-    embed_dropout: float = 0.0  # per-step dropout on the embedded characters (training only)
-    tie_weights: bool = False  # share the embedding matrix with the output head
-    # Variational dropout (Gal & Ghahramani): one mask per sequence and layer, shared over time, on the
-    # embedding output, between layers and on the top layer's output (training only). Adds to the above.
-    variational_dropout: float = 0.0
-    weight_drop: float = 0.0  # DropConnect on each layer's recurrent matrix weight_hh_l{k}, new mask per batch (AWD-LSTM)
-
-    def __post_init__(self) -> None:
-        for name in ("vocab_size", "embed_dim", "hidden_size", "num_layers"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("dropout", "embed_dropout", "variational_dropout", "weight_drop"):
-            if not 0.0 <= float(getattr(self, name)) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.tie_weights and self.embed_dim != self.hidden_size:
-            raise ValueError(f"tie_weights needs embed_dim == hidden_size, got {self.embed_dim} != {self.hidden_size}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "CharLSTMConfig":
-        known = set(cls.__dataclass_fields__)
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown model config fields: {sorted(unknown)}")
-        return cls(**d)
-
-    def state_floats(self) -> int:
-        """Floats in one stream's recurrent state: layers x (h, c) x hidden."""
-        return self.num_layers * 2 * self.hidden_size
 
 
 def variational_mask(x: torch.Tensor, p: float) -> torch.Tensor:

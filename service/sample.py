@@ -12,13 +12,16 @@ import sys
 from collections.abc import Iterator
 
 from .backends import build
+from .backends.selector import reference_backend
 from .engine.constraints import Constraint, compile_choices, compile_regex
 from .engine.engine import Engine
 from .engine.types import Done, GenerationRequest, Token
 from .sampling import SamplingParams
 from .store import LoadedModel
 
-DEFAULT_BACKEND = "torch"  # the reference the server's tests and a pinned server use; --backend picks another
+# The fp32 reference the server's tests and a pinned server use (torch's; ONNX Runtime's fp32 graph on the
+# serving install, which has no torch); --backend picks another
+DEFAULT_BACKEND = reference_backend()
 
 
 def generate(engine: Engine, request: GenerationRequest) -> Iterator[Token | Done]:
@@ -34,7 +37,7 @@ def generate(engine: Engine, request: GenerationRequest) -> Iterator[Token | Don
 
 def run(loaded: LoadedModel, request: GenerationRequest, backend: str = DEFAULT_BACKEND) -> Iterator[Token | Done]:
     """Start an engine on `backend` for this one request, yield its events, stop the engine."""
-    engine = Engine(build(backend, loaded.model), loaded.vocab)
+    engine = Engine(build(backend, loaded), loaded.vocab)
     engine.start()
     try:
         yield from generate(engine, request)

@@ -12,7 +12,6 @@ import itertools
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -73,30 +72,30 @@ class SamplingParams:
 
 
 def sample_next(
-    logits: torch.Tensor,
-    temperature: torch.Tensor,
-    top_k: torch.Tensor,
-    top_p: torch.Tensor,
-    repetition_penalty: torch.Tensor,
-    seen: torch.Tensor | None,
-    u: torch.Tensor,
+    logits: np.ndarray,
+    temperature: np.ndarray,
+    top_k: np.ndarray,
+    top_p: np.ndarray,
+    repetition_penalty: np.ndarray,
+    seen: np.ndarray | None,
+    u: np.ndarray,
     want_logprobs: bool = True,
     *,
-    presence_penalty: torch.Tensor | None = None,
-    frequency_penalty: torch.Tensor | None = None,
-    counts: torch.Tensor | None = None,
-    top_logprobs: torch.Tensor | None = None,
-    raw: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    presence_penalty: np.ndarray | None = None,
+    frequency_penalty: np.ndarray | None = None,
+    counts: np.ndarray | None = None,
+    top_logprobs: np.ndarray | None = None,
+    raw: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Pick one character per row, each row with its own controls, without a Python loop over rows.
 
-    logits (B, V) float; temperature, top_p, repetition_penalty (B,) float; top_k (B,) int64;
+    logits (B, V) float32; temperature, top_p, repetition_penalty (B,) float32; top_k (B,) int64;
     seen (B, V) bool or None: characters already in each stream's prompt or text; u (B,) float64 uniforms.
-    presence_penalty, frequency_penalty (B,) float with counts (B, V): how often each row generated
+    presence_penalty, frequency_penalty (B,) float32 with counts (B, V): how often each row generated
     each character (OpenAI's penalties; None when no row asks, and a row with 0 keeps its logits
     bit for bit). top_logprobs is a reporting control (see `top_alternatives`): the draw ignores it.
     raw: the model's logits when `logits` were masked (a constraint), for the log-probabilities.
-    Returns (ids (B,) int64, logprobs (B,) float or None): the log-probability of each chosen
+    Returns (ids (B,) int64, logprobs (B,) float32 or None): the log-probability of each chosen
     character under the model's own distribution, before penalty, temperature and filters.
     A row picks the first character whose cumulative probability exceeds its uniform, in descending
     order of probability when a filter is on and in vocabulary order otherwise.
@@ -104,82 +103,93 @@ def sample_next(
     B, V = logits.shape
     raw = logits if raw is None else raw
     if seen is not None:
-        pen = repetition_penalty.unsqueeze(1)  # (B, 1)
-        logits = torch.where(seen, torch.where(logits > 0, logits / pen, logits * pen), logits)
+        pen = repetition_penalty[:, None]  # (B, 1)
+        logits = np.where(seen, np.where(logits > 0, logits / pen, logits * pen), logits)
     if counts is not None:
-        c = counts.to(logits.dtype)  # (B, V)
-        logits = logits - frequency_penalty.unsqueeze(1) * c - presence_penalty.unsqueeze(1) * (c > 0).to(logits.dtype)
+        c = counts.astype(logits.dtype)  # (B, V)
+        logits = logits - frequency_penalty[:, None] * c - presence_penalty[:, None] * (c > 0).astype(logits.dtype)
     greedy, scale = temperature_scale(temperature)  # (B,), (B,)
     filtered = (top_k > 0) | (top_p < 1.0)  # (B,) rows with a top-k or nucleus filter
-    if not bool(filtered.any()):
+    if not filtered.any():
         return sample_plain(logits, scale, greedy, u, want_logprobs, any_greedy=bool(greedy.any()), raw=raw)
     # Filtered rows work in descending order of probability; the others keep vocabulary order, so
     # a row draws the same character whatever the other rows of the batch ask for.
-    scaled = logits / scale.unsqueeze(1)  # (B, V)
-    ranks = torch.arange(V, device=logits.device).unsqueeze(0)  # (1, V)
-    order = torch.where(filtered.unsqueeze(1), torch.sort(scaled, dim=-1, descending=True, stable=True).indices,
-                        ranks)  # (B, V)
-    ordered = scaled.gather(1, order)  # (B, V)
-    k = torch.where(top_k > 0, top_k.clamp(max=V), torch.full_like(top_k, V)).unsqueeze(1)  # (B, 1)
-    probs = torch.softmax(ordered.masked_fill(ranks >= k, float("-inf")), dim=-1)  # (B, V)
-    before = torch.cumsum(probs, dim=-1) - probs  # mass strictly above each rank
-    keep = (before < top_p.unsqueeze(1)) | (ranks == 0) | ~filtered.unsqueeze(1)  # the top character stays
+    scaled = logits / scale[:, None]  # (B, V)
+    ranks = np.arange(V)[None, :]  # (1, V)
+    descending = np.argsort(-scaled, axis=-1, kind="stable")  # (B, V): ties keep vocabulary order
+    order = np.where(filtered[:, None], descending, ranks)  # (B, V)
+    ordered = np.take_along_axis(scaled, order, axis=1)  # (B, V)
+    k = np.where(top_k > 0, np.minimum(top_k, V), V)[:, None]  # (B, 1)
+    probs = softmax(np.where(ranks >= k, np.float32(-np.inf), ordered))  # (B, V)
+    before = np.cumsum(probs, axis=-1, dtype=np.float32) - probs  # mass strictly above each rank
+    keep = (before < top_p[:, None]) | (ranks == 0) | ~filtered[:, None]  # the top character stays
     pick = _draw(probs * keep, u)  # (B,) a rank
-    pick = order.gather(1, pick.unsqueeze(1)).squeeze(1)  # (B,) a character
-    if bool(greedy.any()):
-        pick = torch.where(greedy, logits.argmax(dim=-1), pick)
+    pick = np.take_along_axis(order, pick[:, None], axis=1)[:, 0]  # (B,) a character
+    if greedy.any():
+        pick = np.where(greedy, logits.argmax(axis=-1), pick)
     return pick, _logprobs(raw, pick) if want_logprobs else None
 
 
-def temperature_scale(temperature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def temperature_scale(temperature: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """temperature (B,) -> (greedy (B,) bool: rows below MIN_TEMPERATURE, scale (B,): what each row's
     logits are divided by, its temperature, 1 for greedy rows (their pick is the argmax anyway))."""
     greedy = temperature < MIN_TEMPERATURE
-    return greedy, torch.where(greedy, torch.ones_like(temperature), temperature)
+    return greedy, np.where(greedy, np.float32(1.0), temperature).astype(np.float32)
 
 
-def sample_plain(logits: torch.Tensor, scale: torch.Tensor, greedy: torch.Tensor, u: torch.Tensor,
-                 want_logprobs: bool = True, *, any_greedy: bool = True, raw: torch.Tensor | None = None,
-                 unit_scale: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`sample_next` for rows with no filter: temperature and greedy only, in vocabulary order. It picks
-    what `sample_next` picks for such rows, in fewer kernels (no sort) and without reading anything back
-    to the host, so a CUDA graph can hold it (service/engine/cuda_step.py), and at one row on the CPU, where
-    each kernel's fixed cost is most of the sampling, a batch that worked out its scale once calls it directly.
+def softmax(x: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float32. x (B, V) -> (B, V). Each row alone: the same bits in any batch."""
+    e = np.exp(x - x.max(axis=-1, keepdims=True))  # (B, V), contiguous: numpy's vector exp on every element
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax in float32. x (B, V) -> (B, V)."""
+    shifted = x - x.max(axis=-1, keepdims=True)  # (B, V)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def sample_plain(logits: np.ndarray, scale: np.ndarray, greedy: np.ndarray, u: np.ndarray,
+                 want_logprobs: bool = True, *, any_greedy: bool = True, raw: np.ndarray | None = None,
+                 unit_scale: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """`sample_next` for rows with no filter: temperature and greedy only, in vocabulary order, with no
+    sort. A batch that worked out its scale once calls it directly.
 
     logits (B, V); scale (B,) the temperature, 1 for greedy rows; greedy (B,) bool; u (B,) float64.
     any_greedy False (the caller knows no row is greedy) skips the argmax; raw: the logits before any
     penalty, for the log-probabilities (default: logits). unit_scale True (the caller knows every scale is 1)
     skips the division, which would leave every bit as it is. Returns (ids (B,) int64, logprobs (B,) or None)."""
-    pick = _draw(torch.softmax(logits if unit_scale else logits / scale.unsqueeze(1), dim=-1), u)  # (B,)
+    pick = _draw(softmax(logits if unit_scale else logits / scale[:, None]), u)  # (B,)
     if any_greedy:
-        pick = torch.where(greedy, logits.argmax(dim=-1), pick)
+        pick = np.where(greedy, logits.argmax(axis=-1), pick)
     return pick, _logprobs(logits if raw is None else raw, pick) if want_logprobs else None
 
 
-def _draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+def _draw(probs: np.ndarray, u: np.ndarray) -> np.ndarray:
     """The first column whose cumulative probability exceeds each row's uniform. probs (B, V), u (B,) -> (B,) int64.
-    The cumulative sum runs left to right in float64, one addition at a time (torch's CPU cumsum does the
-    same), so a few rows on the host take Python's floats: the same bits, without a tensor op's fixed cost."""
-    V = probs.shape[1]
-    if probs.shape[0] <= SMALL_BATCH and probs.device.type == "cpu":
+    The cumulative sum runs left to right in float64, one addition at a time (numpy's cumsum does the
+    same), so a few rows take Python's floats: the same bits, without numpy's fixed cost per call."""
+    B, V = probs.shape
+    if B <= SMALL_BATCH:
         picks = []
         for row, x in zip(probs.tolist(), u.tolist()):
             cdf = list(itertools.accumulate(row))
             picks.append(min(bisect.bisect_right(cdf, x * cdf[-1]), V - 1))
-        return torch.tensor(picks, dtype=torch.long)
-    cdf = torch.cumsum(probs, dim=-1, dtype=torch.float64)  # (B, V)
-    target = (u.to(cdf.dtype) * cdf[:, -1]).unsqueeze_(1)  # (B, 1): the rows' mass need not sum to 1
-    return torch.searchsorted(cdf, target, right=True).clamp_(max=V - 1).squeeze_(1)
+        return np.array(picks, dtype=np.int64)
+    cdf = np.cumsum(probs, axis=-1, dtype=np.float64)  # (B, V)
+    target = (u * cdf[:, -1])[:, None]  # (B, 1): the rows' mass need not sum to 1
+    return np.minimum((cdf <= target).sum(axis=1), V - 1).astype(np.int64)  # searchsorted, right side, row by row
 
 
-def _logprobs(raw: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
+def _logprobs(raw: np.ndarray, pick: np.ndarray) -> np.ndarray:
     """Each picked character's log-probability under the model's own distribution. raw (B, V), pick (B,) -> (B,)."""
-    return torch.log_softmax(raw, dim=-1).gather(1, pick.unsqueeze(1)).squeeze(1)
+    return np.take_along_axis(log_softmax(raw), pick[:, None], axis=1)[:, 0]
 
 
-def top_alternatives(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def top_alternatives(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The k most likely characters of each row and their log-probabilities under the model's own
-    distribution (as the sampled character's figure), most likely first.
-    logits (B, V) -> ids (B, k) int64, logprobs (B, k) float."""
-    lps, ids = torch.log_softmax(logits, dim=-1).topk(min(k, logits.shape[1]), dim=-1)  # (B, k) each, descending
-    return ids, lps
+    distribution (as the sampled character's figure), most likely first; ties in vocabulary order.
+    logits (B, V) -> ids (B, k) int64, logprobs (B, k) float32."""
+    lps = log_softmax(logits)  # (B, V)
+    ids = np.argsort(-lps, axis=-1, kind="stable")[:, : min(k, logits.shape[1])]  # (B, k)
+    return ids, np.take_along_axis(lps, ids, axis=1)

@@ -18,13 +18,19 @@ import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.numpy import load_file
 
-from .model import CharLSTM, CharLSTMConfig
+from .model_config import CharLSTMConfig, tensor_shapes
 from .vocab import CharVocab
+
+if TYPE_CHECKING:
+    import torch
+
+    from .model import CharLSTM
 
 CARD_FORMAT = "charlstm-model/1"
 WEIGHTS_FILE = "model.safetensors"
@@ -35,7 +41,7 @@ DEFAULT_MODEL = "shakespeare"  # the default when the store records none
 DEFAULT_FILE = "default.json"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _VERSION = re.compile(r"^v(\d{1,9})$")
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+_DTYPE_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}  # numpy's or torch's name -> the file's
 
 
 class ModelLoadError(Exception):
@@ -44,20 +50,37 @@ class ModelLoadError(Exception):
 
 @dataclass
 class LoadedModel:
-    model: CharLSTM | None  # None once a server's backend has its own copy of the weights (`drop_module`)
+    """A checked model: its tensors as numpy arrays (no torch needed to serve it), the torch module
+    built from them only when something asks for `model` (training tools, the torch backends)."""
+
+    tensors: dict[str, np.ndarray] | None  # name -> fp32 array, as stored; None after `drop_module`
     vocab: CharVocab
     card: dict
     path: Path
-    config: CharLSTMConfig = field(init=False)
+    config: CharLSTMConfig
     num_parameters: int = field(init=False)
+    _module: CharLSTM | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
-        self.config, self.num_parameters = self.model.config, self.model.num_parameters()
+        self.num_parameters = sum(int(a.size) for a in self.tensors.values())  # a tied matrix is stored once
+
+    @property
+    def model(self) -> CharLSTM:
+        """The torch module (eval mode, CPU), built on first use: this imports torch."""
+        if self._module is None:
+            if self.tensors is None:
+                raise RuntimeError(f"{self.path}: the weights were let go (drop_module): the serving backend holds its own copy")
+            self._module = module_from(self.config, self.tensors)
+        return self._module
+
+    @model.setter
+    def model(self, module: CharLSTM) -> None:
+        self._module = module
 
     def drop_module(self) -> None:
-        """Let the torch module's fp32 weights go: a backend that built its own copy (ONNX Runtime's
-        sessions) needs none of them, and they are 4 bytes a parameter."""
-        self.model = None
+        """Let the fp32 weights go: a backend that built its own copy (ONNX Runtime's sessions) needs
+        none of them, and they are 4 bytes a parameter."""
+        self.tensors, self._module = None, None
 
     @property
     def name(self) -> str:
@@ -190,6 +213,17 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def module_from(config: CharLSTMConfig, tensors: dict[str, np.ndarray]) -> CharLSTM:
+    """The torch module of these tensors, in eval mode on the CPU."""
+    import torch
+
+    from .model import CharLSTM
+
+    model = CharLSTM(config)
+    model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in tensors.items()}, strict=not config.tie_weights)
+    return model.eval()
+
+
 def weights_of(model: CharLSTM) -> dict[str, torch.Tensor]:
     """The tensors to store: a tied head shares the embedding and is not written twice."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
@@ -198,9 +232,15 @@ def weights_of(model: CharLSTM) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def tensor_manifest(tensors: dict[str, torch.Tensor]) -> dict[str, dict]:
-    dtype_names = {v: k for k, v in _DTYPES.items()}
-    return {k: {"shape": list(t.shape), "dtype": dtype_names[t.dtype]} for k, t in sorted(tensors.items())}
+def tensor_manifest(tensors: dict) -> dict[str, dict]:
+    """name -> shape and dtype (the file's name for it) of numpy arrays or torch tensors."""
+    return {k: {"shape": list(t.shape), "dtype": _DTYPE_NAMES[str(t.dtype).removeprefix("torch.")]}
+            for k, t in sorted(tensors.items())}
+
+
+def expected_manifest(config: CharLSTMConfig) -> dict[str, dict]:
+    """The manifest a model of this architecture has: fp32 tensors of `model_config.tensor_shapes`."""
+    return {k: {"shape": shape, "dtype": "F32"} for k, shape in sorted(tensor_shapes(config).items())}
 
 
 def load(ref: str, root: str | Path | None = None, allow_paths: bool = True) -> LoadedModel:
@@ -224,21 +264,22 @@ def load(ref: str, root: str | Path | None = None, allow_paths: bool = True) -> 
     actual_sha = file_sha256(weights_path)
     if actual_sha != expected_sha:
         raise ModelLoadError(f"{weights_path} is corrupt or truncated: sha256 {actual_sha[:12]}... does not match the card's {str(expected_sha)[:12]}...")
+    unreadable = (SafetensorError, OSError, ValueError, RuntimeError, TypeError)  # TypeError: a dtype numpy lacks (BF16)
     try:
-        with safe_open(str(weights_path), framework="pt") as f:
+        with safe_open(str(weights_path), framework="np") as f:
             header = {k: {"shape": list(f.get_slice(k).get_shape()), "dtype": f.get_slice(k).get_dtype()} for k in f.keys()}
-        tensors = load_file(str(weights_path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+    except unreadable as e:
         raise ModelLoadError(f"{weights_path} is not a readable safetensors file: {e}") from None
 
-    model = CharLSTM(config)
-    expected = tensor_manifest(weights_of(model))
+    expected = expected_manifest(config)
     for label, got in (("card", manifest), ("weights file", header)):
         if got != expected:
             raise ModelLoadError(f"{label} of {folder} does not match the architecture in the card: {describe_mismatch(expected, got)}")
-    model.load_state_dict(tensors, strict=not config.tie_weights)
-    model.eval()
-    return LoadedModel(model=model, vocab=vocab, card=card, path=folder)
+    try:  # only once the header says fp32 tensors of the right shapes
+        tensors = load_file(str(weights_path))
+    except unreadable as e:
+        raise ModelLoadError(f"{weights_path} is not a readable safetensors file: {e}") from None
+    return LoadedModel(tensors=tensors, vocab=vocab, card=card, path=folder, config=config)
 
 
 def read_card(folder: Path) -> dict:
@@ -275,6 +316,8 @@ def save(model: CharLSTM, vocab: CharVocab, card: dict, name: str, root: str | P
     parent.mkdir(parents=True, exist_ok=True)
     tmp = parent / f".tmp-{uuid.uuid4().hex}"
     tmp.mkdir()
+    from safetensors.torch import save_file
+
     try:
         tensors = weights_of(model)
         save_file(tensors, str(tmp / WEIGHTS_FILE))
@@ -304,7 +347,7 @@ def save(model: CharLSTM, vocab: CharVocab, card: dict, name: str, root: str | P
         raise
     reloaded = load(str(final))
     for k, t in tensors.items():
-        if not torch.equal(reloaded.model.state_dict()[k], t):
+        if not np.array_equal(reloaded.tensors[k], t.float().numpy()):
             raise ModelLoadError(f"{final}: tensor {k!r} differs after reload")
     return final
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-import torch
+import numpy as np
 
 from service.backends.base import Backend
 from service.engine.engine import Engine, EngineConfig
@@ -21,11 +21,11 @@ from service.engine.types import Done, GenerationRequest
 from service.sampling import SamplingParams
 
 
-def random_state(backend: Backend, rows: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """ids (rows,) and a state (2, L, rows, H) with values in [-1, 1], as LSTM states are."""
-    gen = torch.Generator().manual_seed(seed)
-    state = torch.rand(2, backend.num_layers, rows, backend.hidden, generator=gen) * 2 - 1
-    return torch.randint(0, backend.vocab_size, (rows,), generator=gen), state
+def random_state(backend: Backend, rows: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """ids (rows,) int64 and a state (2, L, rows, H) float32 with values in [-1, 1], as LSTM states are."""
+    gen = np.random.default_rng(seed)
+    state = gen.random((2, backend.num_layers, rows, backend.hidden), dtype=np.float32) * 2 - 1
+    return gen.integers(0, backend.vocab_size, rows, dtype=np.int64), state
 
 
 def check_shapes(backend: Backend) -> None:
@@ -33,9 +33,10 @@ def check_shapes(backend: Backend) -> None:
     assert backend.zero_state().shape == (2, L, H) and backend.zero_state(5).shape == (2, L, 5, H)
     ids, state = random_state(backend, 5)
     new = backend.step(ids, state)
-    assert new.shape == (2, L, 5, H) and new.dtype == torch.float32
-    assert backend.logits(new).shape == (5, V)
-    assert not torch.equal(new, state)
+    assert isinstance(new, np.ndarray) and new.shape == (2, L, 5, H) and new.dtype == np.float32
+    logits = backend.logits(new)
+    assert isinstance(logits, np.ndarray) and logits.shape == (5, V) and logits.dtype == np.float32
+    assert not np.array_equal(new, state)
     assert isinstance(backend.describe()["name"], str)
 
 
@@ -46,14 +47,14 @@ def check_rows_alone_as_in_any_batch(backend: Backend, sizes=(1, 2, 3, 5, 17, 64
     logits = backend.logits(together)
     for size in sizes:
         part = backend.step(ids[:size], state[:, :, :size])
-        assert torch.equal(part, together[:, :, :size]), f"{backend.name}: rows of a batch of {size} differ from the same rows among {max(sizes)}"
-        assert torch.equal(backend.logits(part), logits[:size])
+        assert np.array_equal(part, together[:, :, :size]), f"{backend.name}: rows of a batch of {size} differ from the same rows among {max(sizes)}"
+        assert np.array_equal(backend.logits(part), logits[:size])
     for row in (0, 41, max(sizes) - 1):  # alone, from the middle of the batch
-        alone = backend.step(ids[row : row + 1], state[:, :, row : row + 1].clone())
-        assert torch.equal(alone, together[:, :, row : row + 1])
-        assert torch.equal(backend.logits(alone), logits[row : row + 1])
+        alone = backend.step(ids[row : row + 1], state[:, :, row : row + 1].copy())
+        assert np.array_equal(alone, together[:, :, row : row + 1])
+        assert np.array_equal(backend.logits(alone), logits[row : row + 1])
     waited = backend.start_step(ids, state)()  # the background form: the same result
-    assert torch.equal(waited, together)
+    assert np.array_equal(waited, together)
 
 
 def check_state_moves_out_and_back(backend: Backend) -> None:
@@ -65,33 +66,33 @@ def check_state_moves_out_and_back(backend: Backend) -> None:
     outside = state
     for _ in range(3):
         outside = backend.step(ids, outside)
-    row = outside[:, :, 4].clone()  # (2, L, H): what a session keeps
-    alone = row.unsqueeze(2)
+    row = outside[:, :, 4].copy()  # (2, L, H): what a session keeps
+    alone = row[:, :, None]
     for _ in range(3):
         alone = backend.step(ids[4:5], alone)
-    assert torch.equal(alone[:, :, 0], inside[:, :, 4])
+    assert np.array_equal(alone[:, :, 0], inside[:, :, 4])
 
 
 def check_block_ingests_as_its_step(backend: Backend) -> None:
     """A block of prompt slices (`ingest`): every row's state and top outputs are the bits of stepping that
     row alone through the backend's own step, character by character, whatever the other rows hold and
     however long their slices are (padding, the block graph and shares of max_rows included)."""
-    gen = torch.Generator().manual_seed(5)
+    gen = np.random.default_rng(5)
     lengths = [130, 1, 64, 9, 0, 33, 128, 2]
-    slices = [torch.randint(0, backend.vocab_size, (n,), generator=gen).tolist() for n in lengths]
+    slices = [gen.integers(0, backend.vocab_size, n).tolist() for n in lengths]
     _, state = random_state(backend, len(slices), seed=6)
     together, outputs = backend.ingest(slices, state, outputs=True)
     assert together.shape == state.shape and [tuple(y.shape) for y in outputs] == [(n, backend.hidden) for n in lengths]
     for r, ids in enumerate(slices):
-        alone, alone_outputs = backend.ingest([ids], state[:, :, r : r + 1].clone(), outputs=True)
+        alone, alone_outputs = backend.ingest([ids], state[:, :, r : r + 1].copy(), outputs=True)
         stepped = state[:, :, r : r + 1]
         for t, i in enumerate(ids):
-            stepped = backend.step(torch.tensor([i]), stepped)
-            assert torch.equal(stepped[0, -1, 0], outputs[r][t]), f"{backend.name}: row {r}'s output {t} is not its step's"
-        assert torch.equal(together[:, :, r], stepped[:, :, 0]), f"{backend.name}: row {r} of a block is not its stepped state"
-        assert torch.equal(alone[:, :, 0], together[:, :, r]) and torch.equal(alone_outputs[0], outputs[r])
+            stepped = backend.step(np.array([i], dtype=np.int64), stepped)
+            assert np.array_equal(stepped[0, -1, 0], outputs[r][t]), f"{backend.name}: row {r}'s output {t} is not its step's"
+        assert np.array_equal(together[:, :, r], stepped[:, :, 0]), f"{backend.name}: row {r} of a block is not its stepped state"
+        assert np.array_equal(alone[:, :, 0], together[:, :, r]) and np.array_equal(alone_outputs[0], outputs[r])
     without, none = backend.ingest(slices, state)
-    assert none is None and torch.equal(without, together)
+    assert none is None and np.array_equal(without, together)
 
 
 def check_prefill_lands_where_stepping_lands(backend: Backend, reference: Backend, atol: float) -> None:
@@ -101,16 +102,16 @@ def check_prefill_lands_where_stepping_lands(backend: Backend, reference: Backen
         state = backend.prefill(ids, backend.zero_state())
         stepped = reference.zero_state(1)
         for i in ids:
-            stepped = reference.step(torch.tensor([i]), stepped)
+            stepped = reference.step(np.array([i], dtype=np.int64), stepped)
         assert state.shape == (2, backend.num_layers, backend.hidden)
-        assert torch.allclose(state, stepped[:, :, 0], atol=atol), (backend.name, length, float((state - stepped[:, :, 0]).abs().max()))
+        assert np.allclose(state, stepped[:, :, 0], atol=atol), (backend.name, length, float(np.abs(state - stepped[:, :, 0]).max()))
         scored, outputs = backend.prefill(ids, backend.zero_state(), outputs=True)
-        assert torch.equal(scored, state) and outputs.shape == (length, backend.hidden)
+        assert np.array_equal(scored, state) and outputs.shape == (length, backend.hidden)
 
 
 def check_logits_near_reference(backend: Backend, reference: Backend, atol: float) -> None:
     ids, state = random_state(backend, 8, seed=9)
-    assert torch.allclose(backend.logits(backend.step(ids, state)), reference.logits(reference.step(ids, state)), atol=atol)
+    assert np.allclose(backend.logits(backend.step(ids, state)), reference.logits(reference.step(ids, state)), atol=atol)
 
 
 # --- through a real engine -----------------------------------------------------------------------
@@ -162,7 +163,7 @@ def check_continuation_writes_what_one_stream_writes(make: Callable[[], Backend]
     rest = run(make, vocab, [GenerationRequest(prompt_ids=[], max_new_tokens=30, seed=7, counter=first.counter,
                                                   state=first.state, return_state=True)])[0]
     assert first.text + rest.text == whole.text
-    assert torch.equal(rest.state, whole.state)
+    assert np.array_equal(rest.state, whole.state)
 
 
 def check_prompt_state_alone_as_under_load(make: Callable[[], Backend], vocab) -> None:
@@ -181,7 +182,7 @@ def check_prompt_state_alone_as_under_load(make: Callable[[], Backend], vocab) -
     others = [GenerationRequest(prompt_ids=prompt[: 37 * (i + 1)], max_new_tokens=3, seed=i) for i in range(7)]
     decoding = [GenerationRequest(prompt_ids=vocab.encode("ROMEO:"), max_new_tokens=200, seed=9 + i) for i in range(3)]
     crowd = run(make, vocab, [*decoding, *others, ask()], EngineConfig(max_batch_size=32, prefill_chunk=64))[-1]
-    assert torch.equal(crowd.state, alone.state)
+    assert np.array_equal(crowd.state, alone.state)
     assert crowd.prompt.logprobs == alone.prompt.logprobs
 
 

@@ -7,15 +7,17 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from service import store
+from service.backends.base import set_kernel_threads
 from service.train import TrainConfig, run_training
 
 from .redis_server import RedisServer
 from .server import Server
 
-torch.set_num_threads(1)  # the tests' models are tiny: one thread is as fast and leaves a core free
+# The tests' models are tiny: one thread a kernel is as fast and leaves a core free. Torch's (service.train
+# has loaded it) and ONNX Runtime's, for every backend the tests build in this process.
+set_kernel_threads(1)
 
 SPEAKERS = ["KING", "QUEEN", "ROMEO", "JULIET", "FOOL", "GHOST"]
 WORDS = ("thou thee thy my lord lady love death night day sweet good fair noble heart sword crown "

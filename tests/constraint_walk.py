@@ -11,7 +11,7 @@ def random_text(constraint, chars: list[str], rng: np.random.Generator, limit: i
     newline = chars.index("\n")
     state, text = 0, constraint.prefix
     for _ in range(limit):
-        allowed = np.flatnonzero(~constraint.forbid[state].numpy())
+        allowed = np.flatnonzero(~constraint.forbid[state])
         char = newline if rng.random() < 0.1 and not constraint.forbid[state][newline] else int(rng.choice(allowed))
         nxt = int(constraint.next[state, char])
         if nxt < 0:  # a character the text may end before: it is cut

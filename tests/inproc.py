@@ -14,6 +14,13 @@ from service.store import LoadedModel
 from .server import free_port, wait_until
 
 
+def own_copy(loaded: LoadedModel) -> LoadedModel:
+    """The server's own LoadedModel of the same arrays: building its backend lets the model's weights go
+    (`drop_module`), and the caller's (often the session's `tiny_model`) must keep them."""
+    return LoadedModel(tensors=dict(loaded.tensors), vocab=loaded.vocab, card=loaded.card, path=loaded.path,
+                       config=loaded.config)
+
+
 class InProcessServer:
     def __init__(self, loaded: LoadedModel, hooks=(), session_store_factory=None, **settings):
         self.port = free_port()
@@ -21,7 +28,7 @@ class InProcessServer:
         settings.setdefault("session_db", "")
         settings.setdefault("backend", "torch")  # as tests/server.py
         self.settings = Settings(host="127.0.0.1", port=self.port, torch_threads=1, **settings)
-        self.app = build_app(self.settings, loaded, session_store_factory)
+        self.app = build_app(self.settings, own_copy(loaded), session_store_factory)
         self.app.state.engine_hooks.extend(hooks)
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)

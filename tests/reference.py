@@ -38,19 +38,19 @@ def reference_text(model: CharLSTM, vocab: CharVocab, prompt: str, length: int,
     seed = secrets.randbelow(MAX_SEED) if seed is None else seed
     prompt_ids = vocab.encode(prompt)
     logits, state = model(torch.tensor([prompt_ids or [start_id(vocab)]]), None)  # (1, T, V)
-    last = logits[:, -1]  # (1, V)
-    controls = (torch.tensor([temperature]), torch.tensor([top_k]), torch.tensor([top_p]),
-                torch.tensor([repetition_penalty]))
+    last = logits[:, -1].numpy()  # (1, V) float32
+    controls = (np.array([temperature], dtype=np.float32), np.array([top_k], dtype=np.int64),
+                np.array([top_p], dtype=np.float32), np.array([repetition_penalty], dtype=np.float32))
     seen = None
     if repetition_penalty != 1.0:
-        seen = torch.zeros(1, len(vocab), dtype=torch.bool)  # (1, V)
+        seen = np.zeros((1, len(vocab)), dtype=bool)  # (1, V)
         seen[0, prompt_ids] = True
     stops = tuple(s for s in stop if s)
     longest = max((len(s) for s in stops), default=0)
     text, released = "", 0  # generated so far; how much of it has been yielded
     for n in range(length):
-        u = torch.from_numpy(uniforms(np.array([seed]), np.array([n])))
-        nxt, _ = sample_next(last, *controls, seen, u, want_logprobs=False)  # (1,)
+        u = uniforms(np.array([seed]), np.array([n]))  # (1,) float64
+        nxt, _ = sample_next(last, *controls, seen, u, want_logprobs=False)  # (1,) int64
         if seen is not None:
             seen[0, nxt] = True
         text += vocab.decode(nxt.tolist())
@@ -65,7 +65,7 @@ def reference_text(model: CharLSTM, vocab: CharVocab, prompt: str, length: int,
         if len(text) - held > released:
             yield text[released : len(text) - held]
             released = len(text) - held
-        logits, state = model(nxt.view(1, 1), state)
-        last = logits[:, -1]
+        logits, state = model(torch.from_numpy(nxt).view(1, 1), state)
+        last = logits[:, -1].numpy()
     if released < len(text):
         yield text[released:]

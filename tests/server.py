@@ -24,13 +24,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+WITHOUT_TORCH = Path(__file__).resolve().parent / "without_torch"  # its sitecustomize makes torch unimportable
+
+
 class Server:
-    def __init__(self, store_root: Path, model: str = "tiny", **settings):
+    def __init__(self, store_root: Path, model: str = "tiny", without_torch: bool = False, **settings):
+        """without_torch: the serving install (torch cannot be imported in the server's interpreter)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, OMP_NUM_THREADS="1", CHARLSTM_MODEL_STORE=str(store_root), CHARLSTM_MODEL=model,
                    CHARLSTM_TORCH_THREADS="1", CHARLSTM_LOG_LEVEL="warning",
                    CHARLSTM_BACKEND="torch")  # the in-process references are torch; tests of auto and of each backend say so
+        if without_torch:
+            env["PYTHONPATH"] = os.pathsep.join([str(WITHOUT_TORCH), *filter(None, [env.get("PYTHONPATH")])])
+            env["CHARLSTM_BACKEND"] = "auto"
         tmp = Path(tempfile.mkdtemp(prefix="charlstm-test-"))
         settings.setdefault("session_db", tmp / "sessions.sqlite3")
         settings.setdefault("backend_cache", tmp / "backend-choices.json")  # auto measures at each test server's start
@@ -70,6 +77,10 @@ class Server:
     def rss_mb(self) -> float:
         """Resident memory of the server process."""
         return rss_mb(self.proc.pid)
+
+    def maps(self, fragment: str) -> bool:
+        """Whether a file whose path holds `fragment` is mapped into the server process (a loaded library)."""
+        return fragment in Path(f"/proc/{self.proc.pid}/maps").read_text()
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         if self.proc.poll() is None:

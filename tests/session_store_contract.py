@@ -8,8 +8,8 @@ import threading
 import time
 from dataclasses import replace
 
+import numpy as np
 import pytest
-import torch
 
 from service.sessions.records import SessionRecord, new_session_id
 from service.sessions.errors import LeaseLost, SessionBusy, SessionNotFound, TooManySessions
@@ -17,11 +17,28 @@ from service.sessions.errors import LeaseLost, SessionBusy, SessionNotFound, Too
 from .server import wait_until
 
 FINGERPRINT = "ab" * 32
+SHAPE = (2, 2, 8)  # (h and c, layers, hidden)
+_rng = np.random.default_rng()
+
+
+def randn() -> np.ndarray:
+    """A random float32 state of SHAPE."""
+    return _rng.standard_normal(SHAPE, dtype=np.float32)
+
+
+def full(value: float) -> np.ndarray:
+    return np.full(SHAPE, value, dtype=np.float32)
+
+
+def same_state(a, b) -> bool:
+    """Exactly equal: both numpy float32 arrays of one shape and the same values."""
+    return (isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.dtype == b.dtype == np.float32
+            and a.shape == b.shape and np.array_equal(a, b))
 
 
 def record(ttl_s: float = 600.0, seed: int = 1, **fields) -> SessionRecord:
     now = time.time()
-    values = dict(id=new_session_id(), state=torch.randn(2, 2, 8), seed=seed, counter=0, position=1, model=FINGERPRINT,
+    values = dict(id=new_session_id(), state=randn(), seed=seed, counter=0, position=1, model=FINGERPRINT,
                   ttl_s=ttl_s, created_at=now, last_used=now)
     values.update(fields)
     return SessionRecord(**values)
@@ -35,10 +52,10 @@ class StoreContract:
         r = record(seed=42, counter=3, position=17)
         store.create(r)
         got = store.get(r.id)
-        assert torch.equal(got.state, r.state) and (got.seed, got.counter, got.position) == (42, 3, 17)
+        assert same_state(got.state, r.state) and (got.seed, got.counter, got.position) == (42, 3, 17)
         assert got.model == FINGERPRINT and got.ttl_s == r.ttl_s
-        got.state.zero_()  # a copy: changing it changes nothing stored
-        assert torch.equal(store.get(r.id).state, r.state)
+        got.state[...] = 0  # a copy: changing it changes nothing stored
+        assert same_state(store.get(r.id).state, r.state)
         assert store.count() == 1 and not store.is_leased(r.id)
 
     def test_unknown_sessions_are_not_found(self, make_store):
@@ -52,16 +69,16 @@ class StoreContract:
         r = record()
         store.create(r)
         lease = store.lease(r.id, 30)
-        assert store.is_leased(r.id) and torch.equal(lease.record.state, r.state)
+        assert store.is_leased(r.id) and same_state(lease.record.state, r.state)
         with pytest.raises(SessionBusy):
             store.lease(r.id, 30)
         with pytest.raises(SessionBusy):
             store.delete(r.id)
-        new_state = torch.randn(2, 2, 8)
+        new_state = randn()
         committed = store.commit(lease, lease.record.advanced(new_state, seed=9, counter=5, consumed=10))
         assert committed.version == lease.record.version + 1 and committed.position == r.position + 10
         got = store.get(r.id)
-        assert torch.equal(got.state, new_state) and (got.seed, got.counter, got.version) == (9, 5, committed.version)
+        assert same_state(got.state, new_state) and (got.seed, got.counter, got.version) == (9, 5, committed.version)
         assert not store.is_leased(r.id)
         with pytest.raises(LeaseLost):  # a lease commits once: another record under it is refused
             store.commit(lease, lease.record)
@@ -73,16 +90,16 @@ class StoreContract:
         r = record()
         store.create(r)
         lease = store.lease(r.id, 30)
-        advanced = lease.record.advanced(torch.randn(2, 2, 8), seed=4, counter=7, consumed=3)
+        advanced = lease.record.advanced(randn(), seed=4, counter=7, consumed=3)
         first = store.commit(lease, advanced)
         again = store.commit(lease, advanced)
-        assert again.version == first.version == r.version + 1 and torch.equal(again.state, advanced.state)
+        assert again.version == first.version == r.version + 1 and same_state(again.state, advanced.state)
         assert store.get(r.id).version == first.version and not store.is_leased(r.id)
         later = store.lease(r.id, 30)
-        store.commit(later, later.record.advanced(torch.zeros(2, 2, 8), 1, 1, 1))
+        store.commit(later, later.record.advanced(full(0.0), 1, 1, 1))
         with pytest.raises(LeaseLost):  # once another holder has committed, the old retry is stale
             store.commit(lease, advanced)
-        assert torch.equal(store.get(r.id).state, torch.zeros(2, 2, 8))
+        assert same_state(store.get(r.id).state, full(0.0))
 
     def test_a_released_lease_leaves_the_state_and_frees_the_session(self, make_store):
         store = make_store()
@@ -90,7 +107,7 @@ class StoreContract:
         store.create(r)
         lease = store.lease(r.id, 30)
         store.release(lease)
-        assert not store.is_leased(r.id) and torch.equal(store.get(r.id).state, r.state)
+        assert not store.is_leased(r.id) and same_state(store.get(r.id).state, r.state)
         assert store.get(r.id).version == r.version
         store.release(lease)  # releasing twice is harmless
         again = store.lease(r.id, 30)
@@ -103,14 +120,14 @@ class StoreContract:
         dead = store.lease(r.id, 0.2)  # a holder that died
         wait_until(lambda: not store.is_leased(r.id), timeout=10, what="the lease to expire")
         with pytest.raises(LeaseLost):
-            store.commit(dead, dead.record.advanced(torch.zeros(2, 2, 8), 1, 1, 1))
+            store.commit(dead, dead.record.advanced(full(0.0), 1, 1, 1))
         with pytest.raises(LeaseLost):
             store.renew(dead, 30)
         live = store.lease(r.id, 30)
-        store.commit(live, live.record.advanced(torch.ones(2, 2, 8), 1, 1, 1))
+        store.commit(live, live.record.advanced(full(1.0), 1, 1, 1))
         with pytest.raises(LeaseLost):  # the dead holder comes back: still refused, the newer commit stands
             store.commit(dead, dead.record)
-        assert torch.equal(store.get(r.id).state, torch.ones(2, 2, 8))
+        assert same_state(store.get(r.id).state, full(1.0))
 
     def test_renewal_keeps_a_lease_alive(self, make_store):
         store = make_store()
@@ -219,6 +236,6 @@ class StoreContract:
         r = record()
         store.create(r)
         lease = store.lease(r.id, 30)
-        assert torch.equal(store.get(r.id).state, r.state)  # a consistent snapshot while a call runs
-        store.commit(lease, replace(lease.record, state=torch.full((2, 2, 8), 3.0)))
-        assert torch.equal(store.get(r.id).state, torch.full((2, 2, 8), 3.0))
+        assert same_state(store.get(r.id).state, r.state)  # a consistent snapshot while a call runs
+        store.commit(lease, replace(lease.record, state=full(3.0)))
+        assert same_state(store.get(r.id).state, full(3.0))

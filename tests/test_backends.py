@@ -8,8 +8,8 @@ import functools
 import json
 
 import httpx
+import numpy as np
 import pytest
-import torch
 
 from service.backends import available, build, choose
 from service.backends.base import Backend
@@ -29,15 +29,15 @@ class FakeBackend(Backend):
 
     def __init__(self, model, workers: int = 1):
         super().__init__(model, workers)
-        gen = torch.Generator().manual_seed(0)
-        self.table = torch.rand(self.vocab_size, self.num_layers, self.hidden, generator=gen) * 2 - 1  # (V, L, H)
+        gen = np.random.default_rng(0)
+        self.table = gen.random((self.vocab_size, self.num_layers, self.hidden), dtype=np.float32) * 2 - 1  # (V, L, H)
 
     def _step_rows(self, ids, state):
-        h = torch.tanh(state[0] / 2 + self.table[ids].transpose(0, 1))  # (L, B, H)
-        return torch.stack([h, (state[1] + h) / 2])  # (2, L, B, H)
+        h = np.tanh(state[0] / 2 + self.table[ids].transpose(1, 0, 2))  # (L, B, H)
+        return np.stack([h, (state[1] + h) / 2])  # (2, L, B, H)
 
     def _head_rows(self, top):
-        return 3 * top.repeat(1, -(-self.vocab_size // self.hidden))[:, : self.vocab_size]  # (B, V)
+        return 3 * np.tile(top, (1, -(-self.vocab_size // self.hidden)))[:, : self.vocab_size]  # (B, V)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def reference(tiny_model):
 @pytest.mark.parametrize("name", BACKENDS)
 @pytest.mark.parametrize("workers", [1, 2])
 def test_each_backend_keeps_shapes_rows_and_states(tiny_model, name, workers):
-    backend = build(name, tiny_model.model, workers)
+    backend = build(name, tiny_model, workers)
     try:
         contract.check_shapes(backend)
         contract.check_rows_alone_as_in_any_batch(backend)
@@ -62,7 +62,7 @@ def test_each_backend_keeps_shapes_rows_and_states(tiny_model, name, workers):
 def test_a_pipelined_block_gives_the_bits_of_one_layer_after_another(tiny_model, name):
     """ONNX Runtime's block with its layers at once on two threads, in pieces of 8 characters (whether it
     is on by default is measured, and a tiny model gains nothing from it): the contract still holds."""
-    backend = build(name, tiny_model.model, 1)
+    backend = build(name, tiny_model, 1)
     try:
         backend.pipelined, backend._piece = True, lambda rows, T: 8
         contract.check_block_ingests_as_its_step(backend)
@@ -72,7 +72,7 @@ def test_a_pipelined_block_gives_the_bits_of_one_layer_after_another(tiny_model,
 
 @pytest.mark.parametrize("name", BACKENDS)
 def test_each_backend_computes_the_model(tiny_model, reference, name):
-    backend = build(name, tiny_model.model, 1)
+    backend = build(name, tiny_model, 1)
     atol = TOLERANCE[backend.weights_kind]
     contract.check_logits_near_reference(backend, reference, atol)
     contract.check_prefill_lands_where_stepping_lands(backend, reference, atol)
@@ -80,7 +80,7 @@ def test_each_backend_computes_the_model(tiny_model, reference, name):
 
 @pytest.mark.parametrize("name", [*BACKENDS, "fake"])
 def test_each_backend_through_the_engine(tiny_model, name):
-    make = (lambda: FakeBackend(tiny_model.model, 2)) if name == "fake" else functools.partial(build, name, tiny_model.model, 2)
+    make = (lambda: FakeBackend(tiny_model, 2)) if name == "fake" else functools.partial(build, name, tiny_model, 2)
     contract.check_seed_alone_and_in_a_crowd(make, tiny_model.vocab)
     contract.check_continuation_writes_what_one_stream_writes(make, tiny_model.vocab)
     contract.check_cancel_frees_the_row(make, tiny_model.vocab)
@@ -93,14 +93,14 @@ def test_the_fake_backend_breaks_the_row_guarantee_check_when_it_should(tiny_mod
     class Leaky(FakeBackend):
         def _step_rows(self, ids, state):
             out = super()._step_rows(ids, state)
-            return out + out.mean(dim=2, keepdim=True) * 1e-3
+            return out + out.mean(axis=2, keepdims=True) * 1e-3
 
     with pytest.raises(AssertionError, match="rows of a batch"):
-        contract.check_rows_alone_as_in_any_batch(Leaky(tiny_model.model))
+        contract.check_rows_alone_as_in_any_batch(Leaky(tiny_model))
 
 
 def test_auto_serves_the_fastest_backend_that_keeps_the_guarantees(tiny_model):
-    choice = choose(tiny_model.model, BACKENDS, max_batch_size=16)
+    choice = choose(tiny_model, BACKENDS, max_batch_size=16)
     trials = {t.name: t for t in choice.trials}
     assert set(trials) == set(BACKENDS)
     serving = [t for t in choice.trials if t.dropped is None]
@@ -123,7 +123,7 @@ def test_auto_drops_a_backend_that_breaks_rows_or_costs_quality(tiny_model, monk
         backend = real_build(name, model, workers, device)
         if name == "torch-int8":  # rows that see their batch
             step = backend._step_rows
-            backend._step_rows = lambda ids, state: (lambda out: out + out.mean(dim=2, keepdim=True) * 1e-3)(step(ids, state))
+            backend._step_rows = lambda ids, state: (lambda out: out + out.mean(axis=2, keepdims=True) * 1e-3)(step(ids, state))
         if name == "onnx-int8":  # logits far from the model's
             head = backend._head_rows
             backend._head_rows = lambda top: head(top) * 0.2
@@ -131,7 +131,7 @@ def test_auto_drops_a_backend_that_breaks_rows_or_costs_quality(tiny_model, monk
         return backend
 
     monkeypatch.setattr(selector, "build", build_broken)
-    choice = choose(tiny_model.model, BACKENDS, max_batch_size=8)
+    choice = choose(tiny_model, BACKENDS, max_batch_size=8)
     trials = {t.name: t for t in choice.trials}
     assert trials["torch-int8"].dropped == "a row's bits depend on its batch"
     if "onnx-int8" in trials:
@@ -142,7 +142,7 @@ def test_auto_drops_a_backend_that_breaks_rows_or_costs_quality(tiny_model, monk
 
 def test_quantize_narrows_auto_to_those_weights(tiny_model):
     for quantize, kind in (("int8", "int8"), ("none", "fp32")):
-        serving = for_serving(tiny_model.model, "auto", quantize, "cpu", max_batch_size=8)
+        serving = for_serving(tiny_model, "auto", quantize, "cpu", max_batch_size=8)
         assert serving.backend.weights_kind == kind and {t.name for t in serving.choice.trials} <= {n for n in BACKENDS if (n.endswith("int8")) == (kind == "int8")}
         serving.backend.close()
 
@@ -177,14 +177,27 @@ def test_a_server_on_auto_shows_each_backend_figures_and_its_choice(trained_stor
 
 
 def test_an_onnx_backend_keeps_no_fp32_copy_of_the_weights(tiny_model):
-    """Its sessions hold the weights; the torch module and the fused fp32 copies are let go, and the
-    backend steps as before (its contract suite runs on it too)."""
+    """Its sessions hold the weights; it never builds the torch module, lets the fused fp32 copies go, and
+    steps as before (its contract suite runs on it too). Every backend keeps stepping once the loaded
+    model has let its own weights go (the server drops them after the build)."""
+    from service.store import LoadedModel
+
+    def fresh() -> LoadedModel:  # no torch module built yet, and its weights ours to drop
+        return LoadedModel(tensors=dict(tiny_model.tensors), vocab=tiny_model.vocab, card=tiny_model.card,
+                           path=tiny_model.path, config=tiny_model.config)
+
     for name in ("onnx", "onnx-int8"):
-        backend = build(name, tiny_model.model)
-        assert backend.model is None and backend.weights is None and not backend.needs_module
+        loaded = fresh()
+        backend = build(name, loaded)
+        assert loaded._module is None and not hasattr(backend, "model") and backend.weights is None
+        loaded.drop_module()
         assert keeps_rows(backend, 8)
         backend.close()
-    assert build("torch", tiny_model.model).needs_module
+    loaded = fresh()
+    backend = build("torch", loaded)
+    loaded.drop_module()
+    assert keeps_rows(backend, 8)
+    backend.close()
 
 
 @pytest.mark.parametrize("name", [n for n in BACKENDS if n != "torch"])

@@ -1,4 +1,4 @@
-"""The Batch: rows leave with filter, join with concatenate, and every per-row tensor follows its row."""
+"""The Batch: rows leave with filter, join with concatenate, and every per-row array follows its row."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ from dataclasses import fields
 from types import SimpleNamespace
 
 import numpy as np
-import torch
 
 from service.engine.batch import CONTROL_DTYPES, Batch
 from service.engine.types import GenerationRequest
@@ -18,15 +17,15 @@ L, H, V = 2, 4, 7
 def row(tag: int, **params) -> tuple[SimpleNamespace, Batch]:
     request = GenerationRequest(prompt_ids=[tag % V, (tag + 2) % V], max_new_tokens=5, params=SamplingParams(**params))
     r = SimpleNamespace(request=request, tag=tag)
-    return r, Batch.single(r, torch.full((2, L, H), float(tag)), seed=100 + tag, counter=tag, vocab_size=V)
+    return r, Batch.single(r, np.full((2, L, H), float(tag), dtype=np.float32), seed=100 + tag, counter=tag, vocab_size=V)
 
 
 def test_every_sampling_control_has_a_tensor_of_its_type():
     assert set(CONTROL_DTYPES) == {f.name for f in fields(SamplingParams)}
     _, b = row(3, temperature=0.5, top_k=4, top_p=0.9, repetition_penalty=1.3)
-    assert b.controls["top_k"].dtype == torch.long and b.controls["temperature"].dtype == torch.float32
+    assert b.controls["top_k"].dtype == np.int64 and b.controls["temperature"].dtype == np.float32
     assert b.controls["top_k"].tolist() == [4] and abs(b.controls["top_p"].item() - 0.9) < 1e-6
-    assert b.seen[0].nonzero().flatten().tolist() == [3, 5]  # the prompt's characters
+    assert np.flatnonzero(b.seen[0]).tolist() == [3, 5]  # the prompt's characters
     assert b.penalised
 
 
@@ -39,7 +38,7 @@ def test_concatenate_then_filter_keeps_each_row_with_its_own_values():
     assert kept.state[0, 0, :, 0].tolist() == [5.0, 2.0, 3.0]
     assert kept.controls["top_k"].tolist() == [5, 2, 3]
     assert kept.seeds.tolist() == [105, 102, 103] and kept.counters.tolist() == [5, 2, 3]
-    assert torch.equal(kept.seen, batch.seen[[4, 1, 2]])
+    assert np.array_equal(kept.seen, batch.seen[[4, 1, 2]])
     again = Batch.concatenate([kept, singles[0][1]])  # a row joins the survivors
     assert [r.tag for r in again.rows] == [5, 2, 3, 1] and again.controls["temperature"].tolist()[-1] == np.float32(0.1)
 
@@ -48,7 +47,7 @@ def test_filter_to_nothing_and_record_draws():
     _, a = row(1)
     _, b = row(2, repetition_penalty=1.5)
     batch = Batch.concatenate([a, b])
-    batch.record(torch.tensor([6, 0]))
+    batch.record(np.array([6, 0], dtype=np.int64))
     assert batch.counters.tolist() == [2, 3]
     assert bool(batch.seen[0, 6]) and bool(batch.seen[1, 0])
     empty = batch.filter([])
@@ -57,6 +56,6 @@ def test_filter_to_nothing_and_record_draws():
 
 def test_without_a_penalty_the_seen_mask_is_left_alone():
     _, a = row(1)
-    before = a.seen.clone()
-    a.record(torch.tensor([6]))
-    assert torch.equal(a.seen, before) and a.counters.tolist() == [2]
+    before = a.seen.copy()
+    a.record(np.array([6], dtype=np.int64))
+    assert np.array_equal(a.seen, before) and a.counters.tolist() == [2]

@@ -6,6 +6,7 @@ import math
 import shutil
 
 import httpx
+import numpy as np
 import pytest
 import torch
 
@@ -115,14 +116,16 @@ def test_calibrate_saves_the_next_version_measured_as_evaluate_measures_it(own_s
 
     # the serving step takes the calibrated head as it is: the parent's logits over T, the same states
     for quantize in ("none", "int8"):
-        a, b = build(WEIGHTS_BACKEND[quantize], parent.model, 1), build(WEIGHTS_BACKEND[quantize], child.model, 1)
+        a, b = build(WEIGHTS_BACKEND[quantize], parent, 1), build(WEIGHTS_BACKEND[quantize], child, 1)
         try:
-            ids = torch.tensor(child.vocab.encode("KING:"))  # (5,) one row, five steps
+            ids = np.array(child.vocab.encode("KING:"), dtype=np.int64)  # (5,) one row, five steps
             sa, sb = a.zero_state(1), b.zero_state(1)  # (2, L, 1, H)
-            for i in ids:
-                sa, sb = a.step(i.view(1), sa), b.step(i.view(1), sb)
-            assert torch.equal(sa, sb)
-            torch.testing.assert_close(b.logits(sb), a.logits(sa) / cal["temperature"], rtol=1e-4, atol=1e-5)
+            for t in range(len(ids)):
+                sa, sb = a.step(ids[t : t + 1], sa), b.step(ids[t : t + 1], sb)
+            assert sa.dtype == sb.dtype == np.float32 and np.array_equal(sa, sb)
+            la, lb = a.logits(sa), b.logits(sb)
+            assert la.dtype == lb.dtype == np.float32
+            np.testing.assert_allclose(lb, la / cal["temperature"], rtol=1e-4, atol=1e-5)
         finally:
             a.close(), b.close()
 

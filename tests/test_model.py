@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
-from service.model import CharLSTM, CharLSTMConfig
+import service.model
+from service.model import CharLSTM
+from service.model_config import CharLSTMConfig, tensor_shapes
 from service.vocab import CharVocab, OutOfVocabularyError
 
 
@@ -48,6 +50,7 @@ def test_state_is_not_hidden_in_the_module():
 
 
 def test_config_rejects_impossible_architectures():
+    assert service.model.CharLSTMConfig is CharLSTMConfig  # its home needs no torch; the model module still has it
     with pytest.raises(ValueError, match="tie_weights"):
         CharLSTMConfig(embed_dim=16, hidden_size=32, tie_weights=True)
     with pytest.raises(ValueError, match="dropout"):
@@ -61,6 +64,8 @@ def test_tied_head_shares_the_embedding():
     assert model.head.weight is model.embed.weight
     untied = CharLSTM(CharLSTMConfig(vocab_size=7, embed_dim=16, hidden_size=16))
     assert model.num_parameters() == untied.num_parameters() - 7 * 16
+    for m in (model, untied):  # the stored tensors, counted without torch, are the module's parameters
+        assert sum(math.prod(shape) for shape in tensor_shapes(m.config).values()) == m.num_parameters()
 
 
 def test_forget_gate_bias_starts_at_one():

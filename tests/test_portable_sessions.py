@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
-import torch
 import yaml
 from httpx_sse import connect_sse
 
@@ -26,6 +26,7 @@ from service.sessions.blob import SessionValue
 from service.settings import Settings
 
 from .server import ROOT, Server, wait_until
+from .session_store_contract import same_state
 from .test_api import assert_error
 from .test_fuzz import server_errors
 
@@ -79,7 +80,7 @@ def test_export_is_the_issue_shape_and_carries_the_session(keyed, tiny_model):
     out = export(keyed, s["session_id"])
     assert set(out) == {"format", "model", "position", "backend", "data"} and out["backend"] == "torch"
     assert out["format"] == "charlstm-session/1" and out["model"] == "tiny@v1"
-    cfg = tiny_model.model.config
+    cfg = tiny_model.config
     assert out["position"] == s["position"] + 5 + 25
     assert len(out["data"]) == session_blob.text_chars(cfg.num_layers, cfg.hidden_size)
     value = read(out["data"])
@@ -122,7 +123,7 @@ def test_exporting_a_busy_session_gives_the_state_before_the_running_call(keyed)
             assert_error(httpx.post(f"{keyed.url}/sessions/{sid}/fork"), 409, "session_busy")
     assert during["position"] == s["position"]
     value = read(during["data"])
-    assert torch.equal(value.state, before.state) and (value.seed, value.counter) == (before.seed, before.counter)
+    assert same_state(value.state, before.state) and (value.seed, value.counter) == (before.seed, before.counter)
     wait_until(lambda: not httpx.get(f"{keyed.url}/sessions/{sid}").json()["busy"], what="the cancelled call's lease")
     assert httpx.post(f"{keyed.url}/sessions/{sid}/fork").status_code == 201  # free again: it forks
 
@@ -167,11 +168,15 @@ def _flip(text: str, at: int) -> str:
 def hostile_blobs(good: dict, value: SessionValue) -> list[tuple[str, dict, int, str, str]]:
     """(what, body, status, error type, param) for every way a blob can be wrong."""
     data = good["data"]
-    nan_state = value.state.clone()
+    nan_state = value.state.copy()
     nan_state[1, 0, 3] = float("nan")
-    inf_state = value.state.clone()
+    inf_state = value.state.copy()
     inf_state[0, -1, 0] = float("inf")
     layers, hidden = value.state.shape[1], value.state.shape[2]
+
+    def zeros(*shape: int) -> np.ndarray:
+        return np.zeros(shape, dtype=np.float32)
+
     return [
         ("a changed byte in the state", {"data": _flip(data, len(data) // 2)}, 422, "invalid_session_blob", "data"),
         ("a changed byte in the header", {"data": _flip(data, 30)}, 422, "invalid_session_blob", "data"),
@@ -184,11 +189,11 @@ def hostile_blobs(good: dict, value: SessionValue) -> list[tuple[str, dict, int,
         ("signed with another key", {"data": signed(value, "another-key-" + "x" * 32)}, 422, "invalid_session_blob", "data"),
         ("a NaN, signed with the key", {"data": signed(_with(value, state=nan_state))}, 422, "invalid_session_blob", "data"),
         ("an infinity, signed with the key", {"data": signed(_with(value, state=inf_state))}, 422, "invalid_session_blob", "data"),
-        ("another shape, signed with the key", {"data": signed(_with(value, state=torch.zeros(2, layers + 1, hidden)))},
+        ("another shape, signed with the key", {"data": signed(_with(value, state=zeros(2, layers + 1, hidden)))},
          422, "invalid_session_blob", "data"),
         ("the same size in another shape, signed with the key",
-         {"data": signed(_with(value, state=torch.zeros(2, layers * 2, hidden // 2)))}, 422, "invalid_session_blob", "data"),
-        ("a smaller shape, signed with the key", {"data": signed(_with(value, state=torch.zeros(2, layers, hidden // 2)))},
+         {"data": signed(_with(value, state=zeros(2, layers * 2, hidden // 2)))}, 422, "invalid_session_blob", "data"),
+        ("a smaller shape, signed with the key", {"data": signed(_with(value, state=zeros(2, layers, hidden // 2)))},
          422, "invalid_session_blob", "data"),
         ("a position that contradicts the blob", {**good, "position": good["position"] + 1}, 422, "invalid_session_blob", "position"),
         ("another format", {**good, "format": "charlstm-session/2"}, 422, "invalid_field", "format"),
@@ -223,7 +228,7 @@ def test_tampered_truncated_foreign_and_non_finite_blobs_get_the_right_4xx(keyed
 def test_the_openapi_document_bounds_data_to_this_models_blob(keyed, tiny_model):
     doc = httpx.get(keyed.url + "/openapi.json").json()
     data = doc["components"]["schemas"]["SessionImport"]["properties"]["data"]
-    cfg = tiny_model.model.config
+    cfg = tiny_model.config
     n = session_blob.text_chars(cfg.num_layers, cfg.hidden_size)
     assert data["minLength"] == data["maxLength"] == n
     assert {"/sessions/import", "/sessions/{session_id}/export", "/sessions/{session_id}/fork"} <= set(doc["paths"])
@@ -235,14 +240,15 @@ def test_the_openapi_document_bounds_data_to_this_models_blob(keyed, tiny_model)
 
 
 def test_blob_sizes_follow_the_state_shape():
+    rng = np.random.default_rng(0)
     for layers, hidden in ((1, 4), (2, 32), (2, 512), (3, 100)):
-        value = SessionValue(state=torch.randn(2, layers, hidden), seed=2**53 - 1, counter=7, position=9, created_at=1.5,
-                             fingerprint="cd" * 32)
+        value = SessionValue(state=rng.standard_normal((2, layers, hidden), dtype=np.float32), seed=2**53 - 1, counter=7,
+                             position=9, created_at=1.5, fingerprint="cd" * 32)
         blob = session_blob.encode(value, b"k")
         assert len(blob) == session_blob.blob_bytes(layers, hidden)
         assert len(session_blob.to_text(blob)) == session_blob.text_chars(layers, hidden)
         back = session_blob.decode(session_blob.from_text(session_blob.to_text(blob)), b"k", layers=layers, hidden=hidden)
-        assert torch.equal(back.state, value.state) and (back.seed, back.counter, back.position) == (2**53 - 1, 7, 9)
+        assert same_state(back.state, value.state) and (back.seed, back.counter, back.position) == (2**53 - 1, 7, 9)
 
 
 # ---------------------------------------------------------------------------- the key

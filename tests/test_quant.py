@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -25,7 +26,7 @@ from service.backends.torch_fp32 import TorchBackend
 from service.backends.selector import WEIGHTS_BACKEND, build
 from service.engine.types import Done, GenerationRequest
 from service.evaluate import score_chunks
-from service.sampling import SamplingParams
+from service.sampling import SamplingParams, softmax
 from service.vocab import OutOfVocabularyError
 
 from .conftest import make_play
@@ -44,7 +45,7 @@ def test_int8_matmul_stays_within_the_rounding_bound_of_its_quantizations():
     torch.manual_seed(0)
     K, N = 96, 40
     weight, bias = torch.randn(K, N) * 0.1, torch.randn(N)
-    lin = Int8Linear(weight, bias)
+    lin = Int8Linear(weight.numpy(), bias.numpy())  # built from the fused step's numpy arrays, called with torch tensors
     x = torch.rand(17, K) * 2 - 1  # (B, K) in [-1, 1], as LSTM outputs are
     exact = torch.addmm(bias, x, weight)  # (B, N)
     w_step = weight.abs().amax(0) / 127  # (N,): one scale per output column
@@ -59,7 +60,7 @@ def test_int8_matmul_stays_within_the_rounding_bound_of_its_quantizations():
 def test_a_rows_int8_result_does_not_depend_on_the_other_rows():
     """A per-tensor activation scale would give a small row a coarser grid inside a batch of large ones."""
     torch.manual_seed(1)
-    lin = Int8Linear(torch.randn(64, 48) * 0.1, torch.randn(48))
+    lin = Int8Linear((torch.randn(64, 48) * 0.1).numpy(), torch.randn(48).numpy())
     x = torch.rand(33, 64) * 2 - 1
     x[7] *= 0.03  # alone, this row's own range would be about [-0.03, 0.03]
     batch = lin(x)
@@ -68,14 +69,13 @@ def test_a_rows_int8_result_does_not_depend_on_the_other_rows():
     assert torch.equal(lin(x[5:12])[2], batch[7])
 
 
-def stepped_logits(runner: Backend, ids: list[int]) -> torch.Tensor:
+def stepped_logits(runner: Backend, ids: list[int]) -> np.ndarray:
     """Logits after each character, stepping one stream from a zero state: (T, V)."""
     state, out = runner.zero_state(1), []
-    with torch.inference_mode():
-        for i in ids:
-            state = runner.step(torch.tensor([i]), state)
-            out.append(runner.logits(state)[0])
-    return torch.stack(out)
+    for i in ids:
+        state = runner.step(np.array([i], dtype=np.int64), state)
+        out.append(runner.logits(state)[0])
+    return np.stack(out)
 
 
 @pytest.mark.parametrize("which, bound", [("bundled", 0.3), ("tiny", 0.1)])
@@ -83,28 +83,27 @@ def test_int8_logits_stay_close_to_fp32(which, bound, bundled, tiny_model):
     loaded = bundled if which == "bundled" else tiny_model
     text = SHAKESPEARE_TEXT if which == "bundled" else make_play(400, seed=3)
     ids = loaded.vocab.encode(text)[:400]
-    fp32, int8 = stepped_logits(TorchBackend(loaded.model), ids), stepped_logits(build(WEIGHTS_BACKEND["int8"], loaded.model, 1), ids)
-    diff = (int8 - fp32).abs().max()
+    fp32, int8 = stepped_logits(TorchBackend(loaded.model), ids), stepped_logits(build(WEIGHTS_BACKEND["int8"], loaded, 1), ids)
+    diff = np.abs(int8 - fp32).max()
     assert 0 < float(diff) <= bound
-    assert float((torch.softmax(int8, -1) - torch.softmax(fp32, -1)).abs().max()) <= 0.05
-    agree = (int8.argmax(-1) == fp32.argmax(-1)).float().mean()
+    assert float(np.abs(softmax(int8) - softmax(fp32)).max()) <= 0.05
+    agree = (int8.argmax(-1) == fp32.argmax(-1)).mean()
     assert float(agree) >= 0.97  # the most likely next character barely ever changes
 
 
 def test_int8_batched_rows_equal_single_rows_on_the_bundled_model(bundled):
-    runner = build("torch-int8", bundled.model, 2)
+    runner = build("torch-int8", bundled, 2)
     try:
-        torch.manual_seed(2)
+        gen = np.random.default_rng(2)
         B = 40  # two shares of 20 rows on the pool threads
-        state = (torch.rand(2, 2, B, 512) * 2 - 1) * torch.rand(1, 1, B, 1)  # rows of very different ranges
-        ids = torch.randint(0, len(bundled.vocab), (B,))
-        with torch.inference_mode():
-            batch = runner.step(ids, state)
-            for i in (0, 19, 20, 39):
-                one = runner.step(ids[i : i + 1], state[:, :, i : i + 1])
-                assert torch.equal(one[:, :, 0], batch[:, :, i])  # int8 matmuls: bit for bit
-                # the head stays fp32, whose gemm may round a row differently at another batch size
-                torch.testing.assert_close(runner.logits(one)[0], runner.logits(batch)[i], rtol=1e-6, atol=1e-6)
+        state = (gen.random((2, 2, B, 512), dtype=np.float32) * 2 - 1) * gen.random((1, 1, B, 1), dtype=np.float32)  # rows of very different ranges
+        ids = gen.integers(0, len(bundled.vocab), B)  # (B,) int64
+        batch = runner.step(ids, state)
+        for i in (0, 19, 20, 39):
+            one = runner.step(ids[i : i + 1], state[:, :, i : i + 1])
+            assert np.array_equal(one[:, :, 0], batch[:, :, i])  # int8 matmuls: bit for bit
+            # the head stays fp32, whose gemm may round a row differently at another batch size
+            np.testing.assert_allclose(runner.logits(one)[0], runner.logits(batch)[i], rtol=1e-6, atol=1e-6)
     finally:
         runner.close()
 
@@ -122,7 +121,7 @@ def generate(loaded, requests: list[GenerationRequest], quantize: str, workers: 
         if len(done) == len(requests):
             finished.set()
 
-    engine = Engine(build(WEIGHTS_BACKEND[quantize], loaded.model, workers), loaded.vocab,
+    engine = Engine(build(WEIGHTS_BACKEND[quantize], loaded, workers), loaded.vocab,
                     EngineConfig(max_batch_size=64), deliver)
     for i, request in enumerate(requests):
         engine.submit(request, i)
@@ -149,8 +148,8 @@ def test_stepped_fp32_score_equals_score_chunks_and_int8_costs_little(tiny_model
     text = make_play(3000, seed=5)
     chunks = [text[i : i + 700] for i in range(0, len(text), 700)]  # the state carries across chunks
     reference = score_chunks(tiny_model.model, tiny_model.vocab, chunks)
-    fp32 = score_chunks_stepped(TorchBackend(tiny_model.model), tiny_model.vocab, chunks, window=512)
-    int8 = score_chunks_stepped(build(WEIGHTS_BACKEND["int8"], tiny_model.model, 1), tiny_model.vocab, chunks)
+    fp32 = score_chunks_stepped(TorchBackend(tiny_model.model), tiny_model.vocab, chunks)
+    int8 = score_chunks_stepped(build(WEIGHTS_BACKEND["int8"], tiny_model, 1), tiny_model.vocab, chunks)
     assert fp32.chars == reference.chars == len(text) - 1
     assert fp32.nats_total == pytest.approx(reference.nats_total, rel=1e-5)
     assert int8.nats_total != fp32.nats_total
@@ -159,13 +158,13 @@ def test_stepped_fp32_score_equals_score_chunks_and_int8_costs_little(tiny_model
 
 def test_stepped_score_names_unknown_characters_at_their_place_in_the_text(tiny_model):
     with pytest.raises(OutOfVocabularyError) as e:
-        score_chunks_stepped(build(WEIGHTS_BACKEND["int8"], tiny_model.model, 1), tiny_model.vocab, ["KING:\n", "thou~"])
+        score_chunks_stepped(build(WEIGHTS_BACKEND["int8"], tiny_model, 1), tiny_model.vocab, ["KING:\n", "thou~"])
     assert e.value.unknown == {"~": [10]}
 
 
 def test_an_unknown_backend_is_refused_with_the_names_it_could_be(tiny_model):
     with pytest.raises(ValueError, match="backend must be one of auto, torch, torch-int8, onnx, onnx-int8, cuda"):
-        build("torch-int4", tiny_model.model, 1)
+        build("torch-int4", tiny_model, 1)
 
 
 def test_the_service_serves_int8_and_a_seed_gives_the_same_text_alone_or_in_a_crowd(trained_store):
@@ -195,6 +194,6 @@ def test_the_service_serves_int8_and_a_seed_gives_the_same_text_alone_or_in_a_cr
 
 
 def test_step_workers_default_by_backend_and_an_explicit_count_wins(tiny_model):
-    assert build("torch", tiny_model.model).workers == 2 and build("torch-int8", tiny_model.model).workers == 1
-    assert build("torch-int8", tiny_model.model, 2).workers == 2
-    assert build("torch", tiny_model.model, 1).workers == 1
+    assert build("torch", tiny_model).workers == 2 and build("torch-int8", tiny_model).workers == 1
+    assert build("torch-int8", tiny_model, 2).workers == 2
+    assert build("torch", tiny_model, 1).workers == 1

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -43,13 +44,14 @@ def test_fused_step_equals_nn_lstm_and_the_naive_loop():
     state = runner.zero_state(B)
     h, c = torch.zeros(3, B, 24), torch.zeros(3, B, 24)
     for t in range(T):
-        state = runner.step(ids[:, t], state)
+        state = runner.step(ids[:, t].numpy(), state)  # numpy in and out: (2, L, B, H) float32
+        assert isinstance(state, np.ndarray) and state.dtype == np.float32
         h, c = naive_lstm_step(model, ids[:, t], h, c)
-        torch.testing.assert_close(runner.logits(state), ref_logits[:, t], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(state[0], h, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(state[1], c, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(state[0], h_ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(state[1], c_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.from_numpy(runner.logits(state)), ref_logits[:, t], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.from_numpy(state[0]), h, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.from_numpy(state[1]), c, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.from_numpy(state[0]), h_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.from_numpy(state[1]), c_ref, rtol=1e-5, atol=1e-5)
 
 
 @torch.no_grad()
@@ -58,15 +60,15 @@ def test_prefill_in_one_call_equals_stepping():
     model = CharLSTM(CharLSTMConfig(vocab_size=9, embed_dim=16, hidden_size=16, num_layers=2, tie_weights=True)).eval()
     runner = TorchBackend(model)
     prompt = torch.randint(0, 9, (40,)).tolist()
-    start = torch.randn(2, 2, 16) * 0.1
+    start = (torch.randn(2, 2, 16) * 0.1).numpy()
     one_call = runner.prefill(prompt, start)
-    stepped = start.unsqueeze(2)  # (2, L, 1, H)
+    stepped = start[:, :, None]  # (2, L, 1, H)
     for t in prompt:
-        stepped = runner.step(torch.tensor([t]), stepped)
-    torch.testing.assert_close(one_call, stepped[:, :, 0], rtol=1e-5, atol=1e-5)
+        stepped = runner.step(np.array([t], dtype=np.int64), stepped)
+    np.testing.assert_allclose(one_call, stepped[:, :, 0], rtol=1e-5, atol=1e-5)
     # two slices with the state carried equal one call
     half = runner.prefill(prompt[20:], runner.prefill(prompt[:20], start))
-    torch.testing.assert_close(half, one_call, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(half, one_call, rtol=1e-5, atol=1e-5)
 
 
 @torch.inference_mode()
@@ -77,13 +79,13 @@ def test_a_batch_split_over_worker_threads_steps_each_row_as_one_thread_does():
     alone, split = TorchBackend(model), TorchBackend(model, workers=3)
     try:
         B = 53  # three uneven shares: 17, 18, 18 rows
-        state = torch.randn(2, 2, B, 32) * 0.5
-        ids = torch.randint(0, 11, (B,))
+        state = (torch.randn(2, 2, B, 32) * 0.5).numpy()
+        ids = torch.randint(0, 11, (B,)).numpy()
         expected = alone.step(ids, state)
-        torch.testing.assert_close(split.step(ids, state), expected, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(split.step(ids, state), expected, rtol=1e-6, atol=1e-6)
         in_background = split.start_step(ids, state)  # every share on the pool; the caller is free
-        torch.testing.assert_close(in_background(), expected, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(split.step(ids[:20], state[:, :, :20]), expected[:, :, :20], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(in_background(), expected, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(split.step(ids[:20], state[:, :, :20]), expected[:, :, :20], rtol=1e-6, atol=1e-6)
     finally:
         split.close()
 
@@ -94,20 +96,19 @@ def test_a_row_gets_the_same_bits_alone_and_in_a_batch_of_any_size(quantize, wor
     rows share the step. BLAS chooses its kernel by the number of rows and the kernels round
     differently, and which sizes share a kernel depends on the CPU (runner.row_bounds measures it), so this runs the bundled model, whose matrices are the size the service multiplies."""
     loaded = store.load(store.DEFAULT_MODEL, Path(__file__).resolve().parent.parent / "model_store")
-    runner = build(WEIGHTS_BACKEND[quantize], loaded.model, workers)
+    runner = build(WEIGHTS_BACKEND[quantize], loaded, workers)
     try:
-        torch.manual_seed(3)
+        gen = np.random.default_rng(3)
         B = 256
-        state = torch.rand(2, 2, B, loaded.model.config.hidden_size) * 2 - 1  # (2, L, B, H)
-        ids = torch.randint(0, len(loaded.vocab), (B,))
-        with torch.inference_mode():
-            reference = runner.step(ids, state)  # (2, L, B, H)
-            ref_logits = runner.logits(reference)  # (B, V)
-            for size in (1, 2, 3, 17, 64, 129, 200):
-                for first in sorted({0, B - size}):  # the rows at the batch's start and at its end
-                    rows = slice(first, first + size)
-                    stepped = runner.step(ids[rows], state[:, :, rows].contiguous())
-                    assert torch.equal(stepped, reference[:, :, rows]), (size, first)
-                    assert torch.equal(runner.logits(stepped), ref_logits[rows]), (size, first)
+        state = gen.random((2, 2, B, loaded.config.hidden_size), dtype=np.float32) * 2 - 1  # (2, L, B, H)
+        ids = gen.integers(0, len(loaded.vocab), B)  # (B,) int64
+        reference = runner.step(ids, state)  # (2, L, B, H)
+        ref_logits = runner.logits(reference)  # (B, V)
+        for size in (1, 2, 3, 17, 64, 129, 200):
+            for first in sorted({0, B - size}):  # the rows at the batch's start and at its end
+                rows = slice(first, first + size)
+                stepped = runner.step(ids[rows], np.ascontiguousarray(state[:, :, rows]))
+                assert np.array_equal(stepped, reference[:, :, rows]), (size, first)
+                assert np.array_equal(runner.logits(stepped), ref_logits[rows]), (size, first)
     finally:
         runner.close()

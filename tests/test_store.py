@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -26,7 +27,8 @@ def test_trained_model_round_trips_with_a_complete_card(tiny_model):
     assert card["corpus"]["split"]["train_fraction"] == 0.9 and len(card["corpus"]["sha256"]) == 64
     assert card["training"]["command"] and card["training"]["torch_version"] == torch.__version__
     assert card["training"]["steps"] == 120 and card["training"]["wall_time_s"] > 0
-    assert card["num_parameters"] == tiny_model.model.num_parameters()
+    assert card["num_parameters"] == tiny_model.num_parameters == tiny_model.model.num_parameters()
+    assert tiny_model.config == tiny_model.model.config == CharLSTMConfig.from_dict(card["config"])
     assert (tiny_model.path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not tiny_model.model.training
 
@@ -39,6 +41,12 @@ def test_save_is_a_new_version_and_reloads_equal(tiny_model, tmp_path):
     assert store.resolve("copy", root) == second and store.resolve("copy@v1", root) == first
     assert not [p for p in (root / "copy").iterdir() if p.name.startswith(".")]  # no temporary left behind
     loaded = store.load(str(first))
+    stored = store.weights_of(tiny_model.model)
+    assert loaded.tensors.keys() == stored.keys()
+    for k, v in stored.items():  # the arrays as stored: numpy float32, bit for bit the module's
+        assert isinstance(loaded.tensors[k], np.ndarray) and loaded.tensors[k].dtype == np.float32, k
+        assert np.array_equal(loaded.tensors[k], v.numpy()), k
+    assert loaded.model is loaded.model  # the module is built once, on first use
     for k, v in tiny_model.model.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[k], v)
 
@@ -48,8 +56,17 @@ def test_tied_model_is_written_once_and_rebuilt_tied(tmp_path):
     path = store.save(model, CharVocab("abc"), {}, "tied", tmp_path)
     card = json.loads((path / "card.json").read_text())
     assert "head.weight" not in card["tensors"]
+    assert "head.weight" not in store.load("tied", tmp_path).tensors
     loaded = store.load("tied", tmp_path).model
     assert loaded.head.weight is loaded.embed.weight and torch.equal(loaded.head.weight, model.embed.weight)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_the_expected_manifest_is_the_torch_modules(tie):
+    """What `load` checks a card and a file against, computed without torch, is what the module stores."""
+    for layers in (1, 3):
+        config = CharLSTMConfig(vocab_size=7, embed_dim=12, hidden_size=12 if tie else 10, num_layers=layers, tie_weights=tie)
+        assert store.expected_manifest(config) == store.tensor_manifest(store.weights_of(CharLSTM(config)))
 
 
 @pytest.mark.parametrize("missing", ["card.json", "model.safetensors"])
@@ -159,3 +176,18 @@ def test_a_broken_default_record_is_one_clear_error(model_copy, content, message
     (root / "default.json").write_text(content)
     with pytest.raises(store.ModelLoadError, match=message):
         store.default_model(root)
+
+
+def test_weights_of_another_dtype_are_named(model_copy):
+    """A BF16 tensor (which numpy cannot hold) is named by the manifest check, before anything is read as numpy."""
+    from safetensors.torch import load_file, save_file
+
+    root, folder = model_copy
+    t = load_file(str(folder / "model.safetensors"))
+    t["embed.weight"] = t["embed.weight"].to(torch.bfloat16)
+    save_file(t, str(folder / "model.safetensors"))
+    card = json.loads((folder / "card.json").read_text())
+    card["weights_sha256"] = store.file_sha256(folder / "model.safetensors")
+    (folder / "card.json").write_text(json.dumps(card))
+    with pytest.raises(store.ModelLoadError, match=r"tensor 'embed.weight' is BF16\[.*expected F32"):
+        store.load("tiny", root)

@@ -16,10 +16,10 @@ import threading
 from pathlib import Path
 from contextlib import asynccontextmanager
 
-import torch
 from fastapi import FastAPI
 
 from .. import __version__, memory, store
+from ..backends.base import kernel_threads, set_kernel_threads
 from ..backends.selector import for_serving
 from ..engine.engine import Engine, EngineConfig
 from ..engine.observers import notify_all
@@ -48,7 +48,7 @@ async def lifespan(app: FastAPI):
     settings = app.state.settings = app.state.settings or Settings()
     logs.configure(settings.log_level)
     if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
+        set_kernel_threads(settings.torch_threads)
     sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
     keys_of(settings)  # a keys file that cannot be read stops the start, with what is wrong
     notify = app.state.notify = _fan_out(app.state.server_observers)  # session events: not any one model's
@@ -99,11 +99,11 @@ async def lifespan(app: FastAPI):
     sweeper = asyncio.create_task(health.sweep(app.state.sessions.executor))
     snapshots = asyncio.create_task(persistence.run()) if persistence else None
     first = pool.loaded[default.ref]
-    log.info("serving %s (weights %s, %s parameters, backend %s) on %s, %d torch threads, %d step workers; %d models servable "
+    log.info("serving %s (weights %s, %s parameters, backend %s) on %s, %d threads a kernel, %d step workers; %d models servable "
              "(at most %d loaded, keep-alive %gs); max batch %d, queue %d, max new tokens %d, max prompt %d chars, drain %gs + "
              "grace %gs; sessions: %s store%s, %d restored, at most %d, signed with %s; listening on %s:%d",
              default.ref, default.fingerprint[:12], f"{first.loaded.num_parameters:,}", first.details["backend"]["name"],
-             first.details["device_name"], torch.get_num_threads(), first.details["step_workers"], len(catalog.models),
+             first.details["device_name"], kernel_threads(), first.details["step_workers"], len(catalog.models),
              settings.max_loaded_models, settings.model_keep_alive_s, settings.max_batch_size, settings.max_queue,
              settings.max_new_tokens, settings.max_prompt_chars, settings.drain_delay_s, settings.shutdown_grace_s,
              session_store.kind,
@@ -151,12 +151,11 @@ def _fan_out(observers: list):
 def _engine_factory(settings: Settings, loop: asyncio.AbstractEventLoop):
     """How the pool builds a model's engine: its backend (measured on this machine for backend auto) and its batch."""
     def build(loaded: store.LoadedModel, share):
-        serving = for_serving(loaded.model, settings.backend, settings.quantize, settings.device, settings.max_batch_size,
+        serving = for_serving(loaded, settings.backend, settings.quantize, settings.device, settings.max_batch_size,
                               settings.step_workers, settings.decode_steps, fingerprint=loaded.card["weights_sha256"],
                               cache=Path(settings.backend_cache) if settings.backend_cache else None, apart=True)
         runner = serving.backend
-        if not runner.needs_module:  # its own copy of the weights is all it steps with
-            loaded.drop_module()
+        loaded.drop_module()  # the backend's own copy of the weights is all it steps with
         memory.give_back()  # what the build's probes and measurements freed
         engine = Engine(runner, loaded.vocab,
                         EngineConfig(max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
@@ -168,7 +167,7 @@ def _engine_factory(settings: Settings, loop: asyncio.AbstractEventLoop):
         log.info("backend %s for %s@%s: every step call sees %d to %d rows, the batch sizes that round a row alike on this CPU",
                  runner.name, loaded.name, loaded.version, runner.min_rows, runner.max_rows)
         details = {"backend": {**runner.describe(), **({"choice": serving.choice.as_dict()} if serving.choice else {})},
-                   "device": runner.device.type, "device_name": serving.device_name, "decode_steps": serving.decode_steps,
+                   "device": runner.device_type, "device_name": serving.device_name, "decode_steps": serving.decode_steps,
                    "step_workers": runner.workers, "rows_per_call": [runner.min_rows, runner.max_rows]}
         return engine, details
     return build

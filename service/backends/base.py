@@ -19,14 +19,13 @@ shares. tests/test_runner.py and the contract suite pin it.
 
 from __future__ import annotations
 
-import copy
 import logging
+import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-import torch
+import numpy as np
 
-from ..model import CharLSTM
 from .fused import FusedWeights, pad_rows
 
 log = logging.getLogger("charlstm.backends")
@@ -36,14 +35,35 @@ ROW_PROBES = (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 25
 MIN_SHARE = 64  # agreeing_rows wants one rounding from min_rows to at least this many rows
 
 
-def agreeing_rows(call: Callable[[int], torch.Tensor], what: str) -> tuple[int, int]:
+_kernel_threads: int | None = None  # set_kernel_threads; None: the runtime's default
+
+
+def set_kernel_threads(n: int) -> None:
+    """Threads inside each kernel, for every backend built from now on (the `torch_threads` setting):
+    torch's, where torch is already loaded (a torch backend built later sets it too), and ONNX Runtime's.
+    Nothing here imports torch: a server that never builds a torch backend never pays for it."""
+    global _kernel_threads
+    _kernel_threads = n
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(n)
+
+
+def kernel_threads() -> int:
+    """Threads each kernel takes: the setting; else torch's where torch is loaded; else 1."""
+    if _kernel_threads:
+        return _kernel_threads
+    torch = sys.modules.get("torch")
+    return torch.get_num_threads() if torch is not None else 1
+
+
+def agreeing_rows(call: Callable[[int], np.ndarray], what: str) -> tuple[int, int]:
     """(min_rows, max_rows): the range of batch sizes over which `call(B)` (the result for the first B
     rows of fixed inputs, (B, ...)) gives every row the same bits. The smallest min_rows whose range
     reaches MIN_SHARE wins; (1, 256) with a warning when none does."""
     agree, before = [], call(ROW_PROBES[0])
     for B in ROW_PROBES[1:]:  # two results at a time, so the probe leaves no large heap behind
         out = call(B)
-        agree.append(torch.equal(out[: before.shape[0]], before))
+        agree.append(np.array_equal(np.asarray(out[: before.shape[0]]), np.asarray(before)))
         before = out
     for i, lo in enumerate(ROW_PROBES[:8]):
         hi = lo
@@ -64,40 +84,39 @@ class Backend:
     LSTM rows are independent within a step, so a large batch can be cut into contiguous shares that
     `workers` threads step at the same time, with one join per step. On two cores this beats two threads
     inside each kernel, which meet at a barrier after every kernel and stall whenever the event loop takes
-    one of the cores (see benchmarks/README.md)."""
+    one of the cores (see benchmarks/README.md).
+
+    Arrays in and out are numpy's: states (2, L, B, H) float32, ids (B,) int64, logits (B, V) float32, so the
+    engine, the sessions and a backend that needs no torch (ONNX Runtime) never import it."""
 
     name = "?"
     weights_kind = "fp32"  # or "int8": what --quantize narrows the choice to
-    needs_module = True  # steps with the torch module's weights (or `weights`, copies made from them)
+    device_type = "cpu"
 
-    def __init__(self, model: CharLSTM, workers: int = 1, device: str | torch.device = "cpu"):
-        self.device = torch.device(device)
-        model.eval()
-        if next(model.parameters()).device != self.device:
-            model = copy.deepcopy(model).to(self.device)
-        self.model = model
+    def __init__(self, model, workers: int = 1):
+        """model: a `store.LoadedModel` or a torch `CharLSTM` (`fused.tensors_of`)."""
         cfg = model.config
         self.num_layers, self.hidden, self.vocab_size = cfg.num_layers, cfg.hidden_size, cfg.vocab_size
         self.weights = FusedWeights.from_model(model)
         self.min_rows, self.max_rows = 1, 1 << 30  # the step's rows a call; subclasses measure theirs
         self.head_rows = (1, 1 << 30)  # the head's
-        self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # (state, its logits) of the latest step that gave both
+        self._last: tuple[np.ndarray, np.ndarray] | None = None  # (state, its logits) of the latest step that gave both
         self.workers = max(1, workers)
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="charlstm-step") if self.workers > 1 else None
 
     # --- what a subclass provides -------------------------------------------------------------
 
-    def _step_rows(self, ids: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    def _step_rows(self, ids: np.ndarray, state: np.ndarray) -> np.ndarray:
         """ids (B,) int64, state (2, L, B, H) -> new state (2, L, B, H), for min_rows <= B <= max_rows."""
         raise NotImplementedError
 
-    def _head_rows(self, top: torch.Tensor) -> torch.Tensor:
-        """top h (B, H) -> logits (B, V), for B within head_rows. The fp32 head by default."""
-        return torch.addmm(self.weights.b_head, top, self.weights.w_head)
+    def _head_rows(self, top: np.ndarray) -> np.ndarray:
+        """top h (B, H) -> logits (B, V), for B within head_rows."""
+        raise NotImplementedError
 
     def describe(self) -> dict:
         """What /info shows of this backend."""
-        return {"name": self.name, "weights": self.weights_kind, "device": self.device.type, "workers": self.workers,
+        return {"name": self.name, "weights": self.weights_kind, "device": self.device_type, "workers": self.workers,
                 "rows_per_call": [self.min_rows, self.max_rows], "head_rows_per_call": list(self.head_rows)}
 
     # --- the interface the engine uses ----------------------------------------------------------
@@ -106,11 +125,11 @@ class Backend:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
 
-    def zero_state(self, batch: int | None = None) -> torch.Tensor:
+    def zero_state(self, batch: int | None = None) -> np.ndarray:
         shape = (2, self.num_layers, self.hidden) if batch is None else (2, self.num_layers, batch, self.hidden)
-        return torch.zeros(shape, device=self.device)
+        return np.zeros(shape, dtype=np.float32)
 
-    def logits(self, state: torch.Tensor) -> torch.Tensor:
+    def logits(self, state: np.ndarray) -> np.ndarray:
         """Next-character logits from a batched state (2, L, B, H) -> (B, V): the head over the top h
         (or the logits the step that made this very state already computed)."""
         last = self._last
@@ -119,18 +138,17 @@ class Backend:
         return self._rows_within(self._head_rows, state[0, -1], *self.head_rows)
 
     @staticmethod
-    def _rows_within(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    def _rows_within(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, lo: int, hi: int) -> np.ndarray:
         """fn over x's rows (B, ...) with every call seeing lo to hi rows."""
         B = x.shape[0]
         if B < lo:
             return fn(pad_rows(x, lo))[:B]
         if B > hi:
-            return torch.cat([fn(x[a : a + hi]) for a in range(0, B, hi)])
+            return np.concatenate([fn(x[a : a + hi]) for a in range(0, B, hi)])
         return fn(x)
 
-    @torch.inference_mode()
-    def ingest(self, slices: list[list[int]], state: torch.Tensor,
-               outputs: bool = False) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    def ingest(self, slices: list[list[int]], state: np.ndarray,
+               outputs: bool = False) -> tuple[np.ndarray, list[np.ndarray] | None]:
         """Feed each row of a block its own slice of prompt, every row at once: `slices` R lists of ids (of
         any lengths), state (2, L, R, H) -> (new state (2, L, R, H), outputs). With `outputs`, a (T_r, H)
         tensor a row: the top layer's h after each of its characters, what the head turns into the
@@ -139,7 +157,6 @@ class Backend:
         Every character goes through the backend's own step, so a row's numbers are those of generating
         through it: the same alone, beside any other rows, and whatever the slice's length. A backend with
         a faster block (onnx_runtime.py's loop graph) gives the same bits, checked when it is built."""
-        state = state.to(self.device)
         R = len(slices)
         order = sorted(range(R), key=lambda r: -len(slices[r]))  # longest first: the rows still going are a prefix
         s = state[:, :, order]  # (2, L, R, H)
@@ -147,16 +164,16 @@ class Backend:
         tops = []  # per step t: (n_t, H), the top h of the n_t rows that took a character
         for t in range(lengths[0] if R else 0):
             n = sum(1 for length in lengths if length > t)
-            ids = torch.tensor([slices[r][t] for r in order[:n]], device=self.device)  # (n,)
-            s = self.step(ids, s) if n == R else torch.cat([self.step(ids, s[:, :, :n]), s[:, :, n:]], dim=2)
+            ids = np.array([slices[r][t] for r in order[:n]], dtype=np.int64)  # (n,)
+            s = self.step(ids, s) if n == R else np.concatenate([self.step(ids, s[:, :, :n]), s[:, :, n:]], axis=2)
             if outputs:
                 tops.append(s[0, -1, :n])
         at = {r: i for i, r in enumerate(order)}  # row -> its place in `order`
         new_state = s[:, :, [at[r] for r in range(R)]]  # (2, L, R, H), rows back in order
         if not outputs:
             return new_state, None
-        return new_state, [torch.stack([tops[t][at[r]] for t in range(len(slices[r]))]) if slices[r]
-                           else state.new_zeros(0, self.hidden) for r in range(R)]
+        return new_state, [np.stack([tops[t][at[r]] for t in range(len(slices[r]))]) if slices[r]
+                           else np.zeros((0, self.hidden), dtype=np.float32) for r in range(R)]
 
     def block_seconds(self, rows: int, chars: int) -> float | None:
         """About how long `ingest` takes for `rows` slices of `chars` characters, from what the backend
@@ -164,21 +181,20 @@ class Backend:
         slice within one `prefill_chunk`)."""
         return None
 
-    def prefill(self, ids: list[int], state: torch.Tensor, outputs: bool = False):
+    def prefill(self, ids: list[int], state: np.ndarray, outputs: bool = False):
         """One stream's prompt: `ingest` of a block of one row. ids: T ints; state (2, L, H) -> state
-        (2, L, H), or (state, y (T, H)) with `outputs`. A state from elsewhere (a session on the host)
-        moves to this backend's device first."""
-        new_state, ys = self.ingest([ids], state.to(self.device).unsqueeze(2), outputs)
+        (2, L, H), or (state, y (T, H)) with `outputs`."""
+        new_state, ys = self.ingest([ids], state[:, :, None], outputs)
         # A copy made after the block's temporaries are freed fills their gap in the heap; sessions keep
         # these states for long, and the copy packs them tighter (14.9 against 17.0 KB a session, measured).
-        final = new_state[:, :, 0].clone()
+        final = new_state[:, :, 0].copy()
         return (final, ys[0]) if outputs else final
 
-    def step(self, ids: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    def step(self, ids: np.ndarray, state: np.ndarray) -> np.ndarray:
         """Advance every row by one character. ids (B,) int64; state (2, L, B, H) -> new state (2, L, B, H)."""
         return self.start_step(ids, state, background=False)()
 
-    def start_step(self, ids: torch.Tensor, state: torch.Tensor, background: bool = True) -> Callable[[], torch.Tensor]:
+    def start_step(self, ids: np.ndarray, state: np.ndarray, background: bool = True) -> Callable[[], np.ndarray]:
         """Begin a step; returns a function that waits for the new state (2, L, B, H).
 
         With `background`, every share of a large batch goes to the pool and the caller is free until it
@@ -188,7 +204,7 @@ class Backend:
         yields the new state's logits (`_advance`) keeps them for the `logits` call that follows."""
         B = ids.shape[0]
         if B < self.min_rows:
-            state, logits = self._advance(pad_rows(ids, self.min_rows), pad_rows(state, self.min_rows, dim=2))
+            state, logits = self._advance(pad_rows(ids, self.min_rows), pad_rows(state, self.min_rows, axis=2))
             return self._joined([state[:, :, :B]], [None if logits is None else logits[:B]])
         shares = max(min(self.workers, B // MIN_ROWS_PER_WORKER), -(-B // self.max_rows))
         if shares <= 1:
@@ -196,25 +212,21 @@ class Backend:
         bounds = [B * k // shares for k in range(shares + 1)]
         parts = list(zip(bounds[:-1], bounds[1:]))
         here = parts if self._pool is None else [] if background else [parts[0]]
-        futures = [self._pool.submit(self._advance_share, ids[a:b], state[:, :, a:b]) for a, b in parts[len(here):]]
+        futures = [self._pool.submit(self._advance, ids[a:b], state[:, :, a:b]) for a, b in parts[len(here):]]
         done_here = [self._advance(ids[a:b], state[:, :, a:b]) for a, b in here]
 
-        def wait() -> torch.Tensor:  # rows back in order
+        def wait() -> np.ndarray:  # rows back in order
             states, logits = zip(*done_here, *(f.result() for f in futures))
             return self._joined(states, logits)()
 
         return wait
 
-    def _joined(self, states, logits) -> Callable[[], torch.Tensor]:
-        state = states[0] if len(states) == 1 else torch.cat(states, dim=2)  # (2, L, B, H)
+    def _joined(self, states, logits) -> Callable[[], np.ndarray]:
+        state = states[0] if len(states) == 1 else np.concatenate(states, axis=2)  # (2, L, B, H)
         if all(x is not None for x in logits):
-            self._last = (state, logits[0] if len(logits) == 1 else torch.cat(logits))
+            self._last = (state, logits[0] if len(logits) == 1 else np.concatenate(logits))
         return lambda: state
 
-    def _advance(self, ids: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _advance(self, ids: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """(new state, its logits or None): `_step_rows` unless the backend's step yields both."""
         return self._step_rows(ids, state), None
-
-    def _advance_share(self, ids: torch.Tensor, state: torch.Tensor):
-        with torch.inference_mode():  # thread-local: a pool thread enters it for itself
-            return self._advance(ids, state)

@@ -35,7 +35,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..sampling import SamplingParams, sample_plain, temperature_scale
+from ..sampling import MIN_TEMPERATURE, SamplingParams
 from ..sampling import _mix64 as _host_mix64
 from .fused import FusedWeights
 
@@ -94,6 +94,24 @@ def uniforms_from_keys(keys: torch.Tensor, counters: torch.Tensor) -> torch.Tens
 def stream_key(seed: int) -> int:
     """A stream's key, hashed on the host once when it joins (int64 with the uint64's bits)."""
     return _int64(int(_host_mix64(np.array([seed], dtype=np.uint64))[0]))
+
+
+def temperature_scale(temperature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sampling.temperature_scale` on the device: (greedy (B,) bool, scale (B,), 1 for greedy rows)."""
+    greedy = temperature < MIN_TEMPERATURE
+    return greedy, torch.where(greedy, torch.ones_like(temperature), temperature)
+
+
+def sample_plain(logits: torch.Tensor, scale: torch.Tensor, greedy: torch.Tensor,
+                 u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sampling.sample_plain` on the device, with no host synchronisation, so a CUDA graph can hold it.
+    logits (B, V); scale, greedy, u (B,) -> (ids (B,) int64, logprobs (B,) under the logits)."""
+    probs = torch.softmax(logits / scale.unsqueeze(1), dim=-1)  # (B, V)
+    cdf = torch.cumsum(probs, dim=-1, dtype=torch.float64)  # (B, V)
+    target = (u.to(cdf.dtype) * cdf[:, -1]).unsqueeze(1)  # (B, 1)
+    pick = torch.searchsorted(cdf, target, right=True).clamp_(max=logits.shape[1] - 1).squeeze(1)  # (B,)
+    pick = torch.where(greedy, logits.argmax(dim=-1), pick)
+    return pick, torch.log_softmax(logits, dim=-1).gather(1, pick.unsqueeze(1)).squeeze(1)
 
 
 def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
@@ -162,13 +180,13 @@ class DeviceBatch:
         self.ids, self.logprobs = self.hist_ids[0], self.hist_lps[0]  # a single step's picks
 
     @torch.inference_mode()
-    def append(self, state: torch.Tensor, params: SamplingParams, seed: int, counter: int, seen_ids: list[int]) -> int:
-        """A stream joins as the last row: its state (2, L, H) after its prompt, its controls, its random
+    def append(self, state: np.ndarray, params: SamplingParams, seed: int, counter: int, seen_ids: list[int]) -> int:
+        """A stream joins as the last row: its state (2, L, H) float32 after its prompt, its controls, its random
         stream (seed, counter) and the characters its repetition penalty applies to. Returns the row."""
         if self.size == self.capacity:
             raise RuntimeError(f"the batch is full ({self.capacity} rows)")
         r = self.size
-        self.state[:, :, r] = state.to(self.device)
+        self.state[:, :, r] = torch.from_numpy(state).to(self.device)
         greedy = params.greedy
         self.temperature[r], self.scale[r], self.greedy[r] = params.temperature, 1.0 if greedy else params.temperature, greedy
         self.top_k[r], self.top_p[r], self.penalty[r] = params.top_k, params.top_p, params.repetition_penalty
@@ -195,10 +213,10 @@ class DeviceBatch:
         self.size = n
 
     @torch.inference_mode()
-    def row_state(self, row: int, after: int | None = None) -> torch.Tensor:
-        """A copy of one row's state on the host (2, L, H), e.g. for its session when the call completes:
-        now, or after its `after`-th character of the last decode (1..k)."""
-        return self.ring[after or 0, :, :, row].to("cpu", copy=True)
+    def row_state(self, row: int, after: int | None = None) -> np.ndarray:
+        """A copy of one row's state on the host (2, L, H) float32, e.g. for its session when the call
+        completes: now, or after its `after`-th character of the last decode (1..k)."""
+        return self.ring[after or 0, :, :, row].to("cpu", copy=True).numpy()
 
     def row_counter(self, row: int) -> int:
         """Draws the row's random stream has made (a session's position in it)."""
@@ -230,7 +248,7 @@ class CudaStep:
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        move = lambda t: t.detach().to(self.device, torch.float32).contiguous()  # noqa: E731
+        move = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device, torch.float32)  # noqa: E731
         self.table0, self.w_hh0, self.w_head, self.b_head = (move(weights.table0), move(weights.w_hh0),
                                                              move(weights.w_head), move(weights.b_head))
         self.w_cat, self.b_cat = [move(w) for w in weights.w_cat], [move(b) for b in weights.b_cat]

@@ -29,11 +29,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import onnx
 import onnxruntime as ort
-import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from ..model import CharLSTM
-from .base import Backend, agreeing_rows
+from .base import Backend, agreeing_rows, kernel_threads
 from .fused import FusedWeights, quantize_columns
 
 OPSET = 21
@@ -76,6 +74,11 @@ class _Graph:
         return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
+def act_scales(scales: np.ndarray) -> np.ndarray:
+    """A weight's column scales (N,) times the activations' step: what an int32 product is multiplied by."""
+    return (scales / np.float32(ACT_LEVELS)).astype(np.float32)
+
+
 def _quantized(g: _Graph, x: str, q: str, name: str) -> str:
     """x (B, K) fp32 in [-1, 1] -> its exact int32 product (B, N) with the int8 weight named q (K, N)."""
     xq = g.op("QuantizeLinear", [x, "act_scale", "act_zero"], f"{name}_xq")  # (B, K) uint8
@@ -87,13 +90,13 @@ def _scaled(g: _Graph, acc: str, scale: str, name: str) -> str:
     return g.op("Mul", [g.op("Cast", [acc], f"{name}_accf", to=TensorProto.FLOAT), scale], f"{name}_out")
 
 
-def _multiply(g: _Graph, x: str, weight: torch.Tensor, name: str, int8: bool) -> str:
+def _multiply(g: _Graph, x: str, weight: np.ndarray, name: str, int8: bool) -> str:
     """x (B, K) @ weight (K, N) -> (B, N), in fp32 or over int8 weights and 7-bit activations."""
     if not int8:
-        return g.op("MatMul", [x, g.const(name, weight.numpy())], f"{name}_out")
+        return g.op("MatMul", [x, g.const(name, weight)], f"{name}_out")
     q, scales = quantize_columns(weight)  # (K, N) int8, (N,)
-    acc = _quantized(g, x, g.const(f"{name}_q", q.numpy()), name)
-    return _scaled(g, acc, g.const(f"{name}_scale", (scales / ACT_LEVELS).numpy()), name)
+    acc = _quantized(g, x, g.const(f"{name}_q", q), name)
+    return _scaled(g, acc, g.const(f"{name}_scale", act_scales(scales)), name)
 
 
 def _cell(g: _Graph, gates: str, c: str, h_new: str, c_new: str, name: str) -> None:
@@ -107,7 +110,7 @@ def _cell(g: _Graph, gates: str, c: str, h_new: str, c_new: str, name: str) -> N
 
 def _constants(g: _Graph, w: FusedWeights, hidden: int, int8: bool) -> None:
     H = hidden
-    g.const("table0", w.table0.numpy())
+    g.const("table0", w.table0)
     g.const("split_gates", np.array([3 * H, H], np.int64))
     g.const("split_ifo", np.array([H, H, H], np.int64))
     if int8:
@@ -128,13 +131,13 @@ def step_graph(w: FusedWeights, num_layers: int, hidden: int, int8: bool, thread
             gates = g.op("Add", [_multiply(g, h, w.w_hh0, "w_hh0", int8), row], "gates0")
         else:
             inp = g.op("Concat", [below, h], f"cat{layer}", axis=1)  # (B, 2H): [h_below, h_self]
-            bias = g.const(f"b_cat{layer}", w.b_cat[layer - 1].numpy())
+            bias = g.const(f"b_cat{layer}", w.b_cat[layer - 1])
             gates = g.op("Add", [_multiply(g, inp, w.w_cat[layer - 1], f"w_cat{layer}", int8), bias], f"gates{layer}")
         _cell(g, gates, c, f"h{layer}_new", f"c{layer}_new", str(layer))
         below = f"h{layer}_new"
         g.io(g.outputs, f"h{layer}_new", TensorProto.FLOAT, ["B", H])
         g.io(g.outputs, f"c{layer}_new", TensorProto.FLOAT, ["B", H])
-    g.op("Gemm", [below, g.const("w_head", w.w_head.numpy()), g.const("b_head", w.b_head.numpy())], "logits")
+    g.op("Gemm", [below, g.const("w_head", w.w_head), g.const("b_head", w.b_head)], "logits")
     g.io(g.outputs, "logits", TensorProto.FLOAT, ["B", w.w_head.shape[1]])
     return g.session("charlstm_step", threads)
 
@@ -167,21 +170,21 @@ def layer_graph(w: FusedWeights, layer: int, hidden: int, int8: bool, threads: i
     if layer == 0:
         if int8:
             q, scales = quantize_columns(w.w_hh0)
-            acc = _quantized(body, h, g.const("w_hh0_q", q.numpy()), "w_hh0")
-            product = _scaled(body, acc, g.const("w_hh0_scale", (scales / ACT_LEVELS).numpy()), "w_hh0")
+            acc = _quantized(body, h, g.const("w_hh0_q", q), "w_hh0")
+            product = _scaled(body, acc, g.const("w_hh0_scale", act_scales(scales)), "w_hh0")
         else:
-            product = body.op("MatMul", [h, g.const("w_hh0", w.w_hh0.numpy())], "w_hh0_out")
+            product = body.op("MatMul", [h, g.const("w_hh0", w.w_hh0)], "w_hh0_out")
         gates = body.op("Add", [product, x], "gates")
     else:
-        bias = g.const("b_cat", w.b_cat[layer - 1].numpy())
+        bias = g.const("b_cat", w.b_cat[layer - 1])
         if int8:
             q, scales = quantize_columns(w.w_cat[layer - 1])  # (2H, 4H): rows [h_below, h_self]
-            xs = _quantized(g, xs, g.const("w_in_q", q[:H].numpy()), "w_in")  # (T, R, 4H) int32
-            acc = body.op("Add", [x, _quantized(body, h, g.const("w_rec_q", q[H:].numpy()), "w_rec")], "acc")
-            product = _scaled(body, acc, g.const("w_cat_scale", (scales / ACT_LEVELS).numpy()), "w_cat")
+            xs = _quantized(g, xs, g.const("w_in_q", q[:H]), "w_in")  # (T, R, 4H) int32
+            acc = body.op("Add", [x, _quantized(body, h, g.const("w_rec_q", q[H:]), "w_rec")], "acc")
+            product = _scaled(body, acc, g.const("w_cat_scale", act_scales(scales)), "w_cat")
         else:
             inp = body.op("Concat", [x, h], "cat", axis=1)  # (R, 2H): [h_below, h_self]
-            product = body.op("MatMul", [inp, g.const("w_cat", w.w_cat[layer - 1].numpy())], "w_cat_out")
+            product = body.op("MatMul", [inp, g.const("w_cat", w.w_cat[layer - 1])], "w_cat_out")
         gates = body.op("Add", [product, bias], "gates")
     _cell(body, gates, c, "h_step", "c_step", "")
     body.op("Where", [live, "h_step", h], "h_next")
@@ -200,7 +203,7 @@ def head_graph(w: FusedWeights, threads: int = 1) -> ort.InferenceSession:
     """top (B, H) -> logits (B, V): the step graph's head alone."""
     g = _Graph()
     g.io(g.inputs, "top", TensorProto.FLOAT, ["B", w.w_head.shape[0]])
-    g.op("Gemm", ["top", g.const("w_head", w.w_head.numpy()), g.const("b_head", w.b_head.numpy())], "logits")
+    g.op("Gemm", ["top", g.const("w_head", w.w_head), g.const("b_head", w.b_head)], "logits")
     g.io(g.outputs, "logits", TensorProto.FLOAT, ["B", w.w_head.shape[1]])
     return g.session("charlstm_head", threads)
 
@@ -208,26 +211,25 @@ def head_graph(w: FusedWeights, threads: int = 1) -> ort.InferenceSession:
 class OnnxBackend(Backend):
     """The fused step in ONNX Runtime on the CPU; `int8` for int8 weights."""
 
-    needs_module = False
-
-    def __init__(self, model: CharLSTM, workers: int = 1, device: str | torch.device = "cpu", int8: bool = False):
-        if torch.device(device).type != "cpu":
-            raise ValueError(f"the onnx backends run on the CPU only, not on {torch.device(device).type}")
-        super().__init__(model, workers, device)
+    def __init__(self, model, workers: int = 1, device: str = "cpu", int8: bool = False, threads: int | None = None):
+        """threads: each kernel's threads (default: `base.kernel_threads`)."""
+        if str(device) != "cpu":
+            raise ValueError(f"the onnx backends run on the CPU only, not on {device}")
+        super().__init__(model, workers)
         self.name, self.weights_kind = ("onnx-int8", "int8") if int8 else ("onnx", "fp32")
-        threads = max(1, torch.get_num_threads())
+        threads = max(1, threads or kernel_threads())
         self._step = step_graph(self.weights, self.num_layers, self.hidden, int8, threads)
         self._head = head_graph(self.weights, threads)
         self._inputs = [(f"h{layer}", f"c{layer}") for layer in range(self.num_layers)]
         self._outputs = [f"{x}{layer}_new" for x in "hc" for layer in range(self.num_layers)] + ["logits"]  # the state's order
         self._run_options: ort.RunOptions | None = None  # what every run passes (`_give_back`)
-        gen = torch.Generator().manual_seed(0)
-        probe = torch.rand(2, self.num_layers, 256, self.hidden, generator=gen) * 2 - 1  # (2, L, 256, H)
-        probe_ids = torch.randint(0, self.vocab_size, (256,), generator=gen)
+        gen = np.random.default_rng(0)
+        probe = (gen.random((2, self.num_layers, 256, self.hidden), dtype=np.float32) * 2 - 1)  # (2, L, 256, H)
+        probe_ids = gen.integers(0, self.vocab_size, 256)  # (256,) int64
         self.min_rows, self.max_rows = agreeing_rows(lambda B: self._run(probe_ids[:B], probe[:, :, :B])[0][0, -1], self.name)
         self.head_rows = agreeing_rows(lambda B: self._head_rows(probe[0, -1, :B]), f"{self.name}'s head")
         state, fused_logits = self._run(probe_ids[:64], probe[:, :, :64])
-        self._fused_head = torch.equal(fused_logits, self._head_rows(state[0, -1].contiguous()))
+        self._fused_head = np.array_equal(fused_logits, self._head_rows(np.ascontiguousarray(state[0, -1])))
         self._layers = [layer_graph(self.weights, layer, self.hidden, int8, threads) for layer in range(self.num_layers)]
         self._ingest_pool = ThreadPoolExecutor(1, thread_name_prefix="charlstm-ingest")
         self.pipelined = False  # the layers of a block run at once, in pieces, on two threads (measured below)
@@ -235,7 +237,7 @@ class OnnxBackend(Backend):
         self._block_exact = self._check_block(probe, probe_ids)
         if self._block_exact:
             self._measure_blocks(pipelines=threads == 1 and len(os.sched_getaffinity(0)) >= 2)
-        self.model = self.weights = None  # the sessions hold their own copy; the fp32 ones would only take memory
+        self.weights = None  # the sessions hold their own copy; the fp32 ones would only take memory
         self._give_back()
 
     def _give_back(self) -> None:
@@ -245,7 +247,7 @@ class OnnxBackend(Backend):
         self._run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         try:
             state = self.zero_state(1)
-            self._head_rows(self._run(torch.zeros(1, dtype=torch.long), state)[0][0, -1])
+            self._head_rows(self._run(np.zeros(1, dtype=np.int64), state)[0][0, -1])
             if self._block_exact:
                 self.ingest([[0, 0]], state)  # two characters: each layer's block graph
         finally:
@@ -289,7 +291,7 @@ class OnnxBackend(Backend):
         cost, tens of microseconds, stays small beside it), a multiple of 8, at most T."""
         return min(T, max(8, -(-int(PIECE_S / self._layer_step(rows)) // 8) * 8))
 
-    def _check_block(self, probe: torch.Tensor, probe_ids: torch.Tensor) -> bool:
+    def _check_block(self, probe: np.ndarray, probe_ids: np.ndarray) -> bool:
         """Whether the block graph gives every row the bits of the step, character by character (it is
         written to, op for op; a runtime that fused the two graphs' ops differently would break it).
         If not, blocks go through the step (`Backend.ingest`), slower and still exact."""
@@ -297,7 +299,7 @@ class OnnxBackend(Backend):
         state = probe[:, :, : len(slices)]  # (2, L, 4, H)
         stepped, y_stepped = super().ingest(slices, state, outputs=True)
         block, y_block = self.ingest(slices, state, outputs=True, checked=True)
-        exact = torch.equal(stepped, block) and all(torch.equal(a, b) for a, b in zip(y_stepped, y_block))
+        exact = np.array_equal(stepped, block) and all(np.array_equal(a, b) for a, b in zip(y_stepped, y_block))
         if not exact:
             log.warning("%s: the block graph does not give the step's bits here; prompts are ingested step by step", self.name)
         return exact
@@ -310,8 +312,8 @@ class OnnxBackend(Backend):
         return {**super().describe(), "onnxruntime": ort.__version__, "fused_head": self._fused_head,
                 "block_graph": self._block_exact, "block_pipelined": self.pipelined}
 
-    def ingest(self, slices: list[list[int]], state: torch.Tensor, outputs: bool = False,
-               checked: bool = False) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    def ingest(self, slices: list[list[int]], state: np.ndarray, outputs: bool = False,
+               checked: bool = False) -> tuple[np.ndarray, list[np.ndarray] | None]:
         """A block in one run of each layer's graph (a loop inside ONNX Runtime, no Python per character),
         rows padded to min_rows and cut into shares of max_rows like a step's; a block of one character a
         row is one step.
@@ -323,23 +325,23 @@ class OnnxBackend(Backend):
         if R > self.max_rows:
             parts = [self.ingest(slices[a : a + self.max_rows], state[:, :, a : a + self.max_rows], outputs, checked)
                      for a in range(0, R, self.max_rows)]
-            return torch.cat([p[0] for p in parts], dim=2), [y for p in parts for y in p[1]] if outputs else None
+            return np.concatenate([p[0] for p in parts], axis=2), [y for p in parts for y in p[1]] if outputs else None
         if T == 1 and all(slices):  # one character a row: one run of the step graph beats a run a layer
-            new_state = self.step(torch.tensor([ids[0] for ids in slices]), state)  # (2, L, R, H)
-            return new_state, [new_state[0, -1, r : r + 1].clone() for r in range(R)] if outputs else None
+            new_state = self.step(np.array([ids[0] for ids in slices], dtype=np.int64), state)  # (2, L, R, H)
+            return new_state, [new_state[0, -1, r : r + 1].copy() for r in range(R)] if outputs else None
         rows = max(R, self.min_rows)
         ids, live = np.zeros((T, rows), np.int64), np.zeros((T, rows, 1), np.bool_)
         for r, row_ids in enumerate(slices):
             ids[: len(row_ids), r] = row_ids
             live[: len(row_ids), r] = True
         hc = np.zeros((2, self.num_layers, rows, self.hidden), np.float32)  # padded rows: zeros, never live
-        hc[:, :, :R] = state.numpy()
+        hc[:, :, :R] = state
         h, c = list(hc[0]), list(hc[1])  # L arrays (rows, H) each
         y = self._run_layers(ids, live, h, c)  # h, c: updated in place; y (T, rows, H), the top layer's
-        new_state = torch.from_numpy(np.stack([*h, *c])[:, :R].copy()).view(2, self.num_layers, R, self.hidden)  # (2, L, R, H)
+        new_state = np.stack([*h, *c])[:, :R].reshape(2, self.num_layers, R, self.hidden)  # (2, L, R, H), a copy
         if not outputs:
             return new_state, None
-        return new_state, [torch.from_numpy(y[: len(row_ids), r].copy()) for r, row_ids in enumerate(slices)]
+        return new_state, [y[: len(row_ids), r].copy() for r, row_ids in enumerate(slices)]
 
     def _run_layers(self, ids: np.ndarray, live: np.ndarray, h: list[np.ndarray], c: list[np.ndarray]) -> np.ndarray:
         """Every layer over the block, h[l], c[l] (R, H) replaced by the new state. One layer after the
@@ -369,21 +371,19 @@ class OnnxBackend(Backend):
         top = self.num_layers - 1
         return np.concatenate([ys[(top, k)] for k in range(len(pieces))]) if len(pieces) > 1 else ys[(top, 0)]
 
-    def _run(self, ids: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One run of the step graph. state (2, L, B, H) -> (new state (2, L, B, H), logits (B, V)).
-        The inputs are numpy views of the state (indexing numpy costs a fraction of indexing torch)."""
-        s = state.numpy()  # (2, L, B, H)
-        feeds = {"ids": ids.numpy()}
+    def _run(self, ids: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One run of the step graph. ids (B,) int64, state (2, L, B, H) -> (new state (2, L, B, H), logits (B, V))."""
+        feeds = {"ids": ids}
         for layer, (h, c) in enumerate(self._inputs):  # a row range of a contiguous state is contiguous: no copies
-            feeds[h] = np.ascontiguousarray(s[0, layer])
-            feeds[c] = np.ascontiguousarray(s[1, layer])
+            feeds[h] = np.ascontiguousarray(state[0, layer])
+            feeds[c] = np.ascontiguousarray(state[1, layer])
         out = self._step.run(self._outputs, feeds, self._run_options)
-        new_state = torch.from_numpy(np.stack(out[:-1])).view(2, self.num_layers, -1, self.hidden)  # h of every layer, then c: one copy
-        return new_state, torch.from_numpy(out[-1])
+        new_state = np.stack(out[:-1]).reshape(2, self.num_layers, -1, self.hidden)  # h of every layer, then c: one copy
+        return new_state, out[-1]
 
-    def _advance(self, ids: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _advance(self, ids: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         new_state, logits = self._run(ids, state)
         return new_state, logits if self._fused_head else None
 
-    def _head_rows(self, top: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self._head.run(["logits"], {"top": top.contiguous().numpy()}, self._run_options)[0])
+    def _head_rows(self, top: np.ndarray) -> np.ndarray:
+        return self._head.run(["logits"], {"top": np.ascontiguousarray(top)}, self._run_options)[0]

@@ -12,28 +12,24 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-import torch
+import numpy as np
 
-from ..evaluate import Score
+from ..sampling import log_softmax
+from ..scores import Score
 from ..vocab import CharVocab, OutOfVocabularyError
 from .base import Backend
 
 
-@torch.inference_mode()
-def score_chunks_stepped(runner: Backend, vocab: CharVocab, chunks: Iterable[str], window: int = 4096) -> Score:
+def nats_of(logits: np.ndarray, targets: np.ndarray) -> float:
+    """Summed -log p of each row's target. logits (N, V), targets (N,) int64."""
+    return -float(np.take_along_axis(log_softmax(logits), targets[:, None], axis=1).astype(np.float64).sum())
+
+
+def score_chunks_stepped(runner: Backend, vocab: CharVocab, chunks: Iterable[str]) -> Score:
     """Sum of -log p(char | all previous chars) through the backend's step, the first character excepted."""
     state = runner.zero_state(1)  # (2, L, 1, H)
-    logits = torch.empty(window, runner.vocab_size)  # (W, V): the predictions of one window
-    targets: list[int] = []
     prev: int | None = None
     total, count, offset = 0.0, 0, 0
-
-    def flush() -> float:
-        n = len(targets)
-        nll = torch.nn.functional.cross_entropy(logits[:n], torch.tensor(targets), reduction="sum")
-        targets.clear()
-        return float(nll)
-
     for chunk in chunks:
         try:
             ids = vocab.encode(chunk)
@@ -43,25 +39,19 @@ def score_chunks_stepped(runner: Backend, vocab: CharVocab, chunks: Iterable[str
         offset += len(chunk)
         for i in ids:
             if prev is not None:
-                state = runner.step(torch.tensor([prev]), state)
-                logits[len(targets)] = runner.logits(state)[0]  # (V,)
-                targets.append(i)
+                state = runner.step(np.array([prev], dtype=np.int64), state)
+                total += nats_of(runner.logits(state), np.array([i], dtype=np.int64))
                 count += 1
-                if len(targets) == window:
-                    total += flush()
             prev = i
-    if targets:
-        total += flush()
     return Score(nats_total=total, chars=count)
 
 
-@torch.inference_mode()
-def bits_per_char_rows(backend: Backend, rows: torch.Tensor) -> float:
+def bits_per_char_rows(backend: Backend, rows: np.ndarray) -> float:
     """Bits per character of `rows` (R, T) int64, each row scored from a zero state through the
     backend's step, all rows in one batch: a quick figure to compare backends on the same text."""
     R, T = rows.shape
     state, nats = backend.zero_state(R), 0.0  # (2, L, R, H)
     for t in range(T - 1):
-        state = backend.step(rows[:, t], state)
-        nats += float(torch.nn.functional.cross_entropy(backend.logits(state), rows[:, t + 1], reduction="sum"))
+        state = backend.step(np.ascontiguousarray(rows[:, t]), state)
+        nats += nats_of(backend.logits(state), np.ascontiguousarray(rows[:, t + 1]))
     return nats / (R * (T - 1)) / math.log(2)

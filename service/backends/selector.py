@@ -26,12 +26,16 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy
-import torch
+import importlib.metadata
+import importlib.util
 
-from ..model import CharLSTM
+import numpy
+import numpy as np
+
+from ..sampling import softmax
 from ..store import write_json_atomic
-from .base import Backend
+from .base import Backend, kernel_threads, set_kernel_threads
+from .fused import tensors_of
 
 log = logging.getLogger("charlstm.backends")
 
@@ -46,8 +50,9 @@ TIMING_S = 0.12  # a candidate's bare loop, at each of the two sizes
 SAMPLE_ROWS, SAMPLE_LEN = 8, 65  # the quality text: 8 x 64 predictions (the same text for every candidate, so their difference is what it measures)
 
 
-def build(name: str, model: CharLSTM, workers: int | None = None, device: str | torch.device = "cpu") -> Backend:
-    """One backend by name; workers None: its default (DEFAULT_STEP_WORKERS)."""
+def build(name: str, model, workers: int | None = None, device="cpu") -> Backend:
+    """One backend by name, from a `store.LoadedModel` or a torch `CharLSTM`; workers None: its default
+    (DEFAULT_STEP_WORKERS). Only the torch backends import torch."""
     workers = workers or DEFAULT_STEP_WORKERS.get(name, 1)
     if name == "torch":
         from .torch_fp32 import TorchBackend
@@ -61,13 +66,27 @@ def build(name: str, model: CharLSTM, workers: int | None = None, device: str | 
     raise ValueError(f"backend must be one of {', '.join(NAMES)}, got {name!r}")
 
 
-def available(names: tuple[str, ...] = CPU_BACKENDS) -> tuple[str, ...]:
-    """The CPU backends whose runtime is installed."""
+def installed(package: str) -> bool:
+    """Whether a package can be imported here, without importing it (torch alone costs 200 MB)."""
     try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):  # a finder that refuses it (tests/without_torch), or a broken install
+        return False
+
+
+def available(names: tuple[str, ...] = CPU_BACKENDS) -> tuple[str, ...]:
+    """The CPU backends whose runtime is installed (the serving install has no torch)."""
+    if not installed("onnxruntime"):
         names = tuple(n for n in names if not n.startswith("onnx"))
+    if not installed("torch"):
+        names = tuple(n for n in names if not n.startswith("torch"))
     return names
+
+
+def reference_backend() -> str:
+    """The fp32 backend every candidate's quality is measured against: torch's, or ONNX Runtime's fp32
+    graph where torch is not installed (the same recurrence in fp32)."""
+    return "torch" if installed("torch") else "onnx"
 
 
 @dataclass
@@ -103,10 +122,9 @@ class Choice:
                 "measured_at": self.measured_at}
 
 
-@torch.inference_mode()
 def bare_loop(backend: Backend, batch: int, seconds: float = TIMING_S) -> float:
     """chars/s of step + logits + the greedy character fed back, `batch` rows, for about `seconds`."""
-    state, ids = backend.zero_state(batch), torch.zeros(batch, dtype=torch.long)
+    state, ids = backend.zero_state(batch), np.zeros(batch, dtype=np.int64)
     state = backend.step(ids, state)  # warm-up: first calls allocate
     steps, t0 = 0, time.perf_counter()
     while steps < 3 or time.perf_counter() - t0 < seconds:
@@ -116,47 +134,47 @@ def bare_loop(backend: Backend, batch: int, seconds: float = TIMING_S) -> float:
     return batch * steps / (time.perf_counter() - t0)
 
 
-@torch.inference_mode()
 def keeps_rows(backend: Backend, batch: int) -> bool:
     """Whether each row's next state and logits are the same bits alone as in a batch of `batch`
     (and of 3) random rows: what padding and shares must give, checked on the backend itself."""
-    gen = torch.Generator().manual_seed(1)
-    state = torch.rand(2, backend.num_layers, batch, backend.hidden, generator=gen) * 2 - 1  # (2, L, B, H)
-    ids = torch.randint(0, backend.vocab_size, (batch,), generator=gen)
+    gen = np.random.default_rng(1)
+    state = gen.random((2, backend.num_layers, batch, backend.hidden), dtype=np.float32) * 2 - 1  # (2, L, B, H)
+    ids = gen.integers(0, backend.vocab_size, batch)  # (B,) int64
     together = backend.step(ids, state)
     logits = backend.logits(together)
     small = backend.step(ids[:3], state[:, :, :3])
-    if not torch.equal(small, together[:, :, :3]) or not torch.equal(backend.logits(small), logits[:3]):
+    if not np.array_equal(small, together[:, :, :3]) or not np.array_equal(backend.logits(small), logits[:3]):
         return False
     for row in (0, batch - 1):
         alone = backend.step(ids[row : row + 1], state[:, :, row : row + 1])
-        if not torch.equal(alone, together[:, :, row : row + 1]) or not torch.equal(backend.logits(alone), logits[row : row + 1]):
+        if not np.array_equal(alone, together[:, :, row : row + 1]) or not np.array_equal(backend.logits(alone), logits[row : row + 1]):
             return False
     return True
 
 
-@torch.inference_mode()
-def model_sample(reference: Backend, rows: int = SAMPLE_ROWS, length: int = SAMPLE_LEN, seed: int = 0) -> torch.Tensor:
+def model_sample(reference: Backend, rows: int = SAMPLE_ROWS, length: int = SAMPLE_LEN, seed: int = 0) -> np.ndarray:
     """(rows, length) ids the fp32 model samples at temperature 1 from a fixed seed."""
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, reference.vocab_size, (rows,), generator=gen)
+    gen = np.random.default_rng(seed)
+    ids = gen.integers(0, reference.vocab_size, rows)  # (R,) int64
     state, out = reference.zero_state(rows), [ids]
     for _ in range(length - 1):
         state = reference.step(ids, state)
-        ids = torch.multinomial(torch.softmax(reference.logits(state), -1), 1, generator=gen)[:, 0]
+        cdf = np.cumsum(softmax(reference.logits(state)), axis=1, dtype=np.float64)  # (R, V)
+        ids = np.minimum((cdf <= gen.random((rows, 1)) * cdf[:, -1:]).sum(axis=1), reference.vocab_size - 1)  # (R,)
         out.append(ids)
-    return torch.stack(out, dim=1)
+    return np.stack(out, axis=1)
 
 
-def choose(model: CharLSTM, candidates: tuple[str, ...], max_batch_size: int, workers: int | None = None) -> Choice:
+def choose(model, candidates: tuple[str, ...], max_batch_size: int, workers: int | None = None) -> Choice:
     """Build, check and time each candidate; return the fastest that keeps the guarantees (the others
-    are closed). torch fp32 is the reference and always a candidate's yardstick, served only if chosen."""
+    are closed). The fp32 reference (`reference_backend`) is every candidate's yardstick, served only if chosen."""
     from .quality import bits_per_char_rows
 
     candidates = tuple(n for n in available(candidates))
     if not candidates:
         raise ValueError("no backend is available to choose from")
-    reference = build("torch", model, workers)
+    reference_name = reference_backend()
+    reference = build(reference_name, model, workers)
     text = model_sample(reference)
     reference_bits = bits_per_char_rows(reference, text)
     sizes = sorted({1, max_batch_size})
@@ -166,7 +184,7 @@ def choose(model: CharLSTM, candidates: tuple[str, ...], max_batch_size: int, wo
         trials.append(trial)
         t0 = time.perf_counter()
         try:
-            backend = reference if name == "torch" else build(name, model, workers)
+            backend = reference if name == reference_name else build(name, model, workers)
         except Exception as e:  # a runtime that cannot build this model here: not served, said why
             trial.dropped = f"could not be built: {e}"
             log.warning("backend %s %s", name, trial.dropped)
@@ -194,7 +212,7 @@ def choose(model: CharLSTM, candidates: tuple[str, ...], max_batch_size: int, wo
     for name, backend in built.items():
         if name != winner.name and backend is not reference:
             backend.close()
-    if winner.name != "torch":
+    if winner.name != reference_name:
         reference.close()
     choice = Choice(built[winner.name], trials)
     log_choice(choice)
@@ -234,7 +252,7 @@ def machine_key() -> dict:
         code.update(path.read_bytes())
     return {"cpu": cpu.get("model name", cpu.get("processor", "?")),
             "flags": hashlib.sha256(cpu.get("flags", "").encode()).hexdigest()[:16],
-            "cores": len(os.sched_getaffinity(0)), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "cores": len(os.sched_getaffinity(0)), "threads": kernel_threads(), "torch": _version("torch"),
             "onnxruntime": ort_version, "numpy": numpy.__version__, "python": platform.python_version(),
             "backends_code": code.hexdigest()[:16]}
 
@@ -245,19 +263,42 @@ def choice_key(fingerprint: str, candidates: tuple[str, ...], max_batch_size: in
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
 
-def _choose_here(model: CharLSTM, candidates: tuple[str, ...], max_batch_size: int, workers: int | None,
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _choose_here(model, candidates: tuple[str, ...], max_batch_size: int, workers: int | None,
                  threads: int) -> dict:
     """`choose` in the child process: the figures, and every candidate closed."""
-    torch.set_num_threads(threads)
+    set_kernel_threads(threads)
     choice = choose(model, candidates, max_batch_size, workers)
     choice.backend.close()
     return choice.as_dict()
 
 
-def choose_apart(model: CharLSTM, candidates: tuple[str, ...], max_batch_size: int, workers: int | None) -> dict:
-    """`choose`'s figures, measured in a child process (spawned: no copy of this process's threads)."""
+def choose_apart(model, candidates: tuple[str, ...], max_batch_size: int, workers: int | None) -> dict:
+    """`choose`'s figures, measured in a child process (spawned: no copy of this process's threads).
+    The child gets the model's config and numpy tensors, so it imports torch only for torch candidates."""
+    config, tensors = tensors_of(model)
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
-        return child.submit(_choose_here, model, candidates, max_batch_size, workers, torch.get_num_threads()).result()
+        return child.submit(_choose_here, _Weights(config, tensors), candidates, max_batch_size, workers,
+                            kernel_threads()).result()
+
+
+@dataclass
+class _Weights:
+    """What a backend is built from (`fused.tensors_of`), as the child process receives it."""
+
+    config: object
+    tensors: dict
+
+    @property
+    def model(self):  # a torch backend on a GPU ingests with the torch module (torch_fp32.py)
+        from ..store import module_from
+        return module_from(self.config, self.tensors)
 
 
 def _remembered(cache: Path) -> dict:
@@ -280,7 +321,7 @@ def remember_choice(cache: Path, key: str, figures: dict, keep: int = 32) -> Non
         log.warning("could not remember the backend choice in %s (%s): the next start measures again", cache, e)
 
 
-def auto_choice(model: CharLSTM, candidates: tuple[str, ...], max_batch_size: int, workers: int | None,
+def auto_choice(model, candidates: tuple[str, ...], max_batch_size: int, workers: int | None,
                 fingerprint: str | None, cache: Path | None) -> Choice:
     """`auto`: the winner remembered for this key, else measured apart (and remembered); only it is built here."""
     key = choice_key(fingerprint, candidates, max_batch_size, workers) if fingerprint and cache is not None else None
@@ -314,18 +355,27 @@ class Serving:
     choice: Choice | None = None
 
 
-def for_serving(model: CharLSTM, backend: str = "auto", quantize: str | None = None, device: str = "cpu",
+def for_serving(model, backend: str = "auto", quantize: str | None = None, device: str = "cpu",
                 max_batch_size: int = 64, step_workers: int | None = None, decode_steps: int | None = None,
                 fingerprint: str | None = None, cache: Path | None = None, apart: bool = False) -> Serving:
     """The backend the settings ask for: `cuda` (or `auto` on a device that resolves to a GPU) captures
     CUDA graphs; a named CPU backend is built; `auto` on the CPU is `choose` among the CPU backends with
     the weights `quantize` names (any when unset). int8 is a CPU kernel, so device auto with it is the CPU."""
-    from .cuda import CudaStep, resolve_device
-
     wanted = "cuda" if backend == "cuda" else "cpu" if device == "auto" and (quantize == "int8" or backend != "auto") else device
-    where = resolve_device(wanted)
-    steps = decode_steps or DEFAULT_DECODE_STEPS[where.type]
-    if where.type == "cuda":
+    if wanted == "auto" and not installed("torch"):  # CUDA runs through torch: the serving install has none
+        wanted = "cpu"
+    if wanted != "cpu" and not installed("torch"):
+        raise ValueError(f"device {wanted} needs torch, which this install lacks: install charlstm with torch (README)")
+    where = "cpu"
+    if wanted != "cpu":
+        from .cuda import resolve_device
+        where = resolve_device(wanted).type
+    steps = decode_steps or DEFAULT_DECODE_STEPS[where]
+    if where == "cuda":
+        import torch
+
+        from .cuda import CudaStep, resolve_device
+        where = resolve_device(wanted)
         host = build("torch", model, device=where)
         step = CudaStep(host.weights, device=where, capacity=max_batch_size, max_steps=steps)
         return Serving(host, step, steps, f"{where} ({torch.cuda.get_device_name(step.device)}, CUDA graphs, {steps} steps a look)")

@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import torch
 
-from ..model import CharLSTM
-from .base import Backend
+from .base import Backend, kernel_threads
 from .fused import quantize_columns
-from .torch_fp32 import addmm_rows, lstm_gates
+from .torch_fp32 import TorchWeights, addmm_rows, lstm_gates
 
 PIN = (1.0, -1.0)  # the constant columns: the activation range of every call is [-1, 1]
 REDUCE_RANGE = True  # 7-bit activations: no int16 saturation in AVX2's u8 x s8 pair sums (AMD EPYC, no VNNI)
@@ -41,16 +41,16 @@ class Int8Linear:
     Call it with the pieces of the input row, e.g. `lin(h_below, h_self)`: they are concatenated with
     the two pin columns in one copy. Every input value must lie in [-1, 1] (LSTM outputs do)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    def __init__(self, weight: np.ndarray, bias: np.ndarray | None = None):
         K, N = weight.shape
         self.in_features, self.out_features = K, N
-        q, scales = quantize_columns(weight.detach().float())
+        q, scales = (torch.from_numpy(a) for a in quantize_columns(weight))
         self.dequantized = (q.float() * scales).contiguous()  # (K, N): what the kernel multiplies by, for tests
         padded = torch.cat([q.T, torch.zeros(N, len(PIN), dtype=torch.int8)], dim=1)  # (N, K + 2): pins weigh 0
         with warnings.catch_warnings():  # the deprecation notice of quantized tensors: this module is the fence
             warnings.simplefilter("ignore", UserWarning)
             qweight = torch._make_per_channel_quantized_tensor(padded, scales.double(), torch.zeros(N, dtype=torch.long), 0)
-            b = None if bias is None else bias.detach().float().contiguous()
+            b = None if bias is None else torch.from_numpy(bias)
             self._packed = torch.ops.quantized.linear_prepack(qweight, b)
         self._pin = torch.tensor([PIN])  # (1, 2)
 
@@ -70,22 +70,30 @@ class TorchInt8Backend(Backend):
     name = "torch-int8"
     weights_kind = "int8"
 
-    def __init__(self, model: CharLSTM, workers: int = 1, device: str | torch.device = "cpu"):
+    def __init__(self, model, workers: int = 1, device: str | torch.device = "cpu"):
         if torch.device(device).type != "cpu":
             raise ValueError(f"torch-int8 runs on the CPU only, not on {torch.device(device).type}")
-        super().__init__(model, workers, device)
+        super().__init__(model, workers)
+        torch.set_num_threads(kernel_threads())  # the setting, now that torch is loaded
         w = self.weights
+        self.tw = TorchWeights(w, torch.device("cpu"))
         self.hh0 = Int8Linear(w.w_hh0)  # h0 -> (B, 4H), no bias: the table row carries it
         self.cat = [Int8Linear(wc, bc) for wc, bc in zip(w.w_cat, w.b_cat)]  # layers >= 1: [h_below, h_self] -> (B, 4H) + bias
         self.head_rows = addmm_rows((tuple(w.w_head.shape),), torch.get_num_threads())
 
-    def _step_rows(self, ids: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-        h_all, c_all = state[0], state[1]  # (L, B, H)
-        out = state.new_empty(state.shape)  # (2, L, B, H)
-        for layer in range(self.num_layers):
-            if layer == 0:
-                gates = self.hh0(h_all[0]).add_(self.weights.table0.index_select(0, ids))  # (B, 4H)
-            else:
-                gates = self.cat[layer - 1](out[0, layer - 1], h_all[layer])  # (B, 4H) over [h_below, h_self]
-            lstm_gates(gates, c_all[layer], out[:, layer], self.hidden)
-        return out
+    def _head_rows(self, top: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return torch.addmm(self.tw.b_head, torch.from_numpy(top), self.tw.w_head).numpy()
+
+    def _step_rows(self, ids: np.ndarray, state: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():  # thread-local: a pool thread enters it for itself
+            state_t = torch.from_numpy(state)
+            h_all, c_all = state_t[0], state_t[1]  # (L, B, H)
+            out = torch.empty(state_t.shape)  # (2, L, B, H)
+            for layer in range(self.num_layers):
+                if layer == 0:
+                    gates = self.hh0(h_all[0]).add_(self.tw.table0.index_select(0, torch.from_numpy(ids)))  # (B, 4H)
+                else:
+                    gates = self.cat[layer - 1](out[0, layer - 1], h_all[layer])  # (B, 4H) over [h_below, h_self]
+                lstm_gates(gates, c_all[layer], out[:, layer], self.hidden)
+            return out.numpy()

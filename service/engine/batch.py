@@ -14,23 +14,22 @@ from functools import cached_property
 from typing import Any
 
 import numpy as np
-import torch
 
 from ..sampling import SamplingParams, temperature_scale
 
-# One tensor per field of SamplingParams, typed by the field's default: (B,) int64 or float32.
-CONTROL_DTYPES = {f.name: (torch.long if isinstance(f.default, int) and not isinstance(f.default, bool) else torch.float32)
+# One array per field of SamplingParams, typed by the field's default: (B,) int64 or float32.
+CONTROL_DTYPES = {f.name: (np.int64 if isinstance(f.default, int) and not isinstance(f.default, bool) else np.float32)
                   for f in fields(SamplingParams)}
 
 
 @dataclass
 class Batch:
     rows: list[Any]  # the streams, in row order; each has `.request` (a GenerationRequest)
-    state: torch.Tensor  # (2, L, B, H)
-    controls: dict[str, torch.Tensor]  # name -> (B,), one per SamplingParams field
-    seen: torch.Tensor  # (B, V) bool: characters already in each row's prompt or text (repetition penalty)
-    counts: torch.Tensor  # (B, V) int32: times each row generated each character (presence and frequency penalties)
-    bias: torch.Tensor  # (B, V) float32: each row's logit bias (zeros for most rows)
+    state: np.ndarray  # (2, L, B, H) float32
+    controls: dict[str, np.ndarray]  # name -> (B,), one per SamplingParams field
+    seen: np.ndarray  # (B, V) bool: characters already in each row's prompt or text (repetition penalty)
+    counts: np.ndarray  # (B, V) int32: times each row generated each character (presence and frequency penalties)
+    bias: np.ndarray  # (B, V) float32: each row's logit bias (zeros for most rows)
     seeds: np.ndarray  # (B,) uint64
     counters: np.ndarray  # (B,) uint64: draws made so far from each row's random stream
     constraints: list  # (B,) each row's Constraint or None
@@ -38,25 +37,25 @@ class Batch:
 
     @classmethod
     def empty(cls, num_layers: int, hidden: int, vocab_size: int) -> Batch:
-        return cls(rows=[], state=torch.zeros(2, num_layers, 0, hidden),
-                   controls={k: torch.zeros(0, dtype=d) for k, d in CONTROL_DTYPES.items()},
-                   seen=torch.zeros(0, vocab_size, dtype=torch.bool), counts=torch.zeros(0, vocab_size, dtype=torch.int32),
-                   bias=torch.zeros(0, vocab_size),
+        return cls(rows=[], state=np.zeros((2, num_layers, 0, hidden), dtype=np.float32),
+                   controls={k: np.zeros(0, dtype=d) for k, d in CONTROL_DTYPES.items()},
+                   seen=np.zeros((0, vocab_size), dtype=bool), counts=np.zeros((0, vocab_size), dtype=np.int32),
+                   bias=np.zeros((0, vocab_size), dtype=np.float32),
                    seeds=np.zeros(0, dtype=np.uint64), counters=np.zeros(0, dtype=np.uint64), constraints=[],
                    fsm=np.zeros(0, dtype=np.int64))
 
     @classmethod
-    def single(cls, row: Any, state: torch.Tensor, seed: int, counter: int, vocab_size: int) -> Batch:
+    def single(cls, row: Any, state: np.ndarray, seed: int, counter: int, vocab_size: int) -> Batch:
         """One row. state (2, L, H): the row's state after its prompt."""
         params = row.request.params
-        seen = torch.zeros(1, vocab_size, dtype=torch.bool)  # (1, V)
+        seen = np.zeros((1, vocab_size), dtype=bool)  # (1, V)
         seen[0, row.request.prompt_ids] = True
-        bias = torch.zeros(1, vocab_size)  # (1, V)
+        bias = np.zeros((1, vocab_size), dtype=np.float32)  # (1, V)
         for char_id, value in row.request.logit_bias:
             bias[0, char_id] = value
-        return cls(rows=[row], state=state.unsqueeze(2), bias=bias,
-                   controls={k: torch.tensor([getattr(params, k)], dtype=d) for k, d in CONTROL_DTYPES.items()},
-                   seen=seen, counts=torch.zeros(1, vocab_size, dtype=torch.int32), seeds=np.array([seed], dtype=np.uint64),
+        return cls(rows=[row], state=state[:, :, None], bias=bias,
+                   controls={k: np.array([getattr(params, k)], dtype=d) for k, d in CONTROL_DTYPES.items()},
+                   seen=seen, counts=np.zeros((1, vocab_size), dtype=np.int32), seeds=np.array([seed], dtype=np.uint64),
                    counters=np.array([counter], dtype=np.uint64), constraints=[row.request.constraint],
                    fsm=np.array([-1 if row.request.constraint is None else 0], dtype=np.int64))
 
@@ -67,8 +66,8 @@ class Batch:
         """The batch of the rows at `keep` (in that order)."""
         if len(keep) == len(self.rows):
             return self
-        idx = torch.tensor(keep, dtype=torch.long)
-        return Batch(rows=[self.rows[i] for i in keep], state=self.state.index_select(2, idx),
+        idx = np.array(keep, dtype=np.int64)
+        return Batch(rows=[self.rows[i] for i in keep], state=self.state[:, :, idx],
                      controls={k: t[idx] for k, t in self.controls.items()}, seen=self.seen[idx], counts=self.counts[idx],
                      bias=self.bias[idx],
                      seeds=self.seeds[keep], counters=self.counters[keep], constraints=[self.constraints[i] for i in keep],
@@ -80,10 +79,10 @@ class Batch:
         batches = [b for b in batches if len(b)] or batches[:1]
         if len(batches) == 1:
             return batches[0]
-        return cls(rows=[r for b in batches for r in b.rows], state=torch.cat([b.state for b in batches], dim=2),
-                   controls={k: torch.cat([b.controls[k] for b in batches]) for k in batches[0].controls},
-                   seen=torch.cat([b.seen for b in batches]), counts=torch.cat([b.counts for b in batches]),
-                   bias=torch.cat([b.bias for b in batches]), seeds=np.concatenate([b.seeds for b in batches]),
+        return cls(rows=[r for b in batches for r in b.rows], state=np.concatenate([b.state for b in batches], axis=2),
+                   controls={k: np.concatenate([b.controls[k] for b in batches]) for k in batches[0].controls},
+                   seen=np.concatenate([b.seen for b in batches]), counts=np.concatenate([b.counts for b in batches]),
+                   bias=np.concatenate([b.bias for b in batches]), seeds=np.concatenate([b.seeds for b in batches]),
                    counters=np.concatenate([b.counters for b in batches]), constraints=[c for b in batches for c in b.constraints],
                    fsm=np.concatenate([b.fsm for b in batches]))
 
@@ -109,18 +108,18 @@ class Batch:
         """The rows with a constraint (usually none: then the step never looks at `fsm`)."""
         return [row for row, c in enumerate(self.constraints) if c is not None]
 
-    def forbidden(self) -> torch.Tensor | None:
+    def forbidden(self) -> np.ndarray | None:
         """(B, V) bool: what each constrained row may not write now; None when no row is held by one.
         Unconstrained rows (and rows whose constraint has ended) forbid nothing, so their logits keep every bit."""
         live = [row for row in self.constrained if self.fsm[row] >= 0]
         if not live:
             return None
-        mask = torch.zeros(len(self.rows), self.seen.shape[1], dtype=torch.bool)  # (B, V)
+        mask = np.zeros((len(self.rows), self.seen.shape[1]), dtype=bool)  # (B, V)
         for row in live:
             mask[row] = self.constraints[row].forbid[self.fsm[row]]
         return mask
 
-    def advance_constraints(self, ids: torch.Tensor) -> tuple[dict[int, bool], dict[int, str]]:
+    def advance_constraints(self, ids: np.ndarray) -> tuple[dict[int, bool], dict[int, str]]:
         """Each constrained row wrote ids[row] (B,): move its automaton. Returns the rows whose constraint
         ended at this character -> whether the character belongs to the text (False: it ended the match),
         and the rows whose text gets something else than the character (the automaton's own characters)."""
@@ -151,7 +150,7 @@ class Batch:
         return not (self.filtered or self.penalised or self.counted)  # a constraint only masks the logits
 
     @cached_property
-    def temperature_scale(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def temperature_scale(self) -> tuple[np.ndarray, np.ndarray]:
         """(greedy (B,) bool, scale (B,)): `sampling.temperature_scale` of the rows' temperatures."""
         return temperature_scale(self.controls["temperature"])
 
@@ -173,11 +172,11 @@ class Batch:
         """The most alternatives any row asks for at each position (0: nobody asks)."""
         return int(self.controls["top_logprobs"].max()) if len(self.rows) else 0
 
-    def record(self, ids: torch.Tensor) -> None:
+    def record(self, ids: np.ndarray) -> None:
         """Every row drew character ids (B,): one draw of its random stream spent."""
         self.counters += np.uint64(1)
         if self.penalised or self.counted:
-            rows = torch.arange(len(self.rows))
+            rows = np.arange(len(self.rows))
             if self.penalised:
                 self.seen[rows, ids] = True
             if self.counted:

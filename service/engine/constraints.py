@@ -20,7 +20,6 @@ import threading
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 MAX_PATTERN_CHARS = 1000  # a pattern's length (the OpenAPI bound)
 MAX_STATES = 4096  # a compiled automaton's states: beyond this the pattern is refused as too large
@@ -39,7 +38,7 @@ class Constraint:
 
     kind: str  # "regex", "choice" or "json": what the client sent
     source: str  # the pattern, or the choices joined, for messages
-    forbid: torch.Tensor  # (S, V) bool: characters a row in each state may not write (none in a state that may end)
+    forbid: np.ndarray  # (S, V) bool: characters a row in each state may not write (none in a state that may end)
     next: np.ndarray  # (S, V) int32: the state a character leads to; -1: it is no step of the pattern (it ends a match)
     terminal: np.ndarray  # (S,) bool: nothing may follow (the row ends after the character that led here)
     start: int = 0
@@ -180,7 +179,7 @@ def _build(kind: str, source: str, transitions: list[dict[int, int]], finals: se
                 else:
                     nxt[i, c], pieces[(i, c)] = order[landing], outside_char[s] + run
     may_continue = (nxt >= 0).any(axis=1)  # (S,)
-    forbid = torch.from_numpy((nxt < 0) & ~final[:, None] & ~exits[:, None])  # (S, V): an ending state allows everything
+    forbid = (nxt < 0) & ~final[:, None] & ~exits[:, None]  # (S, V): an ending state allows everything
     return Constraint(kind, source, forbid, nxt, ~may_continue, 0, prefix, pieces)
 
 

@@ -28,9 +28,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
+import numpy as np
 
-from ..sampling import MAX_SEED, top_alternatives
+from ..sampling import MAX_SEED, log_softmax, top_alternatives
 from ..vocab import CharVocab
 from .batch import Batch
 from .output import Output
@@ -124,7 +124,7 @@ class Engine:
         self.device_step = device_step
         self.share = share
         # in device mode the host Batch keeps rows and controls only; the state lives in device_step.batch
-        self._no_state = torch.zeros(2, backend.num_layers, 0)
+        self._no_state = np.zeros((2, backend.num_layers, 0), dtype=np.float32)
         self.deliver = deliver or _deliver_directly
         self.observers: list[EngineStats] = []
         self._cv = threading.Condition()
@@ -279,8 +279,7 @@ class Engine:
     # ------------------------------------------------------------------ the loop
     def _run(self) -> None:
         try:
-            with torch.inference_mode():
-                self._loop()
+            self._loop()
         except BaseException:
             log.critical("the engine thread failed; every request now gets 503", exc_info=True)
             with self._cv:
@@ -413,7 +412,7 @@ class Engine:
         for stream in streams:
             if stream.phase is Phase.DECODING:
                 continue
-            stream.state = self.backend.zero_state() if stream.state is None else stream.state.to(self.backend.device)
+            stream.state = self.backend.zero_state() if stream.state is None else np.asarray(stream.state, dtype=np.float32)
             self.notify("on_queue_time", now - stream.t_submit)
             self.notify("on_client_queue_time", stream.group.client.label, now - stream.t_submit)
 
@@ -425,13 +424,13 @@ class Engine:
         t0 = time.perf_counter()
         if block:
             scored = [s.request.prompt_logprobs is not None and bool(s.request.prompt_ids) for s, _ in block]
-            before = torch.stack([s.state for s, _ in block], dim=2)  # (2, L, R, H)
+            before = np.stack([s.state for s, _ in block], axis=2)  # (2, L, R, H)
             after, outputs = self.backend.ingest([s.feed[s.fed : end] for s, end in block], before, outputs=any(scored))
         ingested = 0
         for r, (stream, end) in enumerate(block):
             if scored[r]:
                 self._score_slice(stream, end, before[:, :, r], outputs[r])
-            stream.state = after[:, :, r].clone()  # its own copy: a finished prompt's state may outlive the block's
+            stream.state = after[:, :, r].copy()  # its own copy: a finished prompt's state may outlive the block's
             ingested += end - stream.fed
             self.scheduler.fairness.served(stream.group.client, prompt=end - stream.fed)
             stream.fed = end
@@ -442,7 +441,7 @@ class Engine:
                     stream.prompt_scored = PromptScored(tuple(stream.prompt_lps), tops)
                     self.output.emit(stream, stream.prompt_scored)
                 if stream.request.max_new_tokens == 0:
-                    self.output.finish(stream, "length", stream.state.cpu())
+                    self.output.finish(stream, "length", stream.state)
                 else:
                     state = stream.state if self.device_step is None else self._no_state
                     joining.append(Batch.single(stream, state, stream.seed, stream.request.counter, len(self._chars)))
@@ -460,14 +459,14 @@ class Engine:
         if ingested:
             self.notify("on_prefill", ingested, time.perf_counter() - t0)
 
-    def _score_slice(self, stream: Stream, end: int, before: torch.Tensor, outputs: torch.Tensor) -> None:
+    def _score_slice(self, stream: Stream, end: int, before: np.ndarray, outputs: np.ndarray) -> None:
         """Log-probabilities of the slice's characters, each under the output that preceded it: the
         top h of the state before the slice, then the slice's own outputs. outputs (T, H)."""
-        ids = torch.tensor(stream.feed[stream.fed : end], dtype=torch.long, device=outputs.device)  # (T,)
+        ids = np.array(stream.feed[stream.fed : end], dtype=np.int64)  # (T,)
         T, H = outputs.shape
-        preceding = torch.cat([before[0, -1:], outputs[:-1]])  # (T, H)
-        logits = self.backend.logits(preceding.view(1, 1, T, H))  # (T, V): the head over each h, read as a batch of T rows
-        lps = torch.log_softmax(logits, dim=-1).gather(1, ids.unsqueeze(1)).squeeze(1).tolist()  # (T,)
+        preceding = np.concatenate([before[0, -1:], outputs[:-1]])  # (T, H)
+        logits = self.backend.logits(preceding.reshape(1, 1, T, H))  # (T, V): the head over each h, read as a batch of T rows
+        lps = np.take_along_axis(log_softmax(logits), ids[:, None], axis=1)[:, 0].tolist()  # (T,)
         k = stream.request.prompt_logprobs
         tops = None
         if k:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
+import numpy as np
 
 from .stream import Stream
 from .types import Done, Token
@@ -29,7 +29,7 @@ class Look:
     ids: list[list[int]]
     lps: list[list[float]] | None
     tops: tuple[list, list] | None
-    state: Callable[[int, int], torch.Tensor]  # (row, steps into the look) -> that row's state (2, L, H) on the host
+    state: Callable[[int, int], np.ndarray]  # (row, steps into the look) -> that row's state (2, L, H) on the host
     settle: Callable[[], None] | None = None  # finish the look's work begun in the background
     ends: dict[int, tuple[int, bool]] | None = None  # row -> (step, its character stays): where its constraint ended it
     pieces: dict[int, dict[int, str]] | None = None  # row -> {step: text}: where its constraint writes other than the character
@@ -175,7 +175,7 @@ class Output:
         self.outbox.append((stream.listener, [event]))
         self.urgent = True
 
-    def finish(self, stream: Stream, reason: str, state: torch.Tensor | None = None, cut: int | None = None,
+    def finish(self, stream: Stream, reason: str, state: np.ndarray | None = None, cut: int | None = None,
                error: str | None = None) -> None:
         """The one way a stream ends: exactly one Done, and its place given back, whatever fails here."""
         if not stream.end():
@@ -192,7 +192,7 @@ class Output:
         self.urgent = True
         self.notify("on_finish", done.finish_reason, done.prompt_tokens, done.completion_tokens)
 
-    def _done(self, stream: Stream, reason: str, state: torch.Tensor | None, cut: int | None, error: str | None) -> Done:
+    def _done(self, stream: Stream, reason: str, state: np.ndarray | None, cut: int | None, error: str | None) -> Done:
         request = stream.request
         cut = len(stream.chars) if cut is None else cut
         if reason in ("shutdown", "error") and cut > stream.released:  # held-back characters were no stop string

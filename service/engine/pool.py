@@ -355,8 +355,8 @@ class ModelPool:
 
     def _read(self, model: Servable) -> LoadedModel:
         preloaded = self.catalog.preloaded
-        if preloaded is not None and Catalog.ref_of(preloaded.card) == model.ref:
-            return preloaded
+        if preloaded is not None and Catalog.ref_of(preloaded.card) == model.ref and preloaded.tensors is not None:
+            return preloaded  # (once a backend was built from it, its weights are let go: read again)
         return store.load(str(model.path))
 
     async def _unload(self, served: Served, reason: str) -> None:

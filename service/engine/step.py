@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
 from ..sampling import sample_next, sample_plain, top_alternatives, uniforms
 from .batch import Batch
@@ -19,11 +19,11 @@ if TYPE_CHECKING:
     from ..backends.cuda import CudaStep
 
 
-def _by_row(steps: list[torch.Tensor]) -> list[list]:
-    """k tensors (B,) -> B lists of k values (one step: no stacking, the common case on the CPU)."""
+def _by_row(steps: list[np.ndarray]) -> list[list]:
+    """k arrays (B,) -> B lists of k values (one step: no stacking, the common case on the CPU)."""
     if len(steps) == 1:
         return [[v] for v in steps[0].tolist()]
-    return torch.stack(steps, dim=1).tolist()
+    return np.stack(steps, axis=1).tolist()
 
 
 QUIET_ROWS, QUIET_STEPS = 2, 4  # a batch this small with nobody waiting takes looks of this many steps on the host
@@ -62,8 +62,8 @@ class Stepper:
             if batch.biased:  # a row's bias changes its draw; its log-probabilities stay the model's (raw)
                 logits = logits + batch.bias
             if forbid is not None:  # constrained rows write only what their automaton allows; other rows keep every bit
-                logits = logits.masked_fill(forbid, float("-inf"))
-            u = torch.from_numpy(uniforms(batch.seeds, batch.counters))  # (B,)
+                logits = np.where(forbid, np.float32(-np.inf), logits)
+            u = uniforms(batch.seeds, batch.counters)  # (B,) float64
             if batch.plain:  # the batch's scale is worked out once: fewer kernels, most of a lone row's sampling
                 greedy, scale = batch.temperature_scale  # (B,), (B,)
                 ids, lps = sample_plain(logits, scale, greedy, u, batch.wants_logprobs, any_greedy=batch.any_greedy, raw=raw,
@@ -95,9 +95,9 @@ class Stepper:
 
         tops = None
         if top_k:  # (n, k, top_k) each
-            tops = tuple(torch.stack(t, dim=1).tolist() for t in zip(*tops_steps))
+            tops = tuple(np.stack(t, axis=1).tolist() for t in zip(*tops_steps))
         return Look(ids=_by_row(ids_steps), lps=_by_row(lps_steps) if lps_steps else None, tops=tops,
-                     state=lambda row, steps: states[steps - 1][:, :, row].clone(), settle=settle,
+                     state=lambda row, steps: states[steps - 1][:, :, row].copy(), settle=settle,
                      ends=ends or None, pieces=pieces or None)
 
     def device_look(self, batch: Batch, k: int) -> Look:

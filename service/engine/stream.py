@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from typing import Any
 
-import torch
+import numpy as np
 
 from .stops import StopMatcher
 from .types import ANONYMOUS, Alternatives, Client, GenerationRequest, PromptScored
@@ -43,7 +43,7 @@ class Stream:
         self.request, self.listener, self.seed = request, listener, seed
         self.group, self.seq = group, seq  # seq: arrival order, the scheduler's tie-break
         self.phase = Phase.WAITING
-        self.state: torch.Tensor | None = request.state  # (2, L, H): the caller's (None: zeros), then on the backend's device while the prompt is ingested; then the batch holds it
+        self.state: np.ndarray | None = request.state  # (2, L, H): the caller's (None: zeros), then on the backend's device while the prompt is ingested; then the batch holds it
         self.feed, self.fed = feed, 0  # characters to ingest before generating, and how many are done
         self.matcher = StopMatcher(request.stop) if request.stop else None
         self.chars: list[str] = []  # the text so far, a character each (a constraint may write some for the model)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
+import numpy as np
 
 from ..sampling import SamplingParams
 from .constraints import Constraint
@@ -38,7 +38,7 @@ class GenerationRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     seed: int | None = None  # None: a fresh random seed
     counter: int = 0  # draws already made from this seed's random stream (a session continues its own)
-    state: torch.Tensor | None = None  # (2, L, H) to continue from; None: the zero state of a new stream
+    state: np.ndarray | None = None  # (2, L, H) float32 to continue from; None: the zero state of a new stream
     stop: tuple[str, ...] = ()
     logprobs: bool = False  # the sampled characters' log-probabilities (params.top_logprobs adds alternatives)
     return_state: bool = False  # hand the final state back in Done (a session call keeps it)
@@ -86,7 +86,7 @@ class Done:
     logprobs: tuple[float, ...] | None = None
     top_logprobs: tuple[Alternatives, ...] | None = None
     prompt: PromptScored | None = None  # for a request with prompt_logprobs
-    state: torch.Tensor | None = field(default=None, repr=False)  # (2, L, H), only for a completed return_state stream
+    state: np.ndarray | None = field(default=None, repr=False)  # (2, L, H), only for a completed return_state stream
     session: dict | None = None  # filled in by the session layer: the session's metadata after the call
     error: str | None = None  # what went wrong, for finish_reason "error"
 

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..engine.types import EngineError
 from ..secrets_rules import check_session_key
@@ -77,7 +76,7 @@ def text_chars(layers: int, hidden: int) -> int:
 class SessionValue:
     """What a blob carries: everything needed to continue a session exactly."""
 
-    state: torch.Tensor  # (2, L, H) float32
+    state: np.ndarray  # (2, L, H) float32
     seed: int
     counter: int
     position: int
@@ -86,11 +85,11 @@ class SessionValue:
 
 
 def encode(value: SessionValue, key: bytes) -> bytes:
-    state = value.state.detach().to(torch.float32).contiguous()
+    state = np.asarray(value.state, dtype=np.float32)
     _, layers, hidden = state.shape
     head = _HEADER.pack(MAGIC, VERSION, 0, layers, hidden, value.seed, value.counter, value.position, value.created_at,
                         bytes.fromhex(value.fingerprint))
-    body = head + state.numpy().astype("<f4").tobytes()
+    body = head + state.astype("<f4").tobytes()
     return body + hmac.new(key, body, hashlib.sha256).digest()
 
 
@@ -117,7 +116,7 @@ def decode(blob: bytes, key: bytes, fingerprint: str | None = None, layers: int 
     state = np.frombuffer(body, dtype="<f4", offset=_HEADER.size).astype(np.float32).reshape(2, n_layers, n_hidden)
     if not np.isfinite(state).all() or not np.isfinite(created_at):
         raise InvalidSessionBlob("the blob holds values that are not finite numbers")
-    return SessionValue(state=torch.from_numpy(state.copy()), seed=seed, counter=counter, position=position,
+    return SessionValue(state=state.copy(), seed=seed, counter=counter, position=position,
                         created_at=created_at, fingerprint=sha.hex())
 
 

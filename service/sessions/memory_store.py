@@ -14,7 +14,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import replace
 
-import torch
+import numpy as np
 
 from .records import Lease, SessionRecord
 from .store import RemovalCallback, SessionStore
@@ -47,7 +47,7 @@ class MemorySessionStore(SessionStore):
                 if victim is None:
                     raise TooManySessions(f"all {self.max_sessions} sessions are in use")
                 self._remove(victim, "evicted")
-            return self._put(replace(record, state=record.state.clone(), last_used=self.clock()))
+            return self._put(replace(record, state=record.state.copy(), last_used=self.clock()))
 
     def get(self, session_id: str) -> SessionRecord:
         with self._lock:
@@ -83,7 +83,7 @@ class MemorySessionStore(SessionStore):
             if current.version != lease.record.version:
                 raise LeaseLost(f"session {lease.session_id} changed since it was leased")
             del self._leases[lease.session_id]
-            new = replace(record, id=lease.session_id, state=record.state.clone(), version=current.version + 1,
+            new = replace(record, id=lease.session_id, state=record.state.copy(), version=current.version + 1,
                           created_at=current.created_at, last_used=self.clock())
             self._last_commit[lease.session_id] = lease.token
             return self._copy(self._put(new))
@@ -171,7 +171,7 @@ class MemorySessionStore(SessionStore):
     def _repeats_last_commit(self, lease: Lease, record: SessionRecord, current: SessionRecord) -> bool:
         """The commit that made `current`, sent again by its holder: same token, the version it read, the same values."""
         return (self._last_commit.get(lease.session_id) == lease.token and current.version == lease.record.version + 1
-                and torch.equal(current.state, record.state)
+                and np.array_equal(current.state, record.state)
                 and (current.seed, current.counter, current.position, current.ttl_s) == (record.seed, record.counter, record.position, record.ttl_s))
 
     def _leased(self, session_id: str) -> bool:
@@ -209,4 +209,4 @@ class MemorySessionStore(SessionStore):
 
     @staticmethod
     def _copy(record: SessionRecord) -> SessionRecord:
-        return replace(record, state=record.state.clone())
+        return replace(record, state=record.state.copy())

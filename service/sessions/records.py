@@ -11,7 +11,7 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass, replace
 
-import torch
+import numpy as np
 
 
 def new_session_id() -> str:
@@ -21,7 +21,7 @@ def new_session_id() -> str:
 @dataclass(frozen=True)
 class SessionRecord:
     id: str
-    state: torch.Tensor  # (2, L, H): h and c of every layer; never changed in place
+    state: np.ndarray  # (2, L, H) float32: h and c of every layer; never changed in place
     seed: int
     counter: int  # random draws made so far: the position in the seed's stream
     position: int  # characters consumed so far
@@ -39,7 +39,7 @@ class SessionRecord:
         return {"session_id": self.id, "position": self.position, "seed": self.seed, "created_at": self.created_at,
                 "last_used": self.last_used, "expires_at": self.expires_at, "ttl_seconds": self.ttl_s, "busy": busy}
 
-    def advanced(self, state: torch.Tensor, seed: int, counter: int, consumed: int) -> SessionRecord:
+    def advanced(self, state: np.ndarray, seed: int, counter: int, consumed: int) -> SessionRecord:
         """The record after a completed call that consumed `consumed` characters."""
         return replace(self, state=state, seed=seed, counter=counter, position=self.position + consumed)
 

@@ -287,7 +287,7 @@ class RedisSessionStore(SessionStore):
         if status == "full":
             raise TooManySessions(f"all {self.max_sessions} sessions are in use")
         self._report("evicted", int(answer[3]))
-        return replace(record, state=record.state.clone(), version=0, last_used=float(answer[1]))
+        return replace(record, state=record.state.copy(), version=0, last_used=float(answer[1]))
 
     def get(self, session_id: str) -> SessionRecord:
         self._check_marker()
@@ -336,7 +336,7 @@ class RedisSessionStore(SessionStore):
             raise _lease_lost(sid)
         if status == "changed":
             raise LeaseLost(f"session {sid} changed since it was leased")
-        return replace(record, state=record.state.clone(), version=int(answer[1]), last_used=float(answer[2]))
+        return replace(record, state=record.state.copy(), version=int(answer[1]), last_used=float(answer[2]))
 
     def release(self, lease: Lease) -> None:
         self._check_marker()

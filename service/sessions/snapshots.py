@@ -43,7 +43,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .files import FILE_MODE, private_folder
 from .records import SessionRecord
@@ -105,15 +104,15 @@ def describe(e: BaseException) -> str:
     return f"{name}: {e}" if name else f"{type(e).__name__}: {e}"
 
 
-def state_to_bytes(state: torch.Tensor) -> bytes:
-    return state.detach().to(torch.float32).contiguous().numpy().astype("<f4").tobytes()
+def state_to_bytes(state: np.ndarray) -> bytes:
+    return np.asarray(state, dtype=np.float32).astype("<f4").tobytes()
 
 
-def state_from_bytes(blob: bytes, layers: int, hidden: int) -> torch.Tensor:
+def state_from_bytes(blob: bytes, layers: int, hidden: int) -> np.ndarray:
     arr = np.frombuffer(blob, dtype="<f4")
     if arr.size != 2 * layers * hidden:
         raise ValueError(f"state has {arr.size} floats, expected {2 * layers * hidden}")
-    return torch.from_numpy(arr.astype(np.float32).reshape(2, layers, hidden).copy())
+    return arr.astype(np.float32).reshape(2, layers, hidden)  # a copy: astype never returns the buffer's own view
 
 
 class SessionDB:

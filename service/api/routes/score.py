@@ -7,7 +7,7 @@ import math
 from fastapi import APIRouter, Request
 
 from ...engine.types import GenerationRequest
-from ...evaluate import LN2
+from ...scores import LN2
 from ..deps import JSONBody, PoolDep, SessionsDep, SettingsDep, model_for, session_model
 from ..native.formatter import failed
 from ..reader import run_one
