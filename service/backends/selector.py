@@ -50,9 +50,10 @@ TIMING_S = 0.12  # a candidate's bare loop, at each of the two sizes
 SAMPLE_ROWS, SAMPLE_LEN = 8, 65  # the quality text: 8 x 64 predictions (the same text for every candidate, so their difference is what it measures)
 
 
-def build(name: str, model, workers: int | None = None, device="cpu") -> Backend:
+def build(name: str, model, workers: int | None = None, device="cpu", apart: bool = False) -> Backend:
     """One backend by name, from a `store.LoadedModel` or a torch `CharLSTM`; workers None: its default
-    (DEFAULT_STEP_WORKERS). Only the torch backends import torch."""
+    (DEFAULT_STEP_WORKERS). Only the torch backends import torch; `apart`: the ONNX graphs are written in a
+    child process, so not even onnx is imported here (a server)."""
     workers = workers or DEFAULT_STEP_WORKERS.get(name, 1)
     if name == "torch":
         from .torch_fp32 import TorchBackend
@@ -62,7 +63,7 @@ def build(name: str, model, workers: int | None = None, device="cpu") -> Backend
         return TorchInt8Backend(model, workers, device)
     if name in ("onnx", "onnx-int8"):
         from .onnx_runtime import OnnxBackend
-        return OnnxBackend(model, workers, device, int8=name == "onnx-int8")
+        return OnnxBackend(model, workers, device, int8=name == "onnx-int8", apart=apart)
     raise ValueError(f"backend must be one of {', '.join(NAMES)}, got {name!r}")
 
 
@@ -332,7 +333,7 @@ def auto_choice(model, candidates: tuple[str, ...], max_batch_size: int, workers
         if key:
             remember_choice(cache, key, figures)
     trials = [Trial.from_dict(t) for t in figures["trials"]]
-    choice = Choice(build(figures["chosen"], model, workers), trials, remembered, figures["measured_at"])
+    choice = Choice(build(figures["chosen"], model, workers, apart=True), trials, remembered, figures["measured_at"])
     if remembered:
         log.info("backend %s: the choice measured at %s on this machine, weights and code", choice.backend.name,
                  time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(choice.measured_at)))
@@ -380,7 +381,7 @@ def for_serving(model, backend: str = "auto", quantize: str | None = None, devic
         step = CudaStep(host.weights, device=where, capacity=max_batch_size, max_steps=steps)
         return Serving(host, step, steps, f"{where} ({torch.cuda.get_device_name(step.device)}, CUDA graphs, {steps} steps a look)")
     if backend != "auto":
-        return Serving(build(backend, model, step_workers), None, steps, "cpu")
+        return Serving(build(backend, model, step_workers, apart=apart), None, steps, "cpu")
     kinds = {"none": "fp32", "int8": "int8", None: None}[quantize]
     candidates = tuple(n for n in CPU_BACKENDS if kinds is None or (n.endswith("int8") == (kinds == "int8")))
     if apart:  # a server: the trials in a child process, the choice remembered in `cache` for `fingerprint`'s weights
