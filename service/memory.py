@@ -3,6 +3,12 @@
 glibc's malloc keeps what a program frees for its next allocations; after a model's build (its probes and
 measurements allocate hundreds of megabytes for a moment) that is tens of megabytes resident for nothing.
 `malloc_trim(0)` returns the free pages. Elsewhere (musl, macOS) there is nothing to call, and nothing happens.
+
+glibc also raises its mmap threshold each time a large mapped block is freed (up to 32 MB), so after `auto`'s
+trials hand a model's 17 MB to a child process, the next model's weights and graphs come from the heap and
+leave holes there that `malloc_trim` cannot return: 33 MB a further model instead of 20 (measured,
+benchmarks/README.md "Footprint"). A fixed threshold keeps blocks of 4 MB and more mapped, and given back
+when freed; the steps' states (512 KB at 64 rows) stay on the heap.
 """
 
 from __future__ import annotations
@@ -13,6 +19,10 @@ import functools
 import gc
 
 
+M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+MMAP_THRESHOLD = 4 << 20  # bytes: a block this large is mapped on its own
+
+
 @functools.cache
 def _libc():
     name = ctypes.util.find_library("c")
@@ -21,6 +31,13 @@ def _libc():
         return libc if libc is not None and hasattr(libc, "malloc_trim") else None
     except OSError:
         return None
+
+
+def fix_mmap_threshold() -> None:
+    """Keep glibc's mmap threshold at MMAP_THRESHOLD for good (a server calls it once, at its start)."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
 def give_back() -> None:

@@ -47,6 +47,7 @@ log = logging.getLogger("charlstm.api")
 async def lifespan(app: FastAPI):
     settings = app.state.settings = app.state.settings or Settings()
     logs.configure(settings.log_level)
+    memory.fix_mmap_threshold()
     if settings.torch_threads:
         set_kernel_threads(settings.torch_threads)
     sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
