@@ -21,6 +21,7 @@ RUN if [ -n "$EXTRAS" ]; then extra=""; if [ -n "$TORCH_INDEX_URL" ]; then extra
     /opt/venv/bin/pip install --find-links /wheels $extra -c constraints.txt "torch==2.13.0"; fi
 COPY service/ service/
 RUN /opt/venv/bin/pip install --find-links /wheels -c constraints.txt ".${EXTRAS:+[$EXTRAS]}" \
+ && /opt/venv/bin/pip uninstall -q -y pip setuptools \
  && find /opt/venv -name '__pycache__' -prune -exec rm -rf {} + \
  && rm -rf /opt/venv/lib/python3*/site-packages/torch/include /opt/venv/lib/python3*/site-packages/torch/share/cmake \
           /opt/venv/lib/python3*/site-packages/torch/test

@@ -230,16 +230,14 @@ def _with_progress(path: str, chunks):
 def _add_sample(p: argparse.ArgumentParser) -> None:
     from .backends.selector import CPU_BACKENDS
     from .sample import DEFAULT_BACKEND
-    from .sampling import MIN_TEMPERATURE, SamplingParams
+    from .sampling import controls_for
 
-    d = SamplingParams()  # the server's defaults: one set, in one place
     p.add_argument("--model", default=None, help="name, name@version or a model folder (default: the store's default)")
     p.add_argument("--prompt", default="", help="text that primes the state (empty: the server's start character)")
     p.add_argument("--length", type=int, default=500, help="characters to generate")
-    p.add_argument("--temperature", type=float, default=d.temperature, help=f"0 (below {MIN_TEMPERATURE:g}) = greedy (default {d.temperature})")
-    p.add_argument("--top-k", type=int, default=d.top_k, help=f"0 = off (default {d.top_k})")
-    p.add_argument("--top-p", type=float, default=d.top_p, help=f"1 = off (default {d.top_p})")
-    p.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty, help=f"1 = off (default {d.repetition_penalty})")
+    for f in controls_for("native"):  # the server's controls, defaults and words: one statement, in service/sampling.py
+        p.add_argument("--" + f.name.replace("_", "-"), type=int if f.type in (int, "int") else float, default=f.default,
+                       help=f"{f.metadata['doc']} (default {f.default})")
     p.add_argument("--stop", action="append", default=[], help="end at this string (not printed); repeatable")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--regex", default=None, help="the generated text must match this regular expression (as structured_outputs.regex)")
@@ -256,15 +254,14 @@ def _add_sample(p: argparse.ArgumentParser) -> None:
 def _cmd_sample(args) -> int:
     from . import session_file
     from .sample import sample
-    from .sampling import MAX_REPETITION_PENALTY, MAX_SEED, MIN_REPETITION_PENALTY
+    from .sampling import MAX_SEED, bound_error, controls_for
 
     _check_replacement(args)
     if args.length < 0:
         raise ValueError(f"--length must be at least 0, got {args.length}")
-    if (args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1
-            or not MIN_REPETITION_PENALTY <= args.repetition_penalty <= MAX_REPETITION_PENALTY):
-        raise ValueError(f"need --temperature >= 0, --top-k >= 0, 0 < --top-p <= 1 and --repetition-penalty in "
-                         f"[{MIN_REPETITION_PENALTY:g}, {MAX_REPETITION_PENALTY:g}]")
+    for f in controls_for("native"):  # the bounds the server's protocols enforce
+        if (wrong := bound_error(f.name, getattr(args, f.name))) is not None:
+            raise ValueError("--" + wrong.replace("_", "-"))
     if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
         raise ValueError(f"--seed must be in [0, {MAX_SEED}], got {args.seed}")
     if session_file.wants_session(args):

@@ -16,7 +16,7 @@ from .backends.selector import reference_backend
 from .engine.constraints import Constraint, compile_choices, compile_regex
 from .engine.engine import Engine
 from .engine.types import Done, GenerationRequest, Token
-from .sampling import SamplingParams
+from .sampling import CONTROLS, SamplingParams
 from .store import LoadedModel
 
 # The fp32 reference the server's tests and a pinned server use (torch's; ONNX Runtime's fp32 graph on the
@@ -48,8 +48,7 @@ def run(loaded: LoadedModel, request: GenerationRequest, backend: str = DEFAULT_
 def sampling_params(args) -> SamplingParams:
     """The controls the command line gives; any it lacks stay at the server's defaults."""
     d = SamplingParams()
-    return SamplingParams(**{name: getattr(args, name, getattr(d, name)) for name in
-                             ("temperature", "top_k", "top_p", "repetition_penalty")})
+    return SamplingParams(**{name: getattr(args, name, getattr(d, name)) for name in CONTROLS})
 
 
 def constraint(args, loaded: LoadedModel) -> Constraint | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
@@ -54,21 +54,64 @@ def uniforms(seeds: np.ndarray, counters: np.ndarray) -> np.ndarray:
     return (z >> np.uint64(11)).astype(np.float64) * (1.0 / 2**53)
 
 
+def control(default, doc: str, *, native: bool = True, openai: dict | bool = True, **bounds):
+    """A sampling control: its default, what it does and its bounds, the one statement every protocol and the
+    command line read (service/api/fields.py builds their fields from it, the CLI its flags). `native`: the
+    native routes take it; `openai`: the /v1 routes take it (a dict: with these bounds or words instead;
+    False: the protocol spells it otherwise, as OpenAI's logprobs do)."""
+    return field(default=default, metadata={"doc": doc, "bounds": bounds, "native": native, "openai": openai})
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """One stream's controls. The defaults switch every filter off (plain sampling at temperature 1)."""
+    """One stream's controls. The defaults switch every filter off (plain sampling at temperature 1). A control is
+    one field here and its arithmetic in `sample_next` (and cuda.py's `sample_rows`): the batch, the protocols
+    and the command line take every field."""
 
-    temperature: float = 1.0  # 0 (anything below MIN_TEMPERATURE) means greedy
-    top_k: int = 0  # 0 means off
-    top_p: float = 1.0  # 1 means off
-    repetition_penalty: float = 1.0  # 1 means off; applied to characters already in the stream's prompt or text
-    presence_penalty: float = 0.0  # 0 means off; subtracted from the logit of every character generated so far
-    frequency_penalty: float = 0.0  # 0 means off; subtracted once per time a character was generated so far
-    top_logprobs: int = 0  # how many most likely alternatives to report at each position (0..5); never changes the draw
+    temperature: float = control(1.0, f"0 (or anything below {MIN_TEMPERATURE:g}) means greedy", ge=0.0, le=100.0,
+                                 openai={"le": 2.0})
+    top_k: int = control(0, "keep the k most likely characters; 0 means off", ge=0, le=1_000_000,
+                         openai={"ge": -1, "doc": "extension: keep the k most likely characters; 0 or -1 means off"})
+    top_p: float = control(1.0, "nucleus sampling: keep the most likely characters until their probabilities sum to "
+                           "top_p; 1 means off", gt=0.0, le=1.0)
+    min_p: float = control(0.0, "keep only the characters at least min_p times as likely as the most likely one (after "
+                           "temperature and top-k); 0 means off", ge=0.0, le=1.0)
+    repetition_penalty: float = control(1.0, "divides the logits of characters already in the prompt or text; 1 means off",
+                                        ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY)
+    presence_penalty: float = control(0.0, "subtracted from the logit of every character generated so far; 0 means off",
+                                      ge=-2.0, le=2.0, native=False)
+    frequency_penalty: float = control(0.0, "subtracted once per time a character was generated so far; 0 means off",
+                                       ge=-2.0, le=2.0, native=False)
+    top_logprobs: int = control(0, "how many most likely alternatives to report at each position; never changes the "
+                                "draw", ge=0, le=5, native=False, openai=False)
 
     @property
     def greedy(self) -> bool:
         return self.temperature < MIN_TEMPERATURE
+
+
+CONTROLS = tuple(f.name for f in fields(SamplingParams))
+
+
+def controls_for(route: str) -> list:
+    """The SamplingParams fields a route takes ("native" also serves the command line; "openai")."""
+    return [f for f in fields(SamplingParams) if f.metadata[route]]
+
+
+def bound_error(name: str, value: float) -> str | None:
+    """What is wrong with `value` for the control `name` against its bounds; None when it is within them."""
+    bounds = next(f for f in fields(SamplingParams) if f.name == name).metadata["bounds"]
+    words = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+    broken = [f"{words[k]} {v:g}" for k, v in bounds.items()
+              if not {"ge": value >= v, "gt": value > v, "le": value <= v, "lt": value < v}[k]]
+    return f"{name} must be {' and '.join(f'{words[k]} {v:g}' for k, v in bounds.items())}, got {value:g}" if broken else None
+
+
+def filtering(top_k: np.ndarray, top_p: np.ndarray, min_p: np.ndarray | None = None, **_) -> np.ndarray:
+    """(B,) bool: the rows with a filter on (top-k, nucleus or min-p), which sample in order of probability.
+    Takes a batch's controls by name (`filtering(**controls)`); the others are ignored."""
+    on = (top_k > 0) | (top_p < 1.0)
+    return on if min_p is None else on | (min_p > 0.0)
 
 
 def sample_next(
@@ -81,6 +124,7 @@ def sample_next(
     u: np.ndarray,
     want_logprobs: bool = True,
     *,
+    min_p: np.ndarray | None = None,
     presence_penalty: np.ndarray | None = None,
     frequency_penalty: np.ndarray | None = None,
     counts: np.ndarray | None = None,
@@ -89,7 +133,7 @@ def sample_next(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Pick one character per row, each row with its own controls, without a Python loop over rows.
 
-    logits (B, V) float32; temperature, top_p, repetition_penalty (B,) float32; top_k (B,) int64;
+    logits (B, V) float32; temperature, top_p, min_p, repetition_penalty (B,) float32; top_k (B,) int64;
     seen (B, V) bool or None: characters already in each stream's prompt or text; u (B,) float64 uniforms.
     presence_penalty, frequency_penalty (B,) float32 with counts (B, V): how often each row generated
     each character (OpenAI's penalties; None when no row asks, and a row with 0 keeps its logits
@@ -109,7 +153,7 @@ def sample_next(
         c = counts.astype(logits.dtype)  # (B, V)
         logits = logits - frequency_penalty[:, None] * c - presence_penalty[:, None] * (c > 0).astype(logits.dtype)
     greedy, scale = temperature_scale(temperature)  # (B,), (B,)
-    filtered = (top_k > 0) | (top_p < 1.0)  # (B,) rows with a top-k or nucleus filter
+    filtered = filtering(top_k, top_p, min_p)  # (B,) rows with a top-k, nucleus or min-p filter
     if not filtered.any():
         return sample_plain(logits, scale, greedy, u, want_logprobs, any_greedy=bool(greedy.any()), raw=raw)
     # Filtered rows work in descending order of probability; the others keep vocabulary order, so
@@ -122,7 +166,10 @@ def sample_next(
     k = np.where(top_k > 0, np.minimum(top_k, V), V)[:, None]  # (B, 1)
     probs = softmax(np.where(ranks >= k, np.float32(-np.inf), ordered))  # (B, V)
     before = np.cumsum(probs, axis=-1, dtype=np.float32) - probs  # mass strictly above each rank
-    keep = (before < top_p[:, None]) | (ranks == 0) | ~filtered[:, None]  # the top character stays
+    keep = before < top_p[:, None]  # (B, V)
+    if min_p is not None:  # a rank's probability against the most likely character's (rank 0)
+        keep &= probs >= min_p[:, None] * probs[:, :1]
+    keep |= (ranks == 0) | ~filtered[:, None]  # the top character stays; unfiltered rows keep everything
     pick = _draw(probs * keep, u)  # (B,) a rank
     pick = np.take_along_axis(order, pick[:, None], axis=1)[:, 0]  # (B,) a character
     if greedy.any():

@@ -65,7 +65,7 @@ def test_openapi_describes_every_route_and_field(server):
                  "/ready", "/info", "/metrics", "/admin/models/reload"):
         assert path in doc["paths"], path
     fields = doc["components"]["schemas"]["GenerateRequest"]["properties"]
-    assert set(fields) == {"model", "prompt", "max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed",
+    assert set(fields) == {"model", "prompt", "max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed",
                            "stop", "stream", "logprobs", "unknown_chars", "replacement", "structured_outputs", "logit_bias"}
     assert fields["temperature"]["minimum"] == 0 and fields["top_p"]["maximum"] == 1
     assert fields["model"]["anyOf"][0]["enum"] == ["tiny", "tiny@v1"]  # the models served, by name and name@version

@@ -46,3 +46,39 @@ class StructuredOutputs(BaseModel):
         """The constraints this asks for (one is served)."""
         return [name for name, value in (("regex", self.regex), ("choice", self.choice), ("json", self.json_schema),
                                          ("json_object", self.json_object or None)) if value is not None]
+
+
+# ---------------------------------------------------------------- sampling controls
+# Every control's field comes from its one statement in service/sampling.py (`control`): its bounds, default
+# and words. The native routes take the controls with `native`, the /v1 routes those with `openai` (there
+# every field is optional, null meaning the default, as OpenAI's clients send them).
+
+def _control_field(f, protocol: str):
+    """(annotation, FieldInfo) of one SamplingParams field in `protocol` ("native" or "openai")."""
+    meta = f.metadata
+    override = meta["openai"] if protocol == "openai" and isinstance(meta["openai"], dict) else {}
+    bounds = {**meta["bounds"], **{k: v for k, v in override.items() if k != "doc"}}
+    doc = override.get("doc", meta["doc"] if protocol == "native" or f.name in OPENAI_OWN else f"extension: {meta['doc']}")
+    kind = Int(**bounds) if f.type in (int, "int") else Annotated[float, Field(allow_inf_nan=False, **bounds)]
+    if protocol == "openai":
+        return kind | None, Field(f.default, description=doc)
+    return kind, Field(f.default, description=doc)
+
+
+OPENAI_OWN = {"temperature", "top_p", "presence_penalty", "frequency_penalty"}  # OpenAI's own fields; the rest extensions
+
+
+def control_fields(protocol: str) -> dict:
+    """name -> (annotation, FieldInfo) for every control `protocol` takes, in SamplingParams' order."""
+    from dataclasses import fields as dataclass_fields
+
+    from ..sampling import SamplingParams
+
+    return {f.name: _control_field(f, protocol) for f in dataclass_fields(SamplingParams) if f.metadata[protocol]}
+
+
+def controls_of(request: BaseModel) -> dict:
+    """The controls a request carries, by name (None: the default), for `validate.sampling_params`."""
+    from ..sampling import CONTROLS
+
+    return {name: getattr(request, name) for name in CONTROLS if name in type(request).model_fields}

@@ -117,7 +117,7 @@ def sample_plain(logits: torch.Tensor, scale: torch.Tensor, greedy: torch.Tensor
 def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                 repetition_penalty: torch.Tensor, seen: torch.Tensor, u: torch.Tensor,
                 presence_penalty: torch.Tensor | None = None, frequency_penalty: torch.Tensor | None = None,
-                counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                counts: torch.Tensor | None = None, min_p: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`sampling.sample_next` with no host synchronisation, so a CUDA graph can hold it.
 
     Same arguments (seen (B, V) bool is required; all False where no row is penalised; counts (B, V)
@@ -132,14 +132,20 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Te
         logits = logits - frequency_penalty.unsqueeze(1) * counts - presence_penalty.unsqueeze(1) * (counts > 0).to(logits.dtype)
     greedy, scale = temperature_scale(temperature)  # (B,), (B,)
     scaled = logits / scale.unsqueeze(1)  # (B, V)
-    filtered = ((top_k > 0) | (top_p < 1.0)).unsqueeze(1)  # (B, 1)
+    filtered = (top_k > 0) | (top_p < 1.0)  # (B,)
+    if min_p is not None:
+        filtered = filtered | (min_p > 0.0)
+    filtered = filtered.unsqueeze(1)  # (B, 1)
     ranks = torch.arange(V, device=logits.device).unsqueeze(0)  # (1, V)
     order = torch.where(filtered, torch.sort(scaled, dim=-1, descending=True, stable=True).indices, ranks)  # (B, V)
     ordered = scaled.gather(1, order)  # (B, V)
     k = torch.where(top_k > 0, top_k.clamp(max=V), torch.full_like(top_k, V)).unsqueeze(1)  # (B, 1)
     probs = torch.softmax(ordered.masked_fill(ranks >= k, float("-inf")), dim=-1)  # (B, V)
     before = torch.cumsum(probs, dim=-1) - probs  # mass strictly above each rank
-    probs = probs * ((before < top_p.unsqueeze(1)) | (ranks == 0) | ~filtered)  # (B, V)
+    keep = before < top_p.unsqueeze(1)  # (B, V)
+    if min_p is not None:  # a rank's probability against the most likely character's (rank 0)
+        keep = keep & (probs >= min_p.unsqueeze(1) * probs[:, :1])
+    probs = probs * (keep | (ranks == 0) | ~filtered)  # (B, V)
     cdf = torch.cumsum(probs.double(), dim=-1)  # (B, V)
     target = (u.to(cdf.dtype) * cdf[:, -1]).unsqueeze(1)  # (B, 1)
     pick = torch.searchsorted(cdf, target, right=True).clamp_(max=V - 1)  # (B, 1)
@@ -166,6 +172,7 @@ class DeviceBatch:
         self.greedy = torch.zeros(capacity, dtype=torch.bool, device=device)  # (C,)
         self.top_k = torch.zeros(capacity, dtype=torch.long, device=device)  # (C,) 0: off
         self.top_p = torch.ones(capacity, device=device)  # (C,) 1: off
+        self.min_p = torch.zeros(capacity, device=device)  # (C,) 0: off
         self.penalty = torch.ones(capacity, device=device)  # (C,) repetition penalty, 1: off
         self.presence = torch.zeros(capacity, device=device)  # (C,) OpenAI's presence penalty
         self.frequency = torch.zeros(capacity, device=device)  # (C,) and frequency penalty
@@ -190,6 +197,7 @@ class DeviceBatch:
         greedy = params.greedy
         self.temperature[r], self.scale[r], self.greedy[r] = params.temperature, 1.0 if greedy else params.temperature, greedy
         self.top_k[r], self.top_p[r], self.penalty[r] = params.top_k, params.top_p, params.repetition_penalty
+        self.min_p[r] = params.min_p
         self.presence[r], self.frequency[r] = params.presence_penalty, params.frequency_penalty
         self.seeds[r], self.keys[r], self.counters[r] = seed, stream_key(seed), counter
         self.seen[r] = False
@@ -203,7 +211,7 @@ class DeviceBatch:
         """Keep these rows, in this order, as rows 0..len(keep)-1; the rest become padding."""
         n, old = len(keep), self.size
         idx = torch.tensor(keep, dtype=torch.long, device=self.device)
-        for buf in (self.temperature, self.scale, self.greedy, self.top_k, self.top_p, self.penalty, self.presence,
+        for buf in (self.temperature, self.scale, self.greedy, self.top_k, self.top_p, self.min_p, self.penalty, self.presence,
                     self.frequency, self.seeds, self.keys, self.counters):
             buf[:n] = buf[idx]
         self.seen[:n] = self.seen[idx]
@@ -226,6 +234,7 @@ class DeviceBatch:
         self.state[:, :, start:end] = 0
         self.temperature[start:end], self.scale[start:end], self.greedy[start:end] = 1.0, 1.0, False
         self.top_k[start:end], self.top_p[start:end], self.penalty[start:end] = 0, 1.0, 1.0
+        self.min_p[start:end] = 0.0
         self.presence[start:end], self.frequency[start:end] = 0.0, 0.0
         self.seeds[start:end], self.keys[start:end], self.counters[start:end] = 0, 0, 0
         self.seen[start:end] = False
@@ -322,7 +331,8 @@ class CudaStep:
         bt.hist_logits[j, :rows].copy_(logits)
         if full:
             ids, lps = sample_rows(logits, bt.temperature[:rows], bt.top_k[:rows], bt.top_p[:rows], bt.penalty[:rows],
-                                   bt.seen[:rows], u, bt.presence[:rows], bt.frequency[:rows], bt.counts[:rows])  # (R,), (R,)
+                                   bt.seen[:rows], u, bt.presence[:rows], bt.frequency[:rows], bt.counts[:rows],
+                                   bt.min_p[:rows])  # (R,), (R,)
             bt.seen[:rows].scatter_(1, ids.unsqueeze(1), True)
             bt.counts[:rows].scatter_add_(1, ids.unsqueeze(1), torch.ones_like(ids, dtype=bt.counts.dtype).unsqueeze(1))
         else:  # no row has a filter or a penalty, so none reads its mask or counts either

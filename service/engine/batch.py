@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..sampling import SamplingParams, temperature_scale
+from ..sampling import SamplingParams, filtering, temperature_scale
 
 # One array per field of SamplingParams, typed by the field's default: (B,) int64 or float32.
 CONTROL_DTYPES = {f.name: (np.int64 if isinstance(f.default, int) and not isinstance(f.default, bool) else np.float32)
@@ -141,8 +141,8 @@ class Batch:
 
     @cached_property
     def filtered(self) -> bool:
-        """Some row has a top-k or nucleus filter."""
-        return bool(((self.controls["top_k"] > 0) | (self.controls["top_p"] < 1.0)).any())
+        """Some row has a filter (`sampling.filtering`)."""
+        return bool(filtering(**self.controls).any())
 
     @cached_property
     def plain(self) -> bool:

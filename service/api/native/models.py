@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, create_model
 
-from ...sampling import MAX_REPETITION_PENALTY, MAX_SEED, MIN_REPETITION_PENALTY, MIN_TEMPERATURE
-from ..fields import Int, LogitBias, StructuredOutputs
+from ...sampling import MAX_SEED
+from ..fields import Int, LogitBias, StructuredOutputs, control_fields, controls_of
 
 
 StopString = Annotated[str, Field(min_length=1)]
@@ -30,18 +30,16 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-class GenerateRequest(_Strict):
+# temperature, top_k, top_p, min_p, repetition_penalty: service/sampling.py states them, fields.py makes the fields
+SamplingControls = create_model("SamplingControls", __base__=_Strict, **control_fields("native"))
+
+
+class GenerateRequest(SamplingControls):
     model: str | None = Field(None, min_length=1, max_length=256,
                               description=MODEL_FIELD + "; on a session, its own model (naming another is 409 model_mismatch)")
     prompt: str = Field("", description="text to continue; may be empty. Every character must be in the model's vocabulary")
     max_new_tokens: Int(ge=0) | None = Field(None, description="characters to generate (a token is one character); default "
                                              "and limit in /info")
-    temperature: float = Field(1.0, ge=0.0, le=100.0, allow_inf_nan=False,
-                               description=f"0 (or anything below {MIN_TEMPERATURE:g}) means greedy")
-    top_k: Int(ge=0, le=1_000_000) = Field(0, description="keep the k most likely characters; 0 means off")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False, description="nucleus sampling; 1 means off")
-    repetition_penalty: float = Field(1.0, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY, allow_inf_nan=False,
-                                      description="divides the logits of characters already in the prompt or text; 1 means off")
     seed: Seed | None = Field(None, description="same seed, same text; drawn at random when absent")
     stop: StopList = Field(default_factory=list,
                             description="a string or a list: generation ends at the first of these strings, which is not included in the text")
@@ -61,7 +59,7 @@ class GenerateRequest(_Strict):
         return EngineInputs(
             prompts=[self.prompt], n=1,
             max_tokens=default_max_new_tokens if self.max_new_tokens is None else self.max_new_tokens,
-            sampling=self.model_dump(include={"temperature", "top_k", "top_p", "repetition_penalty"}),
+            sampling=controls_of(self),
             seed=self.seed, stop=tuple(self.stop), logprobs=self.logprobs, stream=self.stream,
             unknown_chars=self.unknown_chars, replacement=self.replacement, structured=self.structured_outputs,
             logit_bias=self.logit_bias)

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, create_model, model_validator
 
-from ...sampling import MAX_REPETITION_PENALTY, MAX_SEED, MIN_REPETITION_PENALTY, MIN_TEMPERATURE
-from ..fields import Int, LogitBias, StructuredOutputs
+from ...sampling import MAX_SEED
+from ..fields import Int, LogitBias, StructuredOutputs, control_fields, controls_of
 
 V1_PREFIX = "/v1"
 MAX_TOP_LOGPROBS = 5  # OpenAI's own bound on `logprobs`
@@ -67,13 +67,6 @@ TokenPromptList = Annotated[list[TokenIds], Field(min_length=1, max_length=1024)
 
 
 # The sampling fields completions and chat share, with OpenAI's bounds (and vLLM's extensions).
-Temperature = Annotated[float | None, Field(ge=0.0, le=2.0, allow_inf_nan=False,
-                                            description=f"0 (or anything below {MIN_TEMPERATURE:g}) means greedy")]
-TopP = Annotated[float | None, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
-Penalty = Annotated[float | None, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]
-TopK = Annotated[Int(ge=-1, le=1_000_000) | None, Field(description="extension: keep the k most likely characters; 0 or -1 means off")]
-RepetitionPenalty = Annotated[float | None, Field(ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY, allow_inf_nan=False,
-                                                  description="extension: divides the logits of characters already in the prompt or text")]
 
 
 class _Harmless(_Strict):
@@ -141,7 +134,12 @@ class StreamOptions(_Strict):
     include_usage: bool = Field(False, description="send a last chunk with `usage` and no choices before [DONE]")
 
 
-class CompletionRequest(_Harmless, _Formatted):
+# temperature, top_p, presence and frequency penalties (OpenAI's), and top_k, min_p, repetition_penalty
+# (extensions, as vLLM takes them through the body): service/sampling.py states them, fields.py makes the fields
+SamplingControls = create_model("SamplingControls", __base__=_Strict, **control_fields("openai"))
+
+
+class CompletionRequest(_Harmless, _Formatted, SamplingControls):
     model: str | None = Field(None, description="`name@version` from /v1/models, or the bare name; omitted: the server's "
                               "default model")
     prompt: str | PromptList | TokenIds | TokenPromptList = Field(
@@ -149,8 +147,6 @@ class CompletionRequest(_Harmless, _Formatted):
                     "one set of `n` choices per prompt")
     max_tokens: Int(ge=0) | None = Field(16, description="characters to generate, at most max_new_tokens in /info; 0 with "
                                          "`echo` scores the prompt")
-    temperature: Temperature = 1.0
-    top_p: TopP = 1.0
     n: Int(ge=1, le=128) | None = Field(1, description="choices per prompt")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -161,12 +157,8 @@ class CompletionRequest(_Harmless, _Formatted):
     stop: StopList = Field(default_factory=list, description="up to 4 strings; generation ends before the first one")
     seed: Int(ge=0, le=MAX_SEED) | None = Field(None, description="same seed, same text (as /generate); choice i of a "
                                                 "prompt uses seed + i")
-    presence_penalty: Penalty = 0.0
-    frequency_penalty: Penalty = 0.0
     user: str | None = Field(None, description="accepted and ignored")
     # extensions, as vLLM takes them through the body (the `openai` client's extra_body)
-    top_k: TopK = None
-    repetition_penalty: RepetitionPenalty = None
     session_id: str | None = Field(None, min_length=1, max_length=256,
                                    description="extension: continue a native session (one prompt, n = 1); the session advances")
     structured_outputs: StructuredOutputs | None = Field(None, description="extension (vLLM's): constrain the text to a "
@@ -186,12 +178,10 @@ class CompletionRequest(_Harmless, _Formatted):
         """This request as the engine's inputs (service/api/validate.py)."""
         from ..validate import EngineInputs
 
-        top_k = self.top_k if self.top_k is not None and self.top_k > 0 else None
         structured, structured_param = self.structured()
         return EngineInputs(
             prompts=self.prompts, n=self.n or 1, max_tokens=16 if self.max_tokens is None else self.max_tokens,
-            sampling={**self.model_dump(include={"temperature", "top_p", "repetition_penalty", "presence_penalty",
-                                                 "frequency_penalty"}), "top_k": top_k, "top_logprobs": self.logprobs},
+            sampling={**controls_of(self), "top_logprobs": self.logprobs},
             seed=self.seed, stop=tuple(self.stop), logprobs=self.logprobs is not None,
             prompt_logprobs=self.logprobs if self.echo and self.logprobs is not None else None,
             stream=bool(self.stream), structured=structured, structured_param=structured_param, logit_bias=self.logit_bias,
@@ -235,15 +225,13 @@ class Speakers(_Strict):
     assistant: str | None = Field(None, min_length=1, max_length=64, description="the speaker whose speech the model writes")
 
 
-class ChatCompletionRequest(_Harmless, _Formatted):
+class ChatCompletionRequest(_Harmless, _Formatted, SamplingControls):
     model: str | None = Field(None, description="`name@version` from /v1/models, or the bare name; omitted: the server's "
                               "default model")
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=1024)]
     max_tokens: Int(ge=0) | None = Field(None, description="characters to generate (deprecated by OpenAI "
                                                         "for max_completion_tokens); default in /info")
     max_completion_tokens: Int(ge=0) | None = Field(None, description="characters to generate, at most max_new_tokens in /info")
-    temperature: Temperature = 1.0
-    top_p: TopP = 1.0
     n: Int(ge=1, le=128) | None = Field(1, description="choices")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -253,14 +241,10 @@ class ChatCompletionRequest(_Harmless, _Formatted):
     stop: StopList = Field(default_factory=list, description="up to 4 strings; the speech also ends at a blank line")
     seed: Int(ge=0, le=MAX_SEED) | None = Field(None, description="same seed, same text (as /generate with the rendered "
                                                 "prompt); choice i uses seed + i")
-    presence_penalty: Penalty = 0.0
-    frequency_penalty: Penalty = 0.0
     user: str | None = Field(None, description="accepted and ignored")
     # extensions, as vLLM takes them through the body (the `openai` client's extra_body)
     speakers: Speakers | None = Field(None, description="extension: the speakers of this conversation (defaults in /info "
                                       "and /tokenizer_info)")
-    top_k: TopK = None
-    repetition_penalty: RepetitionPenalty = None
     unknown_chars: Literal["error", "skip", "replace"] = Field("error", description="extension: characters of the messages "
                                                                "outside the vocabulary: error (400), skip or replace them")
     replacement: str = Field(" ", min_length=1, max_length=1, description="extension: with unknown_chars=replace")
@@ -276,13 +260,11 @@ class ChatCompletionRequest(_Harmless, _Formatted):
         """This request as the engine's inputs, its messages already rendered by the chat template."""
         from ..validate import EngineInputs
 
-        top_k = self.top_k if self.top_k is not None and self.top_k > 0 else None
         max_tokens = next((v for v in (self.max_completion_tokens, self.max_tokens) if v is not None), default_max_tokens)
         structured, structured_param = self.structured()
         return EngineInputs(
             prompts=[prompt], n=self.n or 1, max_tokens=max_tokens,
-            sampling={**self.model_dump(include={"temperature", "top_p", "repetition_penalty", "presence_penalty",
-                                                 "frequency_penalty", "top_logprobs"}), "top_k": top_k},
+            sampling={**controls_of(self), "top_logprobs": self.top_logprobs},
             seed=self.seed, stop=tuple(self.stop), protocol_stop=(SPEECH_END,), logprobs=bool(self.logprobs), stream=bool(self.stream),
             unknown_chars=self.unknown_chars, replacement=self.replacement, structured=structured,
             structured_param=structured_param, logit_bias=self.logit_bias, prompt_param="messages", max_tokens_param="max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens",

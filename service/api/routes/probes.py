@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from ...sampling import MAX_SEED
+from ...sampling import MAX_SEED, controls_for
 from ..errors import error_response
 from ..native.models import ErrorResponse
 
@@ -64,8 +64,8 @@ async def info(request: Request):
         "model_pool": {"max_loaded_models": s.max_loaded_models, "model_keep_alive_s": s.model_keep_alive_s,
                        "models": s.models or "default"},
         "sessions": _sessions(state),
-        "defaults": {"max_new_tokens": s.default_max_new_tokens, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
-                     "repetition_penalty": 1.0, "session_ttl_s": s.session_ttl_s}}
+        "defaults": {"max_new_tokens": s.default_max_new_tokens,
+                     **{f.name: f.default for f in controls_for("native")}, "session_ttl_s": s.session_ttl_s}}
     if loaded is not None:
         card = loaded.card
         out["model"] = {"name": loaded.name, "version": loaded.version, "parameters": card.get("num_parameters"),
