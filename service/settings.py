@@ -198,3 +198,35 @@ class Settings(BaseSettings):
                 raise ValueError(f"quantize={self.quantize} contradicts backend={self.backend}: unset CHARLSTM_QUANTIZE, "
                                  "or pick a backend with those weights")
         return self
+
+
+PREFIX = "CHARLSTM_"
+
+
+def unknown_variables(environ: dict[str, str]) -> list[str]:
+    """`CHARLSTM_` variables no setting reads (a misspelt one is otherwise silently ignored), each with the
+    nearest setting's variable when there is one, for the warning a server logs at its start."""
+    import difflib
+
+    known = [name.upper() for name in Settings.model_fields]
+    out = []
+    for var in sorted(v for v in environ if v.upper().startswith(PREFIX) and v.upper()[len(PREFIX):] not in known):
+        near = difflib.get_close_matches(var.upper()[len(PREFIX):], known, n=1, cutoff=0.8)  # on the names, not the prefix
+        out.append(f"{var} (did you mean {PREFIX}{near[0]}?)" if near else var)
+    return out
+
+
+def settings_table() -> str:
+    """Every setting as a Markdown table, from the fields themselves: the README's copy is kept in sync by a
+    test (tests/test_architecture.py), and `python -m service.settings` prints it."""
+    rows = ["| variable | `charlstm serve` flag | default | what it does |", "|---|---|---|---|"]
+    for name, f in Settings.model_fields.items():
+        default = "unset" if f.default is None else repr(f.default) if isinstance(f.default, str) else f.default
+        words = (f.description or "").replace("|", "\\|")
+        flag = "--store" if name == "model_store" else "--" + name.replace("_", "-")  # the store's flag is every command's
+        rows.append(f"| `{PREFIX}{name.upper()}` | `{flag}` | `{default}` | {words} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(settings_table())

@@ -15,6 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from service.engine.engine import EngineStats
+from service.engine.observers import Fanout
 from service.sessions.memory_store import MemorySessionStore
 from service.sessions.snapshots import SessionDB, Snapshots
 
@@ -140,7 +142,11 @@ def test_a_full_disk_keeps_the_last_good_file_and_every_session_in_memory(faulty
     db = SessionDB(tmp_path / "s.sqlite3", {"tiny@v1": FINGERPRINT})
     store = store_with(20)
     failed = []
-    snaps = Snapshots(db, store, interval_s=1.0, notify=lambda name, op: failed.append((name, op)))
+    class Failures:  # an observer of the events it cares about
+        def on_session_snapshot_failed(self, operation):
+            failed.append(("on_session_snapshot_failed", operation))
+
+    snaps = Snapshots(db, store, interval_s=1.0, events=Fanout(EngineStats, [Failures()]))
     snaps.load()
     snaps.write()
     good = saved_ids(db.path)
@@ -167,7 +173,7 @@ def test_persist_writes_what_each_caller_changed_before_it_answers_in_shared_tra
     file when its persist returns; on a full disk persist says so instead of failing, and counts it."""
     db = SessionDB(tmp_path / "s.sqlite3", {"tiny@v1": FINGERPRINT})
     store = MemorySessionStore(100)
-    snaps = Snapshots(db, store, interval_s=3600.0, notify=lambda name, *args: None)
+    snaps = Snapshots(db, store, interval_s=3600.0)
     snaps.load()
 
     async def change_and_persist():

@@ -8,8 +8,8 @@ model pool (service/engine/pool.py) owns an engine per loaded model. Later stage
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
+import os
 import signal
 import sys
 import threading
@@ -22,7 +22,8 @@ from .. import __version__, memory, store
 from ..backends.base import kernel_threads, set_kernel_threads
 from ..backends.selector import for_serving
 from ..engine.engine import Engine, EngineConfig
-from ..engine.observers import notify_all
+from ..engine.engine import EngineStats
+from ..engine.observers import Fanout
 from ..engine.pool import Catalog, ModelPool
 from ..sessions.memory_store import MemorySessionStore
 from ..sessions.redis_store import RedisSessionStore, StoreMismatch, redacted
@@ -30,7 +31,7 @@ from ..sessions import blob as session_blob
 from ..sessions.calls import SessionCalls, memory_only
 from ..sessions.health import StoreHealth
 from ..sessions.snapshots import SessionDB, SessionDBError, Snapshots
-from ..settings import Settings
+from ..settings import Settings, unknown_variables
 from . import docs, errors, logs, openapi
 from .quotas import Quotas
 from .auth import APIKeyAuth, TrustedHosts
@@ -48,11 +49,13 @@ async def lifespan(app: FastAPI):
     settings = app.state.settings = app.state.settings or Settings()
     logs.configure(settings.log_level)
     memory.fix_mmap_threshold()
+    if unknown := unknown_variables(os.environ):
+        log.warning("ignored: %s set no setting (README, \"Settings\", lists them)", ", ".join(unknown))
     if settings.torch_threads:
         set_kernel_threads(settings.torch_threads)
     sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
     keys_of(settings)  # a keys file that cannot be read stops the start, with what is wrong
-    notify = app.state.notify = _fan_out(app.state.server_observers)  # session events: not any one model's
+    events = app.state.events = Fanout(EngineStats, app.state.server_observers)  # session events: not any one model's
     catalog = Catalog(settings.model_store, settings.models, settings.model, app.state.preloaded)
     app.state.preloaded = None
     hooks = EngineHooks(app)
@@ -64,7 +67,7 @@ async def lifespan(app: FastAPI):
     default = catalog.resolve(None)
     app.state.session_key, key_source = session_blob.load_or_create_key(settings.session_key, settings.session_db or None)
     factory = app.state.session_store_factory or _store_factory(settings, app.state.session_key, served_models)
-    session_store = factory(settings.max_sessions, on_removed=lambda reason: notify("on_session_removed", reason))
+    session_store = factory(settings.max_sessions, on_removed=events.on_session_removed)
     if isinstance(session_store, RedisSessionStore):
         try:
             await asyncio.to_thread(session_store.claim)
@@ -75,7 +78,7 @@ async def lifespan(app: FastAPI):
     persistence = None  # the in-memory store's SQLite snapshots
     if settings.session_db and isinstance(session_store, MemorySessionStore):
         session_db = SessionDB(settings.session_db, served_models, settings.session_fsync)
-        persistence = Snapshots(session_db, session_store, settings.snapshot_interval_s, notify=notify)
+        persistence = Snapshots(session_db, session_store, settings.snapshot_interval_s, events=events)
         try:
             await asyncio.to_thread(persistence.load)  # takes the file; a disk that fails now leaves it degraded, retried
         except SessionDBError as e:
@@ -83,8 +86,8 @@ async def lifespan(app: FastAPI):
             log.error("%s", e)
             raise
     app.state.persistence = persistence
-    app.state.sessions = SessionCalls(session_store, settings.session_lease_s, settings.session_ttl_s, notify=notify,
-                                      observe=lambda op, seconds, failed: notify("on_session_store_call", op, seconds, failed),
+    app.state.sessions = SessionCalls(session_store, settings.session_lease_s, settings.session_ttl_s, events=events,
+                                      observe=events.on_session_store_call,
                                       blob_max_age_s=settings.session_blob_max_age_s, threads=settings.session_store_threads,
                                       persist=persistence.persist if persistence else
                                       memory_only if isinstance(session_store, MemorySessionStore) else None)
@@ -142,11 +145,6 @@ class EngineHooks:
 
     def on_model_unloaded(self, served, reason: str) -> None:
         pass
-
-
-def _fan_out(observers: list):
-    """notify(method, *args) for the server's own observers (the metrics module's)."""
-    return functools.partial(notify_all, observers)
 
 
 def _engine_factory(settings: Settings, loop: asyncio.AbstractEventLoop):
@@ -228,7 +226,7 @@ def create_app(settings: Settings | None = None, loaded: store.LoadedModel | Non
     app.state.session_store_factory = session_store_factory
     app.state.engine_hooks = []  # hook(engine, loaded, session_store) for every engine started
     app.state.pool_observers = []  # PoolObserver: models loaded and unloaded (the metrics module's)
-    app.state.server_observers = []  # session events, reported through app.state.notify
+    app.state.server_observers = []  # session events, reported through app.state.events
     app.state.started_hooks = []  # hook(pool, session_store) once the default model is loaded
     errors.install(app)
     openapi.install(app)

@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from ..engine.types import EngineError
-from .openai import protocol as openai_protocol
+from .openai import errors as openai_errors
 
 log = logging.getLogger("charlstm.api")
 
@@ -38,8 +38,8 @@ def error_body(type_: str, message: str, param: str | None = None) -> dict:
 
 def error_content(path: str, status: int, type_: str, message: str, param: str | None = None) -> dict:
     """The error body for a request to `path`: OpenAI's shape on /v1 (the native type becomes its `code`)."""
-    if openai_protocol.is_v1(path):
-        return openai_protocol.error_body(status, type_, message, param)
+    if openai_errors.is_v1(path):
+        return openai_errors.error_body(status, type_, message, param)
     return error_body(type_, message, param)
 
 
@@ -105,7 +105,7 @@ def install(app: FastAPI) -> None:
         message, param = _validation_message(first)
         if len(errors) > 1:
             message += f" (and {len(errors) - 1} more)"
-        if openai_protocol.is_v1(path):  # OpenAI answers every malformed request with 400
+        if openai_errors.is_v1(path):  # OpenAI answers every malformed request with 400
             code = "unknown_field" if first.get("type") == "extra_forbidden" else "invalid_field"
             return error_response(400, code, message, param, path=path)
         return error_response(422, "invalid_field", message, param)

@@ -45,7 +45,7 @@ async def session_quota(request: Request) -> None:
         return
     wait = quotas.take(client_of(request).id)
     if wait > 0:
-        request.app.state.notify("on_rejected", "rate_limited")  # counted with the other refusals
+        request.app.state.events.on_rejected("rate_limited")  # counted with the other refusals
         raise APIError(429, "rate_limited", f"this client makes sessions faster than session_create_rate="
                        f"{quotas.rate:g}/s (burst {quotas.burst}); retry in {wait:.1f} s", None,
                        {"Retry-After": str(max(1, math.ceil(wait)))})

@@ -35,7 +35,7 @@ from ..vocab import CharVocab
 from .batch import Batch
 from .output import Output
 from ..backends.base import Backend
-from .observers import notify_all
+from .observers import Fanout
 from .scheduler import Scheduler
 from .share import ComputeShare
 from .step import Stepper
@@ -91,7 +91,7 @@ class EngineStats(Protocol):
     def on_inter_token(self, gaps: list[float], counts: list[int]) -> None: ...  # gaps[i] seen counts[i] times
     def on_finish(self, reason: str, prompt_tokens: int, completion_tokens: int) -> None: ...
     def on_rejected(self, reason: str) -> None: ...
-    # reported by the session layer through the same observers (Engine.notify)
+    # reported by the session layer through a Fanout of its own (app.state.events)
     def on_session_created(self) -> None: ...
     def on_session_removed(self, reason: str) -> None: ...
     def on_session_store_call(self, operation: str, seconds: float, failed: bool) -> None: ...
@@ -127,6 +127,7 @@ class Engine:
         self._no_state = np.zeros((2, backend.num_layers, 0), dtype=np.float32)
         self.deliver = deliver or _deliver_directly
         self.observers: list[EngineStats] = []
+        self.events: EngineStats = Fanout(EngineStats, self.observers)  # type: ignore[assignment]: each observer's method
         self._cv = threading.Condition()
         # shared with callers, under _cv
         self._incoming: list[Stream] = []
@@ -147,7 +148,7 @@ class Engine:
                                    backend.block_seconds, config.prompt_cost)
         self.stepper = Stepper(backend, device_step, config.decode_steps)
         self._chars = vocab.chars
-        self.output = Output(self._chars, self.notify, self._release)
+        self.output = Output(self._chars, self.events, self._release)
         self._batch = self._empty_batch()
         self._joining: list[Batch] = []  # rows whose prompt is in, joining the batch this loop
         self._undelivered: list[tuple[Any, list, int]] = []  # (listener, events, attempts) that failed to go out
@@ -212,10 +213,10 @@ class Engine:
         group = RequestGroup(len(requests), client)
         with self._cv:
             if self._dead:
-                self.notify("on_rejected", "engine_error")
+                self.events.on_rejected("engine_error")
                 raise EngineUnavailable("the engine has stopped after an internal error; the server must be restarted")
             if self._draining or self._stop:
-                self.notify("on_rejected", "shutting_down")
+                self.events.on_rejected("shutting_down")
                 raise ShuttingDown("the server is shutting down and admits no new work")
             if self.device_step is not None and any(r.constraint is not None or r.logit_bias for r, _ in requests):
                 raise Unsupported("constrained output and logit_bias run on the CPU backends; this server steps on a GPU "
@@ -258,8 +259,8 @@ class Engine:
                          f"{len(others)} other client(s) wait")
 
     def _refuse(self, client: Client, reason: str, message: str) -> None:
-        self.notify("on_rejected", "overloaded")
-        self.notify("on_client_refused", client.label, reason)
+        self.events.on_rejected("overloaded")
+        self.events.on_client_refused(client.label, reason)
         raise Overloaded(message)
 
     def cancel(self, stream: Stream) -> None:
@@ -271,10 +272,6 @@ class Engine:
 
     def add_observer(self, observer: EngineStats) -> None:
         self.observers.append(observer)
-
-    def notify(self, method: str, *args) -> None:
-        """Report a number to every observer; an observer that fails is logged, never fatal."""
-        notify_all(self.observers, method, *args)
 
     # ------------------------------------------------------------------ the loop
     def _run(self) -> None:
@@ -319,7 +316,7 @@ class Engine:
                         self.output.process(self._batch.rows, k, look)  # process outputs
                         self._count_service()
                         self._steps += k
-                        self.notify("on_step", len(self._batch), time.perf_counter() - t0, k)
+                        self.events.on_step(len(self._batch), time.perf_counter() - t0, k)
                 finally:
                     self._give_turn_back(time.perf_counter() - t_turn)
                 self._drop_finished()
@@ -337,7 +334,7 @@ class Engine:
             self.scheduler.fairness.served(client, generated=n)
             by_label[client.label] = by_label.get(client.label, 0) + n
         if by_label:
-            self.notify("on_client_served", by_label)
+            self.events.on_client_served(by_label)
 
     def _idle_wait(self) -> float | None:
         """How long an idle loop may sleep: until undelivered events are retried, or held characters are due."""
@@ -396,7 +393,7 @@ class Engine:
         gone = set(rows)
         self._batch = self._batch.filter([i for i in range(len(self._batch)) if i not in gone])
         self.scheduler.requeue(paused)
-        self.notify("on_paused", len(paused))
+        self.events.on_paused(len(paused))
 
     def _admit(self, streams: list[Stream]) -> None:
         """Streams that got a row place: their state, on the engine thread (a fresh zero state, or the
@@ -413,8 +410,8 @@ class Engine:
             if stream.phase is Phase.DECODING:
                 continue
             stream.state = self.backend.zero_state() if stream.state is None else np.asarray(stream.state, dtype=np.float32)
-            self.notify("on_queue_time", now - stream.t_submit)
-            self.notify("on_client_queue_time", stream.group.client.label, now - stream.t_submit)
+            self.events.on_queue_time(now - stream.t_submit)
+            self.events.on_client_queue_time(stream.group.client.label, now - stream.t_submit)
 
     def _ingest(self) -> None:
         """Run this loop's block (Scheduler.plan) in one backend call; streams whose whole prompt is in
@@ -457,7 +454,7 @@ class Engine:
             self._batch = Batch.concatenate([self._batch, *joining])
             self._joining = []
         if ingested:
-            self.notify("on_prefill", ingested, time.perf_counter() - t0)
+            self.events.on_prefill(ingested, time.perf_counter() - t0)
 
     def _score_slice(self, stream: Stream, end: int, before: np.ndarray, outputs: np.ndarray) -> None:
         """Log-probabilities of the slice's characters, each under the output that preceded it: the

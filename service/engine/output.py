@@ -36,10 +36,10 @@ class Look:
 
 
 class Output:
-    def __init__(self, chars: list[str], notify: Callable[..., None], release: Callable[[Stream], None]):
-        """chars: the vocabulary, by id. notify: the engine's observers. release: gives a finished stream's
+    def __init__(self, chars: list[str], events, release: Callable[[Stream], None]):
+        """chars: the vocabulary, by id. events: the engine's observers (EngineStats). release: gives a finished stream's
         place back in the engine's accounting (called once per stream)."""
-        self.chars, self.notify, self.release = chars, notify, release
+        self.chars, self.events, self.release = chars, events, release
         self.outbox: list[tuple[Any, list]] = []
         self.served: dict[str, list] = {}  # client id -> [Client, characters generated] since the engine last took them
         self.urgent = False  # the outbox holds an event that must not wait (an end, a stream's first characters)
@@ -65,7 +65,7 @@ class Output:
                 gap = now - stream.t_last
             else:
                 gap = 0.0
-                self.notify("on_first_token", now - stream.t_submit)
+                self.events.on_first_token(now - stream.t_submit)
             stream.t_last = now
             got = ids_of[row] if take == k else ids_of[row][:take]
             lps = None if lps_of is None else lps_of[row]
@@ -110,7 +110,7 @@ class Output:
             state = look.state(row, steps) if stream.request.return_state else None
             self.finish(stream, reason, state, cut)
         if gaps:
-            self.notify("on_inter_token", gaps, counts)
+            self.events.on_inter_token(gaps, counts)
 
     def _one_by_one(self, stream: Stream, got: list[int], take: int, chars: list[str], lps: list[float] | None,
                     tops: list | None, texts: dict[int, str] | None, bound: tuple[int, bool] | None
@@ -190,7 +190,7 @@ class Output:
             self.release(stream)
         self.outbox.append((stream.listener, [done]))
         self.urgent = True
-        self.notify("on_finish", done.finish_reason, done.prompt_tokens, done.completion_tokens)
+        self.events.on_finish(done.finish_reason, done.prompt_tokens, done.completion_tokens)
 
     def _done(self, stream: Stream, reason: str, state: np.ndarray | None, cut: int | None, error: str | None) -> Done:
         request = stream.request

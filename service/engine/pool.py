@@ -21,13 +21,13 @@ from collections.abc import Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from .. import store
 from ..store import LoadedModel, ModelLoadError
 from ..vocab import CharVocab
 from .engine import Engine
-from .observers import notify_all
+from .observers import Fanout
 from .share import ComputeShare
 from .types import EngineError, ShuttingDown
 
@@ -36,17 +36,18 @@ log = logging.getLogger("charlstm.models")
 ALL = "all"
 
 
-class ModelNotFound(EngineError):
-    type = "model_not_found"
+class ModelNotFound(EngineError, type="model_not_found"):
+    """The request names no model this server serves (404)."""
+
     param = "model"
 
 
-class TooManyModels(EngineError):
-    type = "too_many_models"
+class TooManyModels(EngineError, type="too_many_models"):
+    """Every loaded model is busy and max_loaded_models are loaded (429)."""
 
 
-class ModelLoadFailed(EngineError):
-    type = "model_load_failed"
+class ModelLoadFailed(EngineError, type="model_load_failed"):
+    """The model's files could not be loaded."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -226,6 +227,7 @@ class ModelPool:
         """`keep_alive_s`: how long a model stays loaded after its last use; below 0, until the cap needs it."""
         self.catalog, self.factory, self.max_loaded, self.keep_alive_s = catalog, factory, max_loaded, keep_alive_s
         self.observers = list(observers)
+        self.events: PoolObserver = Fanout(PoolObserver, self.observers)  # type: ignore[assignment]: each observer's method
         self.share = ComputeShare()
         self.loaded: dict[str, Served] = {}
         self._loading: dict[str, asyncio.Task] = {}
@@ -348,7 +350,7 @@ class ModelPool:
                             load_seconds=time.perf_counter() - t0)
             self.loaded[model.ref] = served
             log.info("loaded %s in %.2f s (%s)", model.ref, served.load_seconds, details["backend"]["name"])
-            self._notify("on_model_loaded", served)
+            self.events.on_model_loaded(served)
             return served
         finally:
             self._loading.pop(model.ref, None)
@@ -366,7 +368,7 @@ class ModelPool:
         served.engine.begin_shutdown(0.0)
         await asyncio.to_thread(served.engine.stop)
         log.info("unloaded %s (%s)", served.ref, reason)
-        self._notify("on_model_unloaded", served, reason)
+        self.events.on_model_unloaded(served, reason)
 
     def _least_recently_used_idle(self) -> Served | None:
         idle = [s for s in self.loaded.values() if s.idle()]
@@ -403,5 +405,3 @@ class ModelPool:
             except Exception:
                 log.exception("reading the store's default failed")
 
-    def _notify(self, method: str, *args: Any) -> None:
-        notify_all(self.observers, method, *args)

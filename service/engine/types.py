@@ -97,27 +97,29 @@ class Done:
 
 
 class EngineError(Exception):
-    """Base of the refusals; each carries a stable type the HTTP layer maps to a status."""
+    """Base of every refusal, the engine's and the layers' above it (sessions, the model pool): each
+    carries a stable `type` the HTTP layer maps to a status. A refusal is declared in one line,
+    `class Name(EngineError, type="name")`, beside the layer that raises it."""
 
     type = "engine_error"
 
+    def __init_subclass__(cls, type: str | None = None, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if type is not None:
+            cls.type = type
 
-class Overloaded(EngineError):
-    type = "overloaded"
+
+class Overloaded(EngineError, type="overloaded"):
+    """No room: the queue is full (429)."""
 
 
-class Unsupported(EngineError):
+class Unsupported(EngineError, type="unsupported"):
     """A request asks for what this engine's step cannot do (a constraint on the CUDA graphs path)."""
 
-    type = "unsupported"
+
+class ShuttingDown(EngineError, type="shutting_down"):
+    """The engine drains: new work is refused (503)."""
 
 
-class ShuttingDown(EngineError):
-    type = "shutting_down"
-
-
-class EngineUnavailable(EngineError):
+class EngineUnavailable(EngineError, type="engine_error"):
     """The engine thread has died: nothing can be served until the process restarts."""
-
-    type = "engine_error"
-

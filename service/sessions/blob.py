@@ -38,10 +38,8 @@ TAG_BYTES = 32
 MAX_STATE_FLOATS = 1 << 22  # 16 MiB of state: far above any model this serves, a bound on what is parsed
 
 
-class InvalidSessionBlob(EngineError, ValueError):
+class InvalidSessionBlob(EngineError, ValueError, type="invalid_session_blob"):
     """The blob is malformed, truncated, altered, signed with another key or holds impossible values."""
-
-    type = "invalid_session_blob"
 
     def __init__(self, message: str, param: str = "data"):
         super().__init__(message)
@@ -55,10 +53,9 @@ class SessionBlobExpired(EngineError, ValueError):
     param = "data"
 
 
-class ModelMismatch(EngineError, ValueError):
+class ModelMismatch(EngineError, ValueError, type="model_mismatch"):
     """The blob is intact but belongs to other weights."""
 
-    type = "model_mismatch"
     param = "data"
 
 

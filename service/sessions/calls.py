@@ -22,6 +22,8 @@ from . import blob as session_blob
 from .blob import InvalidSessionBlob, SessionValue
 from .records import Lease, SessionRecord, new_session_id
 from .store import SessionStore
+from ..engine.engine import EngineStats
+from ..engine.observers import Fanout
 from ..engine.types import Done, EngineError, GenerationRequest
 from .errors import LeaseLost, SessionBusy, SessionStoreUnavailable
 
@@ -33,10 +35,10 @@ StoreObserver = Callable[[str, float, bool], None]  # (operation, seconds, faile
 
 class SessionCalls:
     def __init__(self, store: SessionStore, lease_s: float, default_ttl_s: float,
-                 notify: Callable[..., None] | None = None, observe: StoreObserver | None = None,
+                 events: EngineStats | None = None, observe: StoreObserver | None = None,
                  blob_max_age_s: float | None = None, threads: int = 16,
                  persist: Callable[[], Awaitable[bool]] | None = None):
-        """`notify(name, *args)` reports session events to the server's observers;
+        """`events` reports session events to the server's observers (an EngineStats: `events.on_session_created()`);
         `observe(operation, seconds, failed)` times every store call; `blob_max_age_s`: the oldest
         export an import takes. Store calls run in `threads` threads of their own, so a store that
         hangs holds those and never the threads the rest of the server hands work to. `persist()`
@@ -47,7 +49,7 @@ class SessionCalls:
         self.persist = persist or _durable_in_store
         self.blob_max_age_s = blob_max_age_s
         self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="charlstm-sessions")
-        self.notify = notify or (lambda name, *args: None)
+        self.events = events if events is not None else Fanout(EngineStats)  # none: nobody hears them
         self.observe = observe or (lambda op, seconds, failed: None)
         self._models: OrderedDict[str, str] = OrderedDict()  # session id -> weights sha256 (model_of)
 
@@ -59,7 +61,7 @@ class SessionCalls:
             return await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(fn, *args))
         except EngineError as e:
             if e.type in ("session_busy", "too_many_sessions"):
-                self.notify("on_rejected", e.type)
+                self.events.on_rejected(e.type)
             raise
         except Exception as e:
             failed = True
@@ -112,7 +114,7 @@ class SessionCalls:
     async def _insert(self, record: SessionRecord) -> tuple[SessionRecord, bool]:
         created = await self.run("create", self.store.create, record)
         self._remember(created.id, created.model)
-        self.notify("on_session_created")
+        self.events.on_session_created()
         return created, await self.persist()
 
     # ------------------------------------------------------------------ portable sessions

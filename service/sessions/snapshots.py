@@ -44,6 +44,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..engine.engine import EngineStats
+from ..engine.observers import Fanout
+
 from .files import FILE_MODE, private_folder
 from .records import SessionRecord
 
@@ -293,16 +296,16 @@ class SessionDB:
 
 class Snapshots:
     """Keeps an in-memory store's sessions in a SessionDB: loaded at start, every acknowledged change
-    written before its answer (`persist`), the rest every `interval_s`, everything at shutdown. A failed load or write is counted (`notify("on_session_snapshot_failed",
-    operation)`), logged once per outage with the real error, and retried after a backoff that doubles
+    written before its answer (`persist`), the rest every `interval_s`, everything at shutdown. A failed load or write is counted
+    (`events.on_session_snapshot_failed(operation)`), logged once per outage with the real error, and retried after a backoff that doubles
     up to `max_backoff_s`; until a failed load succeeds no write replaces the file's contents, so its
     sessions are never overwritten by a server that could not read them. The blocking methods run in a
     worker thread."""
 
     def __init__(self, db: SessionDB, store, interval_s: float, max_backoff_s: float = 60.0,
-                 notify=lambda name, *args: None, clock=time.time):
+                 events: EngineStats | None = None, clock=time.time):
         self.db, self.store, self.interval_s, self.max_backoff_s = db, store, interval_s, max_backoff_s
-        self.notify, self.clock = notify, clock
+        self.events, self.clock = events if events is not None else Fanout(EngineStats), clock
         self.loaded, self.restored, self.full = False, 0, False  # full: the next write rewrites every session
         self.failures, self.consecutive = 0, 0
         self.last_error: str | None = None
@@ -415,7 +418,7 @@ class Snapshots:
             self.group_commits += 1
             if not durable:
                 self.not_durable += len(group)
-                self.notify("on_session_not_durable", len(group))
+                self.events.on_session_not_durable(len(group))
             for future in group:
                 if not future.done():
                     future.set_result(durable)
@@ -487,7 +490,7 @@ class Snapshots:
         self.failures += 1
         self.consecutive += 1
         self.last_error = describe(e.__cause__ or e) if isinstance(e, SnapshotUnavailable) else describe(e)
-        self.notify("on_session_snapshot_failed", operation)
+        self.events.on_session_snapshot_failed(operation)
         if self.consecutive == 1:
             log.warning("session %s of %s failed (%s); the sessions stay in memory and the file as it was, "
                         "retrying with backoff", "loading" if operation == "load" else "snapshot", self.db.path, self.last_error)

@@ -13,40 +13,11 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSche
 
 from ...sampling import MAX_SEED
 from ..fields import Int, LogitBias, StructuredOutputs, control_fields, controls_of
+from .errors import ERROR_TYPES, V1_PREFIX, OpenAIErrorDetail, OpenAIErrorResponse, error_body, is_v1  # noqa: F401 (the protocol's face)
 
-V1_PREFIX = "/v1"
 MAX_TOP_LOGPROBS = 5  # OpenAI's own bound on `logprobs`
 MAX_STOP = 4  # OpenAI's bound on stop sequences
 SPEECH_END = "\n\n"  # a blank line ends a speech in the corpus's layout (chat.py)
-
-
-def is_v1(path: str) -> bool:
-    return path == V1_PREFIX or path.startswith(V1_PREFIX + "/")
-
-
-# ---------------------------------------------------------------- errors
-# OpenAI's `type` for each status; the native error type goes into `code`, the finer reason.
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "invalid_request_error", 405: "invalid_request_error", 409: "invalid_request_error",
-               413: "invalid_request_error", 415: "invalid_request_error", 422: "invalid_request_error",
-               429: "rate_limit_error"}
-
-
-def error_body(status: int, code: str, message: str, param: str | None = None) -> dict:
-    """{"error": {"message", "type", "param", "code"}}: what the `openai` client turns into its typed exceptions."""
-    type_ = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
-
-
-class OpenAIErrorDetail(BaseModel):
-    message: str
-    type: str = Field(description="invalid_request_error, authentication_error, rate_limit_error or server_error")
-    param: str | None
-    code: str | None = Field(description="this server's finer reason: unknown_field, model_not_found, session_busy, ...")
-
-
-class OpenAIErrorResponse(BaseModel):
-    error: OpenAIErrorDetail
 
 
 # ---------------------------------------------------------------- requests
