@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 TORCH := $(shell grep -m1 '^torch==' constraints.txt)
 
-.PHONY: help install serve test clean
+.PHONY: help install serve test test-fast clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,7 @@ $(STAMP): pyproject.toml constraints.txt | $(BIN)/python
 help:
 	@echo "make serve    install, then serve the bundled model on http://127.0.0.1:8000"
 	@echo "make test     install, then run the tests"
+	@echo "make test-fast  the unit and contract tests: no server, no command in a process of its own (under a minute)"
 	@echo "make install  create $(VENV) and install the project into it"
 	@echo "make clean    remove $(VENV) and pytest's cache"
 	@echo "benchmarks:   $(BIN)/python -m benchmarks.<name> (benchmarks/README.md lists them)"
@@ -37,6 +38,9 @@ serve: install
 
 test: install
 	$(BIN)/python -m pytest
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not http and not cli and not tools"
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -19,6 +19,46 @@ from .server import Server
 # has loaded it) and ONNX Runtime's, for every backend the tests build in this process.
 set_kernel_threads(1)
 
+# What a test reaches, in its own body or through its fixtures: a real server (a subprocess, an in-process
+# uvicorn, a browser) marks it `http`; a command run in a process of its own (`charlstm ...`), `cli`.
+# `make test-fast` runs the others: the unit and contract tests.
+_REACHES = {"http": ("Server(", "InProcessServer(", "tree_server(", "launch("),
+            "cli": ("subprocess.run(", "subprocess.Popen(", "run_cli(", "sys.executable")}
+
+
+def _reaches(func, seen: dict, depth: int = 1) -> frozenset:
+    """The marks a function's source calls for, its module's own helpers that it calls included (one level)."""
+    if func not in seen:
+        import ast
+        import inspect
+        import textwrap
+
+        try:
+            source = textwrap.dedent(inspect.getsource(func))
+        except (OSError, TypeError):
+            source = ""
+        marks = {mark for mark, signs in _REACHES.items() if any(sign in source for sign in signs)}
+        if depth and source:
+            module = inspect.getmodule(func)
+            for node in ast.walk(ast.parse(source)):
+                helper = getattr(module, node.func.id, None) if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) else None
+                if inspect.isfunction(helper) and helper is not func:
+                    marks |= _reaches(helper, seen, depth - 1)
+        seen[func] = frozenset(marks)
+    return seen[func]
+
+
+def pytest_collection_modifyitems(config, items):
+    seen: dict = {}
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        funcs = [getattr(item, "function", None)]
+        if info is not None:
+            funcs += [d.func for name in info.names_closure for d in info.name2fixturedefs.get(name, ())]
+        for mark in frozenset().union(*(_reaches(f, seen) for f in funcs if f is not None)):
+            item.add_marker(getattr(pytest.mark, mark))
+
+
 SPEAKERS = ["KING", "QUEEN", "ROMEO", "JULIET", "FOOL", "GHOST"]
 WORDS = ("thou thee thy my lord lady love death night day sweet good fair noble heart sword crown "
          "grave heaven fate doth hath art shall will not is the a of and to in what wherefore").split()
