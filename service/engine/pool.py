@@ -118,8 +118,8 @@ class Catalog:
     `charlstm models --set-default` changes it) names the model of a request that names none."""
 
     def __init__(self, root: str | Path | None, spec: str = "", default: str = "", preloaded: LoadedModel | None = None):
-        self.root, self.wanted, self.fixed_default = root, parse_models(spec), default
-        self.root_path = store.store_root(root)  # the environment is read once, here
+        self.wanted, self.fixed_default = parse_models(spec), default
+        self.root = self.root_path = store.store_root(root)  # the environment is read once, here: never on a request's path
         self.preloaded = preloaded
         self.models: dict[str, Servable] = {}
         self._stamp: tuple | None = None  # default.json's (mtime, size) when last read
