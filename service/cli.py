@@ -230,13 +230,13 @@ def _with_progress(path: str, chunks):
 def _add_sample(p: argparse.ArgumentParser) -> None:
     from .backends.selector import CPU_BACKENDS
     from .sample import DEFAULT_BACKEND
-    from .sampling import controls_for
+    from .sampling import control_type, controls_for
 
     p.add_argument("--model", default=None, help="name, name@version or a model folder (default: the store's default)")
     p.add_argument("--prompt", default="", help="text that primes the state (empty: the server's start character)")
     p.add_argument("--length", type=int, default=500, help="characters to generate")
     for f in controls_for("native"):  # the server's controls, defaults and words: one statement, in service/sampling.py
-        p.add_argument("--" + f.name.replace("_", "-"), type=int if f.type in (int, "int") else float, default=f.default,
+        p.add_argument("--" + f.name.replace("_", "-"), type=control_type(f), default=f.default,
                        help=f"{f.metadata['doc']} (default {f.default})")
     p.add_argument("--stop", action="append", default=[], help="end at this string (not printed); repeatable")
     p.add_argument("--seed", type=int, default=None)

@@ -9,7 +9,6 @@ the process_* and python_* series an operator's dashboards expect beside the cha
 from __future__ import annotations
 
 import bisect
-import importlib.metadata
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from starlette.routing import BaseRoute, Match, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__
+from .backends.selector import installed_version
 from .engine.pool import ModelPool, Served
 from .sessions.store import SessionStore
 from .settings import Settings
@@ -200,7 +200,7 @@ class Metrics:
         default = pool.catalog.resolve(None)
         self.model.info({"name": default.name, "version": default.version, "parameters": str(default.card.get("num_parameters", ""))})
         self.build.info({"version": __version__, "model": default.ref, "weights_sha256": default.fingerprint[:16],
-                         "torch": _version("torch")})
+                         "torch": installed_version("torch") or "none"})
         self.max_batch_size.set(settings.max_batch_size)
         self.max_queue.set(settings.max_queue)
         self.max_sessions.set(settings.max_sessions)
@@ -374,10 +374,3 @@ def instrument(app: FastAPI) -> Metrics:
                       summary="Prometheus metrics", response_class=Response)
     return metrics
 
-
-def _version(package: str) -> str:
-    """An installed package's version, "none" where it is not installed (the serving install has no torch)."""
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "none"

@@ -98,13 +98,21 @@ def controls_for(route: str) -> list:
     return [f for f in fields(SamplingParams) if f.metadata[route]]
 
 
+def control_type(f) -> type:
+    """A control field's type, int or float (the annotations are strings here: `from __future__ import annotations`)."""
+    return int if f.type in (int, "int") else float
+
+
+_BOUNDS = {"ge": (">=", lambda x, v: x >= v), "gt": (">", lambda x, v: x > v), "le": ("<=", lambda x, v: x <= v),
+           "lt": ("<", lambda x, v: x < v)}
+
+
 def bound_error(name: str, value: float) -> str | None:
     """What is wrong with `value` for the control `name` against its bounds; None when it is within them."""
     bounds = next(f for f in fields(SamplingParams) if f.name == name).metadata["bounds"]
-    words = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
-    broken = [f"{words[k]} {v:g}" for k, v in bounds.items()
-              if not {"ge": value >= v, "gt": value > v, "le": value <= v, "lt": value < v}[k]]
-    return f"{name} must be {' and '.join(f'{words[k]} {v:g}' for k, v in bounds.items())}, got {value:g}" if broken else None
+    if all(_BOUNDS[k][1](value, v) for k, v in bounds.items()):
+        return None
+    return f"{name} must be {' and '.join(f'{_BOUNDS[k][0]} {v:g}' for k, v in bounds.items())}, got {value:g}"
 
 
 def filtering(top_k: np.ndarray, top_p: np.ndarray, min_p: np.ndarray | None = None, **_) -> np.ndarray:

@@ -200,7 +200,7 @@ class Settings(BaseSettings):
         return self
 
 
-PREFIX = "CHARLSTM_"
+PREFIX = Settings.model_config["env_prefix"]
 
 
 def unknown_variables(environ: dict[str, str]) -> list[str]:

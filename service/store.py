@@ -73,10 +73,6 @@ class LoadedModel:
             self._module = module_from(self.config, self.tensors)
         return self._module
 
-    @model.setter
-    def model(self, module: CharLSTM) -> None:
-        self._module = module
-
     def drop_module(self) -> None:
         """Let the fp32 weights go: a backend that built its own copy (ONNX Runtime's sessions) needs
         none of them, and they are 4 bytes a parameter."""

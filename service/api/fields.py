@@ -7,6 +7,7 @@ from typing import Annotated
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from ..engine.constraints import MAX_CHOICE_CHARS, MAX_CHOICES, MAX_PATTERN_CHARS
+from ..sampling import CONTROLS, control_type, controls_for
 
 
 def _integral(value):
@@ -59,7 +60,7 @@ def _control_field(f, protocol: str):
     override = meta["openai"] if protocol == "openai" and isinstance(meta["openai"], dict) else {}
     bounds = {**meta["bounds"], **{k: v for k, v in override.items() if k != "doc"}}
     doc = override.get("doc", meta["doc"] if protocol == "native" or f.name in OPENAI_OWN else f"extension: {meta['doc']}")
-    kind = Int(**bounds) if f.type in (int, "int") else Annotated[float, Field(allow_inf_nan=False, **bounds)]
+    kind = Int(**bounds) if control_type(f) is int else Annotated[float, Field(allow_inf_nan=False, **bounds)]
     if protocol == "openai":
         return kind | None, Field(f.default, description=doc)
     return kind, Field(f.default, description=doc)
@@ -70,15 +71,9 @@ OPENAI_OWN = {"temperature", "top_p", "presence_penalty", "frequency_penalty"}  
 
 def control_fields(protocol: str) -> dict:
     """name -> (annotation, FieldInfo) for every control `protocol` takes, in SamplingParams' order."""
-    from dataclasses import fields as dataclass_fields
-
-    from ..sampling import SamplingParams
-
-    return {f.name: _control_field(f, protocol) for f in dataclass_fields(SamplingParams) if f.metadata[protocol]}
+    return {f.name: _control_field(f, protocol) for f in controls_for(protocol)}
 
 
 def controls_of(request: BaseModel) -> dict:
     """The controls a request carries, by name (None: the default), for `validate.sampling_params`."""
-    from ..sampling import CONTROLS
-
     return {name: getattr(request, name) for name in CONTROLS if name in type(request).model_fields}

@@ -63,7 +63,7 @@ def agreeing_rows(call: Callable[[int], np.ndarray], what: str) -> tuple[int, in
     agree, before = [], call(ROW_PROBES[0])
     for B in ROW_PROBES[1:]:  # two results at a time, so the probe leaves no large heap behind
         out = call(B)
-        agree.append(np.array_equal(np.asarray(out[: before.shape[0]]), np.asarray(before)))
+        agree.append(np.array_equal(out[: before.shape[0]], before))
         before = out
     for i, lo in enumerate(ROW_PROBES[:8]):
         hi = lo

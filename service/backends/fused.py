@@ -60,9 +60,6 @@ class FusedWeights:
         """(K, N) of every multiply of a step and its head."""
         return (tuple(self.w_hh0.shape), *(tuple(m.shape) for m in self.w_cat), tuple(self.w_head.shape))
 
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.table0, self.w_hh0, *self.w_cat, *self.b_cat, self.w_head, self.b_head))
-
 
 def quantize_columns(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int8 with one scale per output column. weight (K, N) fp32 -> (int8 (K, N), scales (N,) fp32)."""

@@ -1,7 +1,7 @@
 """The ONNX graphs of the fused step, written with `onnx.helper` from the fused weights: the step (a
 batch advanced one character, with the new state's logits), the head alone, and one loop graph a layer
 for prompt blocks. Each comes out as a model file's bytes, which onnx_runtime.py turns into sessions;
-a server writes them in a child process (onnx_runtime.write_apart), so it never imports onnx itself (15 MB).
+a server writes them in a child process (onnx_runtime.write_apart), so it never imports onnx itself (17 MB).
 
 The step computes the same recurrence as torch_fp32.py, node for node: a gather of layer 0's table row,
 one multiply a layer over [h_below, h_self], the cell, and the head over the new top h.

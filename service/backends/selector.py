@@ -29,7 +29,6 @@ from pathlib import Path
 import importlib.metadata
 import importlib.util
 
-import numpy
 import numpy as np
 
 from ..sampling import softmax
@@ -73,6 +72,14 @@ def installed(package: str) -> bool:
         return importlib.util.find_spec(package) is not None
     except (ImportError, ValueError):  # a finder that refuses it (tests/without_torch), or a broken install
         return False
+
+
+def installed_version(package: str) -> str | None:
+    """An installed package's version, from its metadata (without importing it); None where it is not installed."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def available(names: tuple[str, ...] = CPU_BACKENDS) -> tuple[str, ...]:
@@ -243,18 +250,13 @@ def machine_key() -> dict:
                 cpu[key.strip()] = value.strip()
     except OSError:
         cpu["processor"] = platform.processor()
-    try:
-        import onnxruntime
-        ort_version = onnxruntime.__version__
-    except ImportError:
-        ort_version = None
     code = hashlib.sha256()
     for path in sorted(Path(__file__).parent.glob("*.py")):  # this package's code: a change re-measures
         code.update(path.read_bytes())
     return {"cpu": cpu.get("model name", cpu.get("processor", "?")),
             "flags": hashlib.sha256(cpu.get("flags", "").encode()).hexdigest()[:16],
-            "cores": len(os.sched_getaffinity(0)), "threads": kernel_threads(), "torch": _version("torch"),
-            "onnxruntime": ort_version, "numpy": numpy.__version__, "python": platform.python_version(),
+            "cores": len(os.sched_getaffinity(0)), "threads": kernel_threads(), "torch": installed_version("torch"),
+            "onnxruntime": installed_version("onnxruntime"), "numpy": np.__version__, "python": platform.python_version(),
             "backends_code": code.hexdigest()[:16]}
 
 
@@ -262,13 +264,6 @@ def choice_key(fingerprint: str, candidates: tuple[str, ...], max_batch_size: in
     what = {"weights": fingerprint, "candidates": list(candidates), "max_batch_size": max_batch_size, "workers": workers,
             **machine_key()}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
-
-
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def _choose_here(model, candidates: tuple[str, ...], max_batch_size: int, workers: int | None,
