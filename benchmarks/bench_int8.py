@@ -102,7 +102,7 @@ def _reported_quantize(info: dict) -> str | None:
 def bench_service(model: str, clients: list[int], seconds: float, repeats: int, steps: list[int],
                   workers: list[int | None] = (None,)) -> None:
     """Every (quantize, decode_steps, step_workers) server up at once; the load generator visits them in turn
-    each round. A workers entry of None is each weights' default (service/api/app.py)."""
+    each round. A workers entry of None is each weights' default (service/server.py)."""
     configs = [(m, k, w) for k in steps for w in workers for m in MODES]
     servers = {}
     try:

@@ -35,7 +35,7 @@ import numpy, onnxruntime, onnx, fastapi, uvicorn
 if sys.argv[1].startswith("torch"):
     import torch
 out["imports"] = rss()
-import service.api.app
+import service.server
 out["server modules"] = rss()
 from service import store
 loaded = store.load("shakespeare@v4")

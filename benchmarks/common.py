@@ -56,14 +56,15 @@ def charlstm_server(threads: int, **settings) -> Proc:
     return Proc(["-m", "service.cli", "serve", "--port", "{port}"], env)
 
 
-def tree_server(tree: Path, backend: str = "auto", **env) -> Proc:
-    """`charlstm serve` from a checkout's own sources (its `service` package shadows the installed one), default
-    settings but for a private session file and `env` (CHARLSTM_* variables); `backend` named unless auto."""
+def tree_server(tree: Path, backend: str = "auto", command: tuple[str, ...] = ("-m", "service.cli", "serve"), **env) -> Proc:
+    """`charlstm serve` (or `python <command>`, which takes its options) from a checkout's own sources (its
+    `service` package shadows the installed one), default settings but for a private session file and `env`
+    (CHARLSTM_* variables); `backend` named unless auto."""
     env = dict(CHARLSTM_MODEL_STORE=str(ROOT / "model_store"), CHARLSTM_LOG_LEVEL="warning", PYTHONPATH=str(tree),
                CHARLSTM_SESSION_DB=str(Path(tempfile.mkdtemp(prefix="charlstm-tree-")) / "sessions.sqlite3"), **env)
     if backend and backend != "auto":
         env["CHARLSTM_BACKEND"] = backend
-    return Proc(["-m", "service.cli", "serve", "--port", "{port}"], env, cwd=tree)
+    return Proc([*command, "--port", "{port}"], env, cwd=tree)
 
 
 def run_json(args: list[str], timeout: float) -> dict:

@@ -75,8 +75,8 @@ def main() -> None:
     ap.add_argument("--prompt", default="\n", help="every request's prompt")
     ap.add_argument("--model", default=None, help="the model every request names (default: the server's default)")
     ap.add_argument("--first-seed", type=int, default=0, help="client i sends seed first_seed + i (several processes: distinct seeds)")
-    ap.add_argument("--cpu-pid", type=int, default=None, help="also report the CPU seconds this process (the server, all its "
-                    "threads) spent within the measured window, read from /proc")
+    ap.add_argument("--cpu-pid", type=int, default=None, help="also report the CPU seconds this process (the server: all its "
+                    "threads and the processes it started) spent within the measured window, read from /proc")
     args = ap.parse_args()
     host = urlparse(args.url).hostname
     if host not in ("127.0.0.1", "localhost", "::1"):
@@ -94,7 +94,7 @@ def main() -> None:
     async def read_cpu():
         for at in (start + args.warmup, stop_at):
             await asyncio.sleep(max(0.0, at - time.perf_counter()))
-            cpu.append(cpu_seconds(args.cpu_pid))
+            cpu.append(tree_cpu_seconds(args.cpu_pid))
 
     async def run():
         # One connection per client, as separate users would have; aiohttp parses HTTP in C, which leaves
@@ -118,6 +118,21 @@ def main() -> None:
         "share_429": out["status"].get(429, 0) / total if total else 0.0,
         "server_cpu_s": cpu[1] - cpu[0] if len(cpu) == 2 else None, "window_chars": window,
     }))
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds so far of a process, all its threads and every process it started that is still running
+    (a server whose engine runs in a child process is all of that)."""
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            total += cpu_seconds(p)
+            todo += [int(c) for task in os.listdir(f"/proc/{p}/task")
+                     for c in open(f"/proc/{p}/task/{task}/children").read().split()]
+        except OSError:
+            continue  # ended meanwhile
+    return total
 
 
 def cpu_seconds(pid: int, tid: int | None = None) -> float:

@@ -359,12 +359,10 @@ def sample_sum(exposition: str, name: str, labels: str = "") -> float:
 
 
 def instrument(app: FastAPI) -> Metrics:
+    """The metrics, counted by every request and served at /metrics; the composition root (service/server.py)
+    hands them the pool's and the sessions' events."""
     disable_created_metrics()  # the *_created series only add noise to every scrape
     metrics = Metrics()
-    app.state.metrics = metrics
-    app.state.pool_observers.append(metrics)
-    app.state.server_observers.append(ServerObserver(metrics))
-    app.state.started_hooks.append(lambda pool, session_store: metrics.attach(pool, session_store, app.state.settings))
     app.add_middleware(RequestMetrics, metrics=metrics, routes=lambda: app.router.routes)
 
     async def metrics_endpoint(_: Request) -> Response:

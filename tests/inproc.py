@@ -28,8 +28,7 @@ class InProcessServer:
         settings.setdefault("session_db", "")
         settings.setdefault("backend", "torch")  # as tests/server.py
         self.settings = Settings(host="127.0.0.1", port=self.port, torch_threads=1, **settings)
-        self.app = build_app(self.settings, own_copy(loaded), session_store_factory)
-        self.app.state.engine_hooks.extend(hooks)
+        self.app = build_app(self.settings, own_copy(loaded), session_store_factory, engine_hooks=hooks)
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -40,7 +39,7 @@ class InProcessServer:
     @property
     def engine(self):
         """The default model's engine."""
-        pool = self.app.state.pool
+        pool = self.app.state.services.pool
         return pool.loaded[pool.catalog.resolve(None).ref].engine
 
     def stop(self) -> None:

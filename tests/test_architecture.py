@@ -79,6 +79,22 @@ def test_no_stage_imports_a_later_one(package):
     assert not wrong, wrong
 
 
+BUILT_BY_THE_ROOT = ("service.backends", "service.sessions.memory_store", "service.sessions.redis_store", "service.metrics")
+
+
+def test_only_the_composition_root_builds_the_services():
+    """The HTTP layer serves with what service/server.py builds: it never reaches a backend, a concrete
+    session store or the metrics itself, and it constructs no pool, engine or session calls."""
+    wrong = [f"{m}:{line} imports {t}" for m in MODULES if m.startswith("service.api")
+             for t, line, _ in imports(m) if any(t == b or t.startswith(b + ".") for b in BUILT_BY_THE_ROOT)]
+    for m in MODULES:
+        if m.startswith("service.api"):
+            tree = ast.parse(MODULES[m].read_text(encoding="utf-8"))
+            wrong += [f"{m}:{node.lineno} builds {node.func.id}" for node in ast.walk(tree) if isinstance(node, ast.Call)
+                      and isinstance(node.func, ast.Name) and node.func.id in ("ModelPool", "Engine", "SessionCalls", "Catalog")]
+    assert not wrong, wrong
+
+
 def test_only_the_metrics_module_talks_to_prometheus():
     users = sorted({m for m in MODULES for t, _, _ in imports(m) if t.split(".")[0] == "prometheus_client"})
     assert users == ["service.metrics"]

@@ -3,6 +3,7 @@ made before work is queued."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated
@@ -14,6 +15,8 @@ from ..engine.pool import ModelPool, Served
 from ..sessions.calls import SessionCalls
 from ..settings import Settings
 from .errors import APIError
+from .identity import client_of
+from .services import services_of
 
 
 async def get_settings(request: Request) -> Settings:
@@ -21,7 +24,8 @@ async def get_settings(request: Request) -> Settings:
 
 
 async def get_pool(request: Request) -> ModelPool:
-    pool = getattr(request.app.state, "pool", None)
+    services = services_of(request.app)
+    pool = services.pool if services is not None else None
     if pool is None or not pool.started:
         raise APIError(503, "not_ready", "the model is not loaded or the server is shutting down", None, {"Retry-After": "1"})
     return pool
@@ -60,7 +64,8 @@ async def session_model(session_id: str, named: str | None, sessions: SessionCal
 
 
 async def get_sessions(request: Request) -> SessionCalls:
-    sessions = getattr(request.app.state, "sessions", None)
+    services = services_of(request.app)
+    sessions = services.sessions if services is not None else None
     if sessions is None:
         raise APIError(503, "not_ready", "the server is starting", None, {"Retry-After": "1"})
     return sessions
@@ -73,6 +78,20 @@ async def require_json(request: Request) -> None:
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != "application/json" and not (ctype.startswith("application/") and ctype.endswith("+json")):
         raise APIError(415, "unsupported_media_type", f"send the body as application/json, not {ctype or 'no content type'}")
+
+
+async def session_quota(request: Request) -> None:
+    """A dependency of the routes that make a session: 429 with Retry-After once the client's bucket is empty."""
+    services = services_of(request.app)
+    if services is None:
+        return
+    quotas = services.session_quotas
+    wait = quotas.take(client_of(request).id)
+    if wait > 0:
+        services.events.on_rejected("rate_limited")  # counted with the other refusals
+        raise APIError(429, "rate_limited", f"this client makes sessions faster than session_create_rate="
+                       f"{quotas.rate:g}/s (burst {quotas.burst}); retry in {wait:.1f} s", None,
+                       {"Retry-After": str(max(1, math.ceil(wait)))})
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

@@ -11,6 +11,7 @@ from fastapi.openapi.utils import get_openapi
 
 from ..sessions.blob import text_chars
 from .openai.serving import choice_bounds
+from .services import services_of
 
 
 def vocabulary_pattern(chars: str) -> str:
@@ -23,7 +24,8 @@ def install(app: FastAPI) -> None:
         if app.openapi_schema:
             return app.openapi_schema
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-        settings, pool = app.state.settings, getattr(app.state, "pool", None)
+        services = services_of(app)
+        settings, pool = app.state.settings, services.pool if services is not None else None
         if settings is None or pool is None or not pool.started:
             return schema  # before start-up: the static bounds only, and not cached
         comps = schema["components"]["schemas"]

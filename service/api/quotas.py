@@ -36,16 +36,3 @@ class Quotas:
             while len(self._buckets) > MAX_CLIENTS:
                 self._buckets.popitem(last=False)
             return wait
-
-
-async def session_quota(request: Request) -> None:
-    """A dependency of the routes that make a session: 429 with Retry-After once the client's bucket is empty."""
-    quotas: Quotas | None = getattr(request.app.state, "session_quotas", None)
-    if quotas is None:
-        return
-    wait = quotas.take(client_of(request).id)
-    if wait > 0:
-        request.app.state.events.on_rejected("rate_limited")  # counted with the other refusals
-        raise APIError(429, "rate_limited", f"this client makes sessions faster than session_create_rate="
-                       f"{quotas.rate:g}/s (burst {quotas.burst}); retry in {wait:.1f} s", None,
-                       {"Retry-After": str(max(1, math.ceil(wait)))})

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Request
 
 from ..deps import PoolDep
 from ..native.models import ErrorResponse
+from ..services import services_of
 
 router = APIRouter(prefix="/admin/models", tags=["models"])
 
@@ -21,7 +22,8 @@ async def reload(request: Request, pool: PoolDep):
     from the store unloads once idle; its sessions stay and answer 409 model_mismatch until it is back."""
     result = await pool.reload()
     served = {m.ref: m.fingerprint for m in pool.catalog.models.values()}
-    request.app.state.session_store.serve(served)
-    if request.app.state.persistence is not None:
-        request.app.state.persistence.db.models = served  # the names its file records beside the weights
+    services = services_of(request.app)
+    services.session_store.serve(served)
+    if services.persistence is not None:
+        services.persistence.db.models = served  # the names its file records beside the weights
     return result

@@ -7,6 +7,7 @@ from fastapi import APIRouter, Request
 from ...sampling import MAX_SEED, controls_for
 from ..errors import error_response
 from ..native.models import ErrorResponse
+from ..services import services_of
 
 router = APIRouter(tags=["probes"])
 
@@ -23,15 +24,15 @@ async def ready(request: Request):
     and after the engine failed. The body reports the session store's state as the background sweep
     last saw it (never by asking the store now); a store that is away does not take the server out,
     since plain generation does not need it."""
-    pool = getattr(request.app.state, "pool", None)
+    services = services_of(request.app)
+    pool = services.pool if services is not None else None
     ok, reason = pool.ready() if pool is not None and pool.started else (False, "not ready")
     if not ok:
         type_ = "engine_error" if reason == "failed" else "not_ready"
         return error_response(503, type_, f"the server is {reason}", None, {"Retry-After": "1"})
-    store = request.app.state.store_health.status()  # from memory: a probe never waits on the store
-    persistence = getattr(request.app.state, "persistence", None)
-    if persistence is not None:
-        store["persistence"] = persistence.status()
+    store = services.store_health.status()  # from memory: a probe never waits on the store
+    if services.persistence is not None:
+        store["persistence"] = services.persistence.status()
     running, waiting = pool.counts()
     return {"status": "ready", "running": running, "waiting": waiting, "loaded_models": list(pool.loaded),
             "session_store": store}
@@ -41,7 +42,8 @@ async def ready(request: Request):
 async def info(request: Request):
     """The default model (its vocabulary and figures), every servable model, and the limits and defaults in force."""
     state = request.app.state
-    s, pool = state.settings, getattr(state, "pool", None)
+    services = services_of(request.app)
+    s, pool = state.settings, services.pool if services is not None else None
     default = pool.catalog.resolve(None) if pool is not None and pool.started else None
     served = pool.loaded.get(default.ref) if default is not None else None
     details = served.details if served is not None else {}
@@ -63,7 +65,7 @@ async def info(request: Request):
         "models": _models(pool) if pool is not None else [],
         "model_pool": {"max_loaded_models": s.max_loaded_models, "model_keep_alive_s": s.model_keep_alive_s,
                        "models": s.models or "default"},
-        "sessions": _sessions(state),
+        "sessions": _sessions(services),
         "defaults": {"max_new_tokens": s.default_max_new_tokens,
                      **{f.name: f.default for f in controls_for("native")}, "session_ttl_s": s.session_ttl_s}}
     if loaded is not None:
@@ -77,9 +79,9 @@ async def info(request: Request):
     return out
 
 
-def _sessions(state) -> dict:
+def _sessions(services) -> dict:
     """The store's kind and, for the embedded store, the state of its snapshots (degraded or ok)."""
-    store, persistence = getattr(state, "session_store", None), getattr(state, "persistence", None)
+    store, persistence = (services.session_store, services.persistence) if services is not None else (None, None)
     return {"store": store.kind if store is not None else None,
             "persistence": persistence.status() if persistence is not None else None}
 

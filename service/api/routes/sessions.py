@@ -10,9 +10,9 @@ from ...sessions import blob as session_blob
 from ...engine.types import GenerationRequest
 from ...engine.pool import ModelPool
 from ...sessions.records import SessionRecord
-from ..deps import JSONBody, PoolDep, SessionsDep, SettingsDep, model_for, session_model
+from ..deps import JSONBody, PoolDep, SessionsDep, SettingsDep, model_for, session_model, session_quota
+from ..services import services_of
 from ..errors import APIError
-from ..quotas import session_quota
 from ..native.formatter import failed
 from ..native.serving import respond
 from ..reader import run_one
@@ -58,7 +58,7 @@ async def import_session(body: SessionImport, request: Request, pool: PoolDep, s
     new. 422 `invalid_session_blob` for a blob that was changed, cut, signed with another key or holds
     impossible values; 409 `model_mismatch` for a session of weights that are not `model`'s or not served."""
     check_ttl(body.ttl_seconds, settings)
-    key = request.app.state.session_key
+    key = services_of(request.app).session_key
     ref = body.model if body.model is not None else blob_model(body.data, key, pool)
     model = pool.catalog.resolve(ref)  # the metadata the check needs; the model itself is not loaded
     cfg = model.card["config"]
@@ -72,7 +72,7 @@ async def import_session(body: SessionImport, request: Request, pool: PoolDep, s
 async def export_session(session_id: str, request: Request, pool: PoolDep, sessions: SessionsDep):
     """The session as a signed value to keep, move to another server with the same weights and key, or
     continue offline (`charlstm sample --session-in`). A call running on the session is not in it."""
-    record, blob = await sessions.export(session_id, request.app.state.session_key)
+    record, blob = await sessions.export(session_id, services_of(request.app).session_key)
     model = pool.served_for_fingerprint(record.model)
     served = pool.loaded.get(model.ref) if model else None  # its backend, when it is loaded now (it usually is)
     return SessionExport(format=SESSION_FORMAT, model=model.ref if model else f"weights {record.model[:12]}",
