@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from . import store
+from . import scores, store
 from .corpus import Corpus
-from .evaluate import score_text
+from .evaluate import module_predict, score_text
 from .model import CharLSTM
 from .vocab import CharVocab
 
@@ -36,19 +36,13 @@ class Fit:
     chars: int
 
 
-@torch.no_grad()
 def logits_of(model: CharLSTM, vocab: CharVocab, text: str, window: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every next-character prediction over `text`, state carried: logits (N, V) and targets (N,), N = len(text) - 1."""
-    model.eval()
-    ids = torch.tensor(vocab.encode(text), dtype=torch.long)  # (N + 1,)
-    if ids.numel() < 2:
+    """Every next-character prediction over `text`, state carried (the scorers' walk, scores.logits_of):
+    logits (N, V) and targets (N,), N = len(text) - 1."""
+    if len(text) < 2:
         raise ValueError("calibration needs a text of at least two characters")
-    state, pieces = None, []
-    for start in range(0, ids.numel() - 1, window):
-        piece = ids[start : start + window + 1]  # (T + 1,): inputs and, shifted by one, targets
-        logits, state = model(piece[:-1].unsqueeze(0), state)  # (1, T, V)
-        pieces.append(logits[0])
-    return torch.cat(pieces), ids[1:]
+    logits, targets = scores.logits_of(module_predict(model), vocab, text, window)
+    return torch.from_numpy(logits), torch.from_numpy(targets)
 
 
 def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, iterations: int = 50, rows: int = 8192) -> Fit:

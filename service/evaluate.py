@@ -1,15 +1,19 @@
-"""Cross-entropy of a text under a model, in one streaming pass with the state carried throughout."""
+"""Cross-entropy of a text under the torch module, in one streaming pass with the state carried throughout
+(the walk is service/scores.py's, shared with every other scorer)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from . import scores
 from .model import CharLSTM, State
-from .scores import LN2, Score  # noqa: F401 (evaluation's result; its home needs no torch)
-from .vocab import CharVocab, OutOfVocabularyError
+from .scores import LN2, Predict, Score  # noqa: F401 (evaluation's result; its home needs no torch)
+from .vocab import CharVocab
+
 
 def read_chunks(path: str | Path, size: int = 1 << 16) -> Iterator[str]:
     """A UTF-8 file as text chunks, so a file of any length streams in constant memory."""
@@ -18,39 +22,26 @@ def read_chunks(path: str | Path, size: int = 1 << 16) -> Iterator[str]:
             yield chunk
 
 
-@torch.no_grad()
-def score_chunks(model: CharLSTM, vocab: CharVocab, chunks: Iterable[str], window: int = 2048,
-                 unknown: str = "error", replacement: str | None = None) -> Score:
-    """Sum of -log p(char | all previous chars) over the stream, the first character excepted.
-
-    Characters outside the vocabulary follow `unknown` (CharVocab.encode_with_policy): "error" raises
-    with their positions in the whole stream, "skip" drops them, "replace" scores `replacement` instead.
-    """
+def module_predict(model: CharLSTM) -> Predict:
+    """The torch module as a scorer's `predict` (service/scores.py): windows in order, the state carried."""
     model.eval()
     device = next(model.parameters()).device
     state: State | None = None
-    prev: int | None = None  # last character of the previous window: the input for the next target
-    total, count, offset, handled = 0.0, 0, 0, 0
-    for chunk in chunks:
-        try:
-            ids, n_unknown = vocab.encode_with_policy(chunk, unknown, replacement)
-        except OutOfVocabularyError as e:
-            shifted = {c: [p + offset for p in ps] for c, ps in e.unknown.items()}
-            raise OutOfVocabularyError(shifted) from None
-        offset += len(chunk)
-        handled += n_unknown
-        for start in range(0, len(ids), window):
-            piece = ids[start : start + window]
-            seq = ([prev] if prev is not None else []) + piece
-            prev = piece[-1]
-            if len(seq) < 2:
-                continue
-            t = torch.tensor(seq, dtype=torch.long, device=device).unsqueeze(0)  # (1, T+1)
-            logits, state = model(t[:, :-1], state)  # (1, T, V)
-            nll = torch.nn.functional.cross_entropy(logits[0], t[0, 1:], reduction="sum")
-            total += float(nll)
-            count += t.size(1) - 1
-    return Score(nats_total=total, chars=count, unknown_chars=handled)
+
+    @torch.no_grad()
+    def predict(inputs: list[int]) -> np.ndarray:
+        nonlocal state
+        logits, state = model(torch.tensor(inputs, dtype=torch.long, device=device).unsqueeze(0), state)  # (1, T, V)
+        return logits[0].float().cpu().numpy()  # (T, V)
+
+    return predict
+
+
+def score_chunks(model: CharLSTM, vocab: CharVocab, chunks: Iterable[str], window: int = 2048,
+                 unknown: str = "error", replacement: str | None = None) -> Score:
+    """Sum of -log p(char | all previous chars) over the stream through the module, the first character
+    excepted (`scores.score_chunks`, whose `unknown` policy this takes)."""
+    return scores.score_chunks(module_predict(model), vocab, chunks, window, unknown, replacement)
 
 
 def score_text(model: CharLSTM, vocab: CharVocab, text: str, window: int = 2048) -> Score:

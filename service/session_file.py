@@ -16,21 +16,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 from . import store
 from .secrets_rules import check_session_key
+from .settings import Settings
 from .backends.selector import CPU_BACKENDS
 from .sessions import blob as session_blob
 from .sessions.blob import InvalidSessionBlob, SessionValue
 from .engine.types import GenerationRequest
 from .sample import DEFAULT_BACKEND, constraint, print_text, run, sampling_params
-
-DEFAULT_SESSION_DB = "data/sessions.sqlite3"  # the server's default `session_db` (service/settings.py)
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--session-in", metavar="FILE", default=None,
@@ -40,7 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--session-key", default=None,
                    help="the server's session key (default: $CHARLSTM_SESSION_KEY, else the key file)")
     p.add_argument("--session-key-file", metavar="FILE", default=None,
-                   help="file holding the server's key (default: <$CHARLSTM_SESSION_DB or data/sessions.sqlite3>.key)")
+                   help=f"file holding the server's key (default: <$CHARLSTM_SESSION_DB or "
+                        f"{Settings.model_fields['session_db'].default}>.key)")
     p.add_argument("--no-verify", action="store_true",
                    help="read --session-in without checking its integrity tag (the values are still checked)")
 
@@ -50,20 +48,19 @@ def wants_session(args) -> bool:
 
 
 def read_key(args) -> bytes | None:
-    """The key in force for this command, or None when none is given and no key file exists."""
-    configured = args.session_key or os.environ.get("CHARLSTM_SESSION_KEY")
+    """The key in force for this command, or None when none is given and no key file exists: the server's
+    session_key and session_db settings (its environment) unless the command line names a key or a file."""
+    server = Settings()
+    configured = args.session_key or server.session_key
     if configured:
         check_session_key(configured)
         return configured.encode("utf-8")
-    path = Path(args.session_key_file or f"{os.environ.get('CHARLSTM_SESSION_DB') or DEFAULT_SESSION_DB}.key")
+    path = Path(args.session_key_file or f"{server.session_db or Settings.model_fields['session_db'].default}.key")
     if not path.exists():
         if args.session_key_file:
             raise OSError(f"the key file {path} does not exist")
         return None
-    key = path.read_text(encoding="utf-8").strip()
-    if len(key) < 32:
-        raise ValueError(f"the key file {path} is damaged: it holds no key")
-    return key.encode("utf-8")
+    return session_blob.read_key_file(path)
 
 
 def read_export(path: str) -> dict:

@@ -356,8 +356,31 @@ def test_cli_starts_a_session_the_server_continues(keyed, trained_store, tmp_pat
     assert say(keyed, imported["session_id"], "", 60) == say(keyed, on_server["session_id"], "", 60)
 
 
-def test_the_cli_looks_for_the_servers_default_key_file():
-    assert session_file.DEFAULT_SESSION_DB == Settings.model_fields["session_db"].default
+def test_the_cli_reads_the_servers_key_where_the_server_keeps_it(tmp_path, monkeypatch):
+    """The server's settings say where: CHARLSTM_SESSION_KEY, else the key file beside CHARLSTM_SESSION_DB,
+    else beside the default database."""
+    from argparse import Namespace
+
+    from service.sessions.blob import load_or_create_key
+
+    given = Namespace(session_key=None, session_key_file=None)
+    db = tmp_path / "elsewhere.sqlite3"
+    made, _ = load_or_create_key(None, str(db))  # as the server makes it
+    monkeypatch.delenv("CHARLSTM_SESSION_KEY", raising=False)
+    monkeypatch.setenv("CHARLSTM_SESSION_DB", str(db))
+    assert session_file.read_key(given) == made
+    monkeypatch.setenv("CHARLSTM_SESSION_KEY", KEY)
+    assert session_file.read_key(given) == KEY.encode()
+    monkeypatch.delenv("CHARLSTM_SESSION_KEY")
+    monkeypatch.delenv("CHARLSTM_SESSION_DB")
+    monkeypatch.chdir(tmp_path)  # the default database's folder, relative to where the command runs
+    assert session_file.read_key(given) is None
+    default = tmp_path / Settings.model_fields["session_db"].default
+    made, _ = load_or_create_key(None, str(default))
+    assert session_file.read_key(given) == made
+    Path(f"{default}.key").write_text("short\n")
+    with pytest.raises(ValueError, match="damaged"):
+        session_file.read_key(given)
 
 
 # ---------------------------------------------------------------------------- blob lifetime and keys

@@ -14,36 +14,35 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from ..sampling import log_softmax
-from ..scores import Score
-from ..vocab import CharVocab, OutOfVocabularyError
+from ..scores import Predict, Score, score_chunks, target_logprobs
+from ..vocab import CharVocab
 from .base import Backend
 
 
 def nats_of(logits: np.ndarray, targets: np.ndarray) -> float:
     """Summed -log p of each row's target. logits (N, V), targets (N,) int64."""
-    return -float(np.take_along_axis(log_softmax(logits), targets[:, None], axis=1).astype(np.float64).sum())
+    return -float(target_logprobs(logits, targets).sum())
+
+
+def step_predict(runner: Backend) -> Predict:
+    """The backend's own step as a scorer's `predict` (service/scores.py): one character at a time at
+    batch 1, the state carried from a zero state."""
+    state = runner.zero_state(1)  # (2, L, 1, H)
+
+    def predict(inputs: list[int]) -> np.ndarray:
+        nonlocal state
+        rows = []
+        for i in inputs:
+            state = runner.step(np.array([i], dtype=np.int64), state)
+            rows.append(runner.logits(state)[0])  # (V,)
+        return np.stack(rows)  # (T, V)
+
+    return predict
 
 
 def score_chunks_stepped(runner: Backend, vocab: CharVocab, chunks: Iterable[str]) -> Score:
     """Sum of -log p(char | all previous chars) through the backend's step, the first character excepted."""
-    state = runner.zero_state(1)  # (2, L, 1, H)
-    prev: int | None = None
-    total, count, offset = 0.0, 0, 0
-    for chunk in chunks:
-        try:
-            ids = vocab.encode(chunk)
-        except OutOfVocabularyError as e:
-            shifted = {c: [p + offset for p in ps] for c, ps in e.unknown.items()}
-            raise OutOfVocabularyError(shifted) from None
-        offset += len(chunk)
-        for i in ids:
-            if prev is not None:
-                state = runner.step(np.array([prev], dtype=np.int64), state)
-                total += nats_of(runner.logits(state), np.array([i], dtype=np.int64))
-                count += 1
-            prev = i
-    return Score(nats_total=total, chars=count)
+    return score_chunks(step_predict(runner), vocab, chunks)
 
 
 def bits_per_char_rows(backend: Backend, rows: np.ndarray) -> float:

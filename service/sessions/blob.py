@@ -175,7 +175,12 @@ def load_or_create_key(configured: str | None, beside: str | None) -> tuple[byte
             tmp.unlink(missing_ok=True)
     if path.stat().st_mode & 0o077:  # a key file an older version or a person left readable by others
         os.chmod(path, 0o600)
+    return read_key_file(path), str(path)
+
+
+def read_key_file(path: Path) -> bytes:
+    """The key a server keeps beside its session database."""
     key = path.read_text(encoding="utf-8").strip()
     if len(key) < 32:
         raise InvalidSessionBlob(f"the session key file {path} is damaged: delete it (its sessions' blobs then fail) or set CHARLSTM_SESSION_KEY")
-    return key.encode("utf-8"), str(path)
+    return key.encode("utf-8")

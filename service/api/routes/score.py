@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 from fastapi import APIRouter, Request
 
 from ...engine.types import GenerationRequest
-from ...scores import LN2
+from ...scores import Score
 from ..deps import JSONBody, PoolDep, SessionsDep, SettingsDep, model_for, session_model
 from ..native.formatter import failed
 from ..reader import run_one
@@ -45,8 +43,9 @@ async def score(body: ScoreRequest, request: Request, pool: PoolDep, sessions: S
             skip = 0 if state is not None else 1  # a new stream's first character has no context
             lps = list(done.prompt.logprobs[skip:])
             tops = [dict(alts) for alts in done.prompt.top_logprobs[skip:]] if k else []
-    nats = -math.fsum(lps) / len(lps) if lps else None
-    out = {"chars": len(lps), "nats_per_char": nats, "bits_per_char": None if nats is None else nats / LN2, "logprobs": lps}
+    scored = Score.of([lps])  # the sum every scorer's figure is (service/scores.py)
+    out = {"chars": scored.chars, "nats_per_char": scored.nats_per_char if lps else None,
+           "bits_per_char": scored.bits_per_char if lps else None, "logprobs": lps}
     if body.top_logprobs is not None:
         out["top_logprobs"] = tops
     if body.unknown_chars != "error":
