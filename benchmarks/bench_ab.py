@@ -40,7 +40,7 @@ def build(root: Path, model: str, threads: int, quantize: str, backend: str | No
 # module) or after it (`set_kernel_threads`, backends built from the loaded model, torch only where one needs it).
 ENGINE_ROUND = """
 import sys, threading, time
-from service import store
+from service.model import store
 from service.engine.engine import Engine, EngineConfig
 from service.backends.selector import build
 from service.engine.types import Done, GenerationRequest

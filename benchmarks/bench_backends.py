@@ -22,7 +22,7 @@ import statistics
 import time
 from pathlib import Path
 
-from service import store
+from service.model import store
 from service.backends.base import kernel_threads, set_kernel_threads
 from service.backends.quality import score_chunks_stepped
 from service.backends.selector import available, bare_loop, build, choose, reference_backend

@@ -24,10 +24,10 @@ import httpx
 import numpy as np
 import torch
 
-from service import store
+from service.model import store
 from service.backends.base import set_kernel_threads
 from service.backends.torch_fp32 import TorchBackend
-from service.model import CharLSTM, cross_entropy
+from service.model.network import CharLSTM, cross_entropy
 
 from tests.server import rss_mb
 
@@ -116,7 +116,7 @@ def bench_training(text: Path, threads: int, steps: int) -> None:
         # bar) up to the evaluation, which is left out for a like-for-like figure.
         cli_cps = run["history"][-1]["chars_per_s"]
     torch.set_num_threads(threads)
-    from service.model import CharLSTMConfig
+    from service.model.network import CharLSTMConfig
 
     text_ids = torch.randint(0, 65, (hp["batch_size"], hp["seq_len"] * (steps + 1) + 1))
     model = CharLSTM(CharLSTMConfig(vocab_size=65, embed_dim=512, hidden_size=512, num_layers=2, dropout=0.4,

@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from service import store
+from service.model import store
 from service.engine.constraints import ConstraintError, compile_regex, regex_transitions
 
 from .common import table

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from service import store
+from service.model import store
 from service.backends.base import set_kernel_threads
 from service.backends.selector import bare_loop, build
 

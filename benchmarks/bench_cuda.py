@@ -33,7 +33,7 @@ import time
 import numpy as np
 import torch
 
-from service import store
+from service.model import store
 from service.backends.base import Backend
 from service.backends.cuda import CudaStep
 from service.engine.engine import Engine, EngineConfig

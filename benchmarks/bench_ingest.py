@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from service import store
+from service.model import store
 from service.backends.base import set_kernel_threads
 from service.backends.selector import build
 

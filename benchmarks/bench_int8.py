@@ -26,10 +26,10 @@ import httpx
 import numpy as np
 import torch
 
-from service import store
+from service.model import store
 from service.backends.base import Backend, set_kernel_threads
 from service.backends.selector import DEFAULT_STEP_WORKERS
-from service.corpus import Corpus
+from service.training.corpus import Corpus
 from service.backends.quality import score_chunks_stepped
 from service.backends.selector import WEIGHTS_BACKEND, build
 

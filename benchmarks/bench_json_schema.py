@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from service import store
+from service.model import store
 from service.engine.constraints import ANY_OBJECT, COMPILER, compile_json, json_pattern, regex_transitions
 
 from tests.constraint_walk import random_text

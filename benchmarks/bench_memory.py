@@ -37,7 +37,7 @@ if sys.argv[1].startswith("torch"):
 out["imports"] = rss()
 import service.server
 out["server modules"] = rss()
-from service import store
+from service.model import store
 loaded = store.load("shakespeare@v4")
 out["weights loaded"] = rss()
 from service.backends import build

@@ -29,7 +29,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from service import store
+from service.model import store
 from service.backends.base import set_kernel_threads
 from service.backends.selector import build
 from service.engine.scheduler import Scheduler

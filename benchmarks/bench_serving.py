@@ -20,7 +20,7 @@ import time
 import numpy as np
 import torch
 
-from service import store
+from service.model import store
 from service.backends.base import Backend
 from service.backends.selector import DEFAULT_STEP_WORKERS
 from service.backends.torch_fp32 import TorchBackend

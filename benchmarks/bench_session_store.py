@@ -24,7 +24,7 @@ import time
 import httpx
 import numpy as np
 
-from service import store
+from service.model import store
 from service.sessions.redis_store import RedisSessionStore
 from service.sessions.records import SessionRecord, new_session_id
 

@@ -16,7 +16,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from sse_starlette import EventSourceResponse
 
-from service import store
+from service.model import store
 from service.sampling import SamplingParams
 
 

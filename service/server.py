@@ -40,7 +40,7 @@ from .sessions.memory_store import MemorySessionStore
 from .sessions.redis_store import RedisSessionStore, StoreMismatch, redacted
 from .sessions.snapshots import SessionDB, SessionDBError, Snapshots
 from .settings import Settings, unknown_variables
-from .store import LoadedModel
+from .model.store import LoadedModel
 
 log = logging.getLogger("charlstm.api")
 

@@ -10,7 +10,10 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from .engine.engine import EngineConfig
 from .secrets_rules import check_secret, check_session_key
+
+ENGINE = EngineConfig()  # the engine's own defaults, stated once (service/engine/engine.py)
 
 
 class Settings(BaseSettings):
@@ -27,20 +30,20 @@ class Settings(BaseSettings):
                                                                "-1: until the cap needs its place")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    max_batch_size: int = Field(64, ge=1, le=1024, description="streams stepped together")
-    max_queue: int = Field(256, ge=0, le=100_000, description="requests waiting for a row before 429")
+    max_batch_size: int = Field(ENGINE.max_batch_size, ge=1, le=1024, description="streams stepped together")
+    max_queue: int = Field(ENGINE.max_queue, ge=0, le=100_000, description="requests waiting for a row before 429")
     max_new_tokens: int = Field(4096, ge=1, le=1_000_000, description="upper bound on max_new_tokens")
     default_max_new_tokens: int = Field(256, ge=1, description="max_new_tokens when a request gives none")
     max_prompt_chars: int = Field(20_000, ge=1, le=10_000_000)
     max_score_chars: int = Field(100_000, ge=1, le=10_000_000, description="longest text POST /score takes")
     max_stop_strings: int = Field(16, ge=0, le=1024)
     max_stop_chars: int = Field(64, ge=1, le=4096, description="longest stop string")
-    prefill_chunk: int = Field(128, ge=1, le=4096, description="prompts are cut at multiples of this many characters, from "
+    prefill_chunk: int = Field(ENGINE.prefill_chunk, ge=1, le=4096, description="prompts are cut at multiples of this many characters, from "
                                "each prompt's start: the longest slice a row of a block takes")
-    prefill_rows: int = Field(8, ge=1, le=256, description="each loop ingests one block of prompt slices, at most this many "
+    prefill_rows: int = Field(ENGINE.prefill_rows, ge=1, le=256, description="each loop ingests one block of prompt slices, at most this many "
                               "streams' (the oldest, then shortest remaining first), in one backend call. With prefill_chunk, "
                               "bounds how long one decode step can wait for ingestion")
-    max_rows_per_request: int | None = Field(None, ge=1, le=1024, description="rows one request (all its choices) holds at once; "
+    max_rows_per_request: int | None = Field(ENGINE.max_rows_per_request, ge=1, le=1024, description="rows one request (all its choices) holds at once; "
                                              "its other choices wait in its own line. Unset: a quarter of max_batch_size")
     max_request_work_chars: int | None = Field(None, ge=1, description="most work one request may ask for: prompt characters x "
                                                "choices + characters to generate, over every prompt and choice; beyond it, 422 "
@@ -80,7 +83,7 @@ class Settings(BaseSettings):
                                        "works beside api_key")
     protect_metrics: bool | None = Field(None, description="/metrics needs the API key too; unset: yes whenever api_key or "
                                          "api_keys_file is set (set false to let a scraper without the key read it)")
-    prompt_cost: float = Field(0.5, gt=0, le=10, description="what one prompt character counts against its client's fair share, "
+    prompt_cost: float = Field(ENGINE.prompt_cost, gt=0, le=10, description="what one prompt character counts against its client's fair share, "
                                "in generated characters (prompts go in by blocks of several rows, cheaper a character)")
     trusted_hosts: Annotated[list[str] | None, NoDecode] = Field(
         None, description="Host headers the server answers, comma-separated or a JSON list (for example "

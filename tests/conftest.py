@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from service import store
+from service.model import store
 from service.backends.base import set_kernel_threads
-from service.train import TrainConfig, run_training
+from service.training.train import TrainConfig, run_training
 
 from .redis_server import RedisServer
 from .server import Server
 
-# The tests' models are tiny: one thread a kernel is as fast and leaves a core free. Torch's (service.train
+# The tests' models are tiny: one thread a kernel is as fast and leaves a core free. Torch's (service.training.train
 # has loaded it) and ONNX Runtime's, for every backend the tests build in this process.
 set_kernel_threads(1)
 

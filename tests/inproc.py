@@ -9,7 +9,7 @@ import uvicorn
 
 from service.server import build_app
 from service.settings import Settings
-from service.store import LoadedModel
+from service.model.store import LoadedModel
 
 from .server import free_port, wait_until
 

@@ -14,9 +14,9 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from service.model import CharLSTM
+from service.model.network import CharLSTM
 from service.sampling import MAX_SEED, SamplingParams, sample_next, uniforms
-from service.vocab import CharVocab
+from service.model.vocab import CharVocab
 
 START_CHAR = "\n"  # what the server feeds a fresh stream without a prompt
 

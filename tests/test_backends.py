@@ -180,7 +180,7 @@ def test_an_onnx_backend_keeps_no_fp32_copy_of_the_weights(tiny_model):
     """Its sessions hold the weights; it never builds the torch module, lets the fused fp32 copies go, and
     steps as before (its contract suite runs on it too). Every backend keeps stepping once the loaded
     model has let its own weights go (the server drops them after the build)."""
-    from service.store import LoadedModel
+    from service.model.store import LoadedModel
 
     def fresh() -> LoadedModel:  # no torch module built yet, and its weights ours to drop
         return LoadedModel(tensors=dict(tiny_model.tensors), vocab=tiny_model.vocab, card=tiny_model.card,

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from service import store
-from service.calibrate import fit_temperature, folded, logits_of
-from service.corpus import Corpus
+from service.model import store
+from service.training.calibrate import fit_temperature, folded, logits_of
+from service.training.corpus import Corpus
 from service.backends.selector import WEIGHTS_BACKEND, build
-from service.model import CharLSTM, CharLSTMConfig
+from service.model.network import CharLSTM, CharLSTMConfig
 
 from .conftest import make_play
 from .test_cli import run

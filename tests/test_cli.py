@@ -11,8 +11,8 @@ import textwrap
 import httpx
 import pytest
 
-from service import store
-from service.evaluate import read_chunks, score_chunks
+from service.model import store
+from service.training.evaluate import read_chunks, score_chunks
 from .reference import reference_text
 from service.sampling import SamplingParams
 

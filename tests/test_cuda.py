@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from service import store
+from service.model import store
 from service.backends.base import Backend
 from service.backends.cuda import CudaStep, device_uniforms, resolve_device, sample_rows, stream_key, uniforms_from_keys
 from service.backends.torch_fp32 import TorchBackend

@@ -115,7 +115,7 @@ def test_start_up_log_names_the_model_and_the_sessions_restored(trained_store, t
 
 
 def test_the_service_serves_the_store_default_when_no_model_is_named(trained_store):
-    from service import store
+    from service.model import store
 
     store.set_default("tiny@v1", trained_store)
     try:

@@ -12,7 +12,7 @@ import pytest
 from service.engine.engine import EngineConfig
 from service.backends.torch_fp32 import TorchBackend
 from service.engine.types import Done, GenerationRequest, PromptScored, Token
-from service.evaluate import score_text
+from service.training.evaluate import score_text
 from service.sampling import SamplingParams
 
 from .conftest import make_play

@@ -11,7 +11,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service import __version__, store
+from service import __version__
+from service.model import store
 from service.metrics import FINISH_REASONS, REJECTION_REASONS, SESSION_REMOVAL_REASONS
 
 from .server import Server

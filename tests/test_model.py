@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-import service.model
-from service.model import CharLSTM
-from service.model_config import CharLSTMConfig, tensor_shapes
-from service.vocab import CharVocab, OutOfVocabularyError
+import service.model.network
+from service.model.network import CharLSTM
+from service.model.config import CharLSTMConfig, tensor_shapes
+from service.model.vocab import CharVocab, OutOfVocabularyError
 
 
 def test_vocab_round_trip_and_unknown_characters_named_with_positions():
@@ -50,7 +50,7 @@ def test_state_is_not_hidden_in_the_module():
 
 
 def test_config_rejects_impossible_architectures():
-    assert service.model.CharLSTMConfig is CharLSTMConfig  # its home needs no torch; the model module still has it
+    assert service.model.network.CharLSTMConfig is CharLSTMConfig  # its home needs no torch; the network module still has it
     with pytest.raises(ValueError, match="tie_weights"):
         CharLSTMConfig(embed_dim=16, hidden_size=32, tie_weights=True)
     with pytest.raises(ValueError, match="dropout"):
@@ -83,7 +83,7 @@ def small(**overrides) -> CharLSTM:
 
 
 def test_variational_mask_is_constant_along_time_and_differs_between_sequences(monkeypatch):
-    import service.model as model_module
+    import service.model.network as model_module
 
     masks = []
     real = model_module.variational_mask

@@ -16,9 +16,9 @@ import openai
 import pytest
 from httpx_sse import connect_sse
 
-from service import store
+from service.model import store
 from service.engine.share import ComputeShare
-from service.train import run_training
+from service.training.train import run_training
 
 from .conftest import make_play, tiny_config
 from .reference import reference_text

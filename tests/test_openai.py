@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from service.evaluate import score_text
+from service.training.evaluate import score_text
 
 from .conftest import make_play
 from .server import Server, wait_until

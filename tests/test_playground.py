@@ -9,8 +9,8 @@ import re
 
 import httpx
 
-from service import store
-from service.train import run_training
+from service.model import store
+from service.training.train import run_training
 
 from .browser import Playground, browser, playground  # noqa: F401 - `browser` and `playground` are fixtures
 from .conftest import tiny_config

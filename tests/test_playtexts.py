@@ -12,9 +12,10 @@ import textwrap
 
 import pytest
 
-from service import playtexts, store
-from service.corpus import Corpus
-from service.train import run_training
+from service.training import playtexts
+from service.model import store
+from service.training.corpus import Corpus
+from service.training.train import run_training
 
 from .conftest import SPEAKERS, make_play, tiny_config
 from .server import ROOT

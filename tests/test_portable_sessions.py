@@ -20,7 +20,7 @@ import pytest
 import yaml
 from httpx_sse import connect_sse
 
-from service import session_file
+from service.cli import session_file
 from service.sessions import blob as session_blob
 from service.sessions.blob import SessionValue
 from service.settings import Settings

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from service import store
+from service.model import store
 from service.backends.base import Backend
 from service.engine.engine import Engine, EngineConfig
 from service.backends.torch_int8 import Int8Linear
@@ -25,9 +25,9 @@ from service.backends.quality import score_chunks_stepped
 from service.backends.torch_fp32 import TorchBackend
 from service.backends.selector import WEIGHTS_BACKEND, build
 from service.engine.types import Done, GenerationRequest
-from service.evaluate import score_chunks
+from service.training.evaluate import score_chunks
 from service.sampling import SamplingParams, softmax
-from service.vocab import OutOfVocabularyError
+from service.model.vocab import OutOfVocabularyError
 
 from .conftest import make_play
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from service import store
+from service.model import store
 from service.backends.torch_fp32 import TorchBackend
 from service.backends.selector import WEIGHTS_BACKEND, build
-from service.model import CharLSTM, CharLSTMConfig
+from service.model.network import CharLSTM, CharLSTMConfig
 
 
 def naive_lstm_step(model, ids, h, c):

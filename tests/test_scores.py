@@ -1,4 +1,4 @@
-"""One scoring walk (service/scores.py) under every scorer: the torch module (evaluation), its logits
+"""One scoring walk (service/model/scores.py) under every scorer: the torch module (evaluation), its logits
 (calibration), a backend's own step (the quality check) and the engine (/score, in tests/test_api.py)."""
 
 from __future__ import annotations
@@ -8,10 +8,11 @@ import math
 import numpy as np
 import pytest
 
-from service import calibrate, evaluate, scores
+from service.training import calibrate, evaluate
+from service.model import scores
 from service.backends.quality import score_chunks_stepped
 from service.backends.torch_fp32 import TorchBackend
-from service.vocab import OutOfVocabularyError
+from service.model.vocab import OutOfVocabularyError
 
 
 def test_every_scorer_reads_the_text_the_same_way(tiny_model, play_file):

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from service import store
-from service.model import CharLSTM, CharLSTMConfig
-from service.vocab import CharVocab
+from service.model import store
+from service.model.network import CharLSTM, CharLSTMConfig
+from service.model.vocab import CharVocab
 
 
 @pytest.fixture

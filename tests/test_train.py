@@ -11,12 +11,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from service import sample, store
+from service.cli import generation
+from service.model import store
 from service.engine.types import Done, GenerationRequest
 from service.sampling import SamplingParams
-from service.evaluate import read_chunks, score_chunks, score_text
+from service.training.evaluate import read_chunks, score_chunks, score_text
 from .reference import reference_text
-from service.train import (BEST_WEIGHTS, SELECTION_RULE, Trainer, TrainConfig, autocast_problem, lr_at, run_training,
+from service.training.train import (BEST_WEIGHTS, SELECTION_RULE, Trainer, TrainConfig, autocast_problem, lr_at, run_training,
                            selection_rule)
 
 from .conftest import make_play, tiny_config
@@ -99,7 +100,7 @@ def test_sampling_is_seeded(tiny_model):
     def text(seed: int) -> str:
         request = GenerationRequest(prompt_ids=tiny_model.vocab.encode("KING:\n"), max_new_tokens=80,
                                     params=SamplingParams(temperature=0.8), seed=seed)
-        return [e for e in sample.run(tiny_model, request) if isinstance(e, Done)][0].text
+        return [e for e in generation.run(tiny_model, request) if isinstance(e, Done)][0].text
 
     a, b, c = text(3), text(3), text(4)
     assert a == b != c and len(a) == 80 and set(a) <= set(tiny_model.vocab.chars)
@@ -288,7 +289,7 @@ def test_zero_intervals_and_a_validation_text_shorter_than_the_streams(tmp_path)
 
 
 def test_a_failing_plot_never_costs_the_model(play_file, tmp_path, monkeypatch, capsys):
-    import service.train as train_module
+    import service.training.train as train_module
 
     def broken_plot(*args, **kwargs):
         raise ImportError("No module named 'matplotlib'")
@@ -301,7 +302,7 @@ def test_a_failing_plot_never_costs_the_model(play_file, tmp_path, monkeypatch, 
 
 
 def test_a_failed_export_is_exported_by_resume(play_file, tmp_path, monkeypatch, capsys):
-    import service.train as train_module
+    import service.training.train as train_module
 
     real_save = store.save
 

@@ -18,8 +18,8 @@ from ..engine.constraints import Constraint, ConstraintError, compile_choices, c
 from ..engine.types import GenerationRequest
 from ..sampling import MAX_SEED, SamplingParams
 from ..settings import Settings
-from ..store import LoadedModel
-from ..vocab import OutOfVocabularyError
+from ..model.store import LoadedModel
+from ..model.vocab import OutOfVocabularyError
 from .errors import APIError
 from .fields import MAX_BIAS, StructuredOutputs
 from .reader import Choice

@@ -1,6 +1,6 @@
 """Cross-entropy of a text through a backend's own step (`Backend.step` + `Backend.logits`), e.g. int8.
 
-`service.evaluate.score_chunks` scores the model's `nn.LSTM`; generation runs the fused step, which
+`service.training.evaluate.score_chunks` scores the model's `nn.LSTM`; generation runs the fused step, which
 on an int8 backend computes with int8 weights. This scores what generation computes: the same
 quantity as `score_chunks` (-log p of every character after the first, the state carried from a zero
 state through the whole text), one character at a time at batch 1, so the two agree to float
@@ -14,8 +14,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from ..scores import Predict, Score, score_chunks, target_logprobs
-from ..vocab import CharVocab
+from ..model.scores import Predict, Score, score_chunks, target_logprobs
+from ..model.vocab import CharVocab
 from .base import Backend
 
 
@@ -25,7 +25,7 @@ def nats_of(logits: np.ndarray, targets: np.ndarray) -> float:
 
 
 def step_predict(runner: Backend) -> Predict:
-    """The backend's own step as a scorer's `predict` (service/scores.py): one character at a time at
+    """The backend's own step as a scorer's `predict` (service/model/scores.py): one character at a time at
     batch 1, the state carried from a zero state."""
     state = runner.zero_state(1)  # (2, L, 1, H)
 

@@ -32,7 +32,7 @@ import importlib.util
 import numpy as np
 
 from ..sampling import softmax
-from ..store import write_json_atomic
+from ..model.store import write_json_atomic
 from .base import Backend, kernel_threads, set_kernel_threads
 from .fused import tensors_of
 
@@ -293,7 +293,7 @@ class _Weights:
 
     @property
     def model(self):  # a torch backend on a GPU ingests with the torch module (torch_fp32.py)
-        from ..store import module_from
+        from ..model.store import module_from
         return module_from(self.config, self.tensors)
 
 

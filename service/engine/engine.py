@@ -30,9 +30,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from ..settings import Settings
 from ..sampling import MAX_SEED, log_softmax, top_alternatives
-from ..vocab import CharVocab
+from ..model.vocab import CharVocab
 from .batch import Batch
 from .output import Output
 from ..backends.base import Backend
@@ -55,21 +54,19 @@ MAX_DELIVERY_ATTEMPTS = 100  # loops a listener's events are retried before it i
 RETRY_DELIVERY_S = 0.01  # an idle loop's wait before retrying undelivered events
 
 
-def _setting(name: str):
-    """A server setting's default (service/settings.py): one source for the engine's and the server's."""
-    return Settings.model_fields[name].default
-
-
 @dataclass(frozen=True)
 class EngineConfig:
-    max_batch_size: int = _setting("max_batch_size")  # rows stepped together
-    max_queue: int = _setting("max_queue")  # requests waiting for a row, beyond the rows' own; beyond this, submissions are refused (a client within its share of the bound is still let in: fairness.py)
-    prompt_cost: float = _setting("prompt_cost")  # a prompt character's weight in its client's service counter, in generated characters
-    prefill_chunk: int = _setting("prefill_chunk")  # a prompt is cut at multiples of this, from its own start: the longest slice of a block's row
-    prefill_rows: int = _setting("prefill_rows")  # a loop ingests one block of at most this many streams' slices, in one backend call
+    """The engine's settings and their defaults: the server's settings of the same names take theirs from here
+    (service/settings.py)."""
+
+    max_batch_size: int = 64  # rows stepped together
+    max_queue: int = 256  # requests waiting for a row, beyond the rows' own; beyond this, submissions are refused (a client within its share of the bound is still let in: fairness.py)
+    prompt_cost: float = 0.5  # a prompt character's weight in its client's service counter, in generated characters
+    prefill_chunk: int = 128  # a prompt is cut at multiples of this, from its own start: the longest slice of a block's row
+    prefill_rows: int = 8  # a loop ingests one block of at most this many streams' slices, in one backend call
     start_char: str = "\n"  # fed when a fresh stream has no prompt, so the first character has context
     decode_steps: int = 1  # steps a look: the rows' text is updated once per look (a device step must be built for as many)
-    max_rows_per_request: int | None = _setting("max_rows_per_request")  # rows one request holds at once; None: a quarter of max_batch_size (at least 1)
+    max_rows_per_request: int | None = None  # rows one request holds at once; None: a quarter of max_batch_size (at least 1)
     # How often characters are handed to the listeners: a stream's first characters, its end and anything
     # but characters go at once; later characters wait for the next hand-over, at most this long. 0: every
     # loop. Each hand-over wakes the listeners' side (the event loop), which costs more than a step of a

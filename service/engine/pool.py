@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from .. import store
-from ..store import LoadedModel, ModelLoadError
-from ..vocab import CharVocab
+from ..model import store
+from ..model.store import LoadedModel, ModelLoadError
+from ..model.vocab import CharVocab
 from .engine import Engine
 from .observers import Fanout
 from .share import ComputeShare

@@ -22,8 +22,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from ...engine.pool import Served
 from ...engine.types import Alternatives, Done, Token
 from ...settings import Settings
-from ...store import LoadedModel
-from ...vocab import OutOfVocabularyError
+from ...model.store import LoadedModel
+from ...model.vocab import OutOfVocabularyError
 from ..errors import APIError
 from ..identity import client_of
 from ..reader import Choice, Responses

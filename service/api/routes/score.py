@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from ...engine.types import GenerationRequest
-from ...scores import Score
+from ...model.scores import Score
 from ..deps import JSONBody, PoolDep, SessionsDep, SettingsDep, model_for, session_model
 from ..native.formatter import failed
 from ..reader import run_one
@@ -43,7 +43,7 @@ async def score(body: ScoreRequest, request: Request, pool: PoolDep, sessions: S
             skip = 0 if state is not None else 1  # a new stream's first character has no context
             lps = list(done.prompt.logprobs[skip:])
             tops = [dict(alts) for alts in done.prompt.top_logprobs[skip:]] if k else []
-    scored = Score.of([lps])  # the sum every scorer's figure is (service/scores.py)
+    scored = Score.of([lps])  # the sum every scorer's figure is (service/model/scores.py)
     out = {"chars": scored.chars, "nats_per_char": scored.nats_per_char if lps else None,
            "bits_per_char": scored.bits_per_char if lps else None, "logprobs": lps}
     if body.top_logprobs is not None:

@@ -24,13 +24,13 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file
 
-from .model_config import CharLSTMConfig, tensor_shapes
+from .config import CharLSTMConfig, tensor_shapes
 from .vocab import CharVocab
 
 if TYPE_CHECKING:
     import torch
 
-    from .model import CharLSTM
+    from .network import CharLSTM
 
 CARD_FORMAT = "charlstm-model/1"
 WEIGHTS_FILE = "model.safetensors"
@@ -213,7 +213,7 @@ def module_from(config: CharLSTMConfig, tensors: dict[str, np.ndarray]) -> CharL
     """The torch module of these tensors, in eval mode on the CPU."""
     import torch
 
-    from .model import CharLSTM
+    from .network import CharLSTM
 
     model = CharLSTM(config)
     model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in tensors.items()}, strict=not config.tie_weights)

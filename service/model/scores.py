@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .sampling import log_softmax
+from ..sampling import log_softmax
 from .vocab import CharVocab, OutOfVocabularyError
 
 LN2 = math.log(2.0)

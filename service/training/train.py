@@ -27,11 +27,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from . import store
+from ..model import store
 from .corpus import DEFAULT_TRAIN_FRACTION, Corpus
 from .evaluate import LN2, score_parallel, score_text
-from .model import CharLSTM, CharLSTMConfig, cross_entropy
-from .vocab import CharVocab
+from ..model.network import CharLSTM, CharLSTMConfig, cross_entropy
+from ..model.vocab import CharVocab
 
 CKPT_TENSORS = "checkpoint.safetensors"
 CKPT_META = "checkpoint.json"
@@ -97,7 +97,7 @@ class TrainConfig:
     autocast: str = "off"
     progress: bool = True
     stop_at: int = 0  # end this invocation after this step (a time-boxed session); --resume continues it
-    calibrate: bool = False  # after the export, also save a calibrated next version (service/calibrate.py)
+    calibrate: bool = False  # after the export, also save a calibrated next version (service/training/calibrate.py)
 
     def __post_init__(self) -> None:
         """Refuse impossible settings up front, naming the field and the bound."""

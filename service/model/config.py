@@ -1,5 +1,5 @@
 """The network's shape, and the tensors a model file holds for it: no torch, so a serving install reads
-a model's card and weights without it (service/model.py builds the torch module from the same config)."""
+a model's card and weights without it (service/model/network.py builds the torch module from the same config)."""
 
 from __future__ import annotations
 

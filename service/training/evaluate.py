@@ -1,5 +1,5 @@
 """Cross-entropy of a text under the torch module, in one streaming pass with the state carried throughout
-(the walk is service/scores.py's, shared with every other scorer)."""
+(the walk is service/model/scores.py's, shared with every other scorer)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import scores
-from .model import CharLSTM, State
-from .scores import LN2, Predict, Score  # noqa: F401 (evaluation's result; its home needs no torch)
-from .vocab import CharVocab
+from ..model import scores
+from ..model.network import CharLSTM, State
+from ..model.scores import LN2, Predict, Score  # noqa: F401 (evaluation's result; its home needs no torch)
+from ..model.vocab import CharVocab
 
 
 def read_chunks(path: str | Path, size: int = 1 << 16) -> Iterator[str]:
@@ -23,7 +23,7 @@ def read_chunks(path: str | Path, size: int = 1 << 16) -> Iterator[str]:
 
 
 def module_predict(model: CharLSTM) -> Predict:
-    """The torch module as a scorer's `predict` (service/scores.py): windows in order, the state carried."""
+    """The torch module as a scorer's `predict` (service/model/scores.py): windows in order, the state carried."""
     model.eval()
     device = next(model.parameters()).device
     state: State | None = None

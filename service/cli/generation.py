@@ -1,4 +1,4 @@
-"""`charlstm sample`: one request through the serving engine, so the command line has no sampling loop of
+"""One request through the serving engine for `charlstm sample`, so the command line has no sampling loop of
 its own and a seed means the same text here as from a server on the same backend (torch fp32 unless told).
 
 session_file.py runs the same request with a session's state; this module is the plain path and the one
@@ -11,13 +11,13 @@ import queue
 import sys
 from collections.abc import Iterator
 
-from .backends import build
-from .backends.selector import reference_backend
-from .engine.constraints import Constraint, compile_choices, compile_regex
-from .engine.engine import Engine
-from .engine.types import Done, GenerationRequest, Token
-from .sampling import CONTROLS, SamplingParams
-from .store import LoadedModel
+from ..backends import build
+from ..backends.selector import reference_backend
+from ..engine.constraints import Constraint, compile_choices, compile_regex
+from ..engine.engine import Engine
+from ..engine.types import Done, GenerationRequest, Token
+from ..sampling import CONTROLS, SamplingParams
+from ..model.store import LoadedModel
 
 # The fp32 reference the server's tests and a pinned server use (torch's; ONNX Runtime's fp32 graph on the
 # serving install, which has no torch); --backend picks another

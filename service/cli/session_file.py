@@ -20,14 +20,13 @@ import sys
 import time
 from pathlib import Path
 
-from . import store
-from .secrets_rules import check_session_key
-from .settings import Settings
-from .backends.selector import CPU_BACKENDS
-from .sessions import blob as session_blob
-from .sessions.blob import InvalidSessionBlob, SessionValue
-from .engine.types import GenerationRequest
-from .sample import DEFAULT_BACKEND, constraint, print_text, run, sampling_params
+from ..model import store
+from ..secrets_rules import check_session_key
+from ..backends.selector import CPU_BACKENDS
+from ..sessions import blob as session_blob
+from ..sessions.blob import InvalidSessionBlob, SessionValue
+from ..engine.types import GenerationRequest
+from .generation import DEFAULT_BACKEND, constraint, print_text, run, sampling_params
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--session-in", metavar="FILE", default=None,
@@ -37,8 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--session-key", default=None,
                    help="the server's session key (default: $CHARLSTM_SESSION_KEY, else the key file)")
     p.add_argument("--session-key-file", metavar="FILE", default=None,
-                   help=f"file holding the server's key (default: <$CHARLSTM_SESSION_DB or "
-                        f"{Settings.model_fields['session_db'].default}>.key)")
+                   help="file holding the server's key (default: <$CHARLSTM_SESSION_DB, else the server's "
+                        "default session_db>.key)")
     p.add_argument("--no-verify", action="store_true",
                    help="read --session-in without checking its integrity tag (the values are still checked)")
 
@@ -50,6 +49,8 @@ def wants_session(args) -> bool:
 def read_key(args) -> bytes | None:
     """The key in force for this command, or None when none is given and no key file exists: the server's
     session_key and session_db settings (its environment) unless the command line names a key or a file."""
+    from ..settings import Settings  # pydantic: only when a session file is read or written
+
     server = Settings()
     configured = args.session_key or server.session_key
     if configured:

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from . import scores, store
+from ..model import scores, store
 from .corpus import Corpus
 from .evaluate import module_predict, score_text
-from .model import CharLSTM
-from .vocab import CharVocab
+from ..model.network import CharLSTM
+from ..model.vocab import CharVocab
 
 # the fit keeps 1/T within these bounds: a text that asks for more says the model is broken, not miscalibrated
 MIN_INVERSE_TEMPERATURE, MAX_INVERSE_TEMPERATURE = 0.05, 20.0
