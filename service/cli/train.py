@@ -18,22 +18,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
         if f.name == "store":  # --store is shared by every command
             continue
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default
+        flag, doc = "--" + f.name.replace("_", "-"), f.metadata["doc"]
         if f.type in ("bool", bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-        elif f.name == "text":
-            p.add_argument(flag, required=True, help="training text (UTF-8), e.g. tinyshakespeare.txt")
-        elif f.name == "name":
-            p.add_argument(flag, default=None, help="model name in the store (default: the --out folder's name, "
-                                                    "which must not be a model already in the store)")
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=doc)
+        elif f.default is dataclasses.MISSING:
+            p.add_argument(flag, required=True, help=doc)
         elif f.name == "steps":  # None tells a resume that no new length was asked for
-            p.add_argument(flag, type=int, default=None, help=f"default: {default}; with --resume: re-plan the run's "
-                                                              "learning-rate schedule to end at this step")
+            p.add_argument(flag, type=int, default=None, help=f"{doc} (default: {f.default})")
         else:
             kind = {"int": int, "float": float}.get(str(f.type), str)
-            p.add_argument(flag, type=kind, default=default, help=f"default: {default}")
-
+            p.add_argument(flag, type=kind, default=f.default, help=f"{doc} (default: {f.default})")
 
 def run(args) -> int:
     from ..training.train import TrainConfig, run_training

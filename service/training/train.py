@@ -51,53 +51,56 @@ def selection_rule(tested: bool, ema_decay: float) -> str:
     return rule
 
 
+def option(default, doc: str):
+    """A training setting: its default and the words `charlstm train --help` shows (one statement of each)."""
+    return field(default=default, metadata={"doc": doc})
+
+
 @dataclass
 class TrainConfig:
-    text: str  # any UTF-8 text file
-    out: str = "runs/default"  # run folder: checkpoints, best weights, loss plot
-    name: str | None = None  # model name in the store; None: the run folder's name, which must be new
-    store: str | None = None  # model store root (default: the repository's model_store/)
-    save: bool = True  # write the best model into the store at the end
-    set_default: bool = False  # make the saved model the store's default
-    test_text: str | None = None  # a held-out text (e.g. an unseen play): evaluated, never trained on
-    init_from: str | None = None  # start from this stored model's weights (name@version); its architecture wins
+    text: str = field(metadata={"doc": "training text (UTF-8), e.g. tinyshakespeare.txt"})
+    out: str = option("runs/default", "run folder: checkpoints, best weights, loss plot")
+    name: str | None = option(None, "model name in the store; unset: the run folder's name, which must not be a model already in the store")
+    store: str | None = option(None, "model store root (default: the repository's model_store/)")
+    save: bool = option(True, "write the best model into the store at the end")
+    set_default: bool = option(False, "make the saved model the store's default")
+    test_text: str | None = option(None, "a held-out text (e.g. an unseen play): evaluated, never trained on")
+    init_from: str | None = option(None, "start from this stored model's weights (name@version); its architecture wins")
     # architecture
-    embed_dim: int = 512
-    hidden_size: int = 512
-    num_layers: int = 2
-    dropout: float = 0.2
-    embed_dropout: float = 0.0
-    tie_weights: bool = False
-    variational_dropout: float = 0.0  # one mask per sequence and layer, shared over time (see model.py)
-    weight_drop: float = 0.0  # DropConnect on the recurrent matrices, a new mask every batch
+    embed_dim: int = option(512, "character embedding width")
+    hidden_size: int = option(512, "LSTM state width of every layer")
+    num_layers: int = option(2, "stacked LSTM layers")
+    dropout: float = option(0.2, "dropout between layers and before the head")
+    embed_dropout: float = option(0.0, "dropout on the character embeddings")
+    tie_weights: bool = option(False, "the head shares the embedding's weights (needs embed_dim == hidden_size)")
+    variational_dropout: float = option(0.0, "one mask per sequence and layer, shared over time (see model/network.py)")
+    weight_drop: float = option(0.0, "DropConnect on the recurrent matrices, a new mask every batch")
     # optimisation
-    batch_size: int = 64  # parallel streams, each a contiguous slice of the training text
-    seq_len: int = 128  # truncated-BPTT window; the state is carried (detached) across windows
-    steps: int = 2000
-    lr: float = 2e-3
-    min_lr: float = 1e-4
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    ema_decay: float = 0.0  # weight averaging (EMA of the parameters); 0 = off. Averaged weights evaluated, selected and exported
-    train_fraction: float = DEFAULT_TRAIN_FRACTION
-    # hold out whole plays for validation (a corpus with a manifest, charlstm corpus): comma-separated play files,
-    # or auto (about 1 - train_fraction of the characters, in a fixed order); empty: split by position
-    val_plays: str = ""
+    batch_size: int = option(64, "parallel streams, each a contiguous slice of the training text")
+    seq_len: int = option(128, "truncated-BPTT window; the state is carried (detached) across windows")
+    steps: int = option(2000, "optimizer steps; with --resume: re-plan the learning-rate schedule to end at this step")
+    lr: float = option(2e-3, "peak learning rate (AdamW)")
+    min_lr: float = option(1e-4, "learning rate at the end of the cosine decay")
+    warmup_steps: int = option(100, "steps of linear warm-up to lr")
+    weight_decay: float = option(0.1, "AdamW's decoupled weight decay")
+    grad_clip: float = option(1.0, "gradient norm clip")
+    ema_decay: float = option(0.0, "weight averaging (EMA of the parameters); 0: off. Averaged weights are evaluated, selected and exported")
+    train_fraction: float = option(DEFAULT_TRAIN_FRACTION, "share of the text trained on; the rest validates")
+    val_plays: str = option("", "hold out whole plays for validation (a corpus with a manifest, charlstm corpus): comma-separated "
+                            "play files, or auto (about 1 - train_fraction of the characters, in a fixed order); empty: split by position")
     # bookkeeping
-    eval_every: int = 200  # 0 = only at the end
-    eval_streams: int = 16
-    patience: int = 0  # evaluations without improvement before stopping early; 0 = never
-    checkpoint_every: int = 200  # 0 = only at the end (and at --stop-at)
-    seed: int = 1337
-    threads: int = 0  # torch CPU threads; 0 = torch's default
-    device: str = "auto"  # auto, cpu or cuda
-    # mixed precision for the training step's forward pass: off, or bf16 (torch.autocast; the weights, optimizer and
-    # every evaluation stay fp32). bf16 is several times faster on a CPU with AMX; measure it on yours (README)
-    autocast: str = "off"
-    progress: bool = True
-    stop_at: int = 0  # end this invocation after this step (a time-boxed session); --resume continues it
-    calibrate: bool = False  # after the export, also save a calibrated next version (service/training/calibrate.py)
+    eval_every: int = option(200, "steps between evaluations; 0: only at the end")
+    eval_streams: int = option(16, "parallel streams of the periodic validation estimate")
+    patience: int = option(0, "evaluations without improvement before stopping early; 0: never")
+    checkpoint_every: int = option(200, "steps between checkpoints; 0: only at the end (and at --stop-at)")
+    seed: int = option(1337, "seed of the initial weights, the batches and dropout")
+    threads: int = option(0, "torch CPU threads; 0: torch's default")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    autocast: str = option("off", "mixed precision for the training step's forward pass: off, or bf16 (torch.autocast; the weights, "
+                           "optimizer and every evaluation stay fp32). bf16 is several times faster on a CPU with AMX; measure it on yours (README)")
+    progress: bool = option(True, "a progress bar")
+    stop_at: int = option(0, "end this invocation after this step (a time-boxed session); --resume continues it")
+    calibrate: bool = option(False, "after the export, also save a calibrated next version (service/training/calibrate.py)")
 
     def __post_init__(self) -> None:
         """Refuse impossible settings up front, naming the field and the bound."""
