@@ -221,7 +221,7 @@ def unknown_variables(environ: dict[str, str]) -> list[str]:
 
 def settings_table() -> str:
     """Every setting as a Markdown table, from the fields themselves: the README's copy is kept in sync by a
-    test (tests/test_architecture.py), and `python -m service.settings` prints it."""
+    test (tests/unit/test_architecture.py), and `python -m service.settings` prints it."""
     rows = ["| variable | `charlstm serve` flag | default | what it does |", "|---|---|---|---|"]
     for name, f in Settings.model_fields.items():
         default = "unset" if f.default is None else repr(f.default) if isinstance(f.default, str) else f.default

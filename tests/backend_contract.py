@@ -1,4 +1,4 @@
-"""The contract every step backend passes (service/backends/base.py): tests/test_backends.py runs it
+"""The contract every step backend passes (service/backends/base.py): tests/contracts/test_backends.py runs it
 against each backend installed here and against a small fake one.
 
 A backend is free in its arithmetic (int8, another runtime); what it may not break is what the engine

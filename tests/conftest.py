@@ -48,9 +48,14 @@ def _reaches(func, seen: dict, depth: int = 1) -> frozenset:
     return seen[func]
 
 
+LAYERS = ("unit", "contracts")  # folders whose name is also a mark; http, cli and tools come from what a test reaches
+
+
 def pytest_collection_modifyitems(config, items):
     seen: dict = {}
     for item in items:
+        if item.path.parent.name in LAYERS:
+            item.add_marker(getattr(pytest.mark, item.path.parent.name))
         info = getattr(item, "_fixtureinfo", None)
         funcs = [getattr(item, "function", None)]
         if info is not None:

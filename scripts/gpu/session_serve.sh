@@ -14,7 +14,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import torch, service.server; print('torch', torch.__version__, torch.cuda.get_device_name(), 'serving stack imports')"
 } > "$OUT/tests.txt" 2>&1
-timeout 90 python3 -m pytest -q -p no:cacheprovider -x tests/test_cuda.py tests/test_device_engine.py >> "$OUT/tests.txt" 2>&1
+timeout 90 python3 -m pytest -q -p no:cacheprovider -x tests/unit/test_cuda.py tests/unit/test_device_engine.py >> "$OUT/tests.txt" 2>&1
 echo "tests done at ${SECONDS}s" >> "$OUT/tests.txt"
 timeout 170 python3 -m benchmarks.bench_cuda --batches 1,64,256 --engine-streams 1,64,256 --steps 16 --seconds 1.5 \
   --repeats 2 --modes "graph a step,graph of k steps" --http-clients 256 --http-seconds 8 --http-processes 4 \

@@ -9,7 +9,7 @@ OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 BUDGET=${1:-270}
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"; } 2>&1 | tee "$OUT/device.txt"
-timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -30 >> "$OUT/device.txt"
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests/unit/test_cuda.py 2>&1 | tail -30 >> "$OUT/device.txt"
 timeout 80 python3 -m benchmarks.bench_cuda --batches 1,64,256,1024 --seconds 2 --repeats 2 2>&1 | tee -a "$OUT/device.txt"
 python3 scripts/gpu/train_v2.py --text .gpu_data/tinyshakespeare.txt --test-text .gpu_data/macbeth.txt \
   --store model_store --work /tmp/v2 --budget-s "$BUDGET" > "$OUT/train.txt" 2>&1

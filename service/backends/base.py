@@ -14,7 +14,7 @@ AVX-512 Xeon gives one row alone other bits than 2 to 160 rows; on an AVX2 EPYC 
 way and 4 to 259 another. So each backend measures, when it is built, over which batch sizes its own
 kernels give a row the same bits (`agreeing_rows`), and every call then sees between `min_rows` and
 `max_rows` rows: a smaller batch is padded with copies of its first row, a larger one is cut into
-shares. tests/test_runner.py and the contract suite pin it.
+shares. tests/unit/test_runner.py and the contract suite pin it.
 """
 
 from __future__ import annotations

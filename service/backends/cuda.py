@@ -19,8 +19,8 @@ Two variants of the step are captured: a lean one (temperature and greedy only) 
 some row asks for one of those. Both pick the same character for a row whose controls are off.
 
 The same code runs eagerly on any device (graph capture only on CUDA), and on the CPU it picks exactly
-the ids that `TorchBackend` + `sampling.sample_next` pick for the same seeds (tests/test_cuda.py,
-tests/test_device_engine.py): the random numbers are `sampling.uniforms` computed on the device in
+the ids that `TorchBackend` + `sampling.sample_next` pick for the same seeds (tests/unit/test_cuda.py,
+tests/unit/test_device_engine.py): the random numbers are `sampling.uniforms` computed on the device in
 int64 arithmetic, bit for bit, and the sampler is `sample_next` without its host-side branches.
 
     step = CudaStep(backend.weights, device="cuda", capacity=256, max_steps=16)

@@ -2,7 +2,7 @@
 
 torch marks its quantized tensors and `torch.ao.quantization` deprecated; everything that uses them
 sits here, behind `Int8Linear`, so a replacement kernel is a change to this file alone
-(tests/test_quant.py and the backend contract pin the behaviour: logits close to fp32, rows independent of their batch).
+(tests/unit/test_quant.py and the backend contract pin the behaviour: logits close to fp32, rows independent of their batch).
 
 The kernel is fbgemm's dynamic quantized linear (`quantized::linear_dynamic` on weights packed by
 `quantized::linear_prepack`): weights in int8 with one scale per output channel, activations quantized
