@@ -24,7 +24,6 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .corpus import SEEN_AT
 
 VOCABULARY = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"  # tiny-shakespeare's 65
 MAPPED = {'"': "'", "\u2018": "'", "\u2019": "'", "\u201c": "'", "\u201d": "'", "\u2014": "--", "\u2013": "-", "\t": " "}

@@ -1,11 +1,11 @@
 """Offline training: truncated BPTT over a text, with exact resume, early stopping and a model card.
 
 The trainer owns the loop and knows the model only through `forward(ids, state) -> (logits, state)`.
-Everything a resumed run needs (weights, optimizer moments, carried LSTM state, RNG, step, history)
-goes into a safetensors + JSON checkpoint: no pickle, and a resumed run continues bit for bit.
-With `ema_decay` on, an exponential moving average of the weights (Polyak averaging, as in AWD-LSTM's
-averaged SGD) is kept beside the raw ones: evaluations, the kept best weights and the export use it,
-while training steps on from the raw weights; the checkpoint holds both.
+Its parts, one module each: what a step is fed (schedule.py: the learning rate, the TBPTT windows, the
+device and precision), the checkpoint (checkpoints.py: everything a resumed run needs, safetensors +
+JSON, no pickle, so a resumed run continues bit for bit), weight averaging (averaging.py: with
+`ema_decay` on, evaluations, the kept best weights and the export use the average) and what a run
+reports (report.py: the card's selection rule, the loss plot).
 The model goes into the store before anything optional (the plot) runs, and the checkpoint records
 the export only once it happened, so `--resume` can export a run whose export failed.
 """
@@ -14,42 +14,26 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 import shlex
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from ..model import store
-from .corpus import DEFAULT_TRAIN_FRACTION, Corpus
-from .evaluate import LN2, score_parallel, score_text
 from ..model.network import CharLSTM, CharLSTMConfig, cross_entropy
 from ..model.vocab import CharVocab
-
-CKPT_TENSORS = "checkpoint.safetensors"
-CKPT_META = "checkpoint.json"
-BEST_WEIGHTS = "best.safetensors"
-AUTOCAST_DTYPES = {"off": None, "bf16": torch.bfloat16}
-SELECTION_RULE = {
-    False: "lowest validation nats/char (parallel estimate) among the periodic evaluations",
-    True: "lowest validation + test nats/char (parallel estimates, equal weights) among the periodic evaluations",
-}
-
-
-def selection_rule(tested: bool, ema_decay: float) -> str:
-    """The rule the card states: SELECTION_RULE, saying when the averaged weights are what is evaluated."""
-    rule = SELECTION_RULE[tested]
-    if ema_decay > 0:
-        rule += f", each evaluating the averaged weights (exponential moving average, decay {ema_decay})"
-    return rule
-
+from .averaging import WeightAverage
+from .checkpoints import Checkpoint, RunState
+from .corpus import DEFAULT_TRAIN_FRACTION, Corpus
+from .evaluate import LN2, score_parallel, score_text
+from .report import describe_device, plot_losses, selection_rule
+from .schedule import AUTOCAST_DTYPES, Batches, autocast_problem, lr_at, param_groups, pick_device
 
 def option(default, doc: str):
     """A training setting: its default and the words `charlstm train --help` shows (one statement of each)."""
@@ -173,86 +157,6 @@ def model_name_for(cfg: TrainConfig) -> str:
     return derived
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay from lr to min_lr over the remaining steps."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def autocast_problem(device: torch.device, dtype: torch.dtype) -> str | None:
-    """Why `device` cannot train the LSTM under autocast to `dtype`, or None when it can.
-
-    Support depends on the machine: oneDNN has a bf16 LSTM kernel only on CPUs with AVX-512, and on an
-    AVX2-only CPU torch raises at the first forward pass. One tiny forward and backward pass tells before a
-    run starts, instead of a crash after its set-up.
-    """
-    lstm = torch.nn.LSTM(8, 8, num_layers=2, batch_first=True).to(device)
-    x = torch.zeros(2, 3, 8, device=device, requires_grad=True)  # (B, T, E)
-    try:
-        with torch.autocast(device.type, dtype=dtype):
-            y, _ = lstm(x)  # (B, T, H)
-        y.float().sum().backward()
-    except RuntimeError as e:
-        return str(e).splitlines()[0] if str(e) else type(e).__name__
-    return None
-
-
-class Batches:
-    """Deterministic TBPTT windows: step -> (x, y, starts_epoch), so resuming needs only the step.
-
-    The text is cut into `batch_size` contiguous streams; each epoch begins at a seeded offset
-    in [0, seq_len) so window boundaries move between epochs.
-    """
-
-    def __init__(self, ids: torch.Tensor, batch_size: int, seq_len: int, seed: int):
-        n = (ids.numel() - 1) // batch_size
-        if n < 2 * seq_len:
-            raise ValueError(f"training text too short: {ids.numel()} characters for batch_size={batch_size} x 2 x seq_len={seq_len}")
-        self.x = ids[: batch_size * n].view(batch_size, n)  # (B, n)
-        self.y = ids[1 : batch_size * n + 1].view(batch_size, n)  # (B, n)
-        self.seq_len, self.seed = seq_len, seed
-        self.per_epoch = (n - seq_len) // seq_len
-
-    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        epoch, j = divmod(step, self.per_epoch)
-        offset = int(torch.randint(self.seq_len, (1,), generator=torch.Generator().manual_seed(self.seed * 1000003 + epoch)))
-        start = offset + j * self.seq_len
-        return self.x[:, start : start + self.seq_len], self.y[:, start : start + self.seq_len], j == 0
-
-
-def param_groups(model: CharLSTM, weight_decay: float) -> list[dict]:
-    """Decay matrices (embedding and weights), not biases."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-@dataclass
-class RunState:
-    """What a checkpoint holds besides tensors."""
-
-    step: int = 0
-    best_val: float = float("inf")
-    best_step: int = -1
-    evals_since_best: int = 0
-    wall_time_s: float = 0.0
-    chars_seen: int = 0
-    history: list[dict] = field(default_factory=list)  # one row per evaluation
-    curve: list[list[float]] = field(default_factory=list)  # [step, train nats] every few steps
-    commands: list[str] = field(default_factory=list)
-    done: bool = False  # training ended (all steps or early stop)
-    best_score: float = float("inf")  # the selection rule's figure at best_step
-    exported: str | None = None  # name@version once the model is in the store
-
-
 class Trainer:
     def __init__(self, cfg: TrainConfig, command: str | None = None):
         self.cfg = cfg
@@ -288,110 +192,34 @@ class Trainer:
         self.test_ids = None if self.test is None else torch.tensor(self.vocab.encode(self.test.text), dtype=torch.long).to(self.device)
         self.run = RunState()
         self.carried = None
-        # the averaged weights: one tensor per parameter (a tied matrix once), on the training device
-        self.params = list(self.model.parameters())
-        self.ema = [p.detach().clone() for p in self.params] if cfg.ema_decay > 0 else None
+        self.average = WeightAverage(list(self.model.parameters()), cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self.checkpoint = Checkpoint(self.out)
 
-    # ------------------------------------------------------------------ weight averaging
-    @torch.no_grad()
     def autocast(self):
         """The training step's precision context: a no-op unless `autocast` names a lower precision."""
         dtype = AUTOCAST_DTYPES[self.cfg.autocast]
         return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
 
-    def update_average(self, step: int) -> None:
-        """Fold the weights after optimizer step `step` (0-based) into the average.
-
-        The decay ramps up from 0.1 so that the random initial weights wash out early.
-        """
-        if self.ema is None:
-            return
-        decay = min(self.cfg.ema_decay, (1 + step) / (10 + step))
-        torch._foreach_lerp_(self.ema, [p.detach() for p in self.params], 1.0 - decay)
-
-    @contextmanager
     def averaged_weights(self):
         """Within: the model holds the averaged weights (when averaging is on); after: the raw ones again."""
-        if self.ema is None:
-            yield
-            return
-        with torch.no_grad():
-            raw = [p.detach().clone() for p in self.params]
-            for p, a in zip(self.params, self.ema):
-                p.copy_(a)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for p, r in zip(self.params, raw):
-                    p.copy_(r)
+        return self.average.applied() if self.average is not None else nullcontext()
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        if self.cfg.tie_weights:
-            tensors.pop("model.head.weight")
-        opt = self.optimizer.state_dict()
-        for idx, st in opt["state"].items():
-            for key, val in st.items():
-                tensors[f"optim.{idx}.{key}"] = val.detach().cpu().contiguous().reshape(val.shape)
-        if self.ema is not None:
-            for i, a in enumerate(self.ema):
-                tensors[f"ema.{i}"] = a.detach().cpu().contiguous()
-        if self.carried is not None:
-            tensors["carried.h"], tensors["carried.c"] = (s.detach().cpu().contiguous() for s in self.carried)
-        tensors["rng.cpu"] = torch.get_rng_state()
-        if self.device.type == "cuda":
-            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
-        meta = {"config": asdict(self.cfg), "run": asdict(self.run),
-                "param_groups": [{k: v for k, v in g.items()} for g in opt["param_groups"]]}
-        tmp = self.out / f".{CKPT_TENSORS}.tmp"
-        save_file(tensors, str(tmp))
-        tmp.replace(self.out / CKPT_TENSORS)
-        store.write_json_atomic(self.out / CKPT_META, meta)
+        self.checkpoint.save(asdict(self.cfg), self.run, self.model, self.optimizer, self.average, self.carried, self.device,
+                             self.cfg.tie_weights)
 
     def save_run_state(self) -> None:
-        """Rewrite only the run record of the checkpoint (the tensors stay those of the last step)."""
-        meta = json.loads((self.out / CKPT_META).read_text())
-        meta["run"] = asdict(self.run)
-        store.write_json_atomic(self.out / CKPT_META, meta)
+        self.checkpoint.save_run(self.run)
 
     def load_checkpoint(self) -> None:
-        meta = json.loads((self.out / CKPT_META).read_text())
-        tensors = load_file(str(self.out / CKPT_TENSORS))
-        model_sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-        self.model.load_state_dict(model_sd, strict=not self.cfg.tie_weights)
-        state: dict[int, dict] = {}
-        for k, v in tensors.items():
-            if k.startswith("optim."):
-                _, idx, key = k.split(".", 2)
-                state.setdefault(int(idx), {})[key] = v.to(self.device) if key != "step" else v
-        groups = meta["param_groups"]
-        for g in groups:
-            g["betas"] = tuple(g["betas"])
-        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
-        if self.ema is not None:
-            missing = [i for i in range(len(self.ema)) if f"ema.{i}" not in tensors]
-            if missing:
-                raise ValueError(f"{self.out / CKPT_TENSORS} holds no averaged weights (ema.{missing[0]}) "
-                                 f"although ema_decay is {self.cfg.ema_decay}")
-            self.ema = [tensors[f"ema.{i}"].to(self.device) for i in range(len(self.ema))]
-        if "carried.h" in tensors:
-            self.carried = (tensors["carried.h"].to(self.device), tensors["carried.c"].to(self.device))
-        torch.set_rng_state(tensors["rng.cpu"])
-        if "rng.cuda" in tensors and self.device.type == "cuda":
-            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
-        run = dict(meta["run"])
-        run.setdefault("best_score", run.get("best_val", float("inf")))  # a checkpoint from before the selection rule
-        self.run = RunState(**run)
+        self.run, self.carried = self.checkpoint.load(self.model, self.optimizer, self.average, self.device,
+                                                      self.cfg.tie_weights)
 
     @staticmethod
     def saved_config(out: str | Path) -> TrainConfig | None:
-        meta = Path(out) / CKPT_META
-        if not meta.is_file():
-            return None
-        return TrainConfig(**json.loads(meta.read_text())["config"])
+        saved = Checkpoint(out).config()
+        return None if saved is None else TrainConfig(**saved)
 
     # ------------------------------------------------------------------ loop
     def evaluate(self) -> tuple[float, float | None]:
@@ -429,7 +257,8 @@ class Trainer:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             self.optimizer.step()
-            self.update_average(run.step)
+            if self.average is not None:
+                self.average.update(run.step)
             loss_value = float(loss.detach())
             run.step += 1
             run.chars_seen += chars_per_step
@@ -455,11 +284,8 @@ class Trainer:
                 score = val if test is None else val + test  # the selection rule (SELECTION_RULE)
                 if score < run.best_score:
                     run.best_score, run.best_val, run.best_step, run.evals_since_best = score, val, run.step, 0
-                    self.out.mkdir(parents=True, exist_ok=True)
-                    tmp = self.out / f".{BEST_WEIGHTS}.tmp"
                     with self.averaged_weights():  # the weights just evaluated (weights_of may alias them on CPU)
-                        save_file(store.weights_of(model), str(tmp))
-                    tmp.replace(self.out / BEST_WEIGHTS)
+                        self.checkpoint.save_best(store.weights_of(model))
                 else:
                     run.evals_since_best += 1
                     if cfg.patience and run.evals_since_best >= cfg.patience:
@@ -481,13 +307,11 @@ class Trainer:
         The checkpoint records the export only after the store holds the model: a failed export leaves
         a run that `--resume` exports. The plot is optional and comes last; its failure is only a warning.
         """
-        best = self.out / BEST_WEIGHTS
-        if best.is_file():
-            self.model.load_state_dict(load_file(str(best), device=str(self.device)), strict=not self.cfg.tie_weights)
-        elif self.ema is not None:  # ended before any evaluation: export the averaged weights all the same
-            with torch.no_grad():
-                for p, a in zip(self.params, self.ema):
-                    p.copy_(a)
+        best = self.checkpoint.best(self.device)
+        if best is not None:
+            self.model.load_state_dict(best, strict=not self.cfg.tie_weights)
+        elif self.average is not None:  # ended before any evaluation: export the averaged weights all the same
+            self.average.copy_into()
         self.model.eval()
         score = score_text(self.model, self.vocab, self.val_text)
         test = None if self.test is None else score_text(self.model, self.vocab, self.test.text)
@@ -564,47 +388,6 @@ class Trainer:
         return path
 
 
-def plot_losses(run: RunState, path: Path, final_val: float | None = None, final_test: float | None = None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
-    if run.curve:
-        steps, losses = zip(*run.curve)
-        ax.plot(steps, losses, lw=0.8, alpha=0.6, label="train (window)")
-    if run.history:
-        ax.plot([r["step"] for r in run.history], [r["val_nats"] for r in run.history], "o-", label="validation")
-        tested = [r for r in run.history if "test_nats" in r]
-        if tested:
-            ax.plot([r["step"] for r in tested], [r["test_nats"] for r in tested], "s-", label="test (unseen text)")
-    if final_val is not None and run.best_step >= 0:
-        ax.axhline(final_val, ls="--", c="grey", lw=0.8,
-                   label=f"best val, one pass: {final_val:.4f} nats, {final_val / LN2:.4f} bits")
-    if final_test is not None and run.best_step >= 0:
-        ax.axhline(final_test, ls=":", c="grey", lw=0.8,
-                   label=f"best test, one pass: {final_test:.4f} nats, {final_test / LN2:.4f} bits")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/char)")
-    sec = ax.secondary_yaxis("right", functions=(lambda n: n / LN2, lambda b: b * LN2))
-    sec.set_ylabel("bits/char")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
-
-
-def describe_device(device: torch.device) -> str:
-    """What the card says the run trained on: the GPU's name, or the CPU's threads and architecture."""
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)}, torch {torch.__version__})"
-    return f"{device.type} ({torch.get_num_threads()} threads, {platform.machine()})"
-
-
 def run_training(cfg: TrainConfig, resume: bool = False, command: str | None = None,
                  finish_now: bool = False, new_steps: int | None = None) -> Path | None:
     """Start, resume, or (when training ended but the export did not) export a run.
@@ -639,7 +422,7 @@ def run_training(cfg: TrainConfig, resume: bool = False, command: str | None = N
             trainer.run.commands.append(trainer.command)
             return trainer.finish()
         return trainer.train()
-    if (Path(cfg.out) / CKPT_META).exists():
+    if Checkpoint(cfg.out).exists():
         raise FileExistsError(f"{cfg.out} already holds a checkpoint: pass --resume to continue it or choose another --out")
     cfg = replace(cfg, name=model_name_for(cfg) if cfg.save else (cfg.name or Path(cfg.out).resolve().name))
     if cfg.init_from:

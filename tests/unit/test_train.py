@@ -15,12 +15,14 @@ from service.cli import generation
 from service.model import store
 from service.engine.types import Done, GenerationRequest
 from service.sampling import SamplingParams
+from service.training.checkpoints import BEST_WEIGHTS
 from service.training.evaluate import read_chunks, score_chunks, score_text
-from ..reference import reference_text
-from service.training.train import (BEST_WEIGHTS, SELECTION_RULE, Trainer, TrainConfig, autocast_problem, lr_at, run_training,
-                           selection_rule)
+from service.training.report import SELECTION_RULE, selection_rule
+from service.training.schedule import autocast_problem, lr_at
+from service.training.train import Trainer, TrainConfig, run_training
 
 from ..conftest import make_play, tiny_config
+from ..reference import reference_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
