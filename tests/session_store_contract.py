@@ -1,6 +1,8 @@
 """The contract every session store passes. A store's test module subclasses `StoreContract` and
-provides a `make_store(max_sessions)` fixture returning a fresh, empty store; TTLs and leases are
-real time here (short ones), since a shared store expires keys by its own clock."""
+provides a `make_store(max_sessions)` fixture returning a fresh, empty store, and a `clock` fixture: the
+time the store's TTLs and leases run on. An embedded store takes an injected clock (`FakeClock`), so its
+TTL and lease tests are exact whatever the machine's speed; a shared store expires keys by its own clock
+(Redis's), which only real time moves (`RealClock`, short TTLs)."""
 
 from __future__ import annotations
 
@@ -36,8 +38,36 @@ def same_state(a, b) -> bool:
             and a.shape == b.shape and np.array_equal(a, b))
 
 
-def record(ttl_s: float = 600.0, seed: int = 1, **fields) -> SessionRecord:
-    now = time.time()
+class FakeClock:
+    """A wall clock and a monotonic one that move only when a test says: `wall` and `monotonic` are the
+    store's `clock` and `lease_clock`."""
+
+    def __init__(self) -> None:
+        self.now, self.mono = time.time(), time.monotonic()
+
+    def wall(self) -> float:
+        return self.now
+
+    def monotonic(self) -> float:
+        return self.mono
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        self.mono += seconds
+
+
+class RealClock:
+    """The store's own clock: time passes by waiting for it."""
+
+    def wall(self) -> float:
+        return time.time()
+
+    def advance(self, seconds: float) -> None:
+        time.sleep(seconds)  # waiting for time itself to pass, which a shared store's TTLs are measured in
+
+
+def record(ttl_s: float = 600.0, seed: int = 1, now: float | None = None, **fields) -> SessionRecord:
+    now = time.time() if now is None else now
     values = dict(id=new_session_id(), state=randn(), seed=seed, counter=0, position=1, model=FINGERPRINT,
                   ttl_s=ttl_s, created_at=now, last_used=now)
     values.update(fields)
@@ -45,7 +75,8 @@ def record(ttl_s: float = 600.0, seed: int = 1, **fields) -> SessionRecord:
 
 
 class StoreContract:
-    """Subclass with a `make_store` fixture: `make_store(max_sessions=10) -> SessionStore`."""
+    """Subclass with a `make_store` fixture, `make_store(max_sessions=10) -> SessionStore`, and a `clock`
+    fixture (FakeClock or RealClock) that the stores it makes run on."""
 
     def test_create_then_get_returns_an_equal_copy(self, make_store):
         store = make_store()
@@ -113,11 +144,12 @@ class StoreContract:
         again = store.lease(r.id, 30)
         store.commit(again, again.record)
 
-    def test_an_expired_lease_frees_the_session_and_cannot_commit(self, make_store):
+    def test_an_expired_lease_frees_the_session_and_cannot_commit(self, make_store, clock):
         store = make_store()
-        r = record()
+        r = record(now=clock.wall())
         store.create(r)
         dead = store.lease(r.id, 0.2)  # a holder that died
+        clock.advance(0.3)
         wait_until(lambda: not store.is_leased(r.id), timeout=10, what="the lease to expire")
         with pytest.raises(LeaseLost):
             store.commit(dead, dead.record.advanced(full(0.0), 1, 1, 1))
@@ -129,16 +161,15 @@ class StoreContract:
             store.commit(dead, dead.record)
         assert same_state(store.get(r.id).state, full(1.0))
 
-    def test_renewal_keeps_a_lease_alive(self, make_store):
+    def test_renewal_keeps_a_lease_alive(self, make_store, clock):
         store = make_store()
-        r = record()
+        r = record(now=clock.wall())
         store.create(r)
         lease = store.lease(r.id, 0.5)
-        deadline = time.monotonic() + 1.5
-        while time.monotonic() < deadline:  # renewing well within the lease, for three lease lengths
+        for _ in range(15):  # renewing every 0.1 s, well within the lease, for three lease lengths
             lease = store.renew(lease, 0.5)
             assert store.is_leased(r.id)
-            time.sleep(0.1)  # the renewal interval under test, not a wait for another thread
+            clock.advance(0.1)
         store.commit(lease, lease.record)
 
     def test_only_one_of_many_concurrent_leases_wins(self, make_store):
@@ -171,11 +202,12 @@ class StoreContract:
             store.get(r.id)
         assert store.count() == 0 and removed == ["deleted"]
 
-    def test_idle_sessions_expire_after_their_ttl(self, make_store):
+    def test_idle_sessions_expire_after_their_ttl(self, make_store, clock):
         store = make_store()
-        short, long = record(ttl_s=0.3), record(ttl_s=600)
+        short, long = record(ttl_s=0.3, now=clock.wall()), record(ttl_s=600, now=clock.wall())
         store.create(short)
         store.create(long)
+        clock.advance(0.4)
 
         def gone():
             store.purge_expired()
@@ -188,28 +220,29 @@ class StoreContract:
         wait_until(gone, timeout=10, what="the short session to expire")
         assert store.get(long.id) and store.count() == 1
 
-    def test_a_use_postpones_expiry(self, make_store):
+    def test_a_use_postpones_expiry(self, make_store, clock):
         store = make_store()
-        r = record(ttl_s=1.0)
+        r = record(ttl_s=1.0, now=clock.wall())
         store.create(r)
-        end = time.monotonic() + 2.0
-        while time.monotonic() < end:  # used every 0.2 s for twice its TTL: it never expires
+        for _ in range(10):  # used every 0.2 s for twice its TTL: it never expires
             lease = store.lease(r.id, 30)
             store.commit(lease, lease.record)
-            time.sleep(0.2)
-        assert store.get(r.id).version >= 5
+            clock.advance(0.2)
+        assert store.get(r.id).version >= 10
 
-    def test_the_cap_evicts_the_least_recently_used_idle_session(self, make_store):
+    def test_the_cap_evicts_the_least_recently_used_idle_session(self, make_store, clock):
         removed = []
         store = make_store(max_sessions=3, on_removed=removed.append)
-        a, b, c = record(), record(), record()
-        for r in (a, b, c):
-            store.create(r)
-            time.sleep(0.01)  # distinct last-use times, for stores that order by time
+        made = []
+        for _ in range(3):
+            made.append(record(now=clock.wall()))
+            store.create(made[-1])
+            clock.advance(0.01)  # distinct last-use times, for stores that order by time
+        a, b, c = made
         lease = store.lease(a.id, 30)  # a is the oldest but busy: b is evicted instead
         store.commit(lease, lease.record)  # ... and now a is the most recent
-        time.sleep(0.01)
-        d = record()
+        clock.advance(0.01)
+        d = record(now=clock.wall())
         store.create(d)
         assert removed == ["evicted"] and store.count() == 3
         with pytest.raises(SessionNotFound):

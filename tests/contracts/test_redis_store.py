@@ -11,7 +11,7 @@ from service.sessions import blob as session_blob
 from service.sessions.redis_store import RedisSessionStore, StoreMismatch
 from service.sessions.errors import SessionStoreUnavailable
 
-from ..session_store_contract import FINGERPRINT, StoreContract, full, record, same_state
+from ..session_store_contract import FINGERPRINT, RealClock, StoreContract, full, record, same_state
 
 KEY = b"k" * 32
 
@@ -33,7 +33,9 @@ def make_store(redis_server):
 
 
 class TestRedisStore(StoreContract):
-    pass
+    @pytest.fixture
+    def clock(self):
+        return RealClock()  # Redis expires keys by its own clock
 
 
 def test_a_session_is_stored_as_a_portable_blob(make_store, redis_server):

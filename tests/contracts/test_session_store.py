@@ -9,14 +9,18 @@ import pytest
 from service.sessions.memory_store import MemorySessionStore
 from service.sessions.snapshots import SessionDB, SessionDBError
 
-from ..session_store_contract import FINGERPRINT, StoreContract, record, same_state
+from ..session_store_contract import FINGERPRINT, FakeClock, StoreContract, record, same_state
 
 
 class TestMemoryStore(StoreContract):
     @pytest.fixture
-    def make_store(self):
+    def clock(self):
+        return FakeClock()
+
+    @pytest.fixture
+    def make_store(self, clock):
         def make(max_sessions: int = 10, on_removed=None):
-            return MemorySessionStore(max_sessions, on_removed)
+            return MemorySessionStore(max_sessions, on_removed, clock=clock.wall, lease_clock=clock.monotonic)
 
         return make
 
