@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 
@@ -12,8 +13,8 @@ UNKNOWN_POLICIES = ("error", "skip", "replace")
 
 def add_store(p: argparse.ArgumentParser, top: bool = False) -> None:
     """--store before or after the sub-command; the sub-command's copy leaves the global one alone when absent."""
-    p.add_argument("--store", default=None if top else argparse.SUPPRESS,
-                   help="model store root (default: $CHARLSTM_MODEL_STORE or ./model_store)")
+    p.add_argument("--store", default=os.environ.get("CHARLSTM_MODEL_STORE") if top else argparse.SUPPRESS,
+                   help="model store root (default: $CHARLSTM_MODEL_STORE, else the repository's model_store/)")
 
 
 def add_unknown_chars(p: argparse.ArgumentParser) -> None:

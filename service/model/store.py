@@ -88,7 +88,9 @@ class LoadedModel:
 
 
 def store_root(root: str | Path | None = None) -> Path:
-    return Path(root or os.environ.get("CHARLSTM_MODEL_STORE") or DEFAULT_STORE).resolve()
+    """The store's folder: `root`, else the repository's. The environment (CHARLSTM_MODEL_STORE) is read by
+    the caller's settings, once: the server's `Settings`, the command line's --store."""
+    return Path(root or DEFAULT_STORE).resolve()
 
 
 def check_name(kind: str, value: str) -> str:

@@ -99,6 +99,14 @@ def test_only_the_composition_root_builds_the_services():
     assert not wrong, wrong
 
 
+def test_only_the_settings_read_the_environment():
+    """One source for each setting: the server's `Settings`, the command line's --store default, and the
+    root's warning about variables no setting reads. Nothing else reads os.environ."""
+    readers = sorted(m for m, path in MODULES.items() if "os.environ" in path.read_text(encoding="utf-8")
+                     or "getenv(" in path.read_text(encoding="utf-8"))
+    assert readers == ["service.cli.common", "service.server"], readers  # settings.py: pydantic-settings reads it
+
+
 def test_only_the_metrics_module_talks_to_prometheus():
     users = sorted({m for m in MODULES for t, _, _ in imports(m) if t.split(".")[0] == "prometheus_client"})
     assert users == ["service.metrics"]
