@@ -42,7 +42,7 @@ from .sessions.snapshots import SessionDB, SessionDBError, Snapshots
 from .settings import Settings, unknown_variables
 from .model.store import LoadedModel
 
-log = logging.getLogger("charlstm.api")
+log = logging.getLogger("charlstm.server")
 
 EngineHook = Callable  # hook(engine, loaded model, session store): called for every engine the pool starts
 
