@@ -47,6 +47,21 @@ log = logging.getLogger("charlstm.server")
 EngineHook = Callable  # hook(engine, loaded model, session store): called for every engine the pool starts
 
 
+class EngineHooks:
+    """Calls the engine hooks for every engine the pool starts, with the session store once it is built
+    (the pool starts engines only after it is)."""
+
+    def __init__(self, hooks: list[EngineHook]):
+        self.hooks, self.session_store = hooks, None
+
+    def on_model_loaded(self, served) -> None:
+        for hook in self.hooks:
+            hook(served.engine, served.loaded, self.session_store)
+
+    def on_model_unloaded(self, served, reason: str) -> None:
+        pass
+
+
 @dataclass
 class Wiring:
     """What else the services report to, and what a test reaches in with."""
@@ -74,25 +89,16 @@ async def running(settings: Settings, wiring: Wiring, preloaded: LoadedModel | N
     keys_of(settings)  # a keys file that cannot be read stops the start, with what is wrong
     events = Fanout(EngineStats, wiring.server_observers)  # session events: not any one model's
     catalog = Catalog(settings.model_store, settings.models, settings.model, preloaded)
-    holder: dict = {}  # the session store, once built: what engine hooks are handed
-
-    class EngineHooks:
-        def on_model_loaded(self, served) -> None:
-            for hook in wiring.engine_hooks:
-                hook(served.engine, served.loaded, holder.get("store"))
-
-        def on_model_unloaded(self, served, reason: str) -> None:
-            pass
-
+    hooks = EngineHooks(wiring.engine_hooks)
     build_engine = (engines or engine_factory)(settings, make_deliver(asyncio.get_running_loop()))
     pool = ModelPool(catalog, build_engine, settings.max_loaded_models,
-                     settings.model_keep_alive_s, observers=[EngineHooks(), *wiring.pool_observers])
+                     settings.model_keep_alive_s, observers=[hooks, *wiring.pool_observers])
     await asyncio.to_thread(catalog.refresh)
     served_models = {m.ref: m.fingerprint for m in catalog.models.values()}
     default = catalog.resolve(None)
     session_key, key_source = session_blob.load_or_create_key(settings.session_key, settings.session_db or None)
     factory = session_store_factory or store_factory(settings, session_key, served_models)
-    session_store = holder["store"] = factory(settings.max_sessions, on_removed=events.on_session_removed)
+    session_store = hooks.session_store = factory(settings.max_sessions, on_removed=events.on_session_removed)
     if isinstance(session_store, RedisSessionStore):
         try:
             await asyncio.to_thread(session_store.claim)

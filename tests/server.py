@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -99,6 +100,19 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def alone_and_in_a_crowd(url: str, body: dict, others: int) -> tuple[str, list[httpx.Response]]:
+    """`body`'s text from /generate alone, then the responses of it sent again at once with `others` requests
+    of seeds 0, 1, ... (the first response is body's): what a seed writes alone and under load."""
+    alone = httpx.post(url + "/generate", json=body, timeout=60).json()["text"]
+
+    async def crowd():
+        async with httpx.AsyncClient(timeout=60) as client:
+            return await asyncio.gather(client.post(url + "/generate", json=body),
+                                        *(client.post(url + "/generate", json=dict(body, seed=i)) for i in range(others)))
+
+    return alone, asyncio.run(crowd())
 
 
 def wait_until(predicate, timeout: float = 20.0, what: str = "condition"):

@@ -89,8 +89,12 @@ def score_chunks(predict: Predict, vocab: CharVocab, chunks: Iterable[str], wind
     """Sum of -log p(char | all previous chars) over the text, the first character excepted: the one
     scoring walk (`Windows`) with `predict`'s logits."""
     windows = Windows(vocab, chunks, window, unknown, replacement)
-    pieces = [target_logprobs(predict(inputs), targets) for inputs, targets in windows]
-    return Score.of(pieces, windows.unknown_chars)
+    sums, chars = [], 0  # one exact sum a window, so a text of any length scores in constant memory
+    for inputs, targets in windows:
+        window_score = Score.of([target_logprobs(predict(inputs), targets)])
+        sums.append(window_score.nats_total)
+        chars += window_score.chars
+    return Score(nats_total=math.fsum(sums), chars=chars, unknown_chars=windows.unknown_chars)
 
 
 def logits_of(predict: Predict, vocab: CharVocab, text: str, window: int = 2048) -> tuple[np.ndarray, np.ndarray]:

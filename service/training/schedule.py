@@ -13,8 +13,7 @@ AUTOCAST_DTYPES = {"off": None, "bf16": torch.bfloat16}
 
 
 def lr_at(step: int, cfg) -> float:
-    """cfg: a TrainConfig (lr, min_lr, warmup_steps, steps)."""
-    # Linear warm-up, then cosine decay from lr to min_lr over the remaining steps.
+    """Linear warm-up, then cosine decay from lr to min_lr over the remaining steps (cfg: a TrainConfig)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)

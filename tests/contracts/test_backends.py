@@ -204,22 +204,12 @@ def test_an_onnx_backend_keeps_no_fp32_copy_of_the_weights(tiny_model):
 def test_a_server_on_each_backend_keeps_seeds_and_sessions(trained_store, name):
     """Over HTTP: a seed writes the same text alone and among 12 others, and a session continued over two
     calls writes what one call writes, on this backend."""
-    import asyncio
-
-    from ..server import Server
+    from ..server import Server, alone_and_in_a_crowd
 
     srv = Server(trained_store, backend=name)
     try:
         assert httpx.get(srv.url + "/info").json()["engine"]["backend"]["name"] == name
-        body = {"prompt": "KING:\n", "max_new_tokens": 60, "seed": 31}
-        alone = httpx.post(srv.url + "/generate", json=body, timeout=60).json()["text"]
-
-        async def crowd():
-            async with httpx.AsyncClient(timeout=60) as client:
-                return await asyncio.gather(client.post(srv.url + "/generate", json=body),
-                                            *(client.post(srv.url + "/generate", json=dict(body, seed=i)) for i in range(12)))
-
-        responses = asyncio.run(crowd())
+        alone, responses = alone_and_in_a_crowd(srv.url, {"prompt": "KING:\n", "max_new_tokens": 60, "seed": 31}, 12)
         assert all(r.status_code == 200 for r in responses) and responses[0].json()["text"] == alone
 
         def session_text(lengths):

@@ -168,25 +168,15 @@ def test_an_unknown_backend_is_refused_with_the_names_it_could_be(tiny_model):
 
 
 def test_the_service_serves_int8_and_a_seed_gives_the_same_text_alone_or_in_a_crowd(trained_store):
-    import asyncio
-
     import httpx
 
-    from ..server import Server
+    from ..server import Server, alone_and_in_a_crowd
 
     srv = Server(trained_store, backend="torch-int8")
     try:
         engine = httpx.get(srv.url + "/info").json()["engine"]
         assert engine["quantize"] == "int8" and engine["step_workers"] == 1  # int8's default: no row shares
-        body = {"prompt": "KING:\n", "max_new_tokens": 80, "seed": 31}
-        alone = httpx.post(srv.url + "/generate", json=body, timeout=60).json()["text"]
-
-        async def crowd():
-            async with httpx.AsyncClient(timeout=60) as client:
-                return await asyncio.gather(client.post(srv.url + "/generate", json=body),
-                                            *(client.post(srv.url + "/generate", json=dict(body, seed=i)) for i in range(20)))
-
-        responses = asyncio.run(crowd())
+        alone, responses = alone_and_in_a_crowd(srv.url, {"prompt": "KING:\n", "max_new_tokens": 80, "seed": 31}, 20)
         assert all(r.status_code == 200 for r in responses) and responses[0].json()["text"] == alone
         assert len({r.json()["text"] for r in responses}) > 15
     finally:
