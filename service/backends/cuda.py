@@ -18,10 +18,11 @@ Two variants of the step are captured: a lean one (temperature and greedy only) 
 (top-k, top-p, repetition, presence and frequency penalties); a batch takes the full one only while
 some row asks for one of those. Both pick the same character for a row whose controls are off.
 
-The same code runs eagerly on any device (graph capture only on CUDA), and on the CPU it picks exactly
-the ids that `TorchBackend` + `sampling.sample_next` pick for the same seeds (tests/unit/test_cuda.py,
-tests/unit/test_device_engine.py): the random numbers are `sampling.uniforms` computed on the device in
-int64 arithmetic, bit for bit, and the sampler is `sample_next` without its host-side branches.
+The random numbers and the samplers are the host's own (`sampling.uniforms_from_keys`, `sample_next`
+with `branch_free`, `sample_plain`), written over the array API and run here on torch tensors: one
+definition for the host and the device. The same code runs eagerly on any device (graph capture only
+on CUDA), and on the CPU it picks exactly the ids the host path picks for the same seeds
+(tests/unit/test_cuda.py, tests/unit/test_device_engine.py, and the backend contract through the engine).
 
     step = CudaStep(backend.weights, device="cuda", capacity=256, max_steps=16)
     row = step.batch.append(state, params, seed, counter, seen_ids)   # (2, L, H) from prefill
@@ -35,8 +36,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..sampling import MIN_TEMPERATURE, SamplingParams
-from ..sampling import _mix64 as _host_mix64
+from ..sampling import SamplingParams, sample_next, sample_plain, stream_key, uniforms_from_keys
 from .fused import FusedWeights
 
 # No bucket of one row: BLAS multiplies a lone row with another kernel (a matrix-vector product) that
@@ -55,102 +55,6 @@ def resolve_device(name: str) -> torch.device:
     if name not in ("cpu", "cuda"):
         raise ValueError(f"device must be one of cpu, cuda, auto, got {name!r}")
     return torch.device(name)
-
-
-def _int64(u: int) -> int:
-    """An unsigned 64-bit constant as the int64 with the same bits."""
-    return u - (1 << 64) if u >= 1 << 63 else u
-
-
-_GOLDEN = _int64(0x9E3779B97F4A7C15)  # the constants of sampling.py's SplitMix64
-_M1 = _int64(0xBF58476D1CE4E5B9)
-_M2 = _int64(0x94D049BB133111EB)
-
-
-def _shr(z: torch.Tensor, k: int) -> torch.Tensor:
-    """Logical right shift of int64 bits (torch's >> on int64 is arithmetic: mask the sign's copies)."""
-    return (z >> k) & ((1 << (64 - k)) - 1)
-
-
-def _mix64(z: torch.Tensor) -> torch.Tensor:
-    """SplitMix64's finaliser in int64: multiplication wraps modulo 2**64 exactly as uint64 does."""
-    z = (z ^ _shr(z, 30)) * _M1
-    z = (z ^ _shr(z, 27)) * _M2
-    return z ^ _shr(z, 31)
-
-
-def device_uniforms(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
-    """`sampling.uniforms` on the tensors' device. seeds, counters: (B,) int64 -> (B,) float64, same bits."""
-    return uniforms_from_keys(_mix64(seeds), counters)
-
-
-def uniforms_from_keys(keys: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
-    """The same, from each stream's key (its seed hashed once): keys and counters broadcast, e.g. (1, B)
-    keys with (k, B) counters give the next k draws of every row at once."""
-    z = _mix64(keys + (counters + 1) * _GOLDEN)
-    return _shr(z, 11).to(torch.float64) * (1.0 / 2**53)
-
-
-def stream_key(seed: int) -> int:
-    """A stream's key, hashed on the host once when it joins (int64 with the uint64's bits)."""
-    return _int64(int(_host_mix64(np.array([seed], dtype=np.uint64))[0]))
-
-
-def temperature_scale(temperature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`sampling.temperature_scale` on the device: (greedy (B,) bool, scale (B,), 1 for greedy rows)."""
-    greedy = temperature < MIN_TEMPERATURE
-    return greedy, torch.where(greedy, torch.ones_like(temperature), temperature)
-
-
-def sample_plain(logits: torch.Tensor, scale: torch.Tensor, greedy: torch.Tensor,
-                 u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`sampling.sample_plain` on the device, with no host synchronisation, so a CUDA graph can hold it.
-    logits (B, V); scale, greedy, u (B,) -> (ids (B,) int64, logprobs (B,) under the logits)."""
-    probs = torch.softmax(logits / scale.unsqueeze(1), dim=-1)  # (B, V)
-    cdf = torch.cumsum(probs, dim=-1, dtype=torch.float64)  # (B, V)
-    target = (u.to(cdf.dtype) * cdf[:, -1]).unsqueeze(1)  # (B, 1)
-    pick = torch.searchsorted(cdf, target, right=True).clamp_(max=logits.shape[1] - 1).squeeze(1)  # (B,)
-    pick = torch.where(greedy, logits.argmax(dim=-1), pick)
-    return pick, torch.log_softmax(logits, dim=-1).gather(1, pick.unsqueeze(1)).squeeze(1)
-
-
-def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                repetition_penalty: torch.Tensor, seen: torch.Tensor, u: torch.Tensor,
-                presence_penalty: torch.Tensor | None = None, frequency_penalty: torch.Tensor | None = None,
-                counts: torch.Tensor | None = None, min_p: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`sampling.sample_next` with no host synchronisation, so a CUDA graph can hold it.
-
-    Same arguments (seen (B, V) bool is required; all False where no row is penalised; counts (B, V)
-    float with both penalties, or none of the three) and the same picks: every row goes through the
-    penalties, the sort and both filters, which leave a row whose controls are off exactly as it was.
-    Returns (ids (B,) int64, logprobs (B,) under the raw logits)."""
-    B, V = logits.shape
-    raw = logits
-    pen = repetition_penalty.unsqueeze(1)  # (B, 1)
-    logits = torch.where(seen, torch.where(logits > 0, logits / pen, logits * pen), logits)  # (B, V)
-    if counts is not None:  # x - 0 * c - 0 * [c > 0] is x bit for bit, so rows without these penalties keep their logits
-        logits = logits - frequency_penalty.unsqueeze(1) * counts - presence_penalty.unsqueeze(1) * (counts > 0).to(logits.dtype)
-    greedy, scale = temperature_scale(temperature)  # (B,), (B,)
-    scaled = logits / scale.unsqueeze(1)  # (B, V)
-    filtered = (top_k > 0) | (top_p < 1.0)  # (B,)
-    if min_p is not None:
-        filtered = filtered | (min_p > 0.0)
-    filtered = filtered.unsqueeze(1)  # (B, 1)
-    ranks = torch.arange(V, device=logits.device).unsqueeze(0)  # (1, V)
-    order = torch.where(filtered, torch.sort(scaled, dim=-1, descending=True, stable=True).indices, ranks)  # (B, V)
-    ordered = scaled.gather(1, order)  # (B, V)
-    k = torch.where(top_k > 0, top_k.clamp(max=V), torch.full_like(top_k, V)).unsqueeze(1)  # (B, 1)
-    probs = torch.softmax(ordered.masked_fill(ranks >= k, float("-inf")), dim=-1)  # (B, V)
-    before = torch.cumsum(probs, dim=-1) - probs  # mass strictly above each rank
-    keep = before < top_p.unsqueeze(1)  # (B, V)
-    if min_p is not None:  # a rank's probability against the most likely character's (rank 0)
-        keep = keep & (probs >= min_p.unsqueeze(1) * probs[:, :1])
-    probs = probs * (keep | (ranks == 0) | ~filtered)  # (B, V)
-    cdf = torch.cumsum(probs.double(), dim=-1)  # (B, V)
-    target = (u.to(cdf.dtype) * cdf[:, -1]).unsqueeze(1)  # (B, 1)
-    pick = torch.searchsorted(cdf, target, right=True).clamp_(max=V - 1)  # (B, 1)
-    pick = torch.where(greedy, logits.argmax(dim=-1), order.gather(1, pick).squeeze(1))  # (B,)
-    return pick, torch.log_softmax(raw, dim=-1).gather(1, pick.unsqueeze(1)).squeeze(1)
 
 
 class DeviceBatch:
@@ -330,9 +234,10 @@ class CudaStep:
         logits = torch.addmm(self.b_head, state[0, -1], self.w_head)  # (R, V)
         bt.hist_logits[j, :rows].copy_(logits)
         if full:
-            ids, lps = sample_rows(logits, bt.temperature[:rows], bt.top_k[:rows], bt.top_p[:rows], bt.penalty[:rows],
-                                   bt.seen[:rows], u, bt.presence[:rows], bt.frequency[:rows], bt.counts[:rows],
-                                   bt.min_p[:rows])  # (R,), (R,)
+            ids, lps = sample_next(logits, bt.temperature[:rows], bt.top_k[:rows], bt.top_p[:rows], bt.penalty[:rows],
+                                   bt.seen[:rows], u, min_p=bt.min_p[:rows], presence_penalty=bt.presence[:rows],
+                                   frequency_penalty=bt.frequency[:rows], counts=bt.counts[:rows],
+                                   branch_free=True)  # (R,), (R,)
             bt.seen[:rows].scatter_(1, ids.unsqueeze(1), True)
             bt.counts[:rows].scatter_add_(1, ids.unsqueeze(1), torch.ones_like(ids, dtype=bt.counts.dtype).unsqueeze(1))
         else:  # no row has a filter or a penalty, so none reads its mask or counts either

@@ -1,4 +1,5 @@
-"""The device step (service/backends/cuda.py): on the CPU it picks exactly what TorchBackend + sample_next pick.
+"""The device step (service/backends/cuda.py): on the CPU it picks exactly what TorchBackend + sample_next pick,
+and the one sampler definition (service/sampling.py) picks the same on torch tensors as on numpy arrays.
 
 The CUDA-only tests at the end skip where no GPU is present (CI has none); everything else runs here.
 """
@@ -10,12 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from service.model import store
 from service.backends.base import Backend
-from service.backends.cuda import CudaStep, device_uniforms, resolve_device, sample_rows, stream_key, uniforms_from_keys
+from service.backends.cuda import CudaStep, resolve_device
 from service.backends.torch_fp32 import TorchBackend
-from service.sampling import MAX_SEED, SamplingParams, sample_next, uniforms
+from service.sampling import MAX_SEED, SamplingParams, mix64, sample_next, stream_key, uniforms, uniforms_from_keys
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
 
@@ -25,6 +27,11 @@ def random_streams(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     seeds = np.concatenate([[0, 1, MAX_SEED, 2**63 - 1], rng.integers(0, MAX_SEED, n - 4, dtype=np.int64)])
     counters = np.concatenate([[0, 2**40, 7, 2**62], rng.integers(0, 2**32, n - 4, dtype=np.int64)])
     return seeds, counters
+
+
+def device_uniforms(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """The host's definition run on torch tensors (the device's form: each seed's key, then its draws)."""
+    return uniforms_from_keys(mix64(seeds), counters)
 
 
 def test_device_uniforms_are_bit_identical_to_sampling_uniforms():
@@ -56,7 +63,7 @@ def as_tensors(params: list[SamplingParams]) -> tuple[torch.Tensor, ...]:
 
 
 @pytest.mark.parametrize("params", [[SamplingParams()] * 12, mixed_controls(12)], ids=["plain", "mixed"])
-def test_sample_rows_picks_what_sample_next_picks(params):
+def test_the_sampler_picks_the_same_on_torch_tensors_branch_free_as_on_numpy(params):
     torch.manual_seed(3)
     B, V = len(params), 40
     logits = torch.randn(B, V) * 3
@@ -64,12 +71,10 @@ def test_sample_rows_picks_what_sample_next_picks(params):
     u = uniforms(np.arange(B, dtype=np.uint64) * 31, np.arange(B, dtype=np.uint64))  # (B,) float64
     penalised = any(p.repetition_penalty != 1.0 for p in params)
     ids, lps = sample_next(logits.numpy(), *as_arrays(params), seen.numpy() if penalised else None, u)
-    got_ids, got_lps = sample_rows(logits, *as_tensors(params), seen if penalised else torch.zeros(B, V, dtype=torch.bool),
-                                   torch.from_numpy(u))
+    got_ids, got_lps = sample_next(logits, *as_tensors(params), seen if penalised else torch.zeros(B, V, dtype=torch.bool),
+                                   torch.from_numpy(u), branch_free=True)
     assert np.array_equal(got_ids.numpy(), ids)
-    # The figures: bit for bit the device's own log-softmax of the raw logits, and the host's (numpy's
-    # log-softmax, another exp and summation order) to float32 rounding.
-    assert torch.equal(got_lps, torch.log_softmax(logits, -1).gather(1, got_ids.unsqueeze(1)).squeeze(1))
+    # The figures: the same formula, with torch's exp and summation order against numpy's: float32 rounding.
     np.testing.assert_allclose(got_lps.numpy(), lps, rtol=1e-6, atol=1e-6)
 
 
@@ -329,3 +334,38 @@ def test_cuda_rows_get_the_same_bits_alone_and_in_any_bucket_on_the_bundled_mode
                 assert np.array_equal(steps[50].batch.row_state(0, after=j), alone)
                 assert np.array_equal(steps[256].batch.row_state(0, after=j), alone)
                 assert np.array_equal(steps[256].batch.row_state(49, after=j), steps[50].batch.row_state(49, after=j))
+
+
+class DeviceCalls(TorchDispatchMode):
+    """Every aten call made under it, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+# What a CUDA graph cannot hold: a value read back to the host (a Python decision on data waits for the
+# device), a result whose size depends on the data, a tensor made from host memory during capture.
+NOT_IN_A_GRAPH = {"aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::nonzero", "aten::equal",
+                  "aten::lift_fresh", "aten::masked_select", "aten::unique", "aten::_unique2"}
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["lean", "full"])
+def test_the_device_steps_ask_nothing_of_the_device_a_cuda_graph_cannot_hold(tiny_model, full):
+    """The device sampler is the host's definition (service/sampling.py) run on tensors: on the CPU, where
+    graphs cannot be captured, the calls a look makes are read and none of them synchronises or sizes by data."""
+    runner = TorchBackend(tiny_model.model)
+    step = CudaStep(runner.weights, device="cpu", capacity=8, buckets=(2, 4), pad=True, max_steps=4)
+    zero = runner.zero_state()
+    for i, p in enumerate(mixed_controls(5)):
+        step.batch.append(zero, p, 40 + i, 0, [1, 2])
+    calls = DeviceCalls()
+    with torch.inference_mode(), calls:
+        step._steps(8, 4, full)
+    assert "aten::addmm" in calls.names and "aten::cumsum" in calls.names  # the mode saw the step and the sampler
+    assert bool(calls.names & {"aten::sort", "aten::argsort"}) == full  # the filters' sort: in the full variant only
+    assert not calls.names & NOT_IN_A_GRAPH, sorted(calls.names & NOT_IN_A_GRAPH)
