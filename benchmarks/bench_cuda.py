@@ -35,7 +35,7 @@ import torch
 
 from service.model import store
 from service.backends.base import Backend
-from service.backends.cuda import CudaStep
+from service.backends.cuda import CudaBackend, CudaStep
 from service.engine.engine import Engine, EngineConfig
 from service.backends.torch_fp32 import TorchBackend
 from service.engine.types import Done, GenerationRequest
@@ -72,7 +72,7 @@ PHASES = (("admit", None, "_admit"), ("ingest", None, "_ingest"), ("device look"
 
 def time_phases(engine: Engine, device_step: CudaStep) -> tuple[dict[str, float], dict[str, int]]:
     """Wrap these phases (and the device step's `decode`, the wait for the GPU and the ids' copy) on this
-    engine instance only; returns the dicts their seconds and their calls add up in."""
+    engine instance only (device_step: its backend's decoder); returns the dicts their seconds and their calls add up in."""
     names = ("decode", *(label for label, _, _ in PHASES))
     spent, calls = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0)
 
@@ -102,8 +102,8 @@ def phase_rows(spent: dict[str, float], looks: int, seconds: float) -> list[list
     return rows + [["rest of the loop (waits, locks, bookkeeping)", rest / looks * 1e3, rest / seconds]]
 
 
-def engine_run(runner: Backend, vocab, device_step: CudaStep, streams: int, chars: int) -> float:
-    """Characters per second of `streams` requests of `chars` characters each through a device-mode engine."""
+def engine_run(runner: Backend, vocab, streams: int, chars: int) -> float:
+    """Characters per second of `streams` requests of `chars` characters each through an engine on the cuda backend."""
     done, finished = [], threading.Event()
 
     def deliver(batch):
@@ -112,7 +112,7 @@ def engine_run(runner: Backend, vocab, device_step: CudaStep, streams: int, char
         if len(done) == streams:
             finished.set()
 
-    engine = Engine(runner, vocab, EngineConfig(max_batch_size=streams, max_queue=streams, decode_steps=device_step.max_steps), deliver, device_step=device_step)
+    engine = Engine(runner, vocab, EngineConfig(max_batch_size=streams, max_queue=streams, decode_steps=runner.decoder.max_steps), deliver)
     engine.start()
     try:
         t0 = time.perf_counter()
@@ -127,8 +127,7 @@ def engine_run(runner: Backend, vocab, device_step: CudaStep, streams: int, char
     return streams * chars / seconds
 
 
-def engine_steady(runner: Backend, vocab, device_step: CudaStep, streams: int, chars: int, seconds: float,
-                  phases: list | None = None) -> float:
+def engine_steady(runner: Backend, vocab, streams: int, chars: int, seconds: float, phases: list | None = None) -> float:
     """Characters per second with `streams` requests always in flight (each Done submits the next),
     each request's characters spread evenly over its time, counted in a window after one second of warm-up.
     With `phases` (a list), the loop's phases are timed over the whole run and their rows appended to it."""
@@ -152,7 +151,8 @@ def engine_steady(runner: Backend, vocab, device_step: CudaStep, streams: int, c
                     if not stop.is_set():
                         submit()
 
-    engine = Engine(runner, vocab, EngineConfig(max_batch_size=streams, max_queue=streams, decode_steps=device_step.max_steps), deliver, device_step=device_step)
+    device_step = runner.decoder
+    engine = Engine(runner, vocab, EngineConfig(max_batch_size=streams, max_queue=streams, decode_steps=device_step.max_steps), deliver)
     decode = device_step.decode
     spent, calls = time_phases(engine, device_step) if phases is not None else (None, None)
     engine.start()
@@ -255,21 +255,21 @@ def main() -> None:
     streams = [int(b) for b in args.engine_streams.split(",")]
     rows = []
     for b in streams:
-        device_step = CudaStep(runner.weights, device=runner.device, capacity=b, max_steps=args.steps)
-        at_once = statistics.median(engine_run(runner, loaded.vocab, device_step, b, args.chars) for _ in range(args.repeats))
-        steady = statistics.median(engine_steady(runner, loaded.vocab, device_step, b, args.chars, args.seconds * 2)
+        backend = CudaBackend(loaded, device=args.device, capacity=b, max_steps=args.steps)
+        at_once = statistics.median(engine_run(backend, loaded.vocab, b, args.chars) for _ in range(args.repeats))
+        steady = statistics.median(engine_steady(backend, loaded.vocab, b, args.chars, args.seconds * 2)
                                    for _ in range(args.repeats))
-        del device_step
+        del backend
         limit = bare.get((f"graph of {args.steps} steps", b), float("nan"))
         rows.append([b, at_once, steady, limit, steady / limit])
     print(f"\n2. The engine, no HTTP: B requests of {args.chars} characters, {args.steps} steps a look (chars/s; "
           f"at once: first submit to last Done; steady: B always in flight, {args.seconds * 2:g} s window; median of {args.repeats})")
     print(table(["B", "engine, at once", "engine, steady", f"bare graph of {args.steps} steps", "steady / bare"], rows), flush=True)
     b = max(streams)
-    device_step = CudaStep(runner.weights, device=runner.device, capacity=b, max_steps=args.steps)
+    backend = CudaBackend(loaded, device=args.device, capacity=b, max_steps=args.steps)
     phases: list = []
-    steady = engine_steady(runner, loaded.vocab, device_step, b, args.chars, args.seconds * 2, phases)
-    del device_step
+    steady = engine_steady(backend, loaded.vocab, b, args.chars, args.seconds * 2, phases)
+    del backend
     print(f"\n2b. Where a look's time goes, steady state at B = {b} ({steady:,.0f} chars/s with the timers on; the "
           f"engine's loop phases timed on the engine thread; decode: launching the look, waiting for it and the ids' copy)")
     print(table(["phase", "ms a look", "share of the wall time"], phases), flush=True)

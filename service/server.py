@@ -179,7 +179,7 @@ def engine_factory(settings: Settings, deliver: Callable[[list], None]):
                                      decode_steps=serving.decode_steps, max_rows_per_request=settings.max_rows_per_request,
                                      deliver_interval_s=settings.stream_interval_ms / 2000,  # half the SSE writer's interval
                                      prompt_cost=settings.prompt_cost),
-                        deliver=deliver, device_step=serving.device_step, share=share)
+                        deliver=deliver, share=share)
         log.info("backend %s for %s@%s: every step call sees %d to %d rows, the batch sizes that round a row alike on this CPU",
                  runner.name, loaded.name, loaded.version, runner.min_rows, runner.max_rows)
         details = {"backend": {**runner.describe(), **({"choice": serving.choice.as_dict()} if serving.choice else {})},

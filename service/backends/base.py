@@ -23,6 +23,7 @@ import logging
 import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -77,6 +78,40 @@ def agreeing_rows(call: Callable[[int], np.ndarray], what: str) -> tuple[int, in
     return 1, ROW_PROBES[-1]
 
 
+class DeviceLook(NamedTuple):
+    """A look's figures from a `Decoder`, on the host, a list a row: ids (n, k); log-probabilities (n, k) when
+    asked for; the alternatives (ids, log-probabilities), (n, k, top) each, when asked for."""
+
+    ids: list[list[int]]
+    lps: list[list[float]] | None
+    tops: tuple[list, list] | None
+
+
+class Decoder(Protocol):
+    """The rows of a batch held on a backend's own device, sampled and stepped there, k steps a look
+    (backends/cuda.py). The engine's host batch keeps the same rows in the same order: a row `join`s when
+    its prompt is in, the rows that go on are `keep`t between looks, and the host sees each look's ids
+    in one copy. A backend without one (every CPU backend) is stepped by the engine, which samples."""
+
+    capacity: int  # the most rows at once
+    max_steps: int  # the steps of a look
+    size: int  # rows held now
+
+    def join(self, state: np.ndarray, params: Any, seed: int, counter: int, seen_ids: list[int]) -> int:
+        """A row joins last: its state (2, L, H) after its prompt, its `SamplingParams`, its random stream, the
+        characters its repetition penalty applies to. Returns its row."""
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep these rows, in this order; the others leave."""
+
+    def look(self, k: int, full: bool, logprobs: bool, top: int) -> DeviceLook:
+        """k steps of every row (1 or max_steps): sample, then advance. full: some row has a filter or a
+        penalty (else the lean sampler); logprobs, top: the figures a row asked for."""
+
+    def row_state(self, row: int, after: int | None = None) -> np.ndarray:
+        """One row's state (2, L, H) float32 on the host: now, or after its `after`-th step of the last look."""
+
+
 class Backend:
     """One model's step on one device. Subclasses give `_step_rows` (and `_head_rows` when the head is
     theirs) and set `min_rows`/`max_rows` (the step's) and `head_rows` (the head's) from `agreeing_rows`.
@@ -92,6 +127,7 @@ class Backend:
     name = "?"
     weights_kind = "fp32"  # or "int8": what --quantize narrows the choice to
     device_type = "cpu"
+    decoder: Decoder | None = None  # the batch's rows on the backend's device (a GPU); None: the engine steps and samples
 
     def __init__(self, model, workers: int = 1):
         """model: a `store.LoadedModel` or a torch `CharLSTM` (`fused.tensors_of`)."""

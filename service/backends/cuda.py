@@ -37,7 +37,9 @@ import numpy as np
 import torch
 
 from ..sampling import SamplingParams, sample_next, sample_plain, stream_key, uniforms_from_keys
+from .base import DeviceLook
 from .fused import FusedWeights
+from .torch_fp32 import TorchBackend
 
 # No bucket of one row: BLAS multiplies a lone row with another kernel (a matrix-vector product) that
 # rounds differently, and a seed must write the same text alone as in a batch.
@@ -146,7 +148,8 @@ class DeviceBatch:
 
 
 class CudaStep:
-    """Steps of every live row: logits, sampling, the LSTM recurrence; graphs on CUDA, eager elsewhere.
+    """Steps of every live row: logits, sampling, the LSTM recurrence; graphs on CUDA, eager elsewhere. It is
+    the CUDA backend's `Decoder` (base.py): the engine joins, keeps and looks at its rows through that.
 
     weights: `TorchBackend(...).weights` (fp32; moved to `device`). capacity: the most rows at once.
     max_steps: the most steps one `decode` runs (graphs are captured for 1 and for max_steps).
@@ -184,6 +187,33 @@ class CudaStep:
     def bucket(self, rows: int) -> int:
         """The smallest bucket that holds `rows`."""
         return next(b for b in self.buckets if b >= rows)
+
+    # --- the Decoder interface (base.py) -------------------------------------------------------------
+
+    @property
+    def capacity(self) -> int:
+        return self.batch.capacity
+
+    @property
+    def size(self) -> int:
+        return self.batch.size
+
+    def join(self, state: np.ndarray, params: SamplingParams, seed: int, counter: int, seen_ids: list[int]) -> int:
+        return self.batch.append(state, params, seed, counter, seen_ids)
+
+    def keep(self, rows: list[int]) -> None:
+        self.batch.filter(rows)
+
+    def look(self, k: int, full: bool, logprobs: bool, top: int) -> DeviceLook:
+        """k steps; the ids come back in one copy, the figures only when some row asks for them."""
+        n = self.batch.size
+        ids = self.decode(k, full).T.tolist()  # n rows of k ids
+        lps = self.batch.hist_lps[:k, :n].T.tolist() if logprobs else None
+        tops = tuple(t.transpose(0, 1).tolist() for t in self.alternatives(k, n, top)) if top else None  # (n, k, top) each
+        return DeviceLook(ids, lps, tops)
+
+    def row_state(self, row: int, after: int | None = None) -> np.ndarray:
+        return self.batch.row_state(row, after)
 
     @torch.inference_mode()
     def step(self, full: bool = True) -> torch.Tensor:
@@ -275,3 +305,27 @@ class CudaStep:
                     self._graphs[rows, k, full] = graph
         torch.cuda.synchronize(self.device)
         self.batch._neutral(0, self.batch.capacity)
+
+
+class CudaBackend(TorchBackend):
+    """The GPU backend: prompts are ingested on the device (`TorchBackend`'s cuDNN path), and the batch's
+    rows, their sampling and each look's k steps live there too, replayed as CUDA graphs (`decoder`, a
+    `CudaStep`). On the CPU the same code runs eagerly, without graphs: how the tests and the backend
+    contract run it where no GPU is. capacity: the most rows (the engine's max_batch_size);
+    max_steps: the steps a look; step_options: CudaStep's (buckets, graphs, pad)."""
+
+    name = "cuda"
+
+    def __init__(self, model, workers: int = 1, device: str | torch.device = "cuda", capacity: int = 256,
+                 max_steps: int = 16, **step_options):
+        where = resolve_device(device) if isinstance(device, str) else torch.device(device)
+        super().__init__(model, workers, where)
+        if self.device.type == "cpu" and "buckets" not in step_options:
+            # eager on the CPU: pad each call to a bucket within the row counts this CPU's multiply rounds alike
+            step_options.update(pad=True, buckets=tuple(b for b in DEFAULT_BUCKETS if b >= max(self.min_rows, MIN_ROWS_PER_CALL)))
+        self.decoder = CudaStep(self.weights, self.device, capacity=capacity, max_steps=max_steps, **step_options)
+
+    def describe(self) -> dict:
+        step = self.decoder
+        return {**super().describe(), "capacity": step.capacity, "steps_a_look": step.max_steps, "graphs": step.graphs,
+                "buckets": step.buckets}

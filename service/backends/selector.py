@@ -49,11 +49,15 @@ TIMING_S = 0.12  # a candidate's bare loop, at each of the two sizes
 SAMPLE_ROWS, SAMPLE_LEN = 8, 65  # the quality text: 8 x 64 predictions (the same text for every candidate, so their difference is what it measures)
 
 
-def build(name: str, model, workers: int | None = None, device="cpu", apart: bool = False) -> Backend:
+def build(name: str, model, workers: int | None = None, device="cpu", apart: bool = False, **options) -> Backend:
     """One backend by name, from a `store.LoadedModel` or a torch `CharLSTM`; workers None: its default
     (DEFAULT_STEP_WORKERS). Only the torch backends import torch; `apart`: the ONNX graphs are written in a
-    child process, so not even onnx is imported here (a server)."""
+    child process, so not even onnx is imported here (a server). options: the cuda backend's (capacity,
+    max_steps, and CudaStep's buckets, graphs, pad)."""
     workers = workers or DEFAULT_STEP_WORKERS.get(name, 1)
+    if name == "cuda":
+        from .cuda import CudaBackend
+        return CudaBackend(model, workers, device, **options)
     if name == "torch":
         from .torch_fp32 import TorchBackend
         return TorchBackend(model, workers, device)
@@ -341,11 +345,10 @@ DEFAULT_DECODE_STEPS = {"cpu": 1, "cuda": 16}  # a GPU pays a copy and a sync pe
 
 @dataclass
 class Serving:
-    """What the server steps with: the backend (prompt ingestion, and on the CPU the step itself), on a
-    GPU the device step with its graphs captured, the steps a look, a name for the log, the choice made."""
+    """What the server steps with: the backend (on a GPU the cuda backend, its graphs captured), the steps
+    a look, a name for the log, the choice made."""
 
     backend: Backend
-    device_step: object | None  # cuda.CudaStep
     decode_steps: int
     device_name: str
     choice: Choice | None = None
@@ -370,17 +373,15 @@ def for_serving(model, backend: str = "auto", quantize: str | None = None, devic
     if where == "cuda":
         import torch
 
-        from .cuda import CudaStep, resolve_device
-        where = resolve_device(wanted)
-        host = build("torch", model, device=where)
-        step = CudaStep(host.weights, device=where, capacity=max_batch_size, max_steps=steps)
-        return Serving(host, step, steps, f"{where} ({torch.cuda.get_device_name(step.device)}, CUDA graphs, {steps} steps a look)")
+        from .cuda import resolve_device
+        cuda = build("cuda", model, device=resolve_device(wanted), capacity=max_batch_size, max_steps=steps)
+        return Serving(cuda, steps, f"{cuda.device} ({torch.cuda.get_device_name(cuda.device)}, CUDA graphs, {steps} steps a look)")
     if backend != "auto":
-        return Serving(build(backend, model, step_workers, apart=apart), None, steps, "cpu")
+        return Serving(build(backend, model, step_workers, apart=apart), steps, "cpu")
     kinds = {"none": "fp32", "int8": "int8", None: None}[quantize]
     candidates = tuple(n for n in CPU_BACKENDS if kinds is None or (n.endswith("int8") == (kinds == "int8")))
     if apart:  # a server: the trials in a child process, the choice remembered in `cache` for `fingerprint`'s weights
         choice = auto_choice(model, candidates, max_batch_size, step_workers, fingerprint, cache)
     else:
         choice = choose(model, candidates, max_batch_size, step_workers)
-    return Serving(choice.backend, None, steps, "cpu", choice)
+    return Serving(choice.backend, steps, "cpu", choice)

@@ -11,8 +11,9 @@ The engine knows nothing of sessions, stores or HTTP: a request brings the state
 a completed stream hands back the state it ended in. Every stream that was accepted gets exactly one
 `Done`, whatever fails on the way, and gives its place back when it does.
 
-With a `device_step` (service/backends/cuda.py, a GPU) the rows' states, controls and sampling live
-on the device, and a look's k steps run there before the host sees their ids, in one copy. Either way
+With a backend that holds the rows on its own device (its `decoder`: the CUDA backend) the rows'
+states, controls and sampling live there, and a look's k steps run there before the host sees their
+ids, in one copy. Either way
 rows are admitted, cancelled and finished between looks, so each of those waits at most one look. A
 row that ends inside a look (its length, a stop string) ignores the steps it took beyond its end and
 hands back the state after its last character, which is kept for every step of the look.
@@ -26,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -42,9 +43,6 @@ from .step import Stepper
 from .stream import Phase, RequestGroup, Stream
 from .fairness import queue_share
 from .types import ANONYMOUS, Client, EngineUnavailable, GenerationRequest, Overloaded, PromptScored, ShuttingDown, Unsupported
-
-if TYPE_CHECKING:
-    from ..backends.cuda import CudaStep
 
 __all__ = ["Engine", "EngineConfig", "EngineSnapshot", "EngineStats", "Stream"]
 
@@ -114,19 +112,19 @@ class EngineSnapshot:
 
 class Engine:
     def __init__(self, backend: Backend, vocab: CharVocab, config: EngineConfig = EngineConfig(),
-                 deliver: Callable[[list[tuple[Any, list]]], None] | None = None, device_step: CudaStep | None = None,
-                 share: ComputeShare | None = None):
-        """device_step: step the batch there (its capacity bounds max_batch_size) instead of with `backend`,
-        which then only ingests prompts (on the same device). share: the turns this engine takes on the
-        cores with the engines of other models (service/engine/share.py); None: the cores are its own."""
-        if device_step is not None and device_step.batch.capacity < config.max_batch_size:
-            raise ValueError(f"the device step holds {device_step.batch.capacity} rows, fewer than max_batch_size={config.max_batch_size}")
-        if device_step is not None and device_step.max_steps != config.decode_steps:
-            raise ValueError(f"the device step runs {device_step.max_steps} steps a look, decode_steps={config.decode_steps}")
+                 deliver: Callable[[list[tuple[Any, list]]], None] | None = None, share: ComputeShare | None = None):
+        """A backend with a `decoder` keeps the batch's rows on its device and steps them there (its capacity
+        bounds max_batch_size); the engine then only has it ingest prompts. share: the turns this engine
+        takes on the cores with the engines of other models (service/engine/share.py); None: the cores are its own."""
+        decoder = backend.decoder
+        if decoder is not None and decoder.capacity < config.max_batch_size:
+            raise ValueError(f"the device batch holds {decoder.capacity} rows, fewer than max_batch_size={config.max_batch_size}")
+        if decoder is not None and decoder.max_steps != config.decode_steps:
+            raise ValueError(f"the device step runs {decoder.max_steps} steps a look, decode_steps={config.decode_steps}")
         self.backend, self.vocab, self.config = backend, vocab, config
-        self.device_step = device_step
+        self.decoder = decoder
         self.share = share
-        # in device mode the host Batch keeps rows and controls only; the state lives in device_step.batch
+        # with a decoder the host Batch keeps rows and controls only; the state lives on the device
         self._no_state = np.zeros((2, backend.num_layers, 0), dtype=np.float32)
         self.deliver = deliver or _deliver_directly
         self.observers: list[EngineStats] = []
@@ -149,7 +147,7 @@ class Engine:
         # owned by the loop thread
         self.scheduler = Scheduler(config.max_batch_size, config.rows_per_request, config.prefill_chunk, config.prefill_rows,
                                    backend.block_seconds, config.prompt_cost)
-        self.stepper = Stepper(backend, device_step, config.decode_steps)
+        self.stepper = Stepper(backend, config.decode_steps)
         self._chars = vocab.chars
         self.output = Output(self._chars, self.events, self._release)
         self._batch = self._empty_batch()
@@ -221,7 +219,7 @@ class Engine:
             if self._draining or self._stop:
                 self.events.on_rejected("shutting_down")
                 raise ShuttingDown("the server is shutting down and admits no new work")
-            if self.device_step is not None and any(r.constraint is not None or r.logit_bias for r, _ in requests):
+            if self.decoder is not None and any(r.constraint is not None or r.logit_bias for r, _ in requests):
                 raise Unsupported("constrained output and logit_bias run on the CPU backends; this server steps on a GPU "
                                   "with CUDA graphs")
             self._check_queue(client)
@@ -381,7 +379,7 @@ class Engine:
     def _pause_for_fairness(self) -> None:
         """Rows the scheduler takes from a client over its share for a waiting one under it: each paused
         stream keeps its row of the batch, all of it (state, random stream, penalties, automaton), aside."""
-        if self.device_step is not None:  # the device batch holds the rows' state: nothing is paused there
+        if self.decoder is not None:  # the device batch holds the rows' state: nothing is paused there
             return
         rows = self.scheduler.to_pause(self._batch.rows)
         if not rows:
@@ -443,15 +441,14 @@ class Engine:
                 if stream.request.max_new_tokens == 0:
                     self.output.finish(stream, "length", stream.state)
                 else:
-                    state = stream.state if self.device_step is None else self._no_state
+                    state = stream.state if self.decoder is None else self._no_state
                     joining.append(Batch.single(stream, state, stream.seed, stream.request.counter, len(self._chars)))
         if joining:
             rows = [r for b in joining for r in b.rows]
-            if self.device_step is not None:  # rows join the device batch in the host batch's order
+            if self.decoder is not None:  # rows join the device batch in the host batch's order
                 for stream in rows:
                     request = stream.request
-                    self.device_step.batch.append(stream.state, request.params, stream.seed, request.counter,
-                                                  request.prompt_ids)
+                    self.decoder.join(stream.state, request.params, stream.seed, request.counter, request.prompt_ids)
             for stream in rows:
                 stream.state = None
             self._batch = Batch.concatenate([self._batch, *joining])
@@ -489,8 +486,8 @@ class Engine:
         if any(s.finished for s in rows):
             keep = [i for i, s in enumerate(rows) if not s.finished]
             self._batch = self._batch.filter(keep)
-            if self.device_step is not None:
-                self.device_step.batch.filter(keep)
+            if self.decoder is not None:
+                self.decoder.keep(keep)
 
     def _fail_in_flight(self, exc: Exception) -> None:
         """After a fault in a step: end every stream the step could have touched (the batch's, the ingesting
@@ -508,8 +505,8 @@ class Engine:
         """After a fault: the device batch empties with the host's. A device that cannot even do that
         (a sticky CUDA error) cannot serve: the error ends the engine thread, so /ready and every
         request say 503 at once instead of failing one by one."""
-        if self.device_step is not None:
-            self.device_step.batch.filter([])
+        if self.decoder is not None:
+            self.decoder.keep([])
 
     def _end_everything(self, reason: str) -> None:
         """The loop is over: every stream still known gets its end."""

@@ -1,4 +1,4 @@
-"""A look: k steps of every row of the batch, on the device or with the backend, sampled row by row.
+"""A look: k steps of every row of the batch, with the backend and sampled here, or on the backend's device.
 
 The step knows the batch and the arithmetic, nothing of stop strings, lengths or listeners: what its
 ids mean for each stream is `output.Output`'s business.
@@ -6,17 +6,12 @@ ids mean for each stream is `output.Output`'s business.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
 from ..sampling import sample_next, sample_plain, top_alternatives, uniforms
 from .batch import Batch
 from .output import Look
 from ..backends.base import Backend
-
-if TYPE_CHECKING:
-    from ..backends.cuda import CudaStep
 
 
 def _by_row(steps: list[np.ndarray]) -> list[list]:
@@ -32,8 +27,8 @@ QUIET_ROWS, QUIET_STEPS = 2, 4  # a batch this small with nobody waiting takes l
 class Stepper:
     """Takes looks of the batch (every row's prompt is in: the scheduler's blocks ingest prompts)."""
 
-    def __init__(self, backend: Backend, device_step: CudaStep | None, decode_steps: int):
-        self.backend, self.device_step, self.decode_steps = backend, device_step, decode_steps
+    def __init__(self, backend: Backend, decode_steps: int):
+        self.backend, self.decoder, self.decode_steps = backend, backend.decoder, decode_steps
 
     def look(self, batch: Batch, quiet: bool = False) -> tuple[int, Look]:
         """One look of k steps: k is the configured steps a look, or 1 when most rows end sooner. A
@@ -42,11 +37,11 @@ class Stepper:
         characters (measured: benchmarks/README.md), and nobody waits for the look to end. The text is
         the same whatever k is."""
         k = self.decode_steps
-        if quiet and k == 1 and self.device_step is None and len(batch) <= QUIET_ROWS:
+        if quiet and k == 1 and self.decoder is None and len(batch) <= QUIET_ROWS:
             k = QUIET_STEPS
         if k > 1 and 2 * max(s.request.max_new_tokens - len(s.chars) for s in batch.rows) < k:
             k = 1  # most rows end sooner than a whole look
-        return k, self.device_look(batch, k) if self.device_step is not None else self.host_look(batch, k)
+        return k, self.device_look(batch, k) if self.decoder is not None else self.host_look(batch, k)
 
     def host_look(self, batch: Batch, k: int) -> Look:
         """k steps with the backend: sample every row, record, step. The last step runs in the background
@@ -101,14 +96,10 @@ class Stepper:
                      ends=ends or None, pieces=pieces or None)
 
     def device_look(self, batch: Batch, k: int) -> Look:
-        """k steps on the device: the ids come back in one copy, figures only when someone asks for them."""
-        device, n = self.device_step, len(batch)
-        if device.batch.size != n:  # they join and leave together; a difference would give rows others' characters
-            raise RuntimeError(f"the device batch holds {device.batch.size} rows, the host batch {n}")
+        """k steps on the backend's device (its `Decoder`): it samples there, with the same definition."""
+        decoder = self.decoder
+        if decoder.size != len(batch):  # they join and leave together; a difference would give rows others' characters
+            raise RuntimeError(f"the device batch holds {decoder.size} rows, the host batch {len(batch)}")
         full = batch.filtered or batch.penalised or batch.counted  # else the lean sampler
-        ids = device.decode(k, full).T.tolist()  # n rows of k ids
-        lps = device.batch.hist_lps[:k, :n].T.tolist() if batch.wants_logprobs else None
-        tops = None
-        if batch.top_logprobs:  # (n, k, top_k) each
-            tops = tuple(t.transpose(0, 1).tolist() for t in device.alternatives(k, n, batch.top_logprobs))
-        return Look(ids=ids, lps=lps, tops=tops, state=lambda row, taken: device.batch.row_state(row, after=taken))
+        ids, lps, tops = decoder.look(k, full, batch.wants_logprobs, batch.top_logprobs)
+        return Look(ids=ids, lps=lps, tops=tops, state=lambda row, taken: decoder.row_state(row, after=taken))

@@ -14,7 +14,6 @@ import openai
 import pytest
 import torch
 
-from service.backends.cuda import sample_rows
 from service.sampling import sample_next, softmax, uniforms
 
 from ..server import ROOT
@@ -46,7 +45,7 @@ def test_min_p_keeps_only_characters_that_likely_and_leaves_other_rows_alone():
     assert np.array_equal(ids_mixed[1::2], plain[1::2])
 
 
-def test_the_device_sampler_picks_what_the_host_sampler_picks_with_min_p():
+def test_the_device_form_of_the_sampler_picks_what_the_host_form_picks_with_min_p():
     rng = np.random.default_rng(1)
     B, V = 300, 30
     logits = rng.normal(0, 2, (B, V)).astype(np.float32)
@@ -56,8 +55,8 @@ def test_the_device_sampler_picks_what_the_host_sampler_picks_with_min_p():
     u = uniforms(np.arange(B), np.zeros(B, np.int64))
     host, _ = sample_next(logits, seen=None, u=u, **c)
     t = {k: torch.from_numpy(v) for k, v in c.items()}
-    device, _ = sample_rows(torch.from_numpy(logits), t["temperature"], t["top_k"], t["top_p"], t["repetition_penalty"],
-                            torch.zeros(B, V, dtype=torch.bool), torch.from_numpy(u), min_p=t["min_p"])
+    device, _ = sample_next(torch.from_numpy(logits), t["temperature"], t["top_k"], t["top_p"], t["repetition_penalty"],
+                            torch.zeros(B, V, dtype=torch.bool), torch.from_numpy(u), min_p=t["min_p"], branch_free=True)
     assert np.array_equal(device.numpy(), host)
 
 

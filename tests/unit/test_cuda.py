@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from service.model import store
 from service.backends.base import Backend
-from service.backends.cuda import CudaStep, resolve_device
+from service.backends.cuda import CudaBackend, CudaStep, resolve_device
 from service.backends.torch_fp32 import TorchBackend
 from service.sampling import MAX_SEED, SamplingParams, mix64, sample_next, stream_key, uniforms, uniforms_from_keys
 
@@ -256,9 +256,8 @@ def test_cuda_engine_gives_a_seed_the_same_text_alone_or_among_others(tiny_model
     def run(requests):
         from .test_device_engine import Inbox
 
-        runner, inbox = TorchBackend(tiny_model.model, device="cuda"), Inbox()
-        engine = Engine(runner, vocab, EngineConfig(max_batch_size=64, decode_steps=16), inbox.deliver,
-                        device_step=CudaStep(runner.weights, device="cuda", capacity=64, max_steps=16))
+        runner, inbox = CudaBackend(tiny_model.model, device="cuda", capacity=64, max_steps=16), Inbox()
+        engine = Engine(runner, vocab, EngineConfig(max_batch_size=64, decode_steps=16), inbox.deliver)
         for i, r in enumerate(requests):
             engine.submit(r, i)
         engine.start()
@@ -289,9 +288,8 @@ def test_cuda_engine_scores_a_prompt_that_continues_a_state_from_the_host(tiny_m
     vocab, host = tiny_model.vocab, TorchBackend(tiny_model.model)
     state = host.prefill(vocab.encode("KING:\nthou art"), host.zero_state())  # (2, L, H) on the CPU
     tail = vocab.encode(" my lord, and the night is fair.\n")
-    runner, inbox = TorchBackend(tiny_model.model, device="cuda"), Inbox()
-    engine = Engine(runner, vocab, EngineConfig(max_batch_size=8, decode_steps=4), inbox.deliver,
-                    device_step=CudaStep(runner.weights, device="cuda", capacity=8, max_steps=4))
+    runner, inbox = CudaBackend(tiny_model.model, device="cuda", capacity=8, max_steps=4), Inbox()
+    engine = Engine(runner, vocab, EngineConfig(max_batch_size=8, decode_steps=4), inbox.deliver)
     engine.submit(GenerationRequest(prompt_ids=vocab.encode("QUEEN:\n"), max_new_tokens=60, seed=1), "running")
     engine.submit(GenerationRequest(prompt_ids=tail, max_new_tokens=0, state=state, prompt_logprobs=2,
                                     return_state=True), "scored")

@@ -1,4 +1,4 @@
-"""The engine in device mode (service/backends/cuda.py behind Engine), run eagerly on the CPU.
+"""The engine on the cuda backend (service/backends/cuda.py: its rows on the device), run eagerly on the CPU.
 
 The device path is what `--device cuda` serves with; here it runs on the CPU (no graphs, padded to its
 buckets), where its picks are exactly the host path's picks, so the two engines must agree on every
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from service.backends.cuda import CudaStep
+from service.backends.cuda import CudaBackend
 from service.engine.engine import Engine, EngineConfig
 from service.backends.torch_fp32 import TorchBackend
 from service.engine.types import Done, GenerationRequest, Token
@@ -50,12 +50,11 @@ def run(tiny_model, requests, device_steps: int | None, config=EngineConfig(max_
             finished.set()
 
     runner = TorchBackend(tiny_model)
-    device = None
     if device_steps is not None:
-        device = CudaStep(runner.weights, device="cpu", capacity=config.max_batch_size, buckets=(2, 4, 8),
-                          pad=True, max_steps=device_steps)
+        runner = CudaBackend(tiny_model, device="cpu", capacity=config.max_batch_size, buckets=(2, 4, 8), pad=True,
+                             max_steps=device_steps)
         config = dataclasses.replace(config, decode_steps=device_steps)
-    engine = Engine(runner, tiny_model.vocab, config, deliver, device_step=device)
+    engine = Engine(runner, tiny_model.vocab, config, deliver)
     log = StepLog()
     engine.add_observer(log)
     for i, req in enumerate(requests):
@@ -98,7 +97,7 @@ def test_device_mode_makes_what_the_host_path_makes(tiny_model, device_steps):
     requests = mixed_requests(tiny_model)
     host, _, _ = run(tiny_model, requests, None)
     device, _, engine = run(tiny_model, requests, device_steps)
-    assert engine.device_step.batch.size == 0  # every row gave its place back
+    assert engine.decoder.size == 0  # every row gave its place back
     for i, request in enumerate(requests):
         want, got = done_of(host[i]), done_of(device[i])
         assert (got.text, got.finish_reason, got.completion_tokens, got.counter) == \
@@ -163,7 +162,7 @@ def test_a_cancelled_device_row_leaves_and_the_others_go_on(tiny_model):
     assert done_of(events[1]).finish_reason == "cancelled" and done_of(events[1]).completion_tokens < 200
     for i in (0, 2):
         assert done_of(events[i]).text == done_of(host[i]).text
-    assert engine.device_step.batch.size == 0
+    assert engine.decoder.size == 0
 
 
 def _serve(trained_store, **env):
@@ -237,25 +236,23 @@ class Inbox:
 def _collecting_engine(tiny_model, steps=4):
     """A device-mode engine on the CPU whose events land in an Inbox."""
     inbox = Inbox()
-    runner = TorchBackend(tiny_model)
-    device = CudaStep(runner.weights, device="cpu", capacity=8, buckets=(2, 4), pad=True, max_steps=steps)
-    engine = Engine(runner, tiny_model.vocab, EngineConfig(max_batch_size=8, decode_steps=steps), inbox.deliver,
-                    device_step=device)
+    runner = CudaBackend(tiny_model, device="cpu", capacity=8, buckets=(2, 4), pad=True, max_steps=steps)
+    engine = Engine(runner, tiny_model.vocab, EngineConfig(max_batch_size=8, decode_steps=steps), inbox.deliver)
     return engine, inbox
 
 
 def test_a_device_fault_ends_the_batch_with_one_error_each_and_the_next_request_is_served(tiny_model):
     engine, inbox = _collecting_engine(tiny_model)
     events = inbox.events
-    decode, faults = engine.device_step.decode, []
+    look, faults = engine.decoder.look, []
 
-    def fails_once(k, full=True):
+    def fails_once(*args):
         if not faults:
-            faults.append(k)
+            faults.append(args)
             raise RuntimeError("injected device fault")
-        return decode(k, full)
+        return look(*args)
 
-    engine.device_step.decode = fails_once
+    engine.decoder.look = fails_once
     vocab = tiny_model.vocab
     for i in range(3):
         engine.submit(GenerationRequest(prompt_ids=vocab.encode("KING:\n"), max_new_tokens=40, seed=i), i)
@@ -264,7 +261,7 @@ def test_a_device_fault_ends_the_batch_with_one_error_each_and_the_next_request_
         assert inbox.wait_done(0, 1, 2)
         ends = {i: [e for e in events[i] if isinstance(e, Done)] for i in range(3)}
         assert all(len(d) == 1 and d[0].finish_reason == "error" for d in ends.values())
-        assert engine.device_step.batch.size == 0 and len(engine._batch) == 0
+        assert engine.decoder.size == 0 and len(engine._batch) == 0
         engine.submit(GenerationRequest(prompt_ids=vocab.encode("KING:\n"), max_new_tokens=40, seed=7), "next")
         assert inbox.wait_done("next")
         done = done_of(events["next"])
@@ -278,8 +275,8 @@ def test_a_device_that_cannot_be_emptied_stops_the_engine_and_every_call_is_refu
 
     engine, inbox = _collecting_engine(tiny_model)
     events = inbox.events
-    engine.device_step.decode = lambda k, full=True: (_ for _ in ()).throw(RuntimeError("sticky device error"))
-    engine.device_step.batch.filter = lambda keep: (_ for _ in ()).throw(RuntimeError("sticky device error"))
+    engine.decoder.look = lambda *args: (_ for _ in ()).throw(RuntimeError("sticky device error"))
+    engine.decoder.keep = lambda rows: (_ for _ in ()).throw(RuntimeError("sticky device error"))
     vocab = tiny_model.vocab
     for i in range(2):
         engine.submit(GenerationRequest(prompt_ids=vocab.encode("KING:\n"), max_new_tokens=40, seed=i), i)
@@ -303,6 +300,6 @@ def test_auto_with_int8_serves_on_the_cpu_even_where_a_gpu_is_seen(tiny_model, m
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
     serving = for_serving(tiny_model, "auto", "int8", "auto", max_batch_size=8)
     assert serving.backend.describe()["device"] == "cpu" and serving.backend.weights_kind == "int8"
-    assert serving.device_step is None and serving.device_name == "cpu"
+    assert serving.backend.decoder is None and serving.device_name == "cpu"
     with pytest.raises(ValueError, match="quantize=int8"):
         Settings(device="cuda", quantize="int8")
