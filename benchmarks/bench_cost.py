@@ -2,7 +2,7 @@
 bare loop, and where each microsecond goes.
 
     python -m benchmarks.bench_cost [--clients 1,64] [--seconds 10] [--rounds 2] [--backend auto] [--profile-seconds 8]
-                                    [--baseline DIR]
+                                    [--baseline DIR] [--env NAME=VALUE ...]
 
 1. The bare loops, one thread, at B = 1 and B = 64 (onnx-int8 unless --bare names another): ONNX
    Runtime's own loop over the backend's step graph (run, argmax, outputs fed back, in numpy), and the
@@ -12,7 +12,9 @@ bare loop, and where each microsecond goes.
    streaming clients of 256 characters (benchmarks.loadgen, its own process). The server's CPU seconds
    in the measured window are read from /proc for the process and all its threads, so the load
    generator's own CPU is not counted: CPU per character = those seconds / the characters the clients
-   received in the window. With --baseline, another checkout's server is measured in alternate rounds.
+   received in the window. With --baseline, another checkout's server is measured in alternate rounds;
+   --env sets a CHARLSTM_* variable for this tree's server only (a setting against the default: the
+   baseline may then be a worktree of the same commit).
 3. Where it goes, under the same load in a separate window (so the profiler's own cost is not in 2's
    figure): each thread's exact CPU time (/proc/PID/task), split among stages by py-spy's samples of that
    thread, each sample put in one stage by its innermost frame of the project's: step (the backend's arithmetic), ingest (prompts), sample (choosing characters and the
@@ -185,17 +187,21 @@ def main() -> None:
     ap.add_argument("--bare-seconds", type=float, default=2.0)
     ap.add_argument("--profile-seconds", type=float, default=8.0, help="0: no breakdown")
     ap.add_argument("--baseline", type=Path, default=None, help="another checkout, measured in alternate rounds")
+    ap.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                    help="a setting for this tree's server only, e.g. CHARLSTM_STREAM_INTERVAL_MS=50 (repeatable)")
     args = ap.parse_args()
+    own_env = dict(e.split("=", 1) for e in args.env)
     clients = [int(c) for c in args.clients.split(",")]
     batches = sorted(set(clients))
     print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; model {args.model}; bare loop {args.bare}, 1 thread, 1 step worker")
     before = bare(args.model, args.bare, batches, args.bare_seconds)
     builds = [("this tree", ROOT)] + ([("baseline", args.baseline.resolve())] if args.baseline else [])
+    env_of = {"this tree": own_env, "baseline": {}}
     results = {(name, c): [] for name, _ in builds for c in clients}
     chosen = {}
     for _ in range(args.rounds):
         for name, tree in builds:
-            srv = tree_server(tree, args.backend)
+            srv = tree_server(tree, args.backend, **env_of[name])
             try:
                 chosen[name] = (httpx.get(srv.url + "/info", timeout=10).json()["engine"]["backend"] or {}).get("name", "?")
                 for c in clients:
@@ -217,16 +223,18 @@ def main() -> None:
             bare_us = 1e6 / ref[c]
             rows.append([name, chosen.get(name, "?"), c, cps, cps / ref[c], us, bare_us, us / bare_us,
                          statistics.median(x["server_cpu_s"] for x in r) / args.seconds,
-                         "-" if raw is None else f"{us * raw[c] / 1e6:.2f} ({1e6 / raw[c]:.0f} us)"])
-    print(f"\n2. The server over HTTP, {args.seconds:g} s x {args.rounds} rounds (medians), 256 characters a request\n")
+                         "-" if raw is None else f"{us * raw[c] / 1e6:.2f} ({1e6 / raw[c]:.0f} us)",
+                         1e3 * statistics.median(x["ttft_p50"] for x in r)])
+    print(f"\n2. The server over HTTP, {args.seconds:g} s x {args.rounds} rounds (medians), 256 characters a request"
+          + (f"; this tree's server with {' '.join(args.env)}" if args.env else "") + "\n")
     print(table(["build", "backend", "clients", "chars/s", "/ bare chars/s", "server CPU us/char", "bare us/char",
-                 "CPU ratio", "server cores busy", "CPU ratio to ORT's own loop"], rows))
+                 "CPU ratio", "server cores busy", "CPU ratio to ORT's own loop", "first char p50 ms"], rows))
     if args.profile_seconds > 0:
         print(f"\n3. Where the server's CPU goes (py-spy, {args.profile_seconds:g} s at 200 Hz per build and client count; "
               "us/char = share x the CPU per character of 2)\n")
         prow, trow = [], []
         for name, tree in builds:
-            srv = tree_server(tree, args.backend)
+            srv = tree_server(tree, args.backend, **env_of[name])
             try:
                 for c in clients:
                     got = profile(srv.url, srv.proc.pid, c, args.profile_seconds)
