@@ -99,6 +99,14 @@ def test_only_the_composition_root_builds_the_services():
     assert not wrong, wrong
 
 
+def test_the_engine_reaches_a_backend_only_through_its_interface():
+    """The engine steps whatever backend it is handed, the CUDA one included (its rows on the device are the
+    backend's `Decoder`): it imports `backends.base` and no backend of its own choosing."""
+    wrong = [f"{m}:{line} imports {t}" for m in MODULES if m.startswith("service.engine")
+             for t, line, _ in imports(m) if t.startswith("service.backends") and t != "service.backends.base"]
+    assert not wrong, wrong
+
+
 def test_only_the_settings_read_the_environment():
     """One source for each setting: the server's `Settings`, the command line's --store default, and the
     root's warning about variables no setting reads. Nothing else reads os.environ."""
