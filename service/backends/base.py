@@ -97,9 +97,10 @@ class Decoder(Protocol):
     max_steps: int  # the steps of a look
     size: int  # rows held now
 
-    def join(self, state: np.ndarray, params: Any, seed: int, counter: int, seen_ids: list[int]) -> int:
+    def join(self, state: np.ndarray, params: Any, seed: int, counter: int, seen_ids: list[int],
+             bias: tuple[tuple[int, float], ...] = ()) -> int:
         """A row joins last: its state (2, L, H) after its prompt, its `SamplingParams`, its random stream, the
-        characters its repetition penalty applies to. Returns its row."""
+        characters its repetition penalty applies to, its logit bias ((character id, value) pairs). Returns its row."""
 
     def keep(self, rows: list[int]) -> None:
         """Keep these rows, in this order; the others leave."""

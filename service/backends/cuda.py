@@ -83,6 +83,7 @@ class DeviceBatch:
         self.presence = torch.zeros(capacity, device=device)  # (C,) OpenAI's presence penalty
         self.frequency = torch.zeros(capacity, device=device)  # (C,) and frequency penalty
         self.seen = torch.zeros(capacity, vocab_size, dtype=torch.bool, device=device)  # (C, V)
+        self.bias = torch.zeros(capacity, vocab_size, device=device)  # (C, V) each row's logit bias (OpenAI's logit_bias)
         self.counts = torch.zeros(capacity, vocab_size, device=device)  # (C, V) times each row generated each character
         self.seeds = torch.zeros(capacity, dtype=torch.long, device=device)  # (C,)
         self.keys = torch.zeros(capacity, dtype=torch.long, device=device)  # (C,) each seed hashed once
@@ -93,9 +94,11 @@ class DeviceBatch:
         self.ids, self.logprobs = self.hist_ids[0], self.hist_lps[0]  # a single step's picks
 
     @torch.inference_mode()
-    def append(self, state: np.ndarray, params: SamplingParams, seed: int, counter: int, seen_ids: list[int]) -> int:
+    def append(self, state: np.ndarray, params: SamplingParams, seed: int, counter: int, seen_ids: list[int],
+               bias: tuple[tuple[int, float], ...] = ()) -> int:
         """A stream joins as the last row: its state (2, L, H) float32 after its prompt, its controls, its random
-        stream (seed, counter) and the characters its repetition penalty applies to. Returns the row."""
+        stream (seed, counter), the characters its repetition penalty applies to and its logit bias ((character
+        id, value) pairs). Returns the row."""
         if self.size == self.capacity:
             raise RuntimeError(f"the batch is full ({self.capacity} rows)")
         r = self.size
@@ -109,6 +112,10 @@ class DeviceBatch:
         self.seen[r] = False
         self.seen[r, torch.tensor(seen_ids, dtype=torch.long, device=self.device)] = True
         self.counts[r] = 0
+        self.bias[r] = 0.0
+        if bias:
+            ids, values = zip(*bias)
+            self.bias[r, torch.tensor(ids, dtype=torch.long, device=self.device)] = torch.tensor(values, device=self.device)
         self.size += 1
         return r
 
@@ -122,6 +129,7 @@ class DeviceBatch:
             buf[:n] = buf[idx]
         self.seen[:n] = self.seen[idx]
         self.counts[:n] = self.counts[idx]
+        self.bias[:n] = self.bias[idx]
         self.state[:, :, :n] = self.state[:, :, idx]
         self._neutral(n, max(n, old))
         self.size = n
@@ -145,6 +153,7 @@ class DeviceBatch:
         self.seeds[start:end], self.keys[start:end], self.counters[start:end] = 0, 0, 0
         self.seen[start:end] = False
         self.counts[start:end] = 0
+        self.bias[start:end] = 0.0
 
 
 class CudaStep:
@@ -198,8 +207,9 @@ class CudaStep:
     def size(self) -> int:
         return self.batch.size
 
-    def join(self, state: np.ndarray, params: SamplingParams, seed: int, counter: int, seen_ids: list[int]) -> int:
-        return self.batch.append(state, params, seed, counter, seen_ids)
+    def join(self, state: np.ndarray, params: SamplingParams, seed: int, counter: int, seen_ids: list[int],
+             bias: tuple[tuple[int, float], ...] = ()) -> int:
+        return self.batch.append(state, params, seed, counter, seen_ids, bias)
 
     def keep(self, rows: list[int]) -> None:
         self.batch.filter(rows)
@@ -263,15 +273,16 @@ class CudaStep:
         state, out = bt.ring[j, :, :, :rows], bt.ring[j + 1, :, :, :rows]  # (2, L, R, H) each
         logits = torch.addmm(self.b_head, state[0, -1], self.w_head)  # (R, V)
         bt.hist_logits[j, :rows].copy_(logits)
+        biased = logits + bt.bias[:rows]  # (R, V): x + 0 is x for every pick, so unbiased rows draw as they would without
         if full:
-            ids, lps = sample_next(logits, bt.temperature[:rows], bt.top_k[:rows], bt.top_p[:rows], bt.penalty[:rows],
+            ids, lps = sample_next(biased, bt.temperature[:rows], bt.top_k[:rows], bt.top_p[:rows], bt.penalty[:rows],
                                    bt.seen[:rows], u, min_p=bt.min_p[:rows], presence_penalty=bt.presence[:rows],
-                                   frequency_penalty=bt.frequency[:rows], counts=bt.counts[:rows],
+                                   frequency_penalty=bt.frequency[:rows], counts=bt.counts[:rows], raw=logits,
                                    branch_free=True)  # (R,), (R,)
             bt.seen[:rows].scatter_(1, ids.unsqueeze(1), True)
             bt.counts[:rows].scatter_add_(1, ids.unsqueeze(1), torch.ones_like(ids, dtype=bt.counts.dtype).unsqueeze(1))
         else:  # no row has a filter or a penalty, so none reads its mask or counts either
-            ids, lps = sample_plain(logits, bt.scale[:rows], bt.greedy[:rows], u)
+            ids, lps = sample_plain(biased, bt.scale[:rows], bt.greedy[:rows], u, raw=logits)
         bt.hist_ids[j, :rows].copy_(ids)
         bt.hist_lps[j, :rows].copy_(lps)
         for layer in range(self.num_layers):

@@ -219,9 +219,9 @@ class Engine:
             if self._draining or self._stop:
                 self.events.on_rejected("shutting_down")
                 raise ShuttingDown("the server is shutting down and admits no new work")
-            if self.decoder is not None and any(r.constraint is not None or r.logit_bias for r, _ in requests):
-                raise Unsupported("constrained output and logit_bias run on the CPU backends; this server steps on a GPU "
-                                  "with CUDA graphs")
+            if self.decoder is not None and any(r.constraint is not None for r, _ in requests):
+                # the automaton must see each character before the next is drawn; a device look draws k at once
+                raise Unsupported("constrained output runs on the CPU backends; this server steps on a GPU with CUDA graphs")
             self._check_queue(client)
             now, streams = time.perf_counter(), []
             for request, listener in requests:
@@ -448,7 +448,8 @@ class Engine:
             if self.decoder is not None:  # rows join the device batch in the host batch's order
                 for stream in rows:
                     request = stream.request
-                    self.decoder.join(stream.state, request.params, stream.seed, request.counter, request.prompt_ids)
+                    self.decoder.join(stream.state, request.params, stream.seed, request.counter, request.prompt_ids,
+                                      request.logit_bias)
             for stream in rows:
                 stream.state = None
             self._batch = Batch.concatenate([self._batch, *joining])

@@ -87,6 +87,9 @@ def mixed_requests(tiny_model) -> list[GenerationRequest]:
         ("KING:\n", 1, P(temperature=0.8), {"return_state": True}),
         ("and ", 55, P(temperature=0.8), {"state": carried, "return_state": True}),
         ("QUEEN:\n", 25, P(temperature=0.6), {"stream_tokens": False, "logprobs": True}),
+        ("KING:\n", 50, P(temperature=0.9), {"logit_bias": ((vocab.encode("e")[0], float("-inf")), (vocab.encode("o")[0], 3.0)),
+                                              "logprobs": True}),
+        ("KING:\n", 50, P(temperature=0.9, top_k=8), {"logit_bias": ((vocab.encode(" ")[0], -2.5),), "return_state": True}),
     ]
     return [GenerationRequest(prompt_ids=vocab.encode(prompt), max_new_tokens=n, params=params, seed=100 + i, **extra)
             for i, (prompt, n, params, extra) in enumerate(specs)]
@@ -98,6 +101,8 @@ def test_device_mode_makes_what_the_host_path_makes(tiny_model, device_steps):
     host, _, _ = run(tiny_model, requests, None)
     device, _, engine = run(tiny_model, requests, device_steps)
     assert engine.decoder.size == 0  # every row gave its place back
+    biased = done_of(device[10]).text  # logit_bias on the device: "e" never, "o" favoured
+    assert "e" not in biased and biased.count("o") > biased.count(" ") and len(biased) == 50
     for i, request in enumerate(requests):
         want, got = done_of(host[i]), done_of(device[i])
         assert (got.text, got.finish_reason, got.completion_tokens, got.counter) == \
@@ -303,3 +308,25 @@ def test_auto_with_int8_serves_on_the_cpu_even_where_a_gpu_is_seen(tiny_model, m
     assert serving.backend.decoder is None and serving.device_name == "cpu"
     with pytest.raises(ValueError, match="quantize=int8"):
         Settings(device="cuda", quantize="int8")
+
+
+def test_on_the_device_logit_bias_is_served_and_a_constraint_is_refused_with_why(tiny_model):
+    """A device look draws k characters before the host sees one, so an automaton cannot steer it: constrained
+    output is refused at submission, by name. A logit bias is a fixed row of the device batch: it is served."""
+    from service.engine.constraints import compile_regex
+    from service.engine.types import Unsupported
+
+    engine, inbox = _collecting_engine(tiny_model)
+    vocab = tiny_model.vocab
+    constrained = GenerationRequest(prompt_ids=vocab.encode("KING:\n"), max_new_tokens=5,
+                                    constraint=compile_regex("[a-z]+", vocab.chars))
+    with pytest.raises(Unsupported, match="constrained output runs on the CPU backends"):
+        engine.submit(constrained, "constrained")
+    engine.submit(GenerationRequest(prompt_ids=vocab.encode("KING:\n"), max_new_tokens=30, seed=3,
+                                    logit_bias=((vocab.encode("a")[0], 100.0),)), "biased")
+    engine.start()
+    try:
+        assert inbox.wait_done("biased")
+    finally:
+        engine.stop()
+    assert done_of(inbox.events["biased"]).text == "a" * 30
