@@ -14,9 +14,11 @@ character; the steps it took beyond its end are ignored. Graphs replay on fixed 
 batch lives in buffers of a fixed capacity owned here (`DeviceBatch`): streams join with `append` and
 leave with `filter`, between looks, as in TGI's `Batch`.
 
-Two variants of the step are captured: a lean one (temperature and greedy only) and a full one
-(top-k, top-p, repetition, presence and frequency penalties); a batch takes the full one only while
-some row asks for one of those. Both pick the same character for a row whose controls are off.
+Two variants of the step are captured: a lean one (temperature, greedy and each row's logit bias) and
+a full one (top-k, top-p, min-p, repetition, presence and frequency penalties too); a batch takes the
+full one only while some row asks for one of those. Both pick the same character for a row whose
+controls are off. Constrained output is not served here: its automaton must see each character before
+the next is drawn, and a look draws k of them on the device.
 
 The random numbers and the samplers are the host's own (`sampling.uniforms_from_keys`, `sample_next`
 with `branch_free`, `sample_plain`), written over the array API and run here on torch tensors: one
