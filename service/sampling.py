@@ -189,7 +189,8 @@ def sample_next(
     character under the model's own distribution, before penalty, temperature and filters.
     A row picks the first character whose cumulative probability exceeds its uniform, in descending
     order of probability when a filter is on and in vocabulary order otherwise. Numpy arrays on the
-    host, torch tensors on a device (any array API library): the same arithmetic.
+    host, torch tensors on a device: the same steps (a GPU's exp and sums round otherwise than numpy's,
+    so a seed's text is the same on every device of one kind, not across kinds).
     """
     xp = namespace(logits)
     B, V = logits.shape
@@ -198,7 +199,7 @@ def sample_next(
         pen = repetition_penalty[:, None]  # (B, 1)
         logits = xp.where(seen, xp.where(logits > 0, logits / pen, logits * pen), logits)
     if counts is not None:  # x - 0 * c - 0 * [c > 0] is x bit for bit, so rows without these penalties keep their logits
-        c = xp.astype(counts, logits.dtype)  # (B, V)
+        c = xp.astype(counts, logits.dtype, copy=False)  # (B, V)
         logits = logits - frequency_penalty[:, None] * c - presence_penalty[:, None] * xp.astype(c > 0, logits.dtype)
     greedy, scale = temperature_scale(temperature)  # (B,), (B,)
     filtered = filtering(top_k, top_p, min_p)  # (B,) rows with a top-k, nucleus or min-p filter
@@ -210,7 +211,7 @@ def sample_next(
     ranks = xp.arange(V, device=array_api_compat.device(logits))[None, :]  # (1, V)
     descending = xp.argsort(-scaled, axis=-1, stable=True)  # (B, V): ties keep vocabulary order
     order = xp.where(filtered[:, None], descending, ranks)  # (B, V)
-    ordered = xp.take_along_axis(scaled, order, axis=1)  # (B, V)
+    ordered = _take_rows(scaled, order)  # (B, V)
     k = xp.where((top_k > 0) & (top_k < V), top_k, V)[:, None]  # (B, 1)
     probs = softmax(xp.where(ranks >= k, -xp.inf, ordered))  # (B, V)
     before = xp.cumulative_sum(probs, axis=-1, dtype=xp.float32) - probs  # mass strictly above each rank
@@ -219,7 +220,7 @@ def sample_next(
         keep = keep & (probs >= min_p[:, None] * probs[:, :1])
     keep = keep | (ranks == 0) | ~filtered[:, None]  # the top character stays; unfiltered rows keep everything
     pick = _draw(probs * keep, u)  # (B,) a rank
-    pick = xp.take_along_axis(order, pick[:, None], axis=1)[:, 0]  # (B,) a character
+    pick = _take_rows(order, pick[:, None])[:, 0]  # (B,) a character
     if branch_free or bool(xp.any(greedy)):
         pick = xp.where(greedy, xp.argmax(logits, axis=-1), pick)
     return pick, _logprobs(raw, pick) if want_logprobs else None
@@ -234,15 +235,21 @@ def temperature_scale(temperature):
 
 
 def softmax(x):
-    """Row-wise softmax in float32. x (B, V) -> (B, V). Each row alone: the same bits in any batch."""
+    """Row-wise softmax in float32. x (B, V) -> (B, V). Each row alone: the same bits in any batch. Torch's
+    own fused kernel on tensors: its general reduction (`sum`) lays its threads out on a GPU by the number
+    of rows, so a row would sum in another order alone than in a batch; numpy's does not."""
     xp = namespace(x)
+    if array_api_compat.is_torch_namespace(xp):
+        return x.softmax(-1)
     e = xp.exp(x - xp.max(x, axis=-1, keepdims=True))  # (B, V), contiguous: numpy's vector exp on every element
     return e / xp.sum(e, axis=-1, keepdims=True)
 
 
 def log_softmax(x):
-    """Row-wise log-softmax in float32. x (B, V) -> (B, V)."""
+    """Row-wise log-softmax in float32. x (B, V) -> (B, V). Torch's own kernel on tensors, as `softmax`."""
     xp = namespace(x)
+    if array_api_compat.is_torch_namespace(xp):
+        return x.log_softmax(-1)
     shifted = x - xp.max(x, axis=-1, keepdims=True)  # (B, V)
     return shifted - xp.log(xp.sum(xp.exp(shifted), axis=-1, keepdims=True))
 
@@ -266,8 +273,8 @@ def sample_plain(logits, scale, greedy, u, want_logprobs: bool = True, *, any_gr
 
 def _draw(probs, u):
     """The first column whose cumulative probability exceeds each row's uniform. probs (B, V), u (B,) -> (B,) int64.
-    The cumulative sum runs left to right in float64, one addition at a time (numpy's cumsum does the
-    same), so a few host rows take Python's floats: the same bits, without numpy's fixed cost per call."""
+    On the host the cumulative sum runs left to right in float64, one addition at a time (numpy's cumsum does
+    the same), so a few rows take Python's floats: the same bits, without numpy's fixed cost per call."""
     B, V = probs.shape
     if B <= SMALL_BATCH and type(probs) is np.ndarray:
         picks = []
@@ -284,7 +291,15 @@ def _draw(probs, u):
 
 def _logprobs(raw, pick):
     """Each picked character's log-probability under the model's own distribution. raw (B, V), pick (B,) -> (B,)."""
-    return namespace(raw).take_along_axis(log_softmax(raw), pick[:, None], axis=1)[:, 0]
+    return _take_rows(log_softmax(raw), pick[:, None])[:, 0]
+
+
+def _take_rows(x, idx):
+    """out[r, j] = x[r, idx[r, j]]. x (B, V), idx (B, J) -> (B, J). numpy's take_along_axis; torch's gather
+    (array_api_compat's take_along_axis adds three kernels a call for negative indices, which never occur here)."""
+    if type(x) is np.ndarray:
+        return np.take_along_axis(x, idx, axis=1)
+    return x.gather(1, idx)
 
 
 def top_alternatives(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -114,12 +114,13 @@ def check_request_size(prompt_chars: list[int], choices: int, max_new: int, sett
 
 
 def check_logit_bias(bias: dict[str, float] | None, loaded: LoadedModel) -> tuple[tuple[int, float], ...]:
-    """Each key a character id of the vocabulary (as /tokenize gives it); -100 means never (-inf)."""
+    """Each key a character id of the vocabulary, written as /tokenize gives it (so "05" and "5" cannot both name
+    one character); -100 means never (-inf)."""
     if not bias:
         return ()
     size, out = len(loaded.vocab), []
     for key, value in bias.items():
-        if not (key.isdigit() and int(key) < size):
+        if not (key.isascii() and key.isdigit() and key == str(int(key)) and int(key) < size):
             raise APIError(400, "invalid_field", f"logit_bias: {key!r} is not a character id of this model (0 to {size - 1}; "
                            f"POST /tokenize gives a text's ids)", "logit_bias")
         out.append((int(key), float("-inf") if value <= -MAX_BIAS else value))

@@ -58,6 +58,8 @@ def build(name: str, model, workers: int | None = None, device="cpu", apart: boo
     if name == "cuda":
         from .cuda import CudaBackend
         return CudaBackend(model, workers, device, **options)
+    if options:
+        raise TypeError(f"backend {name} takes no options, got {', '.join(options)}")
     if name == "torch":
         from .torch_fp32 import TorchBackend
         return TorchBackend(model, workers, device)

@@ -236,7 +236,8 @@ def test_logit_bias_bans_and_favours_characters_by_their_ids(chat_server):
     favoured = httpx.post(chat_server.url + "/generate", json={"prompt": "KING:\n", "max_new_tokens": 50, "seed": 3,
                                                               "logit_bias": {space: 100}}, timeout=30).json()
     assert favoured["text"].count(" ") >= 45
-    for bad, says in (({"999": 1}, "not a character id"), ({"x": 1}, "not a character id"), ({e: 101}, "less than or equal")):
+    for bad, says in (({"999": 1}, "not a character id"), ({"x": 1}, "not a character id"), ({e: 101}, "less than or equal"),
+                      ({"0" + e: 1, e: 2}, "not a character id"), ({"\u00b2": 1}, "not a character id")):  # "05" beside "5"; a digit int() refuses
         r = httpx.post(chat_server.url + "/v1/completions", json={"model": MODEL, "prompt": "K", "logit_bias": bad}, timeout=10)
         assert r.status_code in (400, 422) and says in r.json()["error"]["message"], r.text
 

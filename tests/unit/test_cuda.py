@@ -214,6 +214,8 @@ def test_cuda_graph_replay_picks_what_eager_cuda_picks_alone_or_batched(tiny_mod
             batched, reference, single = graphs.step(), eager.step(), alone.step()
             assert torch.equal(batched, reference)
             assert single.tolist() == [batched[9].item()]
+            # the figures too, bit for bit: a row's softmax sums alike in a bucket of 2 and of 64
+            assert torch.equal(alone.batch.logprobs[:1], graphs.batch.logprobs[9:10])
 
 
 @needs_cuda
@@ -347,7 +349,8 @@ class DeviceCalls(TorchDispatchMode):
 
 
 # What a CUDA graph cannot hold: a value read back to the host (a Python decision on data waits for the
-# device), a result whose size depends on the data, a tensor made from host memory during capture.
+# device), a result whose size depends on the data, a tensor built from Python data during capture
+# (torch.tensor: on a GPU, a copy from host memory).
 NOT_IN_A_GRAPH = {"aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::nonzero", "aten::equal",
                   "aten::lift_fresh", "aten::masked_select", "aten::unique", "aten::_unique2"}
 
