@@ -203,8 +203,8 @@ def sample_next(
         logits = logits - frequency_penalty[:, None] * c - presence_penalty[:, None] * xp.astype(c > 0, logits.dtype)
     greedy, scale = temperature_scale(temperature)  # (B,), (B,)
     filtered = filtering(top_k, top_p, min_p)  # (B,) rows with a top-k, nucleus or min-p filter
-    if not branch_free and not bool(xp.any(filtered)):
-        return sample_plain(logits, scale, greedy, u, want_logprobs, any_greedy=bool(xp.any(greedy)), raw=raw)
+    if not branch_free and not filtered.any():
+        return sample_plain(logits, scale, greedy, u, want_logprobs, any_greedy=bool(greedy.any()), raw=raw)
     # Filtered rows work in descending order of probability; the others keep vocabulary order, so
     # a row draws the same character whatever the other rows of the batch ask for.
     scaled = logits / scale[:, None]  # (B, V)
@@ -221,7 +221,7 @@ def sample_next(
     keep = keep | (ranks == 0) | ~filtered[:, None]  # the top character stays; unfiltered rows keep everything
     pick = _draw(probs * keep, u)  # (B,) a rank
     pick = _take_rows(order, pick[:, None])[:, 0]  # (B,) a character
-    if branch_free or bool(xp.any(greedy)):
+    if branch_free or greedy.any():
         pick = xp.where(greedy, xp.argmax(logits, axis=-1), pick)
     return pick, _logprobs(raw, pick) if want_logprobs else None
 
@@ -235,23 +235,21 @@ def temperature_scale(temperature):
 
 
 def softmax(x):
-    """Row-wise softmax in float32. x (B, V) -> (B, V). Each row alone: the same bits in any batch. Torch's
-    own fused kernel on tensors: its general reduction (`sum`) lays its threads out on a GPU by the number
-    of rows, so a row would sum in another order alone than in a batch; numpy's does not."""
-    xp = namespace(x)
-    if array_api_compat.is_torch_namespace(xp):
+    """Row-wise softmax in float32. x (B, V) -> (B, V). Each row alone: the same bits in any batch. A primitive
+    with each library's own kernel: numpy's, and torch's fused one on tensors (torch's general sum lays its
+    threads out on a GPU by the number of rows, so a row would sum in another order alone than in a batch)."""
+    if type(x) is not np.ndarray:
         return x.softmax(-1)
-    e = xp.exp(x - xp.max(x, axis=-1, keepdims=True))  # (B, V), contiguous: numpy's vector exp on every element
-    return e / xp.sum(e, axis=-1, keepdims=True)
+    e = np.exp(x - x.max(axis=-1, keepdims=True))  # (B, V), contiguous: numpy's vector exp on every element
+    return e / e.sum(axis=-1, keepdims=True)
 
 
 def log_softmax(x):
-    """Row-wise log-softmax in float32. x (B, V) -> (B, V). Torch's own kernel on tensors, as `softmax`."""
-    xp = namespace(x)
-    if array_api_compat.is_torch_namespace(xp):
+    """Row-wise log-softmax in float32. x (B, V) -> (B, V). Each library's own kernel, as `softmax`."""
+    if type(x) is not np.ndarray:
         return x.log_softmax(-1)
-    shifted = x - xp.max(x, axis=-1, keepdims=True)  # (B, V)
-    return shifted - xp.log(xp.sum(xp.exp(shifted), axis=-1, keepdims=True))
+    shifted = x - x.max(axis=-1, keepdims=True)  # (B, V)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
 def sample_plain(logits, scale, greedy, u, want_logprobs: bool = True, *, any_greedy: bool = True, raw=None,
