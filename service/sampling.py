@@ -7,8 +7,10 @@ the batch, and a stream's random state can be saved, restored or forked by copyi
 The hash and the samplers are written once, over the array API (`array_api_compat`): the engine runs
 them on numpy arrays on the host, and the CUDA backend (backends/cuda.py) on torch tensors on its
 device, inside a CUDA graph (`branch_free=True`: no decision is taken from the data, so nothing waits
-for the device). A few shortcuts for tiny host batches (Python's integers and floats instead of a dozen
-numpy calls) compute the same bits; tests/unit/test_sampling.py pins each against the definition.
+for the device). Two primitives take each library's own kernel (`softmax`, `_take_rows`). A few shortcuts
+for tiny host batches (Python's integers and floats instead of a dozen numpy calls) compute the same
+bits; tests/unit/test_sampling.py pins each against the definition, tests/unit/test_cuda.py the torch
+form against the numpy one.
 """
 
 from __future__ import annotations
