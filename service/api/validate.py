@@ -120,10 +120,11 @@ def check_logit_bias(bias: dict[str, float] | None, loaded: LoadedModel) -> tupl
         return ()
     size, out = len(loaded.vocab), []
     for key, value in bias.items():
-        if not (key.isascii() and key.isdigit() and key == str(int(key)) and int(key) < size):
+        char_id = int(key) if key.isascii() and key.isdigit() else -1
+        if not (0 <= char_id < size and key == str(char_id)):
             raise APIError(400, "invalid_field", f"logit_bias: {key!r} is not a character id of this model (0 to {size - 1}; "
                            f"POST /tokenize gives a text's ids)", "logit_bias")
-        out.append((int(key), float("-inf") if value <= -MAX_BIAS else value))
+        out.append((char_id, float("-inf") if value <= -MAX_BIAS else value))
     if all(v == float("-inf") for _, v in out) and len(out) == size:
         raise APIError(400, "invalid_field", "logit_bias: every character is banned (-100): nothing could be written",
                        "logit_bias")

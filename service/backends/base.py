@@ -98,9 +98,9 @@ class Decoder(Protocol):
     size: int  # rows held now
 
     def join(self, state: np.ndarray, params: Any, seed: int, counter: int, seen_ids: list[int],
-             bias: tuple[tuple[int, float], ...] = ()) -> int:
+             bias: np.ndarray | None = None) -> int:
         """A row joins last: its state (2, L, H) after its prompt, its `SamplingParams`, its random stream, the
-        characters its repetition penalty applies to, its logit bias ((character id, value) pairs). Returns its row."""
+        characters its repetition penalty applies to, its logit bias (V,) float32 (None: none). Returns its row."""
 
     def keep(self, rows: list[int]) -> None:
         """Keep these rows, in this order; the others leave."""

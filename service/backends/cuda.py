@@ -97,10 +97,10 @@ class DeviceBatch:
 
     @torch.inference_mode()
     def append(self, state: np.ndarray, params: SamplingParams, seed: int, counter: int, seen_ids: list[int],
-               bias: tuple[tuple[int, float], ...] = ()) -> int:
+               bias: np.ndarray | None = None) -> int:
         """A stream joins as the last row: its state (2, L, H) float32 after its prompt, its controls, its random
-        stream (seed, counter), the characters its repetition penalty applies to and its logit bias ((character
-        id, value) pairs). Returns the row."""
+        stream (seed, counter), the characters its repetition penalty applies to and its logit bias, (V,) float32
+        (the host batch's row of it; None: none). Returns the row."""
         if self.size == self.capacity:
             raise RuntimeError(f"the batch is full ({self.capacity} rows)")
         r = self.size
@@ -114,10 +114,7 @@ class DeviceBatch:
         self.seen[r] = False
         self.seen[r, torch.tensor(seen_ids, dtype=torch.long, device=self.device)] = True
         self.counts[r] = 0
-        self.bias[r] = 0.0
-        if bias:
-            ids, values = zip(*bias)
-            self.bias[r, torch.tensor(ids, dtype=torch.long, device=self.device)] = torch.tensor(values, device=self.device)
+        self.bias[r] = 0.0 if bias is None else torch.from_numpy(bias).to(self.device)
         self.size += 1
         return r
 
@@ -210,7 +207,7 @@ class CudaStep:
         return self.batch.size
 
     def join(self, state: np.ndarray, params: SamplingParams, seed: int, counter: int, seen_ids: list[int],
-             bias: tuple[tuple[int, float], ...] = ()) -> int:
+             bias: np.ndarray | None = None) -> int:
         return self.batch.append(state, params, seed, counter, seen_ids, bias)
 
     def keep(self, rows: list[int]) -> None:

@@ -13,10 +13,10 @@ a completed stream hands back the state it ended in. Every stream that was accep
 
 With a backend that holds the rows on its own device (its `decoder`: the CUDA backend) the rows'
 states, controls and sampling live there, and a look's k steps run there before the host sees their
-ids, in one copy. Either way
-rows are admitted, cancelled and finished between looks, so each of those waits at most one look. A
-row that ends inside a look (its length, a stop string) ignores the steps it took beyond its end and
-hands back the state after its last character, which is kept for every step of the look.
+ids, in one copy. Either way rows are admitted, cancelled and finished between looks, so each of those
+waits at most one look. A row that ends inside a look (its length, a stop string) ignores the steps it
+took beyond its end and hands back the state after its last character, which is kept for every step of
+the look.
 """
 
 from __future__ import annotations
@@ -446,10 +446,10 @@ class Engine:
         if joining:
             rows = [r for b in joining for r in b.rows]
             if self.decoder is not None:  # rows join the device batch in the host batch's order
-                for stream in rows:
-                    request = stream.request
+                for single in joining:
+                    stream, request = single.rows[0], single.rows[0].request
                     self.decoder.join(stream.state, request.params, stream.seed, request.counter, request.prompt_ids,
-                                      request.logit_bias)
+                                      single.bias[0] if request.logit_bias else None)
             for stream in rows:
                 stream.state = None
             self._batch = Batch.concatenate([self._batch, *joining])
