@@ -41,8 +41,9 @@ class Responses:
         them as one request of `client`. `on_done` finishes a stream before its Done is read (a session commits there)."""
         self.engine, self.choices = engine, choices
         self._wakeup = asyncio.Event()  # set when any choice's channel gets events
+        self._pause: asyncio.Future | None = None  # the reader's pause between rounds (`pause`), while it lasts
         for choice in choices:
-            choice.channel = Channel(on_done, self._wakeup)
+            choice.channel = Channel(on_done, self._wakeup, self._end_arrived)
         streams = engine.submit_all([(choice.request, choice.channel) for choice in choices], client)
         for choice, stream in zip(choices, streams):
             choice.stream = stream
@@ -66,6 +67,24 @@ class Responses:
                         choice.done = event
             yield round_
 
+    async def pause(self, seconds: float) -> None:
+        """Let the next characters gather for `seconds`, or less: a choice's end ends the pause (the last
+        characters and the end go out at once), and so does one that came before the pause."""
+        if any(c.channel.ended and c.done is None for c in self.choices):
+            return
+        loop = asyncio.get_running_loop()
+        self._pause = pause = loop.create_future()
+        timer = loop.call_later(seconds, _settle, pause)
+        try:
+            await pause
+        finally:
+            timer.cancel()
+            self._pause = None
+
+    def _end_arrived(self) -> None:
+        if self._pause is not None:
+            _settle(self._pause)
+
     async def all(self, request: Request) -> list[Done]:
         """Every choice's Done; a client that leaves first cancels them all (499)."""
 
@@ -84,6 +103,11 @@ class Responses:
         for choice in self.choices:
             if choice.stream is not None and choice.done is None:
                 self.engine.cancel(choice.stream)
+
+
+def _settle(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 async def run_one(engine: Engine, gen: GenerationRequest, request: Request,

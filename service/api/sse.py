@@ -120,7 +120,7 @@ def event_stream(responses: Responses, formatter: StreamFormatter, interval_s: f
                         if formatter.failed:
                             return
                     if interval_s and not all(c.done for c in responses.choices):
-                        await asyncio.sleep(interval_s)  # let the next characters gather
+                        await responses.pause(interval_s)  # let the next characters gather (an end cuts it short)
             for message in formatter.closing():
                 yield message
         finally:

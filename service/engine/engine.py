@@ -39,7 +39,7 @@ from ..backends.base import Backend
 from .observers import Fanout
 from .scheduler import Scheduler
 from .share import ComputeShare
-from .step import Stepper
+from .step import QUIET_STEPS, Stepper
 from .stream import Phase, RequestGroup, Stream
 from .fairness import queue_share
 from .types import ANONYMOUS, Client, EngineUnavailable, GenerationRequest, Overloaded, PromptScored, ShuttingDown, Unsupported
@@ -64,6 +64,7 @@ class EngineConfig:
     prefill_rows: int = 8  # a loop ingests one block of at most this many streams' slices, in one backend call
     start_char: str = "\n"  # fed when a fresh stream has no prompt, so the first character has context
     decode_steps: int = 1  # steps a look: the rows' text is updated once per look (a device step must be built for as many)
+    quiet_steps: int = QUIET_STEPS  # steps of a look on the host while nobody waits (cut short when someone comes); 1: none
     max_rows_per_request: int | None = None  # rows one request holds at once; None: a quarter of max_batch_size (at least 1)
     # How often characters are handed to the listeners: a stream's first characters, its end and anything
     # but characters go at once; later characters wait for the next hand-over, at most this long. 0: every
@@ -147,7 +148,7 @@ class Engine:
         # owned by the loop thread
         self.scheduler = Scheduler(config.max_batch_size, config.rows_per_request, config.prefill_chunk, config.prefill_rows,
                                    backend.block_seconds, config.prompt_cost)
-        self.stepper = Stepper(backend, config.decode_steps)
+        self.stepper = Stepper(backend, config.decode_steps, config.quiet_steps)
         self._chars = vocab.chars
         self.output = Output(self._chars, self.events, self._release)
         self._batch = self._empty_batch()
@@ -313,7 +314,7 @@ class Engine:
                     if len(self._batch):
                         t0 = time.perf_counter()
                         quiet = not (self._incoming or scheduler.waiting or scheduler.ingesting)  # a glance: a hint
-                        k, look = self.stepper.look(self._batch, quiet)  # step
+                        k, look = self.stepper.look(self._batch, quiet, self._someone_came)  # step
                         self.output.process(self._batch.rows, k, look)  # process outputs
                         self._count_service()
                         self._steps += k
@@ -326,6 +327,11 @@ class Engine:
                 self._fail_in_flight(e)
             self._publish_counts()
             self._flush()
+
+    def _someone_came(self) -> bool:
+        """Whether a request, a cancellation or a stop came since the loop looked: a quiet look ends then.
+        Read without the lock: a hint, checked again under it at the loop's top."""
+        return bool(self._incoming or self._cancelled or self._stop)
 
     def _count_service(self) -> None:
         """The characters each client got in this look: its service counter, and the metrics by label."""

@@ -6,6 +6,8 @@ ids mean for each stream is `output.Output`'s business.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from ..sampling import sample_next, sample_plain, top_alternatives, uniforms
@@ -21,31 +23,37 @@ def _by_row(steps: list[np.ndarray]) -> list[list]:
     return np.stack(steps, axis=1).tolist()
 
 
-QUIET_ROWS, QUIET_STEPS = 2, 4  # a batch this small with nobody waiting takes looks of this many steps on the host
+QUIET_STEPS = 4  # a batch with nobody waiting takes looks of up to this many steps on the host
 
 
 class Stepper:
     """Takes looks of the batch (every row's prompt is in: the scheduler's blocks ingest prompts)."""
 
-    def __init__(self, backend: Backend, decode_steps: int):
-        self.backend, self.decoder, self.decode_steps = backend, backend.decoder, decode_steps
+    def __init__(self, backend: Backend, decode_steps: int, quiet_steps: int = QUIET_STEPS):
+        self.backend, self.decoder, self.decode_steps, self.quiet_steps = backend, backend.decoder, decode_steps, quiet_steps
 
-    def look(self, batch: Batch, quiet: bool = False) -> tuple[int, Look]:
+    def look(self, batch: Batch, quiet: bool = False, interrupted: Callable[[], bool] | None = None) -> tuple[int, Look]:
         """One look of k steps: k is the configured steps a look, or 1 when most rows end sooner. A
-        `quiet` engine (nothing waiting or ingesting) with a batch of one or two rows takes QUIET_STEPS
-        on the host: each loop's fixed work (schedule, output, hand-over) is then shared by several
-        characters (measured: benchmarks/README.md), and nobody waits for the look to end. The text is
-        the same whatever k is."""
+        `quiet` engine (nothing waiting or ingesting) takes looks of `quiet_steps` on the host, whatever
+        the batch's size: each loop's fixed work (schedule, output, hand-over, a row's text and events)
+        is then shared by several characters (measured: benchmarks/README.md). Such a look ends after
+        any step at which `interrupted()` says someone came (a request, a cancellation), so nobody waits
+        for it longer than for one step. The text is the same whatever k is."""
         k = self.decode_steps
-        if quiet and k == 1 and self.decoder is None and len(batch) <= QUIET_ROWS:
-            k = QUIET_STEPS
+        if quiet and k == 1 and self.decoder is None:
+            k = self.quiet_steps
+        else:
+            interrupted = None  # a configured look runs whole
         if k > 1 and 2 * max(s.request.max_new_tokens - len(s.chars) for s in batch.rows) < k:
             k = 1  # most rows end sooner than a whole look
-        return k, self.device_look(batch, k) if self.decoder is not None else self.host_look(batch, k)
+        if self.decoder is not None:
+            return k, self.device_look(batch, k)
+        return self.host_look(batch, k, interrupted)
 
-    def host_look(self, batch: Batch, k: int) -> Look:
-        """k steps with the backend: sample every row, record, step. The last step runs in the background
-        (the step workers) while the rows' text is updated; `settle` waits for it."""
+    def host_look(self, batch: Batch, k: int, interrupted: Callable[[], bool] | None = None) -> tuple[int, Look]:
+        """Up to k steps with the backend: sample every row, record, step; fewer when `interrupted()`
+        says so after a step. The last step runs in the background (the step workers) while the rows'
+        text is updated; `settle` waits for it. Returns (the steps taken, the look)."""
         ids_steps, lps_steps, tops_steps, states = [], [], [], []
         ends: dict[int, tuple[int, bool]] = {}  # row -> (step, whether its character stays): where its constraint ended it
         pieces: dict[int, dict[int, str]] = {}  # row -> {step: text}: where its constraint writes other than the character
@@ -79,9 +87,10 @@ class Stepper:
             ids_steps.append(ids)
             if lps is not None:
                 lps_steps.append(lps)
-            if j < k - 1:
-                state = self.backend.step(ids, state)  # (2, L, B, H)
-                states.append(state)
+            if j == k - 1 or (interrupted is not None and interrupted()):
+                break  # the look's last step
+            state = self.backend.step(ids, state)  # (2, L, B, H)
+            states.append(state)
         new_state = self.backend.start_step(ids, state)  # every row consumes its last character, while ...
 
         def settle() -> None:  # ... the rows' text is updated
@@ -91,9 +100,9 @@ class Stepper:
         tops = None
         if top_k:  # (n, k, top_k) each
             tops = tuple(np.stack(t, axis=1).tolist() for t in zip(*tops_steps))
-        return Look(ids=_by_row(ids_steps), lps=_by_row(lps_steps) if lps_steps else None, tops=tops,
-                     state=lambda row, steps: states[steps - 1][:, :, row].copy(), settle=settle,
-                     ends=ends or None, pieces=pieces or None)
+        return len(ids_steps), Look(ids=_by_row(ids_steps), lps=_by_row(lps_steps) if lps_steps else None, tops=tops,
+                                    state=lambda row, steps: states[steps - 1][:, :, row].copy(), settle=settle,
+                                    ends=ends or None, pieces=pieces or None)
 
     def device_look(self, batch: Batch, k: int) -> Look:
         """k steps on the backend's device (its `Decoder`): it samples there, with the same definition."""

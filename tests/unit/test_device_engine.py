@@ -126,7 +126,7 @@ def test_device_mode_makes_what_the_host_path_makes(tiny_model, device_steps):
 def test_several_host_steps_a_look_make_what_one_step_a_look_makes(tiny_model):
     """The CPU path with decode_steps 8: same texts, ends, figures and session states, in fewer looks."""
     requests = mixed_requests(tiny_model)
-    one, one_loops, _ = run(tiny_model, requests, None)
+    one, one_loops, _ = run(tiny_model, requests, None, config=EngineConfig(max_batch_size=16, quiet_steps=1))
     eight, eight_loops, _ = run(tiny_model, requests, None, config=EngineConfig(max_batch_size=16, decode_steps=8))
     assert eight_loops * 3 < one_loops
     for i in range(len(requests)):

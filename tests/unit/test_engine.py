@@ -154,6 +154,51 @@ def test_characters_wait_for_their_hand_over_but_first_characters_and_ends_do_no
         assert "".join(e.text for e in texts[3600.0][i] if isinstance(e, Token)) == done.text
 
 
+def test_a_quiet_look_ends_after_the_step_at_which_someone_came(tiny_model):
+    """A request that comes during a quiet look waits for one more step, not for the look's end; both
+    streams write what they write alone."""
+    first = GenerationRequest(prompt_ids=[1, 2], max_new_tokens=60, seed=3)
+    second = GenerationRequest(prompt_ids=[3], max_new_tokens=20, seed=4)
+    looks: list[int] = []  # each look's steps
+    events = {0: [], 1: []}
+    finished = threading.Event()
+
+    class Observer(Recorder):
+        def on_step(self, batch_size, seconds, steps=1):
+            looks.append(steps)
+
+    class ComesDuringTheThirdLook(TorchBackend):
+        """Submits the second request at the first step of the third look."""
+        submitted_in = None
+
+        def logits(self, state):
+            if len(looks) == 2 and self.submitted_in is None:
+                self.submitted_in = len(looks)
+                engine.submit(second, 1)
+            return super().logits(state)
+
+    def deliver(batch):
+        for i, evs in batch:
+            events[i].extend(evs)
+        if all(any(isinstance(e, Done) for e in evs) for evs in events.values()):
+            finished.set()
+
+    backend = ComesDuringTheThirdLook(tiny_model.model)
+    engine = Engine(backend, tiny_model.vocab, EngineConfig(max_batch_size=4), deliver)
+    engine.add_observer(Observer())
+    engine.submit(first, 0)
+    engine.start()
+    try:
+        assert finished.wait(120)
+    finally:
+        engine.stop()
+    assert looks[:2] == [QUIET_STEPS, QUIET_STEPS]  # one row, nobody waiting: whole quiet looks
+    assert looks[2] == 1  # it came during the look's first step: the look ended with that step
+    alone, _ = run_engine(tiny_model, EngineConfig(max_batch_size=4), [first, second])
+    for i in range(2):
+        assert [e for e in events[i] if isinstance(e, Done)][0].text == [e for e in alone[i] if isinstance(e, Done)][0].text
+
+
 def test_a_logit_bias_is_its_own_rows_and_the_same_alone_or_among_others(tiny_model):
     """A row's bias changes its draws only: the other rows write what they write without it, and the
     biased row writes the same text alone as beside them."""
@@ -170,8 +215,9 @@ def test_a_logit_bias_is_its_own_rows_and_the_same_alone_or_among_others(tiny_mo
 
 
 def test_a_quiet_engine_takes_longer_looks_and_writes_the_same_text_state_and_figures(tiny_model):
-    """One row with nobody waiting steps QUIET_STEPS a look; beside three others it steps one a look. The
-    text, the log-probabilities, the end state and the random stream's position are the same either way."""
+    """One row with nobody waiting steps QUIET_STEPS a look; beside three others that come and go it also
+    steps one a look. The text, the log-probabilities, the end state and the random stream's position are
+    the same either way."""
     request = GenerationRequest(prompt_ids=[1, 2], max_new_tokens=37, seed=3, logprobs=True, return_state=True)
     others = [GenerationRequest(prompt_ids=[3], max_new_tokens=60, seed=10 + i) for i in range(3)]
     alone_events, alone_log = run_engine(tiny_model, EngineConfig(max_batch_size=4), [request])

@@ -5,6 +5,7 @@ not the client's goes on up."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 from sse_starlette.event import ServerSentEvent
@@ -109,5 +110,36 @@ def test_a_cancellation_from_outside_is_not_taken_for_a_client_leaving():
         task.cancel()  # the server stopping
         with pytest.raises(asyncio.CancelledError):
             await task
+
+    asyncio.run(scenario())
+
+
+def test_a_streams_end_cuts_the_writers_pause_short(tiny_model):
+    """The writer pauses between rounds so characters gather, but an end goes out when it arrives: with
+    an interval of an hour, a stream of a real engine still ends as soon as its last character is made."""
+    from service.api.bridge import make_deliver
+    from service.api.native.formatter import NativeStream
+    from service.api.reader import Choice, Responses
+    from service.api.sse import event_stream
+    from service.backends.torch_fp32 import TorchBackend
+    from service.engine.engine import Engine, EngineConfig
+    from service.engine.types import ANONYMOUS, GenerationRequest
+
+    async def scenario():
+        engine = Engine(TorchBackend(tiny_model.model), tiny_model.vocab, EngineConfig(max_batch_size=4),
+                        make_deliver(asyncio.get_running_loop()))
+        engine.start()
+        try:
+            request = GenerationRequest(prompt_ids=[1, 2], max_new_tokens=300, seed=5)
+            responses = Responses(engine, [Choice(0, "", True, request)], ANONYMOUS)
+            client = Client()
+            stream = event_stream(responses, NativeStream("tiny"), interval_s=3600.0)
+            await asyncio.wait_for(stream({"type": "http"}, client.receive, client.send), 30)
+        finally:
+            engine.stop()
+        body = b"".join(client.bodies()).decode()
+        assert "event: done" in body and body.count("event: token") >= 1
+        texts = [line for line in body.split("\r\n") if line.startswith("data: {\"index\"")]
+        assert sum(len(json.loads(t[len("data: "):])["text"]) for t in texts) == 300
 
     asyncio.run(scenario())
