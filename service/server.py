@@ -81,6 +81,7 @@ async def running(settings: Settings, wiring: Wiring, preloaded: LoadedModel | N
     pool builds an engine (default: `engine_factory`, in this process)."""
     logs.configure(settings.log_level)
     memory.fix_mmap_threshold()
+    memory.collect_young_less_often()
     if unknown := unknown_variables(os.environ):
         log.warning("ignored: %s set no setting (README, \"Settings\", lists them)", ", ".join(unknown))
     if settings.torch_threads:
