@@ -154,7 +154,7 @@ def profile(url: str, pid: int, clients: int, seconds: float) -> tuple[dict[str,
     for line in raw.read_text().splitlines():
         stack, _, n = line.rpartition(" ")
         head, _, rest = stack.partition(";")
-        if not head.startswith("thread ("):
+        if not head.startswith("thread (") or not n.isdigit():  # py-spy writes a frame it could not read as "(?"
             continue
         tid = int(head[len("thread ("):].split(")", 1)[0], 0)
         names[tid] = head.split(": ", 1)[-1]

@@ -177,7 +177,8 @@ def engine_factory(settings: Settings, deliver: Callable[[list], None]):
         engine = Engine(runner, loaded.vocab,
                         EngineConfig(max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
                                      prefill_chunk=settings.prefill_chunk, prefill_rows=settings.prefill_rows,
-                                     decode_steps=serving.decode_steps, max_rows_per_request=settings.max_rows_per_request,
+                                     decode_steps=serving.decode_steps, quiet_steps=settings.quiet_steps,
+                                     max_rows_per_request=settings.max_rows_per_request,
                                      deliver_interval_s=settings.stream_interval_ms / 2000,  # half the SSE writer's interval
                                      prompt_cost=settings.prompt_cost),
                         deliver=deliver, share=share)

@@ -122,6 +122,11 @@ class Settings(BaseSettings):
     decode_steps: int | None = Field(None, ge=1, le=256, description="steps a look: the batch takes this many steps before the "
                                      "host updates the rows' text, once for all of them (a GPU returns their characters in "
                                      "one copy); rows join, leave and end between looks. Unset: 16 on a GPU, 1 on the CPU")
+    quiet_steps: int = Field(ENGINE.quiet_steps, ge=1, le=64, description="on the CPU, with decode_steps 1: the steps of a look "
+                             "while no row has just joined and nothing waits or is being ingested, so each loop's fixed work is "
+                             "shared by that many characters; a request or a cancellation that comes ends the look after the "
+                             "step in progress. 1: a look a step (newcomers' first characters a few ms sooner under load, at "
+                             "more CPU a character: benchmarks/README.md)")
     session_create_rate: float = Field(5.0, gt=0, description="sessions one client (API key, or address without a key) may "
                                        "create, import or fork per second, sustained; beyond it 429 rate_limited with Retry-After")
     session_create_burst: int = Field(50, ge=1, description="sessions one client may make at once before session_create_rate applies")

@@ -310,10 +310,11 @@ class Engine:
                 self._take_turn()  # the cores, shared with other models' engines (ComputeShare)
                 t_turn = time.perf_counter()
                 try:
-                    self._ingest()
+                    joined = self._ingest()
                     if len(self._batch):
                         t0 = time.perf_counter()
-                        quiet = not (self._incoming or scheduler.waiting or scheduler.ingesting)  # a glance: a hint
+                        # a glance, a hint; rows that just joined take one step, so their first characters go out at once
+                        quiet = not (joined or self._incoming or scheduler.waiting or scheduler.ingesting)
                         k, look = self.stepper.look(self._batch, quiet, self._someone_came)  # step
                         self.output.process(self._batch.rows, k, look)  # process outputs
                         self._count_service()
@@ -420,9 +421,9 @@ class Engine:
             self.events.on_queue_time(now - stream.t_submit)
             self.events.on_client_queue_time(stream.group.client.label, now - stream.t_submit)
 
-    def _ingest(self) -> None:
+    def _ingest(self) -> bool:
         """Run this loop's block (Scheduler.plan) in one backend call; streams whose whole prompt is in
-        join the batch, together."""
+        join the batch, together. Returns whether any joined."""
         block = self.scheduler.plan()
         joining = self._joining  # an attribute, so a fault part-way still ends the streams in it
         t0 = time.perf_counter()
@@ -462,6 +463,7 @@ class Engine:
             self._joining = []
         if ingested:
             self.events.on_prefill(ingested, time.perf_counter() - t0)
+        return bool(joining)
 
     def _score_slice(self, stream: Stream, end: int, before: np.ndarray, outputs: np.ndarray) -> None:
         """Log-probabilities of the slice's characters, each under the output that preceded it: the

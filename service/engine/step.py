@@ -6,6 +6,7 @@ ids mean for each stream is `output.Output`'s business.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -34,11 +35,11 @@ class Stepper:
 
     def look(self, batch: Batch, quiet: bool = False, interrupted: Callable[[], bool] | None = None) -> tuple[int, Look]:
         """One look of k steps: k is the configured steps a look, or 1 when most rows end sooner. A
-        `quiet` engine (nothing waiting or ingesting) takes looks of `quiet_steps` on the host, whatever
-        the batch's size: each loop's fixed work (schedule, output, hand-over, a row's text and events)
-        is then shared by several characters (measured: benchmarks/README.md). Such a look ends after
-        any step at which `interrupted()` says someone came (a request, a cancellation), so nobody waits
-        for it longer than for one step. The text is the same whatever k is."""
+        `quiet` engine (no row just joined, nothing waiting or ingesting) takes looks of `quiet_steps` on
+        the host, whatever the batch's size: each loop's fixed work (schedule, output, hand-over, a row's
+        text and events) is then shared by several characters (measured: benchmarks/README.md). Such a
+        look ends after any step at which `interrupted()` says someone came (a request, a cancellation),
+        so nobody waits for it longer than for one step. The text is the same whatever k is."""
         k = self.decode_steps
         if quiet and k == 1 and self.decoder is None:
             k = self.quiet_steps
@@ -52,8 +53,8 @@ class Stepper:
 
     def host_look(self, batch: Batch, k: int, interrupted: Callable[[], bool] | None = None) -> tuple[int, Look]:
         """Up to k steps with the backend: sample every row, record, step; fewer when `interrupted()`
-        says so after a step. The last step runs in the background (the step workers) while the rows'
-        text is updated; `settle` waits for it. Returns (the steps taken, the look)."""
+        says so after a step. The last step of a whole look runs in the background (the step workers)
+        while the rows' text is updated; `settle` waits for it. Returns (the steps taken, the look)."""
         ids_steps, lps_steps, tops_steps, states = [], [], [], []
         ends: dict[int, tuple[int, bool]] = {}  # row -> (step, whether its character stays): where its constraint ended it
         pieces: dict[int, dict[int, str]] = {}  # row -> {step: text}: where its constraint writes other than the character
@@ -87,15 +88,20 @@ class Stepper:
             ids_steps.append(ids)
             if lps is not None:
                 lps_steps.append(lps)
-            if j == k - 1 or (interrupted is not None and interrupted()):
-                break  # the look's last step
+            if j == k - 1:
+                break  # the look's last step: its characters are consumed below
             state = self.backend.step(ids, state)  # (2, L, B, H)
             states.append(state)
-        new_state = self.backend.start_step(ids, state)  # every row consumes its last character, while ...
+            if interrupted is not None and interrupted():
+                break  # someone came: the look ends with the step just taken, its characters consumed
+        if len(states) == len(ids_steps):  # every character is consumed already (an interrupted look)
+            settle = functools.partial(setattr, batch, "state", state)
+        else:
+            new_state = self.backend.start_step(ids, state)  # every row consumes its last character, while ...
 
-        def settle() -> None:  # ... the rows' text is updated
-            batch.state = new_state()
-            states.append(batch.state)
+            def settle() -> None:  # ... the rows' text is updated
+                batch.state = new_state()
+                states.append(batch.state)
 
         tops = None
         if top_k:  # (n, k, top_k) each

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from service.backends.cuda import CudaBackend
+from service.engine.step import QUIET_STEPS
 from service.engine.engine import Engine, EngineConfig
 from service.backends.torch_fp32 import TorchBackend
 from service.engine.types import Done, GenerationRequest, Token
@@ -198,11 +199,12 @@ def test_a_server_with_several_steps_a_look_serves_the_same_text_and_sessions(tr
 
     from ..server import Server
 
-    looks = Server(trained_store, decode_steps=6, session_db="")
+    looks = Server(trained_store, decode_steps=6, quiet_steps=2, session_db="")
     try:
         looks.wait_ready()
         info = httpx.get(looks.url + "/info").json()["engine"]
-        assert info["decode_steps"] == 6 and info["device"] == "cpu"
+        assert info["decode_steps"] == 6 and info["device"] == "cpu" and info["quiet_steps"] == 2
+        assert httpx.get(server.url + "/info").json()["engine"]["quiet_steps"] == QUIET_STEPS  # the default
         for body in ({"prompt": "KING:\n", "max_new_tokens": 50, "seed": 3, "temperature": 0.8},
                      {"prompt": "QUEEN:\n", "max_new_tokens": 40, "seed": 4, "stop": ["e "], "top_k": 5}):
             want = httpx.post(server.url + "/generate", json=body).json()

@@ -155,10 +155,10 @@ def test_characters_wait_for_their_hand_over_but_first_characters_and_ends_do_no
 
 
 def test_a_quiet_look_ends_after_the_step_at_which_someone_came(tiny_model):
-    """A request that comes during a quiet look waits for one more step, not for the look's end; both
-    streams write what they write alone."""
-    first = GenerationRequest(prompt_ids=[1, 2], max_new_tokens=60, seed=3)
-    second = GenerationRequest(prompt_ids=[3], max_new_tokens=20, seed=4)
+    """A request that comes during a quiet look waits for one more step, not for the look's end, and a row
+    that just joined gets its first character after one step; both streams write what they write alone."""
+    first = GenerationRequest(prompt_ids=[1, 2], max_new_tokens=60, seed=3, logprobs=True, return_state=True)
+    second = GenerationRequest(prompt_ids=[3], max_new_tokens=20, seed=4, logprobs=True, return_state=True)
     looks: list[int] = []  # each look's steps
     events = {0: [], 1: []}
     finished = threading.Event()
@@ -192,11 +192,15 @@ def test_a_quiet_look_ends_after_the_step_at_which_someone_came(tiny_model):
         assert finished.wait(120)
     finally:
         engine.stop()
-    assert looks[:2] == [QUIET_STEPS, QUIET_STEPS]  # one row, nobody waiting: whole quiet looks
-    assert looks[2] == 1  # it came during the look's first step: the look ended with that step
+    assert looks[0] == 1  # a row that just joined: its first character goes out after one step
+    assert looks[1] == QUIET_STEPS  # one row, nobody waiting: a whole quiet look
+    assert looks[2] == 1  # the request came during the look's first step: the look ended with that step
+    assert looks[3] == 1  # and its first character, too, waited for one step only
     alone, _ = run_engine(tiny_model, EngineConfig(max_batch_size=4), [first, second])
     for i in range(2):
-        assert [e for e in events[i] if isinstance(e, Done)][0].text == [e for e in alone[i] if isinstance(e, Done)][0].text
+        got, want = [e for e in events[i] if isinstance(e, Done)][0], [e for e in alone[i] if isinstance(e, Done)][0]
+        assert (got.text, got.logprobs, got.counter) == (want.text, want.logprobs, want.counter)
+        assert same_bits(got.state, want.state)
 
 
 def test_a_logit_bias_is_its_own_rows_and_the_same_alone_or_among_others(tiny_model):
