@@ -1,6 +1,6 @@
 """The SSE response (service/api/sse.py): sse-starlette's wire format, a ping while idle, a quiet end when
-the client leaves (the messages' generator is closed, so the request's rows are freed), and an error that is
-not the client's goes on up."""
+the client leaves (the messages' generator is closed, so the request's rows are freed), an error that is
+not the client's goes on up, and a stream's end is written as it arrives, whatever the writer's interval."""
 
 from __future__ import annotations
 
@@ -10,7 +10,13 @@ import json
 import pytest
 from sse_starlette.event import ServerSentEvent
 
-from service.api.sse import EventStream, encode
+from service.api.bridge import make_deliver
+from service.api.native.formatter import NativeStream
+from service.api.reader import Choice, Responses
+from service.api.sse import EventStream, encode, event_stream
+from service.backends.torch_fp32 import TorchBackend
+from service.engine.engine import Engine, EngineConfig
+from service.engine.types import ANONYMOUS, GenerationRequest
 
 
 @pytest.mark.parametrize("message", [
@@ -117,14 +123,6 @@ def test_a_cancellation_from_outside_is_not_taken_for_a_client_leaving():
 def test_a_streams_end_cuts_the_writers_pause_short(tiny_model):
     """The writer pauses between rounds so characters gather, but an end goes out when it arrives: with
     an interval of an hour, a stream of a real engine still ends as soon as its last character is made."""
-    from service.api.bridge import make_deliver
-    from service.api.native.formatter import NativeStream
-    from service.api.reader import Choice, Responses
-    from service.api.sse import event_stream
-    from service.backends.torch_fp32 import TorchBackend
-    from service.engine.engine import Engine, EngineConfig
-    from service.engine.types import ANONYMOUS, GenerationRequest
-
     async def scenario():
         engine = Engine(TorchBackend(tiny_model.model), tiny_model.vocab, EngineConfig(max_batch_size=4),
                         make_deliver(asyncio.get_running_loop()))
