@@ -314,7 +314,7 @@ class Engine:
                     if len(self._batch):
                         t0 = time.perf_counter()
                         # a glance, a hint; rows that just joined take one step, so their first characters go out at once
-                        quiet = not (joined or self._incoming or scheduler.waiting or scheduler.ingesting)
+                        quiet = not (joined or scheduler.waiting or scheduler.ingesting or self._someone_came())
                         k, look = self.stepper.look(self._batch, quiet, self._someone_came)  # step
                         self.output.process(self._batch.rows, k, look)  # process outputs
                         self._count_service()

@@ -6,7 +6,6 @@ ids mean for each stream is `output.Output`'s business.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -94,14 +93,13 @@ class Stepper:
             states.append(state)
             if interrupted is not None and interrupted():
                 break  # someone came: the look ends with the step just taken, its characters consumed
-        if len(states) == len(ids_steps):  # every character is consumed already (an interrupted look)
-            settle = functools.partial(setattr, batch, "state", state)
-        else:
-            new_state = self.backend.start_step(ids, state)  # every row consumes its last character, while ...
+        # every row consumes its last character (an interrupted look has already), while the rows' text is updated
+        last = self.backend.start_step(ids, state) if len(states) < len(ids_steps) else None
 
-            def settle() -> None:  # ... the rows' text is updated
-                batch.state = new_state()
-                states.append(batch.state)
+        def settle() -> None:
+            if last is not None:
+                states.append(last())
+            batch.state = states[-1]
 
         tops = None
         if top_k:  # (n, k, top_k) each
