@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .stream import Stream
+from .stream import Phase, Stream
 from .types import Done, Token
 
 log = logging.getLogger("charlstm.engine")
@@ -43,18 +43,21 @@ class Output:
         self.outbox: list[tuple[Any, list]] = []
         self.served: dict[str, list] = {}  # client id -> [Client, characters generated] since the engine last took them
         self.urgent = False  # the outbox holds an event that must not wait (an end, a stream's first characters)
+        self.single_chars = all(len(c) == 1 for c in chars)  # a row's text is then its characters, one string each
 
     def process(self, rows: list[Stream], k: int, look: Look) -> None:
         """Each row's characters of the look: its text, figures, stop strings and end."""
         now = time.perf_counter()
         gaps, counts, ending = [], [], []
         chars, ids_of, lps_of, tops_of, served = self.chars, look.ids, look.lps, look.tops, self.served
+        ends, pieces, outbox, finished = look.ends, look.pieces, self.outbox, Phase.FINISHED
         for row, stream in enumerate(rows):
-            if stream.finished:
+            if stream.phase is finished:
                 continue
             request = stream.request
-            take = min(k, request.max_new_tokens - len(stream.chars))
-            bound = look.ends.get(row) if look.ends else None  # its constraint ended it at this step of the look
+            before = len(stream.chars)
+            take = min(k, request.max_new_tokens - before)
+            bound = ends.get(row) if ends else None  # its constraint ended it at this step of the look
             if bound is not None and bound[0] + 1 <= take:
                 take = bound[0] + 1
             else:
@@ -69,30 +72,46 @@ class Output:
             stream.t_last = now
             got = ids_of[row] if take == k else ids_of[row][:take]
             lps = None if lps_of is None else lps_of[row]
-            tops = None
-            if tops_of is not None and (want := request.params.top_logprobs):
-                top_ids, top_lps = tops_of[0][row], tops_of[1][row]
-                tops = [tuple((chars[i], v) for i, v in zip(top_ids[j][:want], top_lps[j][:want])) for j in range(take)]
-            before = len(stream.chars)
-            texts = look.pieces.get(row) if look.pieces else None
+            texts = pieces.get(row) if pieces else None
             if before == 0 and (constraint := request.constraint) is not None and constraint.prefix:  # its first characters
                 texts = dict(texts or {})
                 texts[0] = constraint.prefix + texts.get(0, chars[got[0]])
-            if stream.matcher is None and bound is None and texts is None:  # only the length can end it: everything at once
-                if take == 1:
-                    stream.chars.append(chars[got[0]])
+            if stream.matcher is None and bound is None and texts is None and tops_of is None:
+                # the common case, inline: only the length can end it, and everything made is released at once
+                text = chars[got[0]] if take == 1 else "".join(map(chars.__getitem__, got))
+                if self.single_chars:
+                    stream.chars.extend(text)
                 else:
                     stream.chars.extend(map(chars.__getitem__, got))
+                total = before + take
                 if lps is not None:
                     stream.lps.extend(lps[:take])
-                if tops is not None:
-                    stream.tops.extend(tops)
-                steps = take
-                end = self._advance(stream)
+                if request.stream_tokens:
+                    start = stream.released
+                    if start == 0:
+                        self.urgent = True  # time to first character is not held back
+                    if start != before or not self.single_chars:
+                        text = "".join(stream.chars[start:total])
+                    outbox.append((stream.listener, [Token(start, text, tuple(stream.lps[start:total]) if request.logprobs else None)]))
+                stream.released, steps, taken = total, take, take
+                end = ("length", total) if total >= request.max_new_tokens else None
             else:  # a stop string, the constraint or the length may end it at any of these characters
-                steps, end = self._one_by_one(stream, got, take, chars, lps, tops, texts, bound)
+                tops = None
+                if tops_of is not None and (want := request.params.top_logprobs):
+                    top_ids, top_lps = tops_of[0][row], tops_of[1][row]
+                    tops = [tuple((chars[i], v) for i, v in zip(top_ids[j][:want], top_lps[j][:want])) for j in range(take)]
+                if stream.matcher is None and bound is None and texts is None:  # only the length can end it: everything at once
+                    stream.chars.extend(map(chars.__getitem__, got))
+                    if lps is not None:
+                        stream.lps.extend(lps[:take])
+                    if tops is not None:
+                        stream.tops.extend(tops)
+                    steps = take
+                    end = self._advance(stream)
+                else:
+                    steps, end = self._one_by_one(stream, got, take, chars, lps, tops, texts, bound)
+                taken = len(stream.chars) - before
             stream.steps += steps
-            taken = len(stream.chars) - before
             client = stream.group.client
             entry = served.get(client.id)
             if entry is None:

@@ -8,6 +8,7 @@ holds a session (see `sessions.py`) turns that into a committed session.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -57,8 +58,10 @@ class GenerationRequest:
 Alternatives = tuple[tuple[str, float], ...]
 
 
-@dataclass(frozen=True)
-class Token:
+class Token(NamedTuple):
+    """New characters of a stream. A named tuple, not a frozen dataclass as the other events: one is made
+    for every row of every look, and a frozen dataclass takes twice as long to build (0.53 against 0.23 us)."""
+
     index: int  # position of the first character in the generated text
     text: str
     logprobs: tuple[float, ...] | None = None

@@ -87,6 +87,23 @@ def test_streams_join_and_leave_between_steps(tiny_model):
     assert sizes == sorted(sizes, reverse=True)
 
 
+def test_a_row_only_its_length_can_end_sends_what_the_character_by_character_path_sends(tiny_model):
+    """Output's inline path (no stop string, no constraint, no alternatives) against its general one, which a
+    stop string that can never match takes: the same tokens (where each starts, its text and
+    log-probabilities), the same end, with 1 and 4 steps a look."""
+    never = "\x00"  # no character of the vocabulary: nothing is held back, the text is all released
+    assert never not in tiny_model.vocab.chars
+    for steps in (1, 4):
+        requests = [GenerationRequest(prompt_ids=[1], max_new_tokens=n, seed=seed, logprobs=logprobs, stop=stop)
+                    for n, seed, logprobs in ((37, 5, True), (9, 6, False)) for stop in ((), (never,))]
+        events, _ = run_engine(tiny_model, EngineConfig(max_batch_size=8, decode_steps=steps), requests)
+        for inline, general in ((0, 1), (2, 3)):
+            tokens = [[(t.index, t.text, t.logprobs) for t in events[i] if isinstance(t, Token)] for i in (inline, general)]
+            assert tokens[0] == tokens[1] and len(tokens[0]) > 1
+            done = [next(e for e in events[i] if isinstance(e, Done)) for i in (inline, general)]
+            assert (done[0].text, done[0].logprobs, done[0].finish_reason) == (done[1].text, done[1].logprobs, "length")
+
+
 def test_a_short_prompt_is_in_at_once_and_writes_what_it_writes_alone(tiny_model):
     """A short prompt is ingested whole in the loop that admits it (a row of that loop's block) and its
     stream decodes from that loop's step on. Text, log-probabilities, alternatives, the penalties' counts,
