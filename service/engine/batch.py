@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..sampling import SamplingParams, filtering, temperature_scale
+from ..sampling import SamplingParams, filtering, stream_key, temperature_scale
 
 # One array per field of SamplingParams, typed by the field's default: (B,) int64 or float32.
 CONTROL_DTYPES = {f.name: (np.int64 if isinstance(f.default, int) and not isinstance(f.default, bool) else np.float32)
@@ -31,6 +31,7 @@ class Batch:
     counts: np.ndarray  # (B, V) int32: times each row generated each character (presence and frequency penalties)
     bias: np.ndarray  # (B, V) float32: each row's logit bias (zeros for most rows)
     seeds: np.ndarray  # (B,) uint64
+    keys: np.ndarray  # (B,) int64: each seed hashed once (`sampling.stream_key`), what its uniforms start from
     counters: np.ndarray  # (B,) uint64: draws made so far from each row's random stream
     constraints: list  # (B,) each row's Constraint or None
     fsm: np.ndarray  # (B,) int64: each constrained row's automaton state (-1: unconstrained, or its constraint has ended)
@@ -41,7 +42,7 @@ class Batch:
                    controls={k: np.zeros(0, dtype=d) for k, d in CONTROL_DTYPES.items()},
                    seen=np.zeros((0, vocab_size), dtype=bool), counts=np.zeros((0, vocab_size), dtype=np.int32),
                    bias=np.zeros((0, vocab_size), dtype=np.float32),
-                   seeds=np.zeros(0, dtype=np.uint64), counters=np.zeros(0, dtype=np.uint64), constraints=[],
+                   seeds=np.zeros(0, dtype=np.uint64), keys=np.zeros(0, dtype=np.int64), counters=np.zeros(0, dtype=np.uint64), constraints=[],
                    fsm=np.zeros(0, dtype=np.int64))
 
     @classmethod
@@ -56,6 +57,7 @@ class Batch:
         return cls(rows=[row], state=state[:, :, None], bias=bias,
                    controls={k: np.array([getattr(params, k)], dtype=d) for k, d in CONTROL_DTYPES.items()},
                    seen=seen, counts=np.zeros((1, vocab_size), dtype=np.int32), seeds=np.array([seed], dtype=np.uint64),
+                   keys=np.array([stream_key(seed)], dtype=np.int64),
                    counters=np.array([counter], dtype=np.uint64), constraints=[row.request.constraint],
                    fsm=np.array([-1 if row.request.constraint is None else 0], dtype=np.int64))
 
@@ -70,7 +72,7 @@ class Batch:
         return Batch(rows=[self.rows[i] for i in keep], state=self.state[:, :, idx],
                      controls={k: t[idx] for k, t in self.controls.items()}, seen=self.seen[idx], counts=self.counts[idx],
                      bias=self.bias[idx],
-                     seeds=self.seeds[keep], counters=self.counters[keep], constraints=[self.constraints[i] for i in keep],
+                     seeds=self.seeds[keep], keys=self.keys[keep], counters=self.counters[keep], constraints=[self.constraints[i] for i in keep],
                      fsm=self.fsm[keep])
 
     @classmethod
@@ -83,6 +85,7 @@ class Batch:
                    controls={k: np.concatenate([b.controls[k] for b in batches]) for k in batches[0].controls},
                    seen=np.concatenate([b.seen for b in batches]), counts=np.concatenate([b.counts for b in batches]),
                    bias=np.concatenate([b.bias for b in batches]), seeds=np.concatenate([b.seeds for b in batches]),
+                   keys=np.concatenate([b.keys for b in batches]),
                    counters=np.concatenate([b.counters for b in batches]), constraints=[c for b in batches for c in b.constraints],
                    fsm=np.concatenate([b.fsm for b in batches]))
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ..sampling import sample_next, sample_plain, top_alternatives, uniforms
+from ..sampling import look_uniforms, sample_next, sample_plain, top_alternatives
 from .batch import Batch
 from .output import Look
 from ..backends.base import Backend
@@ -59,6 +59,7 @@ class Stepper:
         pieces: dict[int, dict[int, str]] = {}  # row -> {step: text}: where its constraint writes other than the character
         top_k = batch.top_logprobs
         state = batch.state
+        draws = look_uniforms(batch.keys, batch.counters, k)  # (k, B) float64: row j is step j's (each step spends one a row)
         for j in range(k):
             logits = self.backend.logits(state)  # (B, V)
             raw, forbid = logits, batch.forbidden() if batch.constrained else None
@@ -66,7 +67,7 @@ class Stepper:
                 logits = logits + batch.bias
             if forbid is not None:  # constrained rows write only what their automaton allows; other rows keep every bit
                 logits = np.where(forbid, np.float32(-np.inf), logits)
-            u = uniforms(batch.seeds, batch.counters)  # (B,) float64
+            u = draws[j]  # (B,) float64
             if batch.plain:  # the batch's scale is worked out once: fewer kernels, most of a lone row's sampling
                 greedy, scale = batch.temperature_scale  # (B,), (B,)
                 ids, lps = sample_plain(logits, scale, greedy, u, batch.wants_logprobs, any_greedy=batch.any_greedy, raw=raw,

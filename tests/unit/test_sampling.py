@@ -3,7 +3,7 @@
 import numpy as np
 
 from service import sampling
-from service.sampling import sample_next, sample_plain, uniforms
+from service.sampling import look_uniforms, sample_next, sample_plain, stream_key, uniforms
 
 
 def controls(B, temperature=1.0, top_k=0, top_p=1.0, penalty=1.0):
@@ -32,6 +32,19 @@ def test_uniforms_depend_only_on_seed_and_counter():
     draws = uniforms(np.full(20000, 123), np.arange(20000))
     assert draws.min() >= 0.0 and draws.max() < 1.0
     assert abs(draws.mean() - 0.5) < 0.01 and len(np.unique(draws)) == 20000
+
+
+def test_a_looks_uniforms_are_each_steps_own():
+    """`look_uniforms` (a look's k draws a row at once, from the batch's keys) gives each step's `uniforms`,
+    bit for bit, on both of its paths (Python's integers for a few draws, numpy's for many)."""
+    rng = np.random.default_rng(3)
+    for rows in (1, 3, 8, 9, 64):
+        seeds = rng.integers(0, 2**53 - 1, rows).astype(np.uint64)
+        counters = rng.integers(0, 10**9, rows).astype(np.uint64)
+        keys = np.array([stream_key(int(s)) for s in seeds], dtype=np.int64)
+        for k in (1, 4):
+            step_by_step = np.stack([uniforms(seeds, counters + np.uint64(j)) for j in range(k)])  # (k, B)
+            assert np.array_equal(look_uniforms(keys, counters, k), step_by_step)
 
 
 def test_each_row_samples_as_if_alone():
