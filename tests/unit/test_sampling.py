@@ -1,6 +1,7 @@
 """Per-stream random numbers and the vectorised sampling controls."""
 
 import numpy as np
+import torch
 
 from service import sampling
 from service.sampling import look_uniforms, sample_next, sample_plain, stream_key, uniforms
@@ -141,5 +142,7 @@ def test_a_few_rows_take_the_same_uniforms_and_draws_as_the_vectorised_path(monk
     monkeypatch.setattr(sampling, "SMALL_BATCH", 0)
     assert np.array_equal(fast_u, sampling.uniforms(seeds, counters))
     assert np.array_equal(fast_ids, sampling._draw(probs, fast_u))
+    # the array API's form (what a device runs, here on torch's CPU tensors) against numpy's own calls
+    assert np.array_equal(fast_ids, sampling._draw(torch.from_numpy(probs), torch.from_numpy(fast_u)).numpy())
     assert np.array_equal(sampling._draw(probs, np.zeros(len(seeds), dtype=np.float64)),
                           (probs > 0).astype(np.int64).argmax(1))
