@@ -1,4 +1,5 @@
-"""A cap on request body size, enforced before the body is parsed (pure ASGI, so streams pass untouched)."""
+"""A cap on request body size, enforced before the body is parsed (pure ASGI, so streams pass untouched): a declared
+Content-Length is checked at once, a chunked body counted as it is read."""
 
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ class BodyLimit:
                     return await _reject(send, path, 400, "invalid_request", "Content-Length is not a number")
                 if declared > limit:
                     return await _too_large(send, path, limit)
+                # the parser reads no more than the declared length: nothing to count, and a stream's every
+                # message goes out without another wrapper
+                return await self.app(scope, receive, send)
         seen, exceeded, replied = 0, False, False
 
         async def limited_receive() -> Message:

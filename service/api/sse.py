@@ -2,7 +2,8 @@
 
 The writer reads the request's choices (`reader.Responses`) round by round and asks the formatter what
 each choice's new events look like on its wire. Characters made within one interval share a message,
-which keeps the cost per character low when many streams run; the first go out at once. The stream
+and a round's messages share one write (the last characters and the end go out together), which keeps
+the cost per character low when many streams run; the first go out at once. The stream
 always ends: after the formatter's closing messages, or after the messages it gives for a fault, and
 whatever is still running is cancelled when the client goes away.
 
@@ -46,12 +47,13 @@ def encode(message: dict, sep: str) -> bytes:
 
 
 class EventStream(Response):
-    """An SSE response written from an async iterator of messages (see the module's docstring)."""
+    """An SSE response written from an async iterator of rounds, each a list of messages written at once
+    (see the module's docstring)."""
 
     media_type = "text/event-stream"
 
-    def __init__(self, messages: AsyncIterator[dict], sep: str, headers: dict[str, str], ping_s: float = PING_S):
-        self.messages, self.sep, self.ping_s = messages, sep, ping_s
+    def __init__(self, rounds: AsyncIterator[list[dict]], sep: str, headers: dict[str, str], ping_s: float = PING_S):
+        self.rounds, self.sep, self.ping_s = rounds, sep, ping_s
         self.status_code, self.background, self.body = 200, None, b""
         fields = {"content-type": "text/event-stream; charset=utf-8", "connection": "keep-alive",
                   **{k.lower(): v for k, v in headers.items()}}
@@ -83,9 +85,11 @@ class EventStream(Response):
         watcher = asyncio.ensure_future(watch())
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-            async with contextlib.aclosing(self.messages) as messages:
-                async for message in messages:
-                    await send({"type": "http.response.body", "body": encode(message, self.sep), "more_body": True})
+            sep = self.sep
+            async with contextlib.aclosing(self.rounds) as rounds:
+                async for messages in rounds:
+                    body = encode(messages[0], sep) if len(messages) == 1 else b"".join(encode(m, sep) for m in messages)
+                    await send({"type": "http.response.body", "body": body, "more_body": True})
                     last[0] = time.monotonic()
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
@@ -108,22 +112,29 @@ class StreamFormatter(Protocol):
 
 
 def event_stream(responses: Responses, formatter: StreamFormatter, interval_s: float) -> EventStream:
-    async def messages():
+    async def rounds():
         try:
-            for message in formatter.opening():
-                yield message
-            async with contextlib.aclosing(responses.__aiter__()) as rounds:
-                async for round_ in rounds:
+            if opening := list(formatter.opening()):
+                yield opening
+            async with contextlib.aclosing(responses.__aiter__()) as rounds_:
+                async for round_ in rounds_:
+                    messages = []
                     for choice, events in round_:
-                        for message in formatter.events(choice, events):
-                            yield message
+                        messages.extend(formatter.events(choice, events))
                         if formatter.failed:
-                            return
-                    if interval_s and not all(c.done for c in responses.choices):
+                            break
+                    ended = formatter.failed or all(c.done for c in responses.choices)
+                    if ended and not formatter.failed:  # a fault's messages end the stream; else the closing follows
+                        messages.extend(formatter.closing())  # the last characters, the ends and the closing: one write
+                    if messages:
+                        yield messages
+                    if ended:
+                        return
+                    if interval_s:
                         await responses.pause(interval_s)  # let the next characters gather (an end cuts it short)
-            for message in formatter.closing():
-                yield message
+            if closing := list(formatter.closing()):  # a request with no choice left to read
+                yield closing
         finally:
             responses.cancel()  # the client went away, or a choice failed: free the rows at the next step
 
-    return EventStream(messages(), formatter.sep, {"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+    return EventStream(rounds(), formatter.sep, {"Cache-Control": "no-store", "X-Accel-Buffering": "no"})

@@ -63,7 +63,7 @@ def test_an_idle_stream_is_pinged_then_written_and_ended():
 
         async def messages():
             await go.wait()
-            yield {"event": "token", "data": "x"}
+            yield [{"event": "token", "data": "x"}]
 
         response = EventStream(messages(), "\r\n", {"Cache-Control": "no-store"}, ping_s=0.05)
         task = asyncio.create_task(response({"type": "http"}, client.receive, client.send))
@@ -87,7 +87,7 @@ def test_a_client_that_leaves_ends_the_stream_quietly_and_closes_its_messages():
 
         async def messages():
             try:
-                yield {"data": "first"}
+                yield [{"data": "first"}]
                 await asyncio.Event().wait()  # a stream that would run for ever
             finally:
                 closed.set()
@@ -109,7 +109,7 @@ def test_a_cancellation_from_outside_is_not_taken_for_a_client_leaving():
 
         async def messages():
             await asyncio.Event().wait()
-            yield {}
+            yield [{}]
 
         task = asyncio.create_task(EventStream(messages(), "\n", {})({"type": "http"}, client.receive, client.send))
         await client.until(lambda: bool(client.sent))
