@@ -35,6 +35,7 @@ from ..sampling import MAX_SEED, log_softmax, top_alternatives
 from ..model.vocab import CharVocab
 from .batch import Batch
 from .output import Output
+from .prompt_cache import PromptStates
 from ..backends.base import Backend
 from .observers import Fanout
 from .scheduler import Scheduler
@@ -153,6 +154,7 @@ class Engine:
         self.output = Output(self._chars, self.events, self._release)
         self._batch = self._empty_batch()
         self._joining: list[Batch] = []  # rows whose prompt is in, joining the batch this loop
+        self.prompt_states = PromptStates()  # the states short prompts leave a fresh stream in (host batches)
         self._undelivered: list[tuple[Any, list, int]] = []  # (listener, events, attempts) that failed to go out
         self._next_delivery = 0.0  # perf_counter time from which characters that can wait go out
         start = config.start_char if config.start_char in vocab else vocab.chars[0]
@@ -427,16 +429,28 @@ class Engine:
         block = self.scheduler.plan()
         joining = self._joining  # an attribute, so a fault part-way still ends the streams in it
         t0 = time.perf_counter()
-        if block:
-            scored = [s.request.prompt_logprobs is not None and bool(s.request.prompt_ids) for s, _ in block]
-            before = np.stack([s.state for s, _ in block], axis=2)  # (2, L, R, H)
-            after, outputs = self.backend.ingest([s.feed[s.fed : end] for s, end in block], before, outputs=any(scored))
-        ingested = 0
-        for r, (stream, end) in enumerate(block):
-            if scored[r]:
-                self._score_slice(stream, end, before[:, :, r], outputs[r])
-            stream.state = after[:, :, r].copy()  # its own copy: a finished prompt's state may outlive the block's
-            ingested += end - stream.fed
+        recalled = {}  # row -> the state after its whole prompt, kept from an earlier stream (prompt_cache.py)
+        if block and self.decoder is None:
+            recalled = {r: state for r, (s, end) in enumerate(block)
+                        if s.fed == 0 and end == len(s.feed) and self.prompt_states.keeps(s)
+                        and (state := self.prompt_states.recall(s.feed)) is not None}
+        computed = [(s, end) for r, (s, end) in enumerate(block) if r not in recalled]
+        if computed:
+            scored = [s.request.prompt_logprobs is not None and bool(s.request.prompt_ids) for s, _ in computed]
+            before = np.stack([s.state for s, _ in computed], axis=2)  # (2, L, R, H)
+            after, outputs = self.backend.ingest([s.feed[s.fed : end] for s, end in computed], before, outputs=any(scored))
+        ingested, r = 0, 0
+        for i, (stream, end) in enumerate(block):
+            if i in recalled:
+                stream.state = recalled[i]
+            else:
+                if scored[r]:
+                    self._score_slice(stream, end, before[:, :, r], outputs[r])
+                stream.state = after[:, :, r].copy()  # its own copy: a finished prompt's state may outlive the block's
+                if self.decoder is None and stream.fed == 0 and end == len(stream.feed) and self.prompt_states.keeps(stream):
+                    self.prompt_states.keep(stream.feed, stream.state)
+                ingested += end - stream.fed
+                r += 1
             self.scheduler.fairness.served(stream.group.client, prompt=end - stream.fed)
             stream.fed = end
             if stream.fed == len(stream.feed):

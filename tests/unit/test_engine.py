@@ -104,6 +104,48 @@ def test_a_row_only_its_length_can_end_sends_what_the_character_by_character_pat
             assert (done[0].text, done[0].logprobs, done[0].finish_reason) == (done[1].text, done[1].logprobs, "length")
 
 
+def test_a_prompt_seen_before_is_not_ingested_again_and_writes_the_same(tiny_model):
+    """A fresh stream whose short prompt an earlier stream ingested starts from the kept state
+    (prompt_cache.py): nothing is ingested for it, and its text, log-probabilities and final state are
+    those of the first, bit for bit. A stream that continues a state, or scores its prompt, ingests its own."""
+    done: dict[str, Done] = {}
+    arrived = threading.Condition()
+
+    def deliver(batch):
+        with arrived:
+            for name, evs in batch:
+                done.update({name: e for e in evs if isinstance(e, Done)})
+            arrived.notify_all()
+
+    recorder = Recorder()
+    engine = Engine(TorchBackend(tiny_model.model), tiny_model.vocab, EngineConfig(max_batch_size=4), deliver)
+    engine.add_observer(recorder)
+    engine.start()
+    prompt = tiny_model.vocab.encode("KING:")
+
+    def run(name: str, **fields) -> Done:
+        engine.submit(GenerationRequest(prompt_ids=prompt, max_new_tokens=20, seed=3, logprobs=True, return_state=True,
+                                        **fields), name)
+        with arrived:
+            assert arrived.wait_for(lambda: name in done, 60)
+        return done[name]
+
+    try:
+        first = run("first")
+        prefills = [n for kind, n in recorder.log if kind == "prefill"]
+        again = run("again")
+        assert [n for kind, n in recorder.log if kind == "prefill"] == prefills == [5]  # nothing ingested the second time
+        assert engine.prompt_states.hits == 1
+        assert (again.text, again.logprobs, again.prompt_tokens) == (first.text, first.logprobs, 5)
+        assert same_bits(again.state, first.state)
+        scored = run("scored", prompt_logprobs=0)
+        continued = run("continued", state=first.state)
+        assert [n for kind, n in recorder.log if kind == "prefill"] == [5, 5, 5] and engine.prompt_states.hits == 1
+        assert scored.text == first.text and continued.text != first.text
+    finally:
+        engine.stop()
+
+
 def test_a_short_prompt_is_in_at_once_and_writes_what_it_writes_alone(tiny_model):
     """A short prompt is ingested whole in the loop that admits it (a row of that loop's block) and its
     stream decodes from that loop's step on. Text, log-probabilities, alternatives, the penalties' counts,
