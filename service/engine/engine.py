@@ -429,11 +429,9 @@ class Engine:
         block = self.scheduler.plan()
         joining = self._joining  # an attribute, so a fault part-way still ends the streams in it
         t0 = time.perf_counter()
-        recalled = {}  # row -> the state after its whole prompt, kept from an earlier stream (prompt_cache.py)
-        if block and self.decoder is None:
-            recalled = {r: state for r, (s, end) in enumerate(block)
-                        if s.fed == 0 and end == len(s.feed) and self.prompt_states.keeps(s)
-                        and (state := self.prompt_states.recall(s.feed)) is not None}
+        # row -> the state after its whole prompt, kept from an earlier stream (prompt_cache.py)
+        recalled = {r: state for r, (s, end) in enumerate(block)
+                    if self._whole_fresh_prompt(s, end) and (state := self.prompt_states.recall(s.feed)) is not None}
         computed = [(s, end) for r, (s, end) in enumerate(block) if r not in recalled]
         if computed:
             scored = [s.request.prompt_logprobs is not None and bool(s.request.prompt_ids) for s, _ in computed]
@@ -447,7 +445,7 @@ class Engine:
                 if scored[r]:
                     self._score_slice(stream, end, before[:, :, r], outputs[r])
                 stream.state = after[:, :, r].copy()  # its own copy: a finished prompt's state may outlive the block's
-                if self.decoder is None and stream.fed == 0 and end == len(stream.feed) and self.prompt_states.keeps(stream):
+                if self._whole_fresh_prompt(stream, end):
                     self.prompt_states.keep(stream.feed, stream.state)
                 ingested += end - stream.fed
                 r += 1
@@ -478,6 +476,11 @@ class Engine:
         if ingested:
             self.events.on_prefill(ingested, time.perf_counter() - t0)
         return bool(joining)
+
+    def _whole_fresh_prompt(self, stream: Stream, end: int) -> bool:
+        """Whether the slice up to `end` is a stream's whole prompt from the zero state, one `prompt_states`
+        keeps (on the host: a device backend holds its rows' states itself)."""
+        return self.decoder is None and stream.fed == 0 and end == len(stream.feed) and self.prompt_states.keeps(stream)
 
     def _score_slice(self, stream: Stream, end: int, before: np.ndarray, outputs: np.ndarray) -> None:
         """Log-probabilities of the slice's characters, each under the output that preceded it: the
