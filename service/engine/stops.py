@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 class StopMatcher:
-    """Looks at the tail of the generated text after each character."""
+    """Looks at the tail of the generated text after each character, or over a look's characters at once."""
 
     def __init__(self, stops: tuple[str, ...]):
         self.stops = tuple(dict.fromkeys(s for s in stops if s))
@@ -24,3 +24,15 @@ class StopMatcher:
             if any(s.startswith(suffix) for s in self.stops):
                 return k, 0
         return 0, 0
+
+    def first_in(self, text: str, new_from: int) -> tuple[int, int] | None:
+        """The first stop string that ends in `text` at `new_from` or later (none ended before it): (where it
+        ends, exclusive, its length); the earliest end wins, and the first-listed stop of those ending
+        there, as `check` after each character would have found. None when none ends there."""
+        found = None
+        for s in self.stops:
+            at = text.find(s, max(0, new_from - len(s) + 1))
+            if at >= 0 and (found is None or at + len(s) < found[0]):
+                found = (at + len(s), len(s))
+        return found
+

@@ -104,6 +104,31 @@ def test_a_row_only_its_length_can_end_sends_what_the_character_by_character_pat
             assert (done[0].text, done[0].logprobs, done[0].finish_reason) == (done[1].text, done[1].logprobs, "length")
 
 
+def test_stop_strings_searched_a_look_at_once_end_where_the_character_by_character_check_ends(tiny_model):
+    """Rows with stop strings search a look's new text at once (`Output._stops_at_once`); asking for
+    alternatives takes them character by character (`_one_by_one`). The same streams both ways: the same
+    tokens (what is held back while it could still grow into a stop string, what is released), the same
+    end, with 1 and 4 steps a look; some end at a stop string, some at their length (which of several
+    stop strings ending at one character wins: tests/unit/test_stops.py)."""
+    stops = ("e ", "the", "he ", "\n\n", "king")
+    alternatives = SamplingParams(top_logprobs=1)
+    for steps in (1, 4):
+        config = EngineConfig(max_batch_size=16, decode_steps=steps)
+        ways = [run_engine(tiny_model, config, [GenerationRequest(prompt_ids=[1], max_new_tokens=n, seed=seed, stop=stops,
+                                                                  logprobs=True, params=params)
+                                                for seed in range(12) for n in (3, 40)])[0]
+                for params in (SamplingParams(), alternatives)]
+        reasons = set()
+        for i in range(24):
+            at_once, one_by_one = ([(t.index, t.text, t.logprobs) for t in way[i] if isinstance(t, Token)] for way in ways)
+            assert at_once == one_by_one
+            done = [next(e for e in way[i] if isinstance(e, Done)) for way in ways]
+            assert (done[0].text, done[0].finish_reason, done[0].completion_tokens, done[0].logprobs) == \
+                (done[1].text, done[1].finish_reason, done[1].completion_tokens, done[1].logprobs)
+            reasons.add(done[0].finish_reason)
+        assert reasons == {"stop", "length"}
+
+
 def test_a_prompt_seen_before_is_not_ingested_again_and_writes_the_same(tiny_model):
     """A fresh stream whose short prompt an earlier stream ingested starts from the kept state
     (prompt_cache.py): nothing is ingested for it, and its text, log-probabilities and final state are
