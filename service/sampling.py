@@ -82,14 +82,19 @@ def stream_key(seed: int) -> int:
     return _int64(_mix64_int(seed & _MASK))
 
 
+def _uniform_int(key: int, counter: int) -> float:
+    """`uniforms_from_keys` of one stream in Python's integers: key the uint64 key, the same bits."""
+    return (_mix64_int((key + (counter + 1) * _GOLDEN_U) & _MASK) >> 11) * (1.0 / 2**53)
+
+
 def look_uniforms(keys: np.ndarray, counters: np.ndarray, k: int) -> np.ndarray:
     """Every stream's next k uniforms at once, on the host: keys (B,) int64 (`stream_key` of each seed, which
     a batch keeps), counters (B,) the draws made so far -> (k, B) float64, row j the draws at counter + j.
     The same bits as `uniforms`; one call a look instead of one a step and no seed hashed again (a
     64-row look of 4: measured in benchmarks/README.md)."""
     if len(keys) * k <= 2 * SMALL_BATCH:  # Python's integers, about 1.2 us a draw, beat numpy's 12 us a call up to here
-        return np.array([[(_mix64_int(((key & _MASK) + (c + j + 1) * _GOLDEN_U) & _MASK) >> 11) * (1.0 / 2**53)
-                          for key, c in zip(keys.tolist(), counters.tolist())] for j in range(k)], dtype=np.float64).reshape(k, len(keys))
+        return np.array([[_uniform_int(key & _MASK, c + j) for key, c in zip(keys.tolist(), counters.tolist())]
+                         for j in range(k)], dtype=np.float64).reshape(k, len(keys))
     return uniforms_from_keys(keys[None, :], counters.astype(np.int64)[None, :] + np.arange(k, dtype=np.int64)[:, None])
 
 
@@ -97,8 +102,8 @@ def uniforms(seeds: np.ndarray, counters: np.ndarray) -> np.ndarray:
     """One uniform in [0, 1) per stream for its `counter`-th draw, on the host. seeds, counters: (B,)
     integers -> (B,) float64. A few rows take Python's integers: the same bits as `uniforms_from_keys`."""
     if len(seeds) <= SMALL_BATCH:
-        return np.array([(_mix64_int((_mix64_int(int(s) & _MASK) + (int(c) + 1) * _GOLDEN_U) & _MASK) >> 11) * (1.0 / 2**53)
-                         for s, c in zip(seeds.tolist(), counters.tolist())], dtype=np.float64)
+        return np.array([_uniform_int(_mix64_int(int(s) & _MASK), int(c)) for s, c in zip(seeds.tolist(), counters.tolist())],
+                        dtype=np.float64)
     return uniforms_from_keys(mix64(np.asarray(seeds).astype(np.int64)), np.asarray(counters).astype(np.int64))
 
 

@@ -76,10 +76,11 @@ class Output:
             if before == 0 and (constraint := request.constraint) is not None and constraint.prefix:  # its first characters
                 texts = dict(texts or {})
                 texts[0] = constraint.prefix + texts.get(0, chars[got[0]])
-            if stream.matcher is not None and bound is None and texts is None and tops_of is None and self.single_chars:
-                steps, end = self._stops_at_once(stream, got, take, chars, lps)
-                taken = steps
-            elif stream.matcher is None and bound is None and texts is None and tops_of is None:
+            tops = None
+            if tops_of is not None and (want := request.params.top_logprobs):
+                top_ids, top_lps = tops_of[0][row], tops_of[1][row]
+                tops = [tuple((chars[i], v) for i, v in zip(top_ids[j][:want], top_lps[j][:want])) for j in range(take)]
+            if stream.matcher is None and bound is None and texts is None:
                 # the common case, inline: only the length can end it, and everything made is released at once
                 text = chars[got[0]] if take == 1 else "".join(map(chars.__getitem__, got))
                 if self.single_chars:
@@ -89,30 +90,23 @@ class Output:
                 total = before + take
                 if lps is not None:
                     stream.lps.extend(lps[:take])
+                if tops is not None:
+                    stream.tops.extend(tops)
                 if request.stream_tokens:
                     start = stream.released
                     if start == 0:
                         self.urgent = True  # time to first character is not held back
                     if start != before or not self.single_chars:
                         text = "".join(stream.chars[start:total])
-                    outbox.append((stream.listener, [Token(start, text, tuple(stream.lps[start:total]) if request.logprobs else None)]))
+                    outbox.append((stream.listener, [Token(start, text, tuple(stream.lps[start:total]) if request.logprobs else None,
+                                                           tuple(stream.tops[start:total]) if request.params.top_logprobs else None)]))
                 stream.released, steps, taken = total, take, take
                 end = ("length", total) if total >= request.max_new_tokens else None
+            elif bound is None and texts is None and tops is None and self.single_chars:  # stop strings: searched once
+                steps, end = self._stops_at_once(stream, got, take, chars, lps)
+                taken = steps
             else:  # a stop string, the constraint or the length may end it at any of these characters
-                tops = None
-                if tops_of is not None and (want := request.params.top_logprobs):
-                    top_ids, top_lps = tops_of[0][row], tops_of[1][row]
-                    tops = [tuple((chars[i], v) for i, v in zip(top_ids[j][:want], top_lps[j][:want])) for j in range(take)]
-                if stream.matcher is None and bound is None and texts is None:  # only the length can end it: everything at once
-                    stream.chars.extend(map(chars.__getitem__, got))
-                    if lps is not None:
-                        stream.lps.extend(lps[:take])
-                    if tops is not None:
-                        stream.tops.extend(tops)
-                    steps = take
-                    end = self._advance(stream)
-                else:
-                    steps, end = self._one_by_one(stream, got, take, chars, lps, tops, texts, bound)
+                steps, end = self._one_by_one(stream, got, take, chars, lps, tops, texts, bound)
                 taken = len(stream.chars) - before
             stream.steps += steps
             client = stream.group.client

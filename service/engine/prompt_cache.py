@@ -42,10 +42,7 @@ class PromptStates:
 
     def keep(self, feed: list[int], state: np.ndarray) -> None:
         """state (2, L, H): the state after `feed` from the zero state."""
-        self._states[tuple(feed)] = state.copy()
-        self._states.move_to_end(tuple(feed))
+        self._states[key := tuple(feed)] = state.copy()
+        self._states.move_to_end(key)
         while len(self._states) > self.entries:
             self._states.popitem(last=False)
-
-    def clear(self) -> None:
-        self._states.clear()
