@@ -107,6 +107,7 @@ def main() -> None:
     asyncio.run(run())
     lo, hi = start + args.warmup, stop_at
     window = sum(n for t, n in out["chars"] if lo <= t <= hi)
+    events = sum(1 for t, n in out["chars"] if lo <= t <= hi)  # SSE messages with text, in the window
     window += sum(n * max(0.0, min(t1, hi) - max(t0, lo)) / (t1 - t0) for t0, t1, n in out["spans"] if t1 > t0)
     total = sum(v for v in out["status"].values())
     print(json.dumps({
@@ -117,6 +118,7 @@ def main() -> None:
         "requests": total, "status": {str(k): v for k, v in out["status"].items()},
         "share_429": out["status"].get(429, 0) / total if total else 0.0,
         "server_cpu_s": cpu[1] - cpu[0] if len(cpu) == 2 else None, "window_chars": window,
+        "window_events": events,
     }))
 
 

@@ -24,33 +24,24 @@ class Channel:
     `on_done` post-processes the stream's Done before the handler sees it (a session call commits
     there). It runs as a task of its own, so it completes even when the client has gone away."""
 
-    def __init__(self, on_done: Callable[[Done], Awaitable[Done]] | None = None, wakeup: asyncio.Event | None = None,
-                 on_end: Callable[[], None] | None = None) -> None:
-        """wakeup: an event shared by the channels of one request, set whenever any of them gets events.
-        on_end: called when the stream's Done is in (a reader pausing between rounds stops pausing)."""
+    def __init__(self, on_done: Callable[[Done], Awaitable[Done]] | None = None, notify: Callable[[], None] | None = None) -> None:
+        """notify: called on the event loop whenever events arrive (after `ended` is set for a Done)."""
         self._events: list = []
-        self._wakeup = wakeup or asyncio.Event()
-        self._on_done, self._on_end = on_done, on_end
+        self._on_done = on_done
+        self._notify = notify or (lambda: None)
         self.ended = False  # the Done is in (maybe not yet taken)
 
     def push(self, events: list) -> None:
-        if events and isinstance(events[-1], Done):
-            if self._on_done is not None:
-                self._events.extend(events[:-1])
-                task = asyncio.get_running_loop().create_task(self._finish(events[-1]))
-                _finishing.add(task)
-                task.add_done_callback(_finishing.discard)
-            else:
-                self._events.extend(events)
-                self._end()
+        if events and isinstance(events[-1], Done) and self._on_done is not None:
+            self._events.extend(events[:-1])
+            task = asyncio.get_running_loop().create_task(self._finish(events[-1]))
+            _finishing.add(task)
+            task.add_done_callback(_finishing.discard)
         else:
             self._events.extend(events)
-        self._wakeup.set()
-
-    def _end(self) -> None:
-        self.ended = True
-        if self._on_end is not None:
-            self._on_end()
+            if events and isinstance(events[-1], Done):
+                self.ended = True
+        self._notify()
 
     async def _finish(self, done: Done) -> None:
         try:
@@ -60,8 +51,8 @@ class Channel:
                 log.exception("finishing a stream failed")
             done = replace(done, finish_reason="error", state=None, error=f"{getattr(e, 'type', 'internal_error')}: {e}")
         self._events.append(done)
-        self._end()
-        self._wakeup.set()
+        self.ended = True
+        self._notify()
 
     def take(self) -> list:
         """Whatever has arrived (maybe nothing), without waiting."""

@@ -20,13 +20,35 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from ..settings import Settings
 from .errors import error_body, error_content
 
 log = logging.getLogger("charlstm.api")
+
+# The ASGI scope extension under which the edge offers a streaming response a synchronous write of its next
+# body chunk: `write(body) -> bool`. The SSE writer (sse.py) writes a stream's characters from the event
+# loop's callbacks with it, with no task to wake and no `send` through every middleware; False means "not
+# now" (the client is not reading, or the response is not streaming yet): the caller then awaits `send`.
+BODY_WRITER = "charlstm.body_writer"
+
+
+def body_writer(cycle: RequestResponseCycle) -> Callable[[bytes], bool]:
+    """The body writer of one request's response (uvicorn's cycle): a chunk framed and written as
+    `cycle.send` would, while the response is started and not complete, and the transport takes more."""
+
+    def write(body: bytes) -> bool:
+        if cycle.disconnected:
+            return True  # as uvicorn's send: what a gone client would have read is dropped
+        if not cycle.response_started or cycle.response_complete or cycle.flow.write_paused or cycle.scope["method"] == "HEAD":
+            return False
+        cycle.transport.write(b"%x\r\n%s\r\n" % (len(body), body) if cycle.chunked_encoding else body)
+        return True
+
+    return write
 
 
 def _response(status: int, reason: str, type_: str, message: str, path: str | None = None, extra: str = "") -> bytes:
@@ -101,6 +123,8 @@ def edge_protocol(settings: Settings) -> type[HttpToolsProtocol]:
                 return
             self._arm(body_timeout, self._body_too_slow)
             super().on_headers_complete()
+            if self.cycle is not None and self.cycle.scope is self.scope:  # an HTTP request (not an upgrade)
+                self.scope.setdefault("extensions", {})[BODY_WRITER] = body_writer(self.cycle)  # before its task starts
 
         def on_body(self, body: bytes) -> None:
             if not self._rejected:

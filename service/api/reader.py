@@ -40,50 +40,52 @@ class Responses:
         """Submit every choice, or none (a refusal raises here, before anything is sent): the engine counts
         them as one request of `client`. `on_done` finishes a stream before its Done is read (a session commits there)."""
         self.engine, self.choices = engine, choices
-        self._wakeup = asyncio.Event()  # set when any choice's channel gets events
-        self._pause: asyncio.Future | None = None  # the reader's pause between rounds (`pause`), while it lasts
+        self._arrived = asyncio.Event()  # set when any choice's channel gets events (the `async for` reader waits on it)
+        self._listener: Callable[[], None] | None = None
         for choice in choices:
-            choice.channel = Channel(on_done, self._wakeup, self._end_arrived)
+            choice.channel = Channel(on_done, self._notify)
         streams = engine.submit_all([(choice.request, choice.channel) for choice in choices], client)
         for choice, stream in zip(choices, streams):
             choice.stream = stream
 
+    def listen(self, listener: Callable[[], None]) -> None:
+        """Call `listener` on the event loop, at once, whenever a choice's channel gets events (a writer that
+        takes them by callbacks, `sse.EventStream`), instead of waking an `async for` reader."""
+        self._listener = listener
+
+    def _notify(self) -> None:
+        if self._listener is not None:
+            self._listener()
+        else:
+            self._arrived.set()
+
+    @property
+    def ended(self) -> bool:
+        """Every choice's Done has been taken."""
+        return all(c.done is not None for c in self.choices)
+
+    def end_waiting(self) -> bool:
+        """A choice's Done has arrived and is not yet taken (its last characters should go out at once)."""
+        return any(c.channel.ended and c.done is None for c in self.choices)
+
+    def take(self) -> list[tuple[Choice, list]]:
+        """What has arrived since the last take: (choice, its new events) in choice order, for each choice not
+        yet done that has some (maybe none). A choice whose Done is taken is done."""
+        round_ = [(c, events) for c in self.choices if c.done is None and (events := c.channel.take())]
+        for choice, events in round_:
+            if isinstance(events[-1], Done):  # a stream's Done is its last event
+                choice.done = events[-1]
+        return round_
+
     async def __aiter__(self) -> AsyncIterator[list[tuple[Choice, list]]]:
-        """Rounds of (choice, its new events), in choice order, until every choice has its Done. A round
-        holds everything that arrived since the last one was taken: a reader that pauses between rounds
-        (the SSE writer's interval) gets the characters of the pause together."""
-        while True:
-            open_ = [c for c in self.choices if c.done is None]
-            if not open_:
-                return
-            round_ = [(c, events) for c in open_ if (events := c.channel.take())]
+        """Rounds (`take`) until every choice has its Done, waiting while nothing has arrived."""
+        while not self.ended:
+            round_ = self.take()
             if not round_:
-                self._wakeup.clear()  # nothing has arrived: no await between this check and the wait
-                await self._wakeup.wait()
+                self._arrived.clear()  # nothing has arrived: no await between this check and the wait
+                await self._arrived.wait()
                 continue
-            for choice, events in round_:
-                for event in events:
-                    if isinstance(event, Done):
-                        choice.done = event
             yield round_
-
-    async def pause(self, seconds: float) -> None:
-        """Let the next characters gather for `seconds`, or less: a choice's end ends the pause (the last
-        characters and the end go out at once), and so does one that came before the pause."""
-        if any(c.channel.ended and c.done is None for c in self.choices):
-            return
-        loop = asyncio.get_running_loop()
-        self._pause = pause = loop.create_future()
-        timer = loop.call_later(seconds, _settle, pause)
-        try:
-            await pause
-        finally:
-            timer.cancel()
-            self._pause = None
-
-    def _end_arrived(self) -> None:
-        if self._pause is not None:
-            _settle(self._pause)
 
     async def all(self, request: Request) -> list[Done]:
         """Every choice's Done; a client that leaves first cancels them all (499)."""
@@ -103,11 +105,6 @@ class Responses:
         for choice in self.choices:
             if choice.stream is not None and choice.done is None:
                 self.engine.cancel(choice.stream)
-
-
-def _settle(future: asyncio.Future) -> None:
-    if not future.done():
-        future.set_result(None)
 
 
 async def run_one(engine: Engine, gen: GenerationRequest, request: Request,

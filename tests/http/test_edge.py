@@ -103,6 +103,24 @@ def test_a_client_that_reads_nothing_of_a_large_answer_is_dropped(edge_server):
     assert_serving(edge_server)
 
 
+def test_a_stream_to_a_client_that_reads_nothing_is_dropped_and_frees_its_row(edge_server):
+    """A stream's messages go straight to the connection while it takes them; once the client stops
+    reading they wait for it, and after send_timeout_s the connection is aborted and the row is freed."""
+    prompt = ("KING:\nthou art my lord, and the night is sweet.\n" * 1200)[:50_000]
+    body = json.dumps({"model": "tiny", "prompt": prompt, "max_tokens": 4000, "echo": True, "logprobs": 5,
+                       "stream": True}).encode()  # the scored prompt alone is megabytes: more than the buffers hold
+    aborted = edge_server.output().count("aborting a connection that read nothing")
+    s = connect(edge_server, rcvbuf=4096)
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+              + f"content-length: {len(body)}\r\n\r\n".encode() + body)
+    wait_until(lambda: edge_server.output().count("aborting a connection that read nothing") > aborted, timeout=60,
+               what="the send timeout")
+    wait_until(lambda: edge_server.metric("charlstm_running_streams") == 0, what="the row freed")
+    raw = read_all(s)
+    assert raw.startswith(b"HTTP/1.1 200") and b"data: [DONE]" not in raw  # cut off: not kept for a client that never reads
+    assert_serving(edge_server)
+
+
 def test_a_request_beyond_max_connections_gets_503_and_never_hangs(edge_server):
     idle = []
     try:

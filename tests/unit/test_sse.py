@@ -1,6 +1,7 @@
 """The SSE response (service/api/sse.py): sse-starlette's wire format, a ping while idle, a quiet end when
-the client leaves (the messages' generator is closed, so the request's rows are freed), an error that is
-not the client's goes on up, and a stream's end is written as it arrives, whatever the writer's interval."""
+the client leaves (the request's rows are freed), a cancellation that is not the client's goes on up, the
+edge's direct writes and `send` in one order, a fault in the writer's callbacks ends the stream, and a
+stream's end is written as it arrives, whatever the writer's interval."""
 
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ from sse_starlette.event import ServerSentEvent
 from service.api.bridge import make_deliver
 from service.api.native.formatter import NativeStream
 from service.api.reader import Choice, Responses
+from service.api.edge import BODY_WRITER
 from service.api.sse import EventStream, encode, event_stream
 from service.backends.torch_fp32 import TorchBackend
 from service.engine.engine import Engine, EngineConfig
-from service.engine.types import ANONYMOUS, GenerationRequest
+from service.engine.types import ANONYMOUS, Done, GenerationRequest, Token
 
 
 @pytest.mark.parametrize("message", [
@@ -32,11 +34,16 @@ def test_messages_are_written_as_sse_starlette_writes_them(message, sep):
 
 
 class Client:
-    """The ASGI side of one connection: what was sent, and a disconnect to give when told."""
+    """The ASGI side of one connection: what was sent, and a disconnect to give when told. With `hold`
+    cleared, a body's send waits for it (a client that is not reading)."""
 
-    def __init__(self):
+    def __init__(self, log: list | None = None):
         self.sent: list[dict] = []
+        self.log = log if log is not None else []  # every body, in the order it was handed over, by either path
         self.leave = asyncio.Event()
+        self.hold = asyncio.Event()
+        self.hold.set()
+        self.entered = asyncio.Event()  # set when a body's send begins
         self.changed = asyncio.Condition()  # notified on every send
 
     async def receive(self) -> dict:
@@ -44,6 +51,10 @@ class Client:
         return {"type": "http.disconnect"}
 
     async def send(self, message: dict) -> None:
+        if message["type"] == "http.response.body":
+            self.log.append(("send", message["body"]))
+            self.entered.set()
+            await self.hold.wait()
         self.sent.append(message)
         async with self.changed:
             self.changed.notify_all()
@@ -57,18 +68,36 @@ class Client:
         return [m["body"] for m in self.sent if m["type"] == "http.response.body"]
 
 
+class FakeEngine:
+    """Takes one request's streams and records which were cancelled; the test pushes their events."""
+
+    def __init__(self):
+        self.cancelled: list = []
+
+    def submit_all(self, requests, client):
+        return [object() for _ in requests]
+
+    def cancel(self, stream) -> None:
+        self.cancelled.append(stream)
+
+
+def one_choice(engine: FakeEngine) -> tuple[Responses, Choice]:
+    choice = Choice(0, "", True, GenerationRequest(prompt_ids=[1], max_new_tokens=10))
+    return Responses(engine, [choice], ANONYMOUS), choice
+
+
+def done(n: int) -> Done:
+    return Done("x" * n, "length", 1, n, 0)
+
+
 def test_an_idle_stream_is_pinged_then_written_and_ended():
     async def scenario():
-        client, go = Client(), asyncio.Event()
-
-        async def messages():
-            await go.wait()
-            yield [{"event": "token", "data": "x"}]
-
-        response = EventStream(messages(), "\r\n", {"Cache-Control": "no-store"}, ping_s=0.05)
+        client = Client()
+        responses, choice = one_choice(FakeEngine())
+        response = EventStream(responses, NativeStream("m"), 0.02, {"Cache-Control": "no-store"}, ping_s=0.05)
         task = asyncio.create_task(response({"type": "http"}, client.receive, client.send))
         await client.until(lambda: any(b.startswith(b": ping") for b in client.bodies()))
-        go.set()
+        choice.channel.push([Token(0, "ab"), done(2)])
         await asyncio.wait_for(task, 10)
         return client
 
@@ -77,45 +106,97 @@ def test_an_idle_stream_is_pinged_then_written_and_ended():
     assert start["status"] == 200 and (b"content-type", b"text/event-stream; charset=utf-8") in start["headers"]
     assert (b"cache-control", b"no-store") in start["headers"]
     bodies = client.bodies()
-    assert bodies[0] == b": ping\r\n\r\n" and bodies[-2] == b"event: token\r\ndata: x\r\n\r\n" and bodies[-1] == b""
+    assert bodies[0] == b": ping\r\n\r\n" and bodies[-1] == b""
+    assert bodies[-2].startswith(b'event: token\r\ndata: {"index": 0, "text": "ab"}\r\n\r\nevent: done\r\n')  # one write
     assert client.sent[-1]["more_body"] is False
 
 
-def test_a_client_that_leaves_ends_the_stream_quietly_and_closes_its_messages():
+def test_a_client_that_leaves_ends_the_stream_quietly_and_frees_its_rows():
     async def scenario():
-        client, closed = Client(), asyncio.Event()
-
-        async def messages():
-            try:
-                yield [{"data": "first"}]
-                await asyncio.Event().wait()  # a stream that would run for ever
-            finally:
-                closed.set()
-
-        response = EventStream(messages(), "\n", {})
-        task = asyncio.create_task(response({"type": "http"}, client.receive, client.send))
+        client, engine = Client(), FakeEngine()
+        responses, choice = one_choice(engine)
+        task = asyncio.create_task(EventStream(responses, NativeStream("m"), 0.0, {})({"type": "http"}, client.receive, client.send))
+        await client.until(lambda: bool(client.sent))
+        choice.channel.push([Token(0, "first")])
         await client.until(lambda: len(client.bodies()) >= 1)
         client.leave.set()
         await asyncio.wait_for(task, 10)  # returns: no CancelledError escapes to the server
-        return client, closed.is_set(), task
+        return client, engine, choice, task
 
-    client, closed, task = asyncio.run(scenario())
-    assert closed and not task.cancelled() and client.bodies() == [b"data: first\n\n"]
+    client, engine, choice, task = asyncio.run(scenario())
+    assert not task.cancelled() and engine.cancelled == [choice.stream]
+    assert client.bodies() == [b'event: token\r\ndata: {"index": 0, "text": "first"}\r\n\r\n']
 
 
 def test_a_cancellation_from_outside_is_not_taken_for_a_client_leaving():
     async def scenario():
         client = Client()
-
-        async def messages():
-            await asyncio.Event().wait()
-            yield [{}]
-
-        task = asyncio.create_task(EventStream(messages(), "\n", {})({"type": "http"}, client.receive, client.send))
+        responses, _ = one_choice(FakeEngine())
+        task = asyncio.create_task(EventStream(responses, NativeStream("m"), 0.0, {})({"type": "http"}, client.receive, client.send))
         await client.until(lambda: bool(client.sent))
         task.cancel()  # the server stopping
         with pytest.raises(asyncio.CancelledError):
             await task
+
+    asyncio.run(scenario())
+
+
+def test_direct_writes_and_sends_keep_the_order_of_the_messages():
+    """The edge's body writer takes a write at once, or refuses it (a client that is not reading): then it
+    goes through `send`, and every later write queues behind it, even once the writer would take it again."""
+    async def scenario():
+        log: list = []
+        client = Client(log)
+        taking, written = [True], asyncio.Event()
+
+        def direct(body: bytes) -> bool:
+            if taking[0]:
+                log.append(("direct", body))
+                written.set()
+            return taking[0]
+
+        responses, choice = one_choice(FakeEngine())
+        scope = {"type": "http", "extensions": {BODY_WRITER: direct}}
+        task = asyncio.create_task(EventStream(responses, NativeStream("m"), 0.0, {})(scope, client.receive, client.send))
+        await client.until(lambda: bool(client.sent))
+        choice.channel.push([Token(0, "a")])  # written at once
+        await written.wait()
+        taking[0] = False
+        client.hold.clear()
+        client.entered.clear()
+        choice.channel.push([Token(1, "b")])  # refused: sent by the request's task, which waits for the client
+        await client.entered.wait()
+        taking[0] = True
+        choice.channel.push([Token(2, "c")])  # the writer would take it, but "b" is not out yet: it queues
+        choice.channel.push([Token(3, "d"), done(4)])
+        client.hold.set()
+        await asyncio.wait_for(task, 10)
+        return log
+
+    log = asyncio.run(scenario())
+    texts = [json.loads(line[len(b"data: "):])["text"] for _, body in log for line in body.split(b"\r\n")
+             if line.startswith(b'data: {"index"')]
+    assert texts == ["a", "b", "c", "d"]
+    assert [path for path, _ in log] == ["direct", "send", "send", "send", "send"]  # the last: the empty end
+    assert log[-1] == ("send", b"")
+
+
+def test_a_fault_in_a_callback_ends_the_stream_with_that_error():
+    """The writer formats in the event loop's callbacks: what fails there is raised by the request's task
+    (which ends the response) instead of leaving a stream that never ends."""
+    class Broken(NativeStream):
+        def events(self, choice, events):
+            raise RuntimeError("formatter broke")
+
+    async def scenario():
+        client, engine = Client(), FakeEngine()
+        responses, choice = one_choice(engine)
+        task = asyncio.create_task(EventStream(responses, Broken("m"), 0.0, {})({"type": "http"}, client.receive, client.send))
+        await client.until(lambda: bool(client.sent))
+        choice.channel.push([Token(0, "a")])
+        with pytest.raises(RuntimeError, match="formatter broke"):
+            await asyncio.wait_for(task, 10)
+        assert engine.cancelled == [choice.stream]
 
     asyncio.run(scenario())
 
