@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import math
 import re
 from collections.abc import Callable, Iterable
@@ -37,19 +38,31 @@ PING_S = 15.0  # an idle stream (a long queue, a long prompt) gets a comment thi
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 
+# The protocols' JSON in SSE messages: one encoder, made once (json.dumps with any keyword makes a new one a call).
+dumps = json.JSONEncoder(ensure_ascii=False).encode
+
+
 def encode(message: dict, sep: str) -> bytes:
     """One SSE message ({"event"?, "data"?, "id"?, "comment"?}) in the wire format, fields in the usual order."""
+    event, data = message.get("event"), message.get("data")
+    if len(message) == (event is not None) + (data is not None) and _one_line(event) and _one_line(data):
+        # a stream's usual message (an event of one line of JSON): no line to split
+        return f"event: {event}{sep}data: {data}{sep}{sep}".encode() if event is not None else f"data: {data}{sep}{sep}".encode()
     out = []
     if (comment := message.get("comment")) is not None:
         out.extend(f": {line}{sep}" for line in _LINE_BREAK.split(str(comment)))
     if (id_ := message.get("id")) is not None:
         out.append(f"id: {_LINE_BREAK.sub('', str(id_))}{sep}")
-    if (event := message.get("event")) is not None:
+    if event is not None:
         out.append(f"event: {_LINE_BREAK.sub('', event)}{sep}")
-    if (data := message.get("data")) is not None:
+    if data is not None:
         out.extend(f"data: {line}{sep}" for line in _LINE_BREAK.split(str(data)))
     out.append(sep)
     return "".join(out).encode()
+
+
+def _one_line(field) -> bool:
+    return field is None or (type(field) is str and "\n" not in field and "\r" not in field)
 
 
 class EventStream(Response):

@@ -27,6 +27,8 @@ from service.engine.types import ANONYMOUS, Done, GenerationRequest, Token
     {"data": "two\nlines\r\nand\rthree"},
     {"comment": "ping"},
     {"id": "7", "event": "done", "data": "{}"},
+    {"event": "to\nken", "data": "x"},
+    {"event": "token", "data": "one\rline"},
 ])
 @pytest.mark.parametrize("sep", ["\r\n", "\n"])
 def test_messages_are_written_as_sse_starlette_writes_them(message, sep):

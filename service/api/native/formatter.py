@@ -7,6 +7,7 @@ import json
 from ...engine.types import Done, Token
 from ..errors import APIError, error_body
 from ..reader import Choice
+from ..sse import dumps
 
 
 def failed(done: Done) -> APIError:
@@ -48,7 +49,7 @@ class NativeStream:
             data = {"index": tokens[0].index, "text": "".join(t.text for t in tokens)}
             if choice.request.logprobs:
                 data["logprobs"] = [lp for t in tokens for lp in (t.logprobs or ())]
-            out.append({"event": "token", "data": json.dumps(data, ensure_ascii=False)})
+            out.append({"event": "token", "data": dumps(data)})
         for event in events:
             if isinstance(event, Done):
                 if event.finish_reason == "error":
@@ -57,7 +58,7 @@ class NativeStream:
                 body = response_body(event, self.model, self.unknown_chars)
                 body.pop("text")
                 body.pop("logprobs", None)
-                out.append({"event": "done", "data": json.dumps(body, ensure_ascii=False)})
+                out.append({"event": "done", "data": dumps(body)})
         return out
 
     def closing(self):

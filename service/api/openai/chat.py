@@ -27,7 +27,7 @@ from ...model.vocab import OutOfVocabularyError
 from ..errors import APIError
 from ..identity import client_of
 from ..reader import Choice, Responses
-from ..sse import event_stream
+from ..sse import dumps, event_stream
 from ..validate import validate
 from . import protocol
 from .protocol import ChatCompletionRequest, ChatMessage
@@ -110,7 +110,7 @@ class ChatFormatter:
         data = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model, "choices": choices}
         if self.with_usage:
             data["usage"] = usage_
-        return {"data": json.dumps(data, ensure_ascii=False)}
+        return {"data": dumps(data)}
 
     def opening(self):
         for choice in self.choices:  # the role goes first, as OpenAI sends it

@@ -20,7 +20,7 @@ from ...settings import Settings
 from ..errors import APIError
 from ..identity import client_of
 from ..reader import Choice, Responses
-from ..sse import event_stream
+from ..sse import dumps, event_stream
 from ..validate import validate
 from . import protocol
 from .protocol import CompletionRequest
@@ -63,7 +63,7 @@ class CompletionFormatter:
     # ------------------------------------------------------------------ the stream (sse.StreamFormatter)
     def chunk(self, choice: Choice, text: str, logprobs: dict | None, finish: str | None) -> dict:
         data = self._envelope([{"index": choice.index, "text": text, "logprobs": logprobs, "finish_reason": finish}], final=False)
-        return {"data": json.dumps(data, ensure_ascii=False)}
+        return {"data": dumps(data)}
 
     def opening(self):
         if self.body.echo and self.body.logprobs is None:  # the prompt goes out at once; with logprobs, once it is scored
