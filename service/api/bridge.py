@@ -24,11 +24,12 @@ class Channel:
     `on_done` post-processes the stream's Done before the handler sees it (a session call commits
     there). It runs as a task of its own, so it completes even when the client has gone away."""
 
-    def __init__(self, on_done: Callable[[Done], Awaitable[Done]] | None = None, notify: Callable[[], None] | None = None) -> None:
-        """notify: called on the event loop whenever events arrive (after `ended` is set for a Done)."""
+    def __init__(self, on_done: Callable[[Done], Awaitable[Done]] | None = None,
+                 notify: Callable[[bool], None] | None = None) -> None:
+        """notify(ended): called on the event loop whenever events arrive; ended: the Done is among them."""
         self._events: list = []
         self._on_done = on_done
-        self._notify = notify or (lambda: None)
+        self._notify = notify or (lambda ended: None)
         self.ended = False  # the Done is in (maybe not yet taken)
 
     def push(self, events: list) -> None:
@@ -41,7 +42,7 @@ class Channel:
             self._events.extend(events)
             if events and isinstance(events[-1], Done):
                 self.ended = True
-        self._notify()
+        self._notify(self.ended)
 
     async def _finish(self, done: Done) -> None:
         try:
@@ -52,7 +53,7 @@ class Channel:
             done = replace(done, finish_reason="error", state=None, error=f"{getattr(e, 'type', 'internal_error')}: {e}")
         self._events.append(done)
         self.ended = True
-        self._notify()
+        self._notify(True)
 
     def take(self) -> list:
         """Whatever has arrived (maybe nothing), without waiting."""

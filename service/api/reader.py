@@ -41,21 +41,22 @@ class Responses:
         them as one request of `client`. `on_done` finishes a stream before its Done is read (a session commits there)."""
         self.engine, self.choices = engine, choices
         self._arrived = asyncio.Event()  # set when any choice's channel gets events (the `async for` reader waits on it)
-        self._listener: Callable[[], None] | None = None
+        self._listener: Callable[[bool], None] | None = None
         for choice in choices:
             choice.channel = Channel(on_done, self._notify)
         streams = engine.submit_all([(choice.request, choice.channel) for choice in choices], client)
         for choice, stream in zip(choices, streams):
             choice.stream = stream
 
-    def listen(self, listener: Callable[[], None]) -> None:
-        """Call `listener` on the event loop, at once, whenever a choice's channel gets events (a writer that
-        takes them by callbacks, `sse.EventStream`), instead of waking an `async for` reader."""
+    def listen(self, listener: Callable[[bool], None]) -> None:
+        """Call `listener(ended)` on the event loop, at once, whenever a choice's channel gets events (ended:
+        its Done among them), for a writer that takes them by callbacks (`sse.EventStream`), instead of
+        waking an `async for` reader."""
         self._listener = listener
 
-    def _notify(self) -> None:
+    def _notify(self, ended: bool) -> None:
         if self._listener is not None:
-            self._listener()
+            self._listener(ended)
         else:
             self._arrived.set()
 

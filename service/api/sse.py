@@ -110,7 +110,7 @@ class EventStream(Response):
                 writer.flush()
             else:
                 self.responses.listen(writer.arrived)
-                writer.arrived()  # what came before
+                writer.arrived(self.responses.end_waiting())  # what came before
             await writer.run()
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
@@ -145,10 +145,11 @@ class _Writer:
         self.over = False  # the last messages are written (or queued): nothing more comes
         self.error: Exception | None = None  # what failed in a callback: `run` raises it
 
-    def arrived(self) -> None:
+    def arrived(self, ended: bool) -> None:
+        """A choice's channel got events (ended: its Done among them: the last characters go out at once)."""
         if self.over:
             return
-        if self.loop.time() - self.flushed_at >= self.interval_s or self.responses.end_waiting():
+        if ended or self.loop.time() - self.flushed_at >= self.interval_s:
             self.flush()
         elif self.timer is None:
             self.timer = self.loop.call_at(self.flushed_at + self.interval_s, self.flush)
