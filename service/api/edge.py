@@ -36,9 +36,15 @@ log = logging.getLogger("charlstm.api")
 BODY_WRITER = "charlstm.body_writer"
 
 
-def body_writer(cycle: RequestResponseCycle) -> Callable[[bytes], bool]:
+_CYCLE_FIELDS = ("disconnected", "response_started", "response_complete", "flow", "scope", "chunked_encoding", "transport")
+
+
+def body_writer(cycle: RequestResponseCycle) -> Callable[[bytes], bool] | None:
     """The body writer of one request's response (uvicorn's cycle): a chunk framed and written as
-    `cycle.send` would, while the response is started and not complete, and the transport takes more."""
+    `cycle.send` would, while the response is started and not complete, and the transport takes more.
+    None where the cycle lacks a field it reads (another uvicorn): the stream then goes through `send`."""
+    if not all(hasattr(cycle, name) for name in _CYCLE_FIELDS):
+        return None
 
     def write(body: bytes) -> bool:
         if cycle.disconnected:
@@ -124,7 +130,8 @@ def edge_protocol(settings: Settings) -> type[HttpToolsProtocol]:
             self._arm(body_timeout, self._body_too_slow)
             super().on_headers_complete()
             if self.cycle is not None and self.cycle.scope is self.scope:  # an HTTP request (not an upgrade)
-                self.scope.setdefault("extensions", {})[BODY_WRITER] = body_writer(self.cycle)  # before its task starts
+                if (write := body_writer(self.cycle)) is not None:
+                    self.scope.setdefault("extensions", {})[BODY_WRITER] = write  # before its task starts
 
         def on_body(self, body: bytes) -> None:
             if not self._rejected:
