@@ -1,8 +1,10 @@
 """The one reader of engine events, for every protocol (llama.cpp's server has one response reader too).
 
 A request is one or more choices (OpenAI's `n` and list prompts; a native call is one). `Responses`
-submits them to the engine together, then hands their events back as they arrive (`async for`), or
-waits for every choice's end (`all`), and cancels whatever is still running when the reader stops.
+submits them to the engine together, then hands their events back as they arrive: round by round to
+an `async for`, or to a listener called as they arrive that takes them (`listen`, `take`: the SSE
+writer); or it waits for every choice's end (`all`); and it cancels whatever is still running when the
+reader stops.
 """
 
 from __future__ import annotations
