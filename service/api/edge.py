@@ -42,14 +42,15 @@ _CYCLE_FIELDS = ("disconnected", "response_started", "response_complete", "flow"
 def body_writer(cycle: RequestResponseCycle) -> Callable[[bytes], bool] | None:
     """The body writer of one request's response (uvicorn's cycle): a chunk framed and written as
     `cycle.send` would, while the response is started and not complete, and the transport takes more.
-    None where the cycle lacks a field it reads (another uvicorn): the stream then goes through `send`."""
-    if not all(hasattr(cycle, name) for name in _CYCLE_FIELDS):
+    None where the cycle lacks a field it reads (another uvicorn), or for a HEAD request (no body is
+    written): the stream then goes through `send`."""
+    if not all(hasattr(cycle, name) for name in _CYCLE_FIELDS) or cycle.scope["method"] == "HEAD":
         return None
 
     def write(body: bytes) -> bool:
         if cycle.disconnected:
             return True  # as uvicorn's send: what a gone client would have read is dropped
-        if not cycle.response_started or cycle.response_complete or cycle.flow.write_paused or cycle.scope["method"] == "HEAD":
+        if not cycle.response_started or cycle.response_complete or cycle.flow.write_paused:
             return False
         cycle.transport.write(b"%x\r\n%s\r\n" % (len(body), body) if cycle.chunked_encoding else body)
         return True

@@ -1,4 +1,4 @@
-"""The edge's body writer (service/api/edge.py) on the uvicorn this project pins: it is offered, it frames
+"""The edge's body writer (service/api/edge.py) on the uvicorn this project pins: it is offered (not for HEAD), it frames
 a chunk as uvicorn's own `send` does, and it says "not now" before the response starts, while the client
 is not reading and after the end; a client that is gone gets nothing written."""
 
@@ -28,9 +28,9 @@ class Transport:
         return False
 
 
-def cycle(transport: Transport) -> RequestResponseCycle:
+def cycle(transport: Transport, method: str = "POST") -> RequestResponseCycle:
     """A request's cycle as uvicorn's httptools protocol makes one."""
-    scope = {"type": "http", "method": "POST", "path": "/generate", "http_version": "1.1", "headers": []}
+    scope = {"type": "http", "method": method, "path": "/generate", "http_version": "1.1", "headers": []}
     log = logging.getLogger("test")
     return RequestResponseCycle(scope=scope, transport=transport, flow=FlowControl(transport), logger=log,
                                 access_logger=log, access_log=False, default_headers=[], message_event=asyncio.Event(),
@@ -43,6 +43,7 @@ def test_a_chunk_is_written_as_uvicorns_send_writes_it():
         mine, theirs = cycle(direct), cycle(through_send)
         write = body_writer(mine)
         assert write is not None  # offered on this uvicorn
+        assert body_writer(cycle(Transport(), "HEAD")) is None  # a HEAD answer has no body to write
         assert write(b"early") is False and direct.written == []  # no response yet: send must start it
         await mine.send(START)
         await theirs.send(START)

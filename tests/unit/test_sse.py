@@ -92,6 +92,14 @@ def done(n: int) -> Done:
     return Done("x" * n, "length", 1, n, 0)
 
 
+async def started(client: Client, responses: Responses, formatter=None, scope: dict | None = None) -> asyncio.Task:
+    """The response's task, once it has sent its start (no interval: every arrival is written)."""
+    response = EventStream(responses, formatter or NativeStream("m"), 0.0, {})
+    task = asyncio.create_task(response(scope or {"type": "http"}, client.receive, client.send))
+    await client.until(lambda: bool(client.sent))
+    return task
+
+
 def test_an_idle_stream_is_pinged_then_written_and_ended():
     async def scenario():
         client = Client()
@@ -117,8 +125,7 @@ def test_a_client_that_leaves_ends_the_stream_quietly_and_frees_its_rows():
     async def scenario():
         client, engine = Client(), FakeEngine()
         responses, choice = one_choice(engine)
-        task = asyncio.create_task(EventStream(responses, NativeStream("m"), 0.0, {})({"type": "http"}, client.receive, client.send))
-        await client.until(lambda: bool(client.sent))
+        task = await started(client, responses)
         choice.channel.push([Token(0, "first")])
         await client.until(lambda: len(client.bodies()) >= 1)
         client.leave.set()
@@ -134,8 +141,7 @@ def test_a_cancellation_from_outside_is_not_taken_for_a_client_leaving():
     async def scenario():
         client = Client()
         responses, _ = one_choice(FakeEngine())
-        task = asyncio.create_task(EventStream(responses, NativeStream("m"), 0.0, {})({"type": "http"}, client.receive, client.send))
-        await client.until(lambda: bool(client.sent))
+        task = await started(client, responses)
         task.cancel()  # the server stopping
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -158,9 +164,7 @@ def test_direct_writes_and_sends_keep_the_order_of_the_messages():
             return taking[0]
 
         responses, choice = one_choice(FakeEngine())
-        scope = {"type": "http", "extensions": {BODY_WRITER: direct}}
-        task = asyncio.create_task(EventStream(responses, NativeStream("m"), 0.0, {})(scope, client.receive, client.send))
-        await client.until(lambda: bool(client.sent))
+        task = await started(client, responses, scope={"type": "http", "extensions": {BODY_WRITER: direct}})
         choice.channel.push([Token(0, "a")])  # written at once
         await written.wait()
         taking[0] = False
@@ -193,8 +197,7 @@ def test_a_fault_in_a_callback_ends_the_stream_with_that_error():
     async def scenario():
         client, engine = Client(), FakeEngine()
         responses, choice = one_choice(engine)
-        task = asyncio.create_task(EventStream(responses, Broken("m"), 0.0, {})({"type": "http"}, client.receive, client.send))
-        await client.until(lambda: bool(client.sent))
+        task = await started(client, responses, Broken("m"))
         choice.channel.push([Token(0, "a")])
         with pytest.raises(RuntimeError, match="formatter broke"):
             await asyncio.wait_for(task, 10)
