@@ -21,7 +21,12 @@ bare loop, and where each microsecond goes.
    batch's bookkeeping in the step), output (text, stops, ends), schedule (admission and the loop),
    deliver (handing events to the event loop), HTTP/SSE (everything on the event loop: parsing, routing,
    the reader, formatting, writing), other. The shares times 2's CPU per character give microseconds.
-Bare figures are measured before and after the servers; the ratio uses their mean.
+Bare figures are measured before and after the servers; the ratio uses their mean. The machine's speed
+drifts within a run (a shared host: 20% between minutes), so each round also runs the bare loop at its
+client count right after its load, the server idle meanwhile: "CPU ratio, each round's bare loop" is the
+median of the rounds' own ratios (and the best round's), the figure a drift moves least. What moves is the
+server's figure: the bare loop holds within a few percent from round to round, the server's two busy cores
+do not (2026-12-07: 30.8 to 38.2 us a character in four rounds of one run, against 21.1 to 21.9).
 """
 
 from __future__ import annotations
@@ -199,15 +204,24 @@ def main() -> None:
     env_of = {"this tree": own_env, "baseline": {}}
     results = {(name, c): [] for name, _ in builds for c in clients}
     chosen = {}
-    for _ in range(args.rounds):
-        for name, tree in builds:
-            srv = tree_server(tree, args.backend, **env_of[name])
-            try:
-                chosen[name] = (httpx.get(srv.url + "/info", timeout=10).json()["engine"]["backend"] or {}).get("name", "?")
-                for c in clients:
-                    results[name, c].append(load(srv.url, srv.proc.pid, c, args.seconds))
-            finally:
-                srv.stop()
+    set_kernel_threads(1)
+    paired = build(args.bare, store.load(args.model), workers=1)  # each round's own bare loop, run beside its load
+    try:
+        for _ in range(args.rounds):
+            for name, tree in builds:
+                srv = tree_server(tree, args.backend, **env_of[name])
+                try:
+                    chosen[name] = (httpx.get(srv.url + "/info", timeout=10).json()["engine"]["backend"] or {}).get("name", "?")
+                    for c in clients:
+                        got = load(srv.url, srv.proc.pid, c, args.seconds)
+                        got["bare_chars_per_s"] = bare_loop(paired, c, args.bare_seconds)  # the server idle meanwhile
+                        results[name, c].append(got)
+                        print(f"  a round, {name}, {c} clients: the server {1e6 * got['server_cpu_s'] / max(1, got['window_chars']):.1f} us "
+                              f"a character, the bare loop after it {1e6 / got['bare_chars_per_s']:.1f}", flush=True)
+                finally:
+                    srv.stop()
+    finally:
+        paired.close()
     after = bare(args.model, args.bare, batches, args.bare_seconds)
     ref = {b: (before["backend", b] + after["backend", b]) / 2 for b in batches}  # the issue's reference
     raw = {b: (before["raw", b] + after["raw", b]) / 2 for b in batches} if ("raw", batches[0]) in before else None
@@ -221,14 +235,17 @@ def main() -> None:
             cps = statistics.median(x["chars_per_s"] for x in r)
             us = statistics.median(1e6 * x["server_cpu_s"] / x["window_chars"] for x in r if x["window_chars"])
             bare_us = 1e6 / ref[c]
+            own = [x["server_cpu_s"] / x["window_chars"] * x["bare_chars_per_s"] for x in r if x["window_chars"]]
             rows.append([name, chosen.get(name, "?"), c, cps, cps / ref[c], us, bare_us, us / bare_us,
+                         f"{statistics.median(own):.2f} ({min(own):.2f})",
                          statistics.median(x["server_cpu_s"] for x in r) / args.seconds,
                          "-" if raw is None else f"{us * raw[c] / 1e6:.2f} ({1e6 / raw[c]:.0f} us)",
                          1e3 * statistics.median(x["ttft_p50"] for x in r)])
     print(f"\n2. The server over HTTP, {args.seconds:g} s x {args.rounds} rounds (medians), 256 characters a request"
           + (f"; this tree's server with {' '.join(args.env)}" if args.env else "") + "\n")
     print(table(["build", "backend", "clients", "chars/s", "/ bare chars/s", "server CPU us/char", "bare us/char",
-                 "CPU ratio", "server cores busy", "CPU ratio to ORT's own loop", "first char p50 ms"], rows))
+                 "CPU ratio", "CPU ratio, each round's bare loop: median (best)", "server cores busy", "CPU ratio to ORT's own loop",
+                 "first char p50 ms"], rows))
     if args.profile_seconds > 0:
         print(f"\n3. Where the server's CPU goes (py-spy, {args.profile_seconds:g} s at 200 Hz per build and client count; "
               "us/char = share x the CPU per character of 2)\n")
