@@ -4,7 +4,7 @@
 
 `bench_cost` measures the whole server; this takes the HTTP side away, to say which part of the
 server's cost is the engine's own. The engine is built as the server builds it (`server.engine_factory`,
-default settings, the metrics observer attached), on one kernel thread as the bare loop. A driver thread
+default settings, the metrics observer attached), on one kernel thread as the bare loop. The main thread
 takes each look's events, as the event loop would, and submits a new stream of `--chars` characters
 whenever one ends, so `--streams` stay in flight. Rounds alternate two steps:
 
@@ -13,7 +13,7 @@ whenever one ends, so `--streams` stay in flight. Rounds alternate two steps:
   logits, so what remains is the engine's bookkeeping (scheduling, sampling, the rows' text, events,
   metrics) and the hand-over.
 
-CPU is read from /proc for the engine thread and for the whole process (the driver included) over each
+CPU is read from /proc for the engine thread and for the whole process (the main thread included) over each
 window; characters are those of the streams that ended in it. The bare loop (`selector.bare_loop`, one
 thread, B = --streams) is measured before and after; the ratios use the mean.
 """
@@ -54,6 +54,11 @@ def free_step(backend) -> None:
     """Replace the backend's step with one that costs (almost) nothing: the state copied, fixed logits."""
     logits = (np.random.default_rng(0).standard_normal((max(256, backend.max_rows), backend.vocab_size)) * 2).astype(np.float32)
     backend._advance = lambda ids, state: (state.copy(), logits[: ids.shape[0]])  # (2, L, B, H), (B, V)
+
+
+def own_step(backend) -> None:
+    """Give the backend its own step back (`free_step` shadowed its class's)."""
+    vars(backend).pop("_advance", None)
 
 
 def run(engine, tid: int, events: queue.SimpleQueue, prompt: list[int], streams: int, chars: int, seconds: float) -> dict:
@@ -97,7 +102,7 @@ def main() -> None:
     engine, details = engine_factory(settings, events.put)(loaded, None)
     ref = f"{loaded.name}@{loaded.version}"
     engine.add_observer(EngineObserver(Metrics(), ref))
-    backend, own_step = engine.backend, engine.backend._advance
+    backend = engine.backend
     prompt = loaded.vocab.encode("\n")  # the load generator's prompt
     bare = [bare_loop(backend, args.streams, 3.0)]
     engine.start()
@@ -109,7 +114,7 @@ def main() -> None:
                 if mode == MODES[1]:
                     free_step(backend)
                 got[mode].append(run(engine, tid, events, prompt, args.streams, args.chars, args.seconds))
-                backend._advance = own_step
+                own_step(backend)
     finally:
         engine.stop()
     bare.append(bare_loop(backend, args.streams, 3.0))
