@@ -39,15 +39,9 @@ from service.settings import Settings
 
 from .bench_backends import cpu_name
 from .common import table
+from .loadgen import cpu_seconds
 
 MODES = ("the backend's step", "a step that costs nothing")
-
-
-def thread_cpu(tid: int) -> float:
-    """CPU seconds (user + system) of one thread of this process."""
-    with open(f"/proc/self/task/{tid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def free_step(backend) -> None:
@@ -69,7 +63,7 @@ def run(engine, tid: int, events: queue.SimpleQueue, prompt: list[int], streams:
     for _ in range(streams):
         submit()
     done_chars, live = 0, streams
-    t0, cpu0, proc0 = time.perf_counter(), thread_cpu(tid), time.process_time()
+    t0, cpu0, proc0 = time.perf_counter(), cpu_seconds(os.getpid(), tid), time.process_time()
     t_end = t0 + seconds
     while live:
         for _, batch in events.get():
@@ -81,7 +75,7 @@ def run(engine, tid: int, events: queue.SimpleQueue, prompt: list[int], streams:
                     else:
                         live -= 1
     elapsed = time.perf_counter() - t0
-    return {"chars_per_s": done_chars / elapsed, "engine_us": (thread_cpu(tid) - cpu0) / done_chars * 1e6,
+    return {"chars_per_s": done_chars / elapsed, "engine_us": (cpu_seconds(os.getpid(), tid) - cpu0) / done_chars * 1e6,
             "process_us": (time.process_time() - proc0) / done_chars * 1e6}
 
 

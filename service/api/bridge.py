@@ -33,15 +33,15 @@ class Channel:
         self.ended = False  # the Done is in (maybe not yet taken)
 
     def push(self, events: list) -> None:
-        if events and isinstance(events[-1], Done) and self._on_done is not None:
+        done = bool(events) and isinstance(events[-1], Done)
+        if done and self._on_done is not None:
             self._events.extend(events[:-1])
             task = asyncio.get_running_loop().create_task(self._finish(events[-1]))
             _finishing.add(task)
             task.add_done_callback(_finishing.discard)
         else:
             self._events.extend(events)
-            if events and isinstance(events[-1], Done):
-                self.ended = True
+            self.ended = self.ended or done
         self._notify(self.ended)
 
     async def _finish(self, done: Done) -> None:
